@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Every failure a user can cause (bad file, wrong architecture, existing output, ...) is a `RebasinError` whose
+message is one actionable sentence. The CLI prints it on one line and exits non-zero; the WebUI tab shows it.
+Anything else escaping the core is a bug.
+"""
+
+from __future__ import annotations
+
+
+class RebasinError(Exception):
+    """A problem with the user's input or environment, explained in plain words."""
+
+
+class CheckpointReadError(RebasinError):
+    """A checkpoint file could not be read (missing, truncated, not a checkpoint, unsafe pickle)."""
+
+
+class UnsupportedModelError(RebasinError):
+    """The checkpoint is readable but is not a Stable Diffusion 1.x model."""
+
+
+class IncompatibleModelsError(RebasinError):
+    """Two checkpoints cannot be merged with each other (different shapes or variants)."""
+
+
+class OutputError(RebasinError):
+    """The output file cannot be written (exists, folder missing or not writable)."""
+
+
+class Cancelled(RebasinError):
+    """The user stopped the work; nothing was written."""
+
+    def __init__(self, message: str = "Cancelled by the user; no file was written.") -> None:
+        super().__init__(message)
