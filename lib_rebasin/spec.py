@@ -101,20 +101,6 @@ class Structure:
         cuts = sorted({c for p in parts for c in p} | {0, size})
         return Structure(size, intervals=tuple(zip(cuts[:-1], cuts[1:])))
 
-    def is_legal(self, perm: list[int] | tuple[int, ...]) -> bool:
-        """True if `perm` (new index -> old index) respects the structure."""
-        if self.intervals:
-            for lo, hi in self.intervals:
-                if any(not (lo <= perm[i] < hi) for i in range(lo, hi)):
-                    return False
-            return True
-        for b in self.levels:
-            for start in range(0, self.size, b):
-                src_blocks = {perm[i] // b for i in range(start, start + b)}
-                if len(src_blocks) != 1:
-                    return False
-        return True
-
 
 @dataclass
 class ArchSpec:

@@ -1,0 +1,89 @@
+"""Applying permutations to tensors, and drawing random legal ones.
+
+A permutation of a group is a 1-D LongTensor `perm` with `new[i] = old[perm[i]]` along every slot of the group
+(`index_select(axis, perm)`). Groups absent from a `Perms` dict are the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .spec import ArchSpec, Group, Structure
+
+Perms = dict[str, torch.Tensor]
+
+
+def axis_index(spec: ArchSpec, key: str, axis: int, perms: Perms) -> torch.Tensor | None:
+    """The full index vector for one axis of `key`, or None when that axis is not permuted."""
+    layout = spec.axes.get(key, {}).get(axis)
+    if not layout or not any(name in perms for name, _ in layout):
+        return None
+    pieces = []
+    offset = 0
+    for name, n in layout:
+        p = perms.get(name) if name is not None else None
+        pieces.append(p + offset if p is not None else torch.arange(offset, offset + n))
+        offset += n
+    return torch.cat(pieces)
+
+
+def permute_tensor(spec: ArchSpec, key: str, tensor: torch.Tensor, perms: Perms) -> torch.Tensor:
+    """Return `tensor` (the value of `key`) with every permuted axis re-indexed; unchanged if none is."""
+    for axis in spec.axes.get(key, {}):
+        idx = axis_index(spec, key, axis, perms)
+        if idx is not None:
+            tensor = tensor.index_select(axis, idx.to(tensor.device))
+    return tensor
+
+
+def is_identity(perm: torch.Tensor) -> bool:
+    return bool(torch.equal(perm, torch.arange(len(perm), device=perm.device)))
+
+
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm), device=perm.device)
+    return inv
+
+
+def random_legal_perm(structure: Structure, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly drawn permutation among those `structure` allows."""
+    n = structure.size
+    if structure.intervals:
+        out = torch.empty(n, dtype=torch.long)
+        for lo, hi in structure.intervals:
+            out[lo:hi] = lo + torch.randperm(hi - lo, generator=generator)
+        return out
+    return _hierarchical(n, structure.levels, generator)
+
+
+def _hierarchical(n: int, levels: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if not levels:
+        return torch.randperm(n, generator=generator)
+    block = levels[-1]
+    order = torch.randperm(n // block, generator=generator)
+    pieces = [int(b) * block + _hierarchical(block, levels[:-1], generator) for b in order]
+    return torch.cat(pieces)
+
+
+def random_perms(groups: Iterable[Group], seed: int) -> Perms:
+    g = torch.Generator().manual_seed(seed)
+    return {grp.name: random_legal_perm(grp.structure, g) for grp in groups}
+
+
+def is_legal(structure: Structure, perm: torch.Tensor) -> bool:
+    """Vectorised: is `perm` a permutation allowed by `structure`?"""
+    n = structure.size
+    if len(perm) != n or len(torch.unique(perm)) != n:
+        return False
+    if structure.intervals:
+        starts = torch.tensor([lo for lo, _ in structure.intervals], device=perm.device)
+        interval_of = torch.bucketize(torch.arange(n, device=perm.device), starts, right=True)
+        return bool(torch.equal(interval_of[perm], interval_of))
+    for b in structure.levels:
+        src = (perm // b).view(-1, b)
+        if not bool((src == src[:, :1]).all()):
+            return False
+    return True
