@@ -1,0 +1,235 @@
+"""What the tab needs from the program it lives in (the WebUI, or the standalone app), as one small protocol.
+
+A host lists checkpoints, says where merges go, refreshes its own lists after a save, loads a checkpoint for
+generation, runs a job inside its GPU queue, shows progress and forwards interrupts. `BaseHost` gives
+harmless defaults so a host only overrides what it has.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One checkpoint as the host shows it: `title` goes in dropdowns, `path` is the file."""
+
+    title: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class HiresPreset:
+    key: str
+    label: str
+    denoise: float
+    scale: float = 2.0
+    steps: int = 0  # 0 = the host's "same as the first pass"
+    note: str = ""
+
+
+# From the DunkMash model card: hires fix works best with denoise 0.45-0.7; below 0.3 the result looks soft.
+HIRES_PRESETS: tuple[HiresPreset, ...] = (
+    HiresPreset("soft", "Hires fix: soft detail (0.45)", 0.45, note="keeps the composition, adds light detail"),
+    HiresPreset("balanced", "Hires fix: balanced (0.55)", 0.55, note="the usual choice for re-basin merges"),
+    HiresPreset("strong", "Hires fix: strong (0.70)", 0.70, note="sharpest edges, may change small details"),
+)
+
+HIRES_ADVICE = (
+    "Re-basin merges can come out with soft edges and little detail on small faces. Hires fix helps most with "
+    "a denoising strength between **0.45 and 0.7**; **below 0.3 the result stays soft**. To upscale without "
+    "changing the composition, use **ControlNet Tile** instead of a high denoise. The presets switch to "
+    "txt2img, turn hires fix on with upscale x2 and an installed upscaler, and leave your prompt alone."
+)
+
+# Upscalers tried in this order; latent modes last because they need a high denoise to look right.
+UPSCALER_PREFERENCE = ("R-ESRGAN 4x+", "ESRGAN_4x", "R-ESRGAN 4x+ Anime6B", "SwinIR 4x", "4x-UltraSharp",
+                       "Lanczos", "Latent")
+
+HIRES_ELEM_IDS = {
+    "enable": "txt2img_hr-checkbox",
+    "denoise": "txt2img_denoising_strength",
+    "scale": "txt2img_hr_scale",
+    "upscaler": "txt2img_hr_upscaler",
+    "steps": "txt2img_hires_steps",
+}
+
+
+def choice_values(choices: Any) -> list[str]:
+    """Dropdown choices as plain values (gradio 3 keeps strings, gradio 4 keeps (label, value) pairs)."""
+    out = []
+    for c in choices or []:
+        out.append(str(c[1] if isinstance(c, (tuple, list)) else c))
+    return out
+
+
+def pick_upscaler(choices: Any, current: str | None = None) -> str | None:
+    """An upscaler that exists in the host's list: keep the user's non-latent pick, else the first preferred."""
+    values = choice_values(choices)
+    if current and current in values and not current.lower().startswith("latent"):
+        return current
+    for name in UPSCALER_PREFERENCE:
+        if name in values:
+            return name
+    non_latent = [v for v in values if not v.lower().startswith("latent") and v.lower() != "none"]
+    if non_latent:
+        return non_latent[0]
+    return current if current in values else (values[0] if values else None)
+
+
+def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None) -> dict[str, Any]:
+    """The txt2img values one preset sets, keyed like HIRES_ELEM_IDS (None = leave as is)."""
+    return {
+        "enable": True,
+        "denoise": preset.denoise,
+        "scale": preset.scale,
+        "upscaler": pick_upscaler(upscaler_choices, current_upscaler),
+        "steps": preset.steps,
+    }
+
+
+@runtime_checkable
+class Host(Protocol):
+    name: str
+
+    def list_checkpoints(self) -> list[CheckpointEntry]: ...
+    def refresh_checkpoints(self) -> None: ...
+    def output_dir(self) -> Path: ...
+    def after_save(self, path: Path) -> None: ...
+    def load_checkpoint(self, path: Path) -> str: ...
+    def run_job(self, job_id: str, work: Callable[[], None]) -> None: ...
+    def discard_job(self, job_id: str) -> None: ...
+    def report_progress(self, fraction: float, text: str) -> None: ...
+    def interrupted(self) -> bool: ...
+    def interrupt(self) -> None: ...
+    def device_choices(self) -> list[str]: ...
+    def default_device(self) -> str: ...
+    def prepare_device(self, device: str) -> None: ...
+    def restore_device(self, device: str) -> None: ...
+    def defaults(self) -> dict[str, Any]: ...
+    def hires_targets(self) -> dict[str, Any]: ...
+
+
+DEFAULTS: dict[str, Any] = {
+    "method": "rebasin",
+    "alpha": 0.5,
+    "iterations": 1,
+    "device": "",  # "" = the host's default_device()
+    "precision": "fp16",
+    "output_dir": "",  # "" = the host's checkpoint folder
+}
+
+
+def torch_device_choices() -> list[str]:
+    """cpu, plus cuda (or mps) when torch sees one."""
+    choices = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            choices.append("cuda")
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            choices.append("mps")
+    except Exception:  # pragma: no cover - torch broken is the host's problem
+        pass
+    return choices
+
+
+def cuda_free_bytes() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, _total = torch.cuda.mem_get_info()
+            return int(free)
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
+class BaseHost:
+    """Defaults for every Host method; subclasses override what their program has."""
+
+    name = "base"
+    # A GPU merge keeps two fp32 UNets and the matching buffers on the device: about 8 GiB for SD 1.5.
+    min_gpu_bytes = 8 * 1024**3
+
+    def __init__(self) -> None:
+        self._interrupted = threading.Event()
+
+    def list_checkpoints(self) -> list[CheckpointEntry]:
+        return []
+
+    def refresh_checkpoints(self) -> None:
+        pass
+
+    def output_dir(self) -> Path:
+        raise NotImplementedError
+
+    def after_save(self, path: Path) -> None:
+        self.refresh_checkpoints()
+
+    def load_checkpoint(self, path: Path) -> str:
+        raise NotImplementedError
+
+    def run_job(self, job_id: str, work: Callable[[], None]) -> None:
+        self._interrupted.clear()
+        work()
+
+    def discard_job(self, job_id: str) -> None:
+        pass
+
+    def report_progress(self, fraction: float, text: str) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set()
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def device_choices(self) -> list[str]:
+        return torch_device_choices()
+
+    def default_device(self) -> str:
+        choices = self.device_choices()
+        gpu = [c for c in choices if c != "cpu"]
+        if gpu:
+            free = cuda_free_bytes()
+            if free is None or free >= self.min_gpu_bytes:
+                return gpu[0]
+        return "cpu"
+
+    def prepare_device(self, device: str) -> None:
+        pass
+
+    def restore_device(self, device: str) -> None:
+        pass
+
+    def defaults(self) -> dict[str, Any]:
+        return dict(DEFAULTS)
+
+    def hires_targets(self) -> dict[str, Any]:
+        return {}
+
+
+def scan_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointEntry]:
+    """Every *.safetensors / *.ckpt under `folder` (VAE files skipped), titled by their path relative to it."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.rglob("*")):
+        name = p.name.lower()
+        if not p.is_file() or not name.endswith(CHECKPOINT_SUFFIXES):
+            continue
+        if ".vae." in name or name.startswith(".") or ".tmp" in name:
+            continue
+        out.append(CheckpointEntry(p.relative_to(root).as_posix(), p))
+    return out

@@ -1,0 +1,394 @@
+"""Merge jobs for the tab and the HTTP API: validation in plain words, one background job at a time, progress.
+
+Gradio-free. The tab and the API both turn user input into a `MergeRequest`, call `MergeService.prepare` (which
+refuses bad choices before anything runs, using the core's cheap `preflight`) and `start` (which runs the core's
+`merge_checkpoints` in a thread, inside the host's GPU queue), then read the `Job` for progress and the result.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, RebasinError
+from .host import CheckpointEntry, Host
+
+PARTS = ("unet", "te", "vae")
+PART_LABELS = {"unet": "UNet", "te": "Text encoder", "vae": "VAE"}
+PRECISION_CHOICES = ("fp16", "bf16", "fp32")
+MAX_ITERATIONS = 1000
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+def _core():
+    from .. import merge  # the lead's core; imported late so the tab module loads even while it is being written
+
+    return merge
+
+
+def method_table() -> dict[str, Any]:
+    return dict(_core().METHODS)
+
+
+@dataclass
+class MergeRequest:
+    model_a: str = ""
+    model_b: str = ""
+    model_c: str | None = None
+    method: str = "rebasin"
+    alpha: float = 0.5
+    iterations: int = 1
+    parts: tuple[str, ...] = PARTS
+    device: str = "cpu"
+    precision: str = "fp16"
+    output_name: str = ""
+    overwrite: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MergeRequest":
+        """Build from JSON (the API); unknown fields and wrong types are refused in plain words."""
+        if not isinstance(d, dict):
+            raise RebasinError("The request body must be a JSON object.")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RebasinError(f"Unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            try:
+                if k in ("alpha",):
+                    kw[k] = float(v)
+                elif k in ("iterations", "seed"):
+                    if isinstance(v, bool) or float(v) != int(float(v)):
+                        raise ValueError
+                    kw[k] = int(float(v))
+                elif k == "overwrite":
+                    if not isinstance(v, bool):
+                        raise ValueError
+                    kw[k] = v
+                elif k == "parts":
+                    if isinstance(v, str):
+                        v = [p.strip() for p in v.split(",") if p.strip()]
+                    kw[k] = tuple(str(p) for p in v)
+                else:
+                    kw[k] = None if v is None else str(v)
+            except (TypeError, ValueError):
+                raise RebasinError(f"Field '{k}' has a value of the wrong type: {v!r}.") from None
+        return cls(**kw)
+
+
+@dataclass
+class Prepared:
+    request: MergeRequest
+    a: CheckpointEntry
+    b: CheckpointEntry
+    c: CheckpointEntry | None
+    output: Path
+    options: Any  # core MergeOptions
+
+
+def output_path_for(name: str, folder: Path, default_stem: str) -> Path:
+    """A safe file name inside `folder`: refuses separators, '..', reserved or odd characters; adds .safetensors."""
+    raw = (name or "").strip()
+    if not raw:
+        raw = default_stem
+    if raw in (".", "..") or ".." in raw.replace("\\", "/").split("/") or os.path.isabs(raw) or "/" in raw or "\\" in raw:
+        raise RebasinError(f"Output name '{name}' points outside the checkpoint folder; give a plain file name "
+                           f"without '/', '\\' or '..'.")
+    if _BAD_CHARS.search(raw):
+        raise RebasinError(f"Output name '{name}' contains characters that are not allowed in file names "
+                           f"(< > : \" / \\ | ? * or control characters).")
+    stem = raw[: -len(".safetensors")] if raw.lower().endswith(".safetensors") else raw
+    if stem.lower().endswith(".ckpt") or stem.lower().endswith(".pt"):
+        raise RebasinError(f"Output name '{name}': merges are saved as .safetensors; drop the .ckpt/.pt ending.")
+    if not stem.strip(" .") or stem.startswith("."):
+        raise RebasinError(f"Output name '{name}' is empty or hidden; give a name such as 'my_merge'.")
+    if stem.rstrip(" .") != stem:
+        raise RebasinError(f"Output name '{name}' ends with a space or a dot; remove it.")
+    if stem.split(".")[0].lower() in _WINDOWS_RESERVED:
+        raise RebasinError(f"Output name '{name}' is a reserved device name on Windows; pick another name.")
+    if len(stem.encode()) > 200:
+        raise RebasinError("Output name is too long; keep it under 200 characters.")
+    folder = Path(folder)
+    out = folder / f"{stem}.safetensors"
+    try:
+        if out.resolve().parent != folder.resolve():
+            raise RebasinError(f"Output name '{name}' points outside the checkpoint folder; give a plain file name.")
+    except OSError:
+        raise RebasinError(f"Output name '{name}' is not a valid file name.") from None
+    return out
+
+
+def default_output_stem(a: CheckpointEntry, b: CheckpointEntry, method: str, alpha: float) -> str:
+    sa, sb = a.path.stem, b.path.stem
+    tag = {"rebasin": "rebasin", "weighted_sum": "ws", "add_difference": "adddiff", "legacy": "legacy"}.get(method, method)
+    return f"{sa[:40]}_{sb[:40]}_{tag}_{alpha:.2f}".replace(" ", "_")
+
+
+def _same_file(p: Path, q: Path) -> bool:
+    try:
+        return p.resolve() == q.resolve() or os.path.samefile(p, q)
+    except OSError:
+        return False
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+@dataclass
+class Job:
+    id: str
+    prepared: Prepared
+    status: str = "queued"  # queued | running | done | failed | cancelled
+    fraction: float = 0.0
+    stage: str = "queued"
+    message: str = "Waiting for the host's queue..."
+    eta_s: float | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    output: Path | None = None
+    summary: list[str] = field(default_factory=list)
+    diagnostics: dict[str, Any] | None = None
+    error: str | None = None
+    seconds: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def finished_flag(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def status_line(self) -> str:
+        if self.status == "done":
+            return f"Done in {self.seconds or 0:.1f}s: saved {self.output.name if self.output else ''}."
+        if self.status == "cancelled":
+            return "Stopped: no file was written."
+        if self.status == "failed":
+            return f"Failed: {self.error}"
+        eta = format_eta(self.eta_s)
+        pct = f"{self.fraction * 100:.0f}%"
+        return f"{pct} · {self.message}" + (f" · ETA {eta}" if eta else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.prepared.request
+        return {
+            "job_id": self.id, "status": self.status, "fraction": round(self.fraction, 4), "stage": self.stage,
+            "message": self.message, "eta_s": self.eta_s, "status_line": self.status_line(),
+            "output": str(self.output) if self.output else None,
+            "output_name": self.output.name if self.output else self.prepared.output.name,
+            "summary": list(self.summary), "diagnostics": self.diagnostics, "error": self.error,
+            "seconds": self.seconds, "finished": self.finished_flag,
+            "request": {"model_a": self.prepared.a.title, "model_b": self.prepared.b.title,
+                        "model_c": self.prepared.c.title if self.prepared.c else None, "method": r.method,
+                        "alpha": r.alpha, "iterations": r.iterations, "parts": list(r.parts), "device": r.device,
+                        "precision": r.precision},
+        }
+
+
+class MergeService:
+    """One per host. Holds the jobs; only one merge runs at a time."""
+
+    def __init__(self, host: Host, keep: int = 20) -> None:
+        self.host = host
+        self.jobs: dict[str, Job] = {}
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    # -- lookups ------------------------------------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointEntry]:
+        return list(self.host.list_checkpoints())
+
+    def titles(self) -> list[str]:
+        return [c.title for c in self.checkpoints()]
+
+    def resolve(self, ref: str | None, label: str) -> CheckpointEntry:
+        """A dropdown title (or file name, stem, or path inside the host's lists) -> its entry."""
+        if not ref or not str(ref).strip():
+            raise RebasinError(f"{label} is not set; pick a checkpoint from the list.")
+        ref = str(ref).strip()
+        entries = self.checkpoints()
+        stripped = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", ref)
+        for test in (lambda e: e.title == ref, lambda e: e.title == stripped or
+                     re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", e.title) == stripped,
+                     lambda e: str(e.path) == ref, lambda e: e.path.name == ref or e.path.stem == ref):
+            hits = [e for e in entries if test(e)]
+            if hits:
+                return hits[0]
+        raise RebasinError(f"{label} '{ref}' is not in the checkpoint list; press refresh and pick it again.")
+
+    def running(self) -> Job | None:
+        for j in self.jobs.values():
+            if not j.finished_flag:
+                return j
+        return None
+
+    def latest(self) -> Job | None:
+        return next(reversed(self.jobs.values()), None) if self.jobs else None
+
+    # -- validation -----------------------------------------------------------------------------------------
+    def prepare(self, req: MergeRequest) -> Prepared:
+        core = _core()
+        methods = core.METHODS
+        if req.method not in methods:
+            raise RebasinError(f"Unknown merge method '{req.method}'; choose one of {', '.join(methods)}.")
+        info = methods[req.method]
+        a = self.resolve(req.model_a, "Model A")
+        b = self.resolve(req.model_b, "Model B")
+        if _same_file(a.path, b.path):
+            raise RebasinError(f"Model A and Model B are the same file ({a.path.name}); pick two different models.")
+        c = None
+        if getattr(info, "needs_c", False):
+            c = self.resolve(req.model_c, "Model C")
+            for other, lab in ((a, "Model A"), (b, "Model B")):
+                if _same_file(c.path, other.path):
+                    raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); add difference needs "
+                                       f"a third, different model.")
+        if not (0.0 <= req.alpha <= 1.0):
+            raise RebasinError(f"Alpha must be between 0 and 1, got {req.alpha}.")
+        if not (1 <= int(req.iterations) <= MAX_ITERATIONS):
+            raise RebasinError(f"Iterations must be between 1 and {MAX_ITERATIONS}, got {req.iterations}.")
+        parts = tuple(p for p in PARTS if p in set(req.parts))
+        bad = sorted(set(req.parts) - set(PARTS))
+        if bad:
+            raise RebasinError(f"Unknown part(s) {', '.join(bad)}; choose from unet, te, vae.")
+        if not parts:
+            raise RebasinError("Pick at least one part to merge (UNet, text encoder or VAE).")
+        devices = self.host.device_choices()
+        if req.device not in devices:
+            raise RebasinError(f"Device '{req.device}' is not available here; choose one of {', '.join(devices)}.")
+        if req.precision not in PRECISION_CHOICES:
+            raise RebasinError(f"Precision must be one of {', '.join(PRECISION_CHOICES)}, got '{req.precision}'.")
+        folder = Path(self.host.output_dir())
+        if not folder.is_dir():
+            raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
+        out = output_path_for(req.output_name, folder, default_output_stem(a, b, req.method, req.alpha))
+        if out.exists() and not req.overwrite:
+            raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
+                               f"name.")
+        if any(_same_file(out, e.path) for e in (a, b, c) if e is not None):
+            raise RebasinError(f"The output {out.name} would overwrite one of the input models; choose another name.")
+        opts = core.MergeOptions(method=req.method, alpha=float(req.alpha), iterations=int(req.iterations),
+                                 parts=parts, device=req.device, precision=req.precision, seed=int(req.seed))
+        core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
+        req.parts = parts
+        return Prepared(req, a, b, c, out, opts)
+
+    # -- running --------------------------------------------------------------------------------------------
+    def start(self, prepared: Prepared, job_id: str | None = None) -> Job:
+        job_id = job_id or f"task(rebasin-{uuid.uuid4().hex[:12]})"
+        with self._lock:
+            busy = self.running()
+            if busy is not None:
+                raise RebasinError("A merge is already running; wait for it to finish or press Stop.")
+            job = Job(job_id, prepared)
+            self.jobs[job_id] = job
+            while len(self.jobs) > self._keep:
+                self.jobs.pop(next(iter(self.jobs)))
+        threading.Thread(target=self._run, args=(job,), name=f"rebasin-{job_id}", daemon=True).start()
+        return job
+
+    def submit(self, req: MergeRequest, job_id: str | None = None) -> Job:
+        """prepare + start; on a refusal the host is told to drop its progress task for `job_id`."""
+        try:
+            prepared = self.prepare(req)
+            return self.start(prepared, job_id)
+        except Exception:
+            if job_id:
+                self.host.discard_job(job_id)
+            raise
+
+    def cancel(self, job_id: str | None = None) -> Job | None:
+        job = self.jobs.get(job_id) if job_id else self.running()
+        if job is None or job.finished_flag:
+            return job
+        job._cancel.set()
+        job.message = "Stopping..."
+        if job.status == "running":  # while queued, the host may be busy with someone else's job: leave it be
+            self.host.interrupt()
+        return job
+
+    def _run(self, job: Job) -> None:
+        p = job.prepared
+        core = _core()
+
+        def progress(ev: Any) -> None:
+            job.fraction = max(0.0, min(1.0, float(getattr(ev, "fraction", job.fraction) or 0.0)))
+            job.stage = str(getattr(ev, "stage", job.stage) or job.stage)
+            job.message = str(getattr(ev, "message", "") or job.stage)
+            job.eta_s = getattr(ev, "eta_s", None)
+            eta = format_eta(job.eta_s)
+            self.host.report_progress(job.fraction, job.message + (f" (ETA {eta})" if eta else ""))
+
+        def cancelled() -> bool:
+            return job._cancel.is_set() or self.host.interrupted()
+
+        def work() -> None:
+            if job._cancel.is_set():
+                raise Cancelled()
+            job.status, job.stage, job.message = "running", "loading", "Starting..."
+            self.host.prepare_device(p.request.device)
+            try:
+                result = core.merge_checkpoints(
+                    p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
+                    overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
+                    extra_metadata={"lib_rebasin_host": self.host.name})
+            finally:
+                self.host.restore_device(p.request.device)
+            job.output = Path(result.output)
+            diag = getattr(result, "diagnostics", None)
+            if diag is not None:
+                try:
+                    job.summary = [str(x) for x in diag.summary_lines()]
+                except Exception as e:  # diagnostics are a report, never a reason to fail a saved merge
+                    job.summary = [f"(diagnostics could not be summarised: {e})"]
+                try:
+                    job.diagnostics = diag.to_dict()
+                except Exception:
+                    job.diagnostics = None
+            job.seconds = float(getattr(result, "seconds", time.time() - job.started))
+            self.host.after_save(job.output)
+
+        try:
+            self.host.run_job(job.id, work)
+            if job.output is None:  # the host refused to run it (for example interrupted while queued)
+                raise Cancelled()
+            job.status, job.fraction, job.stage = "done", 1.0, "done"
+            job.message = "Saved."
+        except Cancelled:
+            job.status, job.stage, job.message = "cancelled", "cancelled", "Stopped: no file was written."
+        except RebasinError as e:
+            job.status, job.stage, job.error = "failed", "failed", str(e)
+            job.message = job.error
+        except Exception as e:  # a bug in the core or the host: still tell the user, in one line
+            job.status, job.stage = "failed", "failed"
+            job.error = f"Unexpected error ({type(e).__name__}: {e}); see the console for details."
+            job.message = job.error
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            job.eta_s = None
+            job.finished = time.time()
+            import gc
+
+            gc.collect()  # a stopped or failed merge leaves big tensors in its frames: release them now
+            job._done.set()

@@ -1,0 +1,313 @@
+"""AUTOMATIC1111 / Forge / reForge (and, best effort, SD.Next) entry point of the Re-Basin extension.
+
+The only file that imports the WebUI's `modules`. It adapts the host to `lib_rebasin.ui.host.Host` and registers:
+  - the "Re-Basin" tab (elem_id `rebasin`) via on_ui_tabs,
+  - default settings via on_ui_settings (read back with opts.data.get, so --nowebui still works),
+  - the txt2img hires-fix components and the top-left checkpoint dropdown via on_after_component,
+  - the HTTP API via on_app_started.
+Callbacks are registered without `name=` because SD.Next's on_* functions do not accept it.
+"""
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+_EXT_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if _EXT_ROOT not in sys.path:  # the WebUI prefixes it only while importing this file
+    sys.path.insert(0, _EXT_ROOT)
+
+import gradio as gr  # noqa: E402
+
+from modules import call_queue, devices, script_callbacks, sd_models, shared  # noqa: E402
+
+from lib_rebasin.errors import RebasinError  # noqa: E402
+from lib_rebasin.ui.api import register_api  # noqa: E402
+from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
+from lib_rebasin.ui.service import PRECISION_CHOICES, MergeService  # noqa: E402
+from lib_rebasin.ui.tab import build_tab  # noqa: E402
+
+try:
+    from modules import progress as webui_progress
+except ImportError:  # pragma: no cover - very old or exotic hosts
+    webui_progress = None
+
+TAB_TITLE = "Re-Basin"
+TAB_ID = "rebasin"
+SECTION = ("rebasin", "Re-Basin")
+_ID_TO_KEY = {v: k for k, v in HIRES_ELEM_IDS.items()}
+_PROGRESS_STEPS = 1000
+
+
+def _opt(key, default):
+    return shared.opts.data.get(key, default)
+
+
+def _is_forge():
+    return hasattr(sd_models, "forge_model_reload")
+
+
+class WebUIHost(BaseHost):
+    """The WebUI as a Host: its checkpoint list, queue lock, shared.state progress and interrupt."""
+
+    name = "webui"
+
+    def __init__(self):
+        super().__init__()
+        self.targets = {}
+        self.checkpoint_dropdown = None
+        self._parked_model = None
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def list_checkpoints(self):
+        return [CheckpointEntry(title, Path(info.filename)) for title, info in list(sd_models.checkpoints_list.items())]
+
+    def refresh_checkpoints(self):
+        sd_models.list_models()
+
+    def output_dir(self):
+        configured = str(_opt("rebasin_output_dir", "") or "").strip()
+        if configured:
+            return Path(configured).expanduser()
+        return Path(getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path)
+
+    def _info_for(self, path):
+        target = os.path.normcase(os.path.abspath(str(path)))
+        for info in list(sd_models.checkpoints_list.values()):
+            if os.path.normcase(os.path.abspath(info.filename)) == target:
+                return info
+        return None
+
+    def after_save(self, path):
+        sd_models.list_models()
+        if self._info_for(path) is None:  # saved outside the scanned folders: register it by hand
+            info = sd_models.CheckpointInfo(str(path))
+            info.register()
+
+    def load_checkpoint(self, path):
+        info = self._info_for(path)
+        if info is None:
+            sd_models.list_models()
+            info = self._info_for(path)
+        if info is None:
+            raise RebasinError(f"{Path(path).name} is not in the WebUI's checkpoint list; press refresh and try again.")
+        if _is_forge():
+            # Forge loads lazily at the next generation from opts.sd_model_checkpoint.
+            shared.opts.set("sd_model_checkpoint", info.title)
+            try:
+                from modules_forge import main_entry
+
+                refresh = getattr(main_entry, "refresh_model_loading_parameters", None)
+                if refresh is not None:
+                    refresh()
+            except Exception:
+                traceback.print_exc()
+            return info.title
+        with call_queue.queue_lock:
+            sd_models.reload_model_weights(info=info)
+        loaded = getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None)
+        title = getattr(loaded, "title", None) or info.title
+        shared.opts.data["sd_model_checkpoint"] = title
+        return title
+
+    # -- jobs, progress, interrupt ----------------------------------------------------------------------------
+    def run_job(self, job_id, work):
+        if webui_progress is not None:
+            webui_progress.add_task_to_queue(job_id)
+        with call_queue.queue_lock:
+            shared.state.begin(job=job_id)
+            if webui_progress is not None:
+                webui_progress.start_task(job_id)
+            shared.state.job_count = 1
+            shared.state.sampling_steps = _PROGRESS_STEPS
+            shared.state.sampling_step = 0
+            shared.state.textinfo = "Re-Basin merge"
+            try:
+                work()
+            finally:
+                if webui_progress is not None:
+                    webui_progress.finish_task(job_id)
+                shared.state.end()
+                shared.state.interrupted = False
+                shared.state.job_count = 0
+
+    def discard_job(self, job_id):
+        if webui_progress is not None and job_id:
+            webui_progress.pending_tasks.pop(job_id, None)
+            webui_progress.finish_task(job_id)
+
+    def report_progress(self, fraction, text):
+        shared.state.sampling_step = int(max(0.0, min(1.0, fraction)) * _PROGRESS_STEPS)
+        shared.state.textinfo = text
+
+    def interrupted(self):
+        return bool(getattr(shared.state, "interrupted", False))
+
+    def interrupt(self):
+        shared.state.interrupt()
+
+    # -- devices --------------------------------------------------------------------------------------------
+    def _gpu_name(self):
+        try:
+            name = devices.get_optimal_device_name()
+        except Exception:
+            return None
+        return None if not name or name == "cpu" else name
+
+    def device_choices(self):
+        gpu = self._gpu_name()
+        return ["cpu", gpu] if gpu else ["cpu"]
+
+    def default_device(self):
+        gpu = self._gpu_name()
+        if not gpu or getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
+            return "cpu"
+        try:
+            import torch
+
+            if gpu.startswith("cuda"):
+                total = torch.cuda.get_device_properties(torch.device(gpu)).total_memory
+                if total < self.min_gpu_bytes:
+                    return "cpu"
+        except Exception:
+            return "cpu"
+        return gpu
+
+    def prepare_device(self, device):
+        """Free VRAM before a GPU merge: park the loaded model on the CPU (Forge: unload everything)."""
+        if device == "cpu":
+            return
+        try:
+            if _is_forge():
+                sd_models.unload_model_weights()
+            else:
+                model = getattr(sd_models.model_data, "sd_model", None)
+                if model is not None:
+                    sd_models.send_model_to_cpu(model)
+                    self._parked_model = model
+            devices.torch_gc()
+        except Exception:
+            traceback.print_exc()
+
+    def restore_device(self, device):
+        """Release the merge's memory and put a usable model back (Forge reloads lazily by itself)."""
+        try:
+            devices.torch_gc()
+            model, self._parked_model = self._parked_model, None
+            if model is not None and getattr(sd_models.model_data, "sd_model", None) is model:
+                sd_models.send_model_to_device(model)
+        except Exception:
+            traceback.print_exc()
+
+    # -- settings and captured components -----------------------------------------------------------------------
+    def defaults(self):
+        d = dict(DEFAULTS)
+        d["method"] = _opt("rebasin_default_method", d["method"])
+        d["iterations"] = int(_opt("rebasin_default_iterations", d["iterations"]) or 1)
+        d["precision"] = _opt("rebasin_default_precision", d["precision"])
+        dev = _opt("rebasin_default_device", "auto")
+        gpu = self._gpu_name()
+        d["device"] = "cpu" if dev == "cpu" else (gpu if dev == "gpu" and gpu else self.default_device())
+        return d
+
+    def hires_targets(self):
+        return dict(self.targets)
+
+
+HOST = WebUIHost()
+SERVICE = MergeService(HOST)
+TAB = None
+
+
+def _method_keys():
+    try:
+        from lib_rebasin.merge import METHODS
+
+        return list(METHODS)
+    except Exception:
+        return ["rebasin", "weighted_sum", "add_difference", "legacy"]
+
+
+def on_ui_settings():
+    section = SECTION
+    add = shared.opts.add_option
+    add("rebasin_default_method", shared.OptionInfo(
+        "rebasin", "Default merge method", gr.Radio, {"choices": _method_keys()}, section=section))
+    add("rebasin_default_iterations", shared.OptionInfo(
+        1, "Default iterations", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1}, section=section))
+    add("rebasin_default_device", shared.OptionInfo(
+        "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
+        gr.Radio, {"choices": ["auto", "cpu", "gpu"]}, section=section))
+    add("rebasin_default_precision", shared.OptionInfo(
+        "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section))
+    add("rebasin_output_dir", shared.OptionInfo(
+        "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section))
+
+
+def on_ui_tabs():
+    global TAB
+    TAB = build_tab(HOST, SERVICE, title=TAB_TITLE)
+    if HOST.checkpoint_dropdown is not None:  # captured earlier (not the case in A1111's build order)
+        _wire_checkpoint_dropdown(HOST.checkpoint_dropdown)
+    return [(TAB.blocks, TAB_TITLE, TAB_ID)]
+
+
+def _checkpoint_choices():
+    use_short = bool(_opt("sd_checkpoint_dropdown_use_short", False))
+    try:
+        return sd_models.checkpoint_tiles(use_short)
+    except TypeError:
+        return sd_models.checkpoint_tiles()
+
+
+def refresh_checkpoint_dropdown(_path=None):
+    """The top-left dropdown after a save: fresh choices, value kept."""
+    return gr.update(choices=_checkpoint_choices())
+
+
+def select_in_checkpoint_dropdown(title):
+    """The top-left dropdown after "Load merged model": fresh choices, showing the loaded model."""
+    if not title:
+        return gr.update()
+    return gr.update(choices=_checkpoint_choices(), value=title)
+
+
+def _wire_checkpoint_dropdown(dropdown):
+    if TAB is None or getattr(dropdown, "_rebasin_wired", False):
+        return
+    TAB["result_path"].change(fn=refresh_checkpoint_dropdown, inputs=[TAB["result_path"]], outputs=[dropdown])
+    TAB["loaded_title"].change(fn=select_in_checkpoint_dropdown, inputs=[TAB["loaded_title"]], outputs=[dropdown])
+    dropdown._rebasin_wired = True
+
+
+def _is_checkpoint_dropdown(component, kwargs):
+    elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+    if elem_id == "setting_sd_model_checkpoint":
+        return True
+    classes = kwargs.get("elem_classes") or []
+    classes = [classes] if isinstance(classes, str) else list(classes)
+    label = str(kwargs.get("label") or "")
+    return _is_forge() and "model_selection" in classes and "checkpoint" in label.lower()
+
+
+def on_after_component(component, **kwargs):
+    elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+    key = _ID_TO_KEY.get(elem_id)
+    if key is not None:
+        HOST.targets[key] = component
+    elif _is_checkpoint_dropdown(component, kwargs):
+        HOST.checkpoint_dropdown = component
+        try:
+            _wire_checkpoint_dropdown(component)
+        except Exception:
+            traceback.print_exc()
+
+
+def on_app_started(demo, app):
+    register_api(app, SERVICE)
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_after_component(on_after_component)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)

@@ -1,0 +1,83 @@
+"""Stand-in for modules.sd_models: the checkpoint registry, list_models, loading, and the model movers."""
+
+import os
+from types import SimpleNamespace
+
+from . import record, shared
+
+model_path = os.path.abspath("models/Stable-diffusion")  # tests point this at a tmp folder
+checkpoints_list: dict = {}
+checkpoint_aliases: dict = {}
+
+
+class CheckpointInfo:
+    def __init__(self, filename):
+        self.filename = filename
+        abspath = os.path.abspath(filename)
+        root = shared.cmd_opts.ckpt_dir or model_path
+        if abspath.startswith(os.path.abspath(root) + os.sep):
+            name = abspath[len(os.path.abspath(root)) + 1:]
+        else:
+            name = os.path.basename(filename)
+        self.name = name.replace("\\", "/")
+        self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
+        self.model_name = os.path.splitext(self.name.replace("/", "_"))[0]
+        self.shorthash = None
+        self.title = self.name
+        self.short_title = self.name_for_extra
+        self.ids = [self.title, self.name, self.model_name]
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        for i in self.ids:
+            checkpoint_aliases[i] = self
+
+
+def list_models():
+    record("sd_models.list_models")
+    checkpoints_list.clear()
+    checkpoint_aliases.clear()
+    for root, _dirs, files in os.walk(model_path):
+        for f in sorted(files):
+            if f.endswith((".ckpt", ".safetensors")) and ".vae." not in f and not f.startswith("."):
+                CheckpointInfo(os.path.join(root, f)).register()
+
+
+def checkpoint_tiles(use_short=False):
+    return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
+
+
+def get_closet_checkpoint_match(search_string):
+    return checkpoint_aliases.get(search_string)
+
+
+class FakeModel:
+    def __init__(self, info):
+        self.sd_checkpoint_info = info
+        self.sd_model_checkpoint = info.filename
+        self.lowvram = False
+        self.device = "cpu"
+
+
+model_data = SimpleNamespace(sd_model=None)
+
+
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    record("sd_models.reload_model_weights", info.title if info else None)
+    model_data.sd_model = FakeModel(info)
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    return model_data.sd_model
+
+
+def send_model_to_cpu(m):
+    record("sd_models.send_model_to_cpu", m.sd_checkpoint_info.title)
+    m.device = "cpu"
+
+
+def send_model_to_device(m):
+    record("sd_models.send_model_to_device", m.sd_checkpoint_info.title)
+    m.device = "cuda"
+
+
+def unload_model_weights(sd_model=None, info=None):
+    record("sd_models.unload_model_weights")
