@@ -229,19 +229,20 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> 
 
 def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
                       produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False,
+                      finalize_metadata: Callable[[], Mapping[str, str]] | None = None) -> Path:
     """Stream tensors into `path` atomically.
 
     `entries` fixes the order, shapes and dtypes up front so the header can be written first; `produce(key)` is
     then called once per key and its result written straight to disk, so the whole output is never held in
-    memory. The data goes to a temporary file in the same folder, which is renamed into place only after every
+    memory. `finalize_metadata`, if given, is called after the last tensor and its result replaces the metadata
+    in the header (space for it is reserved up front), so values measured while writing can be stored. The data
+    goes to a temporary file in the same folder, which is renamed into place only after every
     byte is written and flushed; on any error (including cancellation raised from `produce`) it is deleted.
     """
     p = check_output_path(path, overwrite)
     entries = list(entries)
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
     offset = 0
     for key, shape, dtype in entries:
         numel = 1
@@ -250,8 +251,7 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
         nbytes = numel * dtype.itemsize
         header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    blob = _header_bytes(header, reserve=65536 if finalize_metadata else 0)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -264,6 +264,13 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
                 t = t.detach().to("cpu").contiguous()
                 if t.numel():
                     f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            if finalize_metadata is not None:
+                header["__metadata__"] = {str(k): str(v) for k, v in finalize_metadata().items()}
+                final = _header_bytes(header, 0)
+                if len(final) > len(blob):
+                    raise AssertionError(f"final metadata ({len(final)} bytes) exceeds the reserved header space")
+                f.seek(8)
+                f.write(final + b" " * (len(blob) - len(final)))
             f.flush()
             os.fsync(f.fileno())
         _place(tmp, p, overwrite)
@@ -272,6 +279,12 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
             os.unlink(tmp)
         raise
     return p
+
+
+def _header_bytes(header: Mapping[str, object], reserve: int) -> bytes:
+    """The JSON header, space-padded (as the format allows) to a multiple of 8 plus `reserve` spare bytes."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    return blob + b" " * (-len(blob) % 8 + reserve)
 
 
 def _place(tmp: str, final: Path, overwrite: bool) -> None:

@@ -1,0 +1,181 @@
+"""Git Re-Basin weight matching (Ainsworth et al. 2023, Algorithm 2) over an `ArchSpec`.
+
+Find permutations pi of model B's groups maximising sum_k <A_k, pi(B)_k> over all permuted tensors. The problem is
+NP-hard jointly, so coordinate ascent: visit the groups in a seeded random order; for one group, with every other
+group fixed, the objective is linear in that group's permutation, so its best value is one linear assignment on
+
+    C[i, j] = sum over the group's slots of <row i of A, row j of B with its other axes already permuted>.
+
+A sweep that improves nothing ends the search (or `max_sweeps`). Cost matrices are accumulated in fp32 on the
+chosen device; the assignment runs on the CPU in float64 (see `assignment.py`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from .assignment import row_argmax_certificate, solve
+from .errors import Cancelled
+from .permute import Perms, axis_index, permute_tensor
+from .spec import ArchSpec, Group, Slot
+
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class GroupReport:
+    name: str
+    part: str
+    kind: str
+    size: int
+    moved: int = 0          # units whose final position differs from the identity
+    gain: float = 0.0       # objective gain of the group's last accepted update
+    solves: int = 0         # assignment problems solved
+    certified: int = 0      # visits where row-argmax proved optimality and no solve ran
+
+
+@dataclass
+class MatchResult:
+    perms: Perms
+    sweeps: int
+    converged: bool
+    groups: list[GroupReport]
+    seconds: float = 0.0
+
+    @property
+    def solves(self) -> int:
+        return sum(g.solves for g in self.groups)
+
+    @property
+    def certified(self) -> int:
+        return sum(g.certified for g in self.groups)
+
+    def moved_by_part(self) -> dict[str, tuple[int, int]]:
+        """part -> (units moved, units in matched groups)."""
+        out: dict[str, tuple[int, int]] = {}
+        for g in self.groups:
+            m, n = out.get(g.part, (0, 0))
+            out[g.part] = (m + g.moved, n + g.size)
+        return out
+
+
+@dataclass
+class MatchProgress:
+    sweep: int
+    index: int              # groups done in this sweep
+    total: int              # groups per sweep
+    group: str
+    changed_this_sweep: int
+
+
+@dataclass
+class _Tensors:
+    """fp32 copies of the tensors matching reads, on the compute device, made once."""
+
+    get: TensorGetter
+    device: torch.device
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, key: str) -> torch.Tensor:
+        t = self.cache.get(key)
+        if t is None:
+            t = self.get(key).to(self.device, torch.float32)
+            self.cache[key] = t
+        return t
+
+
+def _rows(t: torch.Tensor, axis: int, offset: int, n: int) -> torch.Tensor:
+    """The window [offset, offset+n) of `axis`, as an (n, rest) matrix."""
+    return t.narrow(axis, offset, n).movedim(axis, 0).reshape(n, -1)
+
+
+def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, n: int, perms: Perms) -> torch.Tensor:
+    w = t.narrow(slot.axis, slot.offset, n)
+    for axis in spec.axes[slot.key]:
+        if axis == slot.axis:
+            continue
+        idx = axis_index(spec, slot.key, axis, perms)
+        if idx is not None:
+            w = w.index_select(axis, idx.to(w.device))
+    return w.movedim(slot.axis, 0).reshape(n, -1)
+
+
+def cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
+                device: torch.device) -> torch.Tensor:
+    """C[i, j] = similarity of A's unit i and B's unit j, with every other group at its current permutation."""
+    n = group.size
+    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    for slot in group.slots:
+        a = _rows(get_a(slot.key), slot.axis, slot.offset, n)
+        b = _other_axes_permuted(spec, slot, get_b(slot.key), n, perms)
+        C.addmm_(a, b.T)
+    return C
+
+
+def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+                    seed: int = 0, max_sweeps: int = 100, device: str | torch.device = "cpu",
+                    init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> MatchResult:
+    """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B."""
+    start = time.perf_counter()
+    dev = torch.device(device)
+    groups = list(groups)
+    ta, tb = _Tensors(get_a, dev), _Tensors(get_b, dev)
+    perms: Perms = {g.name: torch.arange(g.size) for g in groups}
+    for name, p in (init or {}).items():
+        if name in perms:
+            perms[name] = p.clone().cpu()
+    reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
+    rng = random.Random(seed)
+    sweeps, converged = 0, False
+    while sweeps < max_sweeps:
+        order = groups[:]
+        rng.shuffle(order)
+        changed = 0
+        for i, g in enumerate(order):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            C = cost_matrix(spec, g, ta, tb, perms, dev)
+            rows = torch.arange(g.size, device=dev)
+            current = perms[g.name].to(dev)
+            old = float(C[rows, current].double().sum())
+            rep = reports[g.name]
+            best = row_argmax_certificate(C, g.structure)
+            if best is not None:
+                rep.certified += 1
+            else:
+                best = torch.from_numpy(solve(C.double().cpu().numpy(), g.structure)).to(dev)
+                rep.solves += 1
+            new = float(C[rows, best].double().sum())
+            # Accept only a real improvement: ties keep the current permutation, so the search cannot cycle.
+            if new > old + 1e-7 * max(abs(old), 1e-12) and not torch.equal(best, current):
+                perms[g.name] = best.cpu()
+                rep.gain = new - float(C.diagonal().double().sum())
+                changed += 1
+            if progress is not None:
+                progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+        sweeps += 1
+        if changed == 0:
+            converged = True
+            break
+    for g in groups:
+        p = perms[g.name]
+        reports[g.name].moved = int((p != torch.arange(g.size)).sum())
+    return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start)
+
+
+def objective(spec: ArchSpec, keys: Iterable[str], get_a: TensorGetter, get_b: TensorGetter,
+              perms: Perms) -> tuple[float, float]:
+    """(sum_k <A_k, B_k>, sum_k <A_k, pi(B)_k>) over `keys`, in float64."""
+    before = after = 0.0
+    for key in keys:
+        a = get_a(key).double()
+        b = get_b(key).double()
+        before += float((a * b).sum())
+        after += float((a * permute_tensor(spec, key, b, perms)).sum())
+    return before, after

@@ -1,0 +1,109 @@
+"""Opening and validating the checkpoints of one merge: architecture, parts present, compatibility, identity.
+
+`ModelInput` bundles an open checkpoint with its detected config; `open_model` never loads tensor data, so
+validation costs only the headers and is cheap enough to run before every merge (and on every dropdown change in
+the WebUI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .arch import SD1Config, check_layout, detect
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import IncompatibleModelsError, RebasinError
+from .spec import ArchSpec, build_spec, part_of
+
+_SPECS: dict[SD1Config, ArchSpec] = {}
+
+
+def spec_for(config: SD1Config) -> ArchSpec:
+    """The permutation spec of a config (built once per process)."""
+    if config not in _SPECS:
+        _SPECS[config] = build_spec(config)
+    return _SPECS[config]
+
+
+@dataclass
+class ModelInput:
+    label: str            # "A", "B", "C"
+    ckpt: Checkpoint
+    config: SD1Config
+    parts: set[str] = field(default_factory=set)
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt.path
+
+    @property
+    def spec(self) -> ArchSpec:
+        return spec_for(self.config)
+
+
+def open_model(path: str | os.PathLike[str], label: str) -> ModelInput:
+    ckpt = open_checkpoint(path)
+    try:
+        shapes = ckpt.shapes()
+        config = detect(shapes)
+        has_vae = any(part_of(k) == "vae" for k in shapes)
+        check_layout(config, shapes, has_vae=has_vae)
+    except RebasinError as e:
+        ckpt.close()
+        raise type(e)(f"Model {label} ({Path(path).name}): {e}") from None
+    parts = {"unet", "te"} | ({"vae"} if has_vae else set())
+    return ModelInput(label, ckpt, config, parts)
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...]) -> None:
+    """Raise unless `other` can be blended into `first` for the chosen parts.
+
+    The only shape difference tolerated is a wider UNet input on `first` (inpainting / instruct-pix2pix A with a
+    plain B), handled like the WebUI's merger: the extra input channels keep A's weights.
+    """
+    fa, fb = first.config, other.config
+    if fa != fb:
+        if replace(fb, unet_in_channels=fa.unet_in_channels) == fa and fa.unet_in_channels > fb.unet_in_channels:
+            pass
+        elif fb.unet_in_channels > fa.unet_in_channels:
+            raise IncompatibleModelsError(
+                f"Model {other.label} is {fb.variant} but model {first.label} is {fa.variant}: put the "
+                f"{fb.variant} model in slot {first.label} (its extra input channels are kept).")
+        else:
+            raise IncompatibleModelsError(
+                f"Models {first.label} and {other.label} have different shapes ({fa.describe()} vs "
+                f"{fb.describe()}); they cannot be merged.")
+    missing = [p for p in parts if p in first.parts and p not in other.parts]
+    if missing:
+        names = {"unet": "UNet", "te": "text encoder", "vae": "VAE"}
+        raise IncompatibleModelsError(
+            f"Model {other.label} has no {names[missing[0]]}; untick that part or pick a full checkpoint.")
+
+
+def legacy_hash(path: str | os.PathLike[str]) -> str:
+    """The WebUI's old 8-digit model hash (sha256 of 64 KiB at offset 1 MiB)."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def merge_history(model: ModelInput) -> dict[str, object]:
+    """The input's own `sd_merge_models` entries, so provenance chains survive another merge."""
+    raw = model.ckpt.metadata.get("sd_merge_models")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
