@@ -1,0 +1,151 @@
+"""Command line: `python -m lib_rebasin merge | add-difference | inspect | demo | ui`.
+
+Errors are one line on stderr and exit status 2, and never leave an output file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from .errors import Cancelled, RebasinError
+from .merge import METHODS, MergeOptions, MergeResult, ProgressEvent, merge_checkpoints
+from .spec import PARTS
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; occasional plain lines when piped (logs stay readable)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self.stream, self.width = stream, width
+        self.tty = stream.isatty()
+        self.last_print = 0.0
+        self.last_stage = ""
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last_print < 0.1 and ev.fraction < 1:
+                return
+            filled = int(self.width * ev.fraction)
+            eta = f" ETA {ev.eta_s:.0f}s" if ev.eta_s is not None and ev.fraction < 1 else ""
+            line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {ev.fraction * 100:5.1f}% {ev.message}{eta}"
+            self.stream.write(line[:160].ljust(160))
+            if ev.fraction >= 1:
+                self.stream.write("\n")
+        elif ev.stage != self.last_stage or now - self.last_print > 10:
+            self.stream.write(f"{ev.fraction * 100:5.1f}% {ev.message}\n")
+        else:
+            return
+        self.stream.flush()
+        self.last_print = now
+        self.last_stage = ev.stage
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _options(args: argparse.Namespace, method: str) -> MergeOptions:
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    return MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
+                        device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps)
+
+
+def _print_result(result: MergeResult) -> None:
+    print(f"Wrote {result.output}")
+    for line in result.diagnostics.summary_lines():
+        print(f"  {line}")
+
+
+def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> int:
+    bar = None if args.quiet else ProgressBar()
+    try:
+        result = merge_checkpoints(args.model_a, args.model_b, args.output, _options(args, method), c=c,
+                                   overwrite=args.overwrite, progress=bar)
+    except KeyboardInterrupt:
+        raise Cancelled() from None
+    finally:
+        if bar is not None and bar.tty:
+            bar.finish()
+    _print_result(result)
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--alpha", type=float, default=alpha, help=f"weight of model B (default {alpha})")
+    p.add_argument("--iterations", type=int, default=1,
+                   help="re-basin only: step alpha over N steps, re-aligning B to the running merge each step")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to merge: unet,te,vae "
+                   "(others keep model A's weights; default all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (where cost matrices are computed)")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="output precision")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching")
+    p.add_argument("--max-sweeps", type=int, default=100, help="upper bound on weight-matching sweeps")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m lib_rebasin",
+                                 description="Function-preserving Git Re-Basin merges of SD 1.x checkpoints.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge two checkpoints (re-basin by default)")
+    m.add_argument("model_a")
+    m.add_argument("model_b")
+    m.add_argument("--method", default="rebasin", choices=[k for k, v in METHODS.items() if not v.needs_c])
+    _add_common(m, 0.5)
+
+    d = sub.add_parser("add-difference", help="A + alpha * (B - C)")
+    d.add_argument("model_a")
+    d.add_argument("model_b")
+    d.add_argument("model_c")
+    _add_common(d, 0.2)
+
+    i = sub.add_parser("inspect", help="architecture, dtype, keys and size of a checkpoint")
+    i.add_argument("file")
+
+    demo = sub.add_parser("demo", help="make two small SD-1.5-layout checkpoints here and re-basin merge them")
+    demo.add_argument("--dir", default="demo", help="folder for the demo files (default ./demo)")
+
+    ui = sub.add_parser("ui", help="the Re-Basin tab as a standalone app")
+    ui.add_argument("rest", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _demo(folder: str) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(folder))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ui"]:
+        from .ui.standalone import main as ui_main
+
+        return ui_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "merge":
+            return _run_merge(args, args.method)
+        if args.command == "add-difference":
+            return _run_merge(args, "add_difference", c=args.model_c)
+        if args.command == "inspect":
+            from .inspect import inspect_checkpoint
+
+            info = inspect_checkpoint(args.file)
+            print("\n".join(info.lines()))
+            return 0 if info.supported else 2
+        if args.command == "demo":
+            return _demo(args.dir)
+    except RebasinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
