@@ -172,7 +172,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                             choices=titles, value=None, label=label, elem_id=f"rebasin_model_{key}",
                             visible=(key != "c" or getattr(methods.get(d_method), "needs_c", False)))
                         c[f"refresh_{key}"] = gr.Button(
-                            "🔄", elem_id=f"rebasin_refresh_{key}", elem_classes=["tool", "rebasin-tool"],
+                            "\u21bb", elem_id=f"rebasin_refresh_{key}", elem_classes=["tool", "rebasin-tool"],
                             visible=(key != "c" or getattr(methods.get(d_method), "needs_c", False)))
                 c["method"] = gr.Radio(choices=[method_label[k] for k in method_keys], value=method_label[d_method],
                                        label="Method", elem_id="rebasin_method")

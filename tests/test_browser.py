@@ -1,0 +1,171 @@
+"""The standalone Re-Basin app driven in a real headless Chromium (Debian's /usr/bin/chromium) via Playwright.
+
+Picks two small synthetic checkpoints, refuses a bad input with its reason, runs a re-basin merge, watches the
+progress finish, checks the file and the diagnostics, loads the result, and saves screenshots into the test's
+tmp folder (also into $REBASIN_SCREENSHOT_DIR when set, for CI artifacts). Run with: pytest -m browser
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("REBASIN_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def _requirements():
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright (python package) is not installed: pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium is not installed at {CHROMIUM}: apt-get install -y chromium")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        pytest.fail("gradio is not installed, but the browser test needs the standalone app")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    _requirements()
+    from lib_rebasin.synthetic import make_checkpoint
+
+    models = tmp_path_factory.mktemp("models")
+    make_checkpoint(models / "anime_style.safetensors", "mini", seed=1, base_seed=0)
+    make_checkpoint(models / "photo_style.safetensors", "mini", seed=2, base_seed=0)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT) + os.pathsep +
+           os.environ.get("PYTHONPATH", ""), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models),
+                                 "--port", str(port)], cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"standalone app did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, models
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture()
+def page(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1300})
+        pg.set_default_timeout(30_000)
+        pg.goto(app[0])
+        pg.wait_for_selector("#rebasin_merge", state="visible")
+        yield pg
+        browser.close()
+
+
+def _shot(page, tmp_path, name):
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    extra = os.environ.get("REBASIN_SCREENSHOT_DIR")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(extra) / name)
+    return path
+
+
+def _pick(page, elem_id, title):
+    """Choose `title` in a gradio dropdown (3.41 and 4.x both render an input plus an options list)."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(title)
+    option = page.locator("ul.options li", has_text=title).first
+    option.wait_for(state="visible")
+    option.click()
+    page.wait_for_timeout(300)
+    assert box.input_value() == title
+
+
+def _type_name(page, name):
+    field = page.locator("#rebasin_output_name input, #rebasin_output_name textarea").first
+    field.fill(name)
+    field.press("Tab")
+
+
+def test_bad_input_shows_its_reason(page, app, tmp_path):
+    _pick(page, "rebasin_model_a", "anime_style.safetensors")
+    _pick(page, "rebasin_model_b", "anime_style.safetensors")
+    _type_name(page, "should_not_exist")
+    page.click("#rebasin_merge")
+    err = page.locator("#rebasin_error .rebasin-error")
+    err.wait_for(state="visible")
+    assert "same file" in err.inner_text()
+    _pick(page, "rebasin_model_b", "photo_style.safetensors")
+    _type_name(page, "../escape")
+    page.click("#rebasin_merge")
+    page.wait_for_function(
+        "() => (document.querySelector('#rebasin_error')||{}).innerText?.includes('outside the checkpoint folder')")
+    _shot(page, tmp_path, "rebasin_bad_input.png")
+    assert not list(app[1].glob("should_not_exist*")) and not list(app[1].parent.glob("escape*"))
+
+
+def test_rebasin_merge_end_to_end(page, app, tmp_path):
+    url, models = app
+    _pick(page, "rebasin_model_a", "anime_style.safetensors")
+    _pick(page, "rebasin_model_b", "photo_style.safetensors")
+    _type_name(page, "browser_merge")
+    page.click("#rebasin_merge")
+    # progress shows up while it runs, then finishes
+    page.wait_for_selector("#rebasin_progress .rebasin-progress", timeout=60_000)
+    page.wait_for_selector("#rebasin_progress .rebasin-done", timeout=600_000)
+    status = page.locator("#rebasin_progress .rebasin-status-line").inner_text()
+    assert "Done" in status and "browser_merge.safetensors" in status
+    out = models / "browser_merge.safetensors"
+    assert out.is_file() and out.stat().st_size > 1_000_000
+    assert not [p for p in models.iterdir() if p.name.endswith(".tmp")]
+    result = page.locator("#rebasin_result")
+    result.wait_for(state="visible")
+    text = result.inner_text()
+    assert "browser_merge.safetensors" in text and "What the merge did" in text
+    assert page.locator("#rebasin_error .rebasin-error").count() == 0
+    # the new file is in the dropdowns after a refresh, and can be "loaded"
+    page.click("#rebasin_load")
+    page.wait_for_function(
+        "() => (document.querySelector('#rebasin_load_status')||{}).innerText?.includes('Loaded')")
+    page.click("#rebasin_refresh_a")
+    page.locator("#rebasin_model_a input").first.click()
+    page.locator("ul.options li", has_text="browser_merge.safetensors").first.wait_for(state="visible")
+    page.keyboard.press("Escape")
+    shot = _shot(page, tmp_path, "rebasin_merge_done.png")
+    assert shot.stat().st_size > 10_000

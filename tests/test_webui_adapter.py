@@ -1,0 +1,508 @@
+"""The WebUI adapter (scripts/rebasin_tab.py) and install.py against the stand-in host in tests/webui_standin/.
+
+Covers: callback registration, settings, the checkpoint list, save -> refresh -> load calls, the top-left dropdown
+updates, the hires-fix presets, interrupt (no partial file), GPU free/restore, and the HTTP API. Needs gradio
+(any of 3.41.x / 4.x); merges run the real core on small synthetic checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = Path(__file__).resolve().parent / "webui_standin"
+GR4 = int(gr.__version__.split(".")[0]) >= 4
+
+
+def _drop_standin_modules():
+    for name in list(sys.modules):
+        if name == "modules" or name.startswith("modules.") or name in ("launch", "rebasin_tab.py"):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    from lib_rebasin.synthetic import make_checkpoint
+
+    d = tmp_path_factory.mktemp("Stable-diffusion")
+    make_checkpoint(d / "alpha.safetensors", "mini", seed=1, base_seed=0)
+    make_checkpoint(d / "beta.safetensors", "mini", seed=2, base_seed=0)
+    (d / "sub").mkdir()
+    # Not a Stable Diffusion model at all: refused by preflight.
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(4, 4)}, str(d / "sub" / "notsd.safetensors"))
+    return d
+
+
+@pytest.fixture()
+def webui(models_dir, tmp_path, monkeypatch):
+    """Import scripts/rebasin_tab.py the way the WebUI does (by file path), with the stand-in `modules`."""
+    _drop_standin_modules()
+    monkeypatch.syspath_prepend(str(STANDIN))
+    import modules
+    from modules import devices, sd_models, shared
+
+    modules.CALLS.clear()
+    shared.state.reset()
+    shared.opts.data.clear()
+    shared.opts.data["sd_model_checkpoint"] = None
+    sd_models.model_path = str(models_dir)
+    sd_models.model_data.sd_model = None
+    devices.optimal_device_name = "cpu"
+    sd_models.list_models()
+    spec = importlib.util.spec_from_file_location("rebasin_tab.py", ROOT / "scripts" / "rebasin_tab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.shared.opts.data["rebasin_output_dir"] = str(tmp_path)  # merges go to a per-test folder
+    yield mod
+    for job in list(mod.SERVICE.jobs.values()):
+        mod.SERVICE.cancel(job.id)
+        job.wait(60)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    _drop_standin_modules()
+
+
+def _calls(prefix):
+    import modules
+
+    return [c for c in modules.CALLS if c[0].startswith(prefix)]
+
+
+def _build_ui(webui, with_txt2img=True):
+    """What the WebUI does at startup: settings, txt2img components, our tab, then the quicksettings row."""
+    from modules import script_callbacks
+
+    script_callbacks.ui_settings_callback()
+    comps = {}
+    if with_txt2img:
+        with gr.Blocks():
+            comps["enable"] = gr.Checkbox(False, visible=False, elem_id="txt2img_hr-checkbox")
+            comps["upscaler"] = gr.Dropdown(choices=["Latent", "Latent (nearest)", "None", "Lanczos", "R-ESRGAN 4x+"],
+                                            value="Latent", elem_id="txt2img_hr_upscaler")
+            comps["steps"] = gr.Slider(0, 150, step=1, value=0, elem_id="txt2img_hires_steps")
+            comps["denoise"] = gr.Slider(0, 1, step=0.01, value=0.7, elem_id="txt2img_denoising_strength")
+            comps["scale"] = gr.Slider(1, 4, step=0.05, value=2.0, elem_id="txt2img_hr_scale")
+            comps["prompt"] = gr.Textbox("a castle", elem_id="txt2img_prompt")
+            for c in comps.values():
+                script_callbacks.after_component_callback(c, elem_id=c.elem_id)
+    tabs = script_callbacks.ui_tabs_callback()
+    with gr.Blocks() as demo:
+        dd = gr.Dropdown(choices=[], elem_id="setting_sd_model_checkpoint")
+        script_callbacks.after_component_callback(dd, elem_id="setting_sd_model_checkpoint", label="Stable Diffusion checkpoint")
+        for blocks, _title, _id in tabs:
+            blocks.render()
+    return tabs, comps, dd, demo
+
+
+def _deps(blocks):
+    return blocks.get_config_file()["dependencies"]
+
+
+def _dep_targets(dep):
+    out = []
+    for t in dep.get("targets", []):
+        out.append(t[0] if isinstance(t, (list, tuple)) else t)
+    return out
+
+
+def _fn_for(blocks, component, event="click"):
+    """(fn, dependency config) of the first `event` listener on `component` in `blocks`."""
+    for i, dep in enumerate(_deps(blocks)):
+        trigger = dep.get("trigger")
+        targets = dep.get("targets", [])
+        if component._id in _dep_targets(dep):
+            if trigger is None and targets and isinstance(targets[0], (list, tuple)):
+                trigger = targets[0][1]
+            if trigger == event:
+                return blocks.fns[i].fn, dep
+    raise AssertionError(f"no {event} listener on {component}")
+
+
+# -- registration ------------------------------------------------------------------------------------------------
+
+def test_registers_callbacks_without_name_kwarg(webui):
+    kinds = [c[0] for c in _calls("script_callbacks.on_")]
+    assert sorted(kinds) == sorted(["script_callbacks.on_ui_settings", "script_callbacks.on_after_component",
+                                    "script_callbacks.on_ui_tabs", "script_callbacks.on_app_started"])
+
+
+def test_tab_registration_and_settings(webui):
+    tabs, _comps, _dd, _demo = _build_ui(webui)
+    assert len(tabs) == 1
+    blocks, title, elem_id = tabs[0]
+    assert (title, elem_id) == ("Re-Basin", "rebasin")
+    assert isinstance(blocks, gr.Blocks)
+    labels = webui.shared.opts.data_labels
+    for key in ("rebasin_default_method", "rebasin_default_iterations", "rebasin_default_device",
+                "rebasin_default_precision", "rebasin_output_dir"):
+        assert key in labels and labels[key].section == ("rebasin", "Re-Basin")
+    assert labels["rebasin_default_method"].default == "rebasin"
+    assert "rebasin" in labels["rebasin_default_method"].component_args["choices"]
+
+
+def test_settings_feed_tab_defaults(webui):
+    data = webui.shared.opts.data
+    data.update(rebasin_default_method="weighted_sum", rebasin_default_iterations=7,
+                rebasin_default_precision="fp32", rebasin_default_device="cpu")
+    d = webui.HOST.defaults()
+    assert (d["method"], d["iterations"], d["precision"], d["device"]) == ("weighted_sum", 7, "fp32", "cpu")
+    tabs, *_ = _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    assert ui["iterations"].value == 7
+    assert ui["precision"].value == "fp32"
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+
+def test_checkpoint_list_comes_from_the_host(webui, models_dir):
+    entries = webui.HOST.list_checkpoints()
+    titles = [e.title for e in entries]
+    assert titles == ["alpha.safetensors", "beta.safetensors", "sub/notsd.safetensors"]
+    assert entries[0].path == models_dir / "alpha.safetensors"
+    _build_ui(webui, with_txt2img=False)
+    choices = [c[0] if isinstance(c, (list, tuple)) else c for c in webui.TAB["model_a"].choices]
+    assert choices == titles
+
+
+def test_output_folder_defaults_to_host_checkpoint_folder(webui, models_dir):
+    webui.shared.opts.data["rebasin_output_dir"] = ""
+    assert webui.HOST.output_dir() == models_dir
+    webui.shared.cmd_opts.ckpt_dir = "/somewhere/else"
+    try:
+        assert webui.HOST.output_dir() == Path("/somewhere/else")
+    finally:
+        webui.shared.cmd_opts.ckpt_dir = None
+
+
+def test_refresh_button_rescans_and_updates_all_dropdowns(webui):
+    _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    fn, dep = _fn_for(ui.blocks, ui["refresh_a"])
+    before = len(_calls("sd_models.list_models"))
+    updates = fn("alpha.safetensors", "gone.safetensors", None)
+    assert len(_calls("sd_models.list_models")) == before + 1
+    assert set(dep["outputs"]) == {ui["model_a"]._id, ui["model_b"]._id, ui["model_c"]._id}
+    assert updates[0]["value"] == "alpha.safetensors" and updates[1]["value"] is None
+    assert "beta.safetensors" in updates[0]["choices"]
+
+
+# -- validation -------------------------------------------------------------------------------------------------
+
+def _request(**kw):
+    from lib_rebasin.ui.service import MergeRequest
+
+    base = dict(model_a="alpha.safetensors", model_b="beta.safetensors", method="rebasin", alpha=0.5,
+                iterations=1, device="cpu", precision="fp16", output_name="merged")
+    base.update(kw)
+    return MergeRequest(**base)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(model_b="alpha.safetensors"), "same file"),
+    (dict(model_b="sub/notsd.safetensors"), ""),
+    (dict(output_name="../escape"), "outside"),
+    (dict(output_name="a/b"), "outside"),
+    (dict(output_name="bad:name"), "not allowed"),
+    (dict(output_name="x.ckpt"), "safetensors"),
+    (dict(device="cuda:7"), "not available"),
+    (dict(model_a=""), "Model A is not set"),
+])
+def test_bad_choices_are_refused_before_running(webui, kw, needle):
+    from lib_rebasin.errors import RebasinError
+
+    with pytest.raises(RebasinError) as e:
+        webui.SERVICE.prepare(_request(**kw))
+    assert needle.lower() in str(e.value).lower()
+    assert not webui.SERVICE.jobs
+
+
+def test_name_clash_is_refused(webui, tmp_path):
+    from lib_rebasin.errors import RebasinError
+
+    (tmp_path / "taken.safetensors").write_bytes(b"")
+    with pytest.raises(RebasinError, match="already exists"):
+        webui.SERVICE.prepare(_request(output_name="taken"))
+
+
+def test_refused_merge_in_the_tab_shows_the_reason_and_clears_the_progress_task(webui):
+    _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    fn, dep = _fn_for(ui.blocks, ui["merge"])
+    assert dep.get("js") or dep.get("_js") or dep.get("frontend_fn")  # the requestProgress hook is attached
+    frames = list(fn("task(abc)", "alpha.safetensors", "alpha.safetensors", None, ui["method"].value, 0.5, 1, ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "x", False))
+    assert len(frames) == 1
+    assert "same file" in frames[0][0] and "rebasin-error" in frames[0][0]
+    assert ("progress.finish_task", "task(abc)") in _calls("progress.finish_task")
+
+
+# -- save -> refresh -> load ---------------------------------------------------------------------------------------
+
+def test_merge_save_refresh_load(webui, tmp_path):
+    from modules import sd_models, shared
+
+    tabs, _comps, dd, demo = _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    fn, _dep = _fn_for(ui.blocks, ui["merge"])
+    frames = list(fn("task(m1)", "alpha.safetensors", "beta.safetensors", None, ui["method"].value, 0.5, 1,
+                     ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "merged_one", False))
+    error, progress, result, result_path, load_btn = frames[-1]
+    assert error == ""
+    out = tmp_path / "merged_one.safetensors"
+    assert out.is_file() and result_path == str(out)
+    assert "rebasin-done" in progress and "Done" in progress
+    assert "merged_one.safetensors" in result
+    assert load_btn.get("interactive") is True
+    # ran inside the host's queue with its progress plumbing
+    names = [c[0] for c in _calls("")]
+    i_begin, i_end = names.index("state.begin"), names.index("state.end")
+    assert names.index("progress.start_task") > i_begin and names.index("progress.finish_task") < i_end
+    assert shared.state.history and shared.state.history[-1][0] is not None
+    # saved, then the host's lists refreshed (output lies outside the scanned folder: registered by hand)
+    assert any(Path(info.filename) == out for info in sd_models.checkpoints_list.values())
+    upd = webui.refresh_checkpoint_dropdown(str(out))
+    assert "merged_one.safetensors" in upd["choices"]
+    fn_dd, dep_dd = _fn_for(demo, ui["result_path"], "change")
+    assert dep_dd["outputs"] == [dd._id]
+    # one-click load: the host reloads weights from the saved file and the top-left dropdown follows
+    load_fn, _ = _fn_for(ui.blocks, ui["load"])
+    status, title = load_fn(str(out))
+    assert title == "merged_one.safetensors" and "Loaded" in status
+    assert ("sd_models.reload_model_weights", "merged_one.safetensors") in _calls("sd_models.reload_model_weights")
+    assert shared.opts.data["sd_model_checkpoint"] == "merged_one.safetensors"
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(out)
+    sel_fn, sel_dep = _fn_for(demo, ui["loaded_title"], "change")
+    assert sel_dep["outputs"] == [dd._id]
+    assert sel_fn(title)["value"] == "merged_one.safetensors"
+
+
+def test_merge_saves_into_host_checkpoint_folder_and_lists_it(webui, models_dir):
+    from modules import sd_models
+
+    webui.shared.opts.data["rebasin_output_dir"] = ""
+    job = webui.SERVICE.submit(_request(output_name="in_host_folder"))
+    try:
+        assert job.wait(300)
+        assert job.status == "done", job.error
+        assert job.output == models_dir / "in_host_folder.safetensors"
+        assert "in_host_folder.safetensors" in sd_models.checkpoints_list
+        from safetensors import safe_open
+
+        with safe_open(str(job.output), "pt") as f:
+            meta = f.metadata()
+        assert "sd_merge_recipe" in meta and "sd_merge_models" in meta
+        json.loads(meta["sd_merge_recipe"])
+    finally:
+        if job.output and job.output.exists():
+            job.output.unlink()
+        sd_models.list_models()
+
+
+# -- interrupt -------------------------------------------------------------------------------------------------
+
+def test_interrupt_stops_cleanly_without_partial_file(webui, tmp_path):
+    from modules import shared
+
+    original = webui.HOST.report_progress
+    seen = []
+
+    def report(fraction, text):  # the user presses the WebUI's interrupt as soon as progress appears
+        original(fraction, text)
+        seen.append(text)
+        if len(seen) == 1:
+            webui.HOST.interrupt()
+
+    webui.HOST.report_progress = report
+    job = webui.SERVICE.submit(_request(output_name="stopped"), "task(stop1)")
+    assert job.wait(300)
+    assert job.status == "cancelled", (job.status, job.error)
+    assert "no file" in job.status_line().lower()
+    assert not list(tmp_path.glob("*stopped*")), list(tmp_path.iterdir())
+    assert ("state.interrupt",) in _calls("state.interrupt")
+    assert shared.state.interrupted is False  # reset for the next generation
+    assert ("progress.finish_task", "task(stop1)") in _calls("progress.finish_task")
+
+
+def test_stop_button_cancels_running_job(webui):
+    _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    stop_fn, dep = _fn_for(ui.blocks, ui["stop"])
+    assert dep.get("queue") is False  # runs even while the merge holds a worker
+    assert "Nothing" in stop_fn()
+
+
+def test_stop_while_queued_does_not_interrupt_someone_elses_job(webui):
+    from modules import call_queue, shared
+
+    with call_queue.queue_lock:  # a txt2img generation holds the GPU queue
+        job = webui.SERVICE.submit(_request(output_name="queued"))
+        time.sleep(0.3)
+        assert job.status == "queued"
+        webui.SERVICE.cancel(job.id)
+        assert shared.state.interrupted is False
+    assert job.wait(60)
+    assert job.status == "cancelled"
+
+
+# -- GPU memory -------------------------------------------------------------------------------------------------
+
+def test_gpu_choice_frees_and_restores_vram(webui):
+    from modules import devices, sd_models
+
+    devices.optimal_device_name = "cuda:0"
+    assert webui.HOST.device_choices() == ["cpu", "cuda:0"]
+    webui.shared.cmd_opts.lowvram = True
+    try:
+        assert webui.HOST.default_device() == "cpu"
+    finally:
+        webui.shared.cmd_opts.lowvram = False
+    info = sd_models.checkpoints_list["alpha.safetensors"]
+    sd_models.model_data.sd_model = sd_models.FakeModel(info)
+    webui.HOST.prepare_device("cuda:0")
+    assert ("sd_models.send_model_to_cpu", "alpha.safetensors") in _calls("sd_models.send_model_to_cpu")
+    webui.HOST.restore_device("cuda:0")
+    assert ("sd_models.send_model_to_device", "alpha.safetensors") in _calls("sd_models.send_model_to_device")
+    assert _calls("devices.torch_gc")
+    modules_calls = len(_calls("sd_models."))
+    webui.HOST.prepare_device("cpu")  # a CPU merge leaves the loaded model alone
+    assert len(_calls("sd_models.")) == modules_calls
+
+
+# -- hires-fix presets -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,denoise", [("soft", 0.45), ("balanced", 0.55), ("strong", 0.70)])
+def test_hires_presets_set_txt2img_from_python(webui, key, denoise):
+    tabs, comps, _dd, _demo = _build_ui(webui)
+    ui = webui.TAB
+    assert set(webui.HOST.hires_targets()) == {"enable", "denoise", "scale", "upscaler", "steps"}
+    fn, dep = _fn_for(ui.blocks, ui[f"preset_{key}"])
+    order = ["enable", "denoise", "scale", "upscaler", "steps"]
+    assert dep["outputs"][:5] == [comps[k]._id for k in order]
+    assert comps["prompt"]._id not in dep["outputs"]  # the prompt is never touched
+    assert dep["inputs"] == [comps["upscaler"]._id]
+    *updates, note = fn("Latent")
+    values = [u.get("value") for u in updates]
+    assert values == [True, denoise, 2.0, "R-ESRGAN 4x+", 0]
+    assert f"{denoise:.2f}" in note
+    # a deliberate, existing non-latent upscaler is kept
+    assert fn("Lanczos")[3]["value"] == "Lanczos"
+
+
+def test_hires_presets_fall_back_to_js_when_txt2img_is_missing(webui):
+    _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    fn, dep = _fn_for(ui.blocks, ui["preset_balanced"])
+    js = dep.get("js") or dep.get("_js") or ""
+    assert "rebasin_apply_hires(0.55" in js
+    assert "0.55" in fn()
+
+
+def test_advice_from_model_card_is_shown(webui):
+    _build_ui(webui, with_txt2img=False)
+    text = webui.TAB["hires_advice"].value
+    assert "0.45" in text and "0.7" in text and "0.3" in text and "ControlNet Tile" in text
+
+
+# -- HTTP API ---------------------------------------------------------------------------------------------------
+
+class _AsgiClient:
+    """Requests straight into the ASGI app (no server, no TestClient: its httpx pairing differs by version)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def _go(self, method, path, **kw):
+        import asyncio
+
+        import httpx
+
+        async def one():
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://standin") as c:
+                return await c.request(method, path, **kw)
+
+        return asyncio.run(one())
+
+    def get(self, path):
+        return self._go("GET", path)
+
+    def post(self, path, json=None):
+        return self._go("POST", path, json=json)
+
+
+def test_api_merge_progress_result_and_load(webui, tmp_path):
+    from fastapi import FastAPI
+    from modules import script_callbacks
+
+    app = FastAPI()
+    script_callbacks.app_started_callback(None, app)  # --nowebui passes demo=None
+    client = _AsgiClient(app)
+    r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "alpha.safetensors"})
+    assert r.status_code == 400 and "same file" in r.json()["detail"]
+    r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
+                                               "bogus": 1})
+    assert r.status_code == 400 and "bogus" in r.json()["detail"]
+    r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
+                                               "output_name": "via_api", "iterations": 1, "parts": ["unet", "te", "vae"]})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    deadline = time.time() + 300
+    while True:
+        j = client.get(f"/rebasin/v1/jobs/{job_id}").json()
+        if j["finished"] or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert j["status"] == "done", j
+    assert j["output"] == str(tmp_path / "via_api.safetensors") and Path(j["output"]).is_file()
+    assert j["fraction"] == 1.0 and isinstance(j["summary"], list)
+    assert client.get("/rebasin/v1/jobs/nope").status_code == 404
+    r = client.post("/rebasin/v1/load", json={"job_id": job_id})
+    assert r.status_code == 200 and r.json()["loaded"] == "via_api.safetensors"
+    titles = [c["title"] for c in client.get("/rebasin/v1/checkpoints").json()]
+    assert "via_api.safetensors" in titles
+
+
+# -- install.py -------------------------------------------------------------------------------------------------
+
+def test_install_py_installs_only_what_is_missing(monkeypatch):
+    _drop_standin_modules()
+    monkeypatch.syspath_prepend(str(STANDIN))
+    import launch
+
+    launch.calls.clear()
+    launch.missing.clear()
+    runpy.run_path(str(ROOT / "install.py"))
+    assert not [c for c in launch.calls if c[0] == "run_pip"]
+    launch.calls.clear()
+    launch.missing.add("scipy")
+    runpy.run_path(str(ROOT / "install.py"))
+    pips = [c for c in launch.calls if c[0] == "run_pip"]
+    assert len(pips) == 1 and "scipy" in pips[0][1] and "torch" not in pips[0][1]
+    launch.missing.clear()
+    _drop_standin_modules()
+
+
+def test_root_style_css_matches_the_standalone_copy():
+    from lib_rebasin.ui.tab import TAB_CSS
+
+    assert (ROOT / "style.css").read_text() == TAB_CSS
+
+
+def test_extension_js_defines_only_prefixed_globals():
+    import re
+
+    js = (ROOT / "javascript" / "rebasin.js").read_text()
+    names = re.findall(r"^function\s+(\w+)", js, flags=re.M)
+    assert names and all(n.startswith("rebasin_") for n in names)
+    assert "onUiLoaded(" in js and "onUiUpdate(" not in js
