@@ -23,6 +23,7 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +188,26 @@ def test_random_legal_permutations_preserve_function(mini: Case, which: str) -> 
     assert changed > 0.5 * sum(mini.spec.part_of_key[k] in PART_SETS[which] for k in mini.sd)
     errs = assert_preserved(mini, perms, which)
     print(f"[{which}] {len(perms)} groups, rel. max errors: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+@pytest.mark.parametrize("seed", [8, 9])
+def test_more_seeds_all_parts(mini: Case, seed: int) -> None:
+    assert_preserved(mini, random_perms(mini.spec.groups.values(), seed=seed), f"all/seed={seed}")
+
+
+def test_tested_layout_is_the_real_sd15_layout() -> None:
+    """diffusers' converter is lenient (e.g. an upsample conv at `.1` or `.2`), so a misnamed key would still
+    load. Pin the layout these tests run on to the independent SD 1.5 key list in ../shared/data."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd1-ldm-keys.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    yaml = pytest.importorskip("yaml")
+    data = yaml.safe_load(path.read_text())
+    want = {k: tuple(v["shape"]) for comp, keys in data["components"].items() if comp != "ema"
+            for k, v in keys.items()}
+    got = build_spec(SD15).shapes
+    assert sorted(set(want) ^ set(got)) == []
+    assert {k: (got[k], s) for k, s in want.items() if got[k] != s} == {}
 
 
 def test_inpainting_unet_is_preserved(mini: Case) -> None:
