@@ -419,14 +419,17 @@ def _shared_window(get: TensorGetter, like: ModelInput) -> TensorGetter:
 
 def _accumulate_objective(acc: list[float], spec: ArchSpec, key: str, get_a: TensorGetter, get_b: TensorGetter,
                           perms: Perms) -> None:
-    a = get_a(key).double()
-    b = get_b(key).double()
-    if a.shape != b.shape:
+    """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 of one key (fp32 dot products, float64 running sums)."""
+    a = get_a(key).float().reshape(-1)
+    b = get_b(key).float()
+    if a.numel() != b.numel():
         return
-    acc[0] += float((a * b).sum())
-    acc[1] += float((a * permute_tensor(spec, key, b, perms)).sum())
-    acc[2] += float((a * a).sum())
-    acc[3] += float((b * b).sum())
+    pb = permute_tensor(spec, key, b, perms).reshape(-1)
+    b = b.reshape(-1)
+    acc[0] += float(torch.dot(a, b))
+    acc[1] += float(torch.dot(a, pb))
+    acc[2] += float(torch.dot(a, a))
+    acc[3] += float(torch.dot(b, b))
 
 
 def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,

@@ -1,0 +1,98 @@
+"""The derived spec against facts about SD 1.5 that do not come from our code."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+
+from lib_rebasin.arch import MINI, SD15
+from lib_rebasin.spec import build_spec, part_of
+
+SHARED_KEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd1-ldm-keys.yaml"
+
+
+def test_full_layout_has_the_sd15_key_count_and_sizes() -> None:
+    spec = build_spec(SD15)
+    assert len(spec.shapes) == 1143
+    params = {p: 0 for p in ("unet", "te", "vae", "other")}
+    for k, s in spec.shapes.items():
+        params[part_of(k)] += math.prod(s)
+    assert params["unet"] == 859_520_964
+    assert params["te"] == 123_060_480 + 77  # + position_ids
+    assert params["vae"] == 83_653_863
+
+
+# sha256 of "key:[shape]" lines (sorted, newline-joined) of the published SD 1.5 single-file key list
+# (sd-mecha's sd1-ldm.yaml, EMA keys excluded), computed from shared/data/sd1-ldm-keys.yaml.
+PUBLISHED_LAYOUT_SHA256 = "23c5d867f61e0ab49cd200eb15ead0f44edd4687c1f1bac2dda7a5a44aa10132"
+
+
+def test_full_layout_matches_the_published_key_list_digest() -> None:
+    lines = "\n".join(f"{k}:{list(v)}" for k, v in sorted(build_spec(SD15).shapes.items()))
+    assert hashlib.sha256(lines.encode()).hexdigest() == PUBLISHED_LAYOUT_SHA256
+
+
+@pytest.mark.skipif(not SHARED_KEYS.exists(), reason="shared/data/sd1-ldm-keys.yaml not beside the checkout")
+def test_full_layout_equals_the_published_key_list() -> None:
+    yaml = pytest.importorskip("yaml")
+    data = yaml.safe_load(SHARED_KEYS.read_text())
+    ref = {k: tuple(v["shape"]) for comp, keys in data["components"].items() if comp != "ema"
+           for k, v in keys.items()}
+    assert build_spec(SD15).shapes == ref
+
+
+def test_unet_group_census() -> None:
+    """77 channel groups (21 residual, 22 ResBlock inner, 16 transformer inner, 16 GEGLU hidden, 2 time),
+    512 per-head groups, 42 channel groups under GroupNorm, 4 concatenations straddling GroupNorm groups."""
+    spec = build_spec(SD15)
+    unet = [g for g in spec.groups.values() if g.part == "unet"]
+    kinds: dict[str, int] = {}
+    for g in unet:
+        kinds[g.kind] = kinds.get(g.kind, 0) + 1
+    assert kinds == {"residual": 21, "resblock_inner": 22, "transformer_inner": 16, "ff_hidden": 16,
+                     "time_hidden": 1, "time_emb": 1, "head_qk": 256, "head_vo": 256}
+    assert sum(1 for g in unet if g.partitions) == 42
+    # Streams entering the four straddling concatenations (output_blocks 5, 6, 8, 9): their partitions do not
+    # nest, so only within-interval moves are legal.
+    straddled = {g.name for g in unet if g.structure.intervals}
+    assert {"unet.output_blocks.4.out", "unet.input_blocks.6", "unet.output_blocks.5.upsample",
+            "unet.input_blocks.4.out", "unet.output_blocks.7.out", "unet.input_blocks.3",
+            "unet.output_blocks.8.upsample", "unet.input_blocks.0"} == straddled
+
+
+def test_text_encoder_stream_feeds_every_cross_attention() -> None:
+    spec = build_spec(SD15)
+    te = spec.groups["te.residual"]
+    kv = {s.key for s in te.slots if s.key.startswith("model.diffusion_model.")}
+    assert len(kv) == 32 and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in kv)
+
+
+def test_fixed_axes_are_never_permuted() -> None:
+    spec = build_spec(MINI)
+    fixed = {
+        "model.diffusion_model.input_blocks.0.0.weight": 1,   # latent input channels
+        "model.diffusion_model.out.2.weight": 0,              # latent output channels
+        "model.diffusion_model.time_embed.0.weight": 1,       # sinusoidal timestep features
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": 0,  # 77 positions
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": 0,     # token ids
+        "first_stage_model.decoder.conv_out.weight": 0,       # RGB
+        "first_stage_model.quant_conv.weight": 0,
+    }
+    for key, axis in fixed.items():
+        assert all(name is None for name, _ in spec.axes[key].get(axis, [])), key
+
+
+def test_every_permutable_group_is_two_sided() -> None:
+    """A group that only touches a producer (or only a consumer) would change the function. q/k groups are the
+    exception that proves the rule: they permute the rows of both q and k, whose dot product is invariant."""
+    spec = build_spec(MINI)
+    for g in spec.groups.values():
+        axes = {s.axis for s in g.slots if len(spec.shapes[s.key]) > 1}
+        if g.kind == "head_qk":
+            names = sorted(s.key.rsplit(".", 2)[-2] for s in g.slots if s.key.endswith("weight"))
+            assert axes == {0} and names in (["k_proj", "q_proj"], ["k", "q"], ["to_k", "to_q"]), g.name
+        else:
+            assert axes == {0, 1}, g.name
