@@ -1,0 +1,222 @@
+"""Merge identities, matching behaviour, copy-through rules, cancellation and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_rebasin.arch import MINI
+from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.cli import main as cli_main
+from lib_rebasin.errors import Cancelled
+from lib_rebasin.matching import weight_matching
+from lib_rebasin.merge import MergeOptions, merge_checkpoints, telescoping_schedule
+from lib_rebasin.permute import is_legal, permute_tensor, random_perms
+from lib_rebasin.spec import build_spec
+
+FP32 = dict(precision="fp32")
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ck:
+        return {k: ck.get(k).clone() for k in ck.keys()}
+
+
+def test_alpha_zero_is_model_a(models: dict[str, Path], tmp_path: Path) -> None:
+    for method in ("weighted_sum", "rebasin"):
+        out = merge_checkpoints(models["a"], models["independent"], tmp_path / f"{method}.safetensors",
+                                MergeOptions(method=method, alpha=0.0, max_sweeps=1, parts=("te",), **FP32)).output
+        a, m = _load(models["a"]), _load(out)
+        assert a.keys() == m.keys()
+        assert all(torch.equal(a[k], m[k]) for k in a), method
+
+
+def test_weighted_sum_and_add_difference_formulas(models: dict[str, Path], tmp_path: Path) -> None:
+    a, b, c = (_load(models[k]) for k in ("a", "finetune", "independent"))
+    ws = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "ws.safetensors",
+                                 MergeOptions(method="weighted_sum", alpha=0.3, **FP32)).output)
+    ad = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "ad.safetensors",
+                                 MergeOptions(method="add_difference", alpha=0.2, **FP32),
+                                 c=models["independent"]).output)
+    k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    torch.testing.assert_close(ws[k], 0.7 * a[k] + 0.3 * b[k])
+    torch.testing.assert_close(ad[k], a[k] + 0.2 * (b[k] - c[k]))
+    pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    assert ws[pid].dtype == torch.int64 and torch.equal(ws[pid], a[pid])  # integer buffers are never blended
+    assert torch.equal(ws["betas"], a["betas"])
+
+
+def test_planted_permutation_is_recovered(models: dict[str, Path], tmp_path: Path) -> None:
+    """B is a fine-tune of A's base with every group shuffled: re-basin at alpha 1 must undo the shuffle,
+    i.e. give back that fine-tune in A's basis (compare with an unshuffled copy)."""
+    from lib_rebasin.synthetic import make_checkpoint
+
+    plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
+    res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
+                            MergeOptions(alpha=1.0, **FP32))
+    out, ref = _load(res.output), _load(plain)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    moved = res.diagnostics.moved
+    assert all(m / n > 0.9 for m, n in moved.values()), moved
+    assert res.diagnostics.converged
+
+
+def test_rebasin_at_alpha_one_is_a_legal_permutation_of_b(models: dict[str, Path], tmp_path: Path) -> None:
+    spec = build_spec(MINI)
+    a, b = _load(models["a"]), _load(models["independent"])
+    res = weight_matching(spec, spec.groups_in(["te"]), a.__getitem__, b.__getitem__, max_sweeps=2)
+    assert all(is_legal(spec.groups[n].structure, p) for n, p in res.perms.items())
+    out = _load(merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+                                  MergeOptions(alpha=1.0, parts=("te",), max_sweeps=2, **FP32)).output)
+    for k in b:
+        if k.startswith("cond_stage_model.") and b[k].is_floating_point():
+            assert torch.equal(out[k], permute_tensor(spec, k, b[k], res.perms)), k
+
+
+def test_rebasin_at_alpha_one_computes_what_b_computes(models: dict[str, Path], tmp_path: Path) -> None:
+    """Checked with the independent diffusers/transformers forward pass, not with our own code."""
+    from reference import Reference, make_inputs, rel_max_error
+
+    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+                            MergeOptions(alpha=1.0, max_sweeps=1, **FP32))
+    assert sum(m for m, _ in res.diagnostics.moved.values()) > 1000
+    out, b = _load(res.output), _load(models["independent"])
+    ref_b, ref_o = Reference.build(MINI), Reference.build(MINI)
+    ref_b.load(b)
+    ref_o.load(out)
+    x = make_inputs(MINI, latent_size=8, image_size=16, batch=1)
+    with torch.no_grad():
+        assert rel_max_error(ref_b.end_to_end(x.latent, x.t, x.ids), ref_o.end_to_end(x.latent, x.t, x.ids)) < 1e-4
+        assert rel_max_error(ref_b.decode(x.latent), ref_o.decode(x.latent)) < 1e-4
+
+
+def test_independent_pair_moves_far_more_than_same_base(models: dict[str, Path]) -> None:
+    spec = build_spec(MINI)
+    a = _load(models["a"])
+    moved = {}
+    for name in ("finetune", "independent"):
+        b = _load(models[name])
+        res = weight_matching(spec, spec.groups_in(["te"]), a.__getitem__, b.__getitem__, max_sweeps=3)
+        moved[name] = sum(g.moved for g in res.groups) / sum(g.size for g in res.groups)
+    assert moved["finetune"] == 0.0 and moved["independent"] > 0.5, moved
+
+
+def test_same_base_pair_is_certified_without_solving(models: dict[str, Path], tmp_path: Path) -> None:
+    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions(**FP32))
+    d = res.diagnostics
+    assert d.solves == 0 and d.sweeps == [1] and all(m == 0 for m, _ in d.moved.values())
+    assert any("share a basin" in line for line in d.summary_lines())
+
+
+def test_iterations_telescope_and_match_explicit_steps(models: dict[str, Path], tmp_path: Path) -> None:
+    alpha, n = 0.4, 6
+    steps = telescoping_schedule(alpha, n)
+    weight_b = 0.0
+    for s in steps:
+        weight_b = (1 - s) * weight_b + s
+    assert weight_b == pytest.approx(alpha, abs=1e-12)
+    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors",
+                            MergeOptions(alpha=alpha, iterations=n, **FP32))
+    assert res.diagnostics.closed_form_steps == n - 1
+    a, b, out = _load(models["a"]), _load(models["finetune"]), _load(res.output)
+    k = "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"
+    explicit = a[k].double()
+    for s in steps:  # what running every step would give (identity permutation throughout)
+        explicit = (1 - s) * explicit + s * b[k].double()
+    torch.testing.assert_close(out[k].double(), explicit, atol=1e-6, rtol=1e-6)
+
+
+def test_iterations_realign_and_warm_start(models: dict[str, Path], tmp_path: Path) -> None:
+    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+                            MergeOptions(alpha=0.5, iterations=3, parts=("te",), max_sweeps=50, **FP32))
+    d = res.diagnostics
+    assert d.match_steps >= 2 and d.sweeps[0] > d.sweeps[-1]  # later steps start from the previous permutation
+
+
+def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
+    from lib_rebasin.synthetic import make_checkpoint
+
+    extra = {"model_ema.decay": torch.tensor(0.9999), "embedding_manager.embedder.x": torch.randn(3),
+             "cond_stage_model.logit_scale": torch.tensor(4.6), "lora_te_text_model_x.alpha": torch.tensor(8.0)}
+    a = make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, extra=extra, precision="fp32")
+    b = make_checkpoint(tmp_path / "b.safetensors", "mini", seed=2, extra={"only_in_b": torch.ones(2)})
+    res = merge_checkpoints(a, b, tmp_path / "o.safetensors", MergeOptions(method="weighted_sum"))
+    out = _load(res.output)
+    for k, v in extra.items():
+        assert torch.equal(out[k], v), k
+    assert "only_in_b" not in out and res.diagnostics.dropped_from_b == 1
+
+
+def test_parts_not_merged_keep_a(models: dict[str, Path], tmp_path: Path) -> None:
+    out = _load(merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+                                  MergeOptions(method="weighted_sum", parts=("unet",), **FP32)).output)
+    a = _load(models["a"])
+    assert all(torch.equal(out[k], a[k]) for k in a if not k.startswith("model.diffusion_model."))
+    assert not torch.equal(out["model.diffusion_model.out.2.weight"], a["model.diffusion_model.out.2.weight"])
+
+
+def test_inpainting_a_with_plain_b(tmp_path: Path, models: dict[str, Path]) -> None:
+    from dataclasses import replace
+
+    from lib_rebasin.synthetic import make_checkpoint
+
+    inp = make_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
+                          precision="fp32")
+    res = merge_checkpoints(inp, models["finetune"], tmp_path / "o.safetensors", MergeOptions(alpha=0.5, **FP32))
+    out, a, b = _load(res.output), _load(inp), _load(models["finetune"])
+    k = "model.diffusion_model.input_blocks.0.0.weight"
+    assert out[k].shape[1] == 9 and torch.equal(out[k][:, 4:], a[k][:, 4:])
+    torch.testing.assert_close(out[k][:, :4], 0.5 * a[k][:, :4] + 0.5 * b[k])
+    with pytest.raises(Exception, match="slot A"):
+        merge_checkpoints(models["finetune"], inp, tmp_path / "o2.safetensors", MergeOptions(**FP32))
+
+
+def test_cancel_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 50
+
+    for method in ("rebasin", "weighted_sum"):
+        with pytest.raises(Cancelled):
+            merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+                              MergeOptions(method=method), cancel=cancel)
+        calls["n"] = 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_is_in_the_webui_shape(models: dict[str, Path], tmp_path: Path) -> None:
+    from lib_rebasin.checkpoint import file_sha256
+
+    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions())
+    with open_checkpoint(res.output) as ck:
+        meta = ck.metadata
+    recipe = json.loads(meta["sd_merge_recipe"])
+    assert recipe["type"] == "lib_rebasin" and recipe["primary_model_hash"] == file_sha256(models["a"])
+    mm = json.loads(meta["sd_merge_models"])
+    assert set(mm) == {file_sha256(models["a"]), file_sha256(models["finetune"])}
+    assert all({"name", "legacy_hash", "sd_merge_recipe"} <= set(v) for v in mm.values())
+    ours = json.loads(meta["lib_rebasin"])
+    assert ours["diagnostics"]["objective"]["unet"][0] > 0  # measured while writing, stored in the header
+
+
+def test_cli_merge_inspect_and_errors(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o.safetensors"
+    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(out), "--alpha", "0.25", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "Wrote" in text and "units moved" in text and out.exists()
+    assert cli_main(["inspect", str(out)]) == 0
+    assert "SD 1.x" in capsys.readouterr().out
+    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "already exists" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    assert cli_main(["merge", str(models["a"]), str(bad), "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
+    assert cli_main(["add-difference", str(models["a"]), str(models["finetune"]), str(models["independent"]),
+                     "-o", str(tmp_path / "ad.safetensors"), "-q"]) == 0
