@@ -75,7 +75,11 @@ class MatchProgress:
 
 @dataclass
 class _Tensors:
-    """fp32 copies of the tensors matching reads, on the compute device, made once."""
+    """The tensors matching reads, on the compute device in their stored dtype, fetched once.
+
+    On the CPU a memory-mapped fp16 checkpoint costs nothing here (the views are the file's pages); slices are
+    widened to fp32 only when a cost matrix needs them, so no fp32 copy of a whole model is ever held.
+    """
 
     get: TensorGetter
     device: torch.device
@@ -84,18 +88,18 @@ class _Tensors:
     def __call__(self, key: str) -> torch.Tensor:
         t = self.cache.get(key)
         if t is None:
-            t = self.get(key).to(self.device, torch.float32)
+            t = self.get(key).to(self.device)
             self.cache[key] = t
         return t
 
 
 def _rows(t: torch.Tensor, axis: int, offset: int, n: int) -> torch.Tensor:
-    """The window [offset, offset+n) of `axis`, as an (n, rest) matrix."""
-    return t.narrow(axis, offset, n).movedim(axis, 0).reshape(n, -1)
+    """The window [offset, offset+n) of `axis`, as an fp32 (n, rest) matrix."""
+    return t.narrow(axis, offset, n).float().movedim(axis, 0).reshape(n, -1)
 
 
 def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, n: int, perms: Perms) -> torch.Tensor:
-    w = t.narrow(slot.axis, slot.offset, n)
+    w = t.narrow(slot.axis, slot.offset, n).float()
     for axis in spec.axes[slot.key]:
         if axis == slot.axis:
             continue
@@ -117,6 +121,26 @@ def cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: Tensor
     return C
 
 
+def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
+    """group -> the matched groups whose cost matrices read its permutation (they share a tensor, other axis)."""
+    names = {g.name for g in groups}
+    on_key: dict[str, list[tuple[int, str]]] = {}
+    for g in groups:
+        for s in g.slots:
+            on_key.setdefault(s.key, []).append((s.axis, g.name))
+    out: dict[str, set[str]] = {g.name: set() for g in groups}
+    for key, members in on_key.items():
+        for axis, name in members:
+            for other_axis in spec.axes[key]:
+                if other_axis == axis:
+                    continue
+                for dep, _ in spec.axes[key][other_axis]:
+                    if dep in names:
+                        # `name` reads `dep`'s permutation on the other axis, so a change of dep dirties name.
+                        out[dep].add(name)
+    return out
+
+
 def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                     seed: int = 0, max_sweeps: int = 100, device: str | torch.device = "cpu",
                     init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
@@ -131,6 +155,8 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
         if name in perms:
             perms[name] = p.clone().cpu()
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
+    affects = _dependents(spec, groups)
+    dirty = {g.name for g in groups}
     rng = random.Random(seed)
     sweeps, converged = 0, False
     while sweeps < max_sweeps:
@@ -140,6 +166,13 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
         for i, g in enumerate(order):
             if cancel is not None and cancel():
                 raise Cancelled()
+            if g.name not in dirty:
+                # Nothing this group's cost matrix reads has changed since its last visit, so its current
+                # permutation is still optimal: skipping the visit is exact, not a heuristic.
+                if progress is not None:
+                    progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+                continue
+            dirty.discard(g.name)
             C = cost_matrix(spec, g, ta, tb, perms, dev)
             rows = torch.arange(g.size, device=dev)
             current = perms[g.name].to(dev)
@@ -157,6 +190,7 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
                 perms[g.name] = best.cpu()
                 rep.gain = new - float(C.diagonal().double().sum())
                 changed += 1
+                dirty |= affects[g.name]
             if progress is not None:
                 progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
         sweeps += 1
