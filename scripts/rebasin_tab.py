@@ -152,7 +152,7 @@ class WebUIHost(BaseHost):
             name = devices.get_optimal_device_name()
         except Exception:
             return None
-        return None if not name or name == "cpu" else name
+        return name if name and str(name).startswith("cuda") else None  # the core merges on cpu or cuda
 
     def device_choices(self):
         gpu = self._gpu_name()

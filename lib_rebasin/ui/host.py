@@ -127,15 +127,13 @@ DEFAULTS: dict[str, Any] = {
 
 
 def torch_device_choices() -> list[str]:
-    """cpu, plus cuda (or mps) when torch sees one."""
+    """cpu, plus cuda when torch sees a CUDA GPU (the core merges on cpu or cuda only)."""
     choices = ["cpu"]
     try:
         import torch
 
         if torch.cuda.is_available():
             choices.append("cuda")
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            choices.append("mps")
     except Exception:  # pragma: no cover - torch broken is the host's problem
         pass
     return choices

@@ -262,8 +262,6 @@ class MergeService:
                 if _same_file(c.path, other.path):
                     raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); add difference needs "
                                        f"a third, different model.")
-        if not (0.0 <= req.alpha <= 1.0):
-            raise RebasinError(f"Alpha must be between 0 and 1, got {req.alpha}.")
         if not (1 <= int(req.iterations) <= MAX_ITERATIONS):
             raise RebasinError(f"Iterations must be between 1 and {MAX_ITERATIONS}, got {req.iterations}.")
         parts = tuple(p for p in PARTS if p in set(req.parts))
@@ -288,7 +286,10 @@ class MergeService:
             raise RebasinError(f"The output {out.name} would overwrite one of the input models; choose another name.")
         opts = core.MergeOptions(method=req.method, alpha=float(req.alpha), iterations=int(req.iterations),
                                  parts=parts, device=req.device, precision=req.precision, seed=int(req.seed))
-        core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
+        checked = core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
+        close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating here
+        if callable(close):
+            close()
         req.parts = parts
         return Prepared(req, a, b, c, out, opts)
 

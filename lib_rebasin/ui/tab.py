@@ -100,6 +100,14 @@ def progress_html(fraction: float, line: str, state: str = "running") -> str:
             f'<div class="rebasin-status-line">{html.escape(line)}</div></div>')
 
 
+def md_escape(text: str) -> str:
+    """Plain text for a gr.Markdown: `(1-alpha)*A + alpha*B` must not turn into italics."""
+    out = []
+    for ch in str(text):
+        out.append("\\" + ch if ch in "\\`*_{}[]<>#|~" else ch)
+    return "".join(out)
+
+
 def result_markdown(job_dict: dict[str, Any]) -> str:
     if job_dict.get("status") != "done":
         return ""
@@ -108,7 +116,7 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     summary = job_dict.get("summary") or []
     if summary:
         lines.append("**What the merge did**")
-        lines.extend(f"- {s}" for s in summary)
+        lines.extend(f"- {md_escape(s)}" for s in summary)
     return "\n".join(lines)
 
 
@@ -157,7 +165,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
 
     def method_help(key: str) -> str:
         m = methods.get(key)
-        return str(getattr(m, "help", "")) if m is not None else ""
+        return md_escape(getattr(m, "help", "")) if m is not None else ""
 
     blocks_kw = {"css": css} if css else {}
     with gr.Blocks(analytics_enabled=False, title=title, **blocks_kw) as blocks:
@@ -180,7 +188,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 c["alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d_alpha,
                                        label="Alpha (0 = model A, 1 = model B)", elem_id="rebasin_alpha")
                 with gr.Row():
-                    c["iterations"] = gr.Slider(minimum=1, maximum=100, step=1, value=d_iterations,
+                    c["iterations"] = gr.Slider(minimum=1, maximum=500, step=1, value=d_iterations,
                                                 label="Iterations", elem_id="rebasin_iterations")
                     c["parts"] = gr.CheckboxGroup(choices=[PART_LABELS[p] for p in PARTS],
                                                   value=[PART_LABELS[p] for p in PARTS], label="Parts to merge",
