@@ -56,12 +56,14 @@ class Checkpoint:
     """A read-only, lazily loaded state dict. Use as a context manager or call close()."""
 
     def __init__(self, path: Path, infos: dict[str, TensorInfo], getter: Callable[[str], torch.Tensor],
-                 metadata: dict[str, str], closer: Callable[[], None] = lambda: None) -> None:
+                 metadata: dict[str, str], closer: Callable[[], None] = lambda: None,
+                 in_memory: bool = False) -> None:
         self.path = path
         self.infos = infos
         self._get = getter
         self.metadata = metadata
         self._closer = closer
+        self.in_memory = in_memory
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -91,6 +93,14 @@ class Checkpoint:
     @property
     def size_bytes(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
+
+
+def memory_checkpoint(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      name: str = "in-memory") -> Checkpoint:
+    """A Checkpoint over tensors held in memory (a recipe's intermediate result)."""
+    infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    return Checkpoint(Path(f"<{name}>"), infos, tensors.__getitem__, dict(metadata or {}), tensors.clear,
+                      in_memory=True)
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -27,10 +27,10 @@ from typing import Callable, Iterable
 import torch
 
 from . import __version__
-from .checkpoint import PRECISIONS, check_output_path, file_sha256, write_safetensors
+from .checkpoint import PRECISIONS, Checkpoint, check_output_path, memory_checkpoint, write_safetensors
 from .errors import Cancelled, RebasinError
 from .matching import MatchProgress, MatchResult, TensorGetter, weight_matching
-from .models import ModelInput, check_compatible, legacy_hash, merge_history, open_model, same_file
+from .models import ModelInput, Source, check_compatible, legacy_hash, merge_history, open_model, same_file
 from .permute import Perms, is_identity, permute_tensor
 from .spec import PARTS, ArchSpec, part_of
 
@@ -262,22 +262,22 @@ class Prepared:
     a: ModelInput
     b: ModelInput
     c: ModelInput | None
-    output: Path
+    output: Path | None
     options: MergeOptions
     overwrite: bool = False
 
     def close(self) -> None:
         for m in (self.a, self.b, self.c):
             if m is not None:
-                m.ckpt.close()
+                m.close()
 
 
-def preflight(a: str | os.PathLike[str], b: str | os.PathLike[str], output: str | os.PathLike[str],
-              options: MergeOptions, c: str | os.PathLike[str] | None = None,
-              overwrite: bool = False) -> Prepared:
+def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, options: MergeOptions,
+              c: Source | None = None, overwrite: bool = False) -> Prepared:
     """Check everything that can be checked from the file headers; raise RebasinError with the reason.
 
-    Returns the opened inputs (call `.close()` when only validating).
+    Sources are file paths or already open checkpoints (a recipe's in-memory intermediate results). `output` is
+    None when the result stays in memory. Returns the opened inputs (call `.close()` when only validating).
     """
     options.validate()
     info = METHODS[options.method]
@@ -288,9 +288,9 @@ def preflight(a: str | os.PathLike[str], b: str | os.PathLike[str], output: str 
     if c is not None and info.needs_c and same_file(b, c):
         raise RebasinError("Model B and model C are the same file, so B - C is zero; pick different models.")
     for src in (a, b, c):
-        if src is not None and Path(output).exists() and same_file(src, output):
+        if src is not None and output is not None and Path(output).exists() and same_file(src, output):
             raise RebasinError("The output would overwrite an input model; choose another output name.")
-    out = check_output_path(output, overwrite)
+    out = check_output_path(output, overwrite) if output is not None else None
     opened: list[ModelInput] = []
     try:
         ma = open_model(a, "A")
@@ -308,29 +308,58 @@ def preflight(a: str | os.PathLike[str], b: str | os.PathLike[str], output: str 
             check_compatible(ma, mc, parts)
     except BaseException:
         for m in opened:
-            m.ckpt.close()
+            m.close()
         raise
     return Prepared(ma, mb, mc, out, options, overwrite)
 
 
-def merge_checkpoints(a: str | os.PathLike[str], b: str | os.PathLike[str], output: str | os.PathLike[str],
-                      options: MergeOptions = MergeOptions(), c: str | os.PathLike[str] | None = None,
+def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
+                      options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
                       cancel: CancelCheck | None = None,
                       extra_metadata: dict[str, str] | None = None) -> MergeResult:
     """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then."""
-    start = time.perf_counter()
     report = _Reporter(progress, cancel)
     report.stage(0.0, 0.02)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, output, options, c, overwrite)
     try:
-        return _run(prep, report, start, extra_metadata or {})
+        plan = _plan(prep, report, extra_metadata or {})
+        assert prep.output is not None
+        out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
+                                overwrite=prep.overwrite, finalize_metadata=plan.metadata)
+        report("writing", 1.0, "done")
+        return MergeResult(out, plan.diagnostics, plan.metadata(), plan.diagnostics.seconds)
     finally:
         prep.close()
 
 
-def _run(prep: Prepared, report: _Reporter, start: float, extra_metadata: dict[str, str]) -> MergeResult:
+def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
+                    report: "_Reporter | None" = None, name: str = "merged") -> tuple[Checkpoint, Diagnostics]:
+    """The same merge, kept in memory (a recipe's intermediate step): the tensors are exactly those
+    `merge_checkpoints` would write, so reading that file back would give the same bytes."""
+    report = report or _Reporter(None, None)
+    prep = preflight(a, b, None, options, c)
+    try:
+        plan = _plan(prep, report, {})
+        tensors = {key: plan.produce(key) for key, _, _ in plan.entries}
+        metadata = plan.metadata()
+    finally:
+        prep.close()
+    return memory_checkpoint(tensors, metadata, name), plan.diagnostics
+
+
+@dataclass
+class _Plan:
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]]
+    produce: Callable[[str], torch.Tensor]
+    metadata: Callable[[], dict[str, str]]
+    diagnostics: Diagnostics
+
+
+def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str]) -> _Plan:
+    """Match (if needed) and return how to produce every output key, in A's key order."""
+    start = time.perf_counter()
     opts = prep.options
     A, B = prep.a, prep.b
     spec = A.spec
@@ -352,7 +381,7 @@ def _run(prep: Prepared, report: _Reporter, start: float, extra_metadata: dict[s
     else:
         blend, final_perms = _legacy_blend(spec, parts, get_a, get_b, opts, device)
 
-    # Hash before writing, so the output file itself is never hashed by mistake.
+    # Hash the inputs before writing, so the output file itself is never hashed by mistake.
     write_from = 0.85 if opts.method == "rebasin" else 0.15
     report.stage(0.80 if opts.method == "rebasin" else 0.03, write_from)
     metadata = _metadata(prep, parts, extra_metadata, report)
@@ -389,18 +418,16 @@ def _run(prep: Prepared, report: _Reporter, start: float, extra_metadata: dict[s
         return blend(key).to("cpu").to(dtypes[key])
 
     def final_metadata() -> dict[str, str]:
-        # The objective is measured while writing; the header is rewritten in place once it is known.
+        # The objective is measured while producing the keys; a file header is rewritten in place once known.
+        # Wall time is reported to the caller but never stored, so the same inputs give the same bytes.
         diag.objective = {p: o for p, o in objective.items() if o[2] > 0} if measure else {}
         diag.seconds = time.perf_counter() - start
+        stored = {k: v for k, v in diag.to_dict().items() if k != "seconds"}
         return {**metadata, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
                                                         "recipe": _recipe(prep, parts),
-                                                        "diagnostics": diag.to_dict()})}
+                                                        "diagnostics": stored})}
 
-    out = write_safetensors(prep.output, entries, produce, final_metadata(), overwrite=prep.overwrite,
-                            finalize_metadata=final_metadata)
-    metadata = final_metadata()
-    report("writing", 1.0, "done")
-    return MergeResult(out, diag, metadata, diag.seconds)
+    return _Plan(entries, produce, final_metadata, diag)
 
 
 def _shared_window(get: TensorGetter, like: ModelInput) -> TensorGetter:
@@ -537,10 +564,10 @@ def _diag_header(diag: Diagnostics) -> dict[str, object]:
 
 def _metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str, str], report: _Reporter) -> dict[str, str]:
     models = [m for m in (prep.a, prep.b, prep.c) if m is not None]
-    hashes = {}
+    hashes: dict[str, str | None] = {}
     for i, m in enumerate(models):
         report("hashing", i / len(models), f"hashing model {m.label} ({m.path.name})")
-        hashes[m.label] = file_sha256(m.path)
+        hashes[m.label] = m.sha256()
     o = prep.options
     recipe = {"type": "lib_rebasin", "version": __version__, "spec": SPEC_VERSION,
               "primary_model_hash": hashes["A"], "secondary_model_hash": hashes["B"],
@@ -556,6 +583,8 @@ def _metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str, str], rep
             own_recipe = json.loads(own) if own else None
         except json.JSONDecodeError:
             own_recipe = None
+        if hashes[m.label] is None:
+            continue  # an in-memory intermediate: the recipe that made it is recorded by the caller
         merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.path),
                                          "sd_merge_recipe": own_recipe}
         merge_models.update(merge_history(m))

@@ -12,9 +12,10 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Union
 
 from .arch import SD1Config, check_layout, detect
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, file_sha256, open_checkpoint
 from .errors import IncompatibleModelsError, RebasinError
 from .spec import ArchSpec, build_spec, part_of
 
@@ -28,37 +29,61 @@ def spec_for(config: SD1Config) -> ArchSpec:
     return _SPECS[config]
 
 
+# A model given to a merge: a file path, or an already open (possibly in-memory) checkpoint.
+Source = Union[str, "os.PathLike[str]", Checkpoint]
+
+
 @dataclass
 class ModelInput:
     label: str            # "A", "B", "C"
     ckpt: Checkpoint
     config: SD1Config
     parts: set[str] = field(default_factory=set)
+    owned: bool = True    # opened here (closed with the merge) or handed in by the caller
+    _sha256: str | None = None
 
     @property
     def path(self) -> Path:
         return self.ckpt.path
 
     @property
+    def in_memory(self) -> bool:
+        return self.ckpt.in_memory
+
+    def sha256(self) -> str | None:
+        """The file's sha256 (cached); None for an in-memory checkpoint."""
+        if self._sha256 is None and not self.in_memory:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    def close(self) -> None:
+        if self.owned:
+            self.ckpt.close()
+
+    @property
     def spec(self) -> ArchSpec:
         return spec_for(self.config)
 
 
-def open_model(path: str | os.PathLike[str], label: str) -> ModelInput:
-    ckpt = open_checkpoint(path)
+def open_model(path: Source, label: str) -> ModelInput:
+    owned = not isinstance(path, Checkpoint)
+    ckpt = open_checkpoint(path) if owned else path
     try:
         shapes = ckpt.shapes()
         config = detect(shapes)
         has_vae = any(part_of(k) == "vae" for k in shapes)
         check_layout(config, shapes, has_vae=has_vae)
     except RebasinError as e:
-        ckpt.close()
-        raise type(e)(f"Model {label} ({Path(path).name}): {e}") from None
+        if owned:
+            ckpt.close()
+        raise type(e)(f"Model {label} ({ckpt.path.name}): {e}") from None
     parts = {"unet", "te"} | ({"vae"} if has_vae else set())
-    return ModelInput(label, ckpt, config, parts)
+    return ModelInput(label, ckpt, config, parts, owned)
 
 
-def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+def same_file(a: Source, b: Source) -> bool:
+    if isinstance(a, Checkpoint) or isinstance(b, Checkpoint):
+        return a is b
     try:
         return os.path.samefile(a, b)
     except OSError:
