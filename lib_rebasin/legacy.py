@@ -4,8 +4,8 @@ That tool (used for DunkMash's "500 iteration re-basin merges, all layers") runs
 which cannot be switched off; fix-clip on in its GUI; fp32 on CPU), N iterations of
 
     theta = (1 - a_x) * theta + a_x * B              over every key of B     (theta starts as A, in fp32)
-    theta = P1(theta)     P1 = sort-matching of theta onto A, gain y
-    theta3 = P2(theta)    P2 = sort-matching of theta onto B, gain z
+    theta = P1(theta)     P1: assignment (LAP) of theta's channels onto A's, mean gain y
+    theta3 = P2(theta)    P2: assignment of theta's channels onto B's, mean gain z
     theta = (1 - w) * theta + w * theta3             over every key,  w = sigmoid(y) / (sigmoid(y) + sigmoid(z))
 
 with a_0 = alpha/N and a_x = 1 - (1 - (x+1)alpha/N) / (1 - x alpha/N), so that the weights telescope to B = alpha.
@@ -15,29 +15,37 @@ the second blend mixes a tensor with itself. Hence, computed here analytically:
 
 - every key present in both models, except the six special ones, is ONE weighted sum `(1 - alpha) A + alpha B`
   (the tool's own result differs from it only by fp32 rounding accumulated over its 2N blends: a few ulp);
-- the six special 1-D tensors are iterated exactly like the tool (same fp32 operations, same scipy LAP), which
-  costs nothing model-sized: N * 2 * 3 small assignment problems. The three groups are coupled through the
-  shared weight w (y and z are mean gains over the groups that moved), so all six are always computed together.
+- the six special 1-D tensors are iterated like the tool (same fp32 blends, same cost matrices, same scipy LAP):
+  N * 2 * 3 small assignment problems, nothing model-sized. The three groups are coupled through the shared
+  weight w (y and z are mean gains over the groups that moved), so all six are always computed together.
+  The tool measures the gains with fp32 BLAS dot products whose rounding depends on the thread count, and the
+  iteration amplifies that: the tool itself gives results that differ by up to ~2e-3 (independent models) or
+  ~4e-5 (fine-tunes of one base) between 1 and 2 threads. We sum the gains exactly instead (deterministic on
+  every machine, and as close to the tool as the tool is to itself); `tool_dot=True` repeats the tool's dot
+  products, bit-identical to it on the same machine and thread count.
 
-Key-set rules (`legacy_action`), and where we deliberately differ from the tool:
-- `model_ema.*` keys: dropped, as the tool does (they are not used for inference).
-- `position_ids`: copied from A unchanged (int64). The tool upcasts them to fp32, blends them and relies on its
-  fix-clip pass to snap them back to 0..76, then saves them as fp32; the values are the same, the dtype is not.
+Key-set rules (`legacy_action`; the output has A's keys, like every other method of this library), and where we
+deliberately differ from the tool:
+- `position_ids` and other non-float keys: copied from A unchanged (int64). The tool upcasts them to fp32, blends
+  them (the values stay 0..76 up to rounding; its fix-clip pass snaps deviations above 1e-4 back) and writes fp32.
+- `model_ema.*` keys: copied from A. The tool drops them; they are never blended and unused for inference.
 - keys only in A: copied from A. The tool copies A-only keys of a few categories (text encoder, schedule buffers,
   `embedding_manager`, `lora_te_*`) but silently drops any other A-only key (it rebuilds the dict from B's keys);
   dropping weights is never what a user wants.
-- keys only in B: copied from B. The tool does so for the same categories and crashes (KeyError) on the rest.
+- keys only in B: dropped. The tool copies B-only keys of the same categories and crashes (KeyError) on the rest.
 - output dtype: the tool computes and always writes fp32; here values are fp32 and the caller casts them to the
   requested output precision.
 Not reproduced: `--usefp16` (half-precision accumulation that stalls small steps), `--layers convolutional /
 fully_connected` (they select keys starting with "conv"/"fc": none exist, so nothing would be re-matched), the
-random visiting order of the three groups (it only changes the summation order of y and z in float64).
+random visiting order of the three groups (it only changes the float64 summation order of y and z).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -53,7 +61,7 @@ SPECIAL_GROUPS: tuple[tuple[str, str], ...] = (
 )
 SPECIAL_KEYS: tuple[str, ...] = tuple(k for pair in SPECIAL_GROUPS for k in pair)
 
-Action = Literal["special", "weighted_sum", "copy_a", "copy_b", "drop"]
+Action = Literal["special", "weighted_sum", "copy_a", "drop"]
 Getter = Callable[[str], torch.Tensor]
 
 
@@ -67,24 +75,24 @@ def alpha_schedule(alpha: float, iterations: int) -> list[float]:
     return [step if x == 0 else 1 - (1 - step * (x + 1)) / (1 - step * x) for x in range(iterations)]
 
 
-def legacy_action(key: str, in_a: bool, in_b: bool) -> Action:
-    """What legacy mode writes for `key`: see the module docstring for why each rule is what it is."""
-    if "model_ema" in key:
+def legacy_action(key: str, in_a: bool, in_b: bool, floating: bool = True) -> Action:
+    """What legacy mode writes for `key` (`floating`: A's tensor has a float dtype); see the module docstring."""
+    if not in_a:
         return "drop"
-    if in_a and in_b:
-        if key.endswith("position_ids"):
-            return "copy_a"
-        return "special" if key in SPECIAL_KEYS else "weighted_sum"
-    return "copy_a" if in_a else "copy_b"
+    if not in_b or not floating or "model_ema" in key or key.endswith("position_ids"):
+        return "copy_a"
+    return "special" if key in SPECIAL_KEYS else "weighted_sum"
 
 
-def _match(ref: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, torch.Tensor]
+def _match(ref: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, torch.Tensor], tool_dot: bool
            ) -> tuple[torch.Tensor, float]:
     """One group's matching as the tool does it: the permutation of `cur` that best matches `ref`, and its gain.
 
-    The cost is sum over (weight, bias) of the outer product ref[i] * cur[j], built in fp32 in that order, so the LAP
-    sees the very same matrix. The gain is measured like the tool (fp32 dot products with dense 0/1 matrices),
-    because it feeds the blend weight and a different summation order would change its last bits.
+    The cost is the sum over (weight, bias) of the outer products ref[i] * cur[j], built in fp32 in that order, so
+    scipy sees the very same matrix and returns the very same permutation. The gain only feeds the blend weight.
+    The tool measures it with fp32 BLAS dot products against dense 0/1 matrices, whose rounding depends on the
+    BLAS thread count; `tool_dot` repeats that (bit-identical to the tool on the same machine and thread count),
+    otherwise the gain is summed exactly (math.fsum), which is deterministic everywhere.
     """
     n = ref[0].numel()
     cost = torch.zeros(n, n)
@@ -92,18 +100,21 @@ def _match(ref: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, torc
         cost += r.reshape(n, 1) @ c.reshape(1, n)
     _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     perm = torch.from_numpy(cols).long()
-    eye = torch.eye(n)
-    flat = cost.flatten()
-    gain = torch.vdot(flat, eye[perm].flatten()) - torch.vdot(flat, eye.flatten())
-    return perm, gain.item()
+    if tool_dot:
+        eye, flat = torch.eye(n), cost.flatten()
+        return perm, (torch.vdot(flat, eye[perm].flatten()) - torch.vdot(flat, eye.flatten())).item()
+    c = cost.double().numpy()
+    rows = np.arange(n)
+    return perm, math.fsum(c[rows, cols]) - math.fsum(c[rows, rows])
 
 
-def _matching(ref: dict[str, torch.Tensor], cur: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+def _matching(ref: dict[str, torch.Tensor], cur: dict[str, torch.Tensor], tool_dot: bool
+              ) -> tuple[dict[str, torch.Tensor], float]:
     """Re-match every special group of `cur` onto `ref`; returns the permuted tensors and the mean nonzero gain."""
     out: dict[str, torch.Tensor] = {}
     total, moved = 0.0, 0
     for w, b in SPECIAL_GROUPS:
-        perm, gain = _match((ref[w], ref[b]), (cur[w], cur[b]))
+        perm, gain = _match((ref[w], ref[b]), (cur[w], cur[b]), tool_dot)
         out[w], out[b] = cur[w].index_select(0, perm), cur[b].index_select(0, perm)
         if gain != 0:
             total, moved = total + abs(gain), moved + 1
@@ -111,11 +122,14 @@ def _matching(ref: dict[str, torch.Tensor], cur: dict[str, torch.Tensor]) -> tup
 
 
 def legacy_special_tensors(get_a: Getter, get_b: Getter, alpha: float, iterations: int,
-                           on_iteration: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+                           on_iteration: Callable[[int, int], None] | None = None, tool_dot: bool = False
+                           ) -> dict[str, torch.Tensor]:
     """The tool's final values (fp32) of the six `SPECIAL_KEYS`, given A and B and the tool's alpha / iterations.
 
     `get_a` / `get_b` return a model's tensor for a key (any float dtype; it is upcast to fp32 like the tool does).
     `on_iteration(done, total)` is called after each iteration, for progress; it may raise to cancel.
+    `tool_dot=True` measures the matching gains with the tool's fp32 dot products (see `_match`): bit-identical to
+    the tool run on the same machine with the same torch thread count, but then the result depends on that count.
     """
     schedule = alpha_schedule(alpha, iterations)
     try:
@@ -131,8 +145,8 @@ def legacy_special_tensors(get_a: Getter, get_b: Getter, alpha: float, iteration
     theta = dict(a)
     for x, ax in enumerate(schedule):
         theta = {k: (1 - ax) * theta[k] + ax * b[k] for k in SPECIAL_KEYS}
-        theta, y = _matching(a, theta)
-        theta3, z = _matching(b, theta)
+        theta, y = _matching(a, theta, tool_dot)
+        theta3, z = _matching(b, theta, tool_dot)
         # The tool's weight: sigmoid of both mean gains, L1-normalised, first entry (in fp32).
         w = F.normalize(torch.sigmoid(torch.tensor([y, z], dtype=torch.float32)), p=1, dim=0).tolist()[0]
         theta = {k: (1 - w) * theta[k] + w * theta3[k] for k in SPECIAL_KEYS}
