@@ -257,13 +257,15 @@ def test_merge_save_refresh_load(webui, tmp_path):
     fn, _dep = _fn_for(ui.blocks, ui["merge"])
     frames = list(fn("task(m1)", "alpha.safetensors", "beta.safetensors", None, ui["method"].value, 0.5, 1,
                      ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "merged_one", False))
-    error, progress, result, result_path, load_btn = frames[-1]
+    error, progress, result, result_path, load_btn, merge_btn, dd_a, _dd_b, _dd_c = frames[-1]
     assert error == ""
     out = tmp_path / "merged_one.safetensors"
     assert out.is_file() and result_path == str(out)
     assert "rebasin-done" in progress and "Done" in progress
     assert "merged_one.safetensors" in result
-    assert load_btn.get("interactive") is True
+    assert load_btn.get("interactive") is True and merge_btn.get("interactive") is True
+    assert "merged_one.safetensors" in dd_a["choices"] and dd_a["value"] == "alpha.safetensors"
+    assert any(f[5].get("interactive") is False for f in frames[:-1])  # Merge is disabled while it runs
     # ran inside the host's queue with its progress plumbing
     names = [c[0] for c in _calls("")]
     i_begin, i_end = names.index("state.begin"), names.index("state.end")

@@ -246,7 +246,11 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
 
         merge_inputs = [c["task_id"], c["model_a"], c["model_b"], c["model_c"], c["method"], c["alpha"],
                         c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"]]
-        merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"]]
+        merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["merge"], *dropdowns]
+
+        def lists_after_save(a, b, cc):
+            t = service.titles()  # the host rescanned its folders after the save
+            return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
 
         def run_merge(task_id, a, b, cc, method, alpha, iterations, parts, device, precision, name, overwrite):
             key = label_to_method.get(method, method)
@@ -255,10 +259,11 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                device=device or "", precision=precision or "", output_name=name or "",
                                overwrite=bool(overwrite))
             tid = task_id if isinstance(task_id, str) and task_id.startswith("task(") else None
+            keep = [update(), update(), update()]
             try:
                 job = service.submit(req, tid)
             except RebasinError as e:
-                yield error_html(str(e)), "", update(), update(), update()
+                yield (error_html(str(e)), "", update(), update(), update(), update(interactive=True), *keep)
                 return
             last = None
             while True:
@@ -269,16 +274,19 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 if frame != last:
                     last = frame
                     if not done:
-                        yield "", frame[0], update(), update(), update(interactive=False)
+                        yield ("", frame[0], "", update(), update(interactive=False), update(interactive=False),
+                               *keep)
                 if done:
                     break
             d = job.to_dict()
             if d["status"] == "done":
-                yield "", last[0], result_markdown(d), d["output"], update(interactive=True)
+                yield ("", last[0], result_markdown(d), d["output"], update(interactive=True),
+                       update(interactive=True), *lists_after_save(a, b, cc))
             elif d["status"] == "failed":
-                yield error_html(d["error"]), last[0], "", "", update(interactive=False)
+                yield (error_html(d["error"]), last[0], "", "", update(interactive=False), update(interactive=True),
+                       *keep)
             else:
-                yield "", last[0], "", "", update(interactive=False)
+                yield "", last[0], "", "", update(interactive=False), update(interactive=True), *keep
 
         c["merge_event"] = c["merge"].click(fn=run_merge, inputs=merge_inputs, outputs=merge_outputs,
                                             **js_kwargs(JS_START))
