@@ -114,9 +114,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="make two small SD-1.5-layout checkpoints here and re-basin merge them")
     demo.add_argument("--dir", default="demo", help="folder for the demo files (default ./demo)")
 
+    r = sub.add_parser("recipe", help="run a recipe (a chain of merges), or extract one from a checkpoint")
+    r.add_argument("file", nargs="?", help="recipe .toml to run")
+    r.add_argument("-o", "--output", help="output .safetensors (run) or .toml (with --from; default: print)")
+    r.add_argument("--from", dest="from_checkpoint", help="print the recipe stored in this checkpoint's metadata")
+    r.add_argument("--models-dir", help="folder the recipe's model names refer to (default: the recipe's folder)")
+    r.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     ui = sub.add_parser("ui", help="the Re-Basin tab as a standalone app")
     ui.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
+
+
+def _recipe_command(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe, recipe_from_checkpoint, run_recipe
+
+    if args.from_checkpoint:
+        text = recipe_from_checkpoint(args.from_checkpoint)
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+            print(f"Wrote {args.output}")
+        else:
+            print(text, end="")
+        return 0
+    if not args.file or not args.output:
+        raise RebasinError("usage: recipe FILE.toml -o OUT.safetensors [--models-dir DIR], or recipe --from CKPT")
+    recipe = load_recipe(args.file)
+    models_dir = Path(args.models_dir) if args.models_dir else Path(args.file).resolve().parent
+    bar = None if args.quiet else ProgressBar()
+    try:
+        result = run_recipe(recipe, models_dir, args.output, overwrite=args.overwrite, progress=bar)
+    except KeyboardInterrupt:
+        raise Cancelled() from None
+    finally:
+        if bar is not None and bar.tty:
+            bar.finish()
+    print(f"Wrote {result.output}")
+    for line in result.summary_lines():
+        print(f"  {line}")
+    return 0
 
 
 def _demo(folder: str) -> int:
@@ -145,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if info.supported else 2
         if args.command == "demo":
             return _demo(args.dir)
+        if args.command == "recipe":
+            return _recipe_command(args)
     except RebasinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -316,15 +316,19 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
 def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
-                      cancel: CancelCheck | None = None,
-                      extra_metadata: dict[str, str] | None = None) -> MergeResult:
-    """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then."""
+                      cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
+                      metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None) -> MergeResult:
+    """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then.
+
+    `metadata_hook(diagnostics)` may replace metadata entries once the merge is done (recipes store the whole
+    chain's provenance there).
+    """
     report = _Reporter(progress, cancel)
     report.stage(0.0, 0.02)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, output, options, c, overwrite)
     try:
-        plan = _plan(prep, report, extra_metadata or {})
+        plan = _plan(prep, report, extra_metadata or {}, metadata_hook)
         assert prep.output is not None
         out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
                                 overwrite=prep.overwrite, finalize_metadata=plan.metadata)
@@ -341,7 +345,7 @@ def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | Non
     report = report or _Reporter(None, None)
     prep = preflight(a, b, None, options, c)
     try:
-        plan = _plan(prep, report, {})
+        plan = _plan(prep, report, {}, None)
         tensors = {key: plan.produce(key) for key, _, _ in plan.entries}
         metadata = plan.metadata()
     finally:
@@ -357,7 +361,8 @@ class _Plan:
     diagnostics: Diagnostics
 
 
-def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str]) -> _Plan:
+def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str],
+          metadata_hook: Callable[[Diagnostics], dict[str, str]] | None) -> _Plan:
     """Match (if needed) and return how to produce every output key, in A's key order."""
     start = time.perf_counter()
     opts = prep.options
@@ -423,9 +428,10 @@ def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str]) -> 
         diag.objective = {p: o for p, o in objective.items() if o[2] > 0} if measure else {}
         diag.seconds = time.perf_counter() - start
         stored = {k: v for k, v in diag.to_dict().items() if k != "seconds"}
-        return {**metadata, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
+        meta = {**metadata, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
                                                         "recipe": _recipe(prep, parts),
                                                         "diagnostics": stored})}
+        return {**meta, **metadata_hook(diag)} if metadata_hook is not None else meta
 
     return _Plan(entries, produce, final_metadata, diag)
 
