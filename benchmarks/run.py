@@ -106,6 +106,15 @@ def machine() -> dict[str, Any]:
     info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "scipy": scipy.__version__,
             "os": platform.platform()}
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "lib_rebasin"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+        info["lib_rebasin"] = head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        info["lib_rebasin"] = "unknown"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -164,13 +173,21 @@ def run_case(case: str, a: Path, b: Path, raw: Path, tag: str, args: argparse.Na
     with open(raw / f"{tag}.log", "w") as log, LoadSampler() as sampler:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        timer = None
+        if args.timeout:
+            timer = threading.Timer(args.timeout, proc.kill)  # the worker's own process, by its pid
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        if timer is not None:
+            timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
     try:
         rec = json.loads(result.read_text())
     except (OSError, ValueError):
-        rec = {"available": True, "error": f"worker exited {proc.returncode} without a result; see {tag}.log"}
+        why = (f"killed at the --timeout of {args.timeout:g} s" if args.timeout and wall >= args.timeout
+               else f"worker exited {proc.returncode} without a result; see {tag}.log")
+        rec = {"available": True, "error": why}
     rec.update({"case": case, "wall_process_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20,
                 "load_before": load_before, "load_max": max(sampler.samples or [load_before]),
                 "load_mean": statistics.fmean(sampler.samples or [load_before]), "cmd": shlex.join(cmd)})
@@ -240,6 +257,7 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Name
            + f"; Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), scipy {m['scipy']}, "
              f"sd-meh {m['sd-meh']}" + (f"; ogkalu2 @ {extra['ogkalu2_commit']}" if extra.get("ogkalu2_commit")
                                        else "") + ".",
+           f"lib_rebasin: {m['lib_rebasin']}.",
            f"Command: `python -m benchmarks.run {shlex.join(argv)}`", "",
            table(rows, args.device), ""]
     return "\n".join(out)
@@ -265,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-load", type=float, default=None,
                    help="before each run, wait until the 1-minute load average is at most this")
     p.add_argument("--max-wait", type=float, default=900, help="longest wait for --max-load, seconds")
+    p.add_argument("--timeout", type=float, default=None, help="kill a case after this many seconds")
     p.add_argument("--profile", action="store_true", help="cProfile each case (pstats files in the raw folder)")
     p.add_argument("--out", type=Path, default=None, help="write the Markdown table here (else stdout only)")
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
