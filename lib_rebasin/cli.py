@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="make two small SD-1.5-layout checkpoints here and re-basin merge them")
     demo.add_argument("--dir", default="demo", help="folder for the demo files (default ./demo)")
+    demo.add_argument("--dunkmash-models", action="store_true",
+                      help="only write small stand-ins for the models named in examples/dunkmash.toml")
 
     r = sub.add_parser("recipe", help="run a recipe (a chain of merges), or extract one from a checkpoint")
     r.add_argument("file", nargs="?", help="recipe .toml to run")
@@ -181,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(info.lines()))
             return 0 if info.supported else 2
         if args.command == "demo":
+            if args.dunkmash_models:
+                from .demo import make_dunkmash_standins
+
+                make_dunkmash_standins(Path(args.dir))
+                print(f"Wrote stand-ins for examples/dunkmash.toml into {args.dir}/")
+                return 0
             return _demo(args.dir)
         if args.command == "recipe":
             return _recipe_command(args)

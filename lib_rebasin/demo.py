@@ -32,6 +32,25 @@ def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int
     return save_state_dict(path, tensors, {"lib_rebasin_synthetic": "shuffled fine-tune (demo)"}, overwrite=True)
 
 
+# Stand-ins for the DunkMash card's models (examples/dunkmash.toml): fine-tunes of one small base, plus one
+# "independently trained" model (shuffled channels) so that a step has real re-basin work to do.
+DUNKMASH_STANDINS = {
+    "nothing_v2.3.safetensors": dict(seed=21), "meinamix_v9.safetensors": dict(seed=22),
+    "icbinp.safetensors": dict(seed=23, shuffle=3), "dreamshaper_6.safetensors": dict(seed=24),
+    "atozovya_v2_art.safetensors": dict(seed=25), "noise_offset.safetensors": dict(seed=26),
+    "v1-5-pruned-emaonly.safetensors": dict(seed=27),
+}
+
+
+def make_dunkmash_standins(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, kw in DUNKMASH_STANDINS.items():
+        if "shuffle" in kw:
+            make_shuffled_finetune(folder / name, base_seed=1, seed=kw["seed"], perm_seed=kw["shuffle"])
+        else:
+            make_checkpoint(folder / name, "mini", seed=kw["seed"], base_seed=1, delta=0.05, overwrite=True)
+
+
 def run_demo(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     a, b, out = folder / "model_a.safetensors", folder / "model_b_shuffled.safetensors", folder / "merged.safetensors"
