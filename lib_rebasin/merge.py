@@ -209,8 +209,9 @@ class Diagnostics:
         return o[0] / norm, o[1] / norm
 
     def summary_lines(self) -> list[str]:
+        iterated = self.method in ("rebasin", "legacy") and self.iterations > 1
         lines = [f"Method: {METHODS[self.method].label}, alpha {self.alpha:g}"
-                 + (f", {self.iterations} iterations" if self.iterations > 1 else "")
+                 + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
         if self.matched:
             total_moved = sum(m for m, _ in self.moved.values())
@@ -233,6 +234,11 @@ class Diagnostics:
                 lines.append("B already lines up with A (every permutation is the identity): these models share "
                              "a basin, so this re-basin merge equals a plain weighted sum. That is expected for "
                              "fine-tunes of the same base.")
+        if self.method == "legacy":
+            lines.append("Legacy mode reproduces T0b1maru's re-basin_merger: every key is the weighted sum, except the "
+                         "six UNet/VAE output GroupNorm vectors, which were re-matched and blended at each of the "
+                         f"{self.iterations} iterations. It is not a function-preserving re-basin; use the "
+                         "re-basin method for that.")
         if self.copied_from_a:
             lines.append(f"{self.copied_from_a} keys outside the merged parts or unknown to the spec were copied "
                          "from A unchanged.")
@@ -374,6 +380,7 @@ def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str],
     get_a, get_b = A.ckpt.get, B.ckpt.get
 
     report.stage(0.02, 0.80 if opts.method == "rebasin" else 0.03)
+    blend: Callable[[str], torch.Tensor]
     if opts.method == "rebasin":
         blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag)
     elif opts.method == "weighted_sum":
@@ -384,7 +391,7 @@ def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str],
                              Term(-opts.alpha, prep.c.ckpt.get, {})], device)
         final_perms = {}
     else:
-        blend, final_perms = _legacy_blend(spec, parts, get_a, get_b, opts, device)
+        blend, final_perms = _legacy_blend(spec, get_a, get_b, opts, device, report), {}
 
     # Hash the inputs before writing, so the output file itself is never hashed by mistake.
     write_from = 0.85 if opts.method == "rebasin" else 0.15
@@ -548,9 +555,22 @@ def _record_moves(diag: Diagnostics, result: MatchResult) -> None:
     diag.top_groups = [(g.name, g.moved, g.size) for g in moved[:10]]
 
 
-def _legacy_blend(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
-                  opts: MergeOptions, device: torch.device) -> tuple[Blend, Perms]:
-    raise RebasinError("Legacy mode is not available in this build yet.")
+def _legacy_blend(spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, opts: MergeOptions,
+                  device: torch.device, report: _Reporter) -> Callable[[str], torch.Tensor]:
+    """T0b1maru/re-basin_merger's result (see legacy.py): a weighted sum, except six GroupNorm vectors that the
+    tool re-matches every iteration; those are iterated exactly (they are tiny), everything else is one blend."""
+    from .legacy import SPECIAL_KEYS, legacy_special_tensors
+
+    special = legacy_special_tensors(
+        get_a, get_b, opts.alpha, opts.iterations,
+        on_iteration=lambda done, total: report("matching", done / total,
+                                                f"legacy: iteration {done}/{total} (three output GroupNorms)"))
+    weighted = Blend(spec, [Term(1 - opts.alpha, get_a, {}), Term(opts.alpha, get_b, {})], device)
+
+    def value(key: str) -> torch.Tensor:
+        return special[key] if key in SPECIAL_KEYS else weighted(key)
+
+    return value
 
 
 # -- metadata --------------------------------------------------------------------------------------------------

@@ -220,3 +220,17 @@ def test_cli_merge_inspect_and_errors(models: dict[str, Path], tmp_path: Path, c
     assert not (tmp_path / "x.safetensors").exists()
     assert cli_main(["add-difference", str(models["a"]), str(models["finetune"]), str(models["independent"]),
                      "-o", str(tmp_path / "ad.safetensors"), "-q"]) == 0
+
+
+def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(models: dict[str, Path], tmp_path: Path) -> None:
+    from lib_rebasin.legacy import SPECIAL_KEYS, legacy_special_tensors
+
+    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+                            MergeOptions(method="legacy", alpha=0.3, iterations=20, **FP32))
+    out, a, b = _load(res.output), _load(models["a"]), _load(models["independent"])
+    special = legacy_special_tensors(a.__getitem__, b.__getitem__, 0.3, 20)
+    for k in SPECIAL_KEYS:
+        assert torch.equal(out[k], special[k]), k
+    k = "model.diffusion_model.output_blocks.3.1.proj_out.weight"
+    torch.testing.assert_close(out[k], 0.7 * a[k] + 0.3 * b[k])
+    assert any("not a function-preserving re-basin" in line for line in res.diagnostics.summary_lines())
