@@ -212,6 +212,10 @@ def summarize(case: str, pair: str, runs: list[dict[str, Any]]) -> dict[str, Any
     row["wall"] = statistics.median(r["seconds"] for r in ok)
     row["walls"] = [r["seconds"] for r in ok]
     row["rss"] = max(r["peak_rss_gb"] for r in ok)
+    sampled = [r["sampled_peak_gb"] for r in ok if r.get("sampled_peak_gb")]
+    if sampled:
+        row["rss_anon"] = max(s["RssAnon"] for s in sampled)
+        row["rss_file"] = max(s["RssFile"] for s in sampled)
     row["vram"] = max((r["peak_vram_gb"] for r in ok if r.get("peak_vram_gb") is not None), default=None)
     row["load"] = max(r["load_max"] for r in ok)
     row["load_mean"] = statistics.fmean(r["load_mean"] for r in ok)
@@ -233,12 +237,13 @@ def summarize(case: str, pair: str, runs: list[dict[str, Any]]) -> dict[str, Any
 
 def table(rows: list[dict[str, Any]], device: str) -> str:
     vram = device.startswith("cuda")
-    head = ["case", "pair", "wall s (median)", "peak RSS GB"] + (["peak VRAM GB"] if vram else []) + [
+    head = ["case", "pair", "wall s (median)", "peak RSS GB (anon / file)"] + (["peak VRAM GB"] if vram else []) + [
         "sweeps", "units moved", "objective gain", "load avg (max / mean)", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [LABELS.get(r["case"], r["case"]), f"{r['pair']} ({PAIRS[r['pair']][0]})",
-                 _fmt(r.get("wall")), _fmt(r.get("rss"), ".2f")]
+                 _fmt(r.get("wall")), _fmt(r.get("rss"), ".2f")
+                 + (f" ({r['rss_anon']:.2f} / {r['rss_file']:.2f})" if "rss_anon" in r else "")]
         if vram:
             cells.append(_fmt(r.get("vram"), ".2f"))
         cells += [r.get("sweeps", "—"), r.get("moved", "—"), r.get("gain", "—"),
