@@ -68,6 +68,9 @@ def register_api(app: Any, service: MergeService, prefix: str = PREFIX) -> None:
             title = service.host.load_checkpoint(Path(path))
         except RebasinError as e:
             return JSONResponse({"detail": str(e)}, status_code=400)
+        except Exception as e:  # the host's own loader failed (missing config, out of memory, ...)
+            return JSONResponse({"detail": f"The host could not load the model ({type(e).__name__}: {e})."},
+                                status_code=500)
         return JSONResponse({"loaded": title, "path": str(path)})
 
     def checkpoints():
