@@ -31,7 +31,7 @@ from .checkpoint import PRECISIONS, Checkpoint, check_output_path, memory_checkp
 from .errors import Cancelled, RebasinError
 from .matching import MatchProgress, MatchResult, TensorGetter, weight_matching
 from .models import ModelInput, Source, check_compatible, legacy_hash, merge_history, open_model, same_file
-from .permute import Perms, is_identity, permute_tensor
+from .permute import Perms, axis_index, is_identity, permute_tensor
 from .spec import PARTS, ArchSpec, part_of
 
 SPEC_VERSION = "sd1-walk-1"
@@ -147,9 +147,13 @@ class Blend:
     def __init__(self, spec: ArchSpec, terms: list[Term], device: torch.device) -> None:
         self.spec, self.terms, self.device = spec, terms, device
 
-    def __call__(self, key: str) -> torch.Tensor:
+    def __call__(self, key: str,
+                 observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None) -> torch.Tensor:
+        """The blended fp32 value of `key`; `observe` sees the (weight, permuted fp32 source) terms first."""
         values = [(t.weight, permute_tensor(self.spec, key, t.get(key).to(self.device, torch.float32), t.perms))
                   for t in self.terms]
+        if observe is not None:
+            observe(values)
         shape = values[0][1].shape
         if all(v.shape == shape for _, v in values):
             out = torch.zeros(shape, dtype=torch.float32, device=self.device)
@@ -416,7 +420,7 @@ def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str],
     sizes = {k: max(1, math.prod(s)) for k, s, _ in entries}
     total = sum(sizes.values())
     done = 0
-    measure = bool(final_perms)
+    measure = opts.method == "rebasin"
     objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
     def produce(key: str) -> torch.Tensor:
@@ -425,8 +429,19 @@ def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str],
         done += sizes[key]
         if key not in merged_keys:
             return A.ckpt.get(key).to(dtypes[key])
-        if measure and spec.axes.get(key):
-            _accumulate_objective(objective[part_of(key)], spec, key, get_a, get_b, final_perms)
+        if not (measure and spec.axes.get(key)):
+            return blend(key).to("cpu").to(dtypes[key])
+        acc = objective[part_of(key)]
+        if isinstance(blend, Blend) and len(blend.terms) == 2 and blend.terms[1].get is get_b:
+            # (1-a) A + a pi(B): reuse the fp32 A and pi(B) the blend computes anyway.
+            def observe(values: list[tuple[float, torch.Tensor]]) -> None:
+                a, pb = values[0][1], values[1][1]
+                moved = any(axis_index(spec, key, ax, final_perms) is not None for ax in spec.axes[key])
+                b = get_b(key).to(pb.device, torch.float32) if moved else pb
+                _accumulate(acc, a, b, pb)
+
+            return blend(key, observe).to("cpu").to(dtypes[key])
+        _accumulate_objective(acc, spec, key, get_a, get_b, final_perms)
         return blend(key).to("cpu").to(dtypes[key])
 
     def final_metadata() -> dict[str, str]:
@@ -460,14 +475,18 @@ def _shared_window(get: TensorGetter, like: ModelInput) -> TensorGetter:
 def _accumulate_objective(acc: list[float], spec: ArchSpec, key: str, get_a: TensorGetter, get_b: TensorGetter,
                           perms: Perms) -> None:
     """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 of one key (fp32 dot products, float64 running sums)."""
-    a = get_a(key).float().reshape(-1)
+    a = get_a(key).float()
     b = get_b(key).float()
-    if a.numel() != b.numel():
-        return
-    pb = permute_tensor(spec, key, b, perms).reshape(-1)
-    b = b.reshape(-1)
-    acc[0] += float(torch.dot(a, b))
-    acc[1] += float(torch.dot(a, pb))
+    _accumulate(acc, a, b, permute_tensor(spec, key, b, perms))
+
+
+def _accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        return  # an inpainting A's wider conv_in has no counterpart in B
+    a, b, pb = a.reshape(-1), b.reshape(-1), pb.reshape(-1)
+    ab = float(torch.dot(a, b))
+    acc[0] += ab
+    acc[1] += ab if pb is b else float(torch.dot(a, pb))
     acc[2] += float(torch.dot(a, a))
     acc[3] += float(torch.dot(b, b))
 
@@ -509,15 +528,17 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
 
         # Step 1 matches against A itself; later steps against the running merge (cached fp32 inside matching).
         # Matching compares shared windows only (an inpainting A's extra input channels have no partner in B).
-        result = _match(spec, parts, _shared_window(get_a, get_b_like) if x == 0 else _shared_window(running, get_b_like), get_b, opts, device,
-                        perms, on_progress)
+        result = _match(spec, parts, _shared_window(get_a, get_b_like) if x == 0 else
+                        _shared_window(running, get_b_like), get_b, opts, device, perms, on_progress)
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves
         diag.certified += result.certified
         diag.converged = diag.converged and result.converged
-        unchanged = perms is not None and all(torch.equal(result.perms[k], perms[k]) for k in perms)
-        perms = result.perms
+        moved = {k: p for k, p in result.perms.items() if not is_identity(p)}  # identity re-indexing is a copy
+        unchanged = perms is not None and perms.keys() == moved.keys() and all(
+            torch.equal(moved[k], perms[k]) for k in perms)
+        perms = moved
         _record_moves(diag, result)
         if unchanged and result.converged:
             c = 1.0
