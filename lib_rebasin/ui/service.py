@@ -336,8 +336,7 @@ class MergeService:
             job.stage = str(getattr(ev, "stage", job.stage) or job.stage)
             job.message = str(getattr(ev, "message", "") or job.stage)
             job.eta_s = getattr(ev, "eta_s", None)
-            eta = format_eta(job.eta_s)
-            self.host.report_progress(job.fraction, job.message + (f" (ETA {eta})" if eta else ""))
+            self.host.report_progress(job.fraction, job.message)  # hosts with a progress bar add their own ETA
 
         def cancelled() -> bool:
             return job._cancel.is_set() or self.host.interrupted()

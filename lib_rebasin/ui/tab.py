@@ -289,7 +289,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 yield "", last[0], "", "", update(interactive=False), update(interactive=True), *keep
 
         c["merge_event"] = c["merge"].click(fn=run_merge, inputs=merge_inputs, outputs=merge_outputs,
-                                            **js_kwargs(JS_START))
+                                            show_progress=False, **js_kwargs(JS_START))
 
         def stop():
             job = service.cancel()
