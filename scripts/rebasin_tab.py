@@ -247,8 +247,9 @@ def on_ui_settings():
 def on_ui_tabs():
     global TAB
     TAB = build_tab(HOST, SERVICE, title=TAB_TITLE)
-    if HOST.checkpoint_dropdown is not None:  # captured earlier (not the case in A1111's build order)
-        _wire_checkpoint_dropdown(HOST.checkpoint_dropdown)
+    if HOST.checkpoint_dropdown is not None:  # captured earlier (not so in A1111 1.10 or Forge, kept for others)
+        with TAB.blocks:
+            _wire_checkpoint_dropdown(HOST.checkpoint_dropdown)
     return [(TAB.blocks, TAB_TITLE, TAB_ID)]
 
 
