@@ -27,7 +27,8 @@ the second blend mixes a tensor with itself. Hence, computed here analytically:
 Key-set rules (`legacy_action`; the output has A's keys, like every other method of this library), and where we
 deliberately differ from the tool:
 - `position_ids` and other non-float keys: copied from A unchanged (int64). The tool upcasts them to fp32, blends
-  them (the values stay 0..76 up to rounding; its fix-clip pass snaps deviations above 1e-4 back) and writes fp32.
+  them and writes fp32 values a little off 0..76 (fix-clip only snaps deviations above 1e-4; 500 iterations leave
+  e.g. 71.99998), which become wrong indices wherever they are cast back to integers by truncation.
 - `model_ema.*` keys: copied from A. The tool drops them; they are never blended and unused for inference.
 - keys only in A: copied from A. The tool copies A-only keys of a few categories (text encoder, schedule buffers,
   `embedding_manager`, `lora_te_*`) but silently drops any other A-only key (it rebuilds the dict from B's keys);
