@@ -94,6 +94,42 @@ class Prepared:
     output: Path
     options: Any  # core MergeOptions
 
+    @property
+    def devices(self) -> list[str]:
+        return [self.request.device]
+
+    def request_dict(self) -> dict[str, Any]:
+        r = self.request
+        return {"model_a": self.a.title, "model_b": self.b.title, "model_c": self.c.title if self.c else None,
+                "method": r.method, "alpha": r.alpha, "iterations": r.iterations, "parts": list(r.parts),
+                "device": r.device, "precision": r.precision}
+
+
+@dataclass
+class RecipeRequest:
+    """A whole recipe (its TOML text) to run into `output_name` in the checkpoint folder."""
+
+    text: str = ""
+    output_name: str = ""
+    overwrite: bool = False
+
+
+@dataclass
+class PreparedRecipe:
+    request: RecipeRequest
+    recipe: Any  # core Recipe, its models pinned to files the host lists
+    models_dir: Path
+    inputs: dict[str, Path]
+    output: Path
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({s.options.device for s in self.recipe.steps})
+
+    def request_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.name, "steps": [s.name for s in self.recipe.steps],
+                "models": {k: p.name for k, p in self.inputs.items()}, "devices": self.devices}
+
 
 def output_path_for(name: str, folder: Path, default_stem: str) -> Path:
     """A safe file name inside `folder`: refuses separators, '..', reserved or odd characters; adds .safetensors."""
@@ -154,7 +190,7 @@ def format_eta(seconds: float | None) -> str:
 @dataclass
 class Job:
     id: str
-    prepared: Prepared
+    prepared: Prepared | PreparedRecipe
     status: str = "queued"  # queued | running | done | failed | cancelled
     fraction: float = 0.0
     stage: str = "queued"
@@ -189,7 +225,6 @@ class Job:
         return f"{pct} · {self.message}" + (f" · ETA {eta}" if eta else "")
 
     def to_dict(self) -> dict[str, Any]:
-        r = self.prepared.request
         return {
             "job_id": self.id, "status": self.status, "fraction": round(self.fraction, 4), "stage": self.stage,
             "message": self.message, "eta_s": self.eta_s, "status_line": self.status_line(),
@@ -197,10 +232,8 @@ class Job:
             "output_name": self.output.name if self.output else self.prepared.output.name,
             "summary": list(self.summary), "diagnostics": self.diagnostics, "error": self.error,
             "seconds": self.seconds, "finished": self.finished_flag,
-            "request": {"model_a": self.prepared.a.title, "model_b": self.prepared.b.title,
-                        "model_c": self.prepared.c.title if self.prepared.c else None, "method": r.method,
-                        "alpha": r.alpha, "iterations": r.iterations, "parts": list(r.parts), "device": r.device,
-                        "precision": r.precision},
+            "kind": "recipe" if isinstance(self.prepared, PreparedRecipe) else "merge",
+            "request": self.prepared.request_dict(),
         }
 
 
@@ -212,6 +245,7 @@ class MergeService:
         self.jobs: dict[str, Job] = {}
         self._keep = keep
         self._lock = threading.Lock()
+        self._hashes: dict[tuple[str, int, int], str] = {}  # sha256 by (path, size, mtime): recipes pin models by hash
 
     # -- lookups ------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointEntry]:
@@ -294,7 +328,7 @@ class MergeService:
         return Prepared(req, a, b, c, out, opts)
 
     # -- running --------------------------------------------------------------------------------------------
-    def start(self, prepared: Prepared, job_id: str | None = None) -> Job:
+    def start(self, prepared: Prepared | PreparedRecipe, job_id: str | None = None) -> Job:
         job_id = job_id or f"task(rebasin-{uuid.uuid4().hex[:12]})"
         with self._lock:
             busy = self.running()
@@ -312,6 +346,78 @@ class MergeService:
         try:
             prepared = self.prepare(req)
             return self.start(prepared, job_id)
+        except Exception:
+            if job_id:
+                self.host.discard_job(job_id)
+            raise
+
+    # -- recipes ------------------------------------------------------------------------------------------------
+    def prepare_recipe(self, req: RecipeRequest) -> PreparedRecipe:
+        """Check a whole recipe before anything runs: its text (errors with line numbers, forward references),
+        its models against the host's checkpoints (by file name or sha256), devices and the output name."""
+        from dataclasses import replace
+
+        from .. import recipe as rm
+        from ..models import open_model
+        from .recipe_builder import _entry_for_model
+
+        if not (req.text or "").strip():
+            raise RebasinError("The recipe is empty; add a step or load a recipe first.")
+        recipe = rm.parse_recipe(req.text, "recipe")
+        folder = Path(self.host.output_dir())
+        if not folder.is_dir():
+            raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
+        entries = self.checkpoints()
+        pinned: dict[str, Any] = {}
+        inputs: dict[str, Path] = {}
+        for name, ref in recipe.models.items():
+            entry = _entry_for_model(ref, entries, folder) if ref.file else None
+            if entry is None and ref.sha256:
+                entry = self._entry_by_hash(ref.sha256, entries)
+            if entry is None:
+                what = f"file {ref.file}" if ref.file else f"a file with sha256 {ref.sha256}"
+                raise rm.RecipeError(f"line {ref.line}: model '{name}': {what} is not among the installed "
+                                     f"checkpoints; put it in {folder} and press refresh, or fix the recipe.")
+            pinned[name] = replace(ref, file=str(entry.path.resolve()))
+            inputs[name] = entry.path
+        recipe = replace(recipe, models=pinned)
+        devices = self.host.device_choices()
+        for s in recipe.steps:
+            if s.options.device not in devices:
+                raise rm.RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not available "
+                                     f"here; choose one of {', '.join(devices)}.")
+        for name, path in inputs.items():  # cheap header reads: architecture and parts, before any work
+            open_model(path, name).close()
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", recipe.name).strip("._") or "recipe"
+        out = output_path_for(req.output_name, folder, stem)
+        if out.exists() and not req.overwrite:
+            raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
+                               f"name.")
+        if any(_same_file(out, path) for path in inputs.values()):
+            raise RebasinError(f"The output {out.name} would overwrite one of the recipe's models; choose another "
+                               f"name.")
+        return PreparedRecipe(req, recipe, folder, inputs, out)
+
+    def _entry_by_hash(self, sha: str, entries: list[CheckpointEntry]) -> CheckpointEntry | None:
+        from ..checkpoint import file_sha256
+
+        cache = self._hashes
+        for e in entries:
+            try:
+                st = e.path.stat()
+            except OSError:
+                continue
+            key = (str(e.path), st.st_size, st.st_mtime_ns)
+            if key not in cache:
+                cache[key] = file_sha256(e.path)
+            if cache[key].startswith(sha.lower()):
+                return e
+        return None
+
+    def submit_recipe(self, req: RecipeRequest, job_id: str | None = None) -> Job:
+        """prepare_recipe + start (the same job machinery, progress and Stop as a single merge)."""
+        try:
+            return self.start(self.prepare_recipe(req), job_id)
         except Exception:
             if job_id:
                 self.host.discard_job(job_id)
@@ -345,15 +451,29 @@ class MergeService:
             if job._cancel.is_set():
                 raise Cancelled()
             job.status, job.stage, job.message = "running", "loading", "Starting..."
-            self.host.prepare_device(p.request.device)
+            device = next((d for d in p.devices if d != "cpu"), "cpu")  # a recipe may mix cpu and GPU steps
+            self.host.prepare_device(device)
             try:
-                result = core.merge_checkpoints(
-                    p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
-                    overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
-                    extra_metadata={"lib_rebasin_host": self.host.name})
+                if isinstance(p, PreparedRecipe):
+                    from .. import recipe as recipe_core
+
+                    result = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
+                                                    overwrite=p.request.overwrite, progress=progress,
+                                                    cancel=cancelled)
+                else:
+                    result = core.merge_checkpoints(
+                        p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
+                        overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
+                        extra_metadata={"lib_rebasin_host": self.host.name})
             finally:
-                self.host.restore_device(p.request.device)
+                self.host.restore_device(device)
             job.output = Path(result.output)
+            if isinstance(p, PreparedRecipe):
+                job.summary = [str(x) for x in result.summary_lines()]
+                job.diagnostics = {"steps": [{"name": n, **d.to_dict()} for n, d in result.steps]}
+                job.seconds = time.time() - job.started
+                self.host.after_save(job.output)
+                return
             diag = getattr(result, "diagnostics", None)
             if diag is not None:
                 try:

@@ -1,0 +1,385 @@
+"""The tab's recipe builder as pure functions on the recipe text (gradio-free, unit-tested without a browser).
+
+The builder's state is the canonical TOML text of `lib_rebasin.recipe` (one source of truth). Every button turns
+(text, form values) into new text through `parse_recipe` and `Recipe.to_toml`, so whatever the builder makes is a
+recipe the core accepts, and every refusal (a step that would use a later result, an unknown model, a bad value)
+is the core's own message. A recipe being built may have no steps yet; `load` accepts that, `apply_text` (the
+user's own text) does not.
+
+In the step editor, A/B/C are chosen among the installed checkpoints (their titles) and the earlier steps
+(`"[step] NAME"`); a model of a loaded recipe that is not installed shows as `"[model] NAME"`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import RebasinError
+from .host import CheckpointEntry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (A1111's own Python)
+    import tomli as tomllib
+
+STEP_PREFIX = "[step] "
+MODEL_PREFIX = "[model] "
+_PLACEHOLDER = "__rebasin_builder__"
+DEFAULT_SETTINGS = {"precision": "fp16", "device": "cpu", "seed": 0}
+
+
+def _recipe_mod():
+    from .. import recipe  # imported late, like service._core()
+
+    return recipe
+
+
+@dataclass
+class StepForm:
+    """The step editor's values. a/b/c are dropdown values: checkpoint titles, "[step] X" or "[model] X"."""
+
+    method: str = "rebasin"
+    a: str | None = None
+    b: str | None = None
+    c: str | None = None
+    alpha: float = 0.5
+    iterations: int = 1
+    parts: tuple[str, ...] = ("unet", "te", "vae")
+    name: str = ""
+
+
+# -- text <-> Recipe -----------------------------------------------------------------------------------------------
+
+def load(text: str | None, source: str = "recipe") -> Any:
+    """Parse builder text; blank text or a recipe without steps gives a Recipe with no steps."""
+    rm = _recipe_mod()
+    text = text or ""
+    if not text.strip():
+        return rm.Recipe(name="my_recipe", defaults=dict(DEFAULT_SETTINGS))
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise rm.RecipeError(f"{source}: {e}") from None
+    if data.get("step"):
+        return rm.parse_recipe(text, source)
+    # No steps yet: parse with a throw-away model and step appended (line numbers of the text stay the same).
+    extra = (f'\n[models.{_PLACEHOLDER}]\nfile = "{_PLACEHOLDER}"\n[[step]]\nname = "{_PLACEHOLDER}_step"\n'
+             f'a = "{_PLACEHOLDER}"\nb = "{_PLACEHOLDER}"\nc = "{_PLACEHOLDER}"\n')
+    recipe = rm.parse_recipe(text + extra, source)
+    recipe.models.pop(_PLACEHOLDER, None)
+    recipe.steps = []
+    return recipe
+
+
+def dump(recipe: Any) -> str:
+    return recipe.to_toml()
+
+
+def apply_text(text: str) -> str:
+    """The user's own text (the "Apply text" button): the core's strict parse, then the canonical text."""
+    if not (text or "").strip():
+        raise RebasinError("The recipe text is empty; add a step or load a recipe first.")
+    return dump(_recipe_mod().parse_recipe(text, "recipe"))
+
+
+def _check(recipe: Any) -> str:
+    """Canonical text of an edited recipe, re-checked by the core (refuses forward references and the like)."""
+    _prune_models(recipe)
+    text = dump(recipe)
+    return dump(load(text))
+
+
+def _prune_models(recipe: Any) -> None:
+    used = {r for s in recipe.steps for r in (s.a, s.b, s.c) if r is not None}
+    for name in [m for m in recipe.models if m not in used]:
+        recipe.models.pop(name)
+
+
+# -- model references ----------------------------------------------------------------------------------------------
+
+def _rel_file(entry: CheckpointEntry, models_dir: Path | None) -> str:
+    if models_dir is not None:
+        try:
+            return entry.path.resolve().relative_to(Path(models_dir).resolve()).as_posix()
+        except ValueError:
+            return str(entry.path)  # outside the checkpoint folder: an absolute path the core accepts
+    return entry.path.name
+
+
+def _model_key(stem: str, taken: Iterable[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "model"
+    if base[0].isdigit():
+        base = "m_" + base
+    taken = set(taken)
+    key, n = base, 2
+    while key in taken:
+        key, n = f"{base}_{n}", n + 1
+    return key
+
+
+def _find_entry(ref: str, entries: list[CheckpointEntry]) -> CheckpointEntry | None:
+    stripped = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", ref)
+    for test in (lambda e: e.title == ref, lambda e: re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", e.title) == stripped):
+        hits = [e for e in entries if test(e)]
+        if hits:
+            return hits[0]
+    return None
+
+
+def _entry_for_model(ref: Any, entries: list[CheckpointEntry], models_dir: Path | None) -> CheckpointEntry | None:
+    if not ref.file:
+        return None
+    for e in entries:
+        if _rel_file(e, models_dir) == ref.file or str(e.path) == ref.file:
+            return e
+    for e in entries:
+        if e.path.name == Path(ref.file).name:
+            return e
+    return None
+
+
+def _ref_for(choice: str | None, slot: str, recipe: Any, index: int, entries: list[CheckpointEntry],
+             models_dir: Path | None) -> str | None:
+    """A dropdown value -> the recipe name it stands for (adding a [models] entry for a checkpoint)."""
+    if choice is None or not str(choice).strip():
+        return None
+    choice = str(choice).strip()
+    if choice.startswith(STEP_PREFIX):
+        name = choice[len(STEP_PREFIX):]
+        earlier = [s.name for s in recipe.steps[:index]]
+        if name not in earlier:
+            raise RebasinError(f"Model {slot}: step '{name}' is not an earlier step; a step can only use the "
+                               f"results of the steps above it.")
+        return name
+    if choice.startswith(MODEL_PREFIX):
+        name = choice[len(MODEL_PREFIX):]
+        if name not in recipe.models:
+            raise RebasinError(f"Model {slot}: '{name}' is not a model of this recipe.")
+        return name
+    entry = _find_entry(choice, entries)
+    if entry is None:
+        raise RebasinError(f"Model {slot} '{choice}' is not in the checkpoint list; press refresh and pick it again.")
+    rel = _rel_file(entry, models_dir)
+    for m in recipe.models.values():
+        if m.file == rel:
+            return m.name
+    key = _model_key(entry.path.stem, set(recipe.models) | {s.name for s in recipe.steps})
+    recipe.models[key] = _recipe_mod().ModelRef(key, file=rel)
+    return key
+
+
+def ref_label(ref: str | None, recipe: Any, entries: list[CheckpointEntry], models_dir: Path | None) -> str | None:
+    """The dropdown value that shows recipe name `ref`."""
+    if ref is None:
+        return None
+    if ref in recipe.models:
+        e = _entry_for_model(recipe.models[ref], entries, models_dir)
+        return e.title if e is not None else MODEL_PREFIX + ref
+    return STEP_PREFIX + ref
+
+
+def ref_choices(text: str, index: int | None, entries: list[CheckpointEntry], models_dir: Path | None = None
+                ) -> list[str]:
+    """A/B/C choices for step `index` (None = a new step at the end): earlier steps, recipe-only models, checkpoints."""
+    recipe = load(text)
+    n = len(recipe.steps) if index is None else max(0, min(index, len(recipe.steps)))
+    out = [STEP_PREFIX + s.name for s in recipe.steps[:n]]
+    out += [MODEL_PREFIX + m.name for m in recipe.models.values() if _entry_for_model(m, entries, models_dir) is None]
+    return out + [e.title for e in entries]
+
+
+# -- builder operations (each: text in, canonical text out; RebasinError = refused, text unchanged) --------------
+
+def _options(recipe: Any, form: StepForm, base: Any = None) -> Any:
+    from ..merge import MergeOptions
+
+    d = recipe.defaults
+    parts = tuple(p for p in ("unet", "te", "vae") if p in set(form.parts or ()))
+    if not parts:
+        raise RebasinError("Pick at least one part to merge (UNet, text encoder or VAE).")
+    try:
+        iterations = int(form.iterations)
+        alpha = float(form.alpha)
+    except (TypeError, ValueError):
+        raise RebasinError("Alpha and iterations must be numbers.") from None
+    opts = MergeOptions(method=form.method, alpha=alpha, iterations=iterations, parts=parts,
+                        device=str(d.get("device", base.device if base else "cpu")),
+                        precision=str(d.get("precision", base.precision if base else "fp16")),
+                        seed=int(d.get("seed", base.seed if base else 0)),
+                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", 100)))
+    opts.validate()
+    return opts
+
+
+def _step_from_form(recipe: Any, form: StepForm, index: int, entries: list[CheckpointEntry],
+                    models_dir: Path | None, base: Any = None) -> Any:
+    from ..merge import METHODS
+
+    rm = _recipe_mod()
+    if form.method not in METHODS:
+        raise RebasinError(f"Unknown merge method '{form.method}'; choose one of {', '.join(METHODS)}.")
+    opts = _options(recipe, form, base.options if base else None)
+    a = _ref_for(form.a, "A", recipe, index, entries, models_dir)
+    b = _ref_for(form.b, "B", recipe, index, entries, models_dir)
+    if a is None or b is None:
+        raise RebasinError("Pick model A and model B (an installed checkpoint or an earlier step).")
+    c = None
+    if METHODS[form.method].needs_c:
+        c = _ref_for(form.c, "C", recipe, index, entries, models_dir)
+        if c is None:
+            raise RebasinError(f"{METHODS[form.method].label} needs model C.")
+    if len({a, b} | ({c} if c else set())) < (3 if c else 2):
+        raise RebasinError("A step's models must all be different.")
+    taken = set(recipe.models) | {s.name for i, s in enumerate(recipe.steps) if i != index}
+    name = (form.name or "").strip() or (base.name if base else "")
+    if not name:
+        k = len(recipe.steps) + 1
+        while f"step{k}" in taken:
+            k += 1
+        name = f"step{k}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise RebasinError(f"Step name '{name}': use letters, digits, '_', '-' or '.'.")
+    if name in taken:
+        raise RebasinError(f"The name '{name}' is already used by a model or another step.")
+    return rm.Step(name, opts, a, b, c)
+
+
+def add_step(text: str, form: StepForm, entries: list[CheckpointEntry], models_dir: Path | None = None) -> str:
+    recipe = load(text)
+    step = _step_from_form(recipe, form, len(recipe.steps), entries, models_dir)
+    recipe.steps.append(step)
+    return _check(recipe)
+
+
+def _index(recipe: Any, index: Any) -> int:
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        raise RebasinError("Pick a step first.") from None
+    if not 0 <= i < len(recipe.steps):
+        raise RebasinError(f"There is no step {i + 1}; the recipe has {len(recipe.steps)} step(s).")
+    return i
+
+
+def update_step(text: str, index: int, form: StepForm, entries: list[CheckpointEntry],
+                models_dir: Path | None = None) -> str:
+    recipe = load(text)
+    i = _index(recipe, index)
+    old = recipe.steps[i]
+    new = _step_from_form(recipe, form, i, entries, models_dir, base=old)
+    recipe.steps[i] = new
+    if new.name != old.name:  # later steps follow the rename
+        for s in recipe.steps[i + 1:]:
+            s.a, s.b = (new.name if r == old.name else r for r in (s.a, s.b))
+            s.c = new.name if s.c == old.name else s.c
+    return _check(recipe)
+
+
+def remove_step(text: str, index: int) -> str:
+    recipe = load(text)
+    i = _index(recipe, index)
+    gone = recipe.steps.pop(i)
+    users = [s.name for s in recipe.steps[i:] if gone.name in (s.a, s.b, s.c)]
+    if users:
+        raise RebasinError(f"Step '{gone.name}' is used by step(s) {', '.join(users)}; change or remove those first.")
+    return _check(recipe)
+
+
+def move_step(text: str, index: int, delta: int) -> str:
+    """Move a step up (delta=-1) or down (+1); the core refuses an order where a step uses a later result."""
+    recipe = load(text)
+    i = _index(recipe, index)
+    j = i + int(delta)
+    if not 0 <= j < len(recipe.steps):
+        return dump(recipe)
+    recipe.steps[i], recipe.steps[j] = recipe.steps[j], recipe.steps[i]
+    return _check(recipe)
+
+
+def set_settings(text: str, name: str | None = None, precision: str | None = None, device: str | None = None,
+                 seed: int | None = None) -> str:
+    """Recipe-wide name, precision, device and seed (written to [recipe] and to every step)."""
+    recipe = load(text)
+    if name is not None and str(name).strip():
+        recipe.name = str(name).strip()
+    new = {k: v for k, v in (("precision", precision), ("device", device)) if v}
+    if seed is not None and str(seed).strip() != "":
+        try:
+            new["seed"] = int(float(seed))
+        except (TypeError, ValueError):
+            raise RebasinError(f"Seed must be a whole number, got {seed!r}.") from None
+    recipe.defaults.update(new)
+    for s in recipe.steps:
+        s.options = replace(s.options, **new)
+        s.options.validate()
+    return _check(recipe) if recipe.steps else dump(recipe)
+
+
+def settings_of(text: str) -> dict[str, Any]:
+    recipe = load(text)
+    d = {**DEFAULT_SETTINGS, **recipe.defaults}
+    if recipe.steps:  # the canonical text writes them per step; show the first step's
+        o = recipe.steps[0].options
+        d.update(precision=o.precision, device=o.device, seed=o.seed)
+    return {"name": recipe.name, "precision": d["precision"], "device": d["device"], "seed": int(d["seed"])}
+
+
+def step_form(text: str, index: int, entries: list[CheckpointEntry], models_dir: Path | None = None) -> StepForm:
+    """The editor's values for step `index` (to edit it)."""
+    recipe = load(text)
+    s = recipe.steps[_index(recipe, index)]
+    o = s.options
+    return StepForm(method=o.method, a=ref_label(s.a, recipe, entries, models_dir),
+                    b=ref_label(s.b, recipe, entries, models_dir), c=ref_label(s.c, recipe, entries, models_dir),
+                    alpha=float(o.alpha), iterations=int(o.iterations), parts=tuple(o.parts), name=s.name)
+
+
+def step_labels(text: str) -> list[str]:
+    """Choices for the "step to edit" selector: "1. name"."""
+    try:
+        recipe = load(text)
+    except RebasinError:
+        return []
+    return [f"{i + 1}. {s.name}" for i, s in enumerate(recipe.steps)]
+
+
+def label_index(label: str | None) -> int | None:
+    m = re.match(r"\s*(\d+)\.", str(label or ""))
+    return int(m.group(1)) - 1 if m else None
+
+
+def recipe_markdown(text: str) -> str:
+    """The chain in words, for the builder's overview."""
+    try:
+        recipe = load(text)
+    except RebasinError as e:
+        return f"(the text does not parse: {e})"
+    if not recipe.steps:
+        return "*No steps yet: pick models and settings below and press **Add step**.*"
+    from ..merge import METHODS
+
+    def show(ref: str | None) -> str:
+        if ref in recipe.models:
+            m = recipe.models[ref]
+            return f"`{m.file or m.sha256}`"
+        return f"step **{ref}**"
+
+    lines = [f"**{recipe.name}**: {len(recipe.steps)} step(s); the last one is saved."]
+    for i, s in enumerate(recipe.steps):
+        o = s.options
+        label = getattr(METHODS.get(o.method), "label", o.method)
+        ins = f"A = {show(s.a)}, B = {show(s.b)}" + (f", C = {show(s.c)}" if s.c else "")
+        extra = f", {o.iterations} iteration(s)" if o.method in ("rebasin", "legacy") else ""
+        lines.append(f"{i + 1}. **{s.name}**: {label}, alpha {o.alpha:g}{extra}, parts {'+'.join(o.parts)}; {ins}")
+    return "\n".join(lines)
+
+
+def from_checkpoint(path: str | Path) -> str:
+    """The recipe stored in a checkpoint's metadata, as canonical builder text (RecipeError if it has none)."""
+    rm = _recipe_mod()
+    text = rm.recipe_from_checkpoint(path)
+    return dump(rm.parse_recipe(text, Path(path).name))
