@@ -51,7 +51,9 @@ def solve(C: np.ndarray, structure: Structure) -> np.ndarray:
 
 
 def _block_values(C: np.ndarray, b: int) -> np.ndarray:
-    """V[I, J] = best assignment value of C[block I, block J] for blocks of size b (all pairs)."""
+    """V[I, J] = best assignment value of C[block I, block J] for blocks of size b (all pairs).
+
+    Applied to a matrix of block values it gives the values of the next, coarser level."""
     m = C.shape[0] // b
     blocks = C.reshape(m, b, m, b).transpose(0, 2, 1, 3)
     V = np.empty((m, m))
@@ -66,15 +68,7 @@ def _hierarchical(C: np.ndarray, levels: tuple[int, ...]) -> np.ndarray:
     # values[k][I, J]: best value of mapping level-k block J (of B) onto level-k block I (of A).
     values = [_block_values(C, levels[0])]
     for k in range(1, len(levels)):
-        ratio = levels[k] // levels[k - 1]
-        prev = values[-1]
-        m = prev.shape[0] // ratio
-        sub = prev.reshape(m, ratio, m, ratio).transpose(0, 2, 1, 3)
-        V = np.empty((m, m))
-        for i in range(m):
-            for j in range(m):
-                V[i, j] = lap(sub[i, j])[1]
-        values.append(V)
+        values.append(_block_values(values[-1], levels[k] // levels[k - 1]))
     top_cols, _ = lap(values[-1])
     # Walk down: at each level, the chosen (I -> J) block pairs refine into sub-block pairs.
     pairs = [(i, int(j)) for i, j in enumerate(top_cols)]
