@@ -177,3 +177,15 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
 def test_same_model_twice_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(RebasinError, match="same file"):
         merge_checkpoints(models["a"], models["a"], tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("channels, variant", [(4, "SD 1.x"), (9, "SD 1.x inpainting"), (8, "SD 1.x instruct-pix2pix")])
+def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str) -> None:
+    from dataclasses import replace
+
+    from lib_rebasin.inspect import inspect_checkpoint
+    from lib_rebasin.synthetic import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m.safetensors", replace(MINI, unet_in_channels=channels), seed=1)
+    info = inspect_checkpoint(path)
+    assert info.supported and info.arch.startswith(variant + " (reduced width") and info.n_keys == 1143
