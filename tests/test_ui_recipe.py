@@ -204,3 +204,17 @@ def test_stop_mid_recipe_leaves_no_file_and_frees_the_service(host, folder):
     # the single merge still works afterwards (the same job machinery)
     assert svc.running() is None
     svc.prepare(MergeRequest(model_a="one.safetensors", model_b="two.safetensors", device="cpu", output_name="x"))
+
+
+def test_settings_fields_only_touch_what_changed(host):
+    text = two_steps(host)
+    r = rb.load(text)
+    from dataclasses import replace
+
+    r.steps[1].options = replace(r.steps[1].options, seed=5)  # a loaded recipe whose steps have their own seeds
+    text = r.to_toml()
+    same = rb.settings_of(text)
+    assert rb.sync_settings(text, same["name"], same["precision"], same["device"], same["seed"]) == text
+    changed = parse_recipe(rb.sync_settings(text, same["name"], "fp32", same["device"], same["seed"]))
+    assert [s.options.precision for s in changed.steps] == ["fp32", "fp32"]
+    assert [s.options.seed for s in changed.steps] == [0, 5]

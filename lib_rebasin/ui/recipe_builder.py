@@ -319,6 +319,23 @@ def set_settings(text: str, name: str | None = None, precision: str | None = Non
     return _check(recipe) if recipe.steps else dump(recipe)
 
 
+def sync_settings(text: str, name: str | None, precision: str | None, device: str | None, seed: Any) -> str:
+    """Apply the settings fields only where they differ from the recipe's (so that steps of a loaded recipe with
+    their own seeds or devices keep them until the user changes the field)."""
+    if not (text or "").strip() and not any(v not in (None, "") for v in (name, precision, device)):
+        return text or ""
+    cur = settings_of(text)
+    changed: dict[str, Any] = {}
+    for key, value in (("name", name), ("precision", precision), ("device", device)):
+        if value not in (None, "") and str(value).strip() != str(cur[key]):
+            changed[key] = str(value).strip()
+    if seed not in (None, "") and int(float(seed)) != cur["seed"]:
+        changed["seed"] = int(float(seed))
+    if not changed and (text or "").strip():
+        return text
+    return set_settings(text, **changed)
+
+
 def settings_of(text: str) -> dict[str, Any]:
     recipe = load(text)
     d = {**DEFAULT_SETTINGS, **recipe.defaults}

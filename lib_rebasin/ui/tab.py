@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from ..errors import RebasinError
 from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values
-from .service import PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService, format_eta, method_table
+from . import recipe_builder as rb
+from .service import (PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService, RecipeRequest, format_eta,
+                      method_table)
 
 POLL_S = 0.5
 
@@ -87,10 +89,10 @@ class TabUI:
 
 # -- rendering helpers (plain functions, unit-tested without a browser) ------------------------------------------
 
-def error_html(message: str | None) -> str:
+def error_html(message: str | None, title: str = "Cannot merge") -> str:
     if not message:
         return ""
-    return f'<div class="rebasin-error" role="alert"><b>Cannot merge:</b> {html.escape(message)}</div>'
+    return f'<div class="rebasin-error" role="alert"><b>{html.escape(title)}:</b> {html.escape(message)}</div>'
 
 
 def progress_html(fraction: float, line: str, state: str = "running") -> str:
@@ -208,6 +210,10 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     c["merge"] = gr.Button("Merge", variant="primary", elem_id="rebasin_merge")
                     c["stop"] = gr.Button("Stop", elem_id="rebasin_stop")
                 c["task_id"] = gr.Textbox(value="", visible=False, elem_id="rebasin_task_id")
+                with gr.Accordion("Recipe: a chain of merges in one run", open=False, elem_id="rebasin_recipe"):
+                    _recipe_components(gr, c, titles, [method_label[k] for k in method_keys], method_label[d_method],
+                                       devices, d_device, d_precision, d_alpha, d_iterations,
+                                       bool(getattr(methods.get(d_method), "needs_c", False)))
             with gr.Column(elem_id="rebasin_outputs"):
                 c["error"] = gr.HTML("", elem_id="rebasin_error")
                 c["progress_anchor"] = gr.HTML("", elem_id="rebasin_progress_anchor")
@@ -265,6 +271,10 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             except RebasinError as e:
                 yield (error_html(str(e)), "", update(), update(), update(), update(interactive=True), *keep)
                 return
+            yield from follow_job(job, keep, lambda: lists_after_save(a, b, cc))
+
+        def follow_job(job, keep, lists_after):
+            """Frames (error, progress, result, result_path, load, run button, *lists) until `job` ends."""
             last = None
             while True:
                 done = job.wait(POLL_S)
@@ -281,7 +291,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             d = job.to_dict()
             if d["status"] == "done":
                 yield ("", last[0], result_markdown(d), d["output"], update(interactive=True),
-                       update(interactive=True), *lists_after_save(a, b, cc))
+                       update(interactive=True), *lists_after())
             elif d["status"] == "failed":
                 yield (error_html(d["error"]), last[0], "", "", update(interactive=False), update(interactive=True),
                        *keep)
@@ -296,6 +306,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             return "Stopping: the merge ends at the next checkpoint and writes no file." if job else "Nothing is running."
 
         c["stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
+        c["recipe_stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
 
         def do_load(path: str):
             if not path:
@@ -313,6 +324,9 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         c["load_event"] = c["load"].click(fn=do_load, inputs=[c["result_path"]],
                                           outputs=[c["load_status"], c["loaded_title"]])
         c["load_event"].then(fn=None, inputs=[c["loaded_title"]], outputs=[], **js_kwargs(JS_SELECT_CHECKPOINT))
+
+        _recipe_events(c, host, service, label_to_method, part_label_to_key, dropdowns, follow_job,
+                       lists_after_save)
 
         target_keys = [k for k in HIRES_ELEM_IDS if k in targets]
         where = "set in txt2img" if target_keys else "(no txt2img here; these are the values to use)"
@@ -332,6 +346,228 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                           outputs=[c["preset_note"]], **js_kwargs(js))
 
     return TabUI(blocks, c)
+
+
+# -- the recipe section --------------------------------------------------------------------------------------------
+
+RECIPE_HELP = ("Build a chain of merges (like DunkMash: several re-basin merges, then an add difference) and run it "
+               "in one go; only the last step is saved, with the full recipe in its metadata. A step's A/B/C are "
+               "installed checkpoints or **earlier steps** (`[step] name`). The text box is the recipe itself: "
+               "edit it and press **Apply text**, or use the buttons.")
+
+
+def _recipe_components(gr: Any, c: dict[str, Any], titles: list[str], method_labels: list[str], d_method: str,
+                       devices: list[str], d_device: str, d_precision: str, d_alpha: float, d_iterations: int,
+                       needs_c: bool) -> None:
+    c["recipe_help"] = gr.Markdown(RECIPE_HELP, elem_id="rebasin_recipe_help")
+    c["recipe_error"] = gr.HTML("", elem_id="rebasin_recipe_error")
+    c["recipe_overview"] = gr.Markdown(rb.recipe_markdown(""), elem_id="rebasin_recipe_overview")
+    with gr.Row():
+        c["recipe_name"] = gr.Textbox(value="my_recipe", label="Recipe name", max_lines=1,
+                                      elem_id="rebasin_recipe_name")
+        c["recipe_seed"] = gr.Number(value=0, precision=0, label="Seed", elem_id="rebasin_recipe_seed")
+    with gr.Row():
+        c["recipe_device"] = gr.Dropdown(choices=devices, value=d_device, label="Device (all steps)",
+                                         elem_id="rebasin_recipe_device")
+        c["recipe_precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d_precision,
+                                         label="Precision (all steps)", elem_id="rebasin_recipe_precision")
+    gr.HTML("<h4 class='rebasin-subtitle'>Step</h4>")
+    with gr.Row():
+        c["recipe_step"] = gr.Dropdown(choices=[], value=None, label="Step to edit, move or remove",
+                                       elem_id="rebasin_recipe_step")
+        c["recipe_step_name"] = gr.Textbox(value="", label="Step name (empty = automatic)", max_lines=1,
+                                           elem_id="rebasin_recipe_step_name")
+    c["recipe_method"] = gr.Radio(choices=method_labels, value=d_method, label="Method",
+                                  elem_id="rebasin_recipe_method")
+    for key in "abc":
+        with gr.Row(elem_classes=["rebasin-model-row"]):
+            c[f"recipe_{key}"] = gr.Dropdown(choices=list(titles), value=None, label=f"Model {key.upper()}",
+                                             elem_id=f"rebasin_recipe_{key}", visible=(key != "c" or needs_c))
+    with gr.Row():
+        c["recipe_alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d_alpha, label="Alpha",
+                                      elem_id="rebasin_recipe_alpha")
+        c["recipe_iterations"] = gr.Slider(minimum=1, maximum=1000, step=1, value=d_iterations, label="Iterations",
+                                           elem_id="rebasin_recipe_iterations")
+    c["recipe_parts"] = gr.CheckboxGroup(choices=[PART_LABELS[p] for p in PARTS],
+                                         value=[PART_LABELS[p] for p in PARTS], label="Parts",
+                                         elem_id="rebasin_recipe_parts")
+    with gr.Row(elem_id="rebasin_recipe_step_buttons"):
+        c["recipe_add"] = gr.Button("Add step", variant="primary", elem_id="rebasin_recipe_add")
+        c["recipe_update"] = gr.Button("Update step", elem_id="rebasin_recipe_update")
+        c["recipe_remove"] = gr.Button("Remove step", elem_id="rebasin_recipe_remove")
+        c["recipe_up"] = gr.Button("\u2191 Up", elem_id="rebasin_recipe_up")
+        c["recipe_down"] = gr.Button("\u2193 Down", elem_id="rebasin_recipe_down")
+        c["recipe_refresh"] = gr.Button("\u21bb", elem_id="rebasin_recipe_refresh", elem_classes=["tool", "rebasin-tool"])
+    c["recipe_text"] = gr.Textbox(value="", lines=14, label="Recipe (TOML)", elem_id="rebasin_recipe_text")
+    with gr.Row():
+        c["recipe_apply"] = gr.Button("Apply text", elem_id="rebasin_recipe_apply")
+        c["recipe_clear"] = gr.Button("New recipe", elem_id="rebasin_recipe_clear")
+    with gr.Row(elem_classes=["rebasin-model-row"]):
+        c["recipe_meta_model"] = gr.Dropdown(choices=list(titles), value=None,
+                                             label="Load recipe from a checkpoint's metadata",
+                                             elem_id="rebasin_recipe_meta_model")
+        c["recipe_meta_load"] = gr.Button("Load recipe", elem_id="rebasin_recipe_meta_load")
+    with gr.Row():
+        c["recipe_output_name"] = gr.Textbox(label="Output name (in the checkpoint folder)", max_lines=1,
+                                             placeholder="empty = the recipe name",
+                                             elem_id="rebasin_recipe_output_name")
+        c["recipe_overwrite"] = gr.Checkbox(value=False, label="Overwrite if it exists",
+                                            elem_id="rebasin_recipe_overwrite")
+    with gr.Row(elem_id="rebasin_recipe_run_buttons"):
+        c["recipe_run"] = gr.Button("Run recipe", variant="primary", elem_id="rebasin_recipe_run")
+        c["recipe_stop"] = gr.Button("Stop", elem_id="rebasin_recipe_stop")
+
+
+def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_to_method: dict[str, str],
+                   part_label_to_key: dict[str, str], dropdowns: list[Any], follow_job: Callable[..., Any],
+                   lists_after_save: Callable[..., list[Any]]) -> None:
+    """Wire the recipe section. Every builder button: (text, settings, step form) -> new canonical text."""
+    view_outputs = [c["recipe_text"], c["recipe_overview"], c["recipe_error"], c["recipe_step"], c["recipe_a"],
+                    c["recipe_b"], c["recipe_c"], c["recipe_name"], c["recipe_precision"], c["recipe_device"],
+                    c["recipe_seed"], c["recipe_step_name"]]
+    settings_inputs = [c["recipe_text"], c["recipe_name"], c["recipe_precision"], c["recipe_device"],
+                       c["recipe_seed"]]
+    form_inputs = [c["recipe_step"], c["recipe_method"], c["recipe_a"], c["recipe_b"], c["recipe_c"],
+                   c["recipe_alpha"], c["recipe_iterations"], c["recipe_parts"], c["recipe_step_name"]]
+
+    def entries():
+        return service.checkpoints()
+
+    def view(text: str, selected: int | None = None) -> list[Any]:
+        labels = rb.step_labels(text)
+        sel = labels[selected] if selected is not None and 0 <= selected < len(labels) else None
+        choices = rb.ref_choices(text, None, entries())
+        st = rb.settings_of(text)
+        dev_ok = st["device"] in host.device_choices()
+        return [text, rb.recipe_markdown(text), "", update(choices=labels, value=sel),
+                *[update(choices=choices) for _ in range(3)], st["name"], st["precision"],
+                update(value=st["device"]) if dev_ok else update(), st["seed"], ""]
+
+    def refused(e: Exception) -> list[Any]:
+        return [update(), update(), error_html(str(e), "Recipe"), *[update() for _ in range(len(view_outputs) - 3)]]
+
+    def form(method, a, b, cc, alpha, iterations, parts, name) -> rb.StepForm:
+        return rb.StepForm(method=label_to_method.get(method, method), a=a, b=b, c=cc, alpha=float(alpha),
+                           iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
+                           name=name or "")
+
+    def op(kind: str):
+        def handler(text, name, precision, device, seed, step, method, a, b, cc, alpha, iterations, parts,
+                    step_name):
+            try:
+                text = rb.sync_settings(text or "", name, precision, device, seed)
+                i = rb.label_index(step)
+                f = form(method, a, b, cc, alpha, iterations, parts, step_name)
+                if kind == "add":
+                    new = rb.add_step(text, f, entries())
+                    return view(new, len(rb.step_labels(new)) - 1)
+                if kind == "update":
+                    return view(rb.update_step(text, i, f, entries()), i)
+                if kind == "remove":
+                    new = rb.remove_step(text, i)
+                    return view(new, min(i, len(rb.step_labels(new)) - 1) if rb.step_labels(new) else None)
+                if kind in ("up", "down"):
+                    new = rb.move_step(text, i, -1 if kind == "up" else 1)
+                    n = len(rb.step_labels(new))
+                    return view(new, max(0, min(n - 1, i + (-1 if kind == "up" else 1))))
+                raise AssertionError(kind)
+            except (RebasinError, ValueError) as e:
+                return refused(e)
+
+        return handler
+
+    for kind in ("add", "update", "remove", "up", "down"):
+        c[f"recipe_{kind}"].click(fn=op(kind), inputs=settings_inputs + form_inputs, outputs=view_outputs)
+
+    def apply_text(text):
+        try:
+            return view(rb.apply_text(text or ""), None)
+        except RebasinError as e:
+            return refused(e)
+
+    c["recipe_apply"].click(fn=apply_text, inputs=[c["recipe_text"]], outputs=view_outputs)
+    c["recipe_clear"].click(fn=lambda: view(rb.dump(rb.load("")), None), inputs=[], outputs=view_outputs)
+
+    def load_meta(title):
+        try:
+            entry = service.resolve(title, "Checkpoint")
+            return view(rb.from_checkpoint(entry.path), None)
+        except RebasinError as e:
+            return refused(e)
+
+    c["recipe_meta_load"].click(fn=load_meta, inputs=[c["recipe_meta_model"]], outputs=view_outputs)
+
+    def select_step(text, step):
+        i = rb.label_index(step)
+        try:
+            if i is None:
+                raise RebasinError("no step")
+            f = rb.step_form(text or "", i, entries())
+        except RebasinError:
+            return [update() for _ in range(9)]
+        methods = {v: k for k, v in label_to_method.items()}
+        needs_c = f.c is not None
+        return [update(value=methods.get(f.method, f.method)), update(value=f.a), update(value=f.b),
+                update(value=f.c, visible=needs_c), f.alpha, f.iterations, [PART_LABELS[p] for p in f.parts],
+                f.name, ""]
+
+    c["recipe_step"].change(fn=select_step, inputs=[c["recipe_text"], c["recipe_step"]],
+                            outputs=[c["recipe_method"], c["recipe_a"], c["recipe_b"], c["recipe_c"],
+                                     c["recipe_alpha"], c["recipe_iterations"], c["recipe_parts"],
+                                     c["recipe_step_name"], c["recipe_error"]])
+
+    def on_method(label):
+        from ..merge import METHODS
+
+        return update(visible=bool(getattr(METHODS.get(label_to_method.get(label, label)), "needs_c", False)))
+
+    c["recipe_method"].change(fn=on_method, inputs=[c["recipe_method"]], outputs=[c["recipe_c"]])
+
+    def refresh(text, a, b, cc, meta):
+        host.refresh_checkpoints()
+        try:
+            choices = rb.ref_choices(text or "", None, entries())
+        except RebasinError:
+            choices = service.titles()
+        t = service.titles()
+        return [*[update(choices=choices, value=v if v in choices else None) for v in (a, b, cc)],
+                update(choices=t, value=meta if meta in t else None)]
+
+    c["recipe_refresh"].click(fn=refresh, inputs=[c["recipe_text"], c["recipe_a"], c["recipe_b"], c["recipe_c"],
+                                                  c["recipe_meta_model"]],
+                              outputs=[c["recipe_a"], c["recipe_b"], c["recipe_c"], c["recipe_meta_model"]])
+
+    run_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["recipe_run"],
+                   c["recipe_text"], *dropdowns, c["recipe_meta_model"]]
+
+    def run_recipe(task_id, text, name, precision, device, seed, output_name, overwrite, a, b, cc, meta):
+        tid = task_id if isinstance(task_id, str) and task_id.startswith("task(") else None
+        keep = [update() for _ in range(5)]
+        try:
+            try:
+                text = rb.sync_settings(text or "", name, precision, device, seed)
+            except (RebasinError, ValueError):
+                if tid:
+                    host.discard_job(tid)
+                raise
+            job = service.submit_recipe(RecipeRequest(text, output_name or "", bool(overwrite)), tid)
+        except (RebasinError, ValueError) as e:
+            yield (error_html(str(e), "Cannot run the recipe"), "", update(), update(), update(),
+                   update(interactive=True), *keep)
+            return
+
+        def lists_after():
+            t = service.titles()
+            return [text, *lists_after_save(a, b, cc), update(choices=t, value=meta if meta in t else None)]
+
+        for frame in follow_job(job, [update(), update(), update(), update()], lambda: lists_after()[1:]):
+            yield (*frame[:6], text, *frame[6:])
+
+    c["recipe_run_event"] = c["recipe_run"].click(
+        fn=run_recipe, inputs=[c["task_id"], c["recipe_text"], c["recipe_name"], c["recipe_precision"],
+                               c["recipe_device"], c["recipe_seed"], c["recipe_output_name"],
+                               c["recipe_overwrite"], *dropdowns, c["recipe_meta_model"]],
+        outputs=run_outputs, show_progress=False, **js_kwargs(JS_START))
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
