@@ -508,3 +508,24 @@ def test_extension_js_defines_only_prefixed_globals():
     names = re.findall(r"^function\s+(\w+)", js, flags=re.M)
     assert names and all(n.startswith("rebasin_") for n in names)
     assert "onUiLoaded(" in js and "onUiUpdate(" not in js
+
+
+def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tmp_path, models_dir):
+    """A 2-step recipe from the tab's builder, run by the WebUI host: models found in the host's checkpoint
+    lists (not the output folder), the host's queue and progress, then its lists rescanned."""
+    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.ui import recipe_builder as rb
+    from lib_rebasin.ui.service import RecipeRequest
+
+    _build_ui(webui, with_txt2img=False)
+    entries = webui.SERVICE.checkpoints()
+    text = rb.add_step("", rb.StepForm("rebasin", "alpha.safetensors", "beta.safetensors", parts=("te", "vae")),
+                       entries)
+    text = rb.add_step(text, rb.StepForm("weighted_sum", "[step] step1", "alpha.safetensors", alpha=0.3,
+                                         parts=("te", "vae")), entries)
+    job = webui.SERVICE.submit_recipe(RecipeRequest(text, "webui_chain"), "task(recipe1)")
+    assert job.wait(120) and job.status == "done", job.error
+    assert job.output == tmp_path / "webui_chain.safetensors" and job.output.is_file()
+    assert ("progress.start_task", "task(recipe1)") in _calls("progress.start_task")
+    assert [s.name for s in parse_recipe(rb.from_checkpoint(job.output)).steps] == ["step1", "step2"]
+    assert "webui_chain.safetensors" in webui.refresh_checkpoint_dropdown(str(job.output))["choices"]
