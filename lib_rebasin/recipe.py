@@ -263,7 +263,8 @@ class RecipeResult:
 
 
 def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str], overwrite: bool = False,
-               progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RecipeResult:
+               progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+               extra_metadata: dict[str, str] | None = None) -> RecipeResult:
     """Run every step; only the last one is written (atomically). Raises RebasinError; no file then."""
     from .checkpoint import check_output_path
 
@@ -307,7 +308,7 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
 
             res: MergeResult = merge_checkpoints(srcs[0], srcs[1], out_path, step.options, c=srcs[2],
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
-                                                 metadata_hook=metadata_hook)
+                                                 extra_metadata=extra_metadata, metadata_hook=metadata_hook)
             done.append((step.name, res.diagnostics))
             return RecipeResult(res.output, done, res.metadata)
         for name in [r for r, last in last_use.items() if last <= i and r in results]:

@@ -459,7 +459,8 @@ class MergeService:
 
                     result = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
                                                     overwrite=p.request.overwrite, progress=progress,
-                                                    cancel=cancelled)
+                                                    cancel=cancelled,
+                                                    extra_metadata={"lib_rebasin_host": self.host.name})
                 else:
                     result = core.merge_checkpoints(
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
