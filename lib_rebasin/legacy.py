@@ -90,24 +90,24 @@ def _match(ref: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, torc
            ) -> tuple[torch.Tensor, float]:
     """One group's matching as the tool does it: the permutation of `cur` that best matches `ref`, and its gain.
 
-    The cost is the sum over (weight, bias) of the outer products ref[i] * cur[j], built in fp32 in that order, so
-    scipy sees the very same matrix and returns the very same permutation. The gain only feeds the blend weight.
-    The tool measures it with fp32 BLAS dot products against dense 0/1 matrices, whose rounding depends on the
-    BLAS thread count; `tool_dot` repeats that (bit-identical to the tool on the same machine and thread count),
-    otherwise the gain is summed exactly (math.fsum), which is deterministic everywhere.
+    The cost is the sum over (weight, bias) of the outer products ref[i] * cur[j] in fp32, in that order: each entry
+    is the same correctly rounded product and sum as in the tool's fp32 matmuls, so scipy sees the very same matrix
+    and returns the very same permutation. (numpy, not torch: torch would spread these small ops over its threads,
+    which only costs time.) The gain only feeds the blend weight. The tool measures it with fp32 BLAS dot products
+    against dense 0/1 matrices, whose rounding depends on the BLAS thread count; `tool_dot` repeats that
+    (bit-identical to the tool on the same machine and thread count), otherwise the gain is summed exactly
+    (math.fsum), which is deterministic everywhere.
     """
     n = ref[0].numel()
-    cost = torch.zeros(n, n)
-    for r, c in zip(ref, cur):
-        cost += r.reshape(n, 1) @ c.reshape(1, n)
-    _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    cost = np.outer(ref[0].numpy(), cur[0].numpy())
+    cost += np.outer(ref[1].numpy(), cur[1].numpy())
+    _, cols = linear_sum_assignment(cost, maximize=True)
     perm = torch.from_numpy(cols).long()
     if tool_dot:
-        eye, flat = torch.eye(n), cost.flatten()
+        eye, flat = torch.eye(n), torch.from_numpy(cost).flatten()
         return perm, (torch.vdot(flat, eye[perm].flatten()) - torch.vdot(flat, eye.flatten())).item()
-    c = cost.double().numpy()
     rows = np.arange(n)
-    return perm, math.fsum(c[rows, cols]) - math.fsum(c[rows, rows])
+    return perm, math.fsum(cost[rows, cols].tolist()) - math.fsum(cost[rows, rows].tolist())
 
 
 def _matching(ref: dict[str, torch.Tensor], cur: dict[str, torch.Tensor], tool_dot: bool
