@@ -483,10 +483,11 @@ def _accumulate_objective(acc: list[float], spec: ArchSpec, key: str, get_a: Ten
 def _accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> None:
     if a.shape != b.shape:
         return  # an inpainting A's wider conv_in has no counterpart in B
+    unpermuted = pb is b
     a, b, pb = a.reshape(-1), b.reshape(-1), pb.reshape(-1)
     ab = float(torch.dot(a, b))
     acc[0] += ab
-    acc[1] += ab if pb is b else float(torch.dot(a, pb))
+    acc[1] += ab if unpermuted else float(torch.dot(a, pb))
     acc[2] += float(torch.dot(a, a))
     acc[3] += float(torch.dot(b, b))
 
