@@ -405,8 +405,9 @@ def _plan(prep: Prepared, report: _Reporter, extra_metadata: dict[str, str],
 
     out_dtype = PRECISIONS[opts.precision]
     keys = A.ckpt.keys()
-    merged_keys = {k for k in keys
-                   if k in spec.shapes and part_of(k) in parts and A.ckpt.infos[k].dtype.is_floating_point}
+    # position_ids are indices even when an old merge stored them as floats: always A's, never blended.
+    merged_keys = {k for k in keys if k in spec.shapes and part_of(k) in parts and not k.endswith("position_ids")
+                   and A.ckpt.infos[k].dtype.is_floating_point}
     diag.copied_from_a = len(keys) - len(merged_keys)
     diag.dropped_from_b = sum(1 for k in B.ckpt.keys() if k not in A.ckpt.infos)
     diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels

@@ -150,6 +150,24 @@ def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
     assert "only_in_b" not in out and res.diagnostics.dropped_from_b == 1
 
 
+def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
+    from lib_rebasin.checkpoint import save_state_dict
+
+    pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    states = []
+    for seed in (1, 2):
+        from lib_rebasin.spec import build_spec
+        from lib_rebasin.synthetic import synthetic_tensor
+
+        spec = build_spec(MINI)
+        sd = {k: synthetic_tensor(k, s, seed, None, 0.0, 1000) for k, s in spec.shapes.items()}
+        sd[pid] = sd[pid].float() + (0.3 if seed == 2 else 0.0)  # an old merge's float, slightly-off ids
+        states.append(save_state_dict(tmp_path / f"m{seed}.safetensors", sd))
+    out = _load(merge_checkpoints(states[0], states[1], tmp_path / "o.safetensors",
+                                  MergeOptions(method="weighted_sum", **FP32)).output)
+    assert torch.equal(out[pid], _load(states[0])[pid])
+
+
 def test_parts_not_merged_keep_a(models: dict[str, Path], tmp_path: Path) -> None:
     out = _load(merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
                                   MergeOptions(method="weighted_sum", parts=("unet",), **FP32)).output)
