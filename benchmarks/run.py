@@ -90,6 +90,19 @@ def ensure_pair(data: Path, scale: str, pair: str) -> tuple[Path, Path]:
 
 # -- machine ---------------------------------------------------------------------------------------------------
 
+def lib_state() -> str:
+    """The lib_rebasin commit the cases import, with any uncommitted files under lib_rebasin/."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        lines = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "lib_rebasin"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        dirty = [line[3:] for line in lines if line.strip()]
+        return head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def machine() -> dict[str, Any]:
     import scipy
     import torch
@@ -106,15 +119,7 @@ def machine() -> dict[str, Any]:
     info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "scipy": scipy.__version__,
             "os": platform.platform()}
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "lib_rebasin"],
-                               capture_output=True, text=True, check=True).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-        info["lib_rebasin"] = head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        info["lib_rebasin"] = "unknown"
+    info["lib_rebasin"] = lib_state()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -170,6 +175,7 @@ def run_case(case: str, a: Path, b: Path, raw: Path, tag: str, args: argparse.Na
     if args.profile:
         cmd += ["--profile", str(raw / f"{tag}.pstats")]
     load_before = os.getloadavg()[0]
+    state = lib_state()
     with open(raw / f"{tag}.log", "w") as log, LoadSampler() as sampler:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -190,7 +196,8 @@ def run_case(case: str, a: Path, b: Path, raw: Path, tag: str, args: argparse.Na
         rec = {"available": True, "error": why}
     rec.update({"case": case, "wall_process_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20,
                 "load_before": load_before, "load_max": max(sampler.samples or [load_before]),
-                "load_mean": statistics.fmean(sampler.samples or [load_before]), "cmd": shlex.join(cmd)})
+                "load_mean": statistics.fmean(sampler.samples or [load_before]), "cmd": shlex.join(cmd),
+                "lib_rebasin": state})
     result.write_text(json.dumps(rec, indent=1, default=str))
     return rec
 
@@ -229,6 +236,8 @@ def summarize(case: str, pair: str, runs: list[dict[str, Any]]) -> dict[str, Any
         if first.get("cos"):
             row["gain"] += f", cos {first['cos'][0]:.4f}→{first['cos'][1]:.4f}"
     notes = list(first.get("notes", []))
+    if case.startswith("ours_"):
+        notes.append(f"lib_rebasin {first.get('lib_rebasin', '?')}")
     if len(ok) > 1:
         notes.append("runs: " + ", ".join(f"{w:.1f}" for w in row["walls"]))
     row["notes"] = "; ".join(n for n in notes if n)
