@@ -68,6 +68,7 @@ class MergeOptions:
     precision: str = "fp16"
     seed: int = 0
     max_sweeps: int = 100
+    tolerance: float = 0.0   # stop when a sweep gains < tolerance x the first sweep's gain (0: the paper's rule)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +86,8 @@ class MergeOptions:
             raise RebasinError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'.")
         if self.max_sweeps < 1:
             raise RebasinError("max_sweeps must be at least 1.")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise RebasinError(f"tolerance must be in [0, 1), got {self.tolerance}.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RebasinError("device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -498,7 +501,7 @@ def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b:
            on_progress: Callable[[MatchProgress], None]) -> MatchResult:
     groups = spec.groups_in(parts)
     return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=device,
-                           init=init, progress=on_progress)
+                           init=init, progress=on_progress, tolerance=opts.tolerance)
 
 
 def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
@@ -602,6 +605,7 @@ def _recipe(prep: Prepared, parts: tuple[str, ...]) -> dict[str, object]:
     o = prep.options
     return {"method": o.method, "alpha": o.alpha, "iterations": o.iterations, "parts": list(parts),
             "device": o.device, "precision": o.precision, "seed": o.seed, "max_sweeps": o.max_sweeps,
+            "tolerance": o.tolerance,
             "models": {m.label: m.path.name for m in (prep.a, prep.b, prep.c) if m is not None}}
 
 
@@ -623,6 +627,7 @@ def _metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str, str], rep
               "tertiary_model_hash": hashes.get("C"), "interp_method": o.method, "multiplier": o.alpha,
               "iterations": o.iterations, "parts": list(parts), "precision": o.precision,
               "save_as_half": o.precision == "fp16", "seed": o.seed, "max_sweeps": o.max_sweeps,
+              "tolerance": o.tolerance,
               "device": o.device, "is_inpainting": prep.a.config.unet_in_channels == 9,
               "is_instruct_pix2pix": prep.a.config.unet_in_channels == 8}
     merge_models: dict[str, object] = {}

@@ -52,8 +52,9 @@ else:  # pragma: no cover - Python 3.10 (A1111's own Python)
     import tomli as tomllib
 
 STEP_KEYS = {"name", "method", "a", "b", "c", "alpha", "iterations", "parts", "device", "precision", "seed",
-             "max_sweeps"}
-RECIPE_KEYS = {"name", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps"}
+             "max_sweeps", "tolerance"}
+RECIPE_KEYS = {"name", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
+               "tolerance"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 
 
@@ -102,7 +103,7 @@ class Recipe:
                 lines.append(f"c = {_q(s.c)}")
             lines += [f"alpha = {_v(o.alpha)}", f"iterations = {o.iterations}", f"parts = {_v(list(o.parts))}",
                       f"device = {_q(o.device)}", f"precision = {_q(o.precision)}", f"seed = {o.seed}",
-                      f"max_sweeps = {o.max_sweeps}"]
+                      f"max_sweeps = {o.max_sweeps}", f"tolerance = {_v(float(o.tolerance))}"]
         return "\n".join(lines) + "\n"
 
 
@@ -375,7 +376,8 @@ def recipe_from_checkpoint(path: str | os.PathLike[str]) -> str:
     refs = {label.lower(): ModelRef(label.lower(), file, hashes.get(label)) for label, file in models.items()}
     opts = MergeOptions(method=single["method"], alpha=single["alpha"], iterations=single["iterations"],
                         parts=tuple(single["parts"]), device=single["device"], precision=single["precision"],
-                        seed=single["seed"], max_sweeps=single["max_sweeps"])
+                        seed=single["seed"], max_sweeps=single["max_sweeps"],
+                        tolerance=single.get("tolerance", 0.0))
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
     return Recipe(name=Path(path).stem, models=refs, steps=[step]).to_toml()
 
