@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=("full", "mini"), default="full")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "/work/bench_data")),
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "bench_data")),
                    help="folder for the synthetic pairs, raw outputs and temporary merges (outside the repo)")
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=None,
                    help=f"default: {' '.join(DEFAULT_CASES)} (+ ogkalu2_default with --ogkalu2-default)")
