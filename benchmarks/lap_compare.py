@@ -143,6 +143,18 @@ def real(data: Path, repeat: int, table: list[dict[str, Any]], block_table: list
             print(f"pair {pair}: {pa} / {pb} missing, skipped (python -m benchmarks.run generates them)")
             continue
         with open_checkpoint(pa) as A, open_checkpoint(pb) as B:
+            # Legacy mode's matrices: one GroupNorm's (weight, bias) against another's, a rank-2 fp32 sum of outer
+            # products, solved 6 times per iteration (3000 solves for 500 iterations).
+            try:
+                from lib_rebasin.legacy import SPECIAL_GROUPS
+            except ImportError:
+                SPECIAL_GROUPS = ()
+            for w, bias in SPECIAL_GROUPS:
+                ta, tb = (A.get(w).float(), A.get(bias).float()), (B.get(w).float(), B.get(bias).float())
+                n = ta[0].numel()
+                C32 = ta[0].reshape(n, 1) @ tb[0].reshape(1, n) + ta[1].reshape(n, 1) @ tb[1].reshape(1, n)
+                compare(f"legacy rank-2 {pair} ({label}) {w.rsplit('.', 1)[0]}", C32.double().numpy(), repeat,
+                        table)
             for gname in REAL_GROUPS + [GN_GROUP]:
                 g = spec.groups.get(gname)
                 if g is None:
