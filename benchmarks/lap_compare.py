@@ -1,6 +1,6 @@
 """Linear assignment solvers on the cost matrices weight matching produces: scipy vs `lap` vs `lapjv`.
 
-    python -m benchmarks.lap_compare [--data /work/bench_data] [--sizes 320 640 1280 2560 5120] [--repeat 3]
+    python -m benchmarks.lap_compare [--data bench_data] [--sizes 320 640 1280 2560 5120] [--repeat 3]
                                      [--no-real] [--out lap_results.md]
 
 Every solver maximises sum_i C[i, perm[i]] (the LAP libraries minimise, so they get -C). Checked against scipy's
@@ -217,7 +217,7 @@ def render(table: list[dict[str, Any]], block_table: list[dict[str, Any]], argv:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "/work/bench_data")))
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "bench_data")))
     p.add_argument("--sizes", type=int, nargs="+", default=[320, 640, 1280, 2560, 5120])
     p.add_argument("--repeat", type=int, default=3, help="runs per solver and matrix (median reported)")
     p.add_argument("--no-real", action="store_true", help="skip the real cost matrices")
