@@ -313,15 +313,3 @@ def _set_moved(moved: Perms, name: str, perm: torch.Tensor) -> None:
         moved.pop(name, None)
     else:
         moved[name] = perm
-
-
-def objective(spec: ArchSpec, keys: Iterable[str], get_a: TensorGetter, get_b: TensorGetter,
-              perms: Perms) -> tuple[float, float]:
-    """(sum_k <A_k, B_k>, sum_k <A_k, pi(B)_k>) over `keys`, in float64."""
-    before = after = 0.0
-    for key in keys:
-        a = get_a(key).double()
-        b = get_b(key).double()
-        before += float((a * b).sum())
-        after += float((a * permute_tensor(spec, key, b, perms)).sum())
-    return before, after

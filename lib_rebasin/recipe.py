@@ -36,14 +36,14 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .checkpoint import Checkpoint, file_sha256, open_checkpoint
 from .errors import RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
                     _Reporter, merge_checkpoints, merge_in_memory)
-from .models import legacy_hash, merge_history
+from .models import legacy_hash, open_model
 from .spec import PARTS
 
 if sys.version_info >= (3, 11):
@@ -276,8 +276,6 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
         for slot in ("a", "b", "c"):
             ref = getattr(step, slot)
             if ref in paths:
-                from .models import open_model
-
                 open_model(paths[ref], slot.upper()).close()
 
     canonical = _canonical(recipe, paths)
@@ -390,5 +388,3 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise RecipeError(f"Cannot read recipe {p}: {e.strerror}.") from None
     return parse_recipe(text, p.name)
 
-
-ProgressFn = Callable[[ProgressEvent], None]
