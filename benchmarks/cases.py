@@ -84,6 +84,9 @@ OURS = {
     "ours_rebasin": dict(method="rebasin", iterations=1),
     "ours_weighted_sum": dict(method="weighted_sum", iterations=1),
     "ours_legacy": dict(method="legacy", iterations=500),
+    # Stopped early: one sweep (like for like with ogkalu2's max_iter=1), and the 1 % tolerance rule.
+    "ours_rebasin_1sweep": dict(method="rebasin", iterations=1, max_sweeps=1),
+    "ours_rebasin_tol": dict(method="rebasin", iterations=1, tolerance=0.01),
 }
 
 

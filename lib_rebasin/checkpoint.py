@@ -57,12 +57,13 @@ class Checkpoint:
 
     def __init__(self, path: Path, infos: dict[str, TensorInfo], getter: Callable[[str], torch.Tensor],
                  metadata: dict[str, str], closer: Callable[[], None] = lambda: None,
-                 in_memory: bool = False) -> None:
+                 in_memory: bool = False, releaser: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.infos = infos
         self._get = getter
         self.metadata = metadata
         self._closer = closer
+        self._releaser = releaser
         self.in_memory = in_memory
 
     def keys(self) -> list[str]:
@@ -83,6 +84,15 @@ class Checkpoint:
 
     def close(self) -> None:
         self._closer()
+
+    def release_pages(self) -> None:
+        """Drop the file pages this process has read from its resident set (a memory-mapped file only).
+
+        They stay in the operating system's page cache, so reading them again costs a page fault, not a disk
+        read; views handed out earlier stay valid. Without this, every page ever read counts towards the
+        process's resident memory until the file is unmapped.
+        """
+        self._releaser()
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -179,7 +189,35 @@ def _open_safetensors(p: Path) -> Checkpoint:
         # Views handed out keep the mapping alive through their storage; closing only drops our handle.
         fh.close()
 
-    return Checkpoint(p, infos, get, metadata, close)
+    def release() -> None:
+        # MADV_DONTNEED on a read-only shared file mapping only unmaps pages: the data is re-read from the page
+        # cache on the next access. (Windows has no madvise; there the system trims the working set itself.)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    return Checkpoint(p, infos, get, metadata, close, releaser=release)
+
+
+def resident_file_bytes() -> int | None:
+    """Bytes of file-backed (memory-mapped) pages in this process's resident set, where the system says."""
+    try:
+        with open("/proc/self/statm") as f:
+            shared_pages = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return shared_pages * mmap.PAGESIZE
+
+
+def release_mapped_pages(checkpoints: Iterable[Checkpoint], above: int) -> None:
+    """Release the checkpoints' mapped pages once this process holds more than `above` bytes of them.
+
+    Call it between units of work (a group's cost matrix, a written tensor): resident memory then stays near
+    `above` plus one unit, whatever the size of the files. Where the resident size is unknown, always release.
+    """
+    resident = resident_file_bytes()
+    if resident is None or resident > above:
+        for c in checkpoints:
+            c.release_pages()
 
 
 def _open_pickle(p: Path) -> Checkpoint:

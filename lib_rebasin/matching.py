@@ -169,6 +169,10 @@ def certified_argmax(C: torch.Tensor, E: torch.Tensor, structure: Structure) -> 
     return best if is_legal(structure, best) else None
 
 
+# Screened visits after which a screen that failed on most of them is switched off for the rest of the search.
+_SCREEN_PROBE = 16
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 GEMMs are much faster than fp32 here: CUDA, or a CPU with AMX-BF16 / AVX512-BF16."""
     if device.type == "cuda":
@@ -208,7 +212,7 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
                     init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,
                     skip_unchanged: bool = True, screen: bool | None = None,
-                    tolerance: float = 0.0) -> MatchResult:
+                    tolerance: float = 0.0, after_visit: Callable[[], None] | None = None) -> MatchResult:
     """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
 
     `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
@@ -220,6 +224,8 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
     `tolerance` > 0 also stops once a sweep gains less than that fraction of what the first sweep gained (the
     objective changes by exactly the accepted groups' gains). 0, the default, is the paper's rule: stop only when a
     sweep improves nothing. Independent models gain most of the objective in 2-3 sweeps and then crawl for tens.
+
+    `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
     """
     start = time.perf_counter()
     dev = torch.device(device)
@@ -233,6 +239,7 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
     moved: Perms = {k: p for k, p in perms.items() if not is_identity(p)}
     use_screen = bf16_is_fast(dev) if screen is None else screen
     unscreenable: set[str] = set()
+    screen_tries = screen_wins = 0
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
     dirty = {g.name for g in groups}
@@ -259,7 +266,13 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
             if certificate and use_screen and g.name not in unscreenable:
                 C_est, E = screened_cost_matrix(spec, g, ta, tb, moved, dev)
                 best = certified_argmax(C_est, E, g.structure)
+                screen_tries += 1
+                if best is None and screen_tries >= _SCREEN_PROBE and screen_wins < screen_tries // 2:
+                    # Mostly failing (unrelated models): the fp32 matrix is needed anyway, so stop paying for
+                    # the estimate. Only speed depends on this; the result never does.
+                    use_screen = False
                 if best is not None:
+                    screen_wins += 1
                     rep.certified += 1
                     rep.screened += 1
                     if not torch.equal(best, current):
@@ -270,6 +283,8 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
                         sweep_gain += float((C_est[rows, best] - C_est[rows, current]).double().sum())
                         changed += 1
                         dirty |= affects[g.name]
+                    if after_visit is not None:
+                        after_visit()
                     if progress is not None:
                         progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
                     continue
@@ -291,6 +306,8 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
                 sweep_gain += new - old
                 changed += 1
                 dirty |= affects[g.name]
+            if after_visit is not None:
+                after_visit()
             if progress is not None:
                 progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
         sweeps += 1

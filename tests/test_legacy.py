@@ -137,3 +137,19 @@ def test_reference_facts_about_the_tool_output() -> None:
         assert out["dtypes"] == {"torch.float32": len(SHAPES)}
         assert out["position_ids"]["dtype"] == "torch.float32"
         assert 0 < out["position_ids"]["max_abs_dev_from_arange"] < 1e-4
+
+
+def test_groups_solved_on_parallel_threads_give_the_serial_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lib_rebasin.legacy as legacy
+
+    case = next(c for c in REF["cases"] if c["iterations"] == 10 and c["torch_threads"] == 2)
+    args = (_getter(case["a"]), _getter(case["b"]), case["alpha"], case["iterations"])
+    parallel = legacy_special_tensors(*args)
+
+    class Serial:
+        def map(self, f: Callable, items: object) -> object:
+            return map(f, items)
+
+    monkeypatch.setattr(legacy, "_POOL", Serial())
+    serial = legacy_special_tensors(*args)
+    assert all(torch.equal(parallel[k], serial[k]) for k in SPECIAL_KEYS)
