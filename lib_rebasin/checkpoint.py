@@ -359,12 +359,25 @@ def save_state_dict(path: str | os.PathLike[str], tensors: Mapping[str, torch.Te
     return write_safetensors(path, entries, tensors.__getitem__, metadata, overwrite)
 
 
+_SHA256_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of the whole file, as the WebUI shows it (the short hash is its first 10 hex digits)."""
+    """sha256 of the whole file, as the WebUI shows it (the short hash is its first 10 hex digits).
+
+    Remembered per file identity (path, inode, size, modification time), so a recipe that pins its inputs and
+    the merge that records them, or the same inputs merged again in the WebUI, read a 2 GB file once.
+    """
     import hashlib
 
+    st = os.stat(path)
+    ident = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _SHA256_CACHE.get(ident)
+    if cached is not None:
+        return cached
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    _SHA256_CACHE[ident] = digest = h.hexdigest()
+    return digest

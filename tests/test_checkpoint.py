@@ -221,3 +221,16 @@ def test_merges_are_unchanged_by_releasing_pages_after_every_step(models: dict[s
     monkeypatch.setattr(merge_module, "WRITING_PAGE_BUDGET", 0)
     merge_checkpoints(models["a"], models["independent"], tmp_path / "released.safetensors", opts)
     assert (tmp_path / "kept.safetensors").read_bytes() == (tmp_path / "released.safetensors").read_bytes()
+
+
+def test_file_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
+    import hashlib
+
+    from lib_rebasin.checkpoint import file_sha256
+
+    path = tmp_path / "m.bin"
+    path.write_bytes(b"first")
+    assert file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    os.utime(path, ns=(1, 1))
+    path.write_bytes(b"second, longer")  # new size and modification time: hashed again
+    assert file_sha256(path) == hashlib.sha256(b"second, longer").hexdigest()
