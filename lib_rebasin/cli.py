@@ -88,10 +88,10 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="output precision")
     p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching")
     p.add_argument("--max-sweeps", type=int, default=100, help="upper bound on weight-matching sweeps")
-    p.add_argument("--tolerance", type=float, default=0.0,
+    p.add_argument("--tolerance", type=float, default=0.01,
                    help="stop weight matching once a sweep gains less than this fraction of the first sweep's gain "
-                        "(default 0: only when a sweep improves nothing, as in the paper; 0.01 is much faster for "
-                        "independently trained models)")
+                        "(default 0.01; 0 = only when a sweep improves nothing, as in the paper, which on "
+                        "independently trained models takes ~10x longer for the last 0.2%% of the gain)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -73,7 +73,10 @@ class MergeOptions:
     precision: str = "fp16"
     seed: int = 0
     max_sweeps: int = 100
-    tolerance: float = 0.0   # stop when a sweep gains < tolerance x the first sweep's gain (0: the paper's rule)
+    # Stop matching when a sweep gains < tolerance x the first sweep's gain; 0 is the paper's rule (until a sweep
+    # improves nothing). Measured on full-size independent models: 1 % stops after 3 sweeps in 155 s with 99.8 %
+    # of the converged objective gain; the paper's rule took 73 sweeps and 1,503 s (benchmarks/results.md).
+    tolerance: float = 0.01
 
     def validate(self) -> None:
         if self.method not in METHODS:

@@ -210,7 +210,8 @@ def _options(recipe: Any, form: StepForm, base: Any = None) -> Any:
                         device=str(d.get("device", base.device if base else "cpu")),
                         precision=str(d.get("precision", base.precision if base else "fp16")),
                         seed=int(d.get("seed", base.seed if base else 0)),
-                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", 100)))
+                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", 100)),
+                        tolerance=float(base.tolerance if base else d.get("tolerance", MergeOptions.tolerance)))
     opts.validate()
     return opts
 

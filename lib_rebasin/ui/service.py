@@ -51,6 +51,7 @@ class MergeRequest:
     output_name: str = ""
     overwrite: bool = False
     seed: int = 0
+    tolerance: float = 0.01   # fraction of the first sweep's gain below which matching stops (MergeOptions)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MergeRequest":
@@ -64,7 +65,7 @@ class MergeRequest:
         kw: dict[str, Any] = {}
         for k, v in d.items():
             try:
-                if k in ("alpha",):
+                if k in ("alpha", "tolerance"):
                     kw[k] = float(v)
                 elif k in ("iterations", "seed"):
                     if isinstance(v, bool) or float(v) != int(float(v)):
@@ -319,7 +320,8 @@ class MergeService:
         if any(_same_file(out, e.path) for e in (a, b, c) if e is not None):
             raise RebasinError(f"The output {out.name} would overwrite one of the input models; choose another name.")
         opts = core.MergeOptions(method=req.method, alpha=float(req.alpha), iterations=int(req.iterations),
-                                 parts=parts, device=req.device, precision=req.precision, seed=int(req.seed))
+                                 parts=parts, device=req.device, precision=req.precision, seed=int(req.seed),
+                                 tolerance=float(req.tolerance))
         checked = core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
         close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating here
         if callable(close):

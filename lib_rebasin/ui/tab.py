@@ -161,6 +161,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
     d_precision = defaults.get("precision") if defaults.get("precision") in PRECISION_CHOICES else "fp16"
     d_iterations = int(defaults.get("iterations") or 1)
     d_alpha = float(defaults.get("alpha", 0.5))
+    d_tolerance = 100 * float(defaults.get("tolerance", MergeRequest.tolerance))
     titles = service.titles()
     targets = dict(host.hires_targets() or {})
     c: dict[str, Any] = {}
@@ -195,6 +196,11 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     c["parts"] = gr.CheckboxGroup(choices=[PART_LABELS[p] for p in PARTS],
                                                   value=[PART_LABELS[p] for p in PARTS], label="Parts to merge",
                                                   elem_id="rebasin_parts")
+                c["tolerance"] = gr.Slider(
+                    minimum=0.0, maximum=10.0, step=0.1, value=d_tolerance,
+                    label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
+                          "(0 = until nothing improves; much slower on unrelated models)",
+                    elem_id="rebasin_tolerance")
                 with gr.Row():
                     c["device"] = gr.Dropdown(choices=devices, value=d_device, label="Device",
                                               elem_id="rebasin_device")
@@ -251,19 +257,21 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         c["method"].change(fn=on_method, inputs=[c["method"]], outputs=[c["model_c"], c["refresh_c"], c["method_help"]])
 
         merge_inputs = [c["task_id"], c["model_a"], c["model_b"], c["model_c"], c["method"], c["alpha"],
-                        c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"]]
+                        c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"],
+                        c["tolerance"]]
         merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["merge"], *dropdowns]
 
         def lists_after_save(a, b, cc):
             t = service.titles()  # the host rescanned its folders after the save
             return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
 
-        def run_merge(task_id, a, b, cc, method, alpha, iterations, parts, device, precision, name, overwrite):
+        def run_merge(task_id, a, b, cc, method, alpha, iterations, parts, device, precision, name, overwrite,
+                      tolerance=100 * MergeRequest.tolerance):
             key = label_to_method.get(method, method)
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
-                               overwrite=bool(overwrite))
+                               overwrite=bool(overwrite), tolerance=float(tolerance or 0) / 100)
             tid = task_id if isinstance(task_id, str) and task_id.startswith("task(") else None
             keep = [update(), update(), update()]
             try:
