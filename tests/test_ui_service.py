@@ -43,7 +43,8 @@ def test_output_name_gets_safetensors_and_stays_in_folder(tmp_path):
 def test_request_from_json_is_strict():
     r = MergeRequest.from_dict({"model_a": "a", "model_b": "b", "alpha": "0.3", "iterations": 3, "parts": "unet,te"})
     assert (r.alpha, r.iterations, r.parts) == (0.3, 3, ("unet", "te"))
-    for bad in ({"nope": 1}, {"iterations": 1.5}, {"overwrite": "yes"}, {"alpha": "x"}, []):
+    assert r.tolerance == 0.01 and MergeRequest.from_dict({"tolerance": "0"}).tolerance == 0.0
+    for bad in ({"nope": 1}, {"iterations": 1.5}, {"overwrite": "yes"}, {"alpha": "x"}, {"tolerance": "x"}, []):
         with pytest.raises(RebasinError):
             MergeRequest.from_dict(bad)
 
@@ -106,6 +107,16 @@ def test_standalone_service_merges_loads_and_refuses_a_second_job(two_models):
             svc.prepare(req)
     finally:
         (two_models / "svc_merge.safetensors").unlink(missing_ok=True)
+
+
+def test_the_requested_tolerance_reaches_the_merge_and_a_bad_one_is_refused(two_models):
+    svc = MergeService(StandaloneHost(two_models, devices=["cpu"]))
+    prepared = svc.prepare(MergeRequest(model_a="one.safetensors", model_b="two.safetensors", output_name="tol",
+                                        device="cpu", tolerance=0.0))
+    assert prepared.options.tolerance == 0.0  # the paper's stopping rule, on request
+    with pytest.raises(RebasinError, match="tolerance"):
+        svc.prepare(MergeRequest(model_a="one.safetensors", model_b="two.safetensors", output_name="tol",
+                                 device="cpu", tolerance=1.5))
 
 
 def test_unsupported_model_is_refused_by_preflight(two_models, tmp_path):
