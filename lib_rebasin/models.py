@@ -40,7 +40,6 @@ class ModelInput:
     config: SD1Config
     parts: set[str] = field(default_factory=set)
     owned: bool = True    # opened here (closed with the merge) or handed in by the caller
-    _sha256: str | None = None
 
     @property
     def path(self) -> Path:
@@ -51,10 +50,8 @@ class ModelInput:
         return self.ckpt.in_memory
 
     def sha256(self) -> str | None:
-        """The file's sha256 (cached); None for an in-memory checkpoint."""
-        if self._sha256 is None and not self.in_memory:
-            self._sha256 = file_sha256(self.path)
-        return self._sha256
+        """The file's sha256 (remembered by `file_sha256`); None for an in-memory checkpoint."""
+        return None if self.in_memory else file_sha256(self.path)
 
     def close(self) -> None:
         if self.owned:
