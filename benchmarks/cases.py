@@ -140,6 +140,30 @@ def run_ours(case: str, a: str, b: str, out_dir: Path, device: str) -> dict[str,
     return rec
 
 
+def run_read(a: str, b: str) -> dict[str, Any]:
+    """Read throughput of the checkpoint reader: every tensor of both files, twice, each widened to fp32 as a
+    merge consumes it (so the mmap path's page faults and the positional-read path's copies are both paid).
+    The first pass may find the files in the page cache or not; the second almost always does."""
+    from lib_rebasin.checkpoint import open_checkpoint
+
+    passes = []
+    total = 0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        total = 0
+        for path in (a, b):
+            with open_checkpoint(path) as ck:
+                for key in ck.keys():
+                    t = ck.get(key)
+                    total += t.numel() * t.element_size()
+                    t.to(torch.float32)
+        passes.append(time.perf_counter() - t0)
+    seconds = sum(passes)
+    notes = [f"{total / 2**30:.2f} GiB per pass; passes " + ", ".join(f"{s:.2f} s ({total / s / 2**30:.2f} GiB/s)"
+                                                                       for s in passes)]
+    return {"seconds": seconds, "passes": passes, "bytes": total, "notes": notes}
+
+
 # -- sd-meh ----------------------------------------------------------------------------------------------------
 
 def run_sdmeh(a: str, b: str, out_dir: Path, device: str) -> dict[str, Any]:
@@ -271,6 +295,7 @@ def run_ogkalu2(a: str, b: str, device: str, dirname: str | None, max_iter: int)
 
 CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     **{name: (lambda ns, name=name: run_ours(name, ns.a, ns.b, Path(ns.out_dir), ns.device)) for name in OURS},
+    "ours_read": lambda ns: run_read(ns.a, ns.b),
     "sdmeh_rebasin": lambda ns: run_sdmeh(ns.a, ns.b, Path(ns.out_dir), ns.device),
     "ogkalu2_1sweep": lambda ns: run_ogkalu2(ns.a, ns.b, ns.device, ns.ogkalu2_dir, max_iter=1),
     "ogkalu2_default": lambda ns: run_ogkalu2(ns.a, ns.b, ns.device, ns.ogkalu2_dir, max_iter=3),

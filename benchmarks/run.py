@@ -37,6 +37,7 @@ PAIRS = {
 DEFAULT_PAIRS = {
     "ours_rebasin": ("Y", "X"),
     "ours_weighted_sum": ("X",),
+    "ours_read": ("Y",),
     "ours_legacy": ("X",),
     "ours_rebasin_1sweep": ("X",),
     "ours_rebasin_tol": ("X",),
@@ -48,6 +49,7 @@ DEFAULT_CASES = ["ours_rebasin", "ours_weighted_sum", "ours_legacy", "sdmeh_reba
 LABELS = {
     "ours_rebasin": "ours: re-basin (UNet + TE)",
     "ours_weighted_sum": "ours: weighted sum",
+    "ours_read": "ours: read every tensor of A and B, 2 passes",
     "ours_legacy": "ours: legacy (500 iterations)",
     "ours_rebasin_1sweep": "ours: re-basin (UNet + TE), max_sweeps=1",
     "ours_rebasin_tol": "ours: re-basin (UNet + TE), tolerance 0.01",
