@@ -1,23 +1,29 @@
 """Checkpoint files: lazy reading of .safetensors / .ckpt / .pt, and atomic streaming writes of .safetensors.
 
-Reading a safetensors file maps it into memory and hands out zero-copy tensor views per key, so a 2 GB checkpoint
-costs nothing until a tensor is touched, and the operating system can drop pages again under memory pressure.
+Reading a safetensors file parses its header and then reads each tensor, when asked for, with a positional read
+into a fresh buffer (`FileSource`), so a 2 GB checkpoint costs nothing until a tensor is needed and memory is
+only what the caller keeps. Not memory-mapped on purpose: a mapped file that is truncated or rewritten while it
+is read kills the process with SIGBUS (and with it the whole WebUI); a read returns short instead, and every
+read checks the open file against what was opened, so a changed input becomes an `InputChangedError`.
+The sha256 recorded for an input is the hash of the open file (the same inode the tensors came from), so a file
+replaced by rename during a merge cannot give the output the new file's hash.
 Pickled checkpoints are loaded with `torch.load(weights_only=True)`: a pickle that needs arbitrary code is refused,
 never executed.
 
 Keys are normalised on the way in (nested `state_dict`, the old text-encoder layout without `text_model.`), so the
 rest of the library sees one canonical SD 1.x layout.
+
+Writing goes through a temporary file that a killed process cannot leave behind (see `tempfiles.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import mmap
 import os
 import pickle
 import struct
-import tempfile
-import warnings
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .errors import CheckpointReadError, OutputError
+from .errors import CheckpointReadError, InputChangedError, OutputError
+from .tempfiles import open_temp_output, place_output, probe_writable, sweep_stale_temp_files
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -57,14 +64,14 @@ class Checkpoint:
 
     def __init__(self, path: Path, infos: dict[str, TensorInfo], getter: Callable[[str], torch.Tensor],
                  metadata: dict[str, str], closer: Callable[[], None] = lambda: None,
-                 in_memory: bool = False, releaser: Callable[[], None] = lambda: None) -> None:
+                 in_memory: bool = False, source: "FileSource | None" = None) -> None:
         self.path = path
         self.infos = infos
         self._get = getter
         self.metadata = metadata
         self._closer = closer
-        self._releaser = releaser
         self.in_memory = in_memory
+        self.source = source  # the open file the tensors come from (None: in memory)
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -79,20 +86,29 @@ class Checkpoint:
         return {k: v.shape for k, v in self.infos.items()}
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor for `key` (a read-only view for safetensors; do not modify in place)."""
+        """The tensor for `key` (do not modify it in place: a pickled or in-memory checkpoint hands out its own).
+
+        Raises InputChangedError if the file was truncated or modified since it was opened."""
         return self._get(key)
+
+    def sha256(self) -> str | None:
+        """sha256 of the bytes this checkpoint reads (the open file, not whatever its path names now); None in
+        memory. Raises InputChangedError if the file was modified since it was opened."""
+        return None if self.source is None else self.source.sha256()
+
+    def verify_unchanged(self) -> None:
+        """Raise InputChangedError if the file was modified since it was opened (no-op in memory)."""
+        if self.source is not None:
+            self.source.verify()
+
+    def read_bytes(self, offset: int, n: int) -> bytes:
+        """Up to `n` raw bytes of the open file at `offset` (b"" in memory)."""
+        return b"" if self.source is None else self.source.read_bytes(offset, n)
 
     def close(self) -> None:
         self._closer()
-
-    def release_pages(self) -> None:
-        """Drop the file pages this process has read from its resident set (a memory-mapped file only).
-
-        They stay in the operating system's page cache, so reading them again costs a page fault, not a disk
-        read; views handed out earlier stay valid. Without this, every page ever read counts towards the
-        process's resident memory until the file is unmapped.
-        """
-        self._releaser()
+        if self.source is not None:
+            self.source.close()
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -132,20 +148,98 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     raise CheckpointReadError(f"{p.name}: not a checkpoint (expected .safetensors, .ckpt or .pt).")
 
 
-def _open_safetensors(p: Path) -> Checkpoint:
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointReadError(f"{p.name}: file is empty or truncated (no safetensors header).")
-        (n,) = struct.unpack("<Q", raw)
-        if n < 2 or 8 + n > size:
-            raise CheckpointReadError(f"{p.name}: not a valid safetensors file (header length {n}, file size "
-                                      f"{size}); the file may be truncated or not a checkpoint.")
+class FileSource:
+    """An open input file read by positional reads, and the identity (size, modification time) it had when opened.
+
+    Every read is checked: a short read (the file was truncated) or a changed size or modification time (it was
+    rewritten in place) raises InputChangedError instead of handing out bytes of another version of the file. A
+    file replaced by rename is not an error: this descriptor still reads, consistently, the version it opened.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "rb")
+        self.identity = _identity(os.fstat(self.file.fileno()))
+        self._lock = threading.Lock()  # only for systems without pread (one shared file position)
+        self._sha256: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.identity[2]
+
+    def verify(self) -> None:
+        if _identity(os.fstat(self.file.fileno())) != self.identity:
+            raise InputChangedError(self.path)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with the file's bytes at `offset`; raise InputChangedError if the file no longer has them."""
+        view = buf.cast("B") if buf.format != "B" else buf
+        done = 0
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointReadError(f"{p.name}: safetensors header is not valid JSON ({e}).") from None
+            while done < len(view):
+                n = self._read_at(offset + done, view[done:])
+                if n == 0:  # end of file before the end of the data: truncated since it was opened
+                    raise InputChangedError(self.path)
+                done += n
+        except OSError as e:
+            raise CheckpointReadError(f"{self.path.name}: read error ({e.strerror or e}).") from None
+        self.verify()
+
+    def read_bytes(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        buf = bytearray(n)
+        if n:
+            self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def sha256(self) -> str:
+        """sha256 of the whole opened file (as the WebUI shows it), remembered per file version."""
+        if self._sha256 is None:
+            self._sha256 = _hash_open_file(self)
+        self.verify()
+        return self._sha256
+
+    def close(self) -> None:
+        self.file.close()
+
+    if hasattr(os, "preadv"):
+        def _read_at(self, offset: int, view: memoryview) -> int:
+            return os.preadv(self.file.fileno(), [view], offset)  # no shared file position; releases the GIL
+    else:  # Windows: no positional read
+        def _read_at(self, offset: int, view: memoryview) -> int:
+            with self._lock:
+                self.file.seek(offset)
+                return self.file.readinto(view) or 0
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: device, inode, size and modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_safetensors(p: Path) -> Checkpoint:
+    src = FileSource(p)
+    try:
+        return _read_safetensors(p, src)
+    except BaseException:
+        src.close()
+        raise
+
+
+def _read_safetensors(p: Path, src: FileSource) -> Checkpoint:
+    size = src.size
+    f = src.file
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointReadError(f"{p.name}: file is empty or truncated (no safetensors header).")
+    (n,) = struct.unpack("<Q", raw)
+    if n < 2 or 8 + n > size:
+        raise CheckpointReadError(f"{p.name}: not a valid safetensors file (header length {n}, file size "
+                                  f"{size}); the file may be truncated or not a checkpoint.")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointReadError(f"{p.name}: safetensors header is not valid JSON ({e}).") from None
     if not isinstance(header, dict):
         raise CheckpointReadError(f"{p.name}: safetensors header is not a JSON object.")
     metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
@@ -168,66 +262,34 @@ def _open_safetensors(p: Path) -> Checkpoint:
         ck = canonical_key(key)
         infos[ck] = TensorInfo(shape, dtype)
         places[ck] = (key, data_start + begin, numel)
-
-    fh = open(p, "rb")
-    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    src.verify()  # the header just parsed belongs to the version whose identity was taken
 
     def get(key: str) -> torch.Tensor:
         _, offset, numel = places[key]
         info = infos[key]
-        if numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only buffer: we never write to these views
-            if offset % info.dtype.itemsize == 0:
-                t = torch.frombuffer(mm, dtype=info.dtype, count=numel, offset=offset)
-            else:  # misaligned data: copy once
-                t = torch.frombuffer(bytearray(mm[offset:offset + numel * info.dtype.itemsize]), dtype=info.dtype)
+        t = torch.empty(numel, dtype=info.dtype)
+        if numel:  # into a fresh, aligned buffer (data misaligned in the file costs nothing extra)
+            src.read_into(offset, memoryview(t.view(torch.uint8).numpy()))
         return t.view(info.shape)
 
-    def close() -> None:
-        # Views handed out keep the mapping alive through their storage; closing only drops our handle.
-        fh.close()
-
-    def release() -> None:
-        # MADV_DONTNEED on a read-only shared file mapping only unmaps pages: the data is re-read from the page
-        # cache on the next access. (Windows has no madvise; there the system trims the working set itself.)
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
-
-    return Checkpoint(p, infos, get, metadata, close, releaser=release)
-
-
-def resident_file_bytes() -> int | None:
-    """Bytes of file-backed (memory-mapped) pages in this process's resident set, where the system says."""
-    try:
-        with open("/proc/self/statm") as f:
-            shared_pages = int(f.read().split()[2])
-    except (OSError, ValueError, IndexError):
-        return None
-    return shared_pages * mmap.PAGESIZE
-
-
-def release_mapped_pages(checkpoints: Iterable[Checkpoint], above: int) -> None:
-    """Release the checkpoints' mapped pages once this process holds more than `above` bytes of them.
-
-    Call it between units of work (a group's cost matrix, a written tensor): resident memory then stays near
-    `above` plus one unit, whatever the size of the files. Where the resident size is unknown, always release.
-    """
-    resident = resident_file_bytes()
-    if resident is None or resident > above:
-        for c in checkpoints:
-            c.release_pages()
+    return Checkpoint(p, infos, get, metadata, source=src)
 
 
 def _open_pickle(p: Path) -> Checkpoint:
+    src = FileSource(p)
     try:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+        return _load_pickle(p, src)
+    except BaseException:
+        src.close()
+        raise
+
+
+def _load_pickle(p: Path, src: FileSource) -> Checkpoint:
+    try:
+        # Read into memory, not memory-mapped (a mapped file that changes while it is read kills the process
+        # with SIGBUS), from the descriptor that is hashed later, so the recorded hash is of these bytes.
+        obj = torch.load(src.file, map_location="cpu", weights_only=True)
+        src.verify()
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
         raise CheckpointReadError(
@@ -249,7 +311,7 @@ def _open_pickle(p: Path) -> Checkpoint:
     if not tensors:
         raise CheckpointReadError(f"{p.name}: contains no tensors.")
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
-    return Checkpoint(p, infos, tensors.__getitem__, {}, tensors.clear)
+    return Checkpoint(p, infos, tensors.__getitem__, {}, tensors.clear, source=src)
 
 
 # -- writing --------------------------------------------------------------------------------------------------
@@ -266,10 +328,9 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> 
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"Output folder {parent} does not exist.")
+    sweep_stale_temp_files(parent)  # what killed writers left here (before any space is counted)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".rebasin-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(parent)
     except OSError as e:
         raise OutputError(f"Output folder {parent} is not writable ({e.strerror}).") from None
     return p
@@ -285,8 +346,9 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
     then called once per key and its result written straight to disk, so the whole output is never held in
     memory. `finalize_metadata`, if given, is called after the last tensor and its result replaces the metadata
     in the header (space for it is reserved up front), so values measured while writing can be stored. The data
-    goes to a temporary file in the same folder, which is renamed into place only after every
-    byte is written and flushed; on any error (including cancellation raised from `produce`) it is deleted.
+    goes to a temporary file in the same folder (unnamed where the system allows: see `tempfiles.py`), which is
+    put in place only after every byte is written and flushed; on any error (including cancellation raised from
+    `produce`) it is deleted, and if the process is killed instead, nothing or a sweepable name is left.
     """
     p = check_output_path(path, overwrite)
     entries = list(entries)
@@ -300,7 +362,7 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
         header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = _header_bytes(header, reserve=65536 if finalize_metadata else 0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = open_temp_output(p)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
@@ -321,9 +383,12 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
                 f.write(final + b" " * (len(blob) - len(final)))
             f.flush()
             os.fsync(f.fileno())
-        _place(tmp, p, overwrite)
+            try:
+                place_output(f.fileno(), tmp, p, overwrite)
+            except FileExistsError:
+                raise OutputError(f"Output {p} already exists; choose another name or allow overwriting.") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return p
@@ -335,23 +400,6 @@ def _header_bytes(header: Mapping[str, object], reserve: int) -> bytes:
     return blob + b" " * (-len(blob) % 8 + reserve)
 
 
-def _place(tmp: str, final: Path, overwrite: bool) -> None:
-    os.chmod(tmp, 0o644)
-    if overwrite:
-        os.replace(tmp, final)
-        return
-    try:  # link() fails if the target appeared meanwhile: never clobber a file we were told not to
-        os.link(tmp, final)
-    except FileExistsError:
-        raise OutputError(f"Output {final} already exists; choose another name or allow overwriting.") from None
-    except OSError:  # filesystems without hard links
-        if final.exists():
-            raise OutputError(f"Output {final} already exists; choose another name or allow overwriting.") from None
-        os.replace(tmp, final)
-        return
-    os.unlink(tmp)
-
-
 def save_state_dict(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                     metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write an in-memory state dict (keeps each tensor's dtype)."""
@@ -359,25 +407,34 @@ def save_state_dict(path: str | os.PathLike[str], tensors: Mapping[str, torch.Te
     return write_safetensors(path, entries, tensors.__getitem__, metadata, overwrite)
 
 
-_SHA256_CACHE: dict[tuple[str, int, int, int], str] = {}
+_SHA256_CACHE: dict[tuple[int, int, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of the whole file, as the WebUI shows it (the short hash is its first 10 hex digits).
 
-    Remembered per file identity (path, inode, size, modification time), so a recipe that pins its inputs and
+    Remembered per file version (device, inode, size, modification time), so a recipe that pins its inputs and
     the merge that records them, or the same inputs merged again in the WebUI, read a 2 GB file once.
     """
-    import hashlib
+    src = FileSource(Path(path))
+    try:
+        return _hash_open_file(src)
+    finally:
+        src.close()
 
-    st = os.stat(path)
-    ident = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    cached = _SHA256_CACHE.get(ident)
+
+def _hash_open_file(src: FileSource) -> str:
+    cached = _SHA256_CACHE.get(src.identity)
     if cached is not None:
         return cached
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    _SHA256_CACHE[ident] = digest = h.hexdigest()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    offset = 0
+    while offset < src.size:
+        n = min(len(buf), src.size - offset)
+        src.read_into(offset, view[:n])  # raises if the file changes while it is hashed
+        h.update(view[:n])
+        offset += n
+    _SHA256_CACHE[src.identity] = digest = h.hexdigest()
     return digest

@@ -13,6 +13,7 @@ from typing import Sequence, TextIO
 
 from .errors import Cancelled, RebasinError
 from .merge import METHODS, MergeOptions, MergeResult, ProgressEvent, merge_checkpoints
+from .signals import sigterm_as_interrupt
 from .spec import PARTS
 
 
@@ -176,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return ui_main(argv[1:])
     args = build_parser().parse_args(argv)
+    restore = sigterm_as_interrupt()
     try:
         if args.command == "merge":
             return _run_merge(args, args.method)
@@ -200,4 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RebasinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a merge (a merge turns it into Cancelled)
+        print(f"error: {Cancelled()}", file=sys.stderr)
+        return 2
+    finally:
+        restore()
     return 1

@@ -16,6 +16,16 @@ class CheckpointReadError(RebasinError):
     """A checkpoint file could not be read (missing, truncated, not a checkpoint, unsafe pickle)."""
 
 
+class InputChangedError(CheckpointReadError):
+    """An input file was truncated or modified while a merge was reading it (its bytes are no longer what was
+    opened). `path` is the file; the merge names the model slot in its message."""
+
+    def __init__(self, path: object, message: str | None = None) -> None:
+        self.path = path
+        name = getattr(path, "name", path)
+        super().__init__(message or f"{name} changed while it was being read; nothing was written.")
+
+
 class UnsupportedModelError(RebasinError):
     """The checkpoint is readable but is not a Stable Diffusion 1.x model."""
 

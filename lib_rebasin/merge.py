@@ -31,10 +31,9 @@ import torch
 
 from . import __version__
 from .blend import Blend, Term, merge_equal_terms, shared_window, telescoping_schedule
-from .checkpoint import (PRECISIONS, Checkpoint, check_output_path, memory_checkpoint, release_mapped_pages,
-                         write_safetensors)
+from .checkpoint import PRECISIONS, Checkpoint, check_output_path, memory_checkpoint, write_safetensors
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective
-from .errors import RebasinError
+from .errors import InputChangedError, RebasinError
 from .matching import MatchProgress, MatchResult, TensorGetter, weight_matching
 from .models import ModelInput, Source, check_compatible, open_model, same_file
 from .options import METHODS, MergeOptions, MethodInfo
@@ -46,12 +45,6 @@ from .spec import PARTS, ArchSpec, part_of
 __all__ = ["METHODS", "MethodInfo", "MergeOptions", "ProgressEvent", "ProgressCallback", "CancelCheck", "Reporter",
            "Diagnostics", "PART_NAMES", "MergeResult", "Prepared", "preflight", "merge_checkpoints",
            "merge_in_memory", "telescoping_schedule", "SPEC_VERSION"]
-
-# Resident memory allowed for the inputs' memory-mapped pages (see `release_mapped_pages`). Matching revisits every
-# tensor each sweep, so it keeps more of them mapped (fewer page faults); writing reads each tensor once.
-MATCHING_PAGE_BUDGET = 2_500_000_000
-WRITING_PAGE_BUDGET = 256_000_000
-
 
 @dataclass
 class MergeResult:
@@ -76,6 +69,19 @@ class Prepared:
         for m in (self.a, self.b, self.c):
             if m is not None:
                 m.close()
+
+    def verify_unchanged(self) -> None:
+        for m in (self.a, self.b, self.c):
+            if m is not None:
+                m.ckpt.verify_unchanged()
+
+    def changed_error(self, e: InputChangedError) -> InputChangedError:
+        """The error naming the model slot whose file changed, in one line."""
+        for m in (self.a, self.b, self.c):
+            if m is not None and m.ckpt.source is not None and m.ckpt.source.path == e.path:
+                return InputChangedError(e.path, f"Model {m.label} ({m.path.name}) changed while it was being "
+                                                 f"read; nothing was written.")
+        return e
 
 
 def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, options: MergeOptions,
@@ -136,10 +142,19 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
     try:
         plan = _plan(prep, report, extra_metadata or {}, metadata_hook)
         assert prep.output is not None
+
+        def final_metadata() -> dict[str, str]:
+            # After the last tensor was read and before the file is put in place: the recorded hashes are of
+            # the bytes merged only if no input changed since it was opened.
+            prep.verify_unchanged()
+            return plan.metadata()
+
         out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
-                                overwrite=prep.overwrite, finalize_metadata=plan.metadata)
+                                overwrite=prep.overwrite, finalize_metadata=final_metadata)
         report("writing", 1.0, "done")
         return MergeResult(out, plan.diagnostics, plan.metadata(), plan.diagnostics.seconds)
+    except InputChangedError as e:
+        raise prep.changed_error(e) from None
     finally:
         prep.close()
 
@@ -153,7 +168,10 @@ def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | Non
     try:
         plan = _plan(prep, report, {}, None)
         tensors = {key: plan.produce(key) for key, _, _ in plan.entries}
+        prep.verify_unchanged()
         metadata = plan.metadata()
+    except InputChangedError as e:
+        raise prep.changed_error(e) from None
     finally:
         prep.close()
     return memory_checkpoint(tensors, metadata, name), plan.diagnostics
@@ -178,13 +196,11 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     device = torch.device(opts.device)
     diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts))
     get_a, get_b = A.ckpt.get, B.ckpt.get
-    inputs = [m.ckpt for m in (A, B, prep.c) if m is not None]
 
     report.stage(0.02, 0.80 if opts.method == "rebasin" else 0.03)
     blend: Callable[[str], torch.Tensor]
     if opts.method == "rebasin":
-        blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag,
-                                               lambda: release_mapped_pages(inputs, MATCHING_PAGE_BUDGET))
+        blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag)
     elif opts.method == "weighted_sum":
         blend, final_perms = Blend(spec, [Term(1 - opts.alpha, get_a, {}), Term(opts.alpha, get_b, {})], device), {}
     elif opts.method == "add_difference":
@@ -224,7 +240,6 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
 
     def produce(key: str) -> torch.Tensor:
         nonlocal done
-        release_mapped_pages(inputs, WRITING_PAGE_BUDGET)
         report("writing", done / total, f"writing {key}")
         done += sizes[key]
         if key not in merged_keys:
@@ -259,15 +274,15 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
 
 def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
            opts: MergeOptions, device: torch.device, init: Perms | None,
-           on_progress: Callable[[MatchProgress], None], after_visit: Callable[[], None]) -> MatchResult:
+           on_progress: Callable[[MatchProgress], None]) -> MatchResult:
     groups = spec.groups_in(parts)
     return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=device,
-                           init=init, progress=on_progress, tolerance=opts.tolerance, after_visit=after_visit)
+                           init=init, progress=on_progress, tolerance=opts.tolerance)
 
 
 def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                       get_b_like: "ModelInput", opts: MergeOptions, device: torch.device, report: Reporter,
-                      diag: Diagnostics, after_visit: Callable[[], None]) -> tuple[Blend, Perms]:
+                      diag: Diagnostics) -> tuple[Blend, Perms]:
     """(1-a)A + a pi(B), or its iterations form; returns the final blend and the last permutation.
 
     Why the closed form is exact: suppose step x re-matches the running merge M against B and returns the
@@ -295,7 +310,7 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
         # Step 1 matches against A itself; later steps against the running merge (cached fp32 inside matching).
         # Matching compares shared windows only (an inpainting A's extra input channels have no partner in B).
         result = _match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
-                        shared_window(running, get_b_like), get_b, opts, device, perms, on_progress, after_visit)
+                        shared_window(running, get_b_like), get_b, opts, device, perms, on_progress)
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves

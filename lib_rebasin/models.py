@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Union
 
 from .arch import SD1Config, check_layout, detect
-from .checkpoint import Checkpoint, file_sha256, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import IncompatibleModelsError, RebasinError
 from .spec import ArchSpec, build_spec, part_of
 
@@ -50,8 +50,9 @@ class ModelInput:
         return self.ckpt.in_memory
 
     def sha256(self) -> str | None:
-        """The file's sha256 (remembered by `file_sha256`); None for an in-memory checkpoint."""
-        return None if self.in_memory else file_sha256(self.path)
+        """sha256 of the bytes merged: the open file, which a rename over its path does not change (remembered
+        per file version); None for an in-memory checkpoint."""
+        return self.ckpt.sha256()
 
     def close(self) -> None:
         if self.owned:
@@ -112,9 +113,12 @@ def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...
             f"Model {other.label} has no {names[missing[0]]}; untick that part or pick a full checkpoint.")
 
 
-def legacy_hash(path: str | os.PathLike[str]) -> str:
-    """The WebUI's old 8-digit model hash (sha256 of 64 KiB at offset 1 MiB)."""
-    with open(path, "rb") as f:
+def legacy_hash(source: "str | os.PathLike[str] | Checkpoint") -> str:
+    """The WebUI's old 8-digit model hash (sha256 of 64 KiB at offset 1 MiB), of an open checkpoint's file (the
+    bytes it reads) or of a path."""
+    if isinstance(source, Checkpoint):
+        return hashlib.sha256(source.read_bytes(0x100000, 0x10000)).hexdigest()[:8]
+    with open(source, "rb") as f:
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 

@@ -48,7 +48,7 @@ def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[st
             own_recipe = None
         if hashes[m.label] is None:
             continue  # an in-memory intermediate: the recipe that made it is recorded by the caller
-        merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.path),
+        merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.ckpt),
                                          "sd_merge_recipe": own_recipe}
         merge_models.update(merge_history(m))
     meta = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(merge_models)}

@@ -191,38 +191,6 @@ def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str
     assert info.supported and info.arch.startswith(variant + " (reduced width") and info.n_keys == 1143
 
 
-def test_released_pages_leave_views_valid_and_resident_memory_low(tmp_path: Path) -> None:
-    from lib_rebasin.checkpoint import release_mapped_pages, resident_file_bytes
-
-    sd = {"big": torch.randn(4 << 20), "small": torch.randn(7)}  # 16 MB + a little
-    path = save_state_dict(tmp_path / "m.safetensors", sd)
-    with open_checkpoint(path) as ck:
-        view = ck.get("big")
-        before = resident_file_bytes()
-        assert float(view.sum()) == pytest.approx(float(sd["big"].sum()), rel=1e-5)  # touches every page
-        touched = resident_file_bytes()
-        release_mapped_pages([ck], above=1 << 40)  # under the budget: nothing released
-        assert resident_file_bytes() == touched
-        release_mapped_pages([ck], above=0)
-        after = resident_file_bytes()
-        if before is not None:  # the system reports resident file pages (Linux)
-            assert touched - before >= 15 << 20
-            assert touched - after >= 15 << 20
-        assert torch.equal(view, sd["big"]) and torch.equal(ck.get("small"), sd["small"])  # re-read on access
-
-
-def test_merges_are_unchanged_by_releasing_pages_after_every_step(models: dict[str, Path], tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import lib_rebasin.merge as merge_module
-
-    opts = MergeOptions(method="rebasin", alpha=0.4, iterations=2, max_sweeps=2)
-    merge_checkpoints(models["a"], models["independent"], tmp_path / "kept.safetensors", opts)
-    monkeypatch.setattr(merge_module, "MATCHING_PAGE_BUDGET", 0)
-    monkeypatch.setattr(merge_module, "WRITING_PAGE_BUDGET", 0)
-    merge_checkpoints(models["a"], models["independent"], tmp_path / "released.safetensors", opts)
-    assert (tmp_path / "kept.safetensors").read_bytes() == (tmp_path / "released.safetensors").read_bytes()
-
-
 def test_file_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
     import hashlib
 

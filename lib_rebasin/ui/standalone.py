@@ -12,10 +12,12 @@ import argparse
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import RebasinError
+from ..signals import sigterm_as_interrupt
 from .host import BaseHost, CheckpointEntry, scan_checkpoints
 
 
@@ -90,10 +92,27 @@ def launch(models_dir: str | os.PathLike[str], port: int = 7861, server_name: st
     print(f"Re-Basin standalone: {url} (models in {_host.models_dir})", flush=True)
     if block:
         try:
-            blocks.block_thread()
-        except (KeyboardInterrupt, OSError):
+            while True:  # our own wait, not blocks.block_thread(): it swallows Ctrl-C and prints its own line
+                time.sleep(0.5)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see `main`)
+            print(stop_jobs(service), file=sys.stderr, flush=True)
+        finally:
             blocks.close()
     return blocks, service, url
+
+
+def stop_jobs(service: Any, timeout: float = 120.0) -> str:
+    """Cancel the running merge (if any) and wait until it has cleaned up; one line saying what happened."""
+    job = service.running()
+    if job is None:
+        return "Stopped: no merge was running."
+    service.cancel(job.id)
+    if not job.wait(timeout):
+        return f"Stopped: the merge into {job.prepared.output.name} did not stop within {timeout:.0f}s; nothing " \
+               "was written (its temporary file has no name, or is removed by the next merge into that folder)."
+    if job.status == "done":
+        return f"Stopped: the merge had just finished; saved {job.output.name if job.output else ''}."
+    return f"Stopped: cancelled the merge into {job.prepared.output.name}; nothing was written."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the standalone UI needs gradio (pip install 'gradio>=3.41,<5')", file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    sigterm_as_interrupt()  # our own process: SIGTERM stops it like Ctrl-C (never done inside the WebUI)
     launch(folder, port=args.port, server_name=args.host, block=True)
-    return 0
+    return 2  # only a signal ends the server: a non-zero exit, like the CLI's cancel
 
 
 if __name__ == "__main__":

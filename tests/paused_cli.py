@@ -1,0 +1,47 @@
+"""Run the real CLI (`python -m lib_rebasin ...`), holding it at a chosen point so a test can act on it there.
+
+    python tests/paused_cli.py STAGE N [--named-temp] -- merge A B -o OUT ...
+
+At the N-th progress report of STAGE (made whether or not a progress bar is shown) ("matching", "hashing", "writing") the process prints `PAUSED <pid>` on
+stdout and waits for a line on stdin before it goes on. While it waits the test can signal it, or truncate,
+rewrite or rename an input: the timing is fixed by the pause, not by guessed sleeps. Nothing else is changed:
+the CLI's own main, signal handling, merge and writer run. `--named-temp` makes the writer use the named temp
+file that filesystems without O_TMPFILE get.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    stage, count = sys.argv[1], int(sys.argv[2])
+    rest = sys.argv[3:]
+    if rest and rest[0] == "--named-temp":
+        from lib_rebasin import tempfiles
+
+        tempfiles.USE_UNNAMED = False
+        rest = rest[1:]
+    assert rest[0] == "--"
+    from lib_rebasin import cli, progress
+
+    seen = 0
+    real_call = progress.Reporter.__call__
+
+    def call(self: progress.Reporter, ev_stage: str, local: float, message: str) -> None:
+        nonlocal seen
+        if ev_stage == stage:
+            seen += 1
+            if seen == count:
+                import os
+
+                print(f"PAUSED {os.getpid()}", flush=True)
+                sys.stdin.readline()
+        real_call(self, ev_stage, local, message)
+
+    progress.Reporter.__call__ = call  # type: ignore[method-assign]
+    return cli.main(rest[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
