@@ -76,21 +76,25 @@ class MatchProgress:
 
 @dataclass
 class _Tensors:
-    """The tensors matching reads, on the compute device in their stored dtype, fetched once.
+    """The tensors matching reads, on the compute device in their stored dtype, fetched once (`keep`) or on
+    every visit.
 
-    On the CPU a memory-mapped fp16 checkpoint costs nothing here (the views are the file's pages); slices are
-    widened to fp32 only when a cost matrix needs them, so no fp32 copy of a whole model is ever held.
+    Slices are widened to fp32 only when a cost matrix needs them, so no fp32 copy of a whole model is held. A
+    checkpoint file on the CPU is better re-read than kept: a read is a copy from the page cache, small next to
+    the cost matrix it feeds, while keeping both models would hold their whole size in memory.
     """
 
     get: TensorGetter
     device: torch.device
+    keep: bool = True
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, key: str) -> torch.Tensor:
         t = self.cache.get(key)
         if t is None:
             t = self.get(key).to(self.device)
-            self.cache[key] = t
+            if self.keep:
+                self.cache[key] = t
         return t
 
 
@@ -212,7 +216,8 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
                     init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,
                     skip_unchanged: bool = True, screen: bool | None = None,
-                    tolerance: float = 0.0, after_visit: Callable[[], None] | None = None) -> MatchResult:
+                    tolerance: float = 0.0, after_visit: Callable[[], None] | None = None,
+                    keep: tuple[bool, bool] = (True, True)) -> MatchResult:
     """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
 
     `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
@@ -226,11 +231,12 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
     sweep improves nothing. Independent models gain most of the objective in 2-3 sweeps and then crawl for tens.
 
     `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
+    `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `_Tensors`).
     """
     start = time.perf_counter()
     dev = torch.device(device)
     groups = list(groups)
-    ta, tb = _Tensors(get_a, dev), _Tensors(get_b, dev)
+    ta, tb = _Tensors(get_a, dev, keep[0]), _Tensors(get_b, dev, keep[1])
     perms: Perms = {g.name: torch.arange(g.size) for g in groups}
     for name, p in (init or {}).items():
         if name in perms:

@@ -274,10 +274,14 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
 
 def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
            opts: MergeOptions, device: torch.device, init: Perms | None,
-           on_progress: Callable[[MatchProgress], None]) -> MatchResult:
+           on_progress: Callable[[MatchProgress], None], ref_is_file: bool) -> MatchResult:
     groups = spec.groups_in(parts)
+    # On the CPU, checkpoint files are re-read on each visit rather than held (both models' size in memory); a
+    # running merge is computed, so it is kept. On a GPU everything matching reads is kept there.
+    on_cpu = device.type == "cpu"
+    keep = (not (on_cpu and ref_is_file), not on_cpu)
     return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=device,
-                           init=init, progress=on_progress, tolerance=opts.tolerance)
+                           init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
 
 
 def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
@@ -310,7 +314,8 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
         # Step 1 matches against A itself; later steps against the running merge (cached fp32 inside matching).
         # Matching compares shared windows only (an inpainting A's extra input channels have no partner in B).
         result = _match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
-                        shared_window(running, get_b_like), get_b, opts, device, perms, on_progress)
+                        shared_window(running, get_b_like), get_b, opts, device, perms, on_progress,
+                        ref_is_file=x == 0)
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves

@@ -80,12 +80,19 @@ def open_model(path: Source, label: str) -> ModelInput:
 
 
 def same_file(a: Source, b: Source) -> bool:
-    if isinstance(a, Checkpoint) or isinstance(b, Checkpoint):
-        return a is b
+    """Whether two sources are one file (an open checkpoint counts as the file it reads, an in-memory one only
+    as itself)."""
+    return _file_identity(a) == _file_identity(b)
+
+
+def _file_identity(src: Source) -> object:
+    if isinstance(src, Checkpoint):
+        return src.source.identity[:2] if src.source is not None else id(src)
     try:
-        return os.path.samefile(a, b)
+        st = os.stat(src)
+        return (st.st_dev, st.st_ino)
     except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+        return Path(src).resolve()
 
 
 def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...]) -> None:

@@ -43,7 +43,7 @@ from .checkpoint import Checkpoint, file_sha256, open_checkpoint
 from .errors import RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
                     Reporter, merge_checkpoints, merge_in_memory)
-from .models import legacy_hash, open_model
+from .models import legacy_hash, open_model, same_file
 from .spec import PARTS
 
 if sys.version_info >= (3, 11):
@@ -271,14 +271,40 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
 
     out_path = check_output_path(output, overwrite)
     paths = resolve_models(recipe, models_dir)
+    # Every input is read, and hashed, through one open file for the whole chain: an input replaced meanwhile
+    # cannot get its new hash recorded for the old bytes, nor give two steps two different versions.
+    opened = _open_inputs(paths)
+    try:
+        return _run_opened(recipe, paths, opened, out_path, overwrite, progress, cancel, extra_metadata)
+    finally:
+        for ck in set(opened.values()):
+            ck.close()
+
+
+def _open_inputs(paths: dict[str, Path]) -> dict[str, Checkpoint]:
+    opened: dict[str, Checkpoint] = {}
+    try:
+        for name, p in paths.items():
+            same = next((ck for ck in opened.values() if same_file(ck, p)), None)
+            opened[name] = same or open_checkpoint(p)  # one file under two names stays one source
+    except BaseException:
+        for ck in set(opened.values()):
+            ck.close()
+        raise
+    return opened
+
+
+def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], out_path: Path,
+                overwrite: bool, progress: ProgressCallback | None, cancel: CancelCheck | None,
+                extra_metadata: dict[str, str] | None) -> RecipeResult:
     # Check every step's inputs from the headers before any work (architectures, shapes, parts).
     for step in recipe.steps:
         for slot in ("a", "b", "c"):
             ref = getattr(step, slot)
-            if ref in paths:
-                open_model(paths[ref], slot.upper()).close()
+            if ref in opened:
+                open_model(opened[ref], slot.upper()).close()
 
-    canonical = _canonical(recipe, paths)
+    canonical = _canonical(recipe, paths, opened)
     last_use = {}
     for i, step in enumerate(recipe.steps):
         for ref in (step.a, step.b, step.c):
@@ -295,7 +321,7 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
                 progress(ProgressEvent((i + ev.fraction) / n, ev.stage,
                                        f"step {i + 1}/{n} ({step.name}): {ev.message}", None))
 
-        srcs = [results.get(r) or paths[r] if r is not None else None for r in (step.a, step.b, step.c)]
+        srcs = [results.get(r) or opened[r] if r is not None else None for r in (step.a, step.b, step.c)]
         if i < n - 1:
             ckpt, diag = merge_in_memory(srcs[0], srcs[1], step.options, c=srcs[2],
                                          report=Reporter(step_progress, cancel), name=step.name)
@@ -303,7 +329,7 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
             done.append((step.name, diag))
         else:
             def metadata_hook(diag: Diagnostics) -> dict[str, str]:
-                return _recipe_metadata(canonical, paths, inputs, done + [(step.name, diag)])
+                return _recipe_metadata(canonical, paths, opened, inputs, done + [(step.name, diag)])
 
             res: MergeResult = merge_checkpoints(srcs[0], srcs[1], out_path, step.options, c=srcs[2],
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
@@ -315,23 +341,24 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
     raise AssertionError("unreachable")
 
 
-def _canonical(recipe: Recipe, paths: dict[str, Path]) -> Recipe:
-    """The recipe with every model pinned to its file name and full sha256."""
-    models = {name: ModelRef(name, paths[name].name, file_sha256(paths[name]), ref.line)
+def _canonical(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint]) -> Recipe:
+    """The recipe with every model pinned to its file name and full sha256 (of the open file that is merged)."""
+    models = {name: ModelRef(name, paths[name].name, opened[name].sha256(), ref.line)
               for name, ref in recipe.models.items()}
     return replace(recipe, models=models)
 
 
-def _recipe_metadata(recipe: Recipe, paths: dict[str, Path], inputs: dict[str, dict[str, str | None]],
-                     steps: list[tuple[str, Diagnostics]]) -> dict[str, str]:
+def _recipe_metadata(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint],
+                     inputs: dict[str, dict[str, str | None]], steps: list[tuple[str, Diagnostics]]) -> dict[str, str]:
     text = recipe.to_toml()
     merge_models: dict[str, object] = {}
     for name, p in paths.items():
         sha = inputs[name]["sha256"]
-        with open_checkpoint(p) as ck:
-            own = ck.metadata.get("sd_merge_recipe")
-            history = ck.metadata.get("sd_merge_models")
-        merge_models[str(sha)] = {"name": p.stem, "legacy_hash": legacy_hash(p),
+        ck = opened[name]
+        ck.verify_unchanged()  # the hashes above are of the bytes merged only if nothing changed since
+        own = ck.metadata.get("sd_merge_recipe")
+        history = ck.metadata.get("sd_merge_models")
+        merge_models[str(sha)] = {"name": p.stem, "legacy_hash": legacy_hash(ck),
                                   "sd_merge_recipe": _json_or_none(own)}
         if history:
             parsed = _json_or_none(history)

@@ -18,9 +18,12 @@ def main() -> int:
     stage, count = sys.argv[1], int(sys.argv[2])
     rest = sys.argv[3:]
     if rest and rest[0] == "--named-temp":
-        from lib_rebasin import tempfiles
+        try:
+            from lib_rebasin import tempfiles
 
-        tempfiles.USE_UNNAMED = False
+            tempfiles.USE_UNNAMED = False
+        except ImportError:  # a version from before unnamed temp files: it always writes a named one
+            pass
         rest = rest[1:]
     assert rest[0] == "--"
     from lib_rebasin import cli, progress

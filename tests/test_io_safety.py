@@ -162,6 +162,51 @@ def test_recorded_hash_is_of_the_bytes_merged_when_an_input_is_replaced_by_renam
     assert original_b in models and _sha256(inputs["b"]) not in models
 
 
+TWO_STEPS = """
+[recipe]
+name = "b twice"
+parts = ["te", "vae"]
+
+[models]
+a = "a.safetensors"
+b = "b.safetensors"
+
+[[step]]
+name = "m1"
+method = "weighted_sum"
+a = "a"
+b = "b"
+alpha = 0.3
+
+[[step]]
+name = "final"
+method = "add_difference"
+a = "m1"
+b = "b"
+c = "a"
+alpha = 0.5
+"""
+
+
+def test_a_recipe_merges_and_records_one_version_of_an_input_replaced_midway(inputs: dict[str, Path]) -> None:
+    from lib_rebasin.recipe import parse_recipe, run_recipe
+
+    folder = inputs["a"].parent
+    (folder / "r.toml").write_text(TWO_STEPS)
+    original_b = _sha256(inputs["b"])
+    expected = inputs["out"].parent / "expected.safetensors"
+    run_recipe(parse_recipe(TWO_STEPS), folder, expected)
+    # Held in the first step; B is replaced before the second step reads it again.
+    run = Paused("writing", 5, ["recipe", str(folder / "r.toml"), "-o", str(inputs["out"] / "o.safetensors"), "-q"])
+    os.replace(inputs["other"], inputs["b"])
+    rc, out, err = run.resume()
+    assert rc == 0, err
+    with open_checkpoint(inputs["out"] / "o.safetensors") as ck, open_checkpoint(expected) as ref:
+        same = all(bool((ck.get(k) == ref.get(k)).all()) for k in ref.keys())
+        models = json.loads(ck.metadata["sd_merge_models"])
+    assert same and original_b in models and _sha256(inputs["b"]) not in models
+
+
 # -- the sweep of stale temp files ------------------------------------------------------------------------
 
 def _python(code: str, *args: str, **kw: object) -> subprocess.Popen[str]:
