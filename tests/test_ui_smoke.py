@@ -102,3 +102,36 @@ def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     # a second run into the same name is refused before any work
     frames = list(run("task(r2)", text, "tab chain", "fp16", "cpu", 0, "", False, None, None, None, None))
     assert len(frames) == 1 and "already exists" in frames[0][0]
+
+
+def test_standalone_app_stops_on_sigterm_with_one_line(tmp_path):
+    """SIGTERM stops the standalone app like Ctrl-C: a clean stop, one line, a non-zero exit (not a kill)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lib_rebasin.synthetic import make_checkpoint
+
+    make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, base_seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "lib_rebasin", "ui", "--models-dir", str(tmp_path), "--port",
+                             str(port)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the server is up
+        assert line.startswith("Re-Basin standalone:"), line + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines()[-1] == "Stopped: no merge was running.", err
+    assert "Traceback" not in err
