@@ -146,10 +146,10 @@ def run_read(a: str, b: str) -> dict[str, Any]:
     The first pass may find the files in the page cache or not; the second almost always does."""
     from lib_rebasin.checkpoint import open_checkpoint
 
-    passes = []
+    passes, cpu = [], []
     total = 0
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         total = 0
         for path in (a, b):
             with open_checkpoint(path) as ck:
@@ -158,10 +158,11 @@ def run_read(a: str, b: str) -> dict[str, Any]:
                     total += t.numel() * t.element_size()
                     t.to(torch.float32)
         passes.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     seconds = sum(passes)
-    notes = [f"{total / 2**30:.2f} GiB per pass; passes " + ", ".join(f"{s:.2f} s ({total / s / 2**30:.2f} GiB/s)"
-                                                                       for s in passes)]
-    return {"seconds": seconds, "passes": passes, "bytes": total, "notes": notes}
+    notes = [f"{total / 2**30:.2f} GiB per pass; passes " + ", ".join(
+        f"{s:.2f} s wall / {c:.2f} s CPU ({total / s / 2**30:.2f} GiB/s)" for s, c in zip(passes, cpu))]
+    return {"seconds": seconds, "passes": passes, "cpu": cpu, "bytes": total, "notes": notes}
 
 
 # -- sd-meh ----------------------------------------------------------------------------------------------------

@@ -201,6 +201,7 @@ def run_case(case: str, a: Path, b: Path, raw: Path, tag: str, args: argparse.Na
                else f"worker exited {proc.returncode} without a result; see {tag}.log")
         rec = {"available": True, "error": why}
     rec.update({"case": case, "wall_process_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20,
+                "cpu_process_s": usage.ru_utime + usage.ru_stime,
                 "load_before": load_before, "load_max": max(sampler.samples or [load_before]),
                 "load_mean": statistics.fmean(sampler.samples or [load_before]), "cmd": shlex.join(cmd),
                 "lib_rebasin": state})
@@ -242,6 +243,9 @@ def summarize(case: str, pair: str, runs: list[dict[str, Any]]) -> dict[str, Any
         if first.get("cos"):
             row["gain"] += f", cos {first['cos'][0]:.4f}→{first['cos'][1]:.4f}"
     notes = list(first.get("notes", []))
+    # CPU time of the whole worker process (user + system, all threads): on a shared machine it moves much less
+    # with other load than wall time does.
+    notes.append("process CPU s: " + ", ".join(f"{r['cpu_process_s']:.1f}" for r in ok if "cpu_process_s" in r))
     if case.startswith("ours_"):
         notes.append(f"lib_rebasin {first.get('lib_rebasin', '?')}")
     if len(ok) > 1:
