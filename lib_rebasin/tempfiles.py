@@ -33,8 +33,9 @@ _TEMP_RE = re.compile(r"^\.(?P<final>.+)\.rebasin-(?P<host>[0-9a-f]{8})-(?P<pid>
 _LEGACY_RE = re.compile(r"^(\..+\.safetensors\.[a-z0-9_]{8}\.tmp|\.rebasin-probe-[a-z0-9_]{8})$")
 # A temp file is written continuously from creation to rename: untouched this long, its writer is gone.
 UNCHECKABLE_AGE_S = 3600.0
-# The longest the suffix `temp_name` adds to a final name (pid and start time of up to 10 digits each).
-TEMP_NAME_EXTRA = len(".") + len(".rebasin-") + 8 + 1 + 10 + 1 + 10 + 1 + 6 + len(".tmp")
+# The most characters `temp_name` adds to a final name: a pid of up to 10 digits, a start time of up to 12 (clock
+# ticks since boot: centuries at 100 Hz). A final name longer than NAME_MAX minus this cannot be written.
+TEMP_NAME_EXTRA = len(".") + len(".rebasin-") + 8 + 1 + 10 + 1 + 12 + 1 + 6 + len(".tmp")
 
 # Whether to write through unnamed temp files where the system offers them (tests switch it off to exercise
 # the named fallback that filesystems without O_TMPFILE get).

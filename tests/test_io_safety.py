@@ -262,3 +262,25 @@ def test_overwrite_replaces_the_file_and_leaves_nothing_else(inputs: dict[str, P
         assert len(ck) > 1000
     assert [p.name for p in inputs["out"].iterdir()] == ["o.safetensors"]
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_named_fallback_writes_and_overwrites_leaving_only_the_output(inputs: dict[str, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib_rebasin import tempfiles
+
+    monkeypatch.setattr(tempfiles, "USE_UNNAMED", False)  # what a filesystem without O_TMPFILE gets
+    out = inputs["out"] / "o.safetensors"
+    merge_checkpoints(inputs["a"], inputs["b"], out, MergeOptions(method="weighted_sum"))
+    first = out.read_bytes()
+    merge_checkpoints(inputs["a"], inputs["other"], out, MergeOptions(method="weighted_sum"), overwrite=True)
+    assert out.read_bytes() != first
+    assert [p.name for p in inputs["out"].iterdir()] == ["o.safetensors"]
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_temp_names_stay_within_the_advertised_extra_length(tmp_path: Path) -> None:
+    from lib_rebasin.tempfiles import TEMP_NAME_EXTRA, temp_name
+
+    final = tmp_path / "x.safetensors"
+    name = temp_name(final)
+    assert OUR_TEMP.match(name) and len(name) - len(final.name) <= TEMP_NAME_EXTRA
