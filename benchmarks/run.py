@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=None,
                    help=f"default: {' '.join(DEFAULT_CASES)} (+ ogkalu2_default with --ogkalu2-default)")
     p.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=None,
-                   help="restrict to these pairs (default: each case's own, see DEFAULT_PAIRS)")
+                   help="restrict to these pairs (default: each case's own, see DEFAULT_PAIRS; a case that has "
+                        "none of them runs on these)")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the table shows the median wall time")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ogkalu2-dir", type=Path, default=os.environ.get("OGKALU2_DIR"),
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     rows = []
     for case in cases:
-        pairs = [q for q in DEFAULT_PAIRS[case] if args.pairs is None or q in args.pairs]
+        # --pairs restricts each case to those of its own pairs; a case with none of them runs on the given ones.
+        pairs = [q for q in DEFAULT_PAIRS[case] if args.pairs is None or q in args.pairs] or list(args.pairs or [])
         for pair in pairs:
             a, b = ensure_pair(args.data, args.scale, pair)
             runs = []
