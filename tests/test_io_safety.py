@@ -284,3 +284,22 @@ def test_temp_names_stay_within_the_advertised_extra_length(tmp_path: Path) -> N
     final = tmp_path / "x.safetensors"
     name = temp_name(final)
     assert OUR_TEMP.match(name) and len(name) - len(final.name) <= TEMP_NAME_EXTRA
+
+
+def test_stopping_the_standalone_app_cancels_its_running_merge(inputs: dict[str, Path]) -> None:
+    """What Ctrl-C / SIGTERM of the standalone app runs (`stop_jobs`): the merge is cancelled, nothing written."""
+    import time
+
+    from lib_rebasin.ui.service import MergeRequest, MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost, stop_jobs
+
+    folder = inputs["a"].parent
+    svc = MergeService(StandaloneHost(folder, devices=["cpu"]))
+    job = svc.submit(MergeRequest(model_a="a.safetensors", model_b="other.safetensors", output_name="stopped",
+                                  device="cpu", method="rebasin"))
+    while job.stage != "matching" and not job.finished_flag:  # a real state of the job, not a guessed delay
+        time.sleep(0.01)
+    assert stop_jobs(svc) == "Stopped: cancelled the merge into stopped.safetensors; nothing was written."
+    assert job.status == "cancelled"
+    assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "b.safetensors", "other.safetensors"]
+    assert stop_jobs(svc) == "Stopped: no merge was running."
