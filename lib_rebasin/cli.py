@@ -54,7 +54,7 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     return MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
                         device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
-                        tolerance=args.tolerance)
+                        tolerance=args.tolerance, allow_nonfinite=args.allow_nonfinite)
 
 
 def _print_result(result: MergeResult) -> None:
@@ -93,6 +93,8 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
                         "(default 0.01; 0 = only when a sweep improves nothing, as in the paper, which on "
                         "independently trained models takes ~10x longer for the last 0.2%% of the gain)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="keep NaN/Inf weights of an input in the output instead of refusing the merge")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
