@@ -80,8 +80,8 @@ def detect(shapes: Mapping[str, Sequence[int]]) -> SD1Config:
         raise UnsupportedModelError("This is an SD 2.x checkpoint (OpenCLIP text encoder "
                                     "'cond_stage_model.model.*'); only SD 1.x is supported.")
     if f"{U}input_blocks.0.0.weight" not in shapes:
-        vae = ("encoder.conv_in.weight", "decoder.conv_out.weight")
-        if all(k in shapes or f"first_stage_model.{k}" in shapes for k in vae) and not any(
+        vae = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
+        if any(k in shapes or f"first_stage_model.{k}" in shapes for k in vae) and not any(
                 k.startswith(("cond_stage_model.", U)) for k in keys):
             raise UnsupportedModelError("This is a standalone VAE (only 'encoder.*' / 'decoder.*' keys), not a full "
                                         "checkpoint; pick a full SD 1.x model.")

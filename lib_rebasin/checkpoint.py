@@ -374,8 +374,9 @@ def _open_pickle(p: Path, kind: str) -> Checkpoint:
             ".safetensors.")
     if kind == "pickle":
         raise CheckpointReadError(
-            f"{p.name}: this is a plain Python pickle, not a checkpoint saved by torch.save; it was not loaded "
-            "(loading it could run code). If you trust its source, convert it to .safetensors with a trusted tool.")
+            f"{p.name}: refused to load: this is a plain Python pickle, not a checkpoint saved by torch.save, and "
+            "loading it could run code (nothing was executed). If you trust its source, convert it to .safetensors "
+            "with a trusted tool.")
     if kind not in ("zip", "legacy"):
         raise CheckpointReadError(f"{p.name}: not a checkpoint (neither safetensors nor a PyTorch file); the file "
                                   "is corrupt or of another kind.")
