@@ -32,8 +32,9 @@ import torch
 
 from . import __version__
 from .blend import Blend, Term, merge_equal_terms, shared_window, telescoping_schedule
-from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_output_path,
-                         format_bytes, memory_checkpoint, output_bytes, release_mapped_pages, write_safetensors)
+from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_input_path,
+                         check_output_path, format_bytes, memory_checkpoint, output_bytes, release_mapped_pages,
+                         write_safetensors)
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective, stored_diagnostics
 from .errors import OutputError, RebasinError
 from .finite import Model, OutputGuard, guard_getter
@@ -91,6 +92,9 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
     info = METHODS[options.method]
     if info.needs_c and c is None:
         raise RebasinError(f"{info.label} needs a model C.")
+    for src in (a, b, c):  # a missing file, a link loop or a NUL byte: say so before comparing paths
+        if src is not None and not isinstance(src, Checkpoint):
+            check_input_path(src)
     if same_file(a, b):
         raise RebasinError("Model A and model B are the same file; pick two different models.")
     if c is not None and info.needs_c and same_file(b, c):

@@ -97,8 +97,8 @@ def same_file(a: Source, b: Source) -> bool:
         return a is b
     try:
         return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):  # one of them cannot be opened (opening it says why) or has a NUL byte
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...]) -> None:
