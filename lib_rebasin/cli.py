@@ -142,7 +142,10 @@ def _recipe_command(args: argparse.Namespace) -> int:
     if args.from_checkpoint:
         text = recipe_from_checkpoint(args.from_checkpoint)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            try:
+                Path(args.output).write_text(text, encoding="utf-8")
+            except (OSError, ValueError) as e:
+                raise RebasinError(f"Cannot write {args.output}: {getattr(e, 'strerror', None) or e}.") from None
             print(f"Wrote {args.output}")
         else:
             print(text, end="")

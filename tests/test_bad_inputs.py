@@ -355,3 +355,29 @@ def test_same_merge_same_bytes_whatever_the_thread_count(pair: dict, tmp_path: P
         assert r.returncode == 0, r.stderr
         outputs.append(o.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+# -- the Python API: the same classes, as RebasinError subclasses ----------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("iterations", "abc"), ("iterations", 2.5), ("iterations", True), ("device", 5), ("seed", [1]),
+    ("alpha", "0.5"), ("alpha", float("inf")), ("parts", "unet"), ("max_sweeps", 0), ("tolerance", None),
+    ("allow_nonfinite", "yes"), ("method", None),
+])
+def test_merge_options_name_the_field_of_the_wrong_type(field: str, value: object) -> None:
+    from lib_rebasin.errors import RebasinError
+    from lib_rebasin.merge import MergeOptions
+
+    with pytest.raises(RebasinError, match=field):
+        MergeOptions(**{field: value}).validate()
+
+
+def test_add_difference_alpha_bounds() -> None:
+    from lib_rebasin.errors import RebasinError
+    from lib_rebasin.merge import MergeOptions
+
+    MergeOptions(method="add_difference", alpha=-10.0).validate()
+    MergeOptions(method="add_difference", alpha=2).validate()
+    for alpha in (1e308, -10.5, float("nan")):
+        with pytest.raises(RebasinError, match="alpha"):
+            MergeOptions(method="add_difference", alpha=alpha).validate()
