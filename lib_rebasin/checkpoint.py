@@ -122,13 +122,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a .safetensors, .ckpt or .pt checkpoint for lazy reading."""
     p = Path(check_input_path(path))
     try:
-        if p.suffix.lower() == ".safetensors":
-            return _open_safetensors(p)
         with open(p, "rb") as f:
             head = f.read(512)
         if not head:
             raise CheckpointReadError(f"{p.name}: the file is empty (0 bytes); it is not a checkpoint.")
         kind = _sniff(head)
+        if p.suffix.lower() == ".safetensors":
+            # A PyTorch file renamed to .safetensors is still read (safely); anything else as safetensors
+            return _open_pickle(p, kind) if kind in ("zip", "legacy", "tar", "pickle") else _open_safetensors(p)
         if kind == "safetensors" or (kind == "unknown" and p.suffix.lower() not in PICKLE_SUFFIXES):
             if kind == "safetensors":
                 return _open_safetensors(p)

@@ -205,4 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RebasinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment (a full disk, a vanished folder), not a bug: one line as well
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}.", file=sys.stderr)
+        return 2
     return 1

@@ -277,11 +277,16 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
     """
     found: dict[str, Path] = {}
     hashes: dict[Path, str] = {}
+    if not models_dir.is_dir():
+        raise RecipeError(f"--models-dir {models_dir} is not a folder.")
     root = models_dir.resolve()
 
     def sha(p: Path) -> str:
         if p not in hashes:
-            hashes[p] = file_sha256(p)
+            try:
+                hashes[p] = file_sha256(p)
+            except OSError:  # unreadable: it cannot be the pinned file
+                hashes[p] = ""
         return hashes[p]
 
     def by_hash(ref: ModelRef) -> Path | None:
@@ -301,7 +306,7 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
                 if real in seen or (confine and recursive and not _inside(real, root)):
                     continue
                 seen.add(real)
-                if sha(p).startswith(want):
+                if sha(p) and sha(p).startswith(want):
                     return p
         return None
 
@@ -322,7 +327,7 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
             elif ref.sha256 is None:
                 raise RecipeError(f"line {ref.line}: model '{ref.name}': file {ref.file} not found in "
                                   f"--models-dir {models_dir}; put it there or pass --models-dir.")
-        if path is not None and ref.sha256 and not sha(path).startswith(ref.sha256.lower()):
+        if path is not None and ref.sha256 and not (sha(path) and sha(path).startswith(ref.sha256.lower())):
             raise RecipeError(f"line {ref.line}: model '{ref.name}': {path.name} does not have sha256 {ref.sha256}.")
         if path is None and ref.sha256:
             path = by_hash(ref)
@@ -473,6 +478,14 @@ def recipe_from_checkpoint(path: str | os.PathLike[str]) -> str:
     webui = _json_or_none(meta.get("sd_merge_recipe")) or {}
     if not isinstance(single, dict):
         raise RecipeError(f"{Path(path).name}: its lib_rebasin metadata holds no recipe.")
+    try:
+        return _single_merge_recipe(Path(path).stem, single, webui)
+    except (KeyError, TypeError, ValueError, AttributeError, RebasinError):
+        raise RecipeError(f"{Path(path).name}: its lib_rebasin metadata is incomplete or damaged; no recipe can be "
+                          "made from it.") from None
+
+
+def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
     models = single.get("models", {})
     hashes = {"A": webui.get("primary_model_hash"), "B": webui.get("secondary_model_hash"),
               "C": webui.get("tertiary_model_hash")}
@@ -483,8 +496,9 @@ def recipe_from_checkpoint(path: str | os.PathLike[str]) -> str:
                         parts=tuple(single["parts"]), device=single["device"], precision=single["precision"],
                         seed=single["seed"], max_sweeps=single["max_sweeps"],
                         tolerance=single.get("tolerance", 0.0))
+    opts.validate()
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
-    return Recipe(name=Path(path).stem, models=refs, steps=[step]).to_toml()
+    return Recipe(name=stem, models=refs, steps=[step]).to_toml()
 
 
 def _with_folders(text: str, inputs: Any, source: str | os.PathLike[str]) -> str:
@@ -508,6 +522,8 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"Cannot read recipe {p}: {e.strerror}.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"Cannot read recipe {p}: it is not UTF-8 text (a recipe is a TOML file).") from None
     recipe = parse_recipe(text, p.name)
     recipe.folder = p.resolve().parent
     return recipe
