@@ -382,12 +382,16 @@ def _open_pickle(p: Path, kind: str) -> Checkpoint:
         raise CheckpointReadError(f"{p.name}: not a checkpoint (neither safetensors nor a PyTorch file); the file "
                                   "is corrupt or of another kind.")
     try:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+        if p.suffix.lower() == ".safetensors":  # torch.load would pick its safetensors reader by the name
+            with open(p, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"Unsupported (?:global|operand)[^.]*", str(e))
         if refused is None:  # the unpickler choked on the bytes themselves: damage, not code

@@ -381,3 +381,32 @@ def test_add_difference_alpha_bounds() -> None:
     for alpha in (1e308, -10.5, float("nan")):
         with pytest.raises(RebasinError, match="alpha"):
             MergeOptions(method="add_difference", alpha=alpha).validate()
+
+
+def test_a_pytorch_checkpoint_named_safetensors_is_read(pair: dict, tmp_path: Path, out: Path) -> None:
+    """Legal data under the wrong extension gives a correct result, not an error."""
+    with open_checkpoint(pair["b"]) as ck:
+        torch.save({"state_dict": {k: ck.get(k).clone() for k in ck.keys()}}, tmp_path / "b_torch.safetensors")
+    r = cli("merge", pair["a"], tmp_path / "b_torch.safetensors", "-o", out / "m.safetensors", "--method",
+            "weighted_sum", "-q", cwd=out)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("case", ["not_utf8", "models_dir_missing", "no_metadata_recipe"])
+def test_recipe_files_and_folders_that_cannot_be_used(pair: dict, tmp_path: Path, out: Path, case: str) -> None:
+    recipe = tmp_path / "r.toml"
+    models = pair["dir"]
+    if case == "not_utf8":
+        recipe.write_bytes(b"\xff\xfe[models]\n")
+        args = ("recipe", recipe, "-o", out / "m.safetensors", "--models-dir", models)
+        words = "not UTF-8"
+    elif case == "models_dir_missing":
+        recipe.write_text(STEP)
+        args = ("recipe", recipe, "-o", out / "m.safetensors", "--models-dir", tmp_path / "nowhere")
+        words = "is not a folder"
+    else:
+        args = ("recipe", "--from", pair["a"], "-o", out / "r.toml")
+        words = "was not made by lib_rebasin"
+    before = listing(out)
+    assert_refused(cli(*args, "-q", cwd=out) if case != "no_metadata_recipe" else cli(*args, cwd=out), out, before,
+                   words)
