@@ -410,3 +410,25 @@ def test_recipe_files_and_folders_that_cannot_be_used(pair: dict, tmp_path: Path
     before = listing(out)
     assert_refused(cli(*args, "-q", cwd=out) if case != "no_metadata_recipe" else cli(*args, cwd=out), out, before,
                    words)
+
+
+def test_the_tab_shows_the_same_one_line_errors(pair: dict, tmp_path: Path) -> None:
+    """The tab (and the HTTP API, which goes through the same service): refused in validation where the headers
+    tell (integer weights), or as the job's one-line error (NaN weights); nothing written either way."""
+    from lib_rebasin.errors import RebasinError
+    from lib_rebasin.ui.service import MergeRequest, MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("a", "nan", "int"):
+        shutil.copy(pair[name], folder / pair[name].name)
+    svc = MergeService(StandaloneHost(folder, devices=["cpu"]))
+    before = listing(folder)
+    with pytest.raises(RebasinError, match="model.diffusion_model.out.2.weight"):
+        svc.prepare(MergeRequest(model_a="b_int.safetensors", model_b="a.safetensors", output_name="x"))
+    job = svc.submit(MergeRequest(model_a="a.safetensors", model_b="b_nan.safetensors", output_name="y",
+                                  method="weighted_sum"))
+    assert job.wait(300)
+    assert job.status == "failed" and "NaN or Inf" in job.error and KEY in job.error and "\n" not in job.error
+    assert listing(folder) == before
