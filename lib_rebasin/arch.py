@@ -80,12 +80,16 @@ def detect(shapes: Mapping[str, Sequence[int]]) -> SD1Config:
         raise UnsupportedModelError("This is an SD 2.x checkpoint (OpenCLIP text encoder "
                                     "'cond_stage_model.model.*'); only SD 1.x is supported.")
     if f"{U}input_blocks.0.0.weight" not in shapes:
-        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-            raise UnsupportedModelError("This is a standalone VAE, not a full checkpoint.")
+        vae = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
+        if any(k in shapes or f"first_stage_model.{k}" in shapes for k in vae) and not any(
+                k.startswith(("cond_stage_model.", U)) for k in keys):
+            raise UnsupportedModelError("This is a standalone VAE (only 'encoder.*' / 'decoder.*' keys), not a full "
+                                        "checkpoint; pick a full SD 1.x model.")
         if any(k.startswith(("down_blocks.", "unet.", "text_model.")) for k in keys):
             raise UnsupportedModelError("This looks like a diffusers-format model; convert it to a single-file "
                                         "(LDM) checkpoint first.")
-        raise UnsupportedModelError(f"No Stable Diffusion UNet found ({len(keys)} keys, e.g. {_first(keys)}).")
+        raise UnsupportedModelError(f"This is not a Stable Diffusion checkpoint: no SD UNet found ({len(keys)} "
+                                    f"keys, e.g. {_first(keys)}); pick an SD 1.x model.")
 
     def shape(key: str) -> Sequence[int]:
         if key not in shapes:

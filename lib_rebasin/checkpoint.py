@@ -18,21 +18,25 @@ Writing goes through a temporary file that a killed process cannot leave behind 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import pickle
+import re
+import shutil
+import stat
 import struct
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import BinaryIO, Callable, Iterable, Mapping
 
 import torch
 
 from .errors import CheckpointReadError, InputChangedError, OutputError
-from .tempfiles import open_temp_output, place_output, probe_writable, sweep_stale_temp_files
+from .tempfiles import TEMP_NAME_EXTRA, open_temp_output, place_output, probe_writable, sweep_stale_temp_files
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -131,21 +135,80 @@ def memory_checkpoint(tensors: dict[str, torch.Tensor], metadata: Mapping[str, s
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a .safetensors, .ckpt or .pt checkpoint for lazy reading."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointReadError(f"File not found: {p}")
-    if p.is_dir():
-        raise CheckpointReadError(f"{p} is a folder, not a checkpoint file.")
-    if p.suffix.lower() == ".safetensors":
-        return _open_safetensors(p)
-    with open(p, "rb") as f:
-        head = f.read(8)
-    if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") or head[:2] == b"PK" or head[:1] == b"\x80":
-        return _open_pickle(p)
-    # Unknown extension: sniff a safetensors header.
-    if len(head) == 8 and 2 <= struct.unpack("<Q", head)[0] < 100_000_000:
-        return _open_safetensors(p)
-    raise CheckpointReadError(f"{p.name}: not a checkpoint (expected .safetensors, .ckpt or .pt).")
+    p = Path(check_input_path(path))
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+        if not head:
+            raise CheckpointReadError(f"{p.name}: the file is empty (0 bytes); it is not a checkpoint.")
+        kind = _sniff(head)
+        if p.suffix.lower() == ".safetensors":
+            # A PyTorch file renamed to .safetensors is still read (safely); anything else as safetensors
+            return _open_pickle(p, kind) if kind in ("zip", "legacy", "tar", "pickle") else _open_safetensors(p)
+        if kind == "safetensors" or (kind == "unknown" and p.suffix.lower() not in PICKLE_SUFFIXES):
+            if kind == "safetensors":
+                return _open_safetensors(p)
+            raise CheckpointReadError(f"{p.name}: not a checkpoint (expected .safetensors, .ckpt or .pt).")
+        return _open_pickle(p, kind)
+    except OSError as e:
+        raise CheckpointReadError(f"Cannot read {p}: {e.strerror or e}.") from None
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_input_path(path: str | os.PathLike[str]) -> str:
+    """An input path that can be opened, or a CheckpointReadError that says why not (before any other work)."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\0" in text:
+        raise CheckpointReadError(f"The model path {text!r} contains a NUL byte; no file can have that name.")
+    try:
+        st = os.stat(text)
+    except OSError as e:
+        raise CheckpointReadError(_missing_reason(text, e)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointReadError(f"{text} is a folder, not a checkpoint file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointReadError(f"{text} is not a regular file (a device, pipe or socket), not a checkpoint.")
+    return text
+
+
+def _missing_reason(text: str, e: OSError) -> str:
+    """Why `text` cannot be opened, in words: a symlink loop, a dangling symlink, or simply not there."""
+    if e.errno == errno.ELOOP:
+        return f"{text} is a symbolic link loop (it points back to itself); fix or remove the link."
+    if os.path.islink(text):
+        return f"{text} is a symbolic link to {os.readlink(text)}, which does not exist; fix or remove the link."
+    if e.errno == errno.ENAMETOOLONG:
+        return f"The path {text[:80]}... is too long for this system."
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"File not found: {text}"
+    return f"Cannot read {text}: {e.strerror or e}."
+
+
+# What torch.save's legacy (non-zip) format starts with: its magic number, pickled with the protocol used.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PREFIXES = tuple(pickle.dumps(_TORCH_LEGACY_MAGIC, protocol=n) for n in (2, 3))
+
+
+def _sniff(head: bytes) -> str:
+    """The container format from a file's first bytes: torch zip, torch legacy pickle, legacy tar, plain pickle,
+    safetensors, or unknown."""
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if any(head.startswith(p) for p in _LEGACY_PREFIXES):
+        return "legacy"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
 
 
 class FileSource:
@@ -227,41 +290,13 @@ def _open_safetensors(p: Path) -> Checkpoint:
 
 
 def _read_safetensors(p: Path, src: FileSource) -> Checkpoint:
-    size = src.size
-    f = src.file
-    raw = f.read(8)
-    if len(raw) < 8:
-        raise CheckpointReadError(f"{p.name}: file is empty or truncated (no safetensors header).")
-    (n,) = struct.unpack("<Q", raw)
-    if n < 2 or 8 + n > size:
-        raise CheckpointReadError(f"{p.name}: not a valid safetensors file (header length {n}, file size "
-                                  f"{size}); the file may be truncated or not a checkpoint.")
-    try:
-        header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointReadError(f"{p.name}: safetensors header is not valid JSON ({e}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointReadError(f"{p.name}: safetensors header is not a JSON object.")
-    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-    data_start = 8 + n
+    metadata, tensors, data_start = read_safetensors_header(src.file, p.name, src.size)
     infos: dict[str, TensorInfo] = {}
     places: dict[str, tuple[str, int, int]] = {}
-    for key, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointReadError(f"{p.name}: unsupported or malformed tensor entry '{key}'.") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * dtype.itemsize or data_start + end > size or begin < 0:
-            raise CheckpointReadError(f"{p.name}: tensor '{key}' lies outside the file; the file is truncated "
-                                      f"({size} bytes, needs {data_start + end}).")
+    for key, dtype, shape, begin in tensors:
         ck = canonical_key(key)
         infos[ck] = TensorInfo(shape, dtype)
-        places[ck] = (key, data_start + begin, numel)
+        places[ck] = (key, data_start + begin, math.prod(shape))
     src.verify()  # the header just parsed belongs to the version whose identity was taken
 
     def get(key: str) -> torch.Tensor:
@@ -275,7 +310,129 @@ def _read_safetensors(p: Path, src: FileSource) -> Checkpoint:
     return Checkpoint(p, infos, get, metadata, source=src)
 
 
-def _open_pickle(p: Path) -> Checkpoint:
+# The reference reader's limit (safetensors' MAX_HEADER_SIZE): a longer header is refused, not read.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def read_safetensors_header(f: BinaryIO, name: str, size: int
+                            ) -> tuple[dict[str, str], list[tuple[str, torch.dtype, tuple[int, ...], int]], int]:
+    """Parse and validate a safetensors header exactly as strictly as the reference `safetensors` reader.
+
+    Returns (metadata, [(key, dtype, shape, begin offset)], start of the data). Refused, each with one line: a
+    header length that is huge or past the end of the file, JSON that is not UTF-8, not an object, nested too
+    deep, with duplicate keys or NaN; a `__metadata__` that is not string to string; shape dims or offsets that
+    are not non-negative integers (2.5, true, "3", -1); a byte size that does not match the shape; tensors that
+    overlap, leave gaps, or do not cover the data exactly.
+    """
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointReadError(f"{name}: file is empty or truncated (no safetensors header).")
+    (n,) = struct.unpack("<Q", raw)
+    if n > SAFETENSORS_MAX_HEADER:
+        raise CheckpointReadError(f"{name}: not a valid safetensors file (its header claims {n:,} bytes, more than "
+                                  f"the format's limit of {SAFETENSORS_MAX_HEADER:,}); the file is corrupt or not a "
+                                  "checkpoint.")
+    if n < 2 or 8 + n > size:
+        raise CheckpointReadError(f"{name}: not a valid safetensors file (header length {n}, file size "
+                                  f"{size}); the file may be truncated or not a checkpoint.")
+
+    def bad(what: str) -> CheckpointReadError:
+        return CheckpointReadError(f"{name}: invalid safetensors header ({what}); the file is corrupt or was not "
+                                   "written by a safetensors writer.")
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in items:
+            if k in out:
+                raise bad(f"the key {_clip(repr(k), 60)} appears twice")
+            out[k] = v
+        return out
+
+    def constant(c: str) -> object:
+        raise bad(f"{c} is not valid JSON")
+
+    try:
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+    except UnicodeDecodeError:
+        raise bad("not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"not valid JSON: {e.msg} at byte {e.pos}") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map strings to strings")
+
+    def count(v: object) -> bool:  # a usize in the reference reader: an integer (not a bool), 0 <= v < 2**64
+        return type(v) is int and 0 <= v < 2**64
+
+    tensors = []
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise bad(f"tensor {_clip(repr(key), 60)} needs dtype, shape and data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        if dtype is None:
+            raise CheckpointReadError(f"{name}: tensor {_clip(repr(key), 60)} has the unsupported dtype "
+                                      f"{_clip(repr(entry['dtype']), 20)}; supported: "
+                                      f"{', '.join(SAFETENSORS_DTYPES)}.")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(count(d) for d in shape)):
+            raise bad(f"the shape of {_clip(repr(key), 60)} must be a list of non-negative integers, got "
+                      f"{_clip(json.dumps(shape), 40)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise bad(f"the data_offsets of {_clip(repr(key), 60)} must be two increasing non-negative integers, "
+                      f"got {_clip(json.dumps(offsets), 40)}")
+        numel = math.prod(shape)
+        if numel * dtype.itemsize >= 2**64 or offsets[1] - offsets[0] != numel * dtype.itemsize:
+            raise bad(f"tensor {_clip(repr(key), 60)} of shape {tuple(shape)} needs {numel * dtype.itemsize} "
+                      f"bytes but its offsets span {offsets[1] - offsets[0]}")
+        tensors.append((key, dtype, tuple(shape), offsets[0]))
+        spans.append((offsets[0], offsets[1], key))
+    data_len = size - 8 - n
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise bad(f"tensor {_clip(repr(key), 60)} {'overlaps the one before it' if begin < end else 'leaves a gap'}"
+                      f" (starts at byte {begin}, expected {end})")
+        end = stop
+    if end != data_len:
+        if end > data_len:
+            raise CheckpointReadError(f"{name}: the file is truncated ({size} bytes, its tensors need "
+                                      f"{8 + n + end}).")
+        raise bad(f"the tensors cover {end} bytes of data but the file holds {data_len}")
+    metadata = {str(k): str(v) for k, v in (meta or {}).items()}
+    return metadata, tensors, 8 + n
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` shortened to at most `limit` characters at a word boundary, with an ellipsis when cut."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    if " " in cut[limit // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,.;:") + "…"
+
+
+def _open_pickle(p: Path, kind: str) -> Checkpoint:
+    if kind == "tar":
+        raise CheckpointReadError(
+            f"{p.name}: this is PyTorch's legacy tar checkpoint format (torch 0.3 and older), which cannot be read "
+            "without running its code. If you trust its source, load it in a trusted PyTorch and save it as "
+            ".safetensors.")
+    if kind == "pickle":
+        raise CheckpointReadError(
+            f"{p.name}: refused to load: this is a plain Python pickle, not a checkpoint saved by torch.save, and "
+            "loading it could run code (nothing was executed). If you trust its source, convert it to .safetensors "
+            "with a trusted tool.")
+    if kind not in ("zip", "legacy"):
+        raise CheckpointReadError(f"{p.name}: not a checkpoint (neither safetensors nor a PyTorch file); the file "
+                                  "is corrupt or of another kind.")
     src = FileSource(p)
     try:
         return _load_pickle(p, src)
@@ -287,19 +444,26 @@ def _open_pickle(p: Path) -> Checkpoint:
 def _load_pickle(p: Path, src: FileSource) -> Checkpoint:
     try:
         # Read into memory, not memory-mapped (a mapped file that changes while it is read kills the process
-        # with SIGBUS), from the descriptor that is hashed later, so the recorded hash is of these bytes.
+        # with SIGBUS), from the descriptor that is hashed later, so the recorded hash is of these bytes. A file
+        # handle also keeps torch.load from choosing its reader by the file's name (a .pt named .safetensors).
         obj = torch.load(src.file, map_location="cpu", weights_only=True)
         src.verify()
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        refused = re.search(r"Unsupported (?:global|operand)[^.]*", str(e))
+        if refused is None:  # the unpickler choked on the bytes themselves: damage, not code
+            raise CheckpointReadError(f"{p.name}: the PyTorch checkpoint is corrupt "
+                                      f"({_clip(str(e).splitlines()[0] if str(e) else 'unreadable pickle', 120)}); "
+                                      "download or export it again.") from None
         raise CheckpointReadError(
-            f"{p.name}: refused to load: this pickle needs code beyond plain tensors ({first[:160]}). It was not "
-            "executed. If you trust its source, convert it to .safetensors with a trusted tool.") from None
-    except (EOFError, zipfile.BadZipFile, struct.error) as e:
-        raise CheckpointReadError(f"{p.name}: file is truncated or corrupt ({type(e).__name__}).") from None
-    except RuntimeError as e:
-        raise CheckpointReadError(f"{p.name}: cannot read checkpoint ({str(e).splitlines()[0][:200]}); the file "
-                                  "may be truncated or not a PyTorch checkpoint.") from None
+            f"{p.name}: refused to load: this pickle needs code beyond plain tensors ({_clip(refused.group(0), 120)})."
+            " It was not executed. If you trust its source, convert it to .safetensors with a trusted tool."
+        ) from None
+    except (OSError, InputChangedError):
+        raise
+    except Exception as e:  # weights_only loading runs no code: anything else it raises means a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointReadError(f"{p.name}: the PyTorch checkpoint is truncated or corrupt ({_clip(first, 120)}); "
+                                  "download or export it again.") from None
     while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -316,24 +480,88 @@ def _load_pickle(p: Path, src: FileSource) -> Checkpoint:
 
 # -- writing --------------------------------------------------------------------------------------------------
 
+
+
 def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Validate an output path before any work starts; returns it as a Path."""
-    p = Path(path)
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\0" in text:
+        raise OutputError(f"The output path {text!r} contains a NUL byte; no file can have that name.")
+    p = Path(text)
     if p.suffix.lower() != ".safetensors":
         raise OutputError(f"Output must be a .safetensors file, got '{p.name}'.")
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent_ok = parent.is_dir()
+    except OSError:
+        parent_ok = False
+    if not parent_ok:
+        try:
+            os.stat(parent)
+            raise OutputError(f"Output folder {parent} is not a folder.")
+        except OSError as e:
+            reason = "is a symbolic link loop" if e.errno == errno.ELOOP else "does not exist"
+            raise OutputError(f"Output folder {parent} {reason}.") from None
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not every system or file system says; 255 is the common limit
+        name_max = 255
+    size = len(os.fsencode(p.name))
+    if size + TEMP_NAME_EXTRA > name_max:
+        raise OutputError(f"Output name '{_clip(p.name, 60)}' is too long for {parent} ({size} bytes; names there "
+                          f"are limited to {name_max} bytes and writing needs {TEMP_NAME_EXTRA} more for its "
+                          f"temporary file); choose a name of at most {name_max - TEMP_NAME_EXTRA} bytes.")
+    if os.path.islink(p):
+        try:
+            os.stat(p)
+        except OSError as e:
+            what = "a symbolic link loop" if e.errno == errno.ELOOP else f"a symbolic link to {os.readlink(p)}, " \
+                "which does not exist"
+            raise OutputError(f"Output {p} is {what}; remove the link or choose another name.") from None
+    if p.is_dir():
+        raise OutputError(f"Output {p} is a folder.")
     if p.exists() and not overwrite:
         raise OutputError(f"Output {p} already exists; choose another name or allow overwriting.")
-    if p.exists() and p.is_dir():
-        raise OutputError(f"Output {p} is a folder.")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"Output folder {parent} does not exist.")
     sweep_stale_temp_files(parent)  # what killed writers left here (before any space is counted)
     try:
         probe_writable(parent)
     except OSError as e:
         raise OutputError(f"Output folder {parent} is not writable ({e.strerror}).") from None
     return p
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse before any work when the output's folder has less free space than the output will take."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the system cannot say; writing will tell
+    if needed > free:
+        raise OutputError(f"Not enough free space in {folder.resolve()}: the output needs {format_bytes(needed)}, "
+                          f"only {format_bytes(free)} is free; free some space or choose another folder.")
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+# The write errors that mean "the disk (or a quota, or a size limit) is full", not a bug.
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
+def output_bytes(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]], metadata_bytes: int = 0) -> int:
+    """The size of the safetensors file `write_safetensors` makes from `entries` (its header estimated)."""
+    data = header = 0
+    for key, shape, dtype in entries:
+        data += math.prod(shape) * dtype.itemsize
+        header += len(key) + 80
+    return 8 + header + metadata_bytes + 65536 + data
 
 
 def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],

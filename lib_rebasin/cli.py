@@ -55,7 +55,7 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     return MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
                         device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
-                        tolerance=args.tolerance)
+                        tolerance=args.tolerance, allow_nonfinite=args.allow_nonfinite)
 
 
 def _print_result(result: MergeResult) -> None:
@@ -94,6 +94,8 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
                         "(default 0.01; 0 = only when a sweep improves nothing, as in the paper, which on "
                         "independently trained models takes ~10x longer for the last 0.2%% of the gain)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="keep NaN/Inf weights of an input in the output instead of refusing the merge")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -141,7 +143,10 @@ def _recipe_command(args: argparse.Namespace) -> int:
     if args.from_checkpoint:
         text = recipe_from_checkpoint(args.from_checkpoint)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            try:
+                Path(args.output).write_text(text, encoding="utf-8")
+            except (OSError, ValueError) as e:
+                raise RebasinError(f"Cannot write {args.output}: {getattr(e, 'strerror', None) or e}.") from None
             print(f"Wrote {args.output}")
         else:
             print(text, end="")
@@ -201,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _recipe_command(args)
     except RebasinError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment (a full disk, a vanished folder), not a bug: one line as well
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a merge (a merge turns it into Cancelled)
         print(f"error: {Cancelled()}", file=sys.stderr)

@@ -99,13 +99,34 @@ def accumulate_objective(acc: list[float], spec: ArchSpec, key: str, get_a: Tens
 
 
 def accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> None:
+    """Add one key's dot products. float64: the order in which threads reduce then changes only the last few of
+    ~16 digits, far below the STORED_DIGITS that reach the file."""
     if a.shape != b.shape:
         return  # an inpainting A's wider conv_in has no counterpart in B
     unpermuted = pb is b
-    a, b, pb = a.reshape(-1), b.reshape(-1), pb.reshape(-1)
+    a, b, pb = a.reshape(-1).double(), b.reshape(-1).double(), (b if unpermuted else pb.reshape(-1).double())
     ab = float(torch.dot(a, b))
     acc[0] += ab
     acc[1] += ab if unpermuted else float(torch.dot(a, pb))
     acc[2] += float(torch.dot(a, a))
     acc[3] += float(torch.dot(b, b))
+
+
+# Significant digits of the measured floats stored in a file's metadata. A dot product's last bits depend on how
+# many threads reduced it; rounding makes the same merge give the same bytes on any machine setting.
+STORED_DIGITS = 9
+
+
+def stored_float(x: float) -> float | None:
+    """`x` rounded to STORED_DIGITS significant digits; None for NaN/Inf (not valid JSON)."""
+    if not math.isfinite(x):
+        return None
+    return float(f"{x:.{STORED_DIGITS}g}")
+
+
+def stored_diagnostics(d: Diagnostics) -> dict[str, object]:
+    """What a file's metadata keeps of the diagnostics: no wall time, and thread-independent floats."""
+    out = {k: v for k, v in d.to_dict().items() if k != "seconds"}
+    out["objective"] = {p: [stored_float(x) for x in o] for p, o in d.objective.items()}
+    return out
 

@@ -43,3 +43,7 @@ class Cancelled(RebasinError):
 
     def __init__(self, message: str = "Cancelled by the user; no file was written.") -> None:
         super().__init__(message)
+
+
+class NonFiniteWeightsError(RebasinError):
+    """An input holds NaN/Inf weights (refused unless allowed), or a merge would produce them."""

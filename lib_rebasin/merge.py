@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,11 @@ import torch
 
 from . import __version__
 from .blend import Blend, Term, merge_equal_terms, shared_window, telescoping_schedule
-from .checkpoint import PRECISIONS, Checkpoint, check_output_path, memory_checkpoint, write_safetensors
-from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective
-from .errors import InputChangedError, RebasinError
+from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_input_path,
+                         check_output_path, format_bytes, memory_checkpoint, output_bytes, write_safetensors)
+from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective, stored_diagnostics
+from .errors import InputChangedError, OutputError, RebasinError
+from .finite import Model, OutputGuard, guard_getter
 from .matching import MatchProgress, MatchResult, TensorGetter, weight_matching
 from .models import ModelInput, Source, check_compatible, open_model, same_file
 from .options import METHODS, MergeOptions, MethodInfo
@@ -95,6 +98,9 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
     info = METHODS[options.method]
     if info.needs_c and c is None:
         raise RebasinError(f"{info.label} needs a model C.")
+    for src in (a, b, c):  # a missing file, a link loop or a NUL byte: say so before comparing paths
+        if src is not None and not isinstance(src, Checkpoint):
+            check_input_path(src)
     if same_file(a, b):
         raise RebasinError("Model A and model B are the same file; pick two different models.")
     if c is not None and info.needs_c and same_file(b, c):
@@ -118,6 +124,8 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
         check_compatible(ma, mb, parts)
         if mc is not None:
             check_compatible(ma, mc, parts)
+        if out is not None:  # before any matching: minutes of work must not end in a full disk
+            check_free_space(out, output_bytes(output_entries(ma, PRECISIONS[options.precision])))
     except BaseException:
         for m in opened:
             m.close()
@@ -149,8 +157,13 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
             prep.verify_unchanged()
             return plan.metadata()
 
-        out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
-                                overwrite=prep.overwrite, finalize_metadata=final_metadata)
+        try:
+            out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
+                                    overwrite=prep.overwrite, finalize_metadata=final_metadata)
+        except OSError as e:
+            if e.errno not in FULL_DISK_ERRNOS:
+                raise
+            raise _full_disk(prep.output, e) from None
         report("writing", 1.0, "done")
         return MergeResult(out, plan.diagnostics, plan.metadata(), plan.diagnostics.seconds)
     except InputChangedError as e:
@@ -177,6 +190,28 @@ def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | Non
     return memory_checkpoint(tensors, metadata, name), plan.diagnostics
 
 
+def _full_disk(output: Path, e: OSError) -> OutputError:
+    folder = output.parent.resolve()
+    try:
+        free = f", {format_bytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = ""
+    return OutputError(f"Writing {output.name} failed: {e.strerror} in {folder}{free}; nothing was written. Free "
+                       "some space or choose another folder.")
+
+
+def output_entries(A: ModelInput, out_dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The output's keys, shapes and dtypes, in A's order: model weights at the output precision, the rest as
+    stored in A."""
+    spec = A.spec
+    entries = []
+    for k in A.ckpt.keys():
+        info = A.ckpt.infos[k]
+        model_weight = k in spec.shapes and part_of(k) in PARTS and info.dtype.is_floating_point
+        entries.append((k, info.shape, out_dtype if model_weight else info.dtype))
+    return entries
+
+
 @dataclass
 class _Plan:
     entries: list[tuple[str, tuple[int, ...], torch.dtype]]
@@ -196,11 +231,13 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     device = torch.device(opts.device)
     diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts))
     get_a, get_b = A.ckpt.get, B.ckpt.get
+    checked = [Model(m.label, m.path.name, m.ckpt.get, m.ckpt.keys()) for m in (A, B, prep.c) if m is not None]
 
     report.stage(0.02, 0.80 if opts.method == "rebasin" else 0.03)
     blend: Callable[[str], torch.Tensor]
     if opts.method == "rebasin":
-        blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag)
+        blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag,
+                                               checked[:2])
     elif opts.method == "weighted_sum":
         blend, final_perms = Blend(spec, [Term(1 - opts.alpha, get_a, {}), Term(opts.alpha, get_b, {})], device), {}
     elif opts.method == "add_difference":
@@ -209,7 +246,7 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
                              Term(-opts.alpha, prep.c.ckpt.get, {})], device)
         final_perms = {}
     else:
-        blend, final_perms = _legacy_blend(spec, get_a, get_b, opts, device, report), {}
+        blend, final_perms = _legacy_blend(spec, get_a, get_b, opts, device, report, checked[:2]), {}
 
     # Hash the inputs before writing, so the output file itself is never hashed by mistake.
     write_from = 0.85 if opts.method == "rebasin" else 0.15
@@ -226,11 +263,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     diag.dropped_from_b = sum(1 for k in B.ckpt.keys() if k not in A.ckpt.infos)
     diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels
 
-    entries = []
-    for k in keys:
-        info = A.ckpt.infos[k]
-        model_weight = k in spec.shapes and part_of(k) in PARTS and info.dtype.is_floating_point
-        entries.append((k, info.shape, out_dtype if model_weight else info.dtype))
+    entries = output_entries(A, out_dtype)
+    guard = OutputGuard(checked, opts.allow_nonfinite, opts.precision)
     dtypes = {k: d for k, _, d in entries}
     sizes = {k: max(1, math.prod(s)) for k, s, _ in entries}
     total = sum(sizes.values())
@@ -243,7 +277,10 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         report("writing", done / total, f"writing {key}")
         done += sizes[key]
         if key not in merged_keys:
-            return A.ckpt.get(key).to(dtypes[key])
+            return guard(key, A.ckpt.get(key).to(dtypes[key]), checked[:1])
+        return guard(key, value(key))
+
+    def value(key: str) -> torch.Tensor:
         if not (measure and spec.axes.get(key)):
             return blend(key).to("cpu").to(dtypes[key])
         acc = objective[part_of(key)]
@@ -264,7 +301,7 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         # Wall time is reported to the caller but never stored, so the same inputs give the same bytes.
         diag.objective = {p: o for p, o in objective.items() if o[2] > 0} if measure else {}
         diag.seconds = time.perf_counter() - start
-        stored = {k: v for k, v in diag.to_dict().items() if k != "seconds"}
+        stored = stored_diagnostics(diag)
         meta = {**metadata, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
                                                         "recipe": recipe_of(prep, parts),
                                                         "diagnostics": stored})}
@@ -274,7 +311,10 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
 
 def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
            opts: MergeOptions, device: torch.device, init: Perms | None,
-           on_progress: Callable[[MatchProgress], None], ref_is_file: bool) -> MatchResult:
+           on_progress: Callable[[MatchProgress], None], ref_is_file: bool, checked: list[Model]) -> MatchResult:
+    # Each tensor matching reads is checked once as it is fetched: a NaN would make the assignment fail.
+    get_ref = guard_getter(get_ref, checked[0], opts.allow_nonfinite)
+    get_b = guard_getter(get_b, checked[1], opts.allow_nonfinite)
     groups = spec.groups_in(parts)
     # On the CPU, checkpoint files are re-read on each visit rather than held (both models' size in memory); a
     # running merge is computed, so it is kept. On a GPU everything matching reads is kept there.
@@ -286,7 +326,7 @@ def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b:
 
 def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                       get_b_like: "ModelInput", opts: MergeOptions, device: torch.device, report: Reporter,
-                      diag: Diagnostics) -> tuple[Blend, Perms]:
+                      diag: Diagnostics, checked: list[Model]) -> tuple[Blend, Perms]:
     """(1-a)A + a pi(B), or its iterations form; returns the final blend and the last permutation.
 
     Why the closed form is exact: suppose step x re-matches the running merge M against B and returns the
@@ -315,7 +355,7 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
         # Matching compares shared windows only (an inpainting A's extra input channels have no partner in B).
         result = _match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
                         shared_window(running, get_b_like), get_b, opts, device, perms, on_progress,
-                        ref_is_file=x == 0)
+                        ref_is_file=x == 0, checked=checked)
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves
@@ -348,13 +388,14 @@ def _record_moves(diag: Diagnostics, result: MatchResult) -> None:
 
 
 def _legacy_blend(spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, opts: MergeOptions,
-                  device: torch.device, report: Reporter) -> Callable[[str], torch.Tensor]:
+                  device: torch.device, report: Reporter, checked: list[Model]) -> Callable[[str], torch.Tensor]:
     """T0b1maru/re-basin_merger's result (see legacy.py): a weighted sum, except six GroupNorm vectors that the
     tool re-matches every iteration; those are iterated exactly (they are tiny), everything else is one blend."""
     from .legacy import SPECIAL_KEYS, legacy_special_tensors
 
     special = legacy_special_tensors(
-        get_a, get_b, opts.alpha, opts.iterations,
+        guard_getter(get_a, checked[0], opts.allow_nonfinite), guard_getter(get_b, checked[1], opts.allow_nonfinite),
+        opts.alpha, opts.iterations,
         on_iteration=lambda done, total: report("matching", done / total,
                                                 f"legacy: iteration {done}/{total} (three output GroupNorms)"))
     weighted = Blend(spec, [Term(1 - opts.alpha, get_a, {}), Term(opts.alpha, get_b, {})], device)

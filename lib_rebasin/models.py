@@ -16,7 +16,7 @@ from typing import Union
 
 from .arch import SD1Config, check_layout, detect
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import IncompatibleModelsError, RebasinError
+from .errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
 from .spec import ArchSpec, build_spec, part_of
 
 _SPECS: dict[SD1Config, ArchSpec] = {}
@@ -71,12 +71,26 @@ def open_model(path: Source, label: str) -> ModelInput:
         config = detect(shapes)
         has_vae = any(part_of(k) == "vae" for k in shapes)
         check_layout(config, shapes, has_vae=has_vae)
+        check_float_weights(ckpt, spec_for(config))
     except RebasinError as e:
         if owned:
             ckpt.close()
         raise type(e)(f"Model {label} ({ckpt.path.name}): {e}") from None
     parts = {"unet", "te"} | ({"vae"} if has_vae else set())
     return ModelInput(label, ckpt, config, parts, owned)
+
+
+def check_float_weights(ckpt: Checkpoint, spec: ArchSpec) -> None:
+    """Refuse integer or bool tensors where the SD layout has weights (headers only): they cannot be blended, and
+    copying them would put integers where every host expects floats."""
+    bad = [k for k, info in ckpt.infos.items()
+           if k in spec.shapes and part_of(k) != "other" and not k.endswith("position_ids")
+           and not info.dtype.is_floating_point]
+    if bad:
+        dtypes = sorted({str(ckpt.infos[k].dtype).replace("torch.", "") for k in bad})
+        raise UnsupportedModelError(
+            f"{len(bad)} weight tensor(s) hold {'/'.join(dtypes)} values where floats are needed (e.g. "
+            f"{', '.join(sorted(bad)[:3])}); the file is damaged or not a real checkpoint.")
 
 
 def same_file(a: Source, b: Source) -> bool:
@@ -91,8 +105,8 @@ def _file_identity(src: Source) -> object:
     try:
         st = os.stat(src)
         return (st.st_dev, st.st_ino)
-    except OSError:
-        return Path(src).resolve()
+    except (OSError, ValueError):  # it cannot be opened (opening it says why) or has a NUL byte
+        return os.path.abspath(src)
 
 
 def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...]) -> None:
@@ -102,6 +116,10 @@ def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...
     plain B), handled like the WebUI's merger: the extra input channels keep A's weights.
     """
     fa, fb = first.config, other.config
+    if "vae" not in parts or "vae" not in first.parts or "vae" not in other.parts:
+        # A model without a VAE gets SD 1.5's VAE width from `detect`; with no VAE to blend, it cannot differ.
+        fb = replace(fb, vae_channels=fa.vae_channels, vae_mult=fa.vae_mult, vae_res_blocks=fa.vae_res_blocks,
+                     vae_z=fa.vae_z)
     if fa != fb:
         if replace(fb, unet_in_channels=fa.unet_in_channels) == fa and fa.unet_in_channels > fb.unet_in_channels:
             pass

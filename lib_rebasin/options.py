@@ -46,26 +46,70 @@ class MergeOptions:
     # of the converged objective gain; the paper's rule took 73 sweeps and 1,503 s (benchmarks/results.md).
     tolerance: float = 0.01
 
+    # Keep NaN/Inf weights of an input in the output instead of refusing the merge (matching then treats them as 0).
+    allow_nonfinite: bool = False
+
     def validate(self) -> None:
+        """Raise RebasinError naming the first option of the wrong type or out of range."""
+        _check_type("method", self.method, str)
         if self.method not in METHODS:
             raise RebasinError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
-            raise RebasinError("alpha must be a number.")
-        if not 0.0 <= self.alpha <= 1.0 and self.method != "add_difference":
-            raise RebasinError(f"alpha must be between 0 and 1 for {self.method}, got {self.alpha}.")
-        if not 1 <= int(self.iterations) <= 10_000:
+        _check_type("alpha", self.alpha, float)
+        if not math.isfinite(self.alpha):
+            raise RebasinError(f"alpha must be a finite number, got {self.alpha}.")
+        if self.method == "add_difference":
+            if abs(self.alpha) > MAX_DIFFERENCE_ALPHA:
+                raise RebasinError(f"alpha must be between -{MAX_DIFFERENCE_ALPHA:g} and {MAX_DIFFERENCE_ALPHA:g} for "
+                                   f"add_difference, got {self.alpha:g}.")
+        elif not 0.0 <= self.alpha <= 1.0:
+            raise RebasinError(f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
+        _check_type("iterations", self.iterations, int)
+        if not 1 <= self.iterations <= 10_000:
             raise RebasinError(f"iterations must be between 1 and 10000, got {self.iterations}.")
+        if not isinstance(self.parts, (tuple, list)) or not all(isinstance(p, str) for p in self.parts):
+            raise RebasinError(f"parts must be a list of part names ({', '.join(PARTS)}), got {_show(self.parts)}.")
         bad = [p for p in self.parts if p not in PARTS]
         if bad or not self.parts:
             raise RebasinError(f"parts must be a non-empty subset of {', '.join(PARTS)}; got {list(self.parts)}.")
+        _check_type("precision", self.precision, str)
         if self.precision not in PRECISIONS:
             raise RebasinError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'.")
-        if self.max_sweeps < 1:
-            raise RebasinError("max_sweeps must be at least 1.")
+        _check_type("seed", self.seed, int)
+        if not 0 <= self.seed < 2**63:
+            raise RebasinError(f"seed must be between 0 and 2**63 - 1, got {self.seed}.")
+        _check_type("max_sweeps", self.max_sweeps, int)
+        if not 1 <= self.max_sweeps <= 100_000:
+            raise RebasinError(f"max_sweeps must be between 1 and 100000, got {self.max_sweeps}.")
+        _check_type("tolerance", self.tolerance, float)
         if not 0.0 <= self.tolerance < 1.0:
             raise RebasinError(f"tolerance must be in [0, 1), got {self.tolerance}.")
+        _check_type("allow_nonfinite", self.allow_nonfinite, bool)
+        _check_type("device", self.device, str)
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise RebasinError(f"device must be 'cpu' or 'cuda', got '{_show(self.device)}'.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RebasinError("device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise RebasinError(f"device must be 'cpu' or 'cuda', got '{self.device}'.")
 
+
+# add_difference: A + alpha (B - C). Beyond |alpha| = 10 the difference outweighs the model by an order of
+# magnitude: no recipe uses that, and it is where a typo (1e308 for 0.2) turns into overflow.
+MAX_DIFFERENCE_ALPHA = 10.0
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_type(name: str, value: object, kind: type) -> None:
+    """Exact types, as a recipe or an API request must give them: True is not 1, 2.5 and "3" are not 3."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise RebasinError(f"{name} must be {_TYPE_WORDS[kind]}, got {_show(value)}.")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

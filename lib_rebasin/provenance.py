@@ -20,7 +20,10 @@ def recipe_of(prep: "Prepared", parts: tuple[str, ...]) -> dict[str, object]:
     return {"method": o.method, "alpha": o.alpha, "iterations": o.iterations, "parts": list(parts),
             "device": o.device, "precision": o.precision, "seed": o.seed, "max_sweeps": o.max_sweeps,
             "tolerance": o.tolerance,
-            "models": {m.label: m.path.name for m in (prep.a, prep.b, prep.c) if m is not None}}
+            "models": {m.label: m.path.name for m in (prep.a, prep.b, prep.c) if m is not None},
+            # where each input was read from, so `recipe --from` can find it again by sha256
+            "folders": {m.label: str(m.path.resolve().parent) for m in (prep.a, prep.b, prep.c)
+                        if m is not None and not m.in_memory}}
 
 
 def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[str, str],

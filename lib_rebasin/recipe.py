@@ -43,6 +43,7 @@ from .checkpoint import Checkpoint, file_sha256, open_checkpoint
 from .errors import RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
                     Reporter, merge_checkpoints, merge_in_memory)
+from .diagnostics import stored_diagnostics
 from .models import legacy_hash, open_model, same_file
 from .spec import PARTS
 
@@ -52,9 +53,10 @@ else:  # pragma: no cover - Python 3.10 (A1111's own Python)
     import tomli as tomllib
 
 STEP_KEYS = {"name", "method", "a", "b", "c", "alpha", "iterations", "parts", "device", "precision", "seed",
-             "max_sweeps", "tolerance"}
+             "max_sweeps", "tolerance", "allow_nonfinite"}
 RECIPE_KEYS = {"name", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
-               "tolerance"}
+               "tolerance", "allow_nonfinite"}
+MODEL_KEYS = {"file", "sha256", "folder"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 
 
@@ -68,6 +70,9 @@ class ModelRef:
     file: str | None = None
     sha256: str | None = None
     line: int = 0
+    # The folder the file was read from when the recipe was recorded (`recipe --from`): searched by sha256 only,
+    # so it can only ever supply the very file that was merged.
+    folder: str | None = None
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Recipe:
     models: dict[str, ModelRef] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # the recipe file's folder, where models are also looked for by sha256
 
     def to_toml(self) -> str:
         """The canonical text: parse(to_toml()) round-trips, and equal recipes give equal text."""
@@ -93,7 +99,8 @@ class Recipe:
         lines += [f"{k} = {_v(v)}" for k, v in sorted(self.defaults.items())]
         lines += ["", "[models]"]
         for m in self.models.values():
-            fields = [f"{k} = {_q(v)}" for k, v in (("file", m.file), ("sha256", m.sha256)) if v]
+            fields = [f"{k} = {_q(v)}" for k, v in (("file", m.file), ("sha256", m.sha256), ("folder", m.folder))
+                      if v]
             lines.append(f"{_key(m.name)} = {{ {', '.join(fields)} }}")
         for s in self.steps:
             o = s.options
@@ -104,6 +111,8 @@ class Recipe:
             lines += [f"alpha = {_v(o.alpha)}", f"iterations = {o.iterations}", f"parts = {_v(list(o.parts))}",
                       f"device = {_q(o.device)}", f"precision = {_q(o.precision)}", f"seed = {o.seed}",
                       f"max_sweeps = {o.max_sweeps}", f"tolerance = {_v(float(o.tolerance))}"]
+            if o.allow_nonfinite:
+                lines.append("allow_nonfinite = true")
         return "\n".join(lines) + "\n"
 
 
@@ -158,24 +167,42 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     if unknown:
         raise fail(0, f"unknown section(s) {', '.join(sorted(unknown))}; expected [recipe], [models], [[step]].")
     head = data.get("recipe", {})
+    if not isinstance(head, dict):
+        raise fail(0, "'recipe' must be a [recipe] table.")
     bad = set(head) - RECIPE_KEYS
     if bad:
         raise fail(0, f"unknown [recipe] key(s) {', '.join(sorted(bad))}.")
+    if not isinstance(head.get("name", ""), str):
+        raise fail(0, "[recipe] name must be a string.")
     recipe = Recipe(name=str(head.get("name", "recipe")), defaults={k: v for k, v in head.items() if k != "name"})
 
-    for name, value in data.get("models", {}).items():
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise fail(0, "'models' must be a [models] table of name = file entries.")
+    for name, value in models.items():
         line = model_lines.get(name, 0)
         if isinstance(value, str):
             ref = ModelRef(name, file=value, line=line)
-        elif isinstance(value, dict) and set(value) <= {"file", "sha256"} and value:
-            ref = ModelRef(name, value.get("file"), value.get("sha256"), line)
+        elif (isinstance(value, dict) and set(value) <= MODEL_KEYS and ({"file", "sha256"} & set(value))
+              and all(isinstance(v, str) for v in value.values())):
+            ref = ModelRef(name, value.get("file"), value.get("sha256"), line, value.get("folder"))
         else:
-            raise fail(line, f"model '{name}' must be a file name or {{ file = ..., sha256 = ... }}.")
+            raise fail(line, f"model '{name}' must be a file name or {{ file = \"...\", sha256 = \"...\" }} "
+                             "(strings).")
         if ref.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{10}|[0-9a-fA-F]{64}", ref.sha256):
             raise fail(line, f"model '{name}': sha256 must be 64 hex digits (or the WebUI's 10-digit short hash).")
+        if ref.file is not None:
+            problem = _unsafe_name(ref.file)
+            if problem:
+                raise fail(line, f"model '{name}': file {_show(ref.file)} {problem}; name a file inside the models "
+                                 "folder (--models-dir) by its relative path.")
+        if ref.folder is not None and (not os.path.isabs(ref.folder) or "\0" in ref.folder):
+            raise fail(line, f"model '{name}': folder must be an absolute path (where the file was found).")
         recipe.models[name] = ref
 
     steps = data.get("step", [])
+    if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
+        raise fail(0, "'step' must be a list of [[step]] tables.")
     if not steps:
         raise fail(0, "a recipe needs at least one [[step]].")
     known: set[str] = set(recipe.models)
@@ -185,21 +212,28 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         bad = set(raw) - STEP_KEYS
         if bad:
             raise fail(key_lines.get((i, sorted(bad)[0]), line), f"unknown step key(s) {', '.join(sorted(bad))}.")
-        name = str(raw.get("name", f"step{i + 1}"))
+        name = raw.get("name", f"step{i + 1}")
+        if not isinstance(name, str) or not name:
+            raise fail(key_lines.get((i, "name"), line), f"step {i + 1}: name must be a non-empty string.")
         if name in known:
             raise fail(line, f"the name '{name}' is already used by a model or an earlier step.")
         settings = {**recipe.defaults, **{k: v for k, v in raw.items() if k in MergeOptions.__dataclass_fields__}}
+        parts = settings.get("parts", PARTS)
         try:
-            options = MergeOptions(**{**settings, "parts": tuple(settings.get("parts", PARTS))})
+            options = MergeOptions(**{**settings, "parts": tuple(parts) if isinstance(parts, list) else parts})
             options.validate()
-        except (TypeError, RebasinError) as e:
-            raise fail(line, f"step '{name}': {e}") from None
+        except RebasinError as e:
+            field_name = str(e).split(" ", 1)[0]
+            raise fail(key_lines.get((i, field_name), line), f"step '{name}': {e}") from None
         refs = {}
         for slot in ("a", "b", "c"):
             ref = raw.get(slot)
             if ref is None:
                 continue
             ref_line = key_lines.get((i, slot), line)
+            if not isinstance(ref, str):
+                raise fail(ref_line, f"step '{name}': {slot} must be a string naming a model or an earlier step, "
+                                     f"got {_show(ref)}.")
             if ref not in known:
                 if ref in later and later[ref] >= i:
                     raise fail(ref_line, f"step '{name}' uses '{ref}', which is only made by a later step.")
@@ -214,37 +248,100 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     return recipe
 
 
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unsafe_name(file: str) -> str | None:
+    """Why a recipe's file name could point outside the models folder (None: it cannot)."""
+    if "\0" in file:
+        return "contains a NUL byte"
+    if not file.strip():
+        return "is empty"
+    if os.path.isabs(file) or file.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file):
+        return "is an absolute path"
+    if ".." in re.split(r"[\\/]", file):
+        return "goes up out of the folder ('..')"
+    return None
+
+
 # -- resolving models ------------------------------------------------------------------------------------------
 
-def resolve_models(recipe: Recipe, models_dir: Path) -> dict[str, Path]:
-    """Find every model file (by name, or by hash in `models_dir`); raise for the first one that is missing."""
+def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> dict[str, Path]:
+    """Find every model file: by name inside `models_dir`, or by sha256 in `models_dir` (recursively), the recipe's
+    folder and the folders recorded with the recipe; raise for the first one that is missing.
+
+    With `confine` (the CLI) a name must stay inside `models_dir`, symbolic links included; a caller that pinned
+    the files itself (the WebUI tab, to the host's checkpoint list) passes False.
+    """
     found: dict[str, Path] = {}
     hashes: dict[Path, str] = {}
+    if not models_dir.is_dir():
+        raise RecipeError(f"--models-dir {models_dir} is not a folder.")
+    root = models_dir.resolve()
 
     def sha(p: Path) -> str:
         if p not in hashes:
-            hashes[p] = file_sha256(p)
+            try:
+                hashes[p] = file_sha256(p)
+            except OSError:  # unreadable: it cannot be the pinned file
+                hashes[p] = ""
         return hashes[p]
+
+    def by_hash(ref: ModelRef) -> Path | None:
+        assert ref.sha256 is not None
+        want = ref.sha256.lower()
+        folders: list[tuple[Path, bool]] = [(models_dir, True)]
+        folders += [(Path(f), False) for f in (recipe.folder, ref.folder) if f is not None]
+        seen: set[Path] = set()
+        for folder, recursive in folders:
+            try:
+                listing = folder.rglob("*") if recursive else folder.glob("*")
+                candidates = sorted(p for p in listing if p.suffix.lower() in MODEL_EXTENSIONS and p.is_file())
+            except OSError:
+                continue
+            for p in candidates:
+                real = p.resolve()
+                if real in seen or (confine and recursive and not _inside(real, root)):
+                    continue
+                seen.add(real)
+                if sha(p) and sha(p).startswith(want):
+                    return p
+        return None
+
+    def where() -> str:
+        extra = [str(f) for f in (recipe.folder, ) if f is not None and Path(f).resolve() != root]
+        return f"--models-dir {models_dir}" + "".join(f", {e}" for e in extra)
 
     for ref in recipe.models.values():
         path = None
         if ref.file is not None:
-            p = Path(ref.file) if Path(ref.file).is_absolute() else models_dir / ref.file
+            p = Path(ref.file) if (Path(ref.file).is_absolute() and not confine) else models_dir / ref.file
+            if confine and p.exists() and not _inside(p.resolve(), root):
+                raise RecipeError(f"line {ref.line}: model '{ref.name}': {ref.file} leads outside --models-dir "
+                                  f"{models_dir} (through a symbolic link to {p.resolve()}); put the file itself "
+                                  "in the models folder or pass its folder as --models-dir.")
             if p.is_file():
                 path = p
             elif ref.sha256 is None:
-                raise RecipeError(f"line {ref.line}: model '{ref.name}': file {ref.file} not found in {models_dir}.")
-        if path is not None and ref.sha256 and not sha(path).startswith(ref.sha256.lower()):
+                raise RecipeError(f"line {ref.line}: model '{ref.name}': file {ref.file} not found in "
+                                  f"--models-dir {models_dir}; put it there or pass --models-dir.")
+        if path is not None and ref.sha256 and not (sha(path) and sha(path).startswith(ref.sha256.lower())):
             raise RecipeError(f"line {ref.line}: model '{ref.name}': {path.name} does not have sha256 {ref.sha256}.")
         if path is None and ref.sha256:
-            candidates = sorted(p for p in models_dir.rglob("*") if p.suffix.lower() in MODEL_EXTENSIONS)
-            path = next((p for p in candidates if sha(p).startswith(ref.sha256.lower())), None)
+            path = by_hash(ref)
             if path is None:
-                raise RecipeError(f"line {ref.line}: model '{ref.name}': no file in {models_dir} has sha256 "
-                                  f"{ref.sha256}.")
+                also = f" or {ref.folder}" if ref.folder else ""
+                raise RecipeError(f"line {ref.line}: model '{ref.name}': no file with sha256 {ref.sha256} in "
+                                  f"{where()}{also}; put it in one of them or pass --models-dir.")
         assert path is not None
         found[ref.name] = path
     return found
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 # -- running ---------------------------------------------------------------------------------------------------
@@ -265,12 +362,14 @@ class RecipeResult:
 
 def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str], overwrite: bool = False,
                progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
-               extra_metadata: dict[str, str] | None = None) -> RecipeResult:
-    """Run every step; only the last one is written (atomically). Raises RebasinError; no file then."""
+               extra_metadata: dict[str, str] | None = None, confine: bool = True) -> RecipeResult:
+    """Run every step; only the last one is written (atomically). Raises RebasinError; no file then.
+
+    `confine`: model names must resolve inside `models_dir` (see `resolve_models`)."""
     from .checkpoint import check_output_path
 
     out_path = check_output_path(output, overwrite)
-    paths = resolve_models(recipe, models_dir)
+    paths = resolve_models(recipe, models_dir, confine)
     # Every input is read, and hashed, through one open file for the whole chain: an input replaced meanwhile
     # cannot get its new hash recorded for the old bytes, nor give two steps two different versions.
     opened = _open_inputs(paths)
@@ -297,12 +396,25 @@ def _open_inputs(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], out_path: Path,
                 overwrite: bool, progress: ProgressCallback | None, cancel: CancelCheck | None,
                 extra_metadata: dict[str, str] | None) -> RecipeResult:
+    from .checkpoint import PRECISIONS, check_free_space, output_bytes
+    from .merge import output_entries
+
     # Check every step's inputs from the headers before any work (architectures, shapes, parts).
     for step in recipe.steps:
         for slot in ("a", "b", "c"):
             ref = getattr(step, slot)
             if ref in opened:
                 open_model(opened[ref], slot.upper()).close()
+    # The output has the keys of the last step's A, followed back through the steps to a model file.
+    by_name = {s.name: s for s in recipe.steps}
+    root = recipe.steps[-1].a
+    while root in by_name:
+        root = by_name[root].a
+    first = open_model(opened[root], "A")
+    try:
+        check_free_space(out_path, output_bytes(output_entries(first, PRECISIONS[recipe.steps[-1].options.precision])))
+    finally:
+        first.close()
 
     canonical = _canonical(recipe, paths, opened)
     last_use = {}
@@ -313,7 +425,8 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
     results: dict[str, Checkpoint] = {}
     done: list[tuple[str, Diagnostics]] = []
     n = len(recipe.steps)
-    inputs = {name: {"file": p.name, "sha256": canonical.models[name].sha256} for name, p in paths.items()}
+    inputs = {name: {"file": p.name, "sha256": canonical.models[name].sha256, "folder": str(p.parent.resolve())}
+              for name, p in paths.items()}
 
     for i, step in enumerate(recipe.steps):
         def step_progress(ev: ProgressEvent, i: int = i, step: Step = step) -> None:
@@ -367,8 +480,7 @@ def _recipe_metadata(recipe: Recipe, paths: dict[str, Path], opened: dict[str, C
     recipe_meta = {"type": "lib_rebasin_recipe", "version": __version__, "name": recipe.name, "recipe": text,
                    "models": inputs}
     ours = {"version": __version__, "recipe_toml": text, "inputs": inputs,
-            "steps": [{"name": n, "diagnostics": {k: v for k, v in d.to_dict().items() if k != "seconds"}}
-                      for n, d in steps]}
+            "steps": [{"name": n, "diagnostics": stored_diagnostics(d)} for n, d in steps]}
     return {"sd_merge_recipe": json.dumps(recipe_meta), "sd_merge_models": json.dumps(merge_models),
             "lib_rebasin": json.dumps(ours)}
 
@@ -390,21 +502,47 @@ def recipe_from_checkpoint(path: str | os.PathLike[str]) -> str:
     if not isinstance(ours, dict):
         raise RecipeError(f"{Path(path).name} was not made by lib_rebasin (no 'lib_rebasin' metadata).")
     if "recipe_toml" in ours:
-        return str(ours["recipe_toml"])
+        return _with_folders(str(ours["recipe_toml"]), ours.get("inputs"), path)
     single = ours.get("recipe")
     webui = _json_or_none(meta.get("sd_merge_recipe")) or {}
     if not isinstance(single, dict):
         raise RecipeError(f"{Path(path).name}: its lib_rebasin metadata holds no recipe.")
+    try:
+        return _single_merge_recipe(Path(path).stem, single, webui)
+    except (KeyError, TypeError, ValueError, AttributeError, RebasinError):
+        raise RecipeError(f"{Path(path).name}: its lib_rebasin metadata is incomplete or damaged; no recipe can be "
+                          "made from it.") from None
+
+
+def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
     models = single.get("models", {})
     hashes = {"A": webui.get("primary_model_hash"), "B": webui.get("secondary_model_hash"),
               "C": webui.get("tertiary_model_hash")}
-    refs = {label.lower(): ModelRef(label.lower(), file, hashes.get(label)) for label, file in models.items()}
+    folders = single.get("folders", {})
+    refs = {label.lower(): ModelRef(label.lower(), file, hashes.get(label), folder=folders.get(label))
+            for label, file in models.items()}
     opts = MergeOptions(method=single["method"], alpha=single["alpha"], iterations=single["iterations"],
                         parts=tuple(single["parts"]), device=single["device"], precision=single["precision"],
                         seed=single["seed"], max_sweeps=single["max_sweeps"],
                         tolerance=single.get("tolerance", 0.0))
+    opts.validate()
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
-    return Recipe(name=Path(path).stem, models=refs, steps=[step]).to_toml()
+    return Recipe(name=stem, models=refs, steps=[step]).to_toml()
+
+
+def _with_folders(text: str, inputs: Any, source: str | os.PathLike[str]) -> str:
+    """A recorded recipe with the folders its inputs were read from (so running it finds them by sha256)."""
+    if not isinstance(inputs, dict):
+        return text
+    try:
+        recipe = parse_recipe(text, Path(source).name)
+    except RecipeError:
+        return text
+    for name, ref in recipe.models.items():
+        entry = inputs.get(name)
+        if isinstance(entry, dict) and isinstance(entry.get("folder"), str) and os.path.isabs(entry["folder"]):
+            ref.folder = entry["folder"]
+    return recipe.to_toml()
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -413,5 +551,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"Cannot read recipe {p}: {e.strerror}.") from None
-    return parse_recipe(text, p.name)
+    except UnicodeDecodeError:
+        raise RecipeError(f"Cannot read recipe {p}: it is not UTF-8 text (a recipe is a TOML file).") from None
+    recipe = parse_recipe(text, p.name)
+    recipe.folder = p.resolve().parent
+    return recipe
 

@@ -108,7 +108,7 @@ def test_non_checkpoint_files(tmp_path: Path) -> None:
     ({"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024),
       "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "SD 2"),
     ({"encoder.conv_in.weight": (128, 3, 3, 3)}, "VAE"),
-    ({"fc.weight": (10, 10)}, "No Stable Diffusion UNet"),
+    ({"fc.weight": (10, 10)}, "not a Stable Diffusion checkpoint"),
 ])
 def test_unsupported_architectures_are_named(keys: dict, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):

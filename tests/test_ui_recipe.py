@@ -218,3 +218,13 @@ def test_settings_fields_only_touch_what_changed(host):
     changed = parse_recipe(rb.sync_settings(text, same["name"], "fp32", same["device"], same["seed"]))
     assert [s.options.precision for s in changed.steps] == ["fp32", "fp32"]
     assert [s.options.seed for s in changed.steps] == [0, 5]
+
+
+@pytest.mark.parametrize("file", ["../one.safetensors", "/etc/passwd", "sub/../../one.safetensors"])
+def test_recipe_model_names_stay_inside_the_models_folder_in_the_tab(host, file):
+    """The tab parses recipes with the core, so a name that leaves the folder is refused as in the CLI, with its
+    line, before the host's checkpoint list is even consulted."""
+    svc = MergeService(host)
+    text = two_steps(host).replace('"three.safetensors"', f'"{file}"')
+    with pytest.raises(RecipeError, match=r"line \d+: model 'three': .*(absolute path|goes up out of the folder)"):
+        svc.prepare_recipe(RecipeRequest(text))

@@ -106,7 +106,7 @@ def _rel_file(entry: CheckpointEntry, models_dir: Path | None) -> str:
         try:
             return entry.path.resolve().relative_to(Path(models_dir).resolve()).as_posix()
         except ValueError:
-            return str(entry.path)  # outside the checkpoint folder: an absolute path the core accepts
+            return entry.path.name  # outside the checkpoint folder (another --ckpt-dir): the tab finds it by name
     return entry.path.name
 
 

@@ -462,7 +462,8 @@ class MergeService:
                     result = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
                                                     overwrite=p.request.overwrite, progress=progress,
                                                     cancel=cancelled,
-                                                    extra_metadata={"lib_rebasin_host": self.host.name})
+                                                    extra_metadata={"lib_rebasin_host": self.host.name},
+                                                    confine=False)  # pinned to the host's checkpoints above
                 else:
                     result = core.merge_checkpoints(
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
