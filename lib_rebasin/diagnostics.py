@@ -36,6 +36,9 @@ class Diagnostics:
     dropped_from_b: int = 0
     kept_a_extra_channels: bool = False
     seconds: float = 0.0
+    blocks: list[float] | None = None                        # 26 block weights of B, if used
+    blocks_preset: str | None = None
+    aligned: bool = False                                    # re-basin alignment before another method
 
     def cosine(self, part: str) -> tuple[float, float] | None:
         o = self.objective.get(part)
@@ -49,6 +52,14 @@ class Diagnostics:
         lines = [f"Method: {METHODS[self.method].label}, alpha {self.alpha:g}"
                  + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
+        if self.blocks is not None:
+            from .blocks import BlockWeights
+
+            bw = BlockWeights(tuple(self.blocks), self.blocks_preset)
+            lines.append("Block weights (BASE, IN00-IN11, M00, OUT00-OUT11): "
+                         + (f"{bw.preset} = " if bw.preset else "") + bw.text().replace(",", ", ") + ".")
+        if self.aligned:
+            lines.append("B (and C, with B's permutation) were re-basin aligned to A before the method ran.")
         if self.matched:
             total_moved = sum(m for m, _ in self.moved.values())
             for part, (m, n) in self.moved.items():

@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .blend import Blend, Term, merge_equal_terms, shared_window, telescoping_schedule
+from .blend import (Blend, BlockBlend, KeyFunctionBlend, Term, merge_equal_terms, shared_window,
+                    telescoping_schedule)
 from .checkpoint import (PRECISIONS, Checkpoint, check_output_path, memory_checkpoint, release_mapped_pages,
                          write_safetensors)
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective
@@ -176,28 +177,28 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     spec = A.spec
     parts = tuple(p for p in opts.parts if p in A.parts)
     device = torch.device(opts.device)
-    diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts))
+    diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts),
+                       blocks=list(opts.blocks) if opts.blocks is not None else None,
+                       blocks_preset=opts.blocks_preset, aligned=opts.align)
     get_a, get_b = A.ckpt.get, B.ckpt.get
     inputs = [m.ckpt for m in (A, B, prep.c) if m is not None]
 
-    report.stage(0.02, 0.80 if opts.method == "rebasin" else 0.03)
+    report.stage(0.02, 0.80 if opts.aligned else 0.03)
     blend: Callable[[str], torch.Tensor]
+    match_pages = lambda: release_mapped_pages(inputs, MATCHING_PAGE_BUDGET)  # noqa: E731
     if opts.method == "rebasin":
         blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag,
-                                               lambda: release_mapped_pages(inputs, MATCHING_PAGE_BUDGET))
-    elif opts.method == "weighted_sum":
-        blend, final_perms = Blend(spec, [Term(1 - opts.alpha, get_a, {}), Term(opts.alpha, get_b, {})], device), {}
-    elif opts.method == "add_difference":
-        assert prep.c is not None
-        blend = Blend(spec, [Term(1.0, get_a, {}), Term(opts.alpha, get_b, {}),
-                             Term(-opts.alpha, prep.c.ckpt.get, {})], device)
-        final_perms = {}
-    else:
+                                               match_pages)
+    elif opts.method == "legacy":
         blend, final_perms = _legacy_blend(spec, get_a, get_b, opts, device, report), {}
+    else:
+        final_perms = _align_once(spec, parts, get_a, get_b, B, opts, device, report, diag,
+                                  match_pages) if opts.align else {}
+        blend = _method_blend(spec, prep, opts, final_perms, device)
 
     # Hash the inputs before writing, so the output file itself is never hashed by mistake.
-    write_from = 0.85 if opts.method == "rebasin" else 0.15
-    report.stage(0.80 if opts.method == "rebasin" else 0.03, write_from)
+    write_from = 0.85 if opts.aligned else 0.15
+    report.stage(0.80 if opts.aligned else 0.03, write_from)
     metadata = provenance_metadata(prep, parts, extra_metadata, report)
     report.stage(write_from, 1.0)
 
@@ -219,7 +220,7 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     sizes = {k: max(1, math.prod(s)) for k, s, _ in entries}
     total = sum(sizes.values())
     done = 0
-    measure = opts.method == "rebasin"
+    measure = opts.aligned
     objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
     def produce(key: str) -> torch.Tensor:
@@ -232,7 +233,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         if not (measure and spec.axes.get(key)):
             return blend(key).to("cpu").to(dtypes[key])
         acc = objective[part_of(key)]
-        if isinstance(blend, Blend) and len(blend.terms) == 2 and blend.terms[1].get is get_b:
+        key_blend = blend.for_key(key) if isinstance(blend, BlockBlend) else blend
+        if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
             # (1-a) A + a pi(B): reuse the fp32 A and pi(B) the blend computes anyway.
             def observe(values: list[tuple[float, torch.Tensor]]) -> None:
                 a, pb = values[0][1], values[1][1]
@@ -240,7 +242,7 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
                 b = get_b(key).to(pb.device, torch.float32) if moved else pb
                 accumulate(acc, a, b, pb)
 
-            return blend(key, observe).to("cpu").to(dtypes[key])
+            return key_blend(key, observe).to("cpu").to(dtypes[key])
         accumulate_objective(acc, spec, key, get_a, get_b, final_perms)
         return blend(key).to("cpu").to(dtypes[key])
 
@@ -278,13 +280,18 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
     step by induction, and the remaining steps are blends with the same pi(B): their product collapses to
     M_N = c M + (1-c) pi(B) with c = prod of (1 - a_y) over the remaining steps.
     """
-    steps = telescoping_schedule(opts.alpha, opts.iterations)
-    terms = [Term(1.0, get_a, {})]
+    n = opts.iterations
+    # One track of terms per distinct weight of B (one track without block weights); every track steps through
+    # its own telescoping schedule, all with the same permutation of each step.
+    alphas = _alphas_in(spec, parts, opts)
+    schedules = {al: telescoping_schedule(al, n) for al in alphas}
+    tracks = {al: [Term(1.0, get_a, {})] for al in alphas}
+    # The closed form's proof needs every key of a group to take the same step (one alpha over the matched parts).
+    uniform = len(alphas) == 1
     perms: Perms | None = None
     diag.matched = True
-    n = len(steps)
-    for x, a_x in enumerate(steps):
-        running = Blend(spec, terms, device)
+    for x in range(n):
+        running = _tracks_blend(spec, tracks, opts, device, merge=False)
         label = f"step {x + 1}/{n}, " if n > 1 else ""
 
         def on_progress(p: MatchProgress, x: int = x, label: str = label) -> None:
@@ -306,20 +313,98 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
             torch.equal(moved[k], perms[k]) for k in perms)
         perms = moved
         _record_moves(diag, result)
-        if unchanged and result.converged:
-            c = 1.0
-            for a_y in steps[x:]:
-                c *= 1 - a_y
+        if unchanged and result.converged and uniform:
             diag.closed_form_steps = n - x
-            for t in terms:
-                t.weight *= c
-            terms.append(Term(1 - c, get_b, perms))
+            for al, terms in tracks.items():
+                c = 1.0
+                for a_y in schedules[al][x:]:
+                    c *= 1 - a_y
+                for t in terms:
+                    t.weight *= c
+                terms.append(Term(1 - c, get_b, perms))
             break
-        for t in terms:
-            t.weight *= 1 - a_x
-        terms.append(Term(a_x, get_b, perms))
+        for al, terms in tracks.items():
+            a_x = schedules[al][x]
+            for t in terms:
+                t.weight *= 1 - a_x
+            terms.append(Term(a_x, get_b, perms))
     assert perms is not None
-    return Blend(spec, merge_equal_terms(terms), device), perms
+    return _tracks_blend(spec, tracks, opts, device, merge=True), perms
+
+
+def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
+    """The distinct weights of B over the keys of the merged parts (just alpha without block weights)."""
+    if opts.blocks is None:
+        return [opts.alpha]
+    return sorted({opts.alpha_of(k) for k in spec.shapes if part_of(k) in parts})
+
+
+def _tracks_blend(spec: ArchSpec, tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,
+                  merge: bool) -> "Blend | BlockBlend":
+    def blend_for(al: float) -> Blend:
+        terms = tracks[al]
+        return Blend(spec, merge_equal_terms(terms) if merge else terms, device)
+
+    if opts.blocks is None:
+        return blend_for(opts.alpha)
+    return BlockBlend(blend_for, _alpha_lookup(opts))
+
+
+def _alpha_lookup(opts: MergeOptions) -> Callable[[str], float]:
+    """opts.alpha_of, remembered per key (the merge asks for each key several times)."""
+    cache: dict[str, float] = {}
+
+    def alpha_of(key: str) -> float:
+        if key not in cache:
+            cache[key] = opts.alpha_of(key)
+        return cache[key]
+
+    return alpha_of
+
+
+def _align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+                get_b_like: "ModelInput", opts: MergeOptions, device: torch.device, report: Reporter,
+                diag: Diagnostics, after_visit: Callable[[], None]) -> Perms:
+    """Re-basin alignment of B onto A for any method: one weight-matching run; C later gets B's permutation.
+
+    C is normally the base B was tuned from, so it lives in B's basin: permuting it with B's permutation keeps
+    B - C a true task vector, now in A's coordinates (matching C on its own would scramble that difference)."""
+    def on_progress(p: MatchProgress) -> None:
+        report("matching", 1 - 1 / (p.sweep + p.index / p.total),
+               f"matching: sweep {p.sweep}, group {p.index}/{p.total} {p.group}")
+
+    result = _match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None, on_progress,
+                    after_visit)
+    diag.matched = True
+    diag.match_steps = 1
+    diag.sweeps.append(result.sweeps)
+    diag.solves += result.solves
+    diag.certified += result.certified
+    diag.converged = result.converged
+    _record_moves(diag, result)
+    return {k: p for k, p in result.perms.items() if not is_identity(p)}
+
+
+def _method_blend(spec: ArchSpec, prep: "Prepared", opts: MergeOptions, perms: Perms,
+                  device: torch.device) -> Callable[[str], torch.Tensor]:
+    """How a registry method produces each key: its exact linear blend when it has one, else its function."""
+    info = METHODS[opts.method]
+    get_a, get_b = prep.a.ckpt.get, prep.b.ckpt.get
+    get_c = prep.c.ckpt.get if (prep.c is not None and info.needs_c) else None
+    if info.linear is not None:
+        def blend_for(alpha: float) -> Blend:
+            wa, wb, wc = info.linear(alpha)  # type: ignore[misc]
+            terms = [Term(wa, get_a, {}), Term(wb, get_b, perms)]
+            if get_c is not None:
+                terms.append(Term(wc, get_c, perms))
+            return Blend(spec, terms, device)
+
+        return blend_for(opts.alpha) if opts.blocks is None else BlockBlend(blend_for, _alpha_lookup(opts))
+    assert info.fn is not None
+    alpha_of = _alpha_lookup(opts) if opts.blocks is not None else (lambda key: opts.alpha)
+    return KeyFunctionBlend(spec, info.fn, get_a, get_b, get_c, perms, alpha_of, opts.method_params(), opts.seed,
+                            device)
+
 
 def _record_moves(diag: Diagnostics, result: MatchResult) -> None:
     diag.moved = {p: [m, n] for p, (m, n) in result.moved_by_part().items()}
