@@ -76,7 +76,7 @@ def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> i
     bar = None if args.quiet else ProgressBar()
     try:
         result = merge_checkpoints(args.model_a, args.model_b, args.output, _options(args, method), c=c,
-                                   overwrite=args.overwrite, progress=bar)
+                                   overwrite=args.overwrite, progress=bar, bake_vae=args.bake_vae)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:
@@ -109,6 +109,8 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
         users = ", ".join(m.name for m in METHODS.values() if param in m.params)
         p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, type=param.kind, default=param.default,
                        help=f"{users}: {param.help} (default {param.default:g})".replace("%", "%%"))
+    p.add_argument("--bake-vae", metavar="FILE", help="put this VAE (a VAE file, or a checkpoint's VAE) into the "
+                   "output instead of merging the VAE, as the WebUI's merger does")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

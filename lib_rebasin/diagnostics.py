@@ -39,6 +39,7 @@ class Diagnostics:
     blocks: list[float] | None = None                        # 26 block weights of B, if used
     blocks_preset: str | None = None
     aligned: bool = False                                    # re-basin alignment before another method
+    baked_vae: str | None = None                             # file whose VAE was baked into the output
 
     def cosine(self, part: str) -> tuple[float, float] | None:
         o = self.objective.get(part)
@@ -91,6 +92,8 @@ class Diagnostics:
                          "from A unchanged.")
         if self.dropped_from_b:
             lines.append(f"{self.dropped_from_b} keys only present in B were not carried over.")
+        if self.baked_vae:
+            lines.append(f"VAE baked in from {self.baked_vae} (the VAE was not merged).")
         if self.kept_a_extra_channels:
             lines.append("A's extra UNet input channels (inpainting / instruct-pix2pix) were kept from A.")
         lines.append(f"Finished in {self.seconds:.1f} s.")

@@ -43,6 +43,7 @@ from .permute import Perms, axis_index, is_identity
 from .progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
 from .provenance import SPEC_VERSION, provenance_metadata, recipe_of
 from .spec import PARTS, ArchSpec, part_of
+from .vae_bake import BakedVAE  # noqa: F401  (type of _plan's argument)
 
 __all__ = ["METHODS", "MethodInfo", "MergeOptions", "ProgressEvent", "ProgressCallback", "CancelCheck", "Reporter",
            "Diagnostics", "PART_NAMES", "MergeResult", "Prepared", "preflight", "merge_checkpoints",
@@ -124,18 +125,25 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
                       cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
-                      metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None) -> MergeResult:
+                      metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None,
+                      bake_vae: str | os.PathLike[str] | None = None) -> MergeResult:
     """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then.
 
     `metadata_hook(diagnostics)` may replace metadata entries once the merge is done (recipes store the whole
-    chain's provenance there).
+    chain's provenance there). `bake_vae` is a VAE file (or a checkpoint) whose VAE replaces the output's
+    (vae_bake.py), checked before any work.
     """
     report = Reporter(progress, cancel)
     report.stage(0.0, 0.02)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, output, options, c, overwrite)
+    baked = None
     try:
-        plan = _plan(prep, report, extra_metadata or {}, metadata_hook)
+        if bake_vae is not None:
+            from .vae_bake import open_vae
+
+            baked = open_vae(bake_vae, prep.a.spec)
+        plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
         assert prep.output is not None
         out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
                                 overwrite=prep.overwrite, finalize_metadata=plan.metadata)
@@ -143,6 +151,8 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
         return MergeResult(out, plan.diagnostics, plan.metadata(), plan.diagnostics.seconds)
     finally:
         prep.close()
+        if baked is not None:
+            baked.close()
 
 
 def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
@@ -169,7 +179,7 @@ class _Plan:
 
 
 def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
-          metadata_hook: Callable[[Diagnostics], dict[str, str]] | None) -> _Plan:
+          metadata_hook: Callable[[Diagnostics], dict[str, str]] | None, baked: "BakedVAE | None" = None) -> _Plan:
     """Match (if needed) and return how to produce every output key, in A's key order."""
     start = time.perf_counter()
     opts = prep.options
@@ -200,6 +210,14 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     write_from = 0.85 if opts.aligned else 0.15
     report.stage(0.80 if opts.aligned else 0.03, write_from)
     metadata = provenance_metadata(prep, parts, extra_metadata, report)
+    baked_record = None
+    if baked is not None:
+        report("hashing", 1.0, f"hashing the VAE to bake in ({baked.path.name})")
+        baked_record = {"file": baked.path.name, "sha256": baked.sha256()}
+        webui = json.loads(metadata["sd_merge_recipe"])
+        webui["bake_in_vae"] = baked.path.name
+        metadata["sd_merge_recipe"] = json.dumps(webui)
+        diag.baked_vae = baked.path.name
     report.stage(write_from, 1.0)
 
     out_dtype = PRECISIONS[opts.precision]
@@ -207,12 +225,19 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     # position_ids are indices even when an old merge stored them as floats: always A's, never blended.
     merged_keys = {k for k in keys if k in spec.shapes and part_of(k) in parts and not k.endswith("position_ids")
                    and A.ckpt.infos[k].dtype.is_floating_point}
-    diag.copied_from_a = len(keys) - len(merged_keys)
+    if baked is not None:  # the baked VAE replaces the output's VAE: it is neither merged nor copied from A
+        vae_keys = {k for k in spec.shapes if part_of(k) == "vae"}
+        merged_keys -= vae_keys
+        keys = keys + [k for k in spec.shapes if k in vae_keys and k not in A.ckpt.infos]
+    diag.copied_from_a = sum(1 for k in keys if k not in merged_keys and not (baked and k in spec.shapes and part_of(k) == "vae"))
     diag.dropped_from_b = sum(1 for k in B.ckpt.keys() if k not in A.ckpt.infos)
     diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels
 
     entries = []
     for k in keys:
+        if k not in A.ckpt.infos:  # a baked VAE's key that A lacks
+            entries.append((k, tuple(spec.shapes[k]), out_dtype))
+            continue
         info = A.ckpt.infos[k]
         model_weight = k in spec.shapes and part_of(k) in PARTS and info.dtype.is_floating_point
         entries.append((k, info.shape, out_dtype if model_weight else info.dtype))
@@ -228,6 +253,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         release_mapped_pages(inputs, WRITING_PAGE_BUDGET)
         report("writing", done / total, f"writing {key}")
         done += sizes[key]
+        if baked is not None and part_of(key) == "vae" and key in spec.shapes:
+            return baked.get(key).to(dtypes[key])
         if key not in merged_keys:
             return A.ckpt.get(key).to(dtypes[key])
         if not (measure and spec.axes.get(key)):
@@ -253,7 +280,9 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         diag.seconds = time.perf_counter() - start
         stored = {k: v for k, v in diag.to_dict().items() if k != "seconds"}
         meta = {**metadata, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
-                                                        "recipe": recipe_of(prep, parts),
+                                                        "recipe": {**recipe_of(prep, parts),
+                                                                   **({"bake_vae": baked_record}
+                                                                      if baked_record else {})},
                                                         "diagnostics": stored})}
         return {**meta, **metadata_hook(diag)} if metadata_hook is not None else meta
 

@@ -207,3 +207,37 @@ def test_cli_runs_a_method_with_c_and_params(models: dict[str, Path], base: Path
     assert cli_main(["merge", str(models["a"]), str(models["finetune"]), str(base), "--method", "ties",
                      "--ties-density", "2", "-o", str(missing), "-q"]) == 2
     assert "ties_density must be in (0, 1]" in capsys.readouterr().err and not missing.exists()
+
+
+# -- baking a VAE ----------------------------------------------------------------------------------------------
+
+def test_bake_vae_from_a_vae_file_or_a_checkpoint(models: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    donor = _load(models["independent"])
+    vae_file = save_state_dict(tmp_path / "donor.vae.safetensors",
+                               {k[len("first_stage_model."):]: v for k, v in donor.items()
+                                if k.startswith("first_stage_model.")}, {})
+    a, b = _load(models["a"]), _load(models["finetune"])
+    for source in (vae_file, models["independent"]):
+        out = tmp_path / f"baked_{source.stem}.safetensors"
+        assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--method", "weighted_sum",
+                         "--precision", "fp32", "--bake-vae", str(source), "-o", str(out), "-q"]) == 0
+        m = _load(out)
+        vae = [k for k in m if k.startswith("first_stage_model.")]
+        assert vae and all(torch.equal(m[k], donor[k]) for k in vae)
+        torch.testing.assert_close(m[UNET_KEY], 0.5 * a[UNET_KEY] + 0.5 * b[UNET_KEY])
+        with open_checkpoint(out) as ck:
+            meta = ck.metadata
+        assert json.loads(meta["sd_merge_recipe"])["bake_in_vae"] == source.name
+        assert json.loads(meta["lib_rebasin"])["recipe"]["bake_vae"]["file"] == source.name
+        assert f"VAE baked in from {source.name}" in capsys.readouterr().out
+    # a file without the SD 1.x VAE: refused in one line before any work, no output
+    unet_only = save_state_dict(tmp_path / "unet_only.safetensors",
+                                {k: v for k, v in donor.items() if k.startswith("model.diffusion_model.")}, {})
+    bad = tmp_path / "bad.safetensors"
+    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--bake-vae", str(unet_only),
+                     "-o", str(bad), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unet_only.safetensors is not an SD 1.x VAE" in err and not bad.exists()

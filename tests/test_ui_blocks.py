@@ -145,3 +145,70 @@ def test_http_api_takes_blocks_and_method_params(folder):
         assert webui["blocks"] == [0.25] + [0.5] * 25 and webui["base_alpha"] == 0.25 and webui["seed"] == 4
     finally:
         blocks.close()
+
+
+def test_tab_bakes_a_vae_from_the_vae_folder(folder):
+    import torch
+
+    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    with open_checkpoint(folder / "base.safetensors") as ck:
+        donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
+                 if k.startswith("first_stage_model.")}
+    (folder / "VAE").mkdir(exist_ok=True)
+    save_state_dict(folder / "VAE" / "donor.safetensors", donor, {}, overwrite=True)
+    host = StandaloneHost(folder, devices=["cpu"])
+    assert [e.title for e in host.list_vaes()] == ["donor.safetensors"]
+    ui = build_tab(host, MergeService(host))
+    assert "donor.safetensors" in ui["bake_vae"].choices or ("donor.safetensors", "donor.safetensors") in \
+        ui["bake_vae"].choices
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(v1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["UNet", "Text encoder", "VAE"], "cpu", "fp32", "baked", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 0, False, "donor.safetensors"))
+    last = frames[-1]
+    assert "rebasin-done" in last[1] and "VAE baked in from donor.safetensors" in last[2], last[:3]
+    with open_checkpoint(folder / "baked.safetensors") as ck:
+        assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
+        assert json.loads(ck.metadata["sd_merge_recipe"])["bake_in_vae"] == "donor.safetensors"
+    # a file that is no VAE is refused before anything runs
+    frames = list(run("task(v2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["UNet"], "cpu", "fp16", "baked2", False, 1.0, False, "", 0.2, 1.0, 0.9, 0, False,
+                      "nowhere.safetensors"))
+    assert len(frames) == 1 and "neither in the VAE list nor a checkpoint" in frames[0][0]
+
+
+def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
+    """scripts/rebasin_tab.py reads the WebUI's VAE list (modules.sd_vae) through the stand-in host."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    standin = Path(__file__).resolve().parent / "webui_standin"
+
+    def drop():
+        for name in list(sys.modules):
+            if name == "modules" or name.startswith("modules.") or name in ("launch", "rebasin_tab.py"):
+                del sys.modules[name]
+
+    drop()
+    monkeypatch.syspath_prepend(str(standin))
+    try:
+        from modules import sd_models, sd_vae
+
+        sd_models.model_path = str(folder)
+        sd_vae.vae_path = str(tmp_path / "VAE")
+        (tmp_path / "VAE").mkdir()
+        (tmp_path / "VAE" / "kl-f8.safetensors").write_bytes(b"x")
+        (folder / "near.vae.pt").write_bytes(b"x")
+        spec = importlib.util.spec_from_file_location("rebasin_tab.py", root / "scripts" / "rebasin_tab.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        titles = sorted(e.title for e in mod.WebUIHost().list_vaes())
+        assert titles == ["kl-f8.safetensors", "near.vae.pt"]
+    finally:
+        (folder / "near.vae.pt").unlink(missing_ok=True)
+        drop()

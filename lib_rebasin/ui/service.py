@@ -57,6 +57,7 @@ class MergeRequest:
     ties_density: float = 0.2  # method parameters (lib_rebasin/methods.py); each is used only by its methods
     ties_scale: float = 1.0
     dare_p: float = 0.9
+    bake_vae: str = ""        # a VAE from the host's VAE list, or a checkpoint, whose VAE goes into the output
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MergeRequest":
@@ -90,6 +91,10 @@ class MergeRequest:
                     if not isinstance(v, bool):
                         raise ValueError
                     kw[k] = v
+                elif k == "bake_vae":
+                    if v is not None and not isinstance(v, str):
+                        raise ValueError
+                    kw[k] = v or ""
                 elif k == "parts":
                     if isinstance(v, str):
                         v = [p.strip() for p in v.split(",") if p.strip()]
@@ -109,6 +114,7 @@ class Prepared:
     c: CheckpointEntry | None
     output: Path
     options: Any  # core MergeOptions
+    bake_vae: CheckpointEntry | None = None
 
     @property
     def devices(self) -> list[str]:
@@ -118,7 +124,8 @@ class Prepared:
         r = self.request
         return {"model_a": self.a.title, "model_b": self.b.title, "model_c": self.c.title if self.c else None,
                 "method": r.method, "alpha": r.alpha, "iterations": r.iterations, "parts": list(r.parts),
-                "device": r.device, "precision": r.precision, **_method_fields(self.options)}
+                "device": r.device, "precision": r.precision, **_method_fields(self.options),
+                **({"bake_vae": self.bake_vae.title} if self.bake_vae else {})}
 
 
 def _method_fields(options: Any) -> dict[str, Any]:
@@ -316,6 +323,20 @@ class MergeService:
             return ""
         return default_output_stem(ea, eb, method, float(alpha), blocks)
 
+    def vae_titles(self) -> list[str]:
+        return [e.title for e in self.host.list_vaes()]
+
+    def resolve_vae(self, ref: str) -> CheckpointEntry:
+        """A VAE title from the host's VAE list, else a checkpoint (its VAE is used)."""
+        for e in self.host.list_vaes():
+            if ref in (e.title, e.path.name, str(e.path)):
+                return e
+        try:
+            return self.resolve(ref, "VAE to bake in")
+        except RebasinError:
+            raise RebasinError(f"VAE to bake in '{ref}' is neither in the VAE list nor a checkpoint; press refresh "
+                               "and pick it again.") from None
+
     def running(self) -> Job | None:
         for j in self.jobs.values():
             if not j.finished_flag:
@@ -378,11 +399,19 @@ class MergeService:
             bw = parse_blocks(req.blocks, float(req.alpha))
             opts = _replace(opts, blocks=bw.values, blocks_preset=bw.preset)
         checked = core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
-        close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating here
-        if callable(close):
-            close()
+        vae = None
+        try:
+            if req.bake_vae and req.bake_vae.strip() and req.bake_vae != "None":
+                from ..vae_bake import open_vae
+
+                vae = self.resolve_vae(req.bake_vae.strip())
+                open_vae(vae.path, checked.a.spec).close()  # header check now, not after the merge
+        finally:
+            close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating
+            if callable(close):
+                close()
         req.parts = parts
-        return Prepared(req, a, b, c, out, opts)
+        return Prepared(req, a, b, c, out, opts, vae)
 
     # -- running --------------------------------------------------------------------------------------------
     def start(self, prepared: Prepared | PreparedRecipe, job_id: str | None = None) -> Job:
@@ -522,7 +551,8 @@ class MergeService:
                     result = core.merge_checkpoints(
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
                         overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
-                        extra_metadata={"lib_rebasin_host": self.host.name})
+                        extra_metadata={"lib_rebasin_host": self.host.name},
+                        **({"bake_vae": p.bake_vae.path} if p.bake_vae else {}))
             finally:
                 self.host.restore_device(device)
             job.output = Path(result.output)

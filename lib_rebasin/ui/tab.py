@@ -209,6 +209,12 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                               elem_id="rebasin_device")
                     c["precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d_precision,
                                               label="Save precision", elem_id="rebasin_precision")
+                with gr.Row(elem_classes=["rebasin-model-row"]):
+                    c["bake_vae"] = gr.Dropdown(choices=["None", *service.vae_titles(), *titles], value="None",
+                                                label="Bake in VAE (a file from the VAE folder, or a checkpoint's "
+                                                      "VAE; replaces the merged VAE)", elem_id="rebasin_bake_vae")
+                    c["refresh_vae"] = gr.Button("\u21bb", elem_id="rebasin_refresh_vae",
+                                                 elem_classes=["tool", "rebasin-tool"])
                 with gr.Row():
                     c["output_name"] = gr.Textbox(label="Output name (saved as .safetensors in the checkpoint folder)",
                                                   placeholder="empty = <A>_<B>_<method>_<alpha>",
@@ -252,6 +258,13 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         for key in "abc":
             c[f"refresh_{key}"].click(fn=refresh_lists, inputs=dropdowns, outputs=dropdowns)
 
+        def refresh_vaes(current: str | None):
+            host.refresh_checkpoints()
+            choices = ["None", *service.vae_titles(), *service.titles()]
+            return update(choices=choices, value=current if current in choices else "None")
+
+        c["refresh_vae"].click(fn=refresh_vaes, inputs=[c["bake_vae"]], outputs=[c["bake_vae"]])
+
         param_controls = [c[f"param_{n}"] for n in bui.ALL_PARAMS] + [c["param_seed"], c["align"]]
 
         def on_method(label: str):
@@ -276,7 +289,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
 
         merge_inputs = [c["task_id"], c["model_a"], c["model_b"], c["model_c"], c["method"], c["alpha"],
                         c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"],
-                        c["tolerance"], c["blocks_on"], c["blocks_text"], *param_controls]
+                        c["tolerance"], c["blocks_on"], c["blocks_text"], *param_controls, c["bake_vae"]]
         merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["merge"], *dropdowns]
 
         def lists_after_save(a, b, cc):
@@ -287,12 +300,15 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                       tolerance=100 * MergeRequest.tolerance, use_blocks=False, blocks_text="", *params):
             key = label_to_method.get(method, method)
             extra: dict[str, Any] = {}
-            if params:  # method parameters in ALL_PARAMS order, then seed, then align
-                extra = {n: float(v) for n, v in zip(bui.ALL_PARAMS, params) if v is not None}
-                if len(params) > len(bui.ALL_PARAMS):
-                    extra["seed"] = int(params[len(bui.ALL_PARAMS)] or 0)
-                if len(params) > len(bui.ALL_PARAMS) + 1:
-                    extra["align"] = bool(params[len(bui.ALL_PARAMS) + 1]) and bui._can_align(key)
+            if params:  # method parameters in ALL_PARAMS order, then seed, align, VAE to bake in
+                n = len(bui.ALL_PARAMS)
+                extra = {name: float(v) for name, v in zip(bui.ALL_PARAMS, params) if v is not None}
+                if len(params) > n:
+                    extra["seed"] = int(params[n] or 0)
+                if len(params) > n + 1:
+                    extra["align"] = bool(params[n + 1]) and bui._can_align(key)
+                if len(params) > n + 2 and params[n + 2] and params[n + 2] != "None":
+                    extra["bake_vae"] = str(params[n + 2])
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
