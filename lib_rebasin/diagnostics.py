@@ -40,6 +40,7 @@ class Diagnostics:
     blocks_preset: str | None = None
     aligned: bool = False                                    # re-basin alignment before another method
     baked_vae: str | None = None                             # file whose VAE was baked into the output
+    params: dict[str, float] = field(default_factory=dict)   # the method's parameters (methods.py)
 
     def cosine(self, part: str) -> tuple[float, float] | None:
         o = self.objective.get(part)
@@ -50,7 +51,8 @@ class Diagnostics:
 
     def summary_lines(self) -> list[str]:
         iterated = self.method in ("rebasin", "legacy") and self.iterations > 1
-        lines = [f"Method: {METHODS[self.method].label}, alpha {self.alpha:g}"
+        own = ", ".join(f"{k} {v:g}" for k, v in self.params.items())
+        lines = [f"Method: {METHODS[self.method].label}" + (f" ({own})" if own else "") + f", alpha {self.alpha:g}"
                  + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
         if self.blocks is not None:

@@ -189,7 +189,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     device = torch.device(opts.device)
     diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts),
                        blocks=list(opts.blocks) if opts.blocks is not None else None,
-                       blocks_preset=opts.blocks_preset, aligned=opts.align)
+                       blocks_preset=opts.blocks_preset, aligned=opts.align,
+                       params={**opts.method_params(), **({"seed": opts.seed} if METHODS[opts.method].random else {})})
     get_a, get_b = A.ckpt.get, B.ckpt.get
     inputs = [m.ckpt for m in (A, B, prep.c) if m is not None]
 

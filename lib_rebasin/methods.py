@@ -193,7 +193,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                "C + scale * TIES(A - C, B - C): trim each task vector to its top density, elect signs, average "
                "the agreeing values (weights 1-alpha, alpha). C = the base both were tuned from.",
                fn=ties, params=(DENSITY, SCALE), source="Yadav et al. 2023, arXiv 2306.01708"),
-    MethodInfo("dare", "DARE (add difference)", True,
+    MethodInfo("dare", "DARE", True,
                "A + alpha * DARE(B - C): drop each delta entry with probability p, rescale by 1/(1-p); seeded.",
                fn=dare, params=(DROP,), alpha_bounded=False, random=True,
                source="Yu et al. 2023, arXiv 2311.03099"),

@@ -203,7 +203,7 @@ def test_cli_runs_a_method_with_c_and_params(models: dict[str, Path], base: Path
     assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--method", "dare", "-o", str(missing),
                      "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: DARE (add difference) needs a model C." and not missing.exists()
+    assert err == "error: DARE needs a model C." and not missing.exists()
     assert cli_main(["merge", str(models["a"]), str(models["finetune"]), str(base), "--method", "ties",
                      "--ties-density", "2", "-o", str(missing), "-q"]) == 2
     assert "ties_density must be in (0, 1]" in capsys.readouterr().err and not missing.exists()

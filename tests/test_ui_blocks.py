@@ -31,7 +31,31 @@ def test_block_handlers_and_curve() -> None:
     assert [v["visible"] for v in bui.param_visibility("rebasin")] == [False] * 5
 
 
-gr = pytest.importorskip("gradio")
+def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
+    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.ui import recipe_builder as rb
+    from lib_rebasin.ui.standalone import StandaloneHost
+
+    for i, name in enumerate(("one", "two", "base"), 1):
+        make_checkpoint(tmp_path / f"{name}.safetensors", "mini", seed=i, base_seed=1)
+    host = StandaloneHost(tmp_path, devices=["cpu"])
+    e = host.list_checkpoints()
+    text = rb.add_step("", rb.StepForm("ties", "one.safetensors", "two.safetensors", "base.safetensors", alpha=0.5,
+                                       parts=("unet",)), e, host.output_dir())
+    assert "ties_density = 0.2" in text  # the canonical text lists the method's parameters
+    text = text.replace("ties_density = 0.2", 'ties_density = 0.4\nblocks = "GRAD_A"')
+    text = rb.apply_text(text)
+    # editing the step in the form (alpha only) keeps what the form has no field for
+    text = rb.update_step(text, 0, rb.StepForm("ties", "one.safetensors", "two.safetensors", "base.safetensors",
+                                               alpha=0.7, parts=("unet",)), e, host.output_dir())
+    o = parse_recipe(text).steps[0].options
+    assert o.alpha == 0.7 and o.blocks == PRESETS["GRAD_A"] and o.blocks_preset == "GRAD_A" and o.ties_density == 0.4
+    # a new step gets the recipe's default block weights
+    text = text.replace('[recipe]', '[recipe]\nblocks = "OUT07"')
+    text = rb.add_step(rb.apply_text(text), rb.StepForm("weighted_sum", "[step] step1", "two.safetensors", alpha=0.5,
+                                                        parts=("unet",)), e, host.output_dir())
+    assert parse_recipe(text).steps[1].options.blocks == PRESETS["OUT07"]
 
 
 def _fn_for(blocks, component, event="click"):
@@ -61,6 +85,7 @@ def _meta(path: Path) -> dict:
 
 
 def test_tab_merges_with_a_preset_and_method_params(folder):
+    pytest.importorskip("gradio")
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
@@ -112,6 +137,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_http_api_takes_blocks_and_method_params(folder):
+    pytest.importorskip("gradio")
     from lib_rebasin.ui.standalone import launch
 
     with socket.socket() as s:
@@ -148,6 +174,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
 
 
 def test_tab_bakes_a_vae_from_the_vae_folder(folder):
+    pytest.importorskip("gradio")
     import torch
 
     from lib_rebasin.checkpoint import save_state_dict
@@ -182,6 +209,7 @@ def test_tab_bakes_a_vae_from_the_vae_folder(folder):
 
 
 def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
     """scripts/rebasin_tab.py reads the WebUI's VAE list (modules.sd_vae) through the stand-in host."""
     import importlib.util
     import sys
