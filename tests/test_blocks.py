@@ -260,3 +260,15 @@ alpha = 0.75
     bad = text.replace('blocks = "OUT12"', 'blocks = "WRAP99"')
     with pytest.raises(RebasinError, match="Unknown block-weight preset 'WRAP99'"):
         parse_recipe(bad)
+
+
+def test_recipe_from_a_single_merge_keeps_blocks_and_params(models: dict[str, Path], tmp_path: Path) -> None:
+    from lib_rebasin.recipe import recipe_from_checkpoint
+
+    out = merge_checkpoints(models["a"], models["finetune"], tmp_path / "t.safetensors",
+                            MergeOptions(method="ties", ties_density=0.3, blocks=PRESETS["RING10_3"],
+                                         blocks_preset="RING10_3", parts=("te",), **FP32),
+                            c=models["independent"]).output
+    step = parse_recipe(recipe_from_checkpoint(out)).steps[0]
+    assert step.options.method == "ties" and step.options.ties_density == 0.3
+    assert step.options.blocks == PRESETS["RING10_3"] and step.options.blocks_preset == "RING10_3"

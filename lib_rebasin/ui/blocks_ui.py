@@ -73,7 +73,7 @@ def build_block_controls(gr: Any, c: dict[str, Any], d_alpha: float) -> None:
     """Components, inside the caller's current gradio context."""
     with gr.Accordion("Block weights (MBW): a weight of B per UNet block", open=False, elem_id="rebasin_blocks"):
         with gr.Row():
-            c["blocks_on"] = gr.Checkbox(value=False, label="Use block weights (alpha then applies nowhere)",
+            c["blocks_on"] = gr.Checkbox(value=False, label="Use block weights (they replace alpha)",
                                          elem_id="rebasin_blocks_on")
             c["blocks_preset"] = gr.Dropdown(choices=[CUSTOM, *PRESETS], value=CUSTOM, label="Preset",
                                              elem_id="rebasin_blocks_preset")

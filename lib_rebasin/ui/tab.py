@@ -178,7 +178,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 gr.HTML(f"<h2 class='rebasin-title'>{html.escape(title)} merge</h2>"
                         "<p class='rebasin-lead'>Align model B's neurons to model A (weight matching), then "
                         "interpolate. The result is saved as a new checkpoint.</p>")
-                for key, label in (("a", "Model A"), ("b", "Model B"), ("c", "Model C (add difference: A + alpha·(B − C))")):
+                for key, label in (("a", "Model A"), ("b", "Model B"), ("c", "Model C (the base B was tuned from; add difference, train difference, TIES, DARE)")):
                     with gr.Row(elem_id=f"rebasin_model_{key}_row", elem_classes=["rebasin-model-row"]):
                         c[f"model_{key}"] = gr.Dropdown(
                             choices=titles, value=None, label=label, elem_id=f"rebasin_model_{key}",
