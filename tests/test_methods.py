@@ -241,3 +241,20 @@ def test_bake_vae_from_a_vae_file_or_a_checkpoint(models: dict[str, Path], tmp_p
                      "-o", str(bad), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unet_only.safetensors is not an SD 1.x VAE" in err and not bad.exists()
+
+
+def test_inpainting_a_with_a_delta_method_keeps_its_extra_channels(models: dict[str, Path], base: Path,
+                                                                   tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from lib_rebasin.synthetic import make_checkpoint
+
+    inp = make_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
+                          precision="fp32")
+    out = _load(merge_checkpoints(inp, models["finetune"], tmp_path / "o.safetensors",
+                                  MergeOptions(method="train_difference", alpha=0.5, **FP32), c=base).output)
+    a, b, c = _load(inp), _load(models["finetune"]), _load(base)
+    k = "model.diffusion_model.input_blocks.0.0.weight"
+    assert out[k].shape[1] == 9 and torch.equal(out[k][:, 4:], a[k][:, 4:])
+    torch.testing.assert_close(out[k][:, :4], train_difference(a[k][:, :4], b[k], c[k], 0.5, {},
+                                                               key_generator(0, k)))
