@@ -363,10 +363,12 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
 
 
 def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
-    """The distinct weights of B over the keys of the merged parts (just alpha without block weights)."""
+    """The distinct weights of B over every key of the spec (just alpha without block weights). All keys, not only
+    the merged parts': a group's cost can read keys of another part (the text encoder's residual stream feeds the
+    UNet's cross-attention), and the running merge must have a value for each."""
     if opts.blocks is None:
         return [opts.alpha]
-    return sorted({opts.alpha_of(k) for k in spec.shapes if part_of(k) in parts})
+    return sorted({opts.alpha_of(k) for k in spec.shapes if part_of(k) != "other"})
 
 
 def _tracks_blend(spec: ArchSpec, tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,

@@ -272,3 +272,16 @@ def test_recipe_from_a_single_merge_keeps_blocks_and_params(models: dict[str, Pa
     step = parse_recipe(recipe_from_checkpoint(out)).steps[0]
     assert step.options.method == "ties" and step.options.ties_density == 0.3
     assert step.options.blocks == PRESETS["RING10_3"] and step.options.blocks_preset == "RING10_3"
+
+
+def test_iterated_rebasin_with_blocks_on_the_unet_only(models: dict[str, Path], tmp_path: Path) -> None:
+    """BASE's weight differs from every UNet weight and the text encoder is not merged: still one value per key."""
+    blocks = (0.9,) + (0.25,) * 25
+    a, b = _load(models["a"]), _load(models["finetune"])
+    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "u.safetensors",
+                            MergeOptions(method="rebasin", iterations=2, blocks=blocks, parts=("unet",), **FP32))
+    out = _load(res.output)
+    k = "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"
+    torch.testing.assert_close(out[k], 0.75 * a[k] + 0.25 * b[k], rtol=0, atol=1e-5)
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(out[te], a[te])
