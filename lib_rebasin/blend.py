@@ -87,3 +87,55 @@ def shared_window(get: TensorGetter, like: ModelInput) -> TensorGetter:
 
     return narrowed
 
+
+
+class BlockBlend:
+    """Block weights over a linear method: each key is produced by the blend built for its own alpha.
+
+    `blend_for(alpha)` builds the linear combination for one weight of B; keys of blocks that share a weight share
+    one blend (at most 26)."""
+
+    def __init__(self, blend_for: Callable[[float], Blend], alpha_of: Callable[[str], float]) -> None:
+        self.blend_for, self.alpha_of = blend_for, alpha_of
+        self.blends: dict[float, Blend] = {}
+
+    def for_key(self, key: str) -> Blend:
+        alpha = self.alpha_of(key)
+        if alpha not in self.blends:
+            self.blends[alpha] = self.blend_for(alpha)
+        return self.blends[alpha]
+
+    def __call__(self, key: str,
+                 observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None) -> torch.Tensor:
+        return self.for_key(key)(key, observe)
+
+
+class KeyFunctionBlend:
+    """A non-linear method: its per-key function (methods.py) over the fp32 A, B, C of each key, B and C permuted
+    by `perms` (re-basin alignment), with the key's alpha and its own seeded generator."""
+
+    def __init__(self, spec: ArchSpec, fn: Callable[..., torch.Tensor], get_a: TensorGetter, get_b: TensorGetter,
+                 get_c: TensorGetter | None, perms: Perms, alpha_of: Callable[[str], float],
+                 params: dict[str, object], seed: int, device: torch.device) -> None:
+        self.spec, self.fn, self.perms, self.device = spec, fn, perms, device
+        self.gets = (get_a, get_b, get_c)
+        self.alpha_of, self.params, self.seed = alpha_of, params, seed
+
+    def __call__(self, key: str, observe: object = None) -> torch.Tensor:
+        from .methods import key_generator
+
+        vals = [None if g is None else permute_tensor(self.spec, key, g(key).to(self.device, torch.float32),
+                                                      {} if i == 0 else self.perms)
+                for i, g in enumerate(self.gets)]
+        a, b, c = vals
+        assert a is not None and b is not None
+        rng = key_generator(self.seed, key)
+        alpha = self.alpha_of(key)
+        present = [v for v in vals if v is not None]
+        if all(v.shape == a.shape for v in present):
+            return self.fn(a, b, c, alpha, self.params, rng)
+        # A wider first model (inpainting A, plain B/C): merge the shared window, keep A's extra channels.
+        common = tuple(slice(0, min(v.shape[d] for v in present)) for d in range(a.dim()))
+        out = a.clone()
+        out[common] = self.fn(a[common], b[common], None if c is None else c[common], alpha, self.params, rng)
+        return out

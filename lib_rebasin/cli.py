@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from dataclasses import replace
+
+from .blocks import parse_blocks
 from .errors import Cancelled, RebasinError
+from .methods import ALL_PARAMS
 from .merge import METHODS, MergeOptions, MergeResult, ProgressEvent, merge_checkpoints
 from .signals import sigterm_as_interrupt
 from .spec import PARTS
@@ -53,9 +57,14 @@ class ProgressBar:
 
 def _options(args: argparse.Namespace, method: str) -> MergeOptions:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    return MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
-                        device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
-                        tolerance=args.tolerance, allow_nonfinite=args.allow_nonfinite)
+    options = MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
+                           device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
+                           tolerance=args.tolerance, align=args.align, allow_nonfinite=args.allow_nonfinite,
+                           **{name: getattr(args, name) for name in ALL_PARAMS})
+    if args.blocks is not None:
+        bw = parse_blocks(args.blocks, args.alpha)
+        options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+    return options
 
 
 def _print_result(result: MergeResult) -> None:
@@ -68,7 +77,7 @@ def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> i
     bar = None if args.quiet else ProgressBar()
     try:
         result = merge_checkpoints(args.model_a, args.model_b, args.output, _options(args, method), c=c,
-                                   overwrite=args.overwrite, progress=bar)
+                                   overwrite=args.overwrite, progress=bar, bake_vae=args.bake_vae)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:
@@ -87,12 +96,22 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
                    "(others keep model A's weights; default all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (where cost matrices are computed)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="output precision")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching and of DARE's drop masks")
     p.add_argument("--max-sweeps", type=int, default=100, help="upper bound on weight-matching sweeps")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="stop weight matching once a sweep gains less than this fraction of the first sweep's gain "
                         "(default 0.01; 0 = only when a sweep improves nothing, as in the paper, which on "
                         "independently trained models takes ~10x longer for the last 0.2%% of the gain)")
+    p.add_argument("--blocks", help="block weights of B: 26 comma-separated values BASE,IN00..IN11,M00,OUT00..OUT11, "
+                   "25 (UNet only; BASE = --alpha), or a preset name such as GRAD_V")
+    p.add_argument("--align", action="store_true",
+                   help="re-basin B (and C, with B's permutation) onto A before the method (implied by rebasin)")
+    for param in ALL_PARAMS.values():
+        users = ", ".join(m.name for m in METHODS.values() if param in m.params)
+        p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, type=param.kind, default=param.default,
+                       help=f"{users}: {param.help} (default {param.default:g})".replace("%", "%%"))
+    p.add_argument("--bake-vae", metavar="FILE", help="put this VAE (a VAE file, or a checkpoint's VAE) into the "
+                   "output instead of merging the VAE, as the WebUI's merger does")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep NaN/Inf weights of an input in the output instead of refusing the merge")
@@ -104,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Function-preserving Git Re-Basin merges of SD 1.x checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("merge", help="merge two checkpoints (re-basin by default)")
+    m = sub.add_parser("merge", help="merge two checkpoints (re-basin by default; methods that need a base take C)")
     m.add_argument("model_a")
     m.add_argument("model_b")
-    m.add_argument("--method", default="rebasin", choices=[k for k, v in METHODS.items() if not v.needs_c])
+    m.add_argument("model_c", nargs="?", help="the base B (and A) were tuned from, for methods that need C")
+    m.add_argument("--method", default="rebasin", choices=list(METHODS),
+                   help="; ".join(f"{k}: {v.help}" for k, v in METHODS.items()).replace("%", "%%"))
     _add_common(m, 0.5)
 
     d = sub.add_parser("add-difference", help="A + alpha * (B - C)")
@@ -185,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore = sigterm_as_interrupt()
     try:
         if args.command == "merge":
-            return _run_merge(args, args.method)
+            if args.model_c is not None and not METHODS[args.method].needs_c:
+                raise RebasinError(f"{METHODS[args.method].label} takes two models; a third (C) was given.")
+            return _run_merge(args, args.method, c=args.model_c)
         if args.command == "add-difference":
             return _run_merge(args, "add_difference", c=args.model_c)
         if args.command == "inspect":

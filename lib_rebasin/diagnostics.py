@@ -36,6 +36,11 @@ class Diagnostics:
     dropped_from_b: int = 0
     kept_a_extra_channels: bool = False
     seconds: float = 0.0
+    blocks: list[float] | None = None                        # 26 block weights of B, if used
+    blocks_preset: str | None = None
+    aligned: bool = False                                    # re-basin alignment before another method
+    baked_vae: str | None = None                             # file whose VAE was baked into the output
+    params: dict[str, float] = field(default_factory=dict)   # the method's parameters (methods.py)
 
     def cosine(self, part: str) -> tuple[float, float] | None:
         o = self.objective.get(part)
@@ -46,9 +51,18 @@ class Diagnostics:
 
     def summary_lines(self) -> list[str]:
         iterated = self.method in ("rebasin", "legacy") and self.iterations > 1
-        lines = [f"Method: {METHODS[self.method].label}, alpha {self.alpha:g}"
+        own = ", ".join(f"{k} {v:g}" for k, v in self.params.items())
+        lines = [f"Method: {METHODS[self.method].label}" + (f" ({own})" if own else "") + f", alpha {self.alpha:g}"
                  + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
+        if self.blocks is not None:
+            from .blocks import BlockWeights
+
+            bw = BlockWeights(tuple(self.blocks), self.blocks_preset)
+            lines.append("Block weights (BASE, IN00-IN11, M00, OUT00-OUT11): "
+                         + (f"{bw.preset} = " if bw.preset else "") + bw.text().replace(",", ", ") + ".")
+        if self.aligned:
+            lines.append("B (and C, with B's permutation) were re-basin aligned to A before the method ran.")
         if self.matched:
             total_moved = sum(m for m, _ in self.moved.values())
             for part, (m, n) in self.moved.items():
@@ -80,6 +94,8 @@ class Diagnostics:
                          "from A unchanged.")
         if self.dropped_from_b:
             lines.append(f"{self.dropped_from_b} keys only present in B were not carried over.")
+        if self.baked_vae:
+            lines.append(f"VAE baked in from {self.baked_vae} (the VAE was not merged).")
         if self.kept_a_extra_channels:
             lines.append("A's extra UNet input channels (inpainting / instruct-pix2pix) were kept from A.")
         lines.append(f"Finished in {self.seconds:.1f} s.")

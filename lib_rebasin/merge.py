@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .blend import Blend, Term, merge_equal_terms, shared_window, telescoping_schedule
+from .blend import (Blend, BlockBlend, KeyFunctionBlend, Term, merge_equal_terms, shared_window,
+                    telescoping_schedule)
 from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_input_path,
                          check_output_path, format_bytes, memory_checkpoint, output_bytes, write_safetensors)
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective, stored_diagnostics
@@ -44,6 +45,7 @@ from .permute import Perms, axis_index, is_identity
 from .progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
 from .provenance import SPEC_VERSION, provenance_metadata, recipe_of
 from .spec import PARTS, ArchSpec, part_of
+from .vae_bake import BakedVAE  # noqa: F401  (type of _plan's argument)
 
 __all__ = ["METHODS", "MethodInfo", "MergeOptions", "ProgressEvent", "ProgressCallback", "CancelCheck", "Reporter",
            "Diagnostics", "PART_NAMES", "MergeResult", "Prepared", "preflight", "merge_checkpoints",
@@ -137,18 +139,25 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
                       cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
-                      metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None) -> MergeResult:
+                      metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None,
+                      bake_vae: str | os.PathLike[str] | None = None) -> MergeResult:
     """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then.
 
     `metadata_hook(diagnostics)` may replace metadata entries once the merge is done (recipes store the whole
-    chain's provenance there).
+    chain's provenance there). `bake_vae` is a VAE file (or a checkpoint) whose VAE replaces the output's
+    (vae_bake.py), checked before any work.
     """
     report = Reporter(progress, cancel)
     report.stage(0.0, 0.02)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, output, options, c, overwrite)
+    baked = None
     try:
-        plan = _plan(prep, report, extra_metadata or {}, metadata_hook)
+        if bake_vae is not None:
+            from .vae_bake import open_vae
+
+            baked = open_vae(bake_vae, prep.a.spec)
+        plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
         assert prep.output is not None
 
         def final_metadata() -> dict[str, str]:
@@ -170,6 +179,8 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
         raise prep.changed_error(e) from None
     finally:
         prep.close()
+        if baked is not None:
+            baked.close()
 
 
 def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
@@ -221,7 +232,7 @@ class _Plan:
 
 
 def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
-          metadata_hook: Callable[[Diagnostics], dict[str, str]] | None) -> _Plan:
+          metadata_hook: Callable[[Diagnostics], dict[str, str]] | None, baked: "BakedVAE | None" = None) -> _Plan:
     """Match (if needed) and return how to produce every output key, in A's key order."""
     start = time.perf_counter()
     opts = prep.options
@@ -229,29 +240,37 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     spec = A.spec
     parts = tuple(p for p in opts.parts if p in A.parts)
     device = torch.device(opts.device)
-    diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts))
+    diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts),
+                       blocks=list(opts.blocks) if opts.blocks is not None else None,
+                       blocks_preset=opts.blocks_preset, aligned=opts.align,
+                       params={**opts.method_params(), **({"seed": opts.seed} if METHODS[opts.method].random else {})})
     get_a, get_b = A.ckpt.get, B.ckpt.get
     checked = [Model(m.label, m.path.name, m.ckpt.get, m.ckpt.keys()) for m in (A, B, prep.c) if m is not None]
 
-    report.stage(0.02, 0.80 if opts.method == "rebasin" else 0.03)
+    report.stage(0.02, 0.80 if opts.aligned else 0.03)
     blend: Callable[[str], torch.Tensor]
     if opts.method == "rebasin":
         blend, final_perms = _iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag,
                                                checked[:2])
-    elif opts.method == "weighted_sum":
-        blend, final_perms = Blend(spec, [Term(1 - opts.alpha, get_a, {}), Term(opts.alpha, get_b, {})], device), {}
-    elif opts.method == "add_difference":
-        assert prep.c is not None
-        blend = Blend(spec, [Term(1.0, get_a, {}), Term(opts.alpha, get_b, {}),
-                             Term(-opts.alpha, prep.c.ckpt.get, {})], device)
-        final_perms = {}
-    else:
+    elif opts.method == "legacy":
         blend, final_perms = _legacy_blend(spec, get_a, get_b, opts, device, report, checked[:2]), {}
+    else:
+        final_perms = _align_once(spec, parts, get_a, get_b, B, opts, device, report, diag,
+                                  checked[:2]) if opts.align else {}
+        blend = _method_blend(spec, prep, opts, final_perms, device)
 
     # Hash the inputs before writing, so the output file itself is never hashed by mistake.
-    write_from = 0.85 if opts.method == "rebasin" else 0.15
-    report.stage(0.80 if opts.method == "rebasin" else 0.03, write_from)
+    write_from = 0.85 if opts.aligned else 0.15
+    report.stage(0.80 if opts.aligned else 0.03, write_from)
     metadata = provenance_metadata(prep, parts, extra_metadata, report)
+    baked_record = None
+    if baked is not None:
+        report("hashing", 1.0, f"hashing the VAE to bake in ({baked.path.name})")
+        baked_record = {"file": baked.path.name, "sha256": baked.sha256()}
+        webui = json.loads(metadata["sd_merge_recipe"])
+        webui["bake_in_vae"] = baked.path.name
+        metadata["sd_merge_recipe"] = json.dumps(webui)
+        diag.baked_vae = baked.path.name
     report.stage(write_from, 1.0)
 
     out_dtype = PRECISIONS[opts.precision]
@@ -259,23 +278,31 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     # position_ids are indices even when an old merge stored them as floats: always A's, never blended.
     merged_keys = {k for k in keys if k in spec.shapes and part_of(k) in parts and not k.endswith("position_ids")
                    and A.ckpt.infos[k].dtype.is_floating_point}
-    diag.copied_from_a = len(keys) - len(merged_keys)
+    if baked is not None:  # the baked VAE replaces the output's VAE: it is neither merged nor copied from A
+        vae_keys = {k for k in spec.shapes if part_of(k) == "vae"}
+        merged_keys -= vae_keys
+        keys = keys + [k for k in spec.shapes if k in vae_keys and k not in A.ckpt.infos]
+    diag.copied_from_a = sum(1 for k in keys if k not in merged_keys and not (baked and k in spec.shapes and part_of(k) == "vae"))
     diag.dropped_from_b = sum(1 for k in B.ckpt.keys() if k not in A.ckpt.infos)
     diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels
 
-    entries = output_entries(A, out_dtype)
+    # A baked VAE's keys that A lacks come after A's own.
+    entries = output_entries(A, out_dtype) + [(k, tuple(spec.shapes[k]), out_dtype) for k in keys
+                                              if k not in A.ckpt.infos]
     guard = OutputGuard(checked, opts.allow_nonfinite, opts.precision)
     dtypes = {k: d for k, _, d in entries}
     sizes = {k: max(1, math.prod(s)) for k, s, _ in entries}
     total = sum(sizes.values())
     done = 0
-    measure = opts.method == "rebasin"
+    measure = opts.aligned
     objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
     def produce(key: str) -> torch.Tensor:
         nonlocal done
         report("writing", done / total, f"writing {key}")
         done += sizes[key]
+        if baked is not None and part_of(key) == "vae" and key in spec.shapes:
+            return baked.get(key).to(dtypes[key])
         if key not in merged_keys:
             return guard(key, A.ckpt.get(key).to(dtypes[key]), checked[:1])
         return guard(key, value(key))
@@ -284,7 +311,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         if not (measure and spec.axes.get(key)):
             return blend(key).to("cpu").to(dtypes[key])
         acc = objective[part_of(key)]
-        if isinstance(blend, Blend) and len(blend.terms) == 2 and blend.terms[1].get is get_b:
+        key_blend = blend.for_key(key) if isinstance(blend, BlockBlend) else blend
+        if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
             # (1-a) A + a pi(B): reuse the fp32 A and pi(B) the blend computes anyway.
             def observe(values: list[tuple[float, torch.Tensor]]) -> None:
                 a, pb = values[0][1], values[1][1]
@@ -292,7 +320,7 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
                 b = get_b(key).to(pb.device, torch.float32) if moved else pb
                 accumulate(acc, a, b, pb)
 
-            return blend(key, observe).to("cpu").to(dtypes[key])
+            return key_blend(key, observe).to("cpu").to(dtypes[key])
         accumulate_objective(acc, spec, key, get_a, get_b, final_perms)
         return blend(key).to("cpu").to(dtypes[key])
 
@@ -303,7 +331,9 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         diag.seconds = time.perf_counter() - start
         stored = stored_diagnostics(diag)
         meta = {**metadata, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
-                                                        "recipe": recipe_of(prep, parts),
+                                                        "recipe": {**recipe_of(prep, parts),
+                                                                   **({"bake_vae": baked_record}
+                                                                      if baked_record else {})},
                                                         "diagnostics": stored})}
         return {**meta, **metadata_hook(diag)} if metadata_hook is not None else meta
 
@@ -337,13 +367,18 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
     step by induction, and the remaining steps are blends with the same pi(B): their product collapses to
     M_N = c M + (1-c) pi(B) with c = prod of (1 - a_y) over the remaining steps.
     """
-    steps = telescoping_schedule(opts.alpha, opts.iterations)
-    terms = [Term(1.0, get_a, {})]
+    n = opts.iterations
+    # One track of terms per distinct weight of B (one track without block weights); every track steps through
+    # its own telescoping schedule, all with the same permutation of each step.
+    alphas = _alphas_in(spec, parts, opts)
+    schedules = {al: telescoping_schedule(al, n) for al in alphas}
+    tracks = {al: [Term(1.0, get_a, {})] for al in alphas}
+    # The closed form's proof needs every key of a group to take the same step (one alpha over the matched parts).
+    uniform = len(alphas) == 1
     perms: Perms | None = None
     diag.matched = True
-    n = len(steps)
-    for x, a_x in enumerate(steps):
-        running = Blend(spec, terms, device)
+    for x in range(n):
+        running = _tracks_blend(spec, tracks, opts, device, merge=False)
         label = f"step {x + 1}/{n}, " if n > 1 else ""
 
         def on_progress(p: MatchProgress, x: int = x, label: str = label) -> None:
@@ -366,20 +401,100 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
             torch.equal(moved[k], perms[k]) for k in perms)
         perms = moved
         _record_moves(diag, result)
-        if unchanged and result.converged:
-            c = 1.0
-            for a_y in steps[x:]:
-                c *= 1 - a_y
+        if unchanged and result.converged and uniform:
             diag.closed_form_steps = n - x
-            for t in terms:
-                t.weight *= c
-            terms.append(Term(1 - c, get_b, perms))
+            for al, terms in tracks.items():
+                c = 1.0
+                for a_y in schedules[al][x:]:
+                    c *= 1 - a_y
+                for t in terms:
+                    t.weight *= c
+                terms.append(Term(1 - c, get_b, perms))
             break
-        for t in terms:
-            t.weight *= 1 - a_x
-        terms.append(Term(a_x, get_b, perms))
+        for al, terms in tracks.items():
+            a_x = schedules[al][x]
+            for t in terms:
+                t.weight *= 1 - a_x
+            terms.append(Term(a_x, get_b, perms))
     assert perms is not None
-    return Blend(spec, merge_equal_terms(terms), device), perms
+    return _tracks_blend(spec, tracks, opts, device, merge=True), perms
+
+
+def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
+    """The distinct weights of B over every key of the spec (just alpha without block weights). All keys, not only
+    the merged parts': a group's cost can read keys of another part (the text encoder's residual stream feeds the
+    UNet's cross-attention), and the running merge must have a value for each."""
+    if opts.blocks is None:
+        return [opts.alpha]
+    return sorted({opts.alpha_of(k) for k in spec.shapes if part_of(k) != "other"})
+
+
+def _tracks_blend(spec: ArchSpec, tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,
+                  merge: bool) -> "Blend | BlockBlend":
+    def blend_for(al: float) -> Blend:
+        terms = tracks[al]
+        return Blend(spec, merge_equal_terms(terms) if merge else terms, device)
+
+    if opts.blocks is None:
+        return blend_for(opts.alpha)
+    return BlockBlend(blend_for, _alpha_lookup(opts))
+
+
+def _alpha_lookup(opts: MergeOptions) -> Callable[[str], float]:
+    """opts.alpha_of, remembered per key (the merge asks for each key several times)."""
+    cache: dict[str, float] = {}
+
+    def alpha_of(key: str) -> float:
+        if key not in cache:
+            cache[key] = opts.alpha_of(key)
+        return cache[key]
+
+    return alpha_of
+
+
+def _align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+                get_b_like: "ModelInput", opts: MergeOptions, device: torch.device, report: Reporter,
+                diag: Diagnostics, checked: list[Model]) -> Perms:
+    """Re-basin alignment of B onto A for any method: one weight-matching run; C later gets B's permutation.
+
+    C is normally the base B was tuned from, so it lives in B's basin: permuting it with B's permutation keeps
+    B - C a true task vector, now in A's coordinates (matching C on its own would scramble that difference)."""
+    def on_progress(p: MatchProgress) -> None:
+        report("matching", 1 - 1 / (p.sweep + p.index / p.total),
+               f"matching: sweep {p.sweep}, group {p.index}/{p.total} {p.group}")
+
+    result = _match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None, on_progress,
+                    ref_is_file=True, checked=checked)
+    diag.matched = True
+    diag.match_steps = 1
+    diag.sweeps.append(result.sweeps)
+    diag.solves += result.solves
+    diag.certified += result.certified
+    diag.converged = result.converged
+    _record_moves(diag, result)
+    return {k: p for k, p in result.perms.items() if not is_identity(p)}
+
+
+def _method_blend(spec: ArchSpec, prep: "Prepared", opts: MergeOptions, perms: Perms,
+                  device: torch.device) -> Callable[[str], torch.Tensor]:
+    """How a registry method produces each key: its exact linear blend when it has one, else its function."""
+    info = METHODS[opts.method]
+    get_a, get_b = prep.a.ckpt.get, prep.b.ckpt.get
+    get_c = prep.c.ckpt.get if (prep.c is not None and info.needs_c) else None
+    if info.linear is not None:
+        def blend_for(alpha: float) -> Blend:
+            wa, wb, wc = info.linear(alpha)  # type: ignore[misc]
+            terms = [Term(wa, get_a, {}), Term(wb, get_b, perms)]
+            if get_c is not None:
+                terms.append(Term(wc, get_c, perms))
+            return Blend(spec, terms, device)
+
+        return blend_for(opts.alpha) if opts.blocks is None else BlockBlend(blend_for, _alpha_lookup(opts))
+    assert info.fn is not None
+    alpha_of = _alpha_lookup(opts) if opts.blocks is not None else (lambda key: opts.alpha)
+    return KeyFunctionBlend(spec, info.fn, get_a, get_b, get_c, perms, alpha_of, opts.method_params(), opts.seed,
+                            device)
+
 
 def _record_moves(diag: Diagnostics, result: MatchResult) -> None:
     diag.moved = {p: [m, n] for p, (m, n) in result.moved_by_part().items()}

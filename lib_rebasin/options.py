@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .checkpoint import PRECISIONS
+from .blocks import check_values
 from .errors import RebasinError
+from .methods import ALL_PARAMS, METHODS, MethodInfo, Param  # noqa: F401  (re-exported)
 from .spec import PARTS
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    label: str
-    needs_c: bool
-    help: str
-
-
-METHODS: dict[str, MethodInfo] = {m.name: m for m in (
-    MethodInfo("rebasin", "Re-basin (weight matching)", False,
-               "Align B to A with function-preserving permutations, then (1-alpha)*A + alpha*B."),
-    MethodInfo("weighted_sum", "Weighted sum", False, "(1-alpha)*A + alpha*B, no alignment."),
-    MethodInfo("add_difference", "Add difference", True, "A + alpha*(B - C), e.g. C = the base B was tuned from."),
-    MethodInfo("legacy", "Legacy (DunkMash tool compatible)", False,
-               "What T0b1maru's re-basin_merger computes: a weighted sum, plus its re-matching of three "
-               "output GroupNorm vectors. Not a real re-basin; kept to reproduce old recipes."),
-)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +29,31 @@ class MergeOptions:
     # improves nothing). Measured on full-size independent models: 1 % stops after 3 sweeps in 155 s with 99.8 %
     # of the converged objective gain; the paper's rule took 73 sweeps and 1,503 s (benchmarks/results.md).
     tolerance: float = 0.01
+    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11, see blocks.py); None = alpha everywhere.
+    blocks: tuple[float, ...] | None = None
+    blocks_preset: str | None = None          # the preset name the 26 values came from (recorded, not used)
+    # Re-basin B (and C, with B's permutation) onto A before the method runs; method "rebasin" always does.
+    align: bool = False
+    # Method parameters (methods.py declares which method uses which, with ranges; defaults are the same there).
+    ties_density: float = 0.2
+    ties_scale: float = 1.0
+    dare_p: float = 0.9
+
+    @property
+    def aligned(self) -> bool:
+        return self.method == "rebasin" or self.align
+
+    def method_params(self) -> dict[str, Any]:
+        """This method's parameters by name (what its per-key function receives)."""
+        return {p.name: getattr(self, p.name) for p in METHODS[self.method].params}
+
+    def alpha_of(self, key: str) -> float:
+        """The weight of B for `key`: its block's weight with block weights, else alpha."""
+        if self.blocks is None:
+            return self.alpha
+        from .blocks import BlockWeights
+
+        return BlockWeights(self.blocks).alpha_of(key, self.alpha)
 
     # Keep NaN/Inf weights of an input in the output instead of refusing the merge (matching then treats them as 0).
     allow_nonfinite: bool = False
@@ -57,10 +66,11 @@ class MergeOptions:
         _check_type("alpha", self.alpha, float)
         if not math.isfinite(self.alpha):
             raise RebasinError(f"alpha must be a finite number, got {self.alpha}.")
-        if self.method == "add_difference":
+        info = METHODS[self.method]
+        if not info.alpha_bounded:
             if abs(self.alpha) > MAX_DIFFERENCE_ALPHA:
                 raise RebasinError(f"alpha must be between -{MAX_DIFFERENCE_ALPHA:g} and {MAX_DIFFERENCE_ALPHA:g} for "
-                                   f"add_difference, got {self.alpha:g}.")
+                                   f"{self.method}, got {self.alpha:g}.")
         elif not 0.0 <= self.alpha <= 1.0:
             raise RebasinError(f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
         _check_type("iterations", self.iterations, int)
@@ -89,6 +99,24 @@ class MergeOptions:
             raise RebasinError(f"device must be 'cpu' or 'cuda', got '{_show(self.device)}'.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RebasinError("device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
+        _check_type("align", self.align, bool)
+        for param in info.params:
+            problem = param.check(getattr(self, param.name), info.label)
+            if problem:
+                raise RebasinError(problem)
+        if self.blocks is not None:
+            if self.method == "legacy":
+                raise RebasinError("Legacy mode reproduces a tool that had no block weights; use weighted_sum or "
+                                   "rebasin with block weights.")
+            check_values(tuple(self.blocks), info.alpha_bounded)
+            if any(abs(v) > MAX_DIFFERENCE_ALPHA for v in self.blocks):
+                raise RebasinError(f"Block weights must be between -{MAX_DIFFERENCE_ALPHA:g} and "
+                                   f"{MAX_DIFFERENCE_ALPHA:g}, got {max(self.blocks, key=abs):g}.")
+        if self.align and self.method == "legacy":
+            raise RebasinError("Legacy mode cannot be combined with re-basin alignment.")
+        if self.align and self.iterations != 1 and self.method != "rebasin":
+            raise RebasinError(f"iterations apply to the rebasin method only; {info.label} with alignment "
+                               "matches once (use iterations = 1).")
 
 
 # add_difference: A + alpha (B - C). Beyond |alpha| = 10 the difference outweighs the model by an order of

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .models import legacy_hash, merge_history
+from .blocks import MAPPING_VERSION
 from .progress import Reporter
 
 if TYPE_CHECKING:
     from .merge import Prepared
+    from .options import MergeOptions
 
 SPEC_VERSION = "sd1-walk-1"
 
@@ -19,11 +21,28 @@ def recipe_of(prep: "Prepared", parts: tuple[str, ...]) -> dict[str, object]:
     o = prep.options
     return {"method": o.method, "alpha": o.alpha, "iterations": o.iterations, "parts": list(parts),
             "device": o.device, "precision": o.precision, "seed": o.seed, "max_sweeps": o.max_sweeps,
-            "tolerance": o.tolerance,
+            "tolerance": o.tolerance, **method_fields(o),
             "models": {m.label: m.path.name for m in (prep.a, prep.b, prep.c) if m is not None},
             # where each input was read from, so `recipe --from` can find it again by sha256
             "folders": {m.label: str(m.path.resolve().parent) for m in (prep.a, prep.b, prep.c)
                         if m is not None and not m.in_memory}}
+
+
+def method_fields(o: "MergeOptions") -> dict[str, object]:
+    """What only some merges have: block weights (with the key mapping's version), alignment, method params."""
+    out: dict[str, object] = dict(o.method_params())
+    if o.align:
+        out["align"] = True
+    if o.blocks is not None:
+        out.update({"blocks": list(o.blocks), "blocks_preset": o.blocks_preset, "block_mapping": MAPPING_VERSION})
+    return out
+
+
+def webui_block_fields(o: "MergeOptions") -> dict[str, object]:
+    """Block weights also in the names SuperMerger's sd_merge_recipe uses (25 UNet weights + base alpha)."""
+    if o.blocks is None:
+        return {"mbw": False}
+    return {"mbw": True, "weights_alpha": list(o.blocks[1:]), "base_alpha": o.blocks[0]}
 
 
 def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[str, str],
@@ -40,6 +59,7 @@ def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[st
               "iterations": o.iterations, "parts": list(parts), "precision": o.precision,
               "save_as_half": o.precision == "fp16", "seed": o.seed, "max_sweeps": o.max_sweeps,
               "tolerance": o.tolerance,
+              **method_fields(o), **webui_block_fields(o),
               "device": o.device, "is_inpainting": prep.a.config.unet_in_channels == 9,
               "is_instruct_pix2pix": prep.a.config.unet_in_channels == 8}
     merge_models: dict[str, object] = {}

@@ -43,7 +43,9 @@ from .checkpoint import Checkpoint, file_sha256, open_checkpoint
 from .errors import RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
                     Reporter, merge_checkpoints, merge_in_memory)
+from .blocks import parse_blocks
 from .diagnostics import stored_diagnostics
+from .methods import ALL_PARAMS
 from .models import legacy_hash, open_model, same_file
 from .spec import PARTS
 
@@ -52,10 +54,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (A1111's own Python)
     import tomli as tomllib
 
+# Method parameters (methods.py) and block weights are accepted per step and as recipe defaults.
+EXTRA_KEYS = {"blocks", "align", *ALL_PARAMS}
 STEP_KEYS = {"name", "method", "a", "b", "c", "alpha", "iterations", "parts", "device", "precision", "seed",
-             "max_sweeps", "tolerance", "allow_nonfinite"}
+             "max_sweeps", "tolerance", "allow_nonfinite", *EXTRA_KEYS}
 RECIPE_KEYS = {"name", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
-               "tolerance", "allow_nonfinite"}
+               "tolerance", "allow_nonfinite", *EXTRA_KEYS}
 MODEL_KEYS = {"file", "sha256", "folder"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 
@@ -113,7 +117,38 @@ class Recipe:
                       f"max_sweeps = {o.max_sweeps}", f"tolerance = {_v(float(o.tolerance))}"]
             if o.allow_nonfinite:
                 lines.append("allow_nonfinite = true")
+            lines += _extra_lines(o)
         return "\n".join(lines) + "\n"
+
+
+def _extra_lines(o: MergeOptions) -> list[str]:
+    """The canonical lines for what only some steps have: alignment, the method's parameters, block weights."""
+    lines = ["align = true"] if o.align else []
+    lines += [f"{name} = {_v(value)}" for name, value in o.method_params().items()]
+    if o.blocks is not None:
+        lines.append(f"blocks = {_q(o.blocks_preset) if o.blocks_preset else _v([float(v) for v in o.blocks])}")
+    return lines
+
+
+def step_options(settings: dict[str, Any]) -> MergeOptions:
+    """MergeOptions from a step's (or an API request's) settings; `blocks` may be a preset name, a string of 26
+    or 25 comma-separated values, or a list of them. Raises RebasinError / TypeError."""
+    settings = dict(settings)
+    blocks = settings.pop("blocks", None)
+    settings.pop("blocks_preset", None)
+    if isinstance(settings.get("parts"), list):
+        settings["parts"] = tuple(settings["parts"])
+    options = MergeOptions(**settings)
+    if blocks is not None:
+        if isinstance(blocks, (list, tuple)):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in blocks):
+                raise RebasinError("blocks must be numbers, a string of them, or a preset name.")
+            blocks = ",".join(repr(float(v)) for v in blocks)
+        if not isinstance(blocks, str):
+            raise RebasinError("blocks must be a preset name, 26 (or 25) comma-separated values, or a list of them.")
+        bw = parse_blocks(blocks, options.alpha)
+        options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+    return options
 
 
 def _q(s: str) -> str:
@@ -220,11 +255,13 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         settings = {**recipe.defaults, **{k: v for k, v in raw.items() if k in MergeOptions.__dataclass_fields__}}
         parts = settings.get("parts", PARTS)
         try:
-            options = MergeOptions(**{**settings, "parts": tuple(parts) if isinstance(parts, list) else parts})
+            options = step_options({**settings, "parts": tuple(parts) if isinstance(parts, list) else parts})
             options.validate()
         except RebasinError as e:
             field_name = str(e).split(" ", 1)[0]
             raise fail(key_lines.get((i, field_name), line), f"step '{name}': {e}") from None
+        except TypeError as e:
+            raise fail(line, f"step '{name}': {e}") from None
         refs = {}
         for slot in ("a", "b", "c"):
             ref = raw.get(slot)
@@ -524,7 +561,11 @@ def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
     opts = MergeOptions(method=single["method"], alpha=single["alpha"], iterations=single["iterations"],
                         parts=tuple(single["parts"]), device=single["device"], precision=single["precision"],
                         seed=single["seed"], max_sweeps=single["max_sweeps"],
-                        tolerance=single.get("tolerance", 0.0))
+                        tolerance=single.get("tolerance", 0.0), align=bool(single.get("align", False)),
+                        **{k: single[k] for k in ALL_PARAMS if k in single and single.get("method") in
+                           _methods_with(k)})
+    if single.get("blocks") is not None:
+        opts = replace(opts, blocks=tuple(single["blocks"]), blocks_preset=single.get("blocks_preset"))
     opts.validate()
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
     return Recipe(name=stem, models=refs, steps=[step]).to_toml()
@@ -543,6 +584,10 @@ def _with_folders(text: str, inputs: Any, source: str | os.PathLike[str]) -> str
         if isinstance(entry, dict) and isinstance(entry.get("folder"), str) and os.path.isabs(entry["folder"]):
             ref.folder = entry["folder"]
     return recipe.to_toml()
+
+
+def _methods_with(param: str) -> set[str]:
+    return {m.name for m in METHODS.values() if any(p.name == param for p in m.params)}
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:

@@ -65,6 +65,18 @@ class WebUIHost(BaseHost):
     def refresh_checkpoints(self):
         sd_models.list_models()
 
+    def list_vaes(self):
+        # modules.sd_vae keeps the WebUI's VAE list (models/VAE, --vae-dir, *.vae.* beside checkpoints)
+        try:
+            from modules import sd_vae
+        except ImportError:
+            return []
+        try:
+            sd_vae.refresh_vae_list()
+        except Exception:  # a host whose refresh needs a loaded model: use the list as it is
+            pass
+        return [CheckpointEntry(name, Path(path)) for name, path in list(sd_vae.vae_dict.items())]
+
     def output_dir(self):
         configured = str(_opt("rebasin_output_dir", "") or "").strip()
         if configured:

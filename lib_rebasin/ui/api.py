@@ -6,6 +6,10 @@
     POST /rebasin/v1/load            {"job_id"} or {"path"} -> makes a finished merge the active checkpoint
     GET  /rebasin/v1/checkpoints     the host's checkpoint list
 
+A merge request takes `MergeRequest`'s fields, among them `method` (any of lib_rebasin/methods.py), its parameters
+(`ties_density`, `ties_scale`, `dare_p`, `seed`), `align`, `blocks` (a preset name, 26 or 25 values as a string or a
+list) and `bake_vae` (a VAE from the host's VAE list, or a checkpoint).
+
 Request bodies are read as plain JSON (no pydantic models), so the routes work with the fastapi/pydantic pairs
 of both gradio 3.41 and 4.x hosts.
 """

@@ -114,6 +114,7 @@ class Host(Protocol):
     def restore_device(self, device: str) -> None: ...
     def defaults(self) -> dict[str, Any]: ...
     def hires_targets(self) -> dict[str, Any]: ...
+    def list_vaes(self) -> list[CheckpointEntry]: ...
 
 
 DEFAULTS: dict[str, Any] = {
@@ -215,6 +216,30 @@ class BaseHost:
 
     def hires_targets(self) -> dict[str, Any]:
         return {}
+
+    def list_vaes(self) -> list[CheckpointEntry]:
+        """VAE files the host knows (its VAE folder), for "bake in VAE"; none by default."""
+        return []
+
+
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
+def scan_vaes(*folders: str | os.PathLike[str]) -> list[CheckpointEntry]:
+    """VAE files as A1111 finds them: everything under a VAE folder, plus `*.vae.*` next to checkpoints."""
+    out: dict[str, CheckpointEntry] = {}
+    for i, folder in enumerate(folders):
+        root = Path(folder)
+        if not root.is_dir():
+            continue
+        for p in sorted(root.rglob("*")):
+            name = p.name.lower()
+            if not p.is_file() or not name.endswith(VAE_SUFFIXES) or name.startswith(".") or ".tmp" in name:
+                continue
+            if i > 0 and ".vae." not in name:  # a checkpoint folder: only files named *.vae.*
+                continue
+            out.setdefault(p.name, CheckpointEntry(p.name, p))
+    return sorted(out.values(), key=lambda e: e.title.lower())
 
 
 def scan_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointEntry]:

@@ -212,8 +212,26 @@ def _options(recipe: Any, form: StepForm, base: Any = None) -> Any:
                         seed=int(d.get("seed", base.seed if base else 0)),
                         max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", 100)),
                         tolerance=float(base.tolerance if base else d.get("tolerance", MergeOptions.tolerance)))
+    opts = _with_extras(opts, d, base)
     opts.validate()
     return opts
+
+
+def _with_extras(opts: Any, defaults: dict[str, Any], base: Any) -> Any:
+    """Keep what the form has no field for (block weights, alignment, method parameters): an edited step keeps
+    its own, a new step gets the recipe's defaults."""
+    from dataclasses import replace
+
+    from ..methods import ALL_PARAMS
+
+    names = ("blocks", "blocks_preset", "align", *ALL_PARAMS)
+    if base is not None:
+        return replace(opts, **{n: getattr(base, n) for n in names})
+    given = {k: defaults[k] for k in ("blocks", "align", *ALL_PARAMS) if k in defaults}
+    if not given:
+        return opts
+    extras = _recipe_mod().step_options({**given, "alpha": opts.alpha})
+    return replace(opts, **{n: getattr(extras, n) for n in names})
 
 
 def _step_from_form(recipe: Any, form: StepForm, index: int, entries: list[CheckpointEntry],

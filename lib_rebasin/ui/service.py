@@ -52,6 +52,12 @@ class MergeRequest:
     overwrite: bool = False
     seed: int = 0
     tolerance: float = 0.01   # fraction of the first sweep's gain below which matching stops (MergeOptions)
+    blocks: str = ""          # block weights: a preset name or 26 (25) comma-separated values; "" = alpha everywhere
+    align: bool = False       # re-basin B (and C) onto A before a non-rebasin method
+    ties_density: float = 0.2  # method parameters (lib_rebasin/methods.py); each is used only by its methods
+    ties_scale: float = 1.0
+    dare_p: float = 0.9
+    bake_vae: str = ""        # a VAE from the host's VAE list, or a checkpoint, whose VAE goes into the output
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MergeRequest":
@@ -65,16 +71,30 @@ class MergeRequest:
         kw: dict[str, Any] = {}
         for k, v in d.items():
             try:
-                if k in ("alpha", "tolerance"):
+                if k in ("alpha", "tolerance", "ties_density", "ties_scale", "dare_p"):
+                    if isinstance(v, bool):
+                        raise ValueError
                     kw[k] = float(v)
+                elif k == "blocks":
+                    if isinstance(v, (list, tuple)):
+                        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                            raise ValueError
+                        v = ",".join(repr(float(x)) for x in v)
+                    elif v is not None and not isinstance(v, str):
+                        raise ValueError
+                    kw[k] = v or ""
                 elif k in ("iterations", "seed"):
                     if isinstance(v, bool) or float(v) != int(float(v)):
                         raise ValueError
                     kw[k] = int(float(v))
-                elif k == "overwrite":
+                elif k in ("overwrite", "align"):
                     if not isinstance(v, bool):
                         raise ValueError
                     kw[k] = v
+                elif k == "bake_vae":
+                    if v is not None and not isinstance(v, str):
+                        raise ValueError
+                    kw[k] = v or ""
                 elif k == "parts":
                     if isinstance(v, str):
                         v = [p.strip() for p in v.split(",") if p.strip()]
@@ -94,6 +114,7 @@ class Prepared:
     c: CheckpointEntry | None
     output: Path
     options: Any  # core MergeOptions
+    bake_vae: CheckpointEntry | None = None
 
     @property
     def devices(self) -> list[str]:
@@ -103,7 +124,22 @@ class Prepared:
         r = self.request
         return {"model_a": self.a.title, "model_b": self.b.title, "model_c": self.c.title if self.c else None,
                 "method": r.method, "alpha": r.alpha, "iterations": r.iterations, "parts": list(r.parts),
-                "device": r.device, "precision": r.precision}
+                "device": r.device, "precision": r.precision, **_method_fields(self.options),
+                **({"bake_vae": self.bake_vae.title} if self.bake_vae else {})}
+
+
+def _method_fields(options: Any) -> dict[str, Any]:
+    """What only some merges have: alignment, the method's parameters, the block weights (with their preset)."""
+    out: dict[str, Any] = {}
+    if getattr(options, "align", False):
+        out["align"] = True
+    method_params = getattr(options, "method_params", None)
+    if callable(method_params):
+        out.update(method_params())
+    if getattr(options, "blocks", None) is not None:
+        out["blocks"] = list(options.blocks)
+        out["blocks_preset"] = options.blocks_preset
+    return out
 
 
 @dataclass
@@ -164,10 +200,19 @@ def output_path_for(name: str, folder: Path, default_stem: str) -> Path:
     return out
 
 
-def default_output_stem(a: CheckpointEntry, b: CheckpointEntry, method: str, alpha: float) -> str:
+def default_output_stem(a: CheckpointEntry, b: CheckpointEntry, method: str, alpha: float,
+                        blocks: str = "") -> str:
+    """<A>_<B>_<method>_<alpha>, plus the block-weight preset (or "mbw" for custom values) when there is one."""
     sa, sb = a.path.stem, b.path.stem
-    tag = {"rebasin": "rebasin", "weighted_sum": "ws", "add_difference": "adddiff", "legacy": "legacy"}.get(method, method)
-    return f"{sa[:40]}_{sb[:40]}_{tag}_{alpha:.2f}".replace(" ", "_")
+    tag = {"rebasin": "rebasin", "weighted_sum": "ws", "add_difference": "adddiff", "legacy": "legacy",
+           "train_difference": "traindiff", "dare_ties": "dareties"}.get(method, method)
+    stem = f"{sa[:40]}_{sb[:40]}_{tag}_{alpha:.2f}"
+    if blocks and blocks.strip():
+        from ..blocks import preset_name
+
+        name = preset_name(blocks)
+        stem += "_" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") if name else "mbw")
+    return stem.replace(" ", "_")
 
 
 def _same_file(p: Path, q: Path) -> bool:
@@ -270,6 +315,28 @@ class MergeService:
                 return hits[0]
         raise RebasinError(f"{label} '{ref}' is not in the checkpoint list; press refresh and pick it again.")
 
+    def suggest_output_name(self, a: str | None, b: str | None, method: str, alpha: float, blocks: str = "") -> str:
+        """The name an empty output field gives (models, method, alpha, block preset), or "" until A and B are set."""
+        try:
+            ea, eb = self.resolve(a, "Model A"), self.resolve(b, "Model B")
+        except RebasinError:
+            return ""
+        return default_output_stem(ea, eb, method, float(alpha), blocks)
+
+    def vae_titles(self) -> list[str]:
+        return [e.title for e in self.host.list_vaes()]
+
+    def resolve_vae(self, ref: str) -> CheckpointEntry:
+        """A VAE title from the host's VAE list, else a checkpoint (its VAE is used)."""
+        for e in self.host.list_vaes():
+            if ref in (e.title, e.path.name, str(e.path)):
+                return e
+        try:
+            return self.resolve(ref, "VAE to bake in")
+        except RebasinError:
+            raise RebasinError(f"VAE to bake in '{ref}' is neither in the VAE list nor a checkpoint; press refresh "
+                               "and pick it again.") from None
+
     def running(self) -> Job | None:
         for j in self.jobs.values():
             if not j.finished_flag:
@@ -295,8 +362,8 @@ class MergeService:
             c = self.resolve(req.model_c, "Model C")
             for other, lab in ((a, "Model A"), (b, "Model B")):
                 if _same_file(c.path, other.path):
-                    raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); add difference needs "
-                                       f"a third, different model.")
+                    raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); "
+                                       f"{getattr(info, 'label', req.method)} needs a third, different model.")
         if not (1 <= int(req.iterations) <= MAX_ITERATIONS):
             raise RebasinError(f"Iterations must be between 1 and {MAX_ITERATIONS}, got {req.iterations}.")
         parts = tuple(p for p in PARTS if p in set(req.parts))
@@ -313,7 +380,7 @@ class MergeService:
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
-        out = output_path_for(req.output_name, folder, default_output_stem(a, b, req.method, req.alpha))
+        out = output_path_for(req.output_name, folder, default_output_stem(a, b, req.method, req.alpha, req.blocks))
         if out.exists() and not req.overwrite:
             raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
                                f"name.")
@@ -321,13 +388,30 @@ class MergeService:
             raise RebasinError(f"The output {out.name} would overwrite one of the input models; choose another name.")
         opts = core.MergeOptions(method=req.method, alpha=float(req.alpha), iterations=int(req.iterations),
                                  parts=parts, device=req.device, precision=req.precision, seed=int(req.seed),
-                                 tolerance=float(req.tolerance))
+                                 tolerance=float(req.tolerance), align=bool(req.align),
+                                 ties_density=float(req.ties_density), ties_scale=float(req.ties_scale),
+                                 dare_p=float(req.dare_p))
+        if req.blocks and req.blocks.strip():
+            from dataclasses import replace as _replace
+
+            from ..blocks import parse_blocks
+
+            bw = parse_blocks(req.blocks, float(req.alpha))
+            opts = _replace(opts, blocks=bw.values, blocks_preset=bw.preset)
         checked = core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
-        close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating here
-        if callable(close):
-            close()
+        vae = None
+        try:
+            if req.bake_vae and req.bake_vae.strip() and req.bake_vae != "None":
+                from ..vae_bake import open_vae
+
+                vae = self.resolve_vae(req.bake_vae.strip())
+                open_vae(vae.path, checked.a.spec).close()  # header check now, not after the merge
+        finally:
+            close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating
+            if callable(close):
+                close()
         req.parts = parts
-        return Prepared(req, a, b, c, out, opts)
+        return Prepared(req, a, b, c, out, opts, vae)
 
     # -- running --------------------------------------------------------------------------------------------
     def start(self, prepared: Prepared | PreparedRecipe, job_id: str | None = None) -> Job:
@@ -468,7 +552,8 @@ class MergeService:
                     result = core.merge_checkpoints(
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
                         overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
-                        extra_metadata={"lib_rebasin_host": self.host.name})
+                        extra_metadata={"lib_rebasin_host": self.host.name},
+                        **({"bake_vae": p.bake_vae.path} if p.bake_vae else {}))
             finally:
                 self.host.restore_device(device)
             job.output = Path(result.output)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ..errors import RebasinError
 from ..signals import sigterm_as_interrupt
-from .host import BaseHost, CheckpointEntry, scan_checkpoints
+from .host import BaseHost, CheckpointEntry, scan_checkpoints, scan_vaes
 
 
 class StandaloneHost(BaseHost):
@@ -58,6 +58,10 @@ class StandaloneHost(BaseHost):
         with self._queue:
             self._interrupted.clear()
             work()
+
+    def list_vaes(self) -> list[CheckpointEntry]:
+        """<models-dir>/VAE/**, and *.vae.* files among the checkpoints (the WebUI's own rule)."""
+        return scan_vaes(self.models_dir / "VAE", self.models_dir)
 
     def device_choices(self) -> list[str]:
         return list(self._devices) if self._devices else super().device_choices()

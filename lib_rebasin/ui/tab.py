@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..errors import RebasinError
 from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values
+from . import blocks_ui as bui
 from . import recipe_builder as rb
 from .service import (PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService, RecipeRequest, format_eta,
                       method_table)
@@ -177,7 +178,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 gr.HTML(f"<h2 class='rebasin-title'>{html.escape(title)} merge</h2>"
                         "<p class='rebasin-lead'>Align model B's neurons to model A (weight matching), then "
                         "interpolate. The result is saved as a new checkpoint.</p>")
-                for key, label in (("a", "Model A"), ("b", "Model B"), ("c", "Model C (add difference: A + alpha·(B − C))")):
+                for key, label in (("a", "Model A"), ("b", "Model B"), ("c", "Model C (the base B was tuned from; add difference, train difference, TIES, DARE)")):
                     with gr.Row(elem_id=f"rebasin_model_{key}_row", elem_classes=["rebasin-model-row"]):
                         c[f"model_{key}"] = gr.Dropdown(
                             choices=titles, value=None, label=label, elem_id=f"rebasin_model_{key}",
@@ -190,6 +191,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 c["method_help"] = gr.Markdown(method_help(d_method), elem_id="rebasin_method_help")
                 c["alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d_alpha,
                                        label="Alpha (0 = model A, 1 = model B)", elem_id="rebasin_alpha")
+                bui.build_param_controls(gr, c, d_method)
+                bui.build_block_controls(gr, c, d_alpha)
                 with gr.Row():
                     c["iterations"] = gr.Slider(minimum=1, maximum=500, step=1, value=d_iterations,
                                                 label="Iterations", elem_id="rebasin_iterations")
@@ -206,6 +209,12 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                               elem_id="rebasin_device")
                     c["precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d_precision,
                                               label="Save precision", elem_id="rebasin_precision")
+                with gr.Row(elem_classes=["rebasin-model-row"]):
+                    c["bake_vae"] = gr.Dropdown(choices=["None", *service.vae_titles(), *titles], value="None",
+                                                label="Bake in VAE (a file from the VAE folder, or a checkpoint's "
+                                                      "VAE; replaces the merged VAE)", elem_id="rebasin_bake_vae")
+                    c["refresh_vae"] = gr.Button("\u21bb", elem_id="rebasin_refresh_vae",
+                                                 elem_classes=["tool", "rebasin-tool"])
                 with gr.Row():
                     c["output_name"] = gr.Textbox(label="Output name (saved as .safetensors in the checkpoint folder)",
                                                   placeholder="empty = <A>_<B>_<method>_<alpha>",
@@ -249,16 +258,38 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         for key in "abc":
             c[f"refresh_{key}"].click(fn=refresh_lists, inputs=dropdowns, outputs=dropdowns)
 
+        def refresh_vaes(current: str | None):
+            host.refresh_checkpoints()
+            choices = ["None", *service.vae_titles(), *service.titles()]
+            return update(choices=choices, value=current if current in choices else "None")
+
+        c["refresh_vae"].click(fn=refresh_vaes, inputs=[c["bake_vae"]], outputs=[c["bake_vae"]])
+
+        param_controls = [c[f"param_{n}"] for n in bui.ALL_PARAMS] + [c["param_seed"], c["align"]]
+
         def on_method(label: str):
             key = label_to_method.get(label, label)
             needs_c = bool(getattr(methods.get(key), "needs_c", False))
-            return update(visible=needs_c), update(visible=needs_c), method_help(key)
+            return (update(visible=needs_c), update(visible=needs_c), method_help(key),
+                    *(update(**v) for v in bui.param_visibility(key)))
 
-        c["method"].change(fn=on_method, inputs=[c["method"]], outputs=[c["model_c"], c["refresh_c"], c["method_help"]])
+        c["method"].change(fn=on_method, inputs=[c["method"]],
+                           outputs=[c["model_c"], c["refresh_c"], c["method_help"], *param_controls])
+        bui.wire_block_events(c, update)
+
+        def suggest_name(a, b, method, alpha, use_blocks, preset):
+            """The output field's placeholder: the name an empty field gives (a preset's name, or "mbw")."""
+            key = label_to_method.get(method, method)
+            stem = service.suggest_output_name(a, b, key, float(alpha or 0), bui.read_blocks(use_blocks, preset))
+            return update(placeholder=f"empty = {stem}" if stem else "empty = <A>_<B>_<method>_<alpha>[_<blocks>]")
+
+        name_inputs = [c["model_a"], c["model_b"], c["method"], c["alpha"], c["blocks_on"], c["blocks_preset"]]
+        for comp in name_inputs:
+            comp.change(fn=suggest_name, inputs=name_inputs, outputs=[c["output_name"]])
 
         merge_inputs = [c["task_id"], c["model_a"], c["model_b"], c["model_c"], c["method"], c["alpha"],
                         c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"],
-                        c["tolerance"]]
+                        c["tolerance"], c["blocks_on"], c["blocks_text"], *param_controls, c["bake_vae"]]
         merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["merge"], *dropdowns]
 
         def lists_after_save(a, b, cc):
@@ -266,12 +297,23 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
 
         def run_merge(task_id, a, b, cc, method, alpha, iterations, parts, device, precision, name, overwrite,
-                      tolerance=100 * MergeRequest.tolerance):
+                      tolerance=100 * MergeRequest.tolerance, use_blocks=False, blocks_text="", *params):
             key = label_to_method.get(method, method)
+            extra: dict[str, Any] = {}
+            if params:  # method parameters in ALL_PARAMS order, then seed, align, VAE to bake in
+                n = len(bui.ALL_PARAMS)
+                extra = {name: float(v) for name, v in zip(bui.ALL_PARAMS, params) if v is not None}
+                if len(params) > n:
+                    extra["seed"] = int(params[n] or 0)
+                if len(params) > n + 1:
+                    extra["align"] = bool(params[n + 1]) and bui._can_align(key)
+                if len(params) > n + 2 and params[n + 2] and params[n + 2] != "None":
+                    extra["bake_vae"] = str(params[n + 2])
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
-                               overwrite=bool(overwrite), tolerance=float(tolerance or 0) / 100)
+                               overwrite=bool(overwrite), tolerance=float(tolerance or 0) / 100,
+                               blocks=bui.read_blocks(use_blocks, blocks_text), **extra)
             tid = task_id if isinstance(task_id, str) and task_id.startswith("task(") else None
             keep = [update(), update(), update()]
             try:
@@ -298,7 +340,10 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     break
             d = job.to_dict()
             if d["status"] == "done":
-                yield ("", last[0], result_markdown(d), d["output"], update(interactive=True),
+                blocks_used = (d.get("request") or {}).get("blocks")
+                curve = bui.curve_html(blocks_used, (d.get("request") or {}).get("blocks_preset") or
+                                       "block weights used") if blocks_used else ""
+                yield ("", last[0] + curve, result_markdown(d), d["output"], update(interactive=True),
                        update(interactive=True), *lists_after())
             elif d["status"] == "failed":
                 yield (error_html(d["error"]), last[0], "", "", update(interactive=False), update(interactive=True),

@@ -1,0 +1,209 @@
+"""The merge methods: one registry entry each, a small pure function over fp32 tensors per key.
+
+A method's function is `fn(a, b, c, alpha, params, rng) -> tensor`: `a`, `b`, `c` are one key's fp32 values (c is
+None unless the method needs C; with re-basin alignment b and c arrive already permuted onto A), `alpha` is the
+weight of B for that key (its block's weight with block weights), `params` the method's parameters by name, and
+`rng` a CPU generator seeded from (seed, key) so random methods give the same bytes on every run and device.
+
+Linear methods also declare their coefficients on (A, B, C), so the merge can stream them through the exact
+`Blend` fast path (`blend.py`) instead of calling `fn`. Re-basin and legacy are not entries of their own kind:
+re-basin is an alignment of B (and C) to A followed by a weighted sum, and composes with every method here
+(`MergeOptions.align`); legacy reproduces one old tool exactly. `merge.py` handles those two paths.
+
+Every parameter a method declares is a `MergeOptions` field of the same name, so the CLI (`--ties-density`), recipes
+(`ties_density = 0.2`), the HTTP API and the tab are generated from this table.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+Tensor = torch.Tensor
+KeyFn = Callable[[Tensor, Tensor, "Tensor | None", float, Mapping[str, object], torch.Generator], Tensor]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str                 # also the MergeOptions field and the recipe key; CLI flag: --name-with-dashes
+    kind: type                # float or int
+    low: float
+    high: float
+    default: float
+    label: str
+    help: str
+    low_open: bool = False    # low itself not allowed
+
+    def check(self, value: object, method_label: str) -> str | None:
+        """The one-line problem with `value`, or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{self.name} must be a number for {method_label}, got {value!r}."
+        if self.kind is int and int(value) != value:
+            return f"{self.name} must be a whole number for {method_label}, got {value!r}."
+        if value > self.high or value < self.low or (self.low_open and value == self.low):
+            lo = "(" if self.low_open else "["
+            return f"{self.name} must be in {lo}{self.low:g}, {self.high:g}] for {method_label}, got {value:g}."
+        return None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    label: str
+    needs_c: bool
+    help: str
+    fn: KeyFn | None = None                       # None only for the special paths (rebasin, legacy)
+    linear: Callable[[float], tuple[float, float, float]] | None = None  # alpha -> weights of A, B, C
+    params: tuple[Param, ...] = field(default_factory=tuple)
+    alpha_bounded: bool = True                    # alpha (and every block weight) in [0, 1]
+    random: bool = False                          # uses rng (seeded by MergeOptions.seed)
+    source: str = ""
+
+
+# -- the pure functions ----------------------------------------------------------------------------------------
+
+def weighted_sum(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+                 rng: torch.Generator) -> Tensor:
+    """(1 - alpha) A + alpha B."""
+    return (1 - alpha) * a + alpha * b
+
+
+def add_difference(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+                   rng: torch.Generator) -> Tensor:
+    """A + alpha (B - C)."""
+    assert c is not None
+    return a + alpha * (b - c)
+
+
+def train_difference(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+                     rng: torch.Generator) -> Tensor:
+    """A + 1.8 alpha |B - A| / (|B - A| + |B - C|) (B - C), elementwise; 0/0 counts as 0.
+
+    SuperMerger's "trainDifference" calcmode (`traindiff` in scripts/mergers/mergers.py) and sd-mecha's
+    `train_difference_mask` define the same factor: B's difference from its base C is added to A in full
+    (x 1.8 alpha) where A sits far from B, and not at all where A already equals B; B = C adds nothing.
+    """
+    assert c is not None
+    diff = b - c
+    dist_ba = (b - a).abs()
+    total = dist_ba + diff.abs()
+    scale = torch.where(total > 0, dist_ba / torch.where(total > 0, total, torch.ones_like(total)),
+                        torch.zeros_like(total))
+    return a + (1.8 * alpha) * scale * diff
+
+
+def trim_top(tau: Tensor, density: float) -> Tensor:
+    """Keep the `density` fraction of entries with the largest magnitude (ties at the threshold kept), zero the rest."""
+    n = tau.numel()
+    if density >= 1.0 or n == 0:
+        return tau
+    keep = max(1, round(density * n))
+    threshold = tau.abs().reshape(-1).kthvalue(n - keep + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def sign_elected_mean(taus: list[Tensor], weights: list[float]) -> Tensor:
+    """TIES' elect + disjoint merge: per entry, the sign of the weighted sum wins; the result is the weighted mean
+    of the task vectors that have that sign (zero where none does)."""
+    total = torch.zeros_like(taus[0])
+    for w, t in zip(weights, taus):
+        total.add_(t, alpha=w)
+    sign = torch.sign(total)
+    num = torch.zeros_like(total)
+    den = torch.zeros_like(total)
+    for w, t in zip(weights, taus):
+        agree = (torch.sign(t) == sign) & (t != 0)
+        num += torch.where(agree, w * t, torch.zeros_like(t))
+        den += agree.to(t.dtype) * w
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def ties(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+         rng: torch.Generator) -> Tensor:
+    """TIES-merging (Yadav et al. 2023, arXiv 2306.01708) of the task vectors A - C and B - C, weighted 1 - alpha
+    and alpha: trim each to its top `ties_density` fraction by magnitude (per tensor), elect the sign per entry,
+    average the agreeing values, and add `ties_scale` times the result to C.
+
+    With density 1 and no sign conflicts (and no zero entries) this is task arithmetic,
+    C + scale ((1 - alpha)(A - C) + alpha (B - C)); at scale 1 that is the weighted sum.
+    """
+    assert c is not None
+    density = float(params["ties_density"])  # type: ignore[arg-type]
+    taus = [trim_top(a - c, density), trim_top(b - c, density)]
+    return c + float(params["ties_scale"]) * sign_elected_mean(taus, [1 - alpha, alpha])  # type: ignore[arg-type]
+
+
+def dare_drop(tau: Tensor, p: float, rng: torch.Generator) -> Tensor:
+    """DARE (Yu et al. 2023, arXiv 2311.03099): drop each entry with probability p, rescale survivors by 1/(1-p).
+    The mask is drawn on the CPU from `rng`, so it is the same on every device."""
+    if p <= 0.0:
+        return tau
+    keep = (torch.rand(tau.shape, generator=rng) >= p).to(tau.device)
+    return torch.where(keep, tau / (1.0 - p), torch.zeros_like(tau))
+
+
+def dare(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+         rng: torch.Generator) -> Tensor:
+    """A + alpha DARE_p(B - C): add difference with B's task vector randomly sparsified (p = `dare_p`)."""
+    assert c is not None
+    return a + alpha * dare_drop(b - c, float(params["dare_p"]), rng)  # type: ignore[arg-type]
+
+
+def dare_ties(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+              rng: torch.Generator) -> Tensor:
+    """DARE before TIES (as in Yu et al. 2023, sec. 4): sparsify A - C and B - C with DARE, then TIES' sign
+    election and disjoint mean (weights 1 - alpha, alpha; no further trimming), scaled by `ties_scale`, added to C."""
+    assert c is not None
+    p = float(params["dare_p"])  # type: ignore[arg-type]
+    taus = [dare_drop(a - c, p, rng), dare_drop(b - c, p, rng)]
+    return c + float(params["ties_scale"]) * sign_elected_mean(taus, [1 - alpha, alpha])  # type: ignore[arg-type]
+
+
+def key_generator(seed: int, key: str) -> torch.Generator:
+    """The generator a random method gets for `key`: a function of (seed, key) only."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+
+# -- the registry ----------------------------------------------------------------------------------------------
+
+DENSITY = Param("ties_density", float, 0.0, 1.0, 0.2, "TIES density (kept fraction)",
+                "fraction of each task vector's entries kept, by magnitude, per tensor (the paper keeps 20%)",
+                low_open=True)
+SCALE = Param("ties_scale", float, 0.0, 4.0, 1.0, "TIES scale", "factor on the merged task vector added to C")
+DROP = Param("dare_p", float, 0.0, 0.99, 0.9, "DARE drop probability",
+             "probability of dropping each delta entry (survivors are rescaled by 1/(1-p))")
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in (
+    MethodInfo("rebasin", "Re-basin (weight matching)", False,
+               "Align B to A with function-preserving permutations, then (1-alpha)*A + alpha*B.",
+               fn=weighted_sum, linear=lambda a: (1 - a, a, 0.0)),
+    MethodInfo("weighted_sum", "Weighted sum", False, "(1-alpha)*A + alpha*B, no alignment.",
+               fn=weighted_sum, linear=lambda a: (1 - a, a, 0.0)),
+    MethodInfo("add_difference", "Add difference", True, "A + alpha*(B - C), e.g. C = the base B was tuned from.",
+               fn=add_difference, linear=lambda a: (1.0, a, -a), alpha_bounded=False),
+    MethodInfo("train_difference", "Train difference", True,
+               "A + 1.8*alpha*|B-A|/(|B-A|+|B-C|)*(B - C): B's change from its base C, added where A differs "
+               "from B (SuperMerger / sd-mecha definition).",
+               fn=train_difference, alpha_bounded=False, source="SuperMerger traindiff; sd-mecha"),
+    MethodInfo("ties", "TIES", True,
+               "C + scale * TIES(A - C, B - C): trim each task vector to its top density, elect signs, average "
+               "the agreeing values (weights 1-alpha, alpha). C = the base both were tuned from.",
+               fn=ties, params=(DENSITY, SCALE), source="Yadav et al. 2023, arXiv 2306.01708"),
+    MethodInfo("dare", "DARE", True,
+               "A + alpha * DARE(B - C): drop each delta entry with probability p, rescale by 1/(1-p); seeded.",
+               fn=dare, params=(DROP,), alpha_bounded=False, random=True,
+               source="Yu et al. 2023, arXiv 2311.03099"),
+    MethodInfo("dare_ties", "DARE + TIES", True,
+               "C + scale * TIES sign election over DARE(A - C), DARE(B - C) (weights 1-alpha, alpha); seeded.",
+               fn=dare_ties, params=(DROP, SCALE), random=True,
+               source="Yu et al. 2023 (DARE), Yadav et al. 2023 (TIES)"),
+    MethodInfo("legacy", "Legacy (DunkMash tool compatible)", False,
+               "What T0b1maru's re-basin_merger computes: a weighted sum, plus its re-matching of three "
+               "output GroupNorm vectors. Not a real re-basin; kept to reproduce old recipes."),
+)}
+
+ALL_PARAMS: dict[str, Param] = {p.name: p for m in METHODS.values() for p in m.params}

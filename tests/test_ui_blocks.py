@@ -1,0 +1,242 @@
+"""Block weights and method parameters in the tab and over HTTP (runs under gradio 3.41 and 4.40: tests/ui_envs.sh)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lib_rebasin.block_presets import PRESETS
+from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.ui import blocks_ui as bui
+
+
+def test_block_handlers_and_curve() -> None:
+    out = bui.on_preset("GRAD_V", "")
+    assert out[0].startswith("0,1,0.9166666667,") and tuple(out[1:27]) == PRESETS["GRAD_V"] and out[28] is True
+    assert "<svg" in out[27] and "GRAD_V" in out[27] and out[27].count("<circle") == 25
+    sliders = bui.on_text("0.5," * 24 + "0.5", 0.2)  # 25 values: BASE = alpha
+    assert sliders[0] == 0.2 and sliders[1:26] == (0.5,) * 25 and sliders[27] == "custom"
+    bad = bui.on_text("1,2", 0.5)
+    assert bad[:26] == (None,) * 26 and "need 26 values" in bad[26] and "rebasin-error" in bad[26]
+    text, plot, name = bui.on_sliders(*PRESETS["OUT12"])
+    assert name == "OUT12" and text == ",".join(["0"] * 14 + ["1"] * 12)
+    vis = bui.param_visibility("ties")
+    assert [v["visible"] for v in vis] == [True, True, False, False, True]  # density, scale, dare_p, seed, align
+    assert [v["visible"] for v in bui.param_visibility("rebasin")] == [False] * 5
+
+
+def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
+    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.ui import recipe_builder as rb
+    from lib_rebasin.ui.standalone import StandaloneHost
+
+    for i, name in enumerate(("one", "two", "base"), 1):
+        make_checkpoint(tmp_path / f"{name}.safetensors", "mini", seed=i, base_seed=1)
+    host = StandaloneHost(tmp_path, devices=["cpu"])
+    e = host.list_checkpoints()
+    text = rb.add_step("", rb.StepForm("ties", "one.safetensors", "two.safetensors", "base.safetensors", alpha=0.5,
+                                       parts=("unet",)), e, host.output_dir())
+    assert "ties_density = 0.2" in text  # the canonical text lists the method's parameters
+    text = text.replace("ties_density = 0.2", 'ties_density = 0.4\nblocks = "GRAD_A"')
+    text = rb.apply_text(text)
+    # editing the step in the form (alpha only) keeps what the form has no field for
+    text = rb.update_step(text, 0, rb.StepForm("ties", "one.safetensors", "two.safetensors", "base.safetensors",
+                                               alpha=0.7, parts=("unet",)), e, host.output_dir())
+    o = parse_recipe(text).steps[0].options
+    assert o.alpha == 0.7 and o.blocks == PRESETS["GRAD_A"] and o.blocks_preset == "GRAD_A" and o.ties_density == 0.4
+    # a new step gets the recipe's default block weights
+    text = text.replace('[recipe]', '[recipe]\nblocks = "OUT07"')
+    text = rb.add_step(rb.apply_text(text), rb.StepForm("weighted_sum", "[step] step1", "two.safetensors", alpha=0.5,
+                                                        parts=("unet",)), e, host.output_dir())
+    assert parse_recipe(text).steps[1].options.blocks == PRESETS["OUT07"]
+
+
+def _fn_for(blocks, component, event="click"):
+    for i, dep in enumerate(blocks.get_config_file()["dependencies"]):
+        targets = [t[0] if isinstance(t, (list, tuple)) else t for t in dep.get("targets", [])]
+        trigger = dep.get("trigger") or (dep["targets"][0][1] if dep.get("targets") and
+                                         isinstance(dep["targets"][0], (list, tuple)) else None)
+        if component._id in targets and trigger == event:
+            return blocks.fns[i].fn
+    raise AssertionError(f"no {event} listener on {component}")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from lib_rebasin.synthetic import make_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpts")
+    make_checkpoint(d / "one.safetensors", "mini", seed=1, base_seed=1)
+    make_checkpoint(d / "two.safetensors", "mini", seed=2, base_seed=1)
+    make_checkpoint(d / "base.safetensors", "mini", seed=0, base_seed=1, delta=0.0)
+    return d
+
+
+def _meta(path: Path) -> dict:
+    with open_checkpoint(path) as ck:
+        return dict(ck.metadata)
+
+
+def test_tab_merges_with_a_preset_and_method_params(folder):
+    pytest.importorskip("gradio")
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    host = StandaloneHost(folder, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    config = ui.blocks.get_config_file()
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert {"rebasin_blocks_preset", "rebasin_blocks_text", "rebasin_blocks_plot", "rebasin_block_BASE",
+            "rebasin_block_IN00", "rebasin_block_M00", "rebasin_block_OUT11", "rebasin_param_ties_density",
+            "rebasin_param_dare_p", "rebasin_align"} <= ids
+    # choosing a method shows its parameters only
+    shown = _fn_for(ui.blocks, ui["method"], "change")("TIES")
+    assert shown[0]["visible"] is True and shown[3]["visible"] is True and shown[5]["visible"] is False
+    # choosing a preset fills the text, the 26 sliders and the plot, and turns block weights on
+    filled = _fn_for(ui.blocks, ui["blocks_preset"], "change")("WRAP08", "")
+    assert filled[0]["value"].startswith("0,1,1,1,1,0") and filled[2]["value"] == 1 and filled[6]["value"] == 0
+    assert "<svg" in filled[27]["value"] and filled[28]["value"] is True
+    # the output field suggests a name from models, method and preset
+    suggest = _fn_for(ui.blocks, ui["model_a"], "change")
+    assert "one_two_ties_0.50_WRAP08" in suggest("one.safetensors", "two.safetensors", "TIES", 0.5, True,
+                                                 "WRAP08")["placeholder"]
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(b1)", "one.safetensors", "two.safetensors", "base.safetensors", "TIES", 0.5, 1,
+                      ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "", False, 1.0, True, "WRAP08",
+                      0.5, 0.8, 0.9, 0, False))
+    last = frames[-1]
+    assert last[0] == "" and "rebasin-done" in last[1] and "<svg" in last[1] and "WRAP08" in last[1], last[:3]
+    assert "Block weights" in last[2]
+    out = Path(last[3])
+    assert out.name == "one_two_ties_0.50_WRAP08.safetensors"
+    recipe = json.loads(_meta(out)["lib_rebasin"])["recipe"]
+    assert recipe["blocks"] == list(PRESETS["WRAP08"]) and recipe["blocks_preset"] == "WRAP08"
+    assert recipe["ties_density"] == 0.5 and recipe["ties_scale"] == 0.8
+    # a bad block string is refused before anything runs, in one line
+    frames = list(run("task(b2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["UNet"], "cpu", "fp16", "bad_blocks", False, 1.0, True, "1,2,3", 0.2, 1.0, 0.9, 0, False))
+    assert len(frames) == 1 and "Block weights need 26 values" in frames[0][0]
+    assert not (folder / "bad_blocks.safetensors").exists()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_api_takes_blocks_and_method_params(folder):
+    pytest.importorskip("gradio")
+    from lib_rebasin.ui.standalone import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    blocks, service, url = launch(folder, port=port, block=False)
+    api = url.rstrip("/") + "/rebasin/v1"
+    try:
+        code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
+                                            "blocks": "NOPE"})
+        assert code == 400 and "Unknown block-weight preset 'NOPE'" in body["detail"]
+        code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
+                                            "model_c": "base.safetensors", "method": "dare", "dare_p": 1.5})
+        assert code == 400 and "dare_p must be in" in body["detail"]
+        code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
+                                            "model_c": "base.safetensors", "method": "dare", "dare_p": 0.5,
+                                            "seed": 4, "blocks": [0.5] * 25, "alpha": 0.25,
+                                            "output_name": "via_api_dare"})
+        assert code == 202, body
+        deadline = time.time() + 300
+        while True:
+            with urllib.request.urlopen(f"{api}/jobs/{body['job_id']}", timeout=30) as r:
+                job = json.loads(r.read())
+            if job["finished"] or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert job["status"] == "done", job
+        assert job["request"]["blocks"] == [0.25] + [0.5] * 25 and job["request"]["dare_p"] == 0.5
+        meta = _meta(Path(job["output"]))
+        webui = json.loads(meta["sd_merge_recipe"])
+        assert webui["blocks"] == [0.25] + [0.5] * 25 and webui["base_alpha"] == 0.25 and webui["seed"] == 4
+    finally:
+        blocks.close()
+
+
+def test_tab_bakes_a_vae_from_the_vae_folder(folder):
+    pytest.importorskip("gradio")
+    import torch
+
+    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    with open_checkpoint(folder / "base.safetensors") as ck:
+        donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
+                 if k.startswith("first_stage_model.")}
+    (folder / "VAE").mkdir(exist_ok=True)
+    save_state_dict(folder / "VAE" / "donor.safetensors", donor, {}, overwrite=True)
+    host = StandaloneHost(folder, devices=["cpu"])
+    assert [e.title for e in host.list_vaes()] == ["donor.safetensors"]
+    ui = build_tab(host, MergeService(host))
+    assert "donor.safetensors" in ui["bake_vae"].choices or ("donor.safetensors", "donor.safetensors") in \
+        ui["bake_vae"].choices
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(v1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["UNet", "Text encoder", "VAE"], "cpu", "fp32", "baked", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 0, False, "donor.safetensors"))
+    last = frames[-1]
+    assert "rebasin-done" in last[1] and "VAE baked in from donor.safetensors" in last[2], last[:3]
+    with open_checkpoint(folder / "baked.safetensors") as ck:
+        assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
+        assert json.loads(ck.metadata["sd_merge_recipe"])["bake_in_vae"] == "donor.safetensors"
+    # a file that is no VAE is refused before anything runs
+    frames = list(run("task(v2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["UNet"], "cpu", "fp16", "baked2", False, 1.0, False, "", 0.2, 1.0, 0.9, 0, False,
+                      "nowhere.safetensors"))
+    assert len(frames) == 1 and "neither in the VAE list nor a checkpoint" in frames[0][0]
+
+
+def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    """scripts/rebasin_tab.py reads the WebUI's VAE list (modules.sd_vae) through the stand-in host."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    standin = Path(__file__).resolve().parent / "webui_standin"
+
+    def drop():
+        for name in list(sys.modules):
+            if name == "modules" or name.startswith("modules.") or name in ("launch", "rebasin_tab.py"):
+                del sys.modules[name]
+
+    drop()
+    monkeypatch.syspath_prepend(str(standin))
+    try:
+        from modules import sd_models, sd_vae
+
+        sd_models.model_path = str(folder)
+        sd_vae.vae_path = str(tmp_path / "VAE")
+        (tmp_path / "VAE").mkdir()
+        (tmp_path / "VAE" / "kl-f8.safetensors").write_bytes(b"x")
+        (folder / "near.vae.pt").write_bytes(b"x")
+        spec = importlib.util.spec_from_file_location("rebasin_tab.py", root / "scripts" / "rebasin_tab.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        titles = sorted(e.title for e in mod.WebUIHost().list_vaes())
+        assert titles == ["kl-f8.safetensors", "near.vae.pt"]
+    finally:
+        (folder / "near.vae.pt").unlink(missing_ok=True)
+        drop()
