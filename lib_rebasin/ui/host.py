@@ -8,20 +8,29 @@ harmless defaults so a host only overrides what it has.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
 
 @dataclass(frozen=True)
 class CheckpointEntry:
-    """One checkpoint as the host shows it: `title` goes in dropdowns, `path` is the file."""
+    """One checkpoint as the host shows it: `title` goes in dropdowns, `path` is the file, `sha256` when the host
+    has it already (never computed just to list)."""
 
     title: str
     path: Path
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The title without the host's " [shorthash]": the file's name inside the checkpoint folder."""
+        return _HASH_SUFFIX.sub("", self.title)
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class Host(Protocol):
     def refresh_checkpoints(self) -> None: ...
     def output_dir(self) -> Path: ...
     def after_save(self, path: Path) -> None: ...
+    def remember_hashes(self, paths: list[Path]) -> None: ...
     def load_checkpoint(self, path: Path) -> str: ...
     def run_job(self, job_id: str, work: Callable[[], None]) -> None: ...
     def discard_job(self, job_id: str) -> None: ...
@@ -172,6 +182,9 @@ class BaseHost:
 
     def after_save(self, path: Path) -> None:
         self.refresh_checkpoints()
+
+    def remember_hashes(self, paths: list[Path]) -> None:
+        """Called with a merge's output and inputs before `after_save`; hosts with a hash cache fill it."""
 
     def load_checkpoint(self, path: Path) -> str:
         raise NotImplementedError

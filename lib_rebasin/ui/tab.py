@@ -122,6 +122,16 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def same_choice(value: str | None, service: MergeService) -> str | None:
+    """The current title of the checkpoint `value` named before a rescan (the host may have added " [hash]")."""
+    if not value:
+        return None
+    try:
+        return service.resolve(value, "Checkpoint").title
+    except RebasinError:
+        return None
+
+
 def preset_updates(preset: HiresPreset, targets: dict[str, Any], current_upscaler: str | None) -> list[Any]:
     """gr.update values for the captured txt2img components, in HIRES_ELEM_IDS order (present ones only)."""
     up = targets.get("upscaler")
@@ -244,7 +254,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         def refresh_lists(a: str | None, b: str | None, cc: str | None):
             host.refresh_checkpoints()
             t = service.titles()
-            return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
+            return [update(choices=t, value=same_choice(v, service)) for v in (a, b, cc)]
 
         for key in "abc":
             c[f"refresh_{key}"].click(fn=refresh_lists, inputs=dropdowns, outputs=dropdowns)
@@ -263,7 +273,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
 
         def lists_after_save(a, b, cc):
             t = service.titles()  # the host rescanned its folders after the save
-            return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
+            return [update(choices=t, value=same_choice(v, service)) for v in (a, b, cc)]
 
         def run_merge(task_id, a, b, cc, method, alpha, iterations, parts, device, precision, name, overwrite,
                       tolerance=100 * MergeRequest.tolerance):
@@ -539,7 +549,7 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
             choices = service.titles()
         t = service.titles()
         return [*[update(choices=choices, value=v if v in choices else None) for v in (a, b, cc)],
-                update(choices=t, value=meta if meta in t else None)]
+                update(choices=t, value=same_choice(meta, service))]
 
     c["recipe_refresh"].click(fn=refresh, inputs=[c["recipe_text"], c["recipe_a"], c["recipe_b"], c["recipe_c"],
                                                   c["recipe_meta_model"]],
@@ -566,7 +576,7 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
 
         def lists_after():
             t = service.titles()
-            return [text, *lists_after_save(a, b, cc), update(choices=t, value=meta if meta in t else None)]
+            return [text, *lists_after_save(a, b, cc), update(choices=t, value=same_choice(meta, service))]
 
         for frame in follow_job(job, [update(), update(), update(), update()], lambda: lists_after()[1:]):
             yield (*frame[:6], text, *frame[6:])
