@@ -53,6 +53,7 @@ class WebUIHost(BaseHost):
     """The WebUI as a Host: its checkpoint list, queue lock, shared.state progress and interrupt."""
 
     name = "webui"
+    shows_eta = webui_progress is not None  # requestProgress draws the host's bar and ETA above the tab's panel
 
     def __init__(self):
         super().__init__()
@@ -238,6 +239,20 @@ class WebUIHost(BaseHost):
     def hires_targets(self):
         return dict(self.targets)
 
+    def ready_upscalers(self):
+        """Latent modes, plus the upscalers in shared.sd_upscalers whose weights are on disk or that need none.
+        The host's ESRGAN / RealESRGAN / SwinIR entries keep a URL in local_data_path until the file is
+        downloaded (modules/upscaler.py UpscalerData, realesrgan_model.py); Lanczos, Nearest, None have no path."""
+        upscalers = getattr(shared, "sd_upscalers", None)
+        if upscalers is None:
+            return None
+        ready = set(getattr(shared, "latent_upscale_modes", None) or ())
+        for u in upscalers:
+            path = getattr(u, "local_data_path", None) or getattr(u, "data_path", None)
+            if path is None or (not str(path).startswith(("http://", "https://")) and os.path.exists(str(path))):
+                ready.add(u.name)
+        return ready
+
 
 def _persist_checkpoint(title):
     """What the host's checkpoint dropdown does on change (ui_settings.run_settings_single): set the option, then
@@ -251,29 +266,41 @@ SERVICE = MergeService(HOST)
 TAB = None
 
 
-def _method_keys():
+def _method_choices():
+    """(label, key) pairs: the Settings page shows "Re-basin (weight matching)", the option stores "rebasin"."""
     try:
         from lib_rebasin.merge import METHODS
 
-        return list(METHODS)
+        return [(m.label, key) for key, m in METHODS.items()]
     except Exception:
-        return ["rebasin", "weighted_sum", "add_difference", "legacy"]
+        return [(k, k) for k in ("rebasin", "weighted_sum", "add_difference", "legacy")]
+
+
+# The Settings page groups sections by category (modules/options.py: a section without one is "Uncategorized");
+# merging checkpoints sits with the host's own Stable Diffusion settings.
+CATEGORY = "sd"
 
 
 def on_ui_settings():
     section = SECTION
     add = shared.opts.add_option
-    add("rebasin_default_method", shared.OptionInfo(
-        "rebasin", "Default merge method", gr.Radio, {"choices": _method_keys()}, section=section))
-    add("rebasin_default_iterations", shared.OptionInfo(
-        1, "Default iterations", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1}, section=section))
-    add("rebasin_default_device", shared.OptionInfo(
-        "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
-        gr.Radio, {"choices": ["auto", "cpu", "gpu"]}, section=section))
-    add("rebasin_default_precision", shared.OptionInfo(
-        "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section))
-    add("rebasin_output_dir", shared.OptionInfo(
-        "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section))
+    options = {
+        "rebasin_default_method": shared.OptionInfo(
+            "rebasin", "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
+        "rebasin_default_iterations": shared.OptionInfo(
+            1, "Default iterations (re-basin and legacy)", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1},
+            section=section),
+        "rebasin_default_device": shared.OptionInfo(
+            "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
+            gr.Radio, {"choices": [("Auto", "auto"), ("CPU", "cpu"), ("GPU", "gpu")]}, section=section),
+        "rebasin_default_precision": shared.OptionInfo(
+            "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
+        "rebasin_output_dir": shared.OptionInfo(
+            "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
+    }
+    for key, info in options.items():
+        info.category_id = CATEGORY  # set, not passed: OptionInfo takes no category_id on older hosts and SD.Next
+        add(key, info)
 
 
 def on_ui_tabs():

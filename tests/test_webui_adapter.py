@@ -155,7 +155,58 @@ def test_tab_registration_and_settings(webui):
                 "rebasin_default_precision", "rebasin_output_dir"):
         assert key in labels and labels[key].section == ("rebasin", "Re-Basin")
     assert labels["rebasin_default_method"].default == "rebasin"
-    assert "rebasin" in labels["rebasin_default_method"].component_args["choices"]
+    # human labels on the Settings page, the method's key stored
+    choices = dict(labels["rebasin_default_method"].component_args["choices"])
+    assert choices["Re-basin (weight matching)"] == "rebasin" and choices["Weighted sum"] == "weighted_sum"
+    # in a category of the host's Settings page (modules/options.py lists a section without one as "Uncategorized")
+    assert {labels[k].category_id for k in labels if k.startswith("rebasin_")} == {"sd"}
+
+
+def test_settings_defaults_win_over_the_pinned_ui_config(webui, tmp_path):
+    """ui-config.json pins what the tab showed on the first start; Settings -> Re-Basin must still decide."""
+    from modules.ui_loadsave import UiLoadsave
+
+    first = UiLoadsave(str(tmp_path / "ui-config.json"))
+    _build_ui(webui, with_txt2img=False)
+    first.add_block(webui.TAB.blocks, "rebasin")  # the host's first start writes ui-config.json
+    first.dump()
+    pinned = json.loads((tmp_path / "ui-config.json").read_text())
+    pinned.update({"rebasin/Iterations/value": 1, "rebasin/Save precision/value": "fp16"})  # as a first start saves
+    (tmp_path / "ui-config.json").write_text(json.dumps(pinned))
+    webui.shared.opts.data.update(rebasin_default_method="legacy", rebasin_default_iterations=9,
+                                  rebasin_default_precision="fp32")
+    _build_ui(webui, with_txt2img=False)
+    UiLoadsave(str(tmp_path / "ui-config.json")).add_block(webui.TAB.blocks, "rebasin")  # a later start
+    ui = webui.TAB
+    assert ui["iterations"].value == 9 and ui["precision"].value == "fp32"
+    assert ui["method"].value == "Legacy (DunkMash tool compatible)"
+    assert ui["recipe_precision"].value == "fp32"
+
+
+def test_forge_rebuilt_dropdown_copies_are_not_wired(webui, monkeypatch, capsys):
+    """gradio 4 builds a render=False copy of a component, outside any Blocks, for every update it sends; Forge's
+    checkpoint dropdown gets one per page load and checkpoint switch, and the host's after_component hook fires."""
+    from modules import script_callbacks, sd_models
+
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: None, raising=False)
+    script_callbacks.ui_settings_callback()
+    tabs = script_callbacks.ui_tabs_callback()
+    kwargs = dict(label="Checkpoint", elem_classes=["model_selection"], choices=["alpha.safetensors"])
+    with gr.Blocks() as demo:
+        original = gr.Dropdown(**kwargs)
+        script_callbacks.after_component_callback(original, **kwargs)
+        for blocks, _title, _id in tabs:
+            blocks.render()
+    assert webui.HOST.checkpoint_dropdown is original
+    _fn, dep = _fn_for(demo, webui.TAB["result_path"], "change")
+    assert dep["outputs"] == [original._id]
+    capsys.readouterr()
+    for extra in ({"render": False}, {}):  # gradio 4's update copy; and any copy built outside a Blocks
+        copy = gr.Dropdown(**kwargs, **extra)
+        script_callbacks.after_component_callback(copy, **kwargs, **extra)
+    out = capsys.readouterr()
+    assert "Blocks context" not in out.err + out.out and "Traceback" not in out.err
+    assert webui.HOST.checkpoint_dropdown is original
 
 
 def test_settings_feed_tab_defaults(webui):
@@ -439,10 +490,25 @@ def test_hires_presets_set_txt2img_from_python(webui, key, denoise):
     assert dep["inputs"] == [comps["upscaler"]._id]
     *updates, note = fn("Latent")
     values = [u.get("value") for u in updates]
-    assert values == [True, denoise, 2.0, "R-ESRGAN 4x+", 0]
-    assert f"{denoise:.2f}" in note
+    # a fresh install has R-ESRGAN 4x+ only as a download link: the preset picks one that runs right away
+    assert values == [True, denoise, 2.0, "Lanczos", 0]
+    assert f"{denoise:.2f}" in note and "**Lanczos**" in note and "nothing to download" in note
+    assert "R-ESRGAN 4x+ would need a download" in note
     # a deliberate, existing non-latent upscaler is kept
     assert fn("Lanczos")[3]["value"] == "Lanczos"
+
+
+def test_hires_preset_prefers_an_installed_esrgan_model(webui, tmp_path, monkeypatch):
+    from modules import shared
+
+    weights = tmp_path / "RealESRGAN_x4plus.pth"
+    weights.write_bytes(b"weights")
+    esrgan = shared.UpscalerData("R-ESRGAN 4x+", str(weights))  # what the host lists once the file is there
+    monkeypatch.setattr(shared, "sd_upscalers", shared.sd_upscalers[:3] + [esrgan])
+    _tabs, _comps, _dd, _demo = _build_ui(webui)
+    fn, _dep = _fn_for(webui.TAB.blocks, webui.TAB["preset_soft"])
+    *updates, note = fn("Latent")
+    assert updates[3]["value"] == "R-ESRGAN 4x+" and "would need a download" not in note
 
 
 def test_hires_presets_fall_back_to_js_when_txt2img_is_missing(webui):

@@ -57,8 +57,11 @@ HIRES_ADVICE = (
     "txt2img, turn hires fix on with upscale x2 and an installed upscaler, and leave your prompt alone."
 )
 
-# Upscalers tried in this order; latent modes last because they need a high denoise to look right.
-UPSCALER_PREFERENCE = ("R-ESRGAN 4x+", "ESRGAN_4x", "R-ESRGAN 4x+ Anime6B", "SwinIR 4x", "4x-UltraSharp",
+# Upscalers tried in this order, among those the host can run right away (weights on disk, or none needed):
+# a trained 4x model when one is installed, else Lanczos (a plain resize: the hires pass at 0.45-0.7 denoise adds
+# the detail), latent modes last because they need a high denoise to look right. A fresh WebUI lists the ESRGAN
+# family only as download links, which it would fetch (64 MB) or, offline, fail on and silently replace.
+UPSCALER_PREFERENCE = ("4x-UltraSharp", "R-ESRGAN 4x+", "ESRGAN_4x", "R-ESRGAN 4x+ Anime6B", "SwinIR 4x",
                        "Lanczos", "Latent")
 
 HIRES_ELEM_IDS = {
@@ -78,9 +81,10 @@ def choice_values(choices: Any) -> list[str]:
     return out
 
 
-def pick_upscaler(choices: Any, current: str | None = None) -> str | None:
-    """An upscaler that exists in the host's list: keep the user's non-latent pick, else the first preferred."""
-    values = choice_values(choices)
+def pick_upscaler(choices: Any, current: str | None = None, ready: set[str] | None = None) -> str | None:
+    """An upscaler from the host's list that it can run now (`ready`: None = all of them): keep the user's
+    non-latent pick, else the first preferred, else any non-latent one."""
+    values = [v for v in choice_values(choices) if ready is None or v in ready]
     if current and current in values and not current.lower().startswith("latent"):
         return current
     for name in UPSCALER_PREFERENCE:
@@ -92,13 +96,14 @@ def pick_upscaler(choices: Any, current: str | None = None) -> str | None:
     return current if current in values else (values[0] if values else None)
 
 
-def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None) -> dict[str, Any]:
+def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None,
+                 ready: set[str] | None = None) -> dict[str, Any]:
     """The txt2img values one preset sets, keyed like HIRES_ELEM_IDS (None = leave as is)."""
     return {
         "enable": True,
         "denoise": preset.denoise,
         "scale": preset.scale,
-        "upscaler": pick_upscaler(upscaler_choices, current_upscaler),
+        "upscaler": pick_upscaler(upscaler_choices, current_upscaler, ready),
         "steps": preset.steps,
     }
 
@@ -124,6 +129,7 @@ class Host(Protocol):
     def restore_device(self, device: str) -> None: ...
     def defaults(self) -> dict[str, Any]: ...
     def hires_targets(self) -> dict[str, Any]: ...
+    def ready_upscalers(self) -> set[str] | None: ...
 
 
 DEFAULTS: dict[str, Any] = {
@@ -165,6 +171,7 @@ class BaseHost:
     """Defaults for every Host method; subclasses override what their program has."""
 
     name = "base"
+    shows_eta = False  # True where the host draws its own progress bar with an ETA (the tab then shows none)
     # A GPU merge keeps two fp32 UNets and the matching buffers on the device: about 8 GiB for SD 1.5.
     min_gpu_bytes = 8 * 1024**3
 
@@ -228,6 +235,10 @@ class BaseHost:
 
     def hires_targets(self) -> dict[str, Any]:
         return {}
+
+    def ready_upscalers(self) -> set[str] | None:
+        """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
+        return None
 
 
 def scan_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointEntry]:

@@ -123,6 +123,8 @@ class MergeRequest:
                     v = [p.strip() for p in v.split(",") if p.strip()]
                 if not isinstance(v, list) or not all(isinstance(p, str) for p in v) or len(v) > len(PARTS):
                     raise FieldError(k, f"Field 'parts' must be a list of unet, te, vae; got {shown(v)}.")
+                if not v or set(v) - set(PARTS):
+                    raise FieldError(k, f"Field 'parts' must name at least one of unet, te, vae; got {shown(v)}.")
                 kw[k] = tuple(v)
             elif k == "model_c" and v is None:
                 kw[k] = None
@@ -282,16 +284,17 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
-    def status_line(self) -> str:
+    def status_line(self, eta: bool = True) -> str:
+        """One line for the tab and the API; `eta=False` where the host's own progress bar shows one."""
         if self.status == "done":
             return f"Done in {self.seconds or 0:.1f}s: saved {self.output.name if self.output else ''}."
         if self.status == "cancelled":
             return "Stopped: no file was written."
         if self.status == "failed":
             return f"Failed: {self.error}"
-        eta = format_eta(self.eta_s)
+        left = format_eta(self.eta_s) if eta else ""
         pct = f"{self.fraction * 100:.0f}%"
-        return f"{pct} · {self.message}" + (f" · ETA {eta}" if eta else "")
+        return f"{pct} · {self.message}" + (f" · ETA {left}" if left else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {

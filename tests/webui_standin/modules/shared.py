@@ -88,6 +88,20 @@ class State:
             self.history.append((self.__dict__.get("sampling_step"), value))
 
 
+class UpscalerData:
+    """modules/upscaler.py's: a downloadable model keeps its URL in local_data_path until the file is on disk."""
+
+    def __init__(self, name, path):
+        self.name, self.data_path, self.local_data_path = name, path, path
+
+
+# What a fresh install lists (modules/modelloader.load_upscalers, shared_items): hires choices are the latent modes
+# plus these names. Tests add a local file path to model an installed model.
+latent_upscale_modes = {"Latent": {}, "Latent (nearest)": {}}
+sd_upscalers = [UpscalerData("None", None), UpscalerData("Lanczos", None), UpscalerData("Nearest", None),
+                UpscalerData("R-ESRGAN 4x+", "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/"
+                                             "RealESRGAN_x4plus.pth")]
+
 opts = Options()
 # The host's flags the extension reads (modules/cmd_args.py): tests and webui.py set them.
 cmd_opts = SimpleNamespace(ckpt_dir=None, lowvram=False, medvram=False, ckpt=None, api=False, nowebui=False,
