@@ -258,3 +258,43 @@ def test_routes_exist_only_when_the_host_serves_its_api(kind, flags, present, mo
         assert _fingerprint(models) == before
     finally:
         srv.stop()
+
+
+# -- the standalone app's address ---------------------------------------------------------------------------------
+
+def test_standalone_honours_gradio_server_port_and_name(models, tmp_path):
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env_before = {k: os.environ.get(k) for k in ("GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME")}
+    os.environ.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
+    try:
+        srv = Server([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models), "--api"],
+                     port, log)
+    finally:
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        assert srv.request("GET", "/rebasin/v1/checkpoints")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_standalone_on_a_port_in_use_says_so_in_one_line(models):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "GRADIO_ANALYTICS_ENABLED": "False"}
+        r = subprocess.run([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models),
+                            "--port", str(port)], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "already in use" in lines[0] and str(port) in lines[0], r.stderr
+    env["GRADIO_SERVER_PORT"] = "seventy"
+    r = subprocess.run([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models)],
+                       cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "GRADIO_SERVER_PORT" in r.stderr

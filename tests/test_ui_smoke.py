@@ -104,6 +104,15 @@ def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     assert len(frames) == 1 and "already exists" in frames[0][0]
 
 
+def _load_fn(blocks):
+    """The page-load listener (gradio 3 gives load events no target; gradio 4 targets the Blocks itself)."""
+    for i, dep in enumerate(blocks.get_config_file()["dependencies"]):
+        targets = dep.get("targets", [])
+        if dep.get("trigger") == "load" or any(isinstance(t, (list, tuple)) and t[1] == "load" for t in targets):
+            return blocks.fns[i].fn
+    raise AssertionError("no load listener")
+
+
 def _builder(tmp_path):
     from lib_rebasin.synthetic import make_checkpoint
     from lib_rebasin.ui.service import MergeService
@@ -160,7 +169,7 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
     from lib_rebasin.ui.service import MergeRequest
 
     host, service, ui = _builder(tmp_path)
-    resume = _fn_for(ui.blocks, ui.blocks, "load")
+    resume = _load_fn(ui.blocks)
     idle = list(resume(None, None, None))
     assert len(idle) == 1 and all(isinstance(u, dict) and "value" not in u for u in idle[0])
     with host._queue:  # another job holds the app's queue: ours waits, as a long merge would run

@@ -174,15 +174,20 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --api-auth protects the HTTP API; add --api to serve it", file=sys.stderr)
         return 2
     try:
+        port = _env_port()  # checked even with --port: gradio itself parses it at import and would crash
+        port = args.port if args.port is not None else port
+        host = args.host or os.environ.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1"
+        parse_api_auth(args.api_auth)
+    except RebasinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         import gradio  # noqa: F401
     except ImportError:
         print('error: the standalone UI needs gradio: pip install -e ".[ui]" (see README)', file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        port = args.port if args.port is not None else _env_port()
-        host = args.host or os.environ.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1"
-        parse_api_auth(args.api_auth)
         launch(folder, port=port, server_name=host, block=True, api=args.api, api_auth=args.api_auth)
     except RebasinError as e:
         print(f"error: {e}", file=sys.stderr)
