@@ -42,7 +42,7 @@ from . import __version__
 from .checkpoint import Checkpoint, file_sha256, open_checkpoint
 from .errors import RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
-                    _Reporter, merge_checkpoints, merge_in_memory)
+                    Reporter, merge_checkpoints, merge_in_memory)
 from .models import legacy_hash, open_model
 from .spec import PARTS
 
@@ -298,7 +298,7 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
         srcs = [results.get(r) or paths[r] if r is not None else None for r in (step.a, step.b, step.c)]
         if i < n - 1:
             ckpt, diag = merge_in_memory(srcs[0], srcs[1], step.options, c=srcs[2],
-                                         report=_Reporter(step_progress, cancel), name=step.name)
+                                         report=Reporter(step_progress, cancel), name=step.name)
             results[step.name] = ckpt
             done.append((step.name, diag))
         else:

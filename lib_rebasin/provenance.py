@@ -1,0 +1,56 @@
+"""Provenance written into every output: A1111's `sd_merge_recipe` / `sd_merge_models` and our own recipe."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .models import legacy_hash, merge_history
+from .progress import Reporter
+
+if TYPE_CHECKING:
+    from .merge import Prepared
+
+SPEC_VERSION = "sd1-walk-1"
+
+
+def recipe_of(prep: "Prepared", parts: tuple[str, ...]) -> dict[str, object]:
+    o = prep.options
+    return {"method": o.method, "alpha": o.alpha, "iterations": o.iterations, "parts": list(parts),
+            "device": o.device, "precision": o.precision, "seed": o.seed, "max_sweeps": o.max_sweeps,
+            "tolerance": o.tolerance,
+            "models": {m.label: m.path.name for m in (prep.a, prep.b, prep.c) if m is not None}}
+
+
+def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[str, str],
+                        report: Reporter) -> dict[str, str]:
+    models = [m for m in (prep.a, prep.b, prep.c) if m is not None]
+    hashes: dict[str, str | None] = {}
+    for i, m in enumerate(models):
+        report("hashing", i / len(models), f"hashing model {m.label} ({m.path.name})")
+        hashes[m.label] = m.sha256()
+    o = prep.options
+    recipe = {"type": "lib_rebasin", "version": __version__, "spec": SPEC_VERSION,
+              "primary_model_hash": hashes["A"], "secondary_model_hash": hashes["B"],
+              "tertiary_model_hash": hashes.get("C"), "interp_method": o.method, "multiplier": o.alpha,
+              "iterations": o.iterations, "parts": list(parts), "precision": o.precision,
+              "save_as_half": o.precision == "fp16", "seed": o.seed, "max_sweeps": o.max_sweeps,
+              "tolerance": o.tolerance,
+              "device": o.device, "is_inpainting": prep.a.config.unet_in_channels == 9,
+              "is_instruct_pix2pix": prep.a.config.unet_in_channels == 8}
+    merge_models: dict[str, object] = {}
+    for m in models:
+        own = m.ckpt.metadata.get("sd_merge_recipe")
+        try:
+            own_recipe = json.loads(own) if own else None
+        except json.JSONDecodeError:
+            own_recipe = None
+        if hashes[m.label] is None:
+            continue  # an in-memory intermediate: the recipe that made it is recorded by the caller
+        merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.path),
+                                         "sd_merge_recipe": own_recipe}
+        merge_models.update(merge_history(m))
+    meta = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(merge_models)}
+    meta.update(extra)
+    return meta
