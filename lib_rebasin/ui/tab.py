@@ -518,8 +518,7 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
                 i = rb.label_index(step)
                 f = form(method, a, b, cc, alpha, iterations, parts, step_name)
                 if kind == "add":
-                    labels = rb.step_labels(text)
-                    if i is not None and 0 <= i < len(labels) and f.name == rb.step_name(text, i):
+                    if i is not None and f.name and f.name == rb.step_name(text, i):
                         f.name = ""  # the selected step's name, filled in for "Update": a new step gets its own
                     new = rb.add_step(text, f, entries())
                     return view(new, len(rb.step_labels(new)) - 1)
