@@ -4,7 +4,8 @@ The only file that imports the WebUI's `modules`. It adapts the host to `lib_reb
   - the "Re-Basin" tab (elem_id `rebasin`) via on_ui_tabs,
   - default settings via on_ui_settings (read back with opts.data.get, so --nowebui still works),
   - the txt2img hires-fix components and the top-left checkpoint dropdown via on_after_component,
-  - the HTTP API via on_app_started.
+  - the HTTP API via on_app_started, only when the host serves its own API (--api or --nowebui), behind the
+    host's --api-auth and CORS origins.
 Callbacks are registered without `name=` because SD.Next's on_* functions do not accept it.
 """
 
@@ -23,6 +24,7 @@ from modules import call_queue, devices, script_callbacks, sd_models, shared  # 
 
 from lib_rebasin.errors import RebasinError  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
+from lib_rebasin.ui.api_policy import ApiPolicy  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
 from lib_rebasin.ui.service import PRECISION_CHOICES, MergeService  # noqa: E402
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
@@ -51,6 +53,7 @@ class WebUIHost(BaseHost):
     """The WebUI as a Host: its checkpoint list, queue lock, shared.state progress and interrupt."""
 
     name = "webui"
+    shows_eta = webui_progress is not None  # requestProgress draws the host's bar and ETA above the tab's panel
 
     def __init__(self):
         super().__init__()
@@ -60,7 +63,8 @@ class WebUIHost(BaseHost):
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def list_checkpoints(self):
-        return [CheckpointEntry(title, Path(info.filename)) for title, info in list(sd_models.checkpoints_list.items())]
+        return [CheckpointEntry(title, Path(info.filename), getattr(info, "sha256", None))
+                for title, info in list(sd_models.checkpoints_list.items())]
 
     def refresh_checkpoints(self):
         sd_models.list_models()
@@ -90,6 +94,26 @@ class WebUIHost(BaseHost):
                 return info
         return None
 
+    def remember_hashes(self, paths):
+        """Put the merge's files into the host's sha256 cache (modules/hashes.py: cache("hashes"), keyed
+        "checkpoint/<name>" with the file's mtime), so the rescan titles them "name [shorthash]" and loading them
+        does not hash 2 GB again. Inputs were hashed during the merge and are remembered, not re-read."""
+        if getattr(shared.cmd_opts, "no_hashing", False):
+            return
+        try:
+            from modules import hashes
+        except ImportError:  # SD.Next and other hosts without it
+            return
+        from lib_rebasin.checkpoint import file_sha256
+
+        cache = hashes.cache("hashes")
+        for path in paths:
+            info = self._info_for(path) or sd_models.CheckpointInfo(str(path))
+            cache[f"checkpoint/{info.name}"] = {"mtime": os.path.getmtime(path), "sha256": file_sha256(path)}
+        dump = getattr(hashes, "dump_cache", None)
+        if callable(dump):  # a no-op since the diskcache-backed cache (1.8+), required before
+            dump()
+
     def after_save(self, path):
         sd_models.list_models()
         if self._info_for(path) is None:  # saved outside the scanned folders: register it by hand
@@ -104,22 +128,24 @@ class WebUIHost(BaseHost):
         if info is None:
             raise RebasinError(f"{Path(path).name} is not in the WebUI's checkpoint list; press refresh and try again.")
         if _is_forge():
-            # Forge loads lazily at the next generation from opts.sd_model_checkpoint.
-            shared.opts.set("sd_model_checkpoint", info.title)
+            # Forge's own checkpoint dropdown handler: sets opts.sd_model_checkpoint, saves config.json and
+            # refreshes the loading parameters; the model loads lazily at the next generation.
             try:
                 from modules_forge import main_entry
 
-                refresh = getattr(main_entry, "refresh_model_loading_parameters", None)
-                if refresh is not None:
-                    refresh()
-            except Exception:
-                traceback.print_exc()
+                change = getattr(main_entry, "checkpoint_change", None)
+            except ImportError:
+                change = None
+            if change is not None:
+                change(info.title)
+            else:
+                _persist_checkpoint(info.title)
             return info.title
         with call_queue.queue_lock:
             sd_models.reload_model_weights(info=info)
         loaded = getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None)
         title = getattr(loaded, "title", None) or info.title
-        shared.opts.data["sd_model_checkpoint"] = title
+        _persist_checkpoint(title)  # outside the queue lock: the option's onchange takes it
         return title
 
     # -- jobs, progress, interrupt ----------------------------------------------------------------------------
@@ -225,35 +251,68 @@ class WebUIHost(BaseHost):
     def hires_targets(self):
         return dict(self.targets)
 
+    def ready_upscalers(self):
+        """Latent modes, plus the upscalers in shared.sd_upscalers whose weights are on disk or that need none.
+        The host's ESRGAN / RealESRGAN / SwinIR entries keep a URL in local_data_path until the file is
+        downloaded (modules/upscaler.py UpscalerData, realesrgan_model.py); Lanczos, Nearest, None have no path."""
+        upscalers = getattr(shared, "sd_upscalers", None)
+        if upscalers is None:
+            return None
+        ready = set(getattr(shared, "latent_upscale_modes", None) or ())
+        for u in upscalers:
+            path = getattr(u, "local_data_path", None) or getattr(u, "data_path", None)
+            if path is None or (not str(path).startswith(("http://", "https://")) and os.path.exists(str(path))):
+                ready.add(u.name)
+        return ready
+
+
+def _persist_checkpoint(title):
+    """What the host's checkpoint dropdown does on change (ui_settings.run_settings_single): set the option, then
+    save config.json, so a restart keeps the model. The option's onchange reload finds it loaded already."""
+    shared.opts.set("sd_model_checkpoint", title)
+    shared.opts.save(shared.config_filename)
+
 
 HOST = WebUIHost()
 SERVICE = MergeService(HOST)
 TAB = None
 
 
-def _method_keys():
+def _method_choices():
+    """(label, key) pairs: the Settings page shows "Re-basin (weight matching)", the option stores "rebasin"."""
     try:
         from lib_rebasin.merge import METHODS
 
-        return list(METHODS)
+        return [(m.label, key) for key, m in METHODS.items()]
     except Exception:
-        return ["rebasin", "weighted_sum", "add_difference", "legacy"]
+        return [(k, k) for k in ("rebasin", "weighted_sum", "add_difference", "legacy")]
+
+
+# The Settings page groups sections by category (modules/options.py: a section without one is "Uncategorized");
+# merging checkpoints sits with the host's own Stable Diffusion settings.
+CATEGORY = "sd"
 
 
 def on_ui_settings():
     section = SECTION
     add = shared.opts.add_option
-    add("rebasin_default_method", shared.OptionInfo(
-        "rebasin", "Default merge method", gr.Radio, {"choices": _method_keys()}, section=section))
-    add("rebasin_default_iterations", shared.OptionInfo(
-        1, "Default iterations", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1}, section=section))
-    add("rebasin_default_device", shared.OptionInfo(
-        "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
-        gr.Radio, {"choices": ["auto", "cpu", "gpu"]}, section=section))
-    add("rebasin_default_precision", shared.OptionInfo(
-        "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section))
-    add("rebasin_output_dir", shared.OptionInfo(
-        "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section))
+    options = {
+        "rebasin_default_method": shared.OptionInfo(
+            "rebasin", "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
+        "rebasin_default_iterations": shared.OptionInfo(
+            1, "Default iterations (re-basin and legacy)", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1},
+            section=section),
+        "rebasin_default_device": shared.OptionInfo(
+            "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
+            gr.Radio, {"choices": [("Auto", "auto"), ("CPU", "cpu"), ("GPU", "gpu")]}, section=section),
+        "rebasin_default_precision": shared.OptionInfo(
+            "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
+        "rebasin_output_dir": shared.OptionInfo(
+            "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
+    }
+    for key, info in options.items():
+        info.category_id = CATEGORY  # set, not passed: OptionInfo takes no category_id on older hosts and SD.Next
+        add(key, info)
 
 
 def on_ui_tabs():
@@ -303,12 +362,27 @@ def _is_checkpoint_dropdown(component, kwargs):
     return _is_forge() and "model_selection" in classes and "checkpoint" in label.lower()
 
 
+def _in_layout(kwargs):
+    """Whether a component is being built into the page. gradio 4 also constructs a component, with render=False
+    and outside any Blocks, for every property update it sends (Forge's checkpoint dropdown gets one on each page
+    load and checkpoint switch), and the host's after_component hook fires for those copies too."""
+    if kwargs.get("render") is False:
+        return False
+    try:
+        from gradio.context import Context
+    except ImportError:  # pragma: no cover - every supported gradio has it
+        return True
+    return Context.root_block is not None
+
+
 def on_after_component(component, **kwargs):
+    if not _in_layout(kwargs):
+        return
     elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
     key = _ID_TO_KEY.get(elem_id)
     if key is not None:
         HOST.targets[key] = component
-    elif _is_checkpoint_dropdown(component, kwargs):
+    elif HOST.checkpoint_dropdown is None and _is_checkpoint_dropdown(component, kwargs):
         HOST.checkpoint_dropdown = component
         try:
             _wire_checkpoint_dropdown(component)
@@ -316,8 +390,21 @@ def on_after_component(component, **kwargs):
             traceback.print_exc()
 
 
+def api_enabled():
+    """The host serves its API (modules/api) only with --api, or --nowebui (API only): so do we."""
+    opts = shared.cmd_opts
+    return bool(getattr(opts, "api", False) or getattr(opts, "nowebui", False))
+
+
+def api_policy():
+    opts = shared.cmd_opts
+    return ApiPolicy.from_flags(getattr(opts, "api_auth", None), getattr(opts, "cors_allow_origins", None),
+                                getattr(opts, "cors_allow_origins_regex", None))
+
+
 def on_app_started(demo, app):
-    register_api(app, SERVICE)
+    if api_enabled():
+        register_api(app, SERVICE, api_policy())
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -168,3 +168,16 @@ def test_rebasin_merge_end_to_end(page, app, tmp_path):
     _pick(page, "rebasin_model_a", "browser_merge.safetensors")  # the new file is offered after a refresh
     shot = _shot(page, tmp_path, "rebasin_merge_done.png")
     assert shot.stat().st_size > 10_000
+
+
+def test_recipe_step_buttons_stay_on_one_line(page):
+    page.click("#rebasin_recipe")  # open the recipe accordion
+    down = page.locator("#rebasin_recipe_down").first
+    down.wait_for(state="visible")
+    style = page.evaluate("() => getComputedStyle(document.querySelector('#rebasin_recipe_down')).whiteSpace")
+    assert style == "nowrap"
+    line = page.evaluate("() => parseFloat(getComputedStyle(document.querySelector('#rebasin_recipe_down')).lineHeight)"
+                         " || 20")
+    box = down.bounding_box()
+    up = page.locator("#rebasin_recipe_up").first.bounding_box()
+    assert abs(box["height"] - up["height"]) < 1 and box["height"] < 3 * line  # one line, like its neighbour

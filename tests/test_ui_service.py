@@ -41,12 +41,46 @@ def test_output_name_gets_safetensors_and_stays_in_folder(tmp_path):
 
 
 def test_request_from_json_is_strict():
-    r = MergeRequest.from_dict({"model_a": "a", "model_b": "b", "alpha": "0.3", "iterations": 3, "parts": "unet,te"})
+    r = MergeRequest.from_dict({"model_a": "a", "model_b": "b", "alpha": 0.3, "iterations": 3, "parts": "unet,te"})
     assert (r.alpha, r.iterations, r.parts) == (0.3, 3, ("unet", "te"))
-    assert r.tolerance == 0.01 and MergeRequest.from_dict({"tolerance": "0"}).tolerance == 0.0
-    for bad in ({"nope": 1}, {"iterations": 1.5}, {"overwrite": "yes"}, {"alpha": "x"}, {"tolerance": "x"}, []):
-        with pytest.raises(RebasinError):
-            MergeRequest.from_dict(bad)
+    assert r.tolerance == 0.01 and MergeRequest.from_dict({"tolerance": 0}).tolerance == 0.0
+    assert MergeRequest.from_dict({"iterations": 2.0}).iterations == 2  # a whole JSON number is fine
+
+
+@pytest.mark.parametrize("body,field", [
+    ('{"iterations": 1e400}', "iterations"),          # JSON overflow: inf
+    ('{"iterations": "3"}', "iterations"),            # a string for a number
+    ('{"iterations": 1.5}', "iterations"),
+    ('{"iterations": 0}', "iterations"),
+    ('{"iterations": 100000000}', "iterations"),
+    ('{"iterations": true}', "iterations"),
+    ('{"alpha": [0.5]}', "alpha"),
+    ('{"alpha": NaN}', "alpha"),
+    ('{"alpha": 1.5}', "alpha"),
+    ('{"alpha": 1e308, "method": "add_difference"}', "alpha"),
+    ('{"tolerance": "x"}', "tolerance"),
+    ('{"tolerance": 1}', "tolerance"),
+    ('{"seed": -1}', "seed"),
+    ('{"seed": 1' + '0' * 4000 + '}', "seed"),        # a huge integer: never printed in full
+    ('{"overwrite": "yes"}', "overwrite"),
+    ('{"parts": [1, 2]}', "parts"),
+    ('{"parts": {"unet": 1}}', "parts"),
+    ('{"model_a": 5}', "model_a"),
+    ('{"model_a": "' + 'x' * 5000 + '"}', "model_a"),
+    ('{"device": ["cpu"]}', "device"),
+    ('{"nope": 1}', "nope"),
+    ('[]', "body"),
+])
+def test_wrong_types_and_ranges_name_the_field_in_a_short_message(body, field):
+    import json
+
+    from lib_rebasin.ui.service import FieldError
+
+    with pytest.raises(FieldError) as e:
+        MergeRequest.from_dict(json.loads(body))
+    assert e.value.field == field
+    assert field in str(e.value) or field == "body"
+    assert len(str(e.value)) < 300  # a large value is never echoed back
 
 
 def test_scan_skips_vae_hidden_and_temp_files(tmp_path):

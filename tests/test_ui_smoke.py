@@ -27,7 +27,7 @@ def test_tab_builds_and_standalone_launches(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    blocks, service, url = launch(tmp_path, port=port, block=False)
+    blocks, service, url = launch(tmp_path, port=port, block=False, api=True)
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
             assert r.status == 200
@@ -135,3 +135,100 @@ def test_standalone_app_stops_on_sigterm_with_one_line(tmp_path):
     assert proc.returncode == 2, err
     assert err.strip().splitlines()[-1] == "Stopped: no merge was running.", err
     assert "Traceback" not in err
+def _load_fn(blocks):
+    """The page-load listener (gradio 3 gives load events no target; gradio 4 targets the Blocks itself)."""
+    for i, dep in enumerate(blocks.get_config_file()["dependencies"]):
+        targets = dep.get("targets", [])
+        if dep.get("trigger") == "load" or any(isinstance(t, (list, tuple)) and t[1] == "load" for t in targets):
+            return blocks.fns[i].fn
+    raise AssertionError("no load listener")
+
+
+def _builder(tmp_path):
+    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    for i, n in enumerate(("one", "two", "three"), 1):
+        make_checkpoint(tmp_path / f"{n}.safetensors", "mini", seed=i, base_seed=1)
+    host = StandaloneHost(tmp_path, devices=["cpu"])
+    service = MergeService(host)
+    return host, service, build_tab(host, service)
+
+
+def test_second_add_step_gets_a_new_name(tmp_path):
+    """The events as the page runs them: Add, then the step selector's change fills the form (name "step1"),
+    then Add again with that form: a second step "step2", not a refusal."""
+    from lib_rebasin.recipe import parse_recipe
+
+    _host, _service, ui = _builder(tmp_path)
+    add = _fn_for(ui.blocks, ui["recipe_add"])
+    select = _fn_for(ui.blocks, ui["recipe_step"], "change")
+    method, parts = ui["recipe_method"].value, ["Text encoder", "VAE"]
+    out = add("", "chain", "fp16", "cpu", 0, None, method, "one.safetensors", "two.safetensors", None, 0.3, 1,
+              parts, "")
+    text, selected = out[0], out[3]["value"]
+    form = select(text, selected)
+    name = form[7]
+    assert name == "step1"
+    out = add(text, "chain", "fp16", "cpu", 0, selected, method, "[step] step1", "three.safetensors", None, 0.5, 1,
+              parts, name)
+    assert out[2] == "", out[2]
+    assert [s.name for s in parse_recipe(out[0]).steps] == ["step1", "step2"]
+    # a name the user typed that another step already has is still refused
+    out2 = add(out[0], "chain", "fp16", "cpu", 0, out[3]["value"], method, "one.safetensors", "three.safetensors",
+               None, 0.5, 1, parts, "step1")
+    assert "already used" in out2[2]
+
+
+def test_iterations_and_tolerance_show_only_for_methods_that_use_them(tmp_path):
+    from lib_rebasin.merge import METHODS
+
+    _host, _service, ui = _builder(tmp_path)
+    on_method = _fn_for(ui.blocks, ui["method"], "change")
+    shown = {key: (u[-2]["visible"], u[-1]["visible"]) for key, u in
+             ((k, on_method(m.label)) for k, m in METHODS.items())}
+    assert shown == {k: {"rebasin": (True, True), "legacy": (True, False)}.get(k, (False, False)) for k in METHODS}
+    recipe_method = _fn_for(ui.blocks, ui["recipe_method"], "change")
+    assert recipe_method(METHODS["weighted_sum"].label)[1]["visible"] is False
+    assert recipe_method(METHODS["legacy"].label)[1]["visible"] is True
+
+
+def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp_path):
+    from lib_rebasin.ui.service import MergeRequest
+
+    host, service, ui = _builder(tmp_path)
+    resume = _load_fn(ui.blocks)
+    idle = list(resume(None, None, None))
+    assert len(idle) == 1 and all(isinstance(u, dict) and "value" not in u for u in idle[0])
+    with host._queue:  # another job holds the app's queue: ours waits, as a long merge would run
+        job = service.submit(MergeRequest("one.safetensors", "two.safetensors", method="weighted_sum",
+                                          parts=("te", "vae"), output_name="reloaded"))
+        frames = resume(None, None, None)  # the page was reloaded
+        first = next(frames)
+        assert "rebasin-progress" in first[1] and first[5]["interactive"] is False
+    frames = [first, *frames]
+    last = frames[-1]
+    assert job.status == "done" and "rebasin-done" in last[1] and "reloaded.safetensors" in last[2]
+    stop = _fn_for(ui.blocks, ui["stop"])
+    assert stop() == "Nothing is running."
+    with host._queue:
+        job = service.submit(MergeRequest("one.safetensors", "two.safetensors", method="weighted_sum",
+                                          parts=("te", "vae"), output_name="stopped"))
+        assert stop() == ""  # the progress line says "Stopping..." while it winds down
+        assert "Stopping" in job.status_line()
+    assert job.wait(60) and job.status == "cancelled" and "Stopping" not in job.status_line()
+
+
+def test_one_eta_where_the_host_draws_its_own_bar():
+    from lib_rebasin.ui.service import Job
+
+    job = Job("task(x)", prepared=None, status="running", fraction=0.5, message="matching", eta_s=75)
+    assert "ETA 1m 15s" in job.status_line() and "ETA" not in job.status_line(eta=False)
+
+
+def test_recipe_step_buttons_never_wrap():
+    from lib_rebasin.ui.tab import TAB_CSS
+
+    assert "#rebasin_recipe_step_buttons button { white-space: nowrap;" in TAB_CSS

@@ -51,16 +51,22 @@ def webui(models_dir, tmp_path, monkeypatch):
     _drop_standin_modules()
     monkeypatch.syspath_prepend(str(STANDIN))
     import modules
-    from modules import devices, sd_models, shared
+    from modules import call_queue, devices, hashes, sd_models, shared
 
     modules.CALLS.clear()
     shared.state.reset()
     shared.opts.data.clear()
     shared.opts.data["sd_model_checkpoint"] = None
+    shared.cmd_opts.api = True  # tests of the API itself; the flag's effect is tested against a real server
+    shared.config_filename = str(tmp_path / "config.json")
+    hashes.caches.clear()
     sd_models.model_path = str(models_dir)
     sd_models.model_data.sd_model = None
     devices.optimal_device_name = "cpu"
     sd_models.list_models()
+    # as the host's initialize(): choosing a checkpoint in the option reloads the model, inside the queue
+    shared.opts.onchange("sd_model_checkpoint",
+                         call_queue.wrap_queued_call(lambda: sd_models.reload_model_weights()), call=False)
     spec = importlib.util.spec_from_file_location("rebasin_tab.py", ROOT / "scripts" / "rebasin_tab.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -149,7 +155,58 @@ def test_tab_registration_and_settings(webui):
                 "rebasin_default_precision", "rebasin_output_dir"):
         assert key in labels and labels[key].section == ("rebasin", "Re-Basin")
     assert labels["rebasin_default_method"].default == "rebasin"
-    assert "rebasin" in labels["rebasin_default_method"].component_args["choices"]
+    # human labels on the Settings page, the method's key stored
+    choices = dict(labels["rebasin_default_method"].component_args["choices"])
+    assert choices["Re-basin (weight matching)"] == "rebasin" and choices["Weighted sum"] == "weighted_sum"
+    # in a category of the host's Settings page (modules/options.py lists a section without one as "Uncategorized")
+    assert {labels[k].category_id for k in labels if k.startswith("rebasin_")} == {"sd"}
+
+
+def test_settings_defaults_win_over_the_pinned_ui_config(webui, tmp_path):
+    """ui-config.json pins what the tab showed on the first start; Settings -> Re-Basin must still decide."""
+    from modules.ui_loadsave import UiLoadsave
+
+    first = UiLoadsave(str(tmp_path / "ui-config.json"))
+    _build_ui(webui, with_txt2img=False)
+    first.add_block(webui.TAB.blocks, "rebasin")  # the host's first start writes ui-config.json
+    first.dump()
+    pinned = json.loads((tmp_path / "ui-config.json").read_text())
+    pinned.update({"rebasin/Iterations/value": 1, "rebasin/Save precision/value": "fp16"})  # as a first start saves
+    (tmp_path / "ui-config.json").write_text(json.dumps(pinned))
+    webui.shared.opts.data.update(rebasin_default_method="legacy", rebasin_default_iterations=9,
+                                  rebasin_default_precision="fp32")
+    _build_ui(webui, with_txt2img=False)
+    UiLoadsave(str(tmp_path / "ui-config.json")).add_block(webui.TAB.blocks, "rebasin")  # a later start
+    ui = webui.TAB
+    assert ui["iterations"].value == 9 and ui["precision"].value == "fp32"
+    assert ui["method"].value == "Legacy (DunkMash tool compatible)"
+    assert ui["recipe_precision"].value == "fp32"
+
+
+def test_forge_rebuilt_dropdown_copies_are_not_wired(webui, monkeypatch, capsys):
+    """gradio 4 builds a render=False copy of a component, outside any Blocks, for every update it sends; Forge's
+    checkpoint dropdown gets one per page load and checkpoint switch, and the host's after_component hook fires."""
+    from modules import script_callbacks, sd_models
+
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: None, raising=False)
+    script_callbacks.ui_settings_callback()
+    tabs = script_callbacks.ui_tabs_callback()
+    kwargs = dict(label="Checkpoint", elem_classes=["model_selection"], choices=["alpha.safetensors"])
+    with gr.Blocks() as demo:
+        original = gr.Dropdown(**kwargs)
+        script_callbacks.after_component_callback(original, **kwargs)
+        for blocks, _title, _id in tabs:
+            blocks.render()
+    assert webui.HOST.checkpoint_dropdown is original
+    _fn, dep = _fn_for(demo, webui.TAB["result_path"], "change")
+    assert dep["outputs"] == [original._id]
+    capsys.readouterr()
+    for extra in ({"render": False}, {}):  # gradio 4's update copy; and any copy built outside a Blocks
+        copy = gr.Dropdown(**kwargs, **extra)
+        script_callbacks.after_component_callback(copy, **kwargs, **extra)
+    out = capsys.readouterr()
+    assert "Blocks context" not in out.err + out.out and "Traceback" not in out.err
+    assert webui.HOST.checkpoint_dropdown is original
 
 
 def test_settings_feed_tab_defaults(webui):
@@ -264,7 +321,13 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert "rebasin-done" in progress and "Done" in progress
     assert "merged_one.safetensors" in result
     assert load_btn.get("interactive") is True and merge_btn.get("interactive") is True
-    assert "merged_one.safetensors" in dd_a["choices"] and dd_a["value"] == "alpha.safetensors"
+    # the host's hash cache got the inputs' and the output's sha256: titled "name [shorthash]" like the host's own
+    from lib_rebasin.checkpoint import file_sha256
+
+    short = file_sha256(out)[:10]
+    merged_title = f"merged_one.safetensors [{short}]"
+    alpha_title = f"alpha.safetensors [{file_sha256(sd_models.checkpoints_list[dd_a['value']].filename)[:10]}]"
+    assert merged_title in dd_a["choices"] and dd_a["value"] == alpha_title  # the pick survives the new title
     assert any(f[5].get("interactive") is False for f in frames[:-1])  # Merge is disabled while it runs
     # ran inside the host's queue with its progress plumbing
     names = [c[0] for c in _calls("")]
@@ -274,19 +337,51 @@ def test_merge_save_refresh_load(webui, tmp_path):
     # saved, then the host's lists refreshed (output lies outside the scanned folder: registered by hand)
     assert any(Path(info.filename) == out for info in sd_models.checkpoints_list.values())
     upd = webui.refresh_checkpoint_dropdown(str(out))
-    assert "merged_one.safetensors" in upd["choices"]
+    assert merged_title in upd["choices"]
     fn_dd, dep_dd = _fn_for(demo, ui["result_path"], "change")
     assert dep_dd["outputs"] == [dd._id]
     # one-click load: the host reloads weights from the saved file and the top-left dropdown follows
     load_fn, _ = _fn_for(ui.blocks, ui["load"])
     status, title = load_fn(str(out))
-    assert title == "merged_one.safetensors" and "Loaded" in status
-    assert ("sd_models.reload_model_weights", "merged_one.safetensors") in _calls("sd_models.reload_model_weights")
-    assert shared.opts.data["sd_model_checkpoint"] == "merged_one.safetensors"
+    assert title == merged_title and "Loaded" in status
+    assert ("sd_models.reload_model_weights", merged_title) in _calls("sd_models.reload_model_weights")
+    assert not _calls("hashes.calculate")  # the host did not hash the 2 GB file again to load it
+    assert shared.opts.data["sd_model_checkpoint"] == merged_title
     assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(out)
+    # persisted the way the host's own checkpoint dropdown does it: the option set, config.json saved
+    assert json.loads(Path(shared.config_filename).read_text())["sd_model_checkpoint"] == merged_title
+    assert len(_calls("sd_models.reload_model_weights")) == 1  # the option's onchange found it loaded
     sel_fn, sel_dep = _fn_for(demo, ui["loaded_title"], "change")
     assert sel_dep["outputs"] == [dd._id]
-    assert sel_fn(title)["value"] == "merged_one.safetensors"
+    assert sel_fn(title)["value"] == merged_title
+
+
+def test_load_persists_the_choice_on_forge_through_its_checkpoint_change(webui, tmp_path, monkeypatch):
+    """Forge: "Load merged model" goes through modules_forge.main_entry.checkpoint_change, which sets the option,
+    saves config.json and refreshes the loading parameters (the model loads lazily at the next generation)."""
+    import types
+
+    from modules import sd_models, shared
+
+    calls = []
+    main_entry = types.ModuleType("modules_forge.main_entry")
+
+    def checkpoint_change(name, save=True, refresh=True):  # modules_forge/main_entry.py, reduced
+        calls.append(name)
+        shared.opts.set("sd_model_checkpoint", name)
+        shared.opts.save(shared.config_filename)
+        return True
+
+    main_entry.checkpoint_change = checkpoint_change
+    package = types.ModuleType("modules_forge")
+    package.main_entry = main_entry
+    monkeypatch.setitem(sys.modules, "modules_forge", package)
+    monkeypatch.setitem(sys.modules, "modules_forge.main_entry", main_entry)
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: None, raising=False)
+    shared.opts.onchanges.clear()  # Forge loads lazily: no reload on the option change
+    title = webui.HOST.load_checkpoint(sd_models.checkpoints_list["beta.safetensors"].filename)
+    assert calls == ["beta.safetensors"] and title == "beta.safetensors"
+    assert json.loads(Path(shared.config_filename).read_text())["sd_model_checkpoint"] == "beta.safetensors"
 
 
 def test_merge_saves_into_host_checkpoint_folder_and_lists_it(webui, models_dir):
@@ -298,7 +393,7 @@ def test_merge_saves_into_host_checkpoint_folder_and_lists_it(webui, models_dir)
         assert job.wait(300)
         assert job.status == "done", job.error
         assert job.output == models_dir / "in_host_folder.safetensors"
-        assert "in_host_folder.safetensors" in sd_models.checkpoints_list
+        assert "in_host_folder.safetensors" in {i.name for i in sd_models.checkpoints_list.values()}
         from safetensors import safe_open
 
         with safe_open(str(job.output), "pt") as f:
@@ -395,10 +490,25 @@ def test_hires_presets_set_txt2img_from_python(webui, key, denoise):
     assert dep["inputs"] == [comps["upscaler"]._id]
     *updates, note = fn("Latent")
     values = [u.get("value") for u in updates]
-    assert values == [True, denoise, 2.0, "R-ESRGAN 4x+", 0]
-    assert f"{denoise:.2f}" in note
+    # a fresh install has R-ESRGAN 4x+ only as a download link: the preset picks one that runs right away
+    assert values == [True, denoise, 2.0, "Lanczos", 0]
+    assert f"{denoise:.2f}" in note and "**Lanczos**" in note and "nothing to download" in note
+    assert "R-ESRGAN 4x+ would need a download" in note
     # a deliberate, existing non-latent upscaler is kept
     assert fn("Lanczos")[3]["value"] == "Lanczos"
+
+
+def test_hires_preset_prefers_an_installed_esrgan_model(webui, tmp_path, monkeypatch):
+    from modules import shared
+
+    weights = tmp_path / "RealESRGAN_x4plus.pth"
+    weights.write_bytes(b"weights")
+    esrgan = shared.UpscalerData("R-ESRGAN 4x+", str(weights))  # what the host lists once the file is there
+    monkeypatch.setattr(shared, "sd_upscalers", shared.sd_upscalers[:3] + [esrgan])
+    _tabs, _comps, _dd, _demo = _build_ui(webui)
+    fn, _dep = _fn_for(webui.TAB.blocks, webui.TAB["preset_soft"])
+    *updates, note = fn("Latent")
+    assert updates[3]["value"] == "R-ESRGAN 4x+" and "would need a download" not in note
 
 
 def test_hires_presets_fall_back_to_js_when_txt2img_is_missing(webui):
@@ -454,7 +564,7 @@ def test_api_merge_progress_result_and_load(webui, tmp_path):
     assert r.status_code == 400 and "same file" in r.json()["detail"]
     r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
                                                "bogus": 1})
-    assert r.status_code == 400 and "bogus" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["field"] == "bogus"
     r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
                                                "output_name": "via_api", "iterations": 1, "parts": ["unet", "te", "vae"]})
     assert r.status_code == 202, r.text
@@ -470,9 +580,11 @@ def test_api_merge_progress_result_and_load(webui, tmp_path):
     assert j["fraction"] == 1.0 and isinstance(j["summary"], list)
     assert client.get("/rebasin/v1/jobs/nope").status_code == 404
     r = client.post("/rebasin/v1/load", json={"job_id": job_id})
-    assert r.status_code == 200 and r.json()["loaded"] == "via_api.safetensors"
-    titles = [c["title"] for c in client.get("/rebasin/v1/checkpoints").json()]
-    assert "via_api.safetensors" in titles
+    assert r.status_code == 200 and r.json()["loaded"].startswith("via_api.safetensors [")
+    listed = {c["name"]: c for c in client.get("/rebasin/v1/checkpoints").json()}
+    from lib_rebasin.checkpoint import file_sha256
+
+    assert listed["via_api.safetensors"]["sha256"] == file_sha256(j["output"])
 
 
 # -- install.py -------------------------------------------------------------------------------------------------
@@ -528,4 +640,5 @@ def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tm
     assert job.output == tmp_path / "webui_chain.safetensors" and job.output.is_file()
     assert ("progress.start_task", "task(recipe1)") in _calls("progress.start_task")
     assert [s.name for s in parse_recipe(rb.from_checkpoint(job.output)).steps] == ["step1", "step2"]
-    assert "webui_chain.safetensors" in webui.refresh_checkpoint_dropdown(str(job.output))["choices"]
+    titles = webui.refresh_checkpoint_dropdown(str(job.output))["choices"]
+    assert any(t.startswith("webui_chain.safetensors [") for t in titles)  # titled with its hash, like the host

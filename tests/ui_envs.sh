@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Runs the UI tests (tab smoke, WebUI adapter, browser) under both gradio lines the extension supports:
-#   gradio 4.40.0 (Forge)  and  gradio 3.41.2 (AUTOMATIC1111 1.10.x, reForge).
-# Each gets its own venv with --system-site-packages, so the installed torch / safetensors / scipy / lib_rebasin are
-# reused and never reinstalled (gradio does not depend on torch). The pins are the hosts' own where they matter:
-# gradio 4.40 needs huggingface_hub<1.0 (it imports HfFolder) and a fastapi of its time; gradio 3.41.2 is run with
-# A1111 1.10.1's fastapi 0.94 / pydantic 1 / httpx 0.24. The browser test needs Debian's chromium (apt-get install
-# chromium); playwright's own browser download is never used.
+# Runs the UI tests (tab smoke, WebUI adapter, the HTTP API against real servers, browser) under both gradio lines
+# the extension supports:
+#   gradio 4.40.0 (Forge): the standalone app's own `[ui]` extra from pyproject.toml (what README installs), and
+#   gradio 3.41.2 (AUTOMATIC1111 1.10.x, reForge): A1111 1.10.1's fastapi 0.94 / pydantic 1 / httpx 0.24.
+# Each gets its own venv that reuses the running interpreter's packages (torch, safetensors, scipy, lib_rebasin),
+# so they are never reinstalled (gradio does not depend on torch): --system-site-packages gives the *base*
+# interpreter's site-packages, which inside a virtualenv is not where its torch is, so a .pth file also adds the
+# running environment's own site-packages, after the child's (the child's pins win). In a system Python both are
+# the same folders. The browser test needs Debian's chromium (apt-get install chromium); playwright's own browser
+# download is never used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENVS=${REBASIN_UI_VENVS:-${TMPDIR:-/tmp}/lib_rebasin-ui-venvs}
 PYTEST_ARGS=("$@")
+PARENT_PY=$(command -v python)
 
 make_env() {
     local name=$1; shift
     local py="$VENVS/$name/bin/python"
     if [ ! -x "$py" ]; then
-        python -m venv --system-site-packages "$VENVS/$name"
+        "$PARENT_PY" -m venv --system-site-packages "$VENVS/$name"
     fi
+    # addsitedir (not a bare path line) also runs the parent's own .pth files: editable installs, finders.
+    local child_site
+    child_site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$PARENT_PY" -c "
+import site, sys
+dirs = [d for d in site.getsitepackages() + [site.getusersitepackages()] if d]
+print(''.join(f'import site; site.addsitedir({d!r})\\n' for d in dirs), end='')
+" > "$child_site/_lib_rebasin_parent_env.pth"
     local torch_before
     torch_before=$("$py" -c "import torch; print(torch.__version__)")
     "$py" -m pip install -q --disable-pip-version-check "$@"
@@ -28,7 +40,21 @@ make_env() {
     fi
 }
 
-make_env gradio4 "gradio==4.40.0" "huggingface_hub<1.0" "fastapi==0.104.1" "pydantic==2.8.2" "playwright"
+# The [ui] extra's requirements as pyproject.toml lists them (not `-e .[ui]`: the venvs are shared between
+# checkouts, and tests import lib_rebasin from the checkout they run in).
+mapfile -t UI_REQUIREMENTS < <("$PARENT_PY" -c "
+try:
+    import tomllib
+except ImportError:  # Python 3.10: lib_rebasin depends on tomli there
+    import tomli as tomllib
+with open('pyproject.toml', 'rb') as f:
+    print('\\n'.join(tomllib.load(f)['project']['optional-dependencies']['ui']))
+")
+if [ ${#UI_REQUIREMENTS[@]} -eq 0 ]; then
+    echo "ui_envs.sh: could not read the [ui] extra from pyproject.toml" >&2
+    exit 1
+fi
+make_env gradio4 "${UI_REQUIREMENTS[@]}" "playwright"
 make_env gradio3 "gradio==3.41.2" "gradio-client==0.5.0" "fastapi==0.94.0" "starlette==0.26.1" "pydantic==1.10.17" \
     "httpx==0.24.1" "httpcore==0.17.3" "numpy==1.26.4" "huggingface_hub==0.24.6" "pillow==9.5.0" "pandas<2.3" \
     "matplotlib<3.10" "websockets==11.0.3" "uvicorn==0.30.6" "altair==5.3.0" "playwright"
@@ -37,6 +63,7 @@ status=0
 for env in gradio4 gradio3; do
     echo "== UI tests under $("$VENVS/$env/bin/python" -c 'import gradio; print("gradio", gradio.__version__)')"
     "$VENVS/$env/bin/python" -m pytest -p no:cacheprovider -m "not full" -W ignore::DeprecationWarning \
-        tests/test_ui_smoke.py tests/test_webui_adapter.py tests/test_ui_blocks.py tests/test_browser.py "${PYTEST_ARGS[@]}" || status=$?
+        tests/test_ui_smoke.py tests/test_webui_adapter.py tests/test_ui_blocks.py tests/test_api_http.py \
+        tests/test_browser.py "${PYTEST_ARGS[@]}" || status=$?
 done
 exit $status

@@ -1,10 +1,15 @@
 """HTTP API for scripted merges, mounted on the host's FastAPI app (the WebUI's, or the standalone gradio app's).
 
-    POST /rebasin/v1/merge           JSON MergeRequest fields -> 202 {"job_id", ...} or 400 {"detail": reason}
-    GET  /rebasin/v1/jobs/{job_id}   progress, and when finished the output path and diagnostics
+    POST /rebasin/v1/merge           JSON MergeRequest fields -> 202 {"job_id", ...}
+    GET  /rebasin/v1/jobs/{job_id}   progress, and when finished the output and diagnostics
     POST /rebasin/v1/jobs/{job_id}/cancel
     POST /rebasin/v1/load            {"job_id"} or {"path"} -> makes a finished merge the active checkpoint
-    GET  /rebasin/v1/checkpoints     the host's checkpoint list
+    GET  /rebasin/v1/checkpoints     the host's checkpoints: title, name and (when the host knows it) hash
+
+Answers: 400 a refusal in plain words (same model twice, name taken, ...); 401 missing or wrong credentials
+(only with --api-auth); 403 a request from another site's page; 413 a body over a few KB; 415 a POST that is not
+application/json; 422 a field of the wrong type or out of range (`"field"` names it). Only GET routes read; every
+route that changes something is a POST. Who may call is decided by `ApiPolicy` (see api_policy.py).
 
 A merge request takes `MergeRequest`'s fields, among them `method` (any of lib_rebasin/methods.py), its parameters
 (`ties_density`, `ties_scale`, `dare_p`, `seed`), `align`, `blocks` (a preset name, 26 or 25 values as a string or a
@@ -16,72 +21,150 @@ of both gradio 3.41 and 4.x hosts.
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class in the route signatures
 
+import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import RebasinError
-from .service import MergeRequest, MergeService
+from .api_policy import ApiPolicy
+from .service import MAX_TEXT, FieldError, MergeRequest, MergeService, shown
 
 PREFIX = "/rebasin/v1"
 
 
-def register_api(app: Any, service: MergeService, prefix: str = PREFIX) -> None:
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
+class _Refused(Exception):
+    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.field = status, detail, field
 
-    async def _body(request: Request) -> Any:
+
+def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = None, prefix: str = PREFIX) -> None:
+    from fastapi import Depends, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    policy = policy or ApiPolicy()
+    dependencies = []
+    if policy.credentials:
+        # The WebUI's own check for /sdapi/v1/* (modules/api/api.py, Api.auth), applied the same way.
+        def auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())):
+            if policy.check_credentials(credentials.username, credentials.password):
+                return True
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+        dependencies = [Depends(auth)]
+
+    def answer(e: Exception) -> Any:
+        if isinstance(e, _Refused):
+            body = {"detail": e.detail}
+            if e.field:
+                body["field"] = e.field
+            return JSONResponse(body, status_code=e.status)
+        if isinstance(e, FieldError):
+            return JSONResponse({"detail": str(e), "field": e.field}, status_code=422)
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    def check_origin(request: Request) -> None:
+        if not policy.origin_allowed(request.headers.get("origin"), request.headers.get("host")):
+            raise _Refused(403, "Refused: this request comes from another site's page. Allow its origin with the "
+                                "host's --cors-allow-origins if that is intended.")
+
+    async def json_body(request: Request) -> Any:
+        check_origin(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _Refused(415, "Send the request body as JSON with 'Content-Type: application/json'.")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > policy.max_body:
+            raise _Refused(413, f"The request body is larger than {policy.max_body} bytes.")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > policy.max_body:
+                raise _Refused(413, f"The request body is larger than {policy.max_body} bytes.")
+        if not body.strip():
+            return None
         try:
-            return await request.json()
-        except Exception:
-            raise RebasinError("The request body must be valid JSON.") from None
+            return json.loads(bytes(body))
+        except (ValueError, RecursionError):
+            raise _Refused(400, "The request body must be valid JSON.") from None
 
     async def merge(request: Request):
         try:
-            req = MergeRequest.from_dict(await _body(request))
+            req = MergeRequest.from_dict(await json_body(request))
             job = service.submit(req)
-        except RebasinError as e:
-            return JSONResponse({"detail": str(e)}, status_code=400)
+        except (_Refused, RebasinError) as e:
+            return answer(e)
         return JSONResponse(job.to_dict(), status_code=202)
 
-    def get_job(job_id: str):
+    def get_job(job_id: str, request: Request):
+        try:
+            check_origin(request)
+        except _Refused as e:
+            return answer(e)
         job = service.jobs.get(job_id)
         if job is None:
-            return JSONResponse({"detail": f"No merge job '{job_id}'."}, status_code=404)
+            return JSONResponse({"detail": f"No merge job {shown(job_id)}."}, status_code=404)
         return JSONResponse(job.to_dict())
 
-    def cancel_job(job_id: str):
+    async def cancel_job(job_id: str, request: Request):
+        try:
+            await json_body(request)  # no fields; still JSON only, so a cross-site form cannot stop a merge
+        except _Refused as e:
+            return answer(e)
         job = service.cancel(job_id)
         if job is None:
-            return JSONResponse({"detail": f"No merge job '{job_id}'."}, status_code=404)
+            return JSONResponse({"detail": f"No merge job {shown(job_id)}."}, status_code=404)
         return JSONResponse(job.to_dict())
+
+    def load_target(body: Any) -> Path:
+        if not isinstance(body, dict):
+            raise FieldError("body", "The request body must be a JSON object with 'job_id' or 'path'.")
+        unknown = sorted(set(body) - {"job_id", "path"})
+        if unknown:
+            raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give 'job_id' or "
+                                                   f"'path'.")
+        for key in ("job_id", "path"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
+                raise FieldError(key, f"Field '{key}' must be a string of at most {MAX_TEXT} characters, got "
+                                      f"{shown(value)}.")
+        if body.get("job_id"):
+            job = service.jobs.get(body["job_id"])
+            if job is None or job.output is None:
+                raise RebasinError(f"Merge job {shown(body['job_id'])} has no saved result to load.")
+            return Path(job.output)
+        if body.get("path"):
+            return service.resolve(body["path"], "Checkpoint").path
+        raise RebasinError("Give 'job_id' of a finished merge or 'path' of a listed checkpoint.")
 
     async def load(request: Request):
         try:
-            body = await _body(request)
-            if not isinstance(body, dict):
-                raise RebasinError("The request body must be a JSON object with 'job_id' or 'path'.")
-            if body.get("job_id"):
-                job = service.jobs.get(str(body["job_id"]))
-                if job is None or job.output is None:
-                    raise RebasinError(f"Merge job '{body['job_id']}' has no saved result to load.")
-                path = job.output
-            elif body.get("path"):
-                path = service.resolve(str(body["path"]), "Checkpoint").path
-            else:
-                raise RebasinError("Give 'job_id' of a finished merge or 'path' of a listed checkpoint.")
-            title = service.host.load_checkpoint(Path(path))
-        except RebasinError as e:
-            return JSONResponse({"detail": str(e)}, status_code=400)
+            path = load_target(await json_body(request))
+            title = service.host.load_checkpoint(path)
+        except (_Refused, RebasinError) as e:
+            return answer(e)
         except Exception as e:  # the host's own loader failed (missing config, out of memory, ...)
-            return JSONResponse({"detail": f"The host could not load the model ({type(e).__name__}: {e})."},
-                                status_code=500)
-        return JSONResponse({"loaded": title, "path": str(path)})
+            return JSONResponse({"detail": f"The host could not load the model ({type(e).__name__}: "
+                                           f"{shown(str(e), 200)})."}, status_code=500)
+        return JSONResponse({"loaded": title, "name": path.name})
 
-    def checkpoints():
-        return JSONResponse([{"title": e.title, "path": str(e.path)} for e in service.checkpoints()])
+    def checkpoints(request: Request):
+        try:
+            check_origin(request)
+        except _Refused as e:
+            return answer(e)
+        return JSONResponse([entry_dict(e) for e in service.checkpoints()])
 
-    app.add_api_route(f"{prefix}/merge", merge, methods=["POST"])
-    app.add_api_route(f"{prefix}/jobs/{{job_id}}", get_job, methods=["GET"])
-    app.add_api_route(f"{prefix}/jobs/{{job_id}}/cancel", cancel_job, methods=["POST"])
-    app.add_api_route(f"{prefix}/load", load, methods=["POST"])
-    app.add_api_route(f"{prefix}/checkpoints", checkpoints, methods=["GET"])
+    for path, fn, method in ((f"{prefix}/merge", merge, "POST"), (f"{prefix}/jobs/{{job_id}}", get_job, "GET"),
+                             (f"{prefix}/jobs/{{job_id}}/cancel", cancel_job, "POST"),
+                             (f"{prefix}/load", load, "POST"), (f"{prefix}/checkpoints", checkpoints, "GET")):
+        app.add_api_route(path, fn, methods=[method], dependencies=list(dependencies))
+
+
+def entry_dict(entry: Any) -> dict[str, Any]:
+    """A checkpoint for API clients: how the host titles it, its file name inside the checkpoint folder, and its
+    hashes when the host already knows them (like the WebUI's /sdapi/v1/sd-models); never an absolute path."""
+    sha256 = getattr(entry, "sha256", None)
+    return {"title": entry.title, "name": entry.name, "hash": sha256[:10] if sha256 else None, "sha256": sha256}

@@ -8,20 +8,29 @@ harmless defaults so a host only overrides what it has.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
 
 @dataclass(frozen=True)
 class CheckpointEntry:
-    """One checkpoint as the host shows it: `title` goes in dropdowns, `path` is the file."""
+    """One checkpoint as the host shows it: `title` goes in dropdowns, `path` is the file, `sha256` when the host
+    has it already (never computed just to list)."""
 
     title: str
     path: Path
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The title without the host's " [shorthash]": the file's name inside the checkpoint folder."""
+        return _HASH_SUFFIX.sub("", self.title)
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,11 @@ HIRES_ADVICE = (
     "txt2img, turn hires fix on with upscale x2 and an installed upscaler, and leave your prompt alone."
 )
 
-# Upscalers tried in this order; latent modes last because they need a high denoise to look right.
-UPSCALER_PREFERENCE = ("R-ESRGAN 4x+", "ESRGAN_4x", "R-ESRGAN 4x+ Anime6B", "SwinIR 4x", "4x-UltraSharp",
+# Upscalers tried in this order, among those the host can run right away (weights on disk, or none needed):
+# a trained 4x model when one is installed, else Lanczos (a plain resize: the hires pass at 0.45-0.7 denoise adds
+# the detail), latent modes last because they need a high denoise to look right. A fresh WebUI lists the ESRGAN
+# family only as download links, which it would fetch (64 MB) or, offline, fail on and silently replace.
+UPSCALER_PREFERENCE = ("4x-UltraSharp", "R-ESRGAN 4x+", "ESRGAN_4x", "R-ESRGAN 4x+ Anime6B", "SwinIR 4x",
                        "Lanczos", "Latent")
 
 HIRES_ELEM_IDS = {
@@ -69,9 +81,10 @@ def choice_values(choices: Any) -> list[str]:
     return out
 
 
-def pick_upscaler(choices: Any, current: str | None = None) -> str | None:
-    """An upscaler that exists in the host's list: keep the user's non-latent pick, else the first preferred."""
-    values = choice_values(choices)
+def pick_upscaler(choices: Any, current: str | None = None, ready: set[str] | None = None) -> str | None:
+    """An upscaler from the host's list that it can run now (`ready`: None = all of them): keep the user's
+    non-latent pick, else the first preferred, else any non-latent one."""
+    values = [v for v in choice_values(choices) if ready is None or v in ready]
     if current and current in values and not current.lower().startswith("latent"):
         return current
     for name in UPSCALER_PREFERENCE:
@@ -83,13 +96,14 @@ def pick_upscaler(choices: Any, current: str | None = None) -> str | None:
     return current if current in values else (values[0] if values else None)
 
 
-def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None) -> dict[str, Any]:
+def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None,
+                 ready: set[str] | None = None) -> dict[str, Any]:
     """The txt2img values one preset sets, keyed like HIRES_ELEM_IDS (None = leave as is)."""
     return {
         "enable": True,
         "denoise": preset.denoise,
         "scale": preset.scale,
-        "upscaler": pick_upscaler(upscaler_choices, current_upscaler),
+        "upscaler": pick_upscaler(upscaler_choices, current_upscaler, ready),
         "steps": preset.steps,
     }
 
@@ -102,6 +116,7 @@ class Host(Protocol):
     def refresh_checkpoints(self) -> None: ...
     def output_dir(self) -> Path: ...
     def after_save(self, path: Path) -> None: ...
+    def remember_hashes(self, paths: list[Path]) -> None: ...
     def load_checkpoint(self, path: Path) -> str: ...
     def run_job(self, job_id: str, work: Callable[[], None]) -> None: ...
     def discard_job(self, job_id: str) -> None: ...
@@ -115,6 +130,7 @@ class Host(Protocol):
     def defaults(self) -> dict[str, Any]: ...
     def hires_targets(self) -> dict[str, Any]: ...
     def list_vaes(self) -> list[CheckpointEntry]: ...
+    def ready_upscalers(self) -> set[str] | None: ...
 
 
 DEFAULTS: dict[str, Any] = {
@@ -156,6 +172,7 @@ class BaseHost:
     """Defaults for every Host method; subclasses override what their program has."""
 
     name = "base"
+    shows_eta = False  # True where the host draws its own progress bar with an ETA (the tab then shows none)
     # A GPU merge keeps two fp32 UNets and the matching buffers on the device: about 8 GiB for SD 1.5.
     min_gpu_bytes = 8 * 1024**3
 
@@ -173,6 +190,9 @@ class BaseHost:
 
     def after_save(self, path: Path) -> None:
         self.refresh_checkpoints()
+
+    def remember_hashes(self, paths: list[Path]) -> None:
+        """Called with a merge's output and inputs before `after_save`; hosts with a hash cache fill it."""
 
     def load_checkpoint(self, path: Path) -> str:
         raise NotImplementedError
@@ -240,6 +260,9 @@ def scan_vaes(*folders: str | os.PathLike[str]) -> list[CheckpointEntry]:
                 continue
             out.setdefault(p.name, CheckpointEntry(p.name, p))
     return sorted(out.values(), key=lambda e: e.title.lower())
+    def ready_upscalers(self) -> set[str] | None:
+        """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
+        return None
 
 
 def scan_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointEntry]:

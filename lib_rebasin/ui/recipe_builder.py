@@ -383,6 +383,15 @@ def step_labels(text: str) -> list[str]:
     return [f"{i + 1}. {s.name}" for i, s in enumerate(recipe.steps)]
 
 
+def step_name(text: str, index: int) -> str | None:
+    """The name of step `index` (0-based), or None when the text has no such step."""
+    try:
+        steps = load(text).steps
+    except RebasinError:
+        return None
+    return steps[index].name if 0 <= index < len(steps) else None
+
+
 def label_index(label: str | None) -> int | None:
     m = re.match(r"\s*(\d+)\.", str(label or ""))
     return int(m.group(1)) - 1 if m else None

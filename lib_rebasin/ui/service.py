@@ -7,6 +7,7 @@ refuses bad choices before anything runs, using the core's cheap `preflight`) an
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -23,8 +24,51 @@ PARTS = ("unet", "te", "vae")
 PART_LABELS = {"unet": "UNet", "te": "Text encoder", "vae": "VAE"}
 PRECISION_CHOICES = ("fp16", "bf16", "fp32")
 MAX_ITERATIONS = 1000
+MAX_SEED = 2**63 - 1
+MAX_TEXT = 512  # characters in a name field
+ADD_DIFFERENCE_ALPHA = 10.0
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+class FieldError(RebasinError):
+    """A request value of the wrong type or out of range; `field` names it (the API answers 422)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value for an error message, cut short: a message never echoes a large field back."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return "a number too large to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clipped(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FieldError(name, f"Field '{name}' must be a number, got {shown(v)}.")
+    try:
+        f = float(v)
+    except OverflowError:  # a huge JSON integer
+        f = math.inf
+    if not math.isfinite(f):
+        raise FieldError(name, f"Field '{name}' must be a finite number, got {shown(v)}.")
+    return f
+
+
+def _integer(name: str, v: Any) -> int:
+    f = _number(name, v)
+    if f != int(f):
+        raise FieldError(name, f"Field '{name}' must be a whole number, got {shown(v)}.")
+    return int(f)
 
 
 def _core():
@@ -61,49 +105,69 @@ class MergeRequest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MergeRequest":
-        """Build from JSON (the API); unknown fields and wrong types are refused in plain words."""
+        """Build from JSON (the API): unknown fields, wrong types and out-of-range values are a FieldError naming
+        the field. Numbers must be JSON numbers (no strings, no booleans), finite, and in range."""
         if not isinstance(d, dict):
-            raise RebasinError("The request body must be a JSON object.")
+            raise FieldError("body", "The request body must be a JSON object.")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise RebasinError(f"Unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
+            names = ", ".join(shown(k, 40) for k in unknown[:5])
+            raise FieldError(str(unknown[0])[:40], f"Unknown field(s) {names}; allowed: {', '.join(sorted(known))}.")
         kw: dict[str, Any] = {}
         for k, v in d.items():
-            try:
-                if k in ("alpha", "tolerance", "ties_density", "ties_scale", "dare_p"):
-                    if isinstance(v, bool):
-                        raise ValueError
-                    kw[k] = float(v)
-                elif k == "blocks":
-                    if isinstance(v, (list, tuple)):
-                        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                            raise ValueError
-                        v = ",".join(repr(float(x)) for x in v)
-                    elif v is not None and not isinstance(v, str):
-                        raise ValueError
-                    kw[k] = v or ""
-                elif k in ("iterations", "seed"):
-                    if isinstance(v, bool) or float(v) != int(float(v)):
-                        raise ValueError
-                    kw[k] = int(float(v))
-                elif k in ("overwrite", "align"):
-                    if not isinstance(v, bool):
-                        raise ValueError
-                    kw[k] = v
-                elif k == "bake_vae":
-                    if v is not None and not isinstance(v, str):
-                        raise ValueError
-                    kw[k] = v or ""
-                elif k == "parts":
-                    if isinstance(v, str):
-                        v = [p.strip() for p in v.split(",") if p.strip()]
-                    kw[k] = tuple(str(p) for p in v)
-                else:
-                    kw[k] = None if v is None else str(v)
-            except (TypeError, ValueError):
-                raise RebasinError(f"Field '{k}' has a value of the wrong type: {v!r}.") from None
-        return cls(**kw)
+            if k in ("alpha", "tolerance", "ties_density", "ties_scale", "dare_p"):
+                kw[k] = _number(k, v)
+            elif k in ("iterations", "seed"):
+                kw[k] = _integer(k, v)
+            elif k in ("overwrite", "align"):
+                if not isinstance(v, bool):
+                    raise FieldError(k, f"Field '{k}' must be true or false, got {shown(v)}.")
+                kw[k] = v
+            elif k == "parts":
+                if isinstance(v, str):
+                    v = [p.strip() for p in v.split(",") if p.strip()]
+                if not isinstance(v, list) or not all(isinstance(p, str) for p in v) or len(v) > len(PARTS):
+                    raise FieldError(k, f"Field 'parts' must be a list of unet, te, vae; got {shown(v)}.")
+                if not v or set(v) - set(PARTS):
+                    raise FieldError(k, f"Field 'parts' must name at least one of unet, te, vae; got {shown(v)}.")
+                kw[k] = tuple(v)
+            elif k == "blocks" and isinstance(v, list):
+                if len(v) > 26:
+                    raise FieldError(k, f"Field 'blocks' takes 26 (or 25) values, got {len(v)}.")
+                kw[k] = ",".join(repr(_number(k, x)) for x in v)
+            elif k in ("model_c", "blocks", "bake_vae") and v is None:
+                kw[k] = None if k == "model_c" else ""
+            else:
+                if not isinstance(v, str):
+                    raise FieldError(k, f"Field '{k}' must be a string, got {shown(v)}.")
+                if len(v) > MAX_TEXT:
+                    raise FieldError(k, f"Field '{k}' is too long ({len(v)} characters; at most {MAX_TEXT}).")
+                kw[k] = v
+        req = cls(**kw)
+        req.check_ranges()
+        return req
+
+    def check_ranges(self) -> None:
+        """Ranges of the numeric fields, as FieldErrors (the tab's sliders keep to them; the API may not)."""
+        info = method_table().get(self.method)
+        if info is not None and not info.alpha_bounded:
+            if not -ADD_DIFFERENCE_ALPHA <= self.alpha <= ADD_DIFFERENCE_ALPHA:
+                raise FieldError("alpha", f"alpha must be between -{ADD_DIFFERENCE_ALPHA:g} and "
+                                          f"{ADD_DIFFERENCE_ALPHA:g} for {info.label}, got {shown(self.alpha)}.")
+        elif not 0.0 <= self.alpha <= 1.0:
+            raise FieldError("alpha", f"alpha must be between 0 and 1, got {shown(self.alpha)}.")
+        if not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise FieldError("iterations", f"iterations must be between 1 and {MAX_ITERATIONS}, got "
+                                           f"{shown(self.iterations)}.")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise FieldError("tolerance", f"tolerance must be at least 0 and below 1, got {shown(self.tolerance)}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise FieldError("seed", f"seed must be between 0 and {MAX_SEED}, got {shown(self.seed)}.")
+        for param in (info.params if info is not None else ()):
+            problem = param.check(getattr(self, param.name), info.label)
+            if problem:
+                raise FieldError(param.name, problem)
 
 
 @dataclass
@@ -171,6 +235,7 @@ class PreparedRecipe:
 def output_path_for(name: str, folder: Path, default_stem: str) -> Path:
     """A safe file name inside `folder`: refuses separators, '..', reserved or odd characters; adds .safetensors."""
     raw = (name or "").strip()
+    name = clipped(name or "")  # the messages below quote it
     if not raw:
         raw = default_stem
     if raw in (".", "..") or ".." in raw.replace("\\", "/").split("/") or os.path.isabs(raw) or "/" in raw or "\\" in raw:
@@ -259,16 +324,17 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
-    def status_line(self) -> str:
+    def status_line(self, eta: bool = True) -> str:
+        """One line for the tab and the API; `eta=False` where the host's own progress bar shows one."""
         if self.status == "done":
             return f"Done in {self.seconds or 0:.1f}s: saved {self.output.name if self.output else ''}."
         if self.status == "cancelled":
             return "Stopped: no file was written."
         if self.status == "failed":
             return f"Failed: {self.error}"
-        eta = format_eta(self.eta_s)
+        left = format_eta(self.eta_s) if eta else ""
         pct = f"{self.fraction * 100:.0f}%"
-        return f"{pct} · {self.message}" + (f" · ETA {eta}" if eta else "")
+        return f"{pct} · {self.message}" + (f" · ETA {left}" if left else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -313,7 +379,7 @@ class MergeService:
             hits = [e for e in entries if test(e)]
             if hits:
                 return hits[0]
-        raise RebasinError(f"{label} '{ref}' is not in the checkpoint list; press refresh and pick it again.")
+        raise RebasinError(f"{label} {shown(ref)} is not in the checkpoint list; press refresh and pick it again.")
 
     def suggest_output_name(self, a: str | None, b: str | None, method: str, alpha: float, blocks: str = "") -> str:
         """The name an empty output field gives (models, method, alpha, block preset), or "" until A and B are set."""
@@ -351,7 +417,9 @@ class MergeService:
         core = _core()
         methods = core.METHODS
         if req.method not in methods:
-            raise RebasinError(f"Unknown merge method '{req.method}'; choose one of {', '.join(methods)}.")
+            raise FieldError("method", f"Unknown merge method {shown(req.method)}; choose one of "
+                                       f"{', '.join(methods)}.")
+        req.check_ranges()
         info = methods[req.method]
         a = self.resolve(req.model_a, "Model A")
         b = self.resolve(req.model_b, "Model B")
@@ -364,19 +432,20 @@ class MergeService:
                 if _same_file(c.path, other.path):
                     raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); "
                                        f"{getattr(info, 'label', req.method)} needs a third, different model.")
-        if not (1 <= int(req.iterations) <= MAX_ITERATIONS):
-            raise RebasinError(f"Iterations must be between 1 and {MAX_ITERATIONS}, got {req.iterations}.")
         parts = tuple(p for p in PARTS if p in set(req.parts))
         bad = sorted(set(req.parts) - set(PARTS))
         if bad:
-            raise RebasinError(f"Unknown part(s) {', '.join(bad)}; choose from unet, te, vae.")
+            raise FieldError("parts", f"Unknown part(s) {', '.join(shown(b, 20) for b in bad[:3])}; choose from "
+                                      f"unet, te, vae.")
         if not parts:
-            raise RebasinError("Pick at least one part to merge (UNet, text encoder or VAE).")
+            raise FieldError("parts", "Pick at least one part to merge (UNet, text encoder or VAE).")
         devices = self.host.device_choices()
         if req.device not in devices:
-            raise RebasinError(f"Device '{req.device}' is not available here; choose one of {', '.join(devices)}.")
+            raise FieldError("device", f"Device {shown(req.device)} is not available here; choose one of "
+                                       f"{', '.join(devices)}.")
         if req.precision not in PRECISION_CHOICES:
-            raise RebasinError(f"Precision must be one of {', '.join(PRECISION_CHOICES)}, got '{req.precision}'.")
+            raise FieldError("precision", f"Precision must be one of {', '.join(PRECISION_CHOICES)}, got "
+                                          f"{shown(req.precision)}.")
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
@@ -557,6 +626,16 @@ class MergeService:
             finally:
                 self.host.restore_device(device)
             job.output = Path(result.output)
+            inputs = list(p.inputs.values()) if isinstance(p, PreparedRecipe) else [
+                e.path for e in (p.a, p.b, p.c) if e is not None]
+            job.message = "Saved; telling the host the files' hashes..."
+            self.host.report_progress(1.0, job.message)
+            try:  # before after_save: the host's rescan then titles the files with their hashes
+                self.host.remember_hashes([job.output, *inputs])
+            except Exception:  # a hash cache is a convenience, never a reason to fail a saved merge
+                import traceback
+
+                traceback.print_exc()
             if isinstance(p, PreparedRecipe):
                 job.summary = [str(x) for x in result.summary_lines()]
                 job.diagnostics = {"steps": [{"name": n, **d.to_dict()} for n, d in result.steps]}

@@ -1,15 +1,19 @@
 """The Re-Basin tab as its own app, for people without the WebUI (and for the browser tests).
 
-    python -m lib_rebasin ui --models-dir DIR [--port N] [--host 127.0.0.1]
+    python -m lib_rebasin ui --models-dir DIR [--port N] [--host 127.0.0.1] [--api [--api-auth user:pass]]
 
 A "generate nothing" host: it lists *.safetensors / *.ckpt in DIR, saves merges there, and "Load merged model"
-only records which checkpoint is active (there is no generator to load it into). The HTTP API is mounted too.
+only records which checkpoint is active (there is no generator to load it into). The HTTP API is mounted only with
+--api, like the WebUI's; --api-auth protects it the way the WebUI's --api-auth does. The port and address default
+to gradio's own GRADIO_SERVER_PORT / GRADIO_SERVER_NAME when they are set.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 import threading
 import time
@@ -18,7 +22,10 @@ from typing import Any, Callable
 
 from ..errors import RebasinError
 from ..signals import sigterm_as_interrupt
+from .api_policy import ApiPolicy, parse_api_auth
 from .host import BaseHost, CheckpointEntry, scan_checkpoints, scan_vaes
+
+DEFAULT_PORT = 7861
 
 
 class StandaloneHost(BaseHost):
@@ -32,9 +39,26 @@ class StandaloneHost(BaseHost):
         self._entries: list[CheckpointEntry] = scan_checkpoints(self.models_dir)
         self._devices = devices
         self._queue = threading.Lock()  # the "GPU queue": one job at a time
+        self._hashes: dict[Path, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) of merged files
 
     def list_checkpoints(self) -> list[CheckpointEntry]:
-        return list(self._entries)
+        out = []
+        for e in self._entries:
+            known = self._hashes.get(e.path.resolve())
+            try:
+                st = e.path.stat()
+                fresh = known is not None and known[:2] == (st.st_size, st.st_mtime_ns)
+            except OSError:
+                fresh = False
+            out.append(CheckpointEntry(e.title, e.path, known[2]) if fresh and known else e)
+        return out
+
+    def remember_hashes(self, paths: list[Path]) -> None:
+        from ..checkpoint import file_sha256  # inputs were hashed during the merge: remembered, not re-read
+
+        for p in paths:
+            st = Path(p).stat()
+            self._hashes[Path(p).resolve()] = (st.st_size, st.st_mtime_ns, file_sha256(p))
 
     def refresh_checkpoints(self) -> None:
         self._entries = scan_checkpoints(self.models_dir)
@@ -78,12 +102,15 @@ def create_app(models_dir: str | os.PathLike[str], devices: list[str] | None = N
     return ui.blocks, service, host
 
 
-def launch(models_dir: str | os.PathLike[str], port: int = 7861, server_name: str = "127.0.0.1",
-           block: bool = True) -> tuple[Any, Any, str]:
-    """Start the app; returns (blocks, service, url). With block=False it returns once the server is up."""
+def launch(models_dir: str | os.PathLike[str], port: int = DEFAULT_PORT, server_name: str = "127.0.0.1",
+           block: bool = True, api: bool = False, api_auth: str | None = None) -> tuple[Any, Any, str]:
+    """Start the app; returns (blocks, service, url). With block=False it returns once the server is up.
+    The HTTP API is mounted only with `api` (the WebUI's --api), behind `api_auth` when given."""
     from .api import register_api
     from .tab import gradio_major
 
+    policy = ApiPolicy(parse_api_auth(api_auth)) if api else None
+    check_port_free(server_name, port)
     blocks, service, _host = create_app(models_dir)
     if gradio_major() >= 4:
         blocks.queue(default_concurrency_limit=4)
@@ -91,9 +118,11 @@ def launch(models_dir: str | os.PathLike[str], port: int = 7861, server_name: st
         blocks.queue(concurrency_count=4)
     app, local_url, _ = blocks.launch(server_name=server_name, server_port=port, prevent_thread_lock=True,
                                       show_error=True, quiet=True)
-    register_api(app, service)
+    if policy is not None:
+        register_api(app, service, policy)
     url = local_url or f"http://{server_name}:{port}/"
-    print(f"Re-Basin standalone: {url} (models in {_host.models_dir})", flush=True)
+    print(f"Re-Basin standalone: {url} (models in {_host.models_dir})" + (", HTTP API on" if api else ""),
+          flush=True)
     if block:
         try:
             while True:  # our own wait, not blocks.block_thread(): it swallows Ctrl-C and prints its own line
@@ -117,13 +146,42 @@ def stop_jobs(service: Any, timeout: float = 120.0) -> str:
     if job.status == "done":
         return f"Stopped: the merge had just finished; saved {job.output.name if job.output else ''}."
     return f"Stopped: cancelled the merge into {job.prepared.output.name}; nothing was written."
+def check_port_free(server_name: str, port: int) -> None:
+    """One line instead of gradio's traceback when the port is taken (gradio would also print a stack)."""
+    try:
+        infos = socket.getaddrinfo(server_name, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RebasinError(f"Cannot listen on {server_name}: {e.strerror}; pass --host 127.0.0.1.") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "in use"
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RebasinError(f"Port {port} on {server_name} is already in use (another WebUI or Re-Basin "
+                                   f"app?); pass --port N or set GRADIO_SERVER_PORT.") from None
+            raise RebasinError(f"Cannot listen on {server_name}:{port}: {e.strerror}.") from None
+
+
+def _env_port() -> int:
+    raw = os.environ.get("GRADIO_SERVER_PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise RebasinError(f"GRADIO_SERVER_PORT={raw[:20]!r} is not a port number (1-65535).")
+    return int(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lib_rebasin ui", description="Run the Re-Basin merge tab as a local web app.")
     p.add_argument("--models-dir", required=True, help="folder with *.safetensors/*.ckpt; merges are saved here")
-    p.add_argument("--port", type=int, default=7861, help="port to listen on (default 7861)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port to listen on (default $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
+    p.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME, else 127.0.0.1)")
+    p.add_argument("--api", action="store_true", help="also serve the HTTP API under /rebasin/v1 (off by default)")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
+                   help="with --api: require HTTP Basic credentials, like the WebUI's --api-auth")
     return p
 
 
@@ -133,14 +191,29 @@ def main(argv: list[str] | None = None) -> int:
     if not folder.is_dir():
         print(f"error: --models-dir {folder} is not a folder", file=sys.stderr)
         return 2
+    if args.api_auth and not args.api:
+        print("error: --api-auth protects the HTTP API; add --api to serve it", file=sys.stderr)
+        return 2
+    try:
+        port = _env_port()  # checked even with --port: gradio itself parses it at import and would crash
+        port = args.port if args.port is not None else port
+        host = args.host or os.environ.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1"
+        parse_api_auth(args.api_auth)
+    except RebasinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("error: the standalone UI needs gradio (pip install 'gradio>=3.41,<5')", file=sys.stderr)
+        print('error: the standalone UI needs gradio: pip install -e ".[ui]" (see README)', file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sigterm_as_interrupt()  # our own process: SIGTERM stops it like Ctrl-C (never done inside the WebUI)
-    launch(folder, port=args.port, server_name=args.host, block=True)
+    try:
+        launch(folder, port=port, server_name=host, block=True, api=args.api, api_auth=args.api_auth)
+    except RebasinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 2  # only a signal ends the server: a non-zero exit, like the CLI's cancel
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RebasinError
-from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values
+from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, choice_values, hires_values
 from . import blocks_ui as bui
 from . import recipe_builder as rb
 from .service import (PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService, RecipeRequest, format_eta,
@@ -49,6 +49,7 @@ TAB_CSS = """/* Re-Basin extension. Everything is scoped to the tab's ids and re
 .rebasin-tool { max-width: 2.6em; min-width: 2.6em !important; }
 #rebasin_hires { padding: 0.6em; }
 #rebasin_hires_advice { opacity: 0.9; font-size: 0.95em; }
+#rebasin_recipe_step_buttons button { white-space: nowrap; min-width: max-content; }
 """
 
 # JS hooks. Each is inline and guarded, so the tab works where javascript/rebasin.js is not loaded (standalone).
@@ -58,6 +59,16 @@ JS_SELECT_CHECKPOINT = ("(title) => { if (title && typeof selectCheckpoint === '
                         " return []; }")
 JS_SWITCH_TXT2IMG = ("() => { if (typeof rebasin_switch_to_txt2img === 'function') { rebasin_switch_to_txt2img(); }"
                      " return []; }")
+
+
+# Which settings a method reads (the core's MethodInfo has no such flags): the tab hides the others.
+USES_ITERATIONS = ("rebasin", "legacy")
+USES_TOLERANCE = ("rebasin",)
+
+# Components whose first value comes from Settings -> Re-Basin. The WebUI's ui-config.json would pin the value they
+# had on the first start (modules/ui_loadsave.py) and override Settings forever after; the host skips components
+# that carry this attribute.
+NOT_IN_UI_CONFIG = "do_not_save_to_config"
 
 
 def gradio_major() -> int:
@@ -123,10 +134,21 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def preset_updates(preset: HiresPreset, targets: dict[str, Any], current_upscaler: str | None) -> list[Any]:
+def same_choice(value: str | None, service: MergeService) -> str | None:
+    """The current title of the checkpoint `value` named before a rescan (the host may have added " [hash]")."""
+    if not value:
+        return None
+    try:
+        return service.resolve(value, "Checkpoint").title
+    except RebasinError:
+        return None
+
+
+def preset_updates(preset: HiresPreset, targets: dict[str, Any], current_upscaler: str | None,
+                   ready: set[str] | None = None) -> list[Any]:
     """gr.update values for the captured txt2img components, in HIRES_ELEM_IDS order (present ones only)."""
     up = targets.get("upscaler")
-    values = hires_values(preset, getattr(up, "choices", None), current_upscaler)
+    values = hires_values(preset, getattr(up, "choices", None), current_upscaler, ready)
     out = []
     for key in HIRES_ELEM_IDS:
         if key in targets:
@@ -136,13 +158,18 @@ def preset_updates(preset: HiresPreset, targets: dict[str, Any], current_upscale
 
 
 def preset_summary(preset: HiresPreset, targets: dict[str, Any], current_upscaler: str | None,
-                   where: str) -> str:
+                   where: str, ready: set[str] | None = None) -> str:
     up = targets.get("upscaler")
-    values = hires_values(preset, getattr(up, "choices", None), current_upscaler)
+    values = hires_values(preset, getattr(up, "choices", None), current_upscaler, ready)
     upscaler = values["upscaler"] or "the current upscaler"
+    why = ""
+    if values["upscaler"] and ready is not None:
+        skipped = [n for n in choice_values(getattr(up, "choices", None)) if n not in ready][:2]
+        why = " (installed, nothing to download" + (f"; {' and '.join(skipped)} would need a download first"
+                                                    if skipped else "") + ")"
     return (f"**{preset.label}** {where}: hires fix on, denoising strength {preset.denoise:.2f}, upscale "
-            f"x{preset.scale:g}, upscaler {upscaler}, hires steps {preset.steps or 'same as first pass'} "
-            f"({preset.note}). Your prompt is unchanged.")
+            f"x{preset.scale:g}, upscaler **{md_escape(upscaler)}**{md_escape(why)}, hires steps "
+            f"{preset.steps or 'same as first pass'} ({preset.note}). Your prompt is unchanged.")
 
 
 def build_tab(host: Host, service: MergeService | None = None, *, title: str = "Re-Basin",
@@ -195,7 +222,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 bui.build_block_controls(gr, c, d_alpha)
                 with gr.Row():
                     c["iterations"] = gr.Slider(minimum=1, maximum=500, step=1, value=d_iterations,
-                                                label="Iterations", elem_id="rebasin_iterations")
+                                                label="Iterations", elem_id="rebasin_iterations",
+                                                visible=d_method in USES_ITERATIONS)
                     c["parts"] = gr.CheckboxGroup(choices=[PART_LABELS[p] for p in PARTS],
                                                   value=[PART_LABELS[p] for p in PARTS], label="Parts to merge",
                                                   elem_id="rebasin_parts")
@@ -203,7 +231,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     minimum=0.0, maximum=10.0, step=0.1, value=d_tolerance,
                     label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
                           "(0 = until nothing improves; much slower on unrelated models)",
-                    elem_id="rebasin_tolerance")
+                    elem_id="rebasin_tolerance", visible=d_method in USES_TOLERANCE)
                 with gr.Row():
                     c["device"] = gr.Dropdown(choices=devices, value=d_device, label="Device",
                                               elem_id="rebasin_device")
@@ -228,7 +256,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 with gr.Accordion("Recipe: a chain of merges in one run", open=False, elem_id="rebasin_recipe"):
                     _recipe_components(gr, c, titles, [method_label[k] for k in method_keys], method_label[d_method],
                                        devices, d_device, d_precision, d_alpha, d_iterations,
-                                       bool(getattr(methods.get(d_method), "needs_c", False)))
+                                       bool(getattr(methods.get(d_method), "needs_c", False)), d_method)
             with gr.Column(elem_id="rebasin_outputs"):
                 c["error"] = gr.HTML("", elem_id="rebasin_error")
                 c["progress_anchor"] = gr.HTML("", elem_id="rebasin_progress_anchor")
@@ -253,7 +281,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         def refresh_lists(a: str | None, b: str | None, cc: str | None):
             host.refresh_checkpoints()
             t = service.titles()
-            return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
+            return [update(choices=t, value=same_choice(v, service)) for v in (a, b, cc)]
 
         for key in "abc":
             c[f"refresh_{key}"].click(fn=refresh_lists, inputs=dropdowns, outputs=dropdowns)
@@ -271,10 +299,12 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             key = label_to_method.get(label, label)
             needs_c = bool(getattr(methods.get(key), "needs_c", False))
             return (update(visible=needs_c), update(visible=needs_c), method_help(key),
-                    *(update(**v) for v in bui.param_visibility(key)))
+                    *(update(**v) for v in bui.param_visibility(key)),
+                    update(visible=key in USES_ITERATIONS), update(visible=key in USES_TOLERANCE))
 
         c["method"].change(fn=on_method, inputs=[c["method"]],
-                           outputs=[c["model_c"], c["refresh_c"], c["method_help"], *param_controls])
+                           outputs=[c["model_c"], c["refresh_c"], c["method_help"], *param_controls, c["iterations"],
+                                    c["tolerance"]])
         bui.wire_block_events(c, update)
 
         def suggest_name(a, b, method, alpha, use_blocks, preset):
@@ -294,7 +324,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
 
         def lists_after_save(a, b, cc):
             t = service.titles()  # the host rescanned its folders after the save
-            return [update(choices=t, value=v if v in t else None) for v in (a, b, cc)]
+            return [update(choices=t, value=same_choice(v, service)) for v in (a, b, cc)]
 
         def run_merge(task_id, a, b, cc, method, alpha, iterations, parts, device, precision, name, overwrite,
                       tolerance=100 * MergeRequest.tolerance, use_blocks=False, blocks_text="", *params):
@@ -321,16 +351,20 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             except RebasinError as e:
                 yield (error_html(str(e)), "", update(), update(), update(), update(interactive=True), *keep)
                 return
-            yield from follow_job(job, keep, lambda: lists_after_save(a, b, cc))
+            # a task id means the JS hook attached the host's progress bar (requestProgress) to this job
+            yield from follow_job(job, keep, lambda: lists_after_save(a, b, cc),
+                                  eta=not (tid and getattr(host, "shows_eta", False)))
 
-        def follow_job(job, keep, lists_after):
-            """Frames (error, progress, result, result_path, load, run button, *lists) until `job` ends."""
+        def follow_job(job, keep, lists_after, eta=True):
+            """Frames (error, progress, result, result_path, load, run button, *lists) until `job` ends.
+            eta=False where the host draws its own progress bar with an ETA above ours: one ETA is enough."""
             last = None
             while True:
                 done = job.wait(POLL_S)
                 d = job.to_dict()
                 state = d["status"] if done else "running"
-                frame = (progress_html(d["fraction"], d["status_line"], state), state)
+                line = job.status_line(eta=eta)
+                frame = (progress_html(d["fraction"], line, state), state)
                 if frame != last:
                     last = frame
                     if not done:
@@ -354,9 +388,20 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         c["merge_event"] = c["merge"].click(fn=run_merge, inputs=merge_inputs, outputs=merge_outputs,
                                             show_progress=False, **js_kwargs(JS_START))
 
+        def resume(a, b, cc):
+            """A page (re)loaded while a merge or recipe runs follows that job to its end."""
+            job = service.running()
+            if job is None:
+                yield tuple(update() for _ in merge_outputs)
+                return
+            yield from follow_job(job, [update(), update(), update()], lambda: lists_after_save(a, b, cc))
+
+        c["resume_event"] = blocks.load(fn=resume, inputs=dropdowns, outputs=merge_outputs, show_progress=False)
+
         def stop():
-            job = service.cancel()
-            return "Stopping: the merge ends at the next checkpoint and writes no file." if job else "Nothing is running."
+            # The progress line says "Stopping..." while the job winds down and "Stopped" once it has: nothing
+            # here that could outlive the job.
+            return "" if service.cancel() else "Nothing is running."
 
         c["stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
         c["recipe_stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
@@ -387,7 +432,9 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             btn = c[f"preset_{p.key}"]
             if target_keys:
                 def apply(current=None, _p=p):
-                    return [*preset_updates(_p, targets, current), preset_summary(_p, targets, current, where)]
+                    ready = host.ready_upscalers()  # asked per click: the user may have installed one since
+                    return [*preset_updates(_p, targets, current, ready),
+                            preset_summary(_p, targets, current, where, ready)]
 
                 up = [targets["upscaler"]] if "upscaler" in targets else []
                 ev = btn.click(fn=apply, inputs=up, outputs=[targets[k] for k in target_keys] + [c["preset_note"]])
@@ -398,6 +445,9 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 btn.click(fn=lambda _p=p: preset_summary(_p, targets, None, where), inputs=[],
                           outputs=[c["preset_note"]], **js_kwargs(js))
 
+    for key in ("method", "iterations", "device", "precision", "tolerance", "recipe_method", "recipe_iterations",
+                "recipe_device", "recipe_precision"):
+        setattr(c[key], NOT_IN_UI_CONFIG, True)
     return TabUI(blocks, c)
 
 
@@ -411,7 +461,7 @@ RECIPE_HELP = ("Build a chain of merges (like DunkMash: several re-basin merges,
 
 def _recipe_components(gr: Any, c: dict[str, Any], titles: list[str], method_labels: list[str], d_method: str,
                        devices: list[str], d_device: str, d_precision: str, d_alpha: float, d_iterations: int,
-                       needs_c: bool) -> None:
+                       needs_c: bool, d_method_key: str = "rebasin") -> None:
     c["recipe_help"] = gr.Markdown(RECIPE_HELP, elem_id="rebasin_recipe_help")
     c["recipe_error"] = gr.HTML("", elem_id="rebasin_recipe_error")
     c["recipe_overview"] = gr.Markdown(rb.recipe_markdown(""), elem_id="rebasin_recipe_overview")
@@ -440,7 +490,8 @@ def _recipe_components(gr: Any, c: dict[str, Any], titles: list[str], method_lab
         c["recipe_alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d_alpha, label="Alpha",
                                       elem_id="rebasin_recipe_alpha")
         c["recipe_iterations"] = gr.Slider(minimum=1, maximum=1000, step=1, value=d_iterations, label="Iterations",
-                                           elem_id="rebasin_recipe_iterations")
+                                           elem_id="rebasin_recipe_iterations",
+                                           visible=d_method_key in USES_ITERATIONS)
     c["recipe_parts"] = gr.CheckboxGroup(choices=[PART_LABELS[p] for p in PARTS],
                                          value=[PART_LABELS[p] for p in PARTS], label="Parts",
                                          elem_id="rebasin_recipe_parts")
@@ -512,6 +563,8 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
                 i = rb.label_index(step)
                 f = form(method, a, b, cc, alpha, iterations, parts, step_name)
                 if kind == "add":
+                    if i is not None and f.name and f.name == rb.step_name(text, i):
+                        f.name = ""  # the selected step's name, filled in for "Update": a new step gets its own
                     new = rb.add_step(text, f, entries())
                     return view(new, len(rb.step_labels(new)) - 1)
                 if kind == "update":
@@ -572,9 +625,12 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
     def on_method(label):
         from ..merge import METHODS
 
-        return update(visible=bool(getattr(METHODS.get(label_to_method.get(label, label)), "needs_c", False)))
+        key = label_to_method.get(label, label)
+        return (update(visible=bool(getattr(METHODS.get(key), "needs_c", False))),
+                update(visible=key in USES_ITERATIONS))
 
-    c["recipe_method"].change(fn=on_method, inputs=[c["recipe_method"]], outputs=[c["recipe_c"]])
+    c["recipe_method"].change(fn=on_method, inputs=[c["recipe_method"]],
+                              outputs=[c["recipe_c"], c["recipe_iterations"]])
 
     def refresh(text, a, b, cc, meta):
         host.refresh_checkpoints()
@@ -584,7 +640,7 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
             choices = service.titles()
         t = service.titles()
         return [*[update(choices=choices, value=v if v in choices else None) for v in (a, b, cc)],
-                update(choices=t, value=meta if meta in t else None)]
+                update(choices=t, value=same_choice(meta, service))]
 
     c["recipe_refresh"].click(fn=refresh, inputs=[c["recipe_text"], c["recipe_a"], c["recipe_b"], c["recipe_c"],
                                                   c["recipe_meta_model"]],
@@ -611,9 +667,10 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
 
         def lists_after():
             t = service.titles()
-            return [text, *lists_after_save(a, b, cc), update(choices=t, value=meta if meta in t else None)]
+            return [text, *lists_after_save(a, b, cc), update(choices=t, value=same_choice(meta, service))]
 
-        for frame in follow_job(job, [update(), update(), update(), update()], lambda: lists_after()[1:]):
+        for frame in follow_job(job, [update(), update(), update(), update()], lambda: lists_after()[1:],
+                                eta=not (tid and getattr(host, "shows_eta", False))):
             yield (*frame[:6], text, *frame[6:])
 
     c["recipe_run_event"] = c["recipe_run"].click(

@@ -3,7 +3,7 @@
 import os
 from types import SimpleNamespace
 
-from . import record, shared
+from . import hashes, record, shared
 
 model_path = os.path.abspath("models/Stable-diffusion")  # tests point this at a tmp folder
 checkpoints_list: dict = {}
@@ -11,6 +11,8 @@ checkpoint_aliases: dict = {}
 
 
 class CheckpointInfo:
+    """Like the host's: titled "name [shorthash]" once the sha256 is in the hash cache (modules/sd_models.py)."""
+
     def __init__(self, filename):
         self.filename = filename
         abspath = os.path.abspath(filename)
@@ -22,15 +24,31 @@ class CheckpointInfo:
         self.name = name.replace("\\", "/")
         self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
         self.model_name = os.path.splitext(self.name.replace("/", "_"))[0]
-        self.shorthash = None
-        self.title = self.name
-        self.short_title = self.name_for_extra
-        self.ids = [self.title, self.name, self.model_name]
+        self.sha256 = hashes.sha256_from_cache(self.filename, f"checkpoint/{self.name}")
+        self.shorthash = self.sha256[0:10] if self.sha256 else None
+        self.title = self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
+        self.short_title = (self.name_for_extra if self.shorthash is None
+                            else f"{self.name_for_extra} [{self.shorthash}]")
+        self.ids = [self.title, self.name, self.model_name, self.name_for_extra]
+        if self.shorthash:
+            self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]"]
 
     def register(self):
         checkpoints_list[self.title] = self
         for i in self.ids:
             checkpoint_aliases[i] = self
+
+    def calculate_shorthash(self):
+        self.sha256 = hashes.sha256(self.filename, f"checkpoint/{self.name}")
+        if self.sha256 is None:
+            return None
+        if self.shorthash != self.sha256[0:10]:
+            self.shorthash = self.sha256[0:10]
+            checkpoints_list.pop(self.title, None)
+            self.title = f"{self.name} [{self.shorthash}]"
+            self.ids += [self.shorthash, self.sha256, self.title]
+            self.register()
+        return self.shorthash
 
 
 def list_models():
@@ -63,10 +81,18 @@ model_data = SimpleNamespace(sd_model=None)
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    info = info or select_checkpoint()
+    loaded = model_data.sd_model
+    if loaded is not None and loaded.sd_model_checkpoint == info.filename:
+        return loaded  # the host returns early when that file is loaded already
     record("sd_models.reload_model_weights", info.title if info else None)
+    info.calculate_shorthash()  # the host hashes what it loads (get_checkpoint_state_dict)
     model_data.sd_model = FakeModel(info)
-    shared.opts.data["sd_model_checkpoint"] = info.title
     return model_data.sd_model
+
+
+def select_checkpoint():
+    return checkpoint_aliases.get(shared.opts.data.get("sd_model_checkpoint")) or next(iter(checkpoints_list.values()))
 
 
 def send_model_to_cpu(m):

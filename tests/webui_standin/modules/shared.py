@@ -16,19 +16,36 @@ class Options:
     def __init__(self):
         self.data = {"sd_model_checkpoint": None}
         self.data_labels = {}
+        self.onchanges = {}
 
     def add_option(self, key, info):
         record("opts.add_option", key)
         self.data_labels[key] = info
         self.data.setdefault(key, info.default)
 
-    def set(self, key, value):
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        """Like the host's: no-op when unchanged, else store and run the option's onchange."""
         record("opts.set", key, value)
+        if self.data.get(key) == value:
+            return False
         self.data[key] = value
+        callback = self.onchanges.get(key)
+        if run_callbacks and callback is not None:
+            callback()
         return True
 
+    def onchange(self, key, func, call=True):
+        self.onchanges[key] = func
+        if call:
+            func()
+
     def save(self, filename):
+        """Writes the options as JSON, as the host's config.json."""
         record("opts.save", filename)
+        import json
+
+        with open(filename, "w", encoding="utf8") as f:
+            json.dump(self.data, f, indent=4)
 
     def __getattr__(self, item):  # like the host: unknown keys raise
         data = self.__dict__.get("data", {})
@@ -71,7 +88,23 @@ class State:
             self.history.append((self.__dict__.get("sampling_step"), value))
 
 
+class UpscalerData:
+    """modules/upscaler.py's: a downloadable model keeps its URL in local_data_path until the file is on disk."""
+
+    def __init__(self, name, path):
+        self.name, self.data_path, self.local_data_path = name, path, path
+
+
+# What a fresh install lists (modules/modelloader.load_upscalers, shared_items): hires choices are the latent modes
+# plus these names. Tests add a local file path to model an installed model.
+latent_upscale_modes = {"Latent": {}, "Latent (nearest)": {}}
+sd_upscalers = [UpscalerData("None", None), UpscalerData("Lanczos", None), UpscalerData("Nearest", None),
+                UpscalerData("R-ESRGAN 4x+", "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/"
+                                             "RealESRGAN_x4plus.pth")]
+
 opts = Options()
-cmd_opts = SimpleNamespace(ckpt_dir=None, lowvram=False, medvram=False, ckpt=None)
+# The host's flags the extension reads (modules/cmd_args.py): tests and webui.py set them.
+cmd_opts = SimpleNamespace(ckpt_dir=None, lowvram=False, medvram=False, ckpt=None, api=False, nowebui=False,
+                           api_auth=None, cors_allow_origins=None, cors_allow_origins_regex=None, no_hashing=False)
 state = State()
 config_filename = "config.json"
