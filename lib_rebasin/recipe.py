@@ -340,7 +340,7 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
                 continue
             for p in candidates:
                 real = p.resolve()
-                if real in seen or (confine and recursive and not _inside(real, root)):
+                if real in seen:
                     continue
                 seen.add(real)
                 if sha(p) and sha(p).startswith(want):
@@ -355,10 +355,6 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
         path = None
         if ref.file is not None:
             p = Path(ref.file) if (Path(ref.file).is_absolute() and not confine) else models_dir / ref.file
-            if confine and p.exists() and not _inside(p.resolve(), root):
-                raise RecipeError(f"line {ref.line}: model '{ref.name}': {ref.file} leads outside --models-dir "
-                                  f"{models_dir} (through a symbolic link to {p.resolve()}); put the file itself "
-                                  "in the models folder or pass its folder as --models-dir.")
             if p.is_file():
                 path = p
             elif ref.sha256 is None:
@@ -375,10 +371,6 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
         assert path is not None
         found[ref.name] = path
     return found
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
 
 
 # -- running ---------------------------------------------------------------------------------------------------
