@@ -143,7 +143,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    blocks, service, url = launch(folder, port=port, block=False)
+    blocks, service, url = launch(folder, port=port, block=False, api=True)  # the API is served only with --api
     api = url.rstrip("/") + "/rebasin/v1"
     try:
         code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
@@ -151,7 +151,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
         assert code == 400 and "Unknown block-weight preset 'NOPE'" in body["detail"]
         code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
                                             "model_c": "base.safetensors", "method": "dare", "dare_p": 1.5})
-        assert code == 400 and "dare_p must be in" in body["detail"]
+        assert code == 422 and body["field"] == "dare_p" and "dare_p must be in" in body["detail"]
         code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
                                             "model_c": "base.safetensors", "method": "dare", "dare_p": 0.5,
                                             "seed": 4, "blocks": [0.5] * 25, "alpha": 0.25,

@@ -121,16 +121,20 @@ def launch(models_dir: str | os.PathLike[str], port: int = DEFAULT_PORT, server_
     if policy is not None:
         register_api(app, service, policy)
     url = local_url or f"http://{server_name}:{port}/"
-    print(f"Re-Basin standalone: {url} (models in {_host.models_dir})" + (", HTTP API on" if api else ""),
-          flush=True)
-    if block:
-        try:
-            while True:  # our own wait, not blocks.block_thread(): it swallows Ctrl-C and prints its own line
-                time.sleep(0.5)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see `main`)
-            print(stop_jobs(service), file=sys.stderr, flush=True)
-        finally:
-            blocks.close()
+    ready = f"Re-Basin standalone: {url} (models in {_host.models_dir})" + (", HTTP API on" if api else "")
+    if not block:
+        print(ready, flush=True)
+        return blocks, service, url
+    try:
+        # The ready line is printed inside the try: a signal that arrives as soon as it is read must still stop
+        # the server cleanly (gradio 3's server thread would otherwise keep the process alive).
+        print(ready, flush=True)
+        while True:  # our own wait, not blocks.block_thread(): it swallows Ctrl-C and prints its own line
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see `main`)
+        print(stop_jobs(service), file=sys.stderr, flush=True)
+    finally:
+        blocks.close()
     return blocks, service, url
 
 
