@@ -1,0 +1,52 @@
+"""The model families the benchmark merges, and the two profiles (full, quick) that size them.
+
+- independent pair: two models from different inits and batch orders, trained on every class;
+- same-base family: one base trained on every class, then two fine-tunes that each learn something different
+  (digits 0-4 and digits 5-9), like community fine-tunes of one base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .train import TrainConfig
+
+LOW, HIGH = tuple(range(5)), tuple(range(5, 10))
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    batch: int
+    widths: tuple[int, ...]                 # the independent pairs' widths (ratio against width); () = none
+    independent_steps: dict[int, int]       # width -> training steps of the pair
+    milestones: tuple[int, ...]             # earlier states of each pair (ratio against training length)
+    base_steps: int
+    finetune_steps: int
+    skill_width: int                        # the families every method and the skills are measured on
+    samples_per_class: int
+    eval_images: int
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    methods: tuple[str, ...] | None = None  # labels from methods.METHOD_LIST; None = every method
+
+
+FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 600, 64: 400, 96: 200},
+               milestones=(100, 200, 400), base_steps=300, finetune_steps=150, skill_width=32,
+               samples_per_class=10, eval_images=100)
+QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milestones=(), base_steps=16,
+                finetune_steps=6, skill_width=32, samples_per_class=1, eval_images=8,
+                alphas=(0.0, 0.5, 1.0), methods=("weighted sum", "re-basin"))
+PROFILES = {p.name: p for p in (FULL, QUICK)}
+
+
+def independent_pair(p: Profile, width: int, steps: int | None = None) -> tuple[TrainConfig, TrainConfig]:
+    s = steps or p.independent_steps[width]
+    return (TrainConfig(width, init_seed=1, data_seed=101, steps=s, batch=p.batch),
+            TrainConfig(width, init_seed=2, data_seed=102, steps=s, batch=p.batch))
+
+
+def same_base_family(p: Profile, width: int) -> tuple[TrainConfig, TrainConfig, TrainConfig]:
+    """(base, fine-tune on 0-4, fine-tune on 5-9)."""
+    base = TrainConfig(width, init_seed=0, data_seed=100, steps=p.base_steps, batch=p.batch)
+    tune = replace(base, steps=p.finetune_steps, lr=3e-4, parent=base)
+    return base, replace(tune, data_seed=103, classes=LOW), replace(tune, data_seed=104, classes=HIGH)

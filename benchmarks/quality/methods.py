@@ -1,0 +1,48 @@
+"""The merge methods the benchmark measures, as data: one line per method.
+
+`method` is a name in lib_rebasin's METHODS registry and `options` are extra `MergeOptions` fields, so a method
+added to the core (block weights, TIES, DARE, train difference, activation matching...) is benchmarked by adding
+one line here. A line whose method the installed core does not have is skipped and listed in the report.
+`needs_base` methods get the same-base family's base as model C, so they only run on that family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    method: str
+    options: dict = field(default_factory=dict, hash=False)
+    needs_base: bool = False
+
+    @property
+    def slug(self) -> str:
+        return "".join(ch if ch.isalnum() else "_" for ch in self.label.lower()).strip("_")
+
+
+WEIGHTED_SUM = Method("weighted sum", "weighted_sum")
+REBASIN = Method("re-basin", "rebasin")
+
+METHOD_LIST: tuple[Method, ...] = (
+    WEIGHTED_SUM,
+    REBASIN,
+    Method("re-basin, tolerance 0", "rebasin", {"tolerance": 0.0}),
+    Method("re-basin, 500 iterations", "rebasin", {"iterations": 500}),
+    Method("legacy, 500 iterations", "legacy", {"iterations": 500}),
+    Method("add difference (C = base)", "add_difference", needs_base=True),
+)
+
+# Only measured at alpha 0.5 on every width and training length (the ratio against width and training).
+SWEEP_METHODS: tuple[Method, ...] = (WEIGHTED_SUM, REBASIN, Method("re-basin, tolerance 0", "rebasin",
+                                                                    {"tolerance": 0.0}))
+
+
+def available(methods: tuple[Method, ...]) -> tuple[list[Method], list[Method]]:
+    """(methods the installed core provides, methods it does not)."""
+    from lib_rebasin.merge import METHODS
+
+    have = [m for m in methods if m.method in METHODS]
+    return have, [m for m in methods if m.method not in METHODS]
