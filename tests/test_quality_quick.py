@@ -30,6 +30,7 @@ def test_quick_benchmark_controls(tmp_path: Path) -> None:
     assert planted["loss_b"] == pytest.approx(planted["loss_a"], rel=1e-5)
     assert planted["rebasin_barrier"] == 0.0
     assert planted["rebasin_merge_max_abs_diff_from_a"] == 0.0
+    assert planted["activation_matching_max_abs_diff_from_a"] == 0.0
     assert planted["weighted_sum_barrier"] > 0.01
     same = results["controls"]["same_base_identity"]
     assert same["bit_identical"] and same["units_moved"] == 0

@@ -2,7 +2,8 @@
 
 - planted permutation: B is A with a random legal permutation of every UNet and text-encoder group. B computes
   the same function (checked on the held-out set), re-basin must recover the permutation, so its merge equals A
-  and the barrier is exactly zero, while the weighted sum of A and B falls off a barrier;
+  and the barrier is exactly zero, while the weighted sum of A and B falls off a barrier. Activation matching
+  must recover it too (its alignment is then a weighted sum of A with itself);
 - same base: fine-tunes of one base line up already, so re-basin matches the identity and its merge equals the
   weighted sum bit for bit.
 """
@@ -20,7 +21,7 @@ from lib_rebasin.spec import build_spec
 from .evaluate import EvalSet, Model, heldout_loss
 from .layout import sd_config
 from .merging import merge
-from .methods import REBASIN, WEIGHTED_SUM
+from .methods import ACTIVATIONS, REBASIN, WEIGHTED_SUM
 from .export import single_file
 from .train import Trained
 
@@ -40,15 +41,17 @@ def planted_permutation(width: int, a: Trained, es: EvalSet, work: Path, seed: i
         loss_b = heldout_loss(Model(width, ldm_b), es)["mean"]
         rb = merge(a_path, b_path, REBASIN, 0.5, work)
         ws = merge(a_path, b_path, WEIGHTED_SUM, 0.5, work)
+        am = merge(a_path, b_path, ACTIVATIONS, 0.5, work)
     finally:
         b_path.unlink(missing_ok=True)
     loss_rb = heldout_loss(Model(width, rb.ldm), es)["mean"]
     loss_ws = heldout_loss(Model(width, ws.ldm), es)["mean"]
     max_diff = max(float((rb.ldm[k].float() - v.float()).abs().max()) for k, v in ldm_a.items())
+    am_diff = max(float((am.ldm[k].float() - v.float()).abs().max()) for k, v in ldm_a.items())
     mid = (loss_a + loss_b) / 2
     return {"units_permuted": moved, "loss_a": loss_a, "loss_b": loss_b,
             "rebasin_barrier": loss_rb - mid, "weighted_sum_barrier": loss_ws - mid,
-            "rebasin_merge_max_abs_diff_from_a": max_diff}
+            "rebasin_merge_max_abs_diff_from_a": max_diff, "activation_matching_max_abs_diff_from_a": am_diff}
 
 
 def same_base_identity(a: Trained, b: Trained, work: Path) -> dict:

@@ -11,6 +11,9 @@ def failures(controls: dict) -> list[str]:
     if pp["rebasin_merge_max_abs_diff_from_a"] != 0.0 or pp["rebasin_barrier"] > 1e-5:
         out.append(f"re-basin did not recover the planted permutation (barrier {pp['rebasin_barrier']:.2e}, "
                    f"merge differs from A by {pp['rebasin_merge_max_abs_diff_from_a']:.2e})")
+    if pp["activation_matching_max_abs_diff_from_a"] != 0.0:
+        out.append("activation matching did not recover the planted permutation (merge differs from A by "
+                   f"{pp['activation_matching_max_abs_diff_from_a']:.2e})")
     if not pp["weighted_sum_barrier"] > 0:
         out.append("the weighted sum of a model and its permutation showed no barrier: the control is vacuous")
     if not sb["bit_identical"]:

@@ -30,9 +30,11 @@ class Profile:
     methods: tuple[str, ...] | None = None  # labels from methods.METHOD_LIST; None = every method
 
 
-FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 600, 64: 400, 96: 200},
-               milestones=(100, 200, 400), base_steps=300, finetune_steps=150, skill_width=32,
-               samples_per_class=10, eval_images=100)
+# Sized for the shared 2-core machine as it was on 2026-12-01 (load average 10-13 from other work): about an hour
+# of training at one thread per model. On a quiet machine or a GPU, raise the steps: the cache keeps what exists.
+FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 200, 64: 100, 96: 100},
+               milestones=(100,), base_steps=100, finetune_steps=50, skill_width=32,
+               samples_per_class=5, eval_images=64)
 QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milestones=(), base_steps=16,
                 finetune_steps=6, skill_width=32, samples_per_class=1, eval_images=8,
                 alphas=(0.0, 0.5, 1.0), methods=("weighted sum", "re-basin"))

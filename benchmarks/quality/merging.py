@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lib_rebasin.merge import MergeOptions, merge_checkpoints
 
@@ -23,16 +23,44 @@ PARTS = ("unet", "te")
 class Merged:
     ldm: dict[str, torch.Tensor]
     summary: list[str]          # the merge's own diagnostics, in words
-    seconds: float
-    moved: dict[str, list[int]]
+    seconds: float                                # the merge call (plus the activation matching, if any)
+    moved: dict[str, list[int]]                   # part -> [units moved, units] (re-basin)
+    similarity: dict[str, tuple[float, float]]    # part -> cosine similarity of B to A before / after matching
+
+
+_ALIGNED: dict[tuple[Path, Path, str], tuple[Path, float]] = {}
+
+
+def aligned(a: Path, b: Path, how: str, work: Path) -> tuple[Path, float]:
+    """B permuted onto A by `how` ("activations"), written once per pair; also the seconds matching took."""
+    key = (a, b, how)
+    if key not in _ALIGNED or not _ALIGNED[key][0].exists():
+        from lib_rebasin.spec import build_spec
+
+        from .activations import activation_perms, permuted_copy
+        from .layout import UNET_PREFIX, sd_config
+
+        ldm_a, ldm_b = load_file(str(a)), load_file(str(b))
+        width = ldm_a[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0]
+        start = time.perf_counter()
+        perms = activation_perms(width, ldm_a, ldm_b)
+        seconds = time.perf_counter() - start
+        out = work / f"{b.stem}-aligned-to-{a.stem}-{how}.safetensors"
+        save_file(permuted_copy(build_spec(sd_config(width)), ldm_b, perms), str(out))
+        _ALIGNED[key] = (out, seconds)
+    return _ALIGNED[key]
 
 
 def merge(a: Path, b: Path, method: Method, alpha: float, work: Path, base: Path | None = None) -> Merged:
     if method.needs_base and base is None:
         raise ValueError(f"{method.label} needs the family's base as model C")
-    # The VAE is shared and unused (see layout.py): merge the UNet and the text encoder, as a user would.
-    options = MergeOptions(method=method.method, alpha=alpha, precision="fp32", parts=PARTS, **method.options)
     work.mkdir(parents=True, exist_ok=True)
+    align_seconds = 0.0
+    if method.align is not None:
+        b, align_seconds = aligned(a, b, method.align, work)
+    # The VAE is shared and unused (see layout.py): merge the UNet and the text encoder, as a user would.
+    options = MergeOptions(**{"method": method.method, "alpha": alpha, "precision": "fp32", "parts": PARTS,
+                              **method.options})
     out = work / f"merge-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
     start = time.perf_counter()
     try:
@@ -42,4 +70,5 @@ def merge(a: Path, b: Path, method: Method, alpha: float, work: Path, base: Path
     finally:
         out.unlink(missing_ok=True)
     d = result.diagnostics
-    return Merged(ldm, d.summary_lines(), seconds, dict(d.moved))
+    similarity = {p: cos for p in d.objective if (cos := d.cosine(p)) is not None}
+    return Merged(ldm, d.summary_lines(), seconds + align_seconds, dict(d.moved), similarity)

@@ -4,6 +4,9 @@
 added to the core (block weights, TIES, DARE, train difference, activation matching...) is benchmarked by adding
 one line here. A line whose method the installed core does not have is skipped and listed in the report.
 `needs_base` methods get the same-base family's base as model C, so they only run on that family.
+`align="activations"` is the activation-matching lever: B is permuted (function-preserving) by activation
+matching before the core merge runs; with "weighted_sum" that is re-basin with activation matching instead of
+weight matching, with "rebasin" it is weight matching warm-started from the activation alignment.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ class Method:
     method: str
     options: dict = field(default_factory=dict, hash=False)
     needs_base: bool = False
+    # "activations": B is first aligned to A by activation matching (activations.py), then merged as above.
+    align: str | None = None
 
     @property
     def slug(self) -> str:
@@ -25,6 +30,8 @@ class Method:
 
 WEIGHTED_SUM = Method("weighted sum", "weighted_sum")
 REBASIN = Method("re-basin", "rebasin")
+ACTIVATIONS = Method("activation matching", "weighted_sum", align="activations")
+ACTIVATIONS_THEN_WEIGHTS = Method("activation matching, then re-basin", "rebasin", align="activations")
 
 METHOD_LIST: tuple[Method, ...] = (
     WEIGHTED_SUM,
@@ -33,11 +40,15 @@ METHOD_LIST: tuple[Method, ...] = (
     Method("re-basin, 500 iterations", "rebasin", {"iterations": 500}),
     Method("legacy, 500 iterations", "legacy", {"iterations": 500}),
     Method("add difference (C = base)", "add_difference", needs_base=True),
+    ACTIVATIONS,
+    ACTIVATIONS_THEN_WEIGHTS,
 )
 
 # Only measured at alpha 0.5 on every width and training length (the ratio against width and training).
+
 SWEEP_METHODS: tuple[Method, ...] = (WEIGHTED_SUM, REBASIN, Method("re-basin, tolerance 0", "rebasin",
-                                                                    {"tolerance": 0.0}))
+                                                                    {"tolerance": 0.0}),
+                                     ACTIVATIONS, ACTIVATIONS_THEN_WEIGHTS)
 
 
 def available(methods: tuple[Method, ...]) -> tuple[list[Method], list[Method]]:

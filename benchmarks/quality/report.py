@@ -90,7 +90,8 @@ def markdown(results: dict, plots: list[str]) -> str:
     lines += ["## Controls", "",
               f"- Planted permutation ({pp['units_permuted']:,} units moved): B's held-out loss {pp['loss_b']:.6f} "
               f"vs A's {pp['loss_a']:.6f}; re-basin barrier {pp['rebasin_barrier']:+.2e} (merge differs from A by "
-              f"at most {pp['rebasin_merge_max_abs_diff_from_a']:.1e}), weighted-sum barrier "
+              f"at most {pp['rebasin_merge_max_abs_diff_from_a']:.1e}; activation matching's by "
+              f"{pp['activation_matching_max_abs_diff_from_a']:.1e}), weighted-sum barrier "
               f"{pp['weighted_sum_barrier']:+.4f}.",
               f"- Same base: re-basin moved {sb['units_moved']} units; its merge is "
               + ("bit-identical to the weighted sum" if sb["bit_identical"]

@@ -88,6 +88,9 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log) -> list[dict]:
                 row["loss"][m.label] = loss
                 row["barrier"][m.label] = loss - (la + lb) / 2
                 row["merge_seconds"][m.label] = merged.seconds
+                if merged.moved:
+                    row.setdefault("units_moved", {})[m.label] = merged.moved
+                    row.setdefault("similarity", {})[m.label] = merged.similarity
             ws = row["barrier"][have[0].label]
             row["ratio"] = {m.label: row["barrier"][m.label] / ws for m in have[1:]} if ws > 0 else {}
             log(f"  w{width} {steps} steps: barrier " + ", ".join(f"{k} {v:+.4f}" for k, v in row["barrier"].items()))
