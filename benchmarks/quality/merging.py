@@ -45,8 +45,11 @@ def aligned(a: Path, b: Path, how: str, work: Path) -> tuple[Path, float]:
         start = time.perf_counter()
         perms = activation_perms(width, ldm_a, ldm_b)
         seconds = time.perf_counter() - start
-        out = work / f"{b.stem}-aligned-to-{a.stem}-{how}.safetensors"
-        save_file(permuted_copy(build_spec(sd_config(width)), ldm_b, perms), str(out))
+        # Per process, and written atomically: several benchmark processes may share the work folder.
+        out = work / f"{b.stem}-aligned-to-{a.stem}-{how}-{os.getpid()}.safetensors"
+        tmp = out.with_suffix(".tmp")
+        save_file(permuted_copy(build_spec(sd_config(width)), ldm_b, perms), str(tmp))
+        os.replace(tmp, out)
         _ALIGNED[key] = (out, seconds)
     return _ALIGNED[key]
 

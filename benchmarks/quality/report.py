@@ -80,14 +80,16 @@ def markdown(results: dict, plots: list[str]) -> str:
              f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
              f"{m['threads']} thread(s), GPU: {m['gpu'] or 'none'}; 1-min load average {m['load_average_start']:.1f}"
              f" at start, {m['load_average_end']:.1f} at end). Wall time {results['wall_seconds'] / 60:.1f} min "
-             "(models reused from the cache are not retrained; their training time is in each model's record).",
+             "(models reused from the cache are not retrained; their training time is in each model's record). "
+             "Time per section (measured when the section was run): " + ", ".join(
+                 f"{k} {v / 60:.1f} min" for k, v in results.get("section_seconds", {}).items()) + ".",
              "", f"Digit classifier (judges the samples): test accuracy {results['classifier_test_accuracy']:.3f}.",
              ""]
     if results["skipped_methods"]:
         lines += [f"Not in the installed core, skipped: {', '.join(results['skipped_methods'])}.", ""]
     c = results["controls"]
-    pp, sb = c["planted_permutation"], c["same_base_identity"]
-    lines += ["## Controls", "",
+    pp, sb = (c["planted_permutation"], c["same_base_identity"]) if c else ({}, {})
+    lines += [] if not c else ["## Controls", "",
               f"- Planted permutation ({pp['units_permuted']:,} units moved): B's held-out loss {pp['loss_b']:.6f} "
               f"vs A's {pp['loss_a']:.6f}; re-basin barrier {pp['rebasin_barrier']:+.2e} (merge differs from A by "
               f"at most {pp['rebasin_merge_max_abs_diff_from_a']:.1e}; activation matching's by "

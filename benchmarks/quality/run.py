@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from .evaluate import EvalSet, Model, classifier, eval_set, heldout_loss, sample
 from .families import Profile, independent_pair, same_base_family
 from .merging import merge
 from .methods import METHOD_LIST, SWEEP_METHODS, Method, available
-from .train import Trained, load_ldm, train, unet_param_count
+from .train import Trained, cached, load_ldm, train, unet_param_count
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
@@ -68,15 +70,40 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
     return family
 
 
-def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log) -> list[dict]:
-    """Barrier at alpha 0.5 of each sweep method on every width and training length of the independent pairs."""
+class NotTrained(Exception):
+    pass
+
+
+def trained(root: Path, cfg, milestones: tuple[int, ...], may_train: bool, log) -> dict[int, Trained]:
+    """`train`, or with may_train=False only what the cache holds (NotTrained if the final state is missing)."""
+    if may_train:
+        return train(root, cfg, milestones, log)
+    out = {s: t for s in sorted(set(milestones) | {cfg.steps}) if s <= cfg.steps
+           and (t := cached(root, replace(cfg, steps=s))) is not None}
+    if cfg.steps not in out:
+        raise NotTrained(cfg.describe())
+    return out
+
+
+def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionCache",
+          may_train: bool = True) -> list[dict]:
+    """Barrier at alpha 0.5 of each sweep method on every width and training length of the independent pairs
+    (each row cached on its own, so that a row whose models are still training can be added later)."""
     have, _ = available(SWEEP_METHODS)
     rows = []
     for width in p.widths:
         full = independent_pair(p, width)
-        states = [train(root, cfg, p.milestones, log) for cfg in full]
-        for steps in sorted(states[0]):
+        try:
+            states = [trained(root, cfg, p.milestones, may_train, log) for cfg in full]
+        except NotTrained as e:
+            log(f"  width {width}: not trained yet ({e}); left out")
+            continue
+        for steps in sorted(set(states[0]) & set(states[1])):
             a, b = states[0][steps], states[1][steps]
+            row_name = f"sweep-w{width}-s{steps}"
+            if (row := cache.get(row_name)) is not None:
+                rows.append(row)
+                continue
             la = heldout_loss(Model(width, load_ldm(a)), es)["mean"]
             lb = heldout_loss(Model(width, load_ldm(b)), es)["mean"]
             row = {"width": width, "params": unet_param_count(width), "steps": steps, "loss_a": la, "loss_b": lb,
@@ -94,11 +121,44 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log) -> list[dict]:
             ws = row["barrier"][have[0].label]
             row["ratio"] = {m.label: row["barrier"][m.label] / ws for m in have[1:]} if ws > 0 else {}
             log(f"  w{width} {steps} steps: barrier " + ", ".join(f"{k} {v:+.4f}" for k, v in row["barrier"].items()))
+            row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            row["load_average_end"] = os.getloadavg()[0]
+            cache.put(row_name, row)
             rows.append(row)
     return rows
 
 
-def run(p: Profile, root: Path, log=print) -> dict:
+SECTIONS = ("controls", "independent", "same_base", "sweep")
+# Bump when a measurement changes: cached section results are then recomputed.
+RESULTS_VERSION = 1
+
+
+class SectionCache:
+    """Each section's result, cached in DATA/sections/ by everything it depends on (profile, methods, the
+    measurement code's version), so a long run can be done in parts and the report rebuilt from them."""
+
+    def __init__(self, root: Path, p: Profile, methods: list[Method]) -> None:
+        self.dir = root / "sections"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = {"profile": asdict(p), "methods": [[m.label, m.method, m.options, m.align] for m in methods],
+                 "sweep_methods": [[m.label, m.method, m.options, m.align] for m in SWEEP_METHODS],
+                 "version": RESULTS_VERSION}
+        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}-{self.key}.json"
+
+    def get(self, name: str) -> dict | None:
+        f = self.path(name)
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def put(self, name: str, value: dict) -> None:
+        tmp = self.path(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, self.path(name))
+
+
+def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train: bool = True, log=print) -> dict:
     start = time.perf_counter()
     work = root / "work"
     results: dict = {"profile": p.name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
@@ -110,32 +170,65 @@ def run(p: Profile, root: Path, log=print) -> dict:
     log(f"digit classifier: test accuracy {acc:.3f}")
     w = p.skill_width
     es = eval_set(p.eval_images)
+    cache = SectionCache(root, p, methods)
 
-    log("training (or reusing) the models")
-    a_cfg, b_cfg = independent_pair(p, w)
-    a = train(root, a_cfg, p.milestones, log)[a_cfg.steps]
-    b = train(root, b_cfg, p.milestones, log)[b_cfg.steps]
-    base_cfg, low_cfg, high_cfg = same_base_family(p, w)
-    base = train(root, base_cfg, (), log)[base_cfg.steps]
-    low = train(root, low_cfg, (), log)[low_cfg.steps]
-    high = train(root, high_cfg, (), log)[high_cfg.steps]
+    def independent() -> tuple[Trained, Trained]:
+        a_cfg, b_cfg = independent_pair(p, w)
+        return (trained(root, a_cfg, p.milestones, may_train, log)[a_cfg.steps],
+                trained(root, b_cfg, p.milestones, may_train, log)[b_cfg.steps])
 
-    log("controls")
-    results["controls"] = {"planted_permutation": planted_permutation(w, a, es, work),
-                           "same_base_identity": same_base_identity(low, high, work)}
-    log(f"  {json.dumps(results['controls'])}")
+    def same_base() -> tuple[Trained, Trained, Trained]:
+        cfgs = same_base_family(p, w)
+        return tuple(trained(root, cfg, (), may_train, log)[cfg.steps] for cfg in cfgs)  # type: ignore[return-value]
 
-    families = {}
-    log(f"independent pair, width {w}")
-    families["independent"] = {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es,
-                                                            p.samples_per_class, work, log)}
-    log(f"same-base family, width {w}")
-    families["same_base"] = {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es,
-                                                          p.samples_per_class, work, log)}
-    results["families"] = families
+    def controls() -> dict:
+        a, _ = independent()
+        _, low, high = same_base()
+        return {"planted_permutation": planted_permutation(w, a, es, work),
+                "same_base_identity": same_base_identity(low, high, work)}
 
-    log("barrier ratio against width and training length")
-    results["sweep"] = sweep(p, root, es, work, log)
+    def independent_family() -> dict:
+        a, b = independent()
+        return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log)}
+
+    def same_base_family_() -> dict:
+        base, low, high = same_base()
+        return {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es, p.samples_per_class,
+                                             work, log)}
+
+    compute = {"controls": controls, "independent": independent_family, "same_base": same_base_family_,
+               "sweep": lambda: {"rows": sweep(p, root, es, work, log, cache, may_train),
+                                 "complete": True}}
+    measured = {}
+    for name in SECTIONS:
+        value = cache.get(name)
+        if value is None and name in sections:
+            log(f"{name}: measuring")
+            t0 = time.perf_counter()
+            try:
+                value = compute[name]()
+            except NotTrained as e:
+                log(f"{name}: left out, a model is not trained yet ({e})")
+                measured[name] = None
+                continue
+            if name == "sweep" and len(value["rows"]) < len(p.widths) * (1 + len(p.milestones)):
+                # Some rows are still missing: keep the rows (cached one by one), not the section.
+                value["seconds"] = time.perf_counter() - t0
+                value["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                value["load_average_end"] = os.getloadavg()[0]
+                measured[name] = value
+                continue
+            value["seconds"] = time.perf_counter() - t0
+            value["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            value["load_average_end"] = os.getloadavg()[0]
+            cache.put(name, value)
+        elif value is not None:
+            log(f"{name}: reusing the result measured {value['measured']}")
+        measured[name] = value
+    results["controls"] = measured["controls"]
+    results["families"] = {k: measured[k] for k in ("independent", "same_base") if measured[k] is not None}
+    results["sweep"] = (measured["sweep"] or {}).get("rows", [])
+    results["section_seconds"] = {k: v["seconds"] for k, v in measured.items() if v is not None}
     results["wall_seconds"] = time.perf_counter() - start
     results["machine"]["load_average_end"] = os.getloadavg()[0]
     return results
