@@ -39,6 +39,9 @@ QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milest
                 finetune_steps=6, skill_width=32, samples_per_class=1, eval_images=8,
                 alphas=(0.0, 0.5, 1.0), methods=("weighted sum", "re-basin"))
 PROFILES = {p.name: p for p in (FULL, QUICK)}
+# Activation matching's inputs: this many training images, each at 5 timesteps (16 already recover a planted
+# permutation exactly; quick mode only runs that control).
+MATCH_IMAGES = {"full": 64, "quick": 16}
 
 
 def independent_pair(p: Profile, width: int, steps: int | None = None) -> tuple[TrainConfig, TrainConfig]:

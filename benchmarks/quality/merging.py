@@ -28,12 +28,13 @@ class Merged:
     similarity: dict[str, tuple[float, float]]    # part -> cosine similarity of B to A before / after matching
 
 
-_ALIGNED: dict[tuple[Path, Path, str], tuple[Path, float]] = {}
+_ALIGNED: dict[tuple[Path, Path, str, int], tuple[Path, float]] = {}
 
 
-def aligned(a: Path, b: Path, how: str, work: Path) -> tuple[Path, float]:
-    """B permuted onto A by `how` ("activations"), written once per pair; also the seconds matching took."""
-    key = (a, b, how)
+def aligned(a: Path, b: Path, how: str, work: Path, match_images: int = 64) -> tuple[Path, float]:
+    """B permuted onto A by `how` ("activations", on `match_images` training images at every matching t),
+    written once per pair; also the seconds matching took."""
+    key = (a, b, how, match_images)
     if key not in _ALIGNED or not _ALIGNED[key][0].exists():
         from lib_rebasin.spec import build_spec
 
@@ -43,7 +44,7 @@ def aligned(a: Path, b: Path, how: str, work: Path) -> tuple[Path, float]:
         ldm_a, ldm_b = load_file(str(a)), load_file(str(b))
         width = ldm_a[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0]
         start = time.perf_counter()
-        perms = activation_perms(width, ldm_a, ldm_b)
+        perms = activation_perms(width, ldm_a, ldm_b, n_images=match_images)
         seconds = time.perf_counter() - start
         # Per process, and written atomically: several benchmark processes may share the work folder.
         out = work / f"{b.stem}-aligned-to-{a.stem}-{how}-{os.getpid()}.safetensors"
@@ -54,13 +55,14 @@ def aligned(a: Path, b: Path, how: str, work: Path) -> tuple[Path, float]:
     return _ALIGNED[key]
 
 
-def merge(a: Path, b: Path, method: Method, alpha: float, work: Path, base: Path | None = None) -> Merged:
+def merge(a: Path, b: Path, method: Method, alpha: float, work: Path, base: Path | None = None,
+          match_images: int = 64) -> Merged:
     if method.needs_base and base is None:
         raise ValueError(f"{method.label} needs the family's base as model C")
     work.mkdir(parents=True, exist_ok=True)
     align_seconds = 0.0
     if method.align is not None:
-        b, align_seconds = aligned(a, b, method.align, work)
+        b, align_seconds = aligned(a, b, method.align, work, match_images)
     # The VAE is shared and unused (see layout.py): merge the UNet and the text encoder, as a user would.
     options = MergeOptions(**{"method": method.method, "alpha": alpha, "precision": "fp32", "parts": PARTS,
                               **method.options})

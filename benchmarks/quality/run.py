@@ -15,7 +15,7 @@ import torch
 from .controls import planted_permutation, same_base_identity
 from .export import single_file
 from .evaluate import EvalSet, Model, classifier, eval_set, heldout_loss, samples, skills
-from .families import Profile, independent_pair, same_base_family
+from .families import MATCH_IMAGES, Profile, independent_pair, same_base_family
 from .merging import merge
 from .methods import METHOD_LIST, SWEEP_METHODS, Method, available
 from .train import Trained, cached, load_ldm, train, unet_param_count
@@ -43,7 +43,8 @@ def _parent(width: int, t: Trained, es: EvalSet, per_class: int) -> dict:
 
 
 def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, methods: list[Method],
-                   alphas: tuple[float, ...], es: EvalSet, per_class: int, work: Path, log) -> dict:
+                   alphas: tuple[float, ...], es: EvalSet, per_class: int, work: Path, log,
+                   match_images: int = 64) -> dict:
     family = {"parents": {"A": _parent(width, a, es, per_class), "B": _parent(width, b, es, per_class)},
               "methods": {}}
     if base is not None:
@@ -53,7 +54,8 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
             continue
         row: dict = {"curve": {}, "merge_seconds": {}}
         for alpha in alphas:
-            merged = merge(single_file(a), single_file(b), m, alpha, work, single_file(base) if base else None)
+            merged = merge(single_file(a), single_file(b), m, alpha, work, single_file(base) if base else None,
+                           match_images)
             model = Model(width, merged.ldm)
             loss = heldout_loss(model, es)
             row["curve"][str(alpha)] = loss["mean"]
@@ -110,7 +112,7 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
                    "distance_a": a.record["distance"], "distance_b": b.record["distance"], "barrier": {},
                    "loss": {}, "merge_seconds": {}}
             for m in have:
-                merged = merge(single_file(a), single_file(b), m, 0.5, work)
+                merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=MATCH_IMAGES[p.name])
                 loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
                 row["loss"][m.label] = loss
                 row["barrier"][m.label] = loss - (la + lb) / 2
@@ -184,17 +186,18 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
     def controls() -> dict:
         a, _ = independent()
         _, low, high = same_base()
-        return {"planted_permutation": planted_permutation(w, a, es, work),
+        return {"planted_permutation": planted_permutation(w, a, es, work, match_images=MATCH_IMAGES[p.name]),
                 "same_base_identity": same_base_identity(low, high, work)}
 
     def independent_family() -> dict:
         a, b = independent()
-        return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log)}
+        return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log,
+                                            MATCH_IMAGES[p.name])}
 
     def same_base_family_() -> dict:
         base, low, high = same_base()
         return {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es, p.samples_per_class,
-                                             work, log)}
+                                             work, log, MATCH_IMAGES[p.name])}
 
     compute = {"controls": controls, "independent": independent_family, "same_base": same_base_family_,
                "sweep": lambda: {"rows": sweep(p, root, es, work, log, cache, may_train),
