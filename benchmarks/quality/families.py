@@ -44,10 +44,23 @@ PROFILES = {p.name: p for p in (FULL, QUICK)}
 MATCH_IMAGES = {"full": 64, "quick": 16}
 
 
+# Width 96 at 1e-3 diverged (one parent's held-out loss 0.83 after 100 steps, measured 2026-12-01); 5e-4 trains.
+LR_BY_WIDTH = {96: 5e-4}
+# Longer runs of the width-32 pair, for the ratio against training length (trained when the machine was quiet).
+SWEEP_EXTRA_STEPS = {32: (400,)}
+
+
 def independent_pair(p: Profile, width: int, steps: int | None = None) -> tuple[TrainConfig, TrainConfig]:
     s = steps or p.independent_steps[width]
-    return (TrainConfig(width, init_seed=1, data_seed=101, steps=s, batch=p.batch),
-            TrainConfig(width, init_seed=2, data_seed=102, steps=s, batch=p.batch))
+    lr = LR_BY_WIDTH.get(width, 1e-3)
+    return (TrainConfig(width, init_seed=1, data_seed=101, steps=s, batch=p.batch, lr=lr),
+            TrainConfig(width, init_seed=2, data_seed=102, steps=s, batch=p.batch, lr=lr))
+
+
+def sweep_lengths(p: Profile, width: int) -> tuple[int, ...]:
+    """Every training length the sweep measures at `width` (the last is the pair's final state)."""
+    extra = SWEEP_EXTRA_STEPS.get(width, ()) if p.name == "full" else ()
+    return tuple(sorted({*p.milestones, p.independent_steps[width], *extra}))
 
 
 def same_base_family(p: Profile, width: int) -> tuple[TrainConfig, TrainConfig, TrainConfig]:

@@ -79,10 +79,11 @@ def markdown(results: dict, plots: list[str]) -> str:
     lines = [f"# Merge quality ({results['profile']} profile)", "",
              f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
              f"{m['threads']} thread(s), GPU: {m['gpu'] or 'none'}; 1-min load average {m['load_average_start']:.1f}"
-             f" at start, {m['load_average_end']:.1f} at end). Wall time {results['wall_seconds'] / 60:.1f} min "
-             "(models reused from the cache are not retrained; their training time is in each model's record). "
-             "Time per section (measured when the section was run): " + ", ".join(
-                 f"{k} {v / 60:.1f} min" for k, v in results.get("section_seconds", {}).items()) + ".",
+             f" at start, {m['load_average_end']:.1f} at end of this invocation, {results['wall_seconds'] / 60:.1f} min). "
+             "Each section is measured once and cached; its own wall time when it was measured: " + ", ".join(
+                 f"{k} {v / 60:.1f} min" for k, v in results.get("section_seconds", {}).items())
+             + f"; sweep rows: {sum(r.get('seconds', 0) for r in results['sweep']) / 60:.1f} min"
+             " (rows measured before row timing existed count 0). Training time is in each model's record.",
              "", f"Digit classifier (judges the samples): test accuracy {results['classifier_test_accuracy']:.3f}.",
              ""]
     if results["skipped_methods"]:

@@ -15,7 +15,8 @@ import torch
 from .controls import planted_permutation, same_base_identity
 from .export import single_file
 from .evaluate import EvalSet, Model, classifier, eval_set, heldout_loss, samples, skills
-from .families import MATCH_IMAGES, Profile, independent_pair, same_base_family
+from .families import LR_BY_WIDTH, MATCH_IMAGES, SWEEP_EXTRA_STEPS, Profile, independent_pair, same_base_family, \
+    sweep_lengths
 from .merging import merge
 from .methods import METHOD_LIST, SWEEP_METHODS, Method, available
 from .train import Trained, cached, load_ldm, train, unet_param_count
@@ -94,20 +95,24 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
     have, _ = available(SWEEP_METHODS)
     rows = []
     for width in p.widths:
-        full = independent_pair(p, width)
-        try:
-            states = [trained(root, cfg, p.milestones, may_train, log) for cfg in full]
-        except NotTrained as e:
-            log(f"  width {width}: not trained yet ({e}); left out")
-            continue
-        for steps in sorted(set(states[0]) & set(states[1])):
-            a, b = states[0][steps], states[1][steps]
-            row_name = f"sweep-w{width}-s{steps}"
+        lengths = sweep_lengths(p, width)
+        if may_train:
+            for cfg in independent_pair(p, width, lengths[-1]):
+                train(root, cfg, lengths, log)
+        for steps in lengths:
+            pair = [cached(root, cfg) for cfg in independent_pair(p, width, steps)]
+            if None in pair:
+                log(f"  width {width}, {steps} steps: not trained yet; left out")
+                continue
+            a, b = pair
+            # A row depends on its two models (their keys) and on what every section depends on.
+            row_name = f"row-w{width}-s{steps}-{a.config.key()[:6]}{b.config.key()[:6]}"
             if (row := cache.get(row_name)) is not None:
                 rows.append(row)
                 continue
             la = heldout_loss(Model(width, load_ldm(a)), es)["mean"]
             lb = heldout_loss(Model(width, load_ldm(b)), es)["mean"]
+            t0 = time.perf_counter()
             row = {"width": width, "params": unet_param_count(width), "steps": steps, "loss_a": la, "loss_b": lb,
                    "distance_a": a.record["distance"], "distance_b": b.record["distance"], "barrier": {},
                    "loss": {}, "merge_seconds": {}}
@@ -124,6 +129,7 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
             row["ratio"] = {m.label: row["barrier"][m.label] / ws for m in have[1:]} if ws > 0 else {}
             log(f"  w{width} {steps} steps: barrier " + ", ".join(f"{k} {v:+.4f}" for k, v in row["barrier"].items()))
             row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            row["seconds"] = time.perf_counter() - t0
             row["load_average_end"] = os.getloadavg()[0]
             cache.put(row_name, row)
             rows.append(row)
@@ -146,9 +152,11 @@ class SectionCache:
                  "sweep_methods": [[m.label, m.method, m.options, m.align] for m in SWEEP_METHODS],
                  "version": RESULTS_VERSION}
         self.key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        sweep = {"base": self.key, "lr": LR_BY_WIDTH, "extra": SWEEP_EXTRA_STEPS}
+        self.sweep_key = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()[:12]
 
     def path(self, name: str) -> Path:
-        return self.dir / f"{name}-{self.key}.json"
+        return self.dir / f"{name}-{self.sweep_key if name == 'sweep' else self.key}.json"
 
     def get(self, name: str) -> dict | None:
         f = self.path(name)
@@ -214,7 +222,7 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
                 log(f"{name}: left out, a model is not trained yet ({e})")
                 measured[name] = None
                 continue
-            if name == "sweep" and len(value["rows"]) < len(p.widths) * (1 + len(p.milestones)):
+            if name == "sweep" and len(value["rows"]) < sum(len(sweep_lengths(p, w)) for w in p.widths):
                 # Some rows are still missing: keep the rows (cached one by one), not the section.
                 value["seconds"] = time.perf_counter() - t0
                 value["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
