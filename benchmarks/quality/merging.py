@@ -1,0 +1,79 @@
+"""Every merge goes through lib_rebasin's public API (`merge_checkpoints`), file in, file out, exactly as the CLI
+runs it; the result is read back and the temporary file removed."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lib_rebasin.merge import MergeOptions, merge_checkpoints
+
+from .methods import Method
+
+PARTS = ("unet", "te")
+
+
+@dataclass
+class Merged:
+    ldm: dict[str, torch.Tensor]
+    summary: list[str]          # the merge's own diagnostics, in words
+    seconds: float                                # the merge call (plus the activation matching, if any)
+    moved: dict[str, list[int]]                   # part -> [units moved, units] (re-basin)
+    similarity: dict[str, tuple[float, float]]    # part -> cosine similarity of B to A before / after matching
+
+
+_ALIGNED: dict[tuple[Path, Path, str, int], tuple[Path, float]] = {}
+
+
+def aligned(a: Path, b: Path, how: str, work: Path, match_images: int = 64) -> tuple[Path, float]:
+    """B permuted onto A by `how` ("activations", on `match_images` training images at every matching t),
+    written once per pair; also the seconds matching took."""
+    key = (a, b, how, match_images)
+    if key not in _ALIGNED or not _ALIGNED[key][0].exists():
+        from lib_rebasin.spec import build_spec
+
+        from .activations import activation_perms, permuted_copy
+        from .layout import UNET_PREFIX, sd_config
+
+        ldm_a, ldm_b = load_file(str(a)), load_file(str(b))
+        width = ldm_a[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0]
+        start = time.perf_counter()
+        perms = activation_perms(width, ldm_a, ldm_b, n_images=match_images)
+        seconds = time.perf_counter() - start
+        # Per process, and written atomically: several benchmark processes may share the work folder.
+        out = work / f"{b.stem}-aligned-to-{a.stem}-{how}-{os.getpid()}.safetensors"
+        tmp = out.with_suffix(".tmp")
+        save_file(permuted_copy(build_spec(sd_config(width)), ldm_b, perms), str(tmp))
+        os.replace(tmp, out)
+        _ALIGNED[key] = (out, seconds)
+    return _ALIGNED[key]
+
+
+def merge(a: Path, b: Path, method: Method, alpha: float, work: Path, base: Path | None = None,
+          match_images: int = 64) -> Merged:
+    if method.needs_base and base is None:
+        raise ValueError(f"{method.label} needs the family's base as model C")
+    work.mkdir(parents=True, exist_ok=True)
+    align_seconds = 0.0
+    if method.align is not None:
+        b, align_seconds = aligned(a, b, method.align, work, match_images)
+    # The VAE is shared and unused (see layout.py): merge the UNet and the text encoder, as a user would.
+    options = MergeOptions(**{"method": method.method, "alpha": alpha, "precision": "fp32", "parts": PARTS,
+                              **method.options})
+    out = work / f"merge-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+    start = time.perf_counter()
+    try:
+        result = merge_checkpoints(a, b, out, options, c=base if method.needs_base else None)
+        seconds = time.perf_counter() - start
+        ldm = load_file(str(out))
+    finally:
+        out.unlink(missing_ok=True)
+    d = result.diagnostics
+    similarity = {p: cos for p in d.objective if (cos := d.cosine(p)) is not None}
+    return Merged(ldm, d.summary_lines(), seconds + align_seconds, dict(d.moved), similarity)

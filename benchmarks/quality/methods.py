@@ -1,0 +1,59 @@
+"""The merge methods the benchmark measures, as data: one line per method.
+
+`method` is a name in lib_rebasin's METHODS registry and `options` are extra `MergeOptions` fields, so a method
+added to the core (block weights, TIES, DARE, train difference, activation matching...) is benchmarked by adding
+one line here. A line whose method the installed core does not have is skipped and listed in the report.
+`needs_base` methods get the same-base family's base as model C, so they only run on that family.
+`align="activations"` is the activation-matching lever: B is permuted (function-preserving) by activation
+matching before the core merge runs; with "weighted_sum" that is re-basin with activation matching instead of
+weight matching, with "rebasin" it is weight matching warm-started from the activation alignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    method: str
+    options: dict = field(default_factory=dict, hash=False)
+    needs_base: bool = False
+    # "activations": B is first aligned to A by activation matching (activations.py), then merged as above.
+    align: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return "".join(ch if ch.isalnum() else "_" for ch in self.label.lower()).strip("_")
+
+
+WEIGHTED_SUM = Method("weighted sum", "weighted_sum")
+REBASIN = Method("re-basin", "rebasin")
+ACTIVATIONS = Method("activation matching", "weighted_sum", align="activations")
+ACTIVATIONS_THEN_WEIGHTS = Method("activation matching, then re-basin", "rebasin", align="activations")
+
+METHOD_LIST: tuple[Method, ...] = (
+    WEIGHTED_SUM,
+    REBASIN,
+    Method("re-basin, tolerance 0", "rebasin", {"tolerance": 0.0}),
+    Method("re-basin, 500 iterations", "rebasin", {"iterations": 500}),
+    Method("legacy, 500 iterations", "legacy", {"iterations": 500}),
+    Method("add difference (C = base)", "add_difference", needs_base=True),
+    ACTIVATIONS,
+    ACTIVATIONS_THEN_WEIGHTS,
+)
+
+# Only measured at alpha 0.5 on every width and training length (the ratio against width and training).
+
+SWEEP_METHODS: tuple[Method, ...] = (WEIGHTED_SUM, REBASIN, Method("re-basin, tolerance 0", "rebasin",
+                                                                    {"tolerance": 0.0}),
+                                     ACTIVATIONS, ACTIVATIONS_THEN_WEIGHTS)
+
+
+def available(methods: tuple[Method, ...]) -> tuple[list[Method], list[Method]]:
+    """(methods the installed core provides, methods it does not)."""
+    from lib_rebasin.merge import METHODS
+
+    have = [m for m in methods if m.method in METHODS]
+    return have, [m for m in methods if m.method not in METHODS]

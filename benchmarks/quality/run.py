@@ -1,0 +1,245 @@
+"""The benchmark run: train (or reuse) the families, merge them with every method, measure, write the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .controls import planted_permutation, same_base_identity
+from .export import single_file
+from .evaluate import EvalSet, Model, classifier, eval_set, heldout_loss, samples, skills
+from .families import LR_BY_WIDTH, MATCH_IMAGES, SWEEP_EXTRA_STEPS, Profile, independent_pair, same_base_family, \
+    sweep_lengths
+from .merging import merge
+from .methods import METHOD_LIST, SWEEP_METHODS, Method, available
+from .train import Trained, cached, load_ldm, train, unet_param_count
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_start": os.getloadavg()[0]}
+
+
+def _parent(width: int, t: Trained, es: EvalSet, per_class: int) -> dict:
+    model = Model(width, load_ldm(t))
+    out = {"config": t.config.describe(), "loss": heldout_loss(model, es), "record": t.record}
+    if per_class:
+        out["skills"] = skills(*samples(model, per_class))
+    return out
+
+
+def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, methods: list[Method],
+                   alphas: tuple[float, ...], es: EvalSet, per_class: int, work: Path, log,
+                   match_images: int = 64) -> dict:
+    family = {"parents": {"A": _parent(width, a, es, per_class), "B": _parent(width, b, es, per_class)},
+              "methods": {}}
+    if base is not None:
+        family["parents"]["base"] = _parent(width, base, es, per_class)
+    for m in methods:
+        if m.needs_base and base is None:
+            continue
+        row: dict = {"curve": {}, "merge_seconds": {}}
+        for alpha in alphas:
+            merged = merge(single_file(a), single_file(b), m, alpha, work, single_file(base) if base else None,
+                           match_images)
+            model = Model(width, merged.ldm)
+            loss = heldout_loss(model, es)
+            row["curve"][str(alpha)] = loss["mean"]
+            row["merge_seconds"][str(alpha)] = merged.seconds
+            if alpha == 0.5:
+                row["loss_at_half"] = loss
+                row["diagnostics"] = merged.summary
+                if per_class:
+                    row["skills"] = skills(*samples(model, per_class))
+        c = row["curve"]
+        row["barrier"] = c["0.5"] - (c["0.0"] + c["1.0"]) / 2
+        log(f"  {m.label}: loss at 0.5 {c['0.5']:.4f}, barrier {row['barrier']:+.4f}")
+        family["methods"][m.label] = row
+    return family
+
+
+class NotTrained(Exception):
+    pass
+
+
+def trained(root: Path, cfg, milestones: tuple[int, ...], may_train: bool, log) -> dict[int, Trained]:
+    """`train`, or with may_train=False only what the cache holds (NotTrained if the final state is missing)."""
+    if may_train:
+        return train(root, cfg, milestones, log)
+    out = {s: t for s in sorted(set(milestones) | {cfg.steps}) if s <= cfg.steps
+           and (t := cached(root, replace(cfg, steps=s))) is not None}
+    if cfg.steps not in out:
+        raise NotTrained(cfg.describe())
+    return out
+
+
+def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionCache",
+          may_train: bool = True) -> list[dict]:
+    """Barrier at alpha 0.5 of each sweep method on every width and training length of the independent pairs
+    (each row cached on its own, so that a row whose models are still training can be added later)."""
+    have, _ = available(SWEEP_METHODS)
+    rows = []
+    for width in p.widths:
+        lengths = sweep_lengths(p, width)
+        if may_train:
+            for cfg in independent_pair(p, width, lengths[-1]):
+                train(root, cfg, lengths, log)
+        for steps in lengths:
+            pair = [cached(root, cfg) for cfg in independent_pair(p, width, steps)]
+            if None in pair:
+                log(f"  width {width}, {steps} steps: not trained yet; left out")
+                continue
+            a, b = pair
+            # A row depends on its two models (their keys) and on what every section depends on.
+            row_name = f"row-w{width}-s{steps}-{a.config.key()[:6]}{b.config.key()[:6]}"
+            if (row := cache.get(row_name)) is not None:
+                rows.append(row)
+                continue
+            la = heldout_loss(Model(width, load_ldm(a)), es)["mean"]
+            lb = heldout_loss(Model(width, load_ldm(b)), es)["mean"]
+            t0 = time.perf_counter()
+            row = {"width": width, "params": unet_param_count(width), "steps": steps, "loss_a": la, "loss_b": lb,
+                   "distance_a": a.record["distance"], "distance_b": b.record["distance"], "barrier": {},
+                   "loss": {}, "merge_seconds": {}}
+            for m in have:
+                merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=MATCH_IMAGES[p.name])
+                loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
+                row["loss"][m.label] = loss
+                row["barrier"][m.label] = loss - (la + lb) / 2
+                row["merge_seconds"][m.label] = merged.seconds
+                if merged.moved:
+                    row.setdefault("units_moved", {})[m.label] = merged.moved
+                    row.setdefault("similarity", {})[m.label] = merged.similarity
+            ws = row["barrier"][have[0].label]
+            row["ratio"] = {m.label: row["barrier"][m.label] / ws for m in have[1:]} if ws > 0 else {}
+            log(f"  w{width} {steps} steps: barrier " + ", ".join(f"{k} {v:+.4f}" for k, v in row["barrier"].items()))
+            row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            row["seconds"] = time.perf_counter() - t0
+            row["load_average_end"] = os.getloadavg()[0]
+            cache.put(row_name, row)
+            rows.append(row)
+    return rows
+
+
+SECTIONS = ("controls", "independent", "same_base", "sweep")
+# Bump when a measurement changes: cached section results are then recomputed.
+RESULTS_VERSION = 1
+
+
+class SectionCache:
+    """Each section's result, cached in DATA/sections/ by everything it depends on (profile, methods, the
+    measurement code's version), so a long run can be done in parts and the report rebuilt from them."""
+
+    def __init__(self, root: Path, p: Profile, methods: list[Method]) -> None:
+        self.dir = root / "sections"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = {"profile": asdict(p), "methods": [[m.label, m.method, m.options, m.align] for m in methods],
+                 "sweep_methods": [[m.label, m.method, m.options, m.align] for m in SWEEP_METHODS],
+                 "version": RESULTS_VERSION}
+        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        sweep = {"base": self.key, "lr": LR_BY_WIDTH, "extra": SWEEP_EXTRA_STEPS}
+        self.sweep_key = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()[:12]
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}-{self.sweep_key if name == 'sweep' else self.key}.json"
+
+    def get(self, name: str) -> dict | None:
+        f = self.path(name)
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def put(self, name: str, value: dict) -> None:
+        tmp = self.path(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, self.path(name))
+
+
+def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train: bool = True, log=print) -> dict:
+    start = time.perf_counter()
+    work = root / "work"
+    results: dict = {"profile": p.name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                   time.gmtime())}
+    methods, missing = available(tuple(m for m in METHOD_LIST if p.methods is None or m.label in p.methods))
+    results["skipped_methods"] = [m.label for m in missing]
+    _, acc = classifier()
+    results["classifier_test_accuracy"] = acc
+    log(f"digit classifier: test accuracy {acc:.3f}")
+    w = p.skill_width
+    es = eval_set(p.eval_images)
+    cache = SectionCache(root, p, methods)
+
+    def independent() -> tuple[Trained, Trained]:
+        a_cfg, b_cfg = independent_pair(p, w)
+        return (trained(root, a_cfg, p.milestones, may_train, log)[a_cfg.steps],
+                trained(root, b_cfg, p.milestones, may_train, log)[b_cfg.steps])
+
+    def same_base() -> tuple[Trained, Trained, Trained]:
+        cfgs = same_base_family(p, w)
+        return tuple(trained(root, cfg, (), may_train, log)[cfg.steps] for cfg in cfgs)  # type: ignore[return-value]
+
+    def controls() -> dict:
+        a, _ = independent()
+        _, low, high = same_base()
+        return {"planted_permutation": planted_permutation(w, a, es, work, match_images=MATCH_IMAGES[p.name]),
+                "same_base_identity": same_base_identity(low, high, work)}
+
+    def independent_family() -> dict:
+        a, b = independent()
+        return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log,
+                                            MATCH_IMAGES[p.name])}
+
+    def same_base_family_() -> dict:
+        base, low, high = same_base()
+        return {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es, p.samples_per_class,
+                                             work, log, MATCH_IMAGES[p.name])}
+
+    compute = {"controls": controls, "independent": independent_family, "same_base": same_base_family_,
+               "sweep": lambda: {"rows": sweep(p, root, es, work, log, cache, may_train),
+                                 "complete": True}}
+    measured = {}
+    for name in SECTIONS:
+        value = cache.get(name)
+        if value is None and name in sections:
+            log(f"{name}: measuring")
+            t0 = time.perf_counter()
+            try:
+                value = compute[name]()
+            except NotTrained as e:
+                log(f"{name}: left out, a model is not trained yet ({e})")
+                measured[name] = None
+                continue
+            if name == "sweep" and len(value["rows"]) < sum(len(sweep_lengths(p, w)) for w in p.widths):
+                # Some rows are still missing: keep the rows (cached one by one), not the section.
+                value["seconds"] = time.perf_counter() - t0
+                value["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                value["load_average_end"] = os.getloadavg()[0]
+                measured[name] = value
+                continue
+            value["seconds"] = time.perf_counter() - t0
+            value["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            value["load_average_end"] = os.getloadavg()[0]
+            cache.put(name, value)
+        elif value is not None:
+            log(f"{name}: reusing the result measured {value['measured']}")
+        measured[name] = value
+    results["controls"] = measured["controls"]
+    results["families"] = {k: measured[k] for k in ("independent", "same_base") if measured[k] is not None}
+    results["sweep"] = (measured["sweep"] or {}).get("rows", [])
+    results["section_seconds"] = {k: v["seconds"] for k, v in measured.items() if v is not None}
+    results["wall_seconds"] = time.perf_counter() - start
+    results["machine"]["load_average_end"] = os.getloadavg()[0]
+    return results

@@ -1,0 +1,157 @@
+"""Training the benchmark's models (class-conditional DDPM epsilon prediction), cached by configuration.
+
+The learning rate is constant after a short warm-up, so the state after S steps of a longer run is exactly the
+model trained for S steps: one run saves every milestone, each cached under its own key. A fine-tune's key
+includes its parent's key, so changing the base retrains everything built on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import data, diffusion
+from .layout import NULL_CLASS, class_contexts, load_unet, new_unet, sd_config, te_ldm, text_encoder_from_ldm, \
+    unet_to_ldm
+
+# Bump when training changes in a way that changes the weights: every cached model is then retrained.
+TRAINING_VERSION = 1
+WARMUP_STEPS = 20
+LABEL_DROP = 0.1       # classifier-free guidance: this fraction of each batch trains the null class
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    width: int
+    init_seed: int                 # diffusers' init (ignored for a fine-tune: it starts from its parent)
+    data_seed: int                 # batch order, timesteps and noise
+    steps: int
+    classes: tuple[int, ...] = tuple(range(10))
+    lr: float = 1e-3
+    batch: int = 32
+    parent: "TrainConfig | None" = None
+
+    def key(self) -> str:
+        d = asdict(self)
+        d["parent"] = self.parent.key() if self.parent else None
+        d["version"] = TRAINING_VERSION
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        base = f"from {self.parent.describe()}, " if self.parent else f"init {self.init_seed}, "
+        cls = "all classes" if self.classes == tuple(range(10)) else f"classes {self.classes[0]}-{self.classes[-1]}"
+        return f"w{self.width} {base}{cls}, {self.steps} steps (data {self.data_seed})"
+
+
+@dataclass
+class Trained:
+    config: TrainConfig
+    path: Path                     # LDM layout, UNet + the shared text encoder, fp32 (export.py adds the VAE)
+    record: dict                   # loss curve, distance from init, wall time
+
+
+def cache_dir(root: Path) -> Path:
+    d = root / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _paths(root: Path, cfg: TrainConfig) -> tuple[Path, Path]:
+    d = cache_dir(root)
+    return d / f"{cfg.key()}.safetensors", d / f"{cfg.key()}.json"
+
+
+def cached(root: Path, cfg: TrainConfig) -> Trained | None:
+    ckpt, rec = _paths(root, cfg)
+    if ckpt.exists() and rec.exists():
+        return Trained(cfg, ckpt, json.loads(rec.read_text()))
+    return None
+
+
+def _save(root: Path, cfg: TrainConfig, ldm: dict[str, torch.Tensor], record: dict) -> Trained:
+    ckpt, rec = _paths(root, cfg)
+    tmp = ckpt.with_suffix(".tmp")
+    save_file(ldm, str(tmp), metadata={"benchmark": "quality", "config": cfg.describe()})
+    os.replace(tmp, ckpt)
+    rec.write_text(json.dumps(record, indent=1))
+    return Trained(cfg, ckpt, record)
+
+
+def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).float() for _, v in sorted(sd.items())])
+
+
+def train(root: Path, cfg: TrainConfig, milestones: tuple[int, ...] = (), log=print) -> dict[int, Trained]:
+    """Train `cfg` (and save every milestone <= cfg.steps); returns {steps: Trained}, reusing the cache."""
+    wanted = sorted({s for s in milestones if s < cfg.steps} | {cfg.steps})
+    out = {s: t for s in wanted if (t := cached(root, replace(cfg, steps=s))) is not None}
+    if len(out) == len(wanted):
+        return out
+    c = sd_config(cfg.width)
+    if cfg.parent is not None:
+        parent = train(root, cfg.parent, log=log)[cfg.parent.steps]
+        unet = load_unet(c, load_file(str(parent.path))).requires_grad_(True).train()
+        init_record = parent.record
+    else:
+        unet = new_unet(c, cfg.init_seed).train()
+        init_record = None
+    init = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    init_flat = _flat(init)
+    te_sd = te_ldm(c)
+    contexts = class_contexts(c, text_encoder_from_ldm(c, te_sd))
+
+    d = data.digits()
+    keep = torch.isin(d.train_y, torch.tensor(cfg.classes))
+    x0_all, y_all = data.encode(d.train_x[keep]), d.train_y[keep]
+    g = torch.Generator().manual_seed(cfg.data_seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
+    curve: list[tuple[int, float]] = []
+    window: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(y_all), (cfg.batch,), generator=g)
+        x0, y = x0_all[idx], y_all[idx].clone()
+        y[torch.rand(cfg.batch, generator=g) < LABEL_DROP] = NULL_CLASS
+        t = torch.randint(0, diffusion.TIMESTEPS, (cfg.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        pred = unet(diffusion.noisy(x0, t, noise), t, encoder_hidden_states=contexts[y]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        window.append(loss.item())
+        if step % 25 == 0 or step == cfg.steps:
+            curve.append((step, sum(window) / len(window)))
+            window = []
+            log(f"  {cfg.describe()}: step {step}, train loss {curve[-1][1]:.4f} "
+                f"({time.perf_counter() - start:.0f} s)")
+        if step in wanted and step not in out:
+            sd = unet.state_dict()
+            flat = _flat(sd)
+            # ||theta - theta_start|| / ||theta_start||: from the random init, or a fine-tune's from its parent.
+            moved = float((flat - init_flat).norm() / init_flat.norm())
+            record = {"config": cfg.describe(), "steps": step, "loss_curve": [p for p in curve if p[0] <= step],
+                      "distance": moved, "train_seconds": time.perf_counter() - start,
+                      "threads": torch.get_num_threads(), "parent_record": init_record}
+            ldm = unet_to_ldm(c, sd)
+            ldm.update(te_sd)
+            out[step] = _save(root, replace(cfg, steps=step), ldm, record)
+    return out
+
+
+def load_ldm(t: Trained) -> dict[str, torch.Tensor]:
+    return load_file(str(t.path))
+
+
+def unet_param_count(width: int) -> int:
+    return sum(p.numel() for p in new_unet(sd_config(width), 0).parameters())
