@@ -40,6 +40,10 @@ METHOD_LIST: tuple[Method, ...] = (
     Method("re-basin, 500 iterations", "rebasin", {"iterations": 500}),
     Method("legacy, 500 iterations", "legacy", {"iterations": 500}),
     Method("add difference (C = base)", "add_difference", needs_base=True),
+    Method("train difference (C = base)", "train_difference", needs_base=True),
+    Method("TIES (C = base, density 0.2)", "ties", {"ties_density": 0.2}, needs_base=True),
+    Method("DARE (C = base, p 0.9)", "dare", {"dare_p": 0.9}, needs_base=True),
+    Method("DARE + TIES (C = base)", "dare_ties", needs_base=True),
     ACTIVATIONS,
     ACTIVATIONS_THEN_WEIGHTS,
 )
