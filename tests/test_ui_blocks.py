@@ -15,6 +15,8 @@ from lib_rebasin.block_presets import PRESETS
 from lib_rebasin.checkpoint import open_checkpoint
 from lib_rebasin.ui import blocks_ui as bui
 
+from gradio_events import fn_for
+
 
 def test_block_handlers_and_curve() -> None:
     out = bui.on_preset("GRAD_V", "")
@@ -58,14 +60,7 @@ def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
     assert parse_recipe(text).steps[1].options.blocks == PRESETS["OUT07"]
 
 
-def _fn_for(blocks, component, event="click"):
-    for i, dep in enumerate(blocks.get_config_file()["dependencies"]):
-        targets = [t[0] if isinstance(t, (list, tuple)) else t for t in dep.get("targets", [])]
-        trigger = dep.get("trigger") or (dep["targets"][0][1] if dep.get("targets") and
-                                         isinstance(dep["targets"][0], (list, tuple)) else None)
-        if component._id in targets and trigger == event:
-            return blocks.fns[i].fn
-    raise AssertionError(f"no {event} listener on {component}")
+_fn_for = fn_for
 
 
 @pytest.fixture(scope="module")

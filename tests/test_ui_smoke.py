@@ -7,6 +7,8 @@ import urllib.request
 
 import pytest
 
+from gradio_events import fn_for
+
 gr = pytest.importorskip("gradio")
 
 
@@ -43,14 +45,7 @@ def test_tab_builds_and_standalone_launches(tmp_path):
         blocks.close()
 
 
-def _fn_for(blocks, component, event="click"):
-    for i, dep in enumerate(blocks.get_config_file()["dependencies"]):
-        targets = [t[0] if isinstance(t, (list, tuple)) else t for t in dep.get("targets", [])]
-        trigger = dep.get("trigger") or (dep["targets"][0][1] if dep.get("targets") and
-                                         isinstance(dep["targets"][0], (list, tuple)) else None)
-        if component._id in targets and trigger == event:
-            return blocks.fns[i].fn
-    raise AssertionError(f"no {event} listener on {component}")
+_fn_for = fn_for
 
 
 def test_recipe_section_builds_runs_and_loads_back(tmp_path):
