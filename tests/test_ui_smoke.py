@@ -99,6 +99,25 @@ def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     assert len(frames) == 1 and "already exists" in frames[0][0]
 
 
+def _ready_line_within(proc, seconds: float) -> str:
+    """The app's ready line ("Re-Basin standalone: ..."), skipping what gradio prints before it (gradio 3 prints
+    its own "Running on local URL"), or "" if none comes in time: a test must never hang CI."""
+    import threading
+
+    found: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith("Re-Basin standalone:"):
+                found.append(line)
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return found[0] if found else ""
+
+
 def test_standalone_app_stops_on_sigterm_with_one_line(tmp_path):
     """SIGTERM stops the standalone app like Ctrl-C: a clean stop, one line, a non-zero exit (not a kill)."""
     import os
@@ -120,8 +139,10 @@ def test_standalone_app_stops_on_sigterm_with_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "lib_rebasin", "ui", "--models-dir", str(tmp_path), "--port",
                              str(port)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()  # printed once the server is up
-        assert line.startswith("Re-Basin standalone:"), line + proc.stderr.read()
+        line = _ready_line_within(proc, 120)  # printed once the server is up
+        if not line.startswith("Re-Basin standalone:"):
+            proc.kill()
+            pytest.fail("the app printed no ready line: " + line + proc.communicate(timeout=30)[1])
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
