@@ -280,13 +280,18 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _open_safetensors(p: Path) -> Checkpoint:
+def _open_with(p: Path, read: Callable[[Path, FileSource], Checkpoint]) -> Checkpoint:
+    """`read(p, source)` over a fresh FileSource of `p`, closing it if reading fails (the checkpoint owns it)."""
     src = FileSource(p)
     try:
-        return _read_safetensors(p, src)
+        return read(p, src)
     except BaseException:
         src.close()
         raise
+
+
+def _open_safetensors(p: Path) -> Checkpoint:
+    return _open_with(p, _read_safetensors)
 
 
 def _read_safetensors(p: Path, src: FileSource) -> Checkpoint:
@@ -433,12 +438,7 @@ def _open_pickle(p: Path, kind: str) -> Checkpoint:
     if kind not in ("zip", "legacy"):
         raise CheckpointReadError(f"{p.name}: not a checkpoint (neither safetensors nor a PyTorch file); the file "
                                   "is corrupt or of another kind.")
-    src = FileSource(p)
-    try:
-        return _load_pickle(p, src)
-    except BaseException:
-        src.close()
-        raise
+    return _open_with(p, _load_pickle)
 
 
 def _load_pickle(p: Path, src: FileSource) -> Checkpoint:
