@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="output .safetensors (run) or .toml (with --from; default: print)")
     r.add_argument("--from", dest="from_checkpoint", help="print the recipe stored in this checkpoint's metadata")
     r.add_argument("--models-dir", help="folder the recipe's model names refer to (default: the recipe's folder)")
+    r.add_argument("--vae-dir", help="folder where the recipe's bake_vae model is looked for first (e.g. the "
+                   "WebUI's models/VAE)")
     r.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -173,12 +175,14 @@ def _recipe_command(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     if not args.file or not args.output:
-        raise RebasinError("usage: recipe FILE.toml -o OUT.safetensors [--models-dir DIR], or recipe --from CKPT")
+        raise RebasinError("usage: recipe FILE.toml -o OUT.safetensors [--models-dir DIR] [--vae-dir DIR], or recipe --from "
+                           "CKPT")
     recipe = load_recipe(args.file)
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.file).resolve().parent
     bar = None if args.quiet else ProgressBar()
     try:
-        result = run_recipe(recipe, models_dir, args.output, overwrite=args.overwrite, progress=bar)
+        result = run_recipe(recipe, models_dir, args.output, overwrite=args.overwrite, progress=bar,
+                            vae_dir=Path(args.vae_dir) if args.vae_dir else None)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:

@@ -140,12 +140,12 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       overwrite: bool = False, progress: ProgressCallback | None = None,
                       cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
                       metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None,
-                      bake_vae: str | os.PathLike[str] | None = None) -> MergeResult:
+                      bake_vae: "str | os.PathLike[str] | Checkpoint | None" = None) -> MergeResult:
     """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then.
 
     `metadata_hook(diagnostics)` may replace metadata entries once the merge is done (recipes store the whole
-    chain's provenance there). `bake_vae` is a VAE file (or a checkpoint) whose VAE replaces the output's
-    (vae_bake.py), checked before any work.
+    chain's provenance there). `bake_vae` is a VAE file (or a checkpoint; a path, or a Checkpoint the caller
+    opened and closes) whose VAE replaces the output's (vae_bake.py), checked before any work.
     """
     report = Reporter(progress, cancel)
     report.stage(0.0, 0.02)
@@ -266,7 +266,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     baked_record = None
     if baked is not None:
         report("hashing", 1.0, f"hashing the VAE to bake in ({baked.path.name})")
-        baked_record = {"file": baked.path.name, "sha256": baked.sha256()}
+        baked_record = {"file": baked.path.name, "sha256": baked.sha256(),
+                        "folder": str(baked.path.resolve().parent)}
         webui = json.loads(metadata["sd_merge_recipe"])
         webui["bake_in_vae"] = baked.path.name
         metadata["sd_merge_recipe"] = json.dumps(webui)

@@ -5,11 +5,13 @@
     precision = "fp16"        # every step's result is rounded to this, exactly as if it had been saved
     device = "cpu"
     seed = 0
+    bake_vae = "mse"          # optional: the output gets this model's VAE (a VAE file, or a checkpoint's)
 
     [models]
     nothing = "Nothing_v2.3.safetensors"              # a file name in the models folder
     meina = { file = "meinamix_v9.safetensors", sha256 = "..." }
     icbinp = { sha256 = "4f5a..." }                    # found by hash in the models folder
+    mse = "vae-ft-mse-840000-ema-pruned.safetensors"  # a VAE: also looked for in --vae-dir
 
     [[step]]
     name = "m1"
@@ -31,6 +33,7 @@ back a recipe that re-runs to the same bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -47,7 +50,7 @@ from .blocks import parse_blocks
 from .diagnostics import stored_diagnostics
 from .methods import ALL_PARAMS
 from .models import legacy_hash, open_model, same_file
-from .spec import PARTS
+from .spec import PARTS, part_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +61,7 @@ else:  # pragma: no cover - Python 3.10 (A1111's own Python)
 EXTRA_KEYS = {"blocks", "align", *ALL_PARAMS}
 STEP_KEYS = {"name", "method", "a", "b", "c", "alpha", "iterations", "parts", "device", "precision", "seed",
              "max_sweeps", "tolerance", "allow_nonfinite", *EXTRA_KEYS}
-RECIPE_KEYS = {"name", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
+RECIPE_KEYS = {"name", "bake_vae", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
                "tolerance", "allow_nonfinite", *EXTRA_KEYS}
 MODEL_KEYS = {"file", "sha256", "folder"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
@@ -96,10 +99,14 @@ class Recipe:
     steps: list[Step] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None  # the recipe file's folder, where models are also looked for by sha256
+    # A [models] name whose VAE (a VAE file, or a checkpoint's) goes into the output, as the WebUI's "bake in VAE".
+    bake_vae: str | None = None
 
     def to_toml(self) -> str:
         """The canonical text: parse(to_toml()) round-trips, and equal recipes give equal text."""
         lines = ["# lib_rebasin recipe", "[recipe]", f"name = {_q(self.name)}"]
+        if self.bake_vae is not None:
+            lines.append(f"bake_vae = {_q(self.bake_vae)}")
         lines += [f"{k} = {_v(v)}" for k, v in sorted(self.defaults.items())]
         lines += ["", "[models]"]
         for m in self.models.values():
@@ -209,7 +216,11 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raise fail(0, f"unknown [recipe] key(s) {', '.join(sorted(bad))}.")
     if not isinstance(head.get("name", ""), str):
         raise fail(0, "[recipe] name must be a string.")
-    recipe = Recipe(name=str(head.get("name", "recipe")), defaults={k: v for k, v in head.items() if k != "name"})
+    bake_vae = head.get("bake_vae")
+    if bake_vae is not None and not isinstance(bake_vae, str):
+        raise fail(0, f"[recipe] bake_vae must be a string naming a model in [models], got {_show(bake_vae)}.")
+    recipe = Recipe(name=str(head.get("name", "recipe")), bake_vae=bake_vae,
+                    defaults={k: v for k, v in head.items() if k not in ("name", "bake_vae")})
 
     models = data.get("models", {})
     if not isinstance(models, dict):
@@ -234,6 +245,9 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         if ref.folder is not None and (not os.path.isabs(ref.folder) or "\0" in ref.folder):
             raise fail(line, f"model '{name}': folder must be an absolute path (where the file was found).")
         recipe.models[name] = ref
+    if bake_vae is not None and bake_vae not in recipe.models:
+        raise fail(0, f"[recipe] bake_vae = {_q(bake_vae)} is not a model in [models]; add the VAE file there "
+                      f"(e.g. {_key(bake_vae)} = \"vae-ft-mse-840000-ema-pruned.safetensors\").")
 
     steps = data.get("step", [])
     if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
@@ -305,9 +319,11 @@ def _unsafe_name(file: str) -> str | None:
 
 # -- resolving models ------------------------------------------------------------------------------------------
 
-def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> dict[str, Path]:
+def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True,
+                   vae_dir: Path | None = None) -> dict[str, Path]:
     """Find every model file: by name inside `models_dir`, or by sha256 in `models_dir` (recursively), the recipe's
-    folder and the folders recorded with the recipe; raise for the first one that is missing.
+    folder and the folders recorded with the recipe; raise for the first one that is missing. The VAE to bake in is
+    looked for in `vae_dir` (the host's VAE folder) first, by name and by sha256, then like any model.
 
     With `confine` (the CLI) a name must stay inside `models_dir`, symbolic links included; a caller that pinned
     the files itself (the WebUI tab, to the host's checkpoint list) passes False.
@@ -316,6 +332,8 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
     hashes: dict[Path, str] = {}
     if not models_dir.is_dir():
         raise RecipeError(f"--models-dir {models_dir} is not a folder.")
+    if vae_dir is not None and not vae_dir.is_dir():
+        raise RecipeError(f"--vae-dir {vae_dir} is not a folder.")
     root = models_dir.resolve()
 
     def sha(p: Path) -> str:
@@ -330,6 +348,8 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
         assert ref.sha256 is not None
         want = ref.sha256.lower()
         folders: list[tuple[Path, bool]] = [(models_dir, True)]
+        if vae_dir is not None and ref.name == recipe.bake_vae:
+            folders.insert(0, (vae_dir, True))
         folders += [(Path(f), False) for f in (recipe.folder, ref.folder) if f is not None]
         seen: set[Path] = set()
         for folder, recursive in folders:
@@ -347,19 +367,24 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
                     return p
         return None
 
-    def where() -> str:
+    def where(ref: ModelRef) -> str:
         extra = [str(f) for f in (recipe.folder, ) if f is not None and Path(f).resolve() != root]
-        return f"--models-dir {models_dir}" + "".join(f", {e}" for e in extra)
+        vae = f"--vae-dir {vae_dir}, " if vae_dir is not None and ref.name == recipe.bake_vae else ""
+        return vae + f"--models-dir {models_dir}" + "".join(f", {e}" for e in extra)
 
     for ref in recipe.models.values():
         path = None
         if ref.file is not None:
-            p = Path(ref.file) if (Path(ref.file).is_absolute() and not confine) else models_dir / ref.file
-            if p.is_file():
-                path = p
-            elif ref.sha256 is None:
+            folders = [models_dir]
+            if vae_dir is not None and ref.name == recipe.bake_vae:
+                folders.insert(0, vae_dir)
+            candidates = ([Path(ref.file)] if (Path(ref.file).is_absolute() and not confine)
+                          else [f / ref.file for f in folders])
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None and ref.sha256 is None:
+                hint = (" or --vae-dir" if ref.name == recipe.bake_vae else "")
                 raise RecipeError(f"line {ref.line}: model '{ref.name}': file {ref.file} not found in "
-                                  f"--models-dir {models_dir}; put it there or pass --models-dir.")
+                                  f"{where(ref)}; put it there or pass --models-dir{hint}.")
         if path is not None and ref.sha256 and not (sha(path) and sha(path).startswith(ref.sha256.lower())):
             raise RecipeError(f"line {ref.line}: model '{ref.name}': {path.name} does not have sha256 {ref.sha256}.")
         if path is None and ref.sha256:
@@ -367,7 +392,7 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True) -> di
             if path is None:
                 also = f" or {ref.folder}" if ref.folder else ""
                 raise RecipeError(f"line {ref.line}: model '{ref.name}': no file with sha256 {ref.sha256} in "
-                                  f"{where()}{also}; put it in one of them or pass --models-dir.")
+                                  f"{where(ref)}{also}; put it in one of them or pass --models-dir.")
         assert path is not None
         found[ref.name] = path
     return found
@@ -391,14 +416,16 @@ class RecipeResult:
 
 def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str], overwrite: bool = False,
                progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
-               extra_metadata: dict[str, str] | None = None, confine: bool = True) -> RecipeResult:
+               extra_metadata: dict[str, str] | None = None, confine: bool = True,
+               vae_dir: Path | None = None) -> RecipeResult:
     """Run every step; only the last one is written (atomically). Raises RebasinError; no file then.
 
-    `confine`: model names must resolve inside `models_dir` (see `resolve_models`)."""
+    `confine`: model names must resolve inside `models_dir` (see `resolve_models`); `vae_dir`: where the VAE to
+    bake in is looked for first."""
     from .checkpoint import check_output_path
 
     out_path = check_output_path(output, overwrite)
-    paths = resolve_models(recipe, models_dir, confine)
+    paths = resolve_models(recipe, models_dir, confine, vae_dir)
     # Every input is read, and hashed, through one open file for the whole chain: an input replaced meanwhile
     # cannot get its new hash recorded for the old bytes, nor give two steps two different versions.
     opened = _open_inputs(paths)
@@ -441,7 +468,17 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
         root = by_name[root].a
     first = open_model(opened[root], "A")
     try:
-        check_free_space(out_path, output_bytes(output_entries(first, PRECISIONS[recipe.steps[-1].options.precision])))
+        baked_extra = 0
+        if recipe.bake_vae is not None:
+            from .vae_bake import open_vae
+
+            # Checked against the output's architecture before any work; the same open file is baked in later.
+            baked = open_vae(opened[recipe.bake_vae], first.spec)
+            baked_extra = sum(4 * math.prod(s) for k, s in first.spec.shapes.items()
+                              if part_of(k) == "vae" and k not in first.ckpt.infos)
+            baked.close()
+        check_free_space(out_path, baked_extra + output_bytes(
+            output_entries(first, PRECISIONS[recipe.steps[-1].options.precision])))
     finally:
         first.close()
 
@@ -475,7 +512,9 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
 
             res: MergeResult = merge_checkpoints(srcs[0], srcs[1], out_path, step.options, c=srcs[2],
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
-                                                 extra_metadata=extra_metadata, metadata_hook=metadata_hook)
+                                                 extra_metadata=extra_metadata, metadata_hook=metadata_hook,
+                                                 bake_vae=(opened[recipe.bake_vae] if recipe.bake_vae is not None
+                                                           else None))
             done.append((step.name, res.diagnostics))
             return RecipeResult(res.output, done, res.metadata)
         for name in [r for r, last in last_use.items() if last <= i and r in results]:
@@ -560,7 +599,12 @@ def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
         opts = replace(opts, blocks=tuple(single["blocks"]), blocks_preset=single.get("blocks_preset"))
     opts.validate()
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
-    return Recipe(name=stem, models=refs, steps=[step]).to_toml()
+    baked = single.get("bake_vae")
+    bake_name = None
+    if isinstance(baked, dict) and isinstance(baked.get("file"), str):
+        bake_name = "vae"
+        refs[bake_name] = ModelRef(bake_name, baked["file"], baked.get("sha256"), folder=baked.get("folder") if isinstance(baked.get("folder"), str) else None)
+    return Recipe(name=stem, models=refs, steps=[step], bake_vae=bake_name).to_toml()
 
 
 def _with_folders(text: str, inputs: Any, source: str | os.PathLike[str]) -> str:

@@ -27,24 +27,31 @@ class BakedVAE:
     path: Path
     ckpt: Checkpoint
     prefix: str                 # "" for a standalone VAE, "first_stage_model." inside a checkpoint
+    owned: bool = True          # False: the caller opened the file (a recipe input) and closes it
 
     def get(self, key: str) -> torch.Tensor:
         """The value for the output key `first_stage_model.<name>`."""
         return self.ckpt.get(self.prefix + key[len(VAE):])
 
     def sha256(self) -> str:
+        """Of the open file: the bytes that are baked in, even if the path was replaced meanwhile."""
         from .checkpoint import file_sha256
 
-        return file_sha256(self.path)
+        return self.ckpt.sha256() or file_sha256(self.path)
 
     def close(self) -> None:
-        self.ckpt.close()
+        if self.owned:
+            self.ckpt.close()
 
 
-def open_vae(path: str | os.PathLike[str], spec: ArchSpec) -> BakedVAE:
-    """Open and check a VAE source against the spec's VAE keys and shapes; RebasinError with the reason."""
-    p = Path(path)
-    ckpt = open_checkpoint(p)
+def open_vae(source: str | os.PathLike[str] | Checkpoint, spec: ArchSpec) -> BakedVAE:
+    """Open (or take an opened checkpoint) and check a VAE source against the spec's VAE keys and shapes;
+    RebasinError with the reason. An opened checkpoint stays the caller's to close."""
+    if isinstance(source, Checkpoint):
+        ckpt, owned = source, False
+    else:
+        ckpt, owned = open_checkpoint(Path(source)), True
+    p = Path(ckpt.path)
     try:
         names = {k: info for k, info in ckpt.infos.items() if not k.startswith(IGNORED_PREFIXES)}
         prefix = VAE if any(k.startswith(VAE) for k in names) else ""
@@ -61,6 +68,7 @@ def open_vae(path: str | os.PathLike[str], spec: ArchSpec) -> BakedVAE:
                 raise RebasinError(f"{p.name} is not an SD 1.x VAE: {k} has shape {list(got)}, expected "
                                    f"{list(shape)}.")
     except BaseException:
-        ckpt.close()
+        if owned:
+            ckpt.close()
         raise
-    return BakedVAE(p, ckpt, prefix)
+    return BakedVAE(p, ckpt, prefix, owned)

@@ -137,3 +137,123 @@ def test_cancel_mid_chain_leaves_no_file(folder: Path) -> None:
         run_recipe(parse_recipe(CHAIN), folder, folder / "out.safetensors", progress=progress, cancel=cancel)
     assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "finetune.safetensors",
                                                        "independent.safetensors"]
+
+
+# -- baking a VAE in a recipe ----------------------------------------------------------------------------------
+
+BAKED = """
+[recipe]
+name = "baked"
+precision = "fp32"
+bake_vae = "mse"
+
+[models]
+a = "a.safetensors"
+b = "finetune.safetensors"
+mse = "donor.vae.safetensors"
+
+[[step]]
+name = "m1"
+method = "weighted_sum"
+a = "a"
+b = "b"
+alpha = 0.3
+
+[[step]]
+name = "final"
+method = "weighted_sum"
+a = "m1"
+b = "b"
+alpha = 0.5
+"""
+
+
+def _vae_file(models: dict[str, Path], where: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    from lib_rebasin.checkpoint import save_state_dict
+
+    donor = load_file(str(models["independent"]))
+    vae = {k[len("first_stage_model."):]: v for k, v in donor.items() if k.startswith("first_stage_model.")}
+    where.mkdir(parents=True, exist_ok=True)
+    return save_state_dict(where / "donor.vae.safetensors", vae, {}), donor
+
+
+def test_recipe_bakes_a_vae_from_the_vae_folder_and_replays_it(models: dict[str, Path], folder: Path,
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    vae_dir = tmp_path / "VAE"
+    vae_path, donor = _vae_file(models, vae_dir)
+    recipe_file = folder / "baked.toml"
+    recipe_file.write_text(BAKED)
+    out = tmp_path / "out" / "baked.safetensors"
+    out.parent.mkdir()
+    # without the VAE folder the VAE is not found: one line naming where it looked, no output
+    assert cli_main(["recipe", str(recipe_file), "-o", str(out), "--models-dir", str(folder), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model 'mse': file donor.vae.safetensors not found" in err
+    assert "--vae-dir" in err and not out.exists()
+    assert cli_main(["recipe", str(recipe_file), "-o", str(out), "--models-dir", str(folder),
+                     "--vae-dir", str(vae_dir), "-q"]) == 0
+    merged = load_file(str(out))
+    a, b = load_file(str(folder / "a.safetensors")), load_file(str(folder / "finetune.safetensors"))
+    vae_keys = [k for k in merged if k.startswith("first_stage_model.")]
+    assert vae_keys and all(torch.equal(merged[k], donor[k]) for k in vae_keys)
+    unet = next(k for k in merged if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
+    torch.testing.assert_close(merged[unet], 0.5 * (0.7 * a[unet] + 0.3 * b[unet]) + 0.5 * b[unet])
+    with open_checkpoint(out) as ck:
+        meta = ck.metadata
+    assert json.loads(meta["lib_rebasin"])["recipe_toml"].count('bake_vae = "mse"') == 1
+    sha = hashlib.sha256(vae_path.read_bytes()).hexdigest()
+    assert json.loads(meta["sd_merge_recipe"])["models"]["mse"]["sha256"] == sha
+    # the recorded recipe pins the VAE by hash and finds it in the folder it was read from
+    replay = recipe_from_checkpoint(out)
+    assert 'bake_vae = "mse"' in replay and sha in replay
+    again = tmp_path / "replay.toml"
+    again.write_text(replay)
+    out2 = tmp_path / "out" / "replayed.safetensors"
+    assert cli_main(["recipe", str(again), "-o", str(out2), "--models-dir", str(folder), "-q"]) == 0
+    assert load_file(str(out2)).keys() == merged.keys()
+    assert all(torch.equal(load_file(str(out2))[k], merged[k]) for k in merged)
+
+
+def test_recipe_bake_vae_errors_name_the_line_and_write_nothing(models: dict[str, Path], folder: Path,
+                                                                 tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"bake_vae = \"nope\" is not a model in \[models\]"):
+        parse_recipe(BAKED.replace('bake_vae = "mse"', 'bake_vae = "nope"'))
+    with pytest.raises(RecipeError, match="bake_vae must be a string"):
+        parse_recipe(BAKED.replace('bake_vae = "mse"', "bake_vae = 3"))
+    # a "VAE" that is not one (a UNet-only file): refused before any work, no output
+    from safetensors.torch import load_file
+
+    from lib_rebasin.checkpoint import save_state_dict
+
+    donor = load_file(str(models["independent"]))
+    save_state_dict(folder / "donor.vae.safetensors",
+                    {k: v for k, v in donor.items() if k.startswith("model.diffusion_model.")}, {})
+    recipe = parse_recipe(BAKED)
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(Exception, match="donor.vae.safetensors is not an SD 1.x VAE"):
+        run_recipe(recipe, folder, out)
+    assert not out.exists() and not list(tmp_path.glob(".*never*"))
+
+
+def test_single_merge_with_a_baked_vae_gives_a_recipe_that_bakes_it(models: dict[str, Path], tmp_path: Path
+                                                                    ) -> None:
+    from safetensors.torch import load_file
+
+    vae_path, donor = _vae_file(models, tmp_path / "VAE")
+    out = tmp_path / "single.safetensors"
+    merge_checkpoints(models["a"], models["finetune"], out, MergeOptions(method="weighted_sum", precision="fp32"),
+                      bake_vae=vae_path)
+    text = recipe_from_checkpoint(out)
+    recipe = parse_recipe(text)
+    assert recipe.bake_vae == "vae" and recipe.models["vae"].folder == str(vae_path.parent.resolve())
+    out2 = tmp_path / "again.safetensors"
+    run_recipe(recipe, models["a"].parent, out2)
+    a, b = load_file(str(out)), load_file(str(out2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

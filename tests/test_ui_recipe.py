@@ -228,3 +228,41 @@ def test_recipe_model_names_stay_inside_the_models_folder_in_the_tab(host, file)
     text = two_steps(host).replace('"three.safetensors"', f'"{file}"')
     with pytest.raises(RecipeError, match=r"line \d+: model 'three': .*(absolute path|goes up out of the folder)"):
         svc.prepare_recipe(RecipeRequest(text))
+
+
+def test_a_recipe_bakes_a_vae_from_the_hosts_vae_folder(folder):
+    """`bake_vae` in the recipe text: the tab finds the VAE in the host's VAE list (by name, then by hash), checks
+    it before any work, bakes it in, and the recipe keeps it through the builder's edits."""
+    import torch
+
+    from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+
+    with open_checkpoint(folder / "three.safetensors") as ck:
+        donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
+                 if k.startswith("first_stage_model.")}
+    (folder / "VAE").mkdir(exist_ok=True)
+    save_state_dict(folder / "VAE" / "donor.vae.safetensors", donor, {}, overwrite=True)
+    save_state_dict(folder / "VAE" / "unet_only.safetensors", {"x": torch.zeros(2)}, {}, overwrite=True)
+    host = StandaloneHost(folder, devices=["cpu"])
+    svc = MergeService(host)
+    text = rb.set_settings(two_steps(host), name="baked chain")
+    text = text.replace('name = "baked chain"', 'name = "baked chain"\nbake_vae = "mse"').replace(
+        "[models]", '[models]\nmse = { file = "donor.vae.safetensors" }')
+    text = rb.apply_text(text)  # the builder keeps the VAE although no step uses it
+    assert 'bake_vae = "mse"' in text and "donor.vae.safetensors" in text
+    bad = text.replace("donor.vae.safetensors", "unet_only.safetensors")
+    with pytest.raises(RebasinError, match="unet_only.safetensors is not an SD 1.x VAE"):
+        svc.prepare_recipe(RecipeRequest(bad))
+    out = folder / "baked_chain.safetensors"
+    try:
+        job = _run(svc, RecipeRequest(text))
+        assert job.status == "done", job.error
+        with open_checkpoint(out) as ck:
+            assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
+        back = parse_recipe(rb.from_checkpoint(out))
+        assert back.bake_vae == "mse" and back.models["mse"].sha256
+    finally:
+        out.unlink(missing_ok=True)
+        for f in (folder / "VAE").iterdir():
+            f.unlink()
+        (folder / "VAE").rmdir()

@@ -94,7 +94,7 @@ def _check(recipe: Any) -> str:
 
 
 def _prune_models(recipe: Any) -> None:
-    used = {r for s in recipe.steps for r in (s.a, s.b, s.c) if r is not None}
+    used = {r for s in recipe.steps for r in (s.a, s.b, s.c) if r is not None} | {recipe.bake_vae}
     for name in [m for m in recipe.models if m not in used]:
         recipe.models.pop(name)
 

@@ -526,13 +526,17 @@ class MergeService:
         pinned: dict[str, Any] = {}
         inputs: dict[str, Path] = {}
         for name, ref in recipe.models.items():
-            entry = _entry_for_model(ref, entries, folder) if ref.file else None
+            # The VAE to bake in is looked for in the host's VAE list first, then among the checkpoints.
+            vaes = list(self.host.list_vaes()) if name == recipe.bake_vae else []
+            look_in = vaes + entries
+            entry = _entry_for_model(ref, look_in, folder) if ref.file else None
             if entry is None and ref.sha256:
-                entry = self._entry_by_hash(ref.sha256, entries)
+                entry = self._entry_by_hash(ref.sha256, look_in)
             if entry is None:
                 what = f"file {ref.file}" if ref.file else f"a file with sha256 {ref.sha256}"
+                where = "VAEs or checkpoints" if vaes or name == recipe.bake_vae else "checkpoints"
                 raise rm.RecipeError(f"line {ref.line}: model '{name}': {what} is not among the installed "
-                                     f"checkpoints; put it in {folder} and press refresh, or fix the recipe.")
+                                     f"{where}; put it in {folder} and press refresh, or fix the recipe.")
             pinned[name] = replace(ref, file=str(entry.path.resolve()))
             inputs[name] = entry.path
         recipe = replace(recipe, models=pinned)
@@ -542,7 +546,20 @@ class MergeService:
                 raise rm.RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not available "
                                      f"here; choose one of {', '.join(devices)}.")
         for name, path in inputs.items():  # cheap header reads: architecture and parts, before any work
-            open_model(path, name).close()
+            if name != recipe.bake_vae or any(name in (s.a, s.b, s.c) for s in recipe.steps):
+                open_model(path, name).close()
+        if recipe.bake_vae is not None:
+            from ..vae_bake import open_vae
+
+            root = recipe.steps[-1].a
+            by_name = {s.name: s for s in recipe.steps}
+            while root in by_name:
+                root = by_name[root].a
+            first = open_model(inputs[root], "A")
+            try:
+                open_vae(inputs[recipe.bake_vae], first.spec).close()
+            finally:
+                first.close()
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", recipe.name).strip("._") or "recipe"
         out = output_path_for(req.output_name, folder, stem)
         if out.exists() and not req.overwrite:
