@@ -203,6 +203,48 @@ def test_tab_bakes_a_vae_from_the_vae_folder(folder):
     assert len(frames) == 1 and "neither in the VAE list nor a checkpoint" in frames[0][0]
 
 
+def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
+    pytest.importorskip("gradio")
+    import torch
+
+    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    with open_checkpoint(folder / "base.safetensors") as ck:
+        donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
+                 if k.startswith("first_stage_model.")}
+    (folder / "VAE").mkdir(exist_ok=True)
+    save_state_dict(folder / "VAE" / "donor.safetensors", donor, {}, overwrite=True)
+    host = StandaloneHost(folder, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    choices = [ch[0] if isinstance(ch, (tuple, list)) else ch for ch in ui["recipe_bake_vae"].choices]
+    assert choices[:2] == ["None", "donor.safetensors"]
+    add = _fn_for(ui.blocks, ui["recipe_add"])
+    bake = _fn_for(ui.blocks, ui["recipe_bake_vae"], "change")
+    # picked before any step: kept through adding the step
+    text, overview, err = bake("", "donor.safetensors")
+    assert err == "" and parse_recipe(text + '[[step]]\na = "donor"\nb = "donor"\n').bake_vae == "donor"
+    out = add(text, "vae chain", "fp32", "cpu", 0, None, ui["recipe_method"].value, "one.safetensors",
+              "two.safetensors", None, 0.5, 1, ["UNet", "Text encoder", "VAE"], "")
+    text = out[0]
+    assert out[2] == "" and parse_recipe(text).bake_vae == "donor" and "baked in" in out[1]
+    run = _fn_for(ui.blocks, ui["recipe_run"])
+    frames = list(run("task(rv)", text, "vae chain", "fp32", "cpu", 0, "", False, None, None, None, None))
+    assert "rebasin-done" in frames[-1][1], frames[-1][:3]
+    with open_checkpoint(folder / "vae_chain.safetensors") as ck:
+        assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
+    # "None" un-bakes it and drops the VAE's model entry
+    text2, _, err = bake(text, "None")
+    assert err == "" and parse_recipe(text2).bake_vae is None and "donor.safetensors" not in text2
+    # a name that is neither a VAE nor a checkpoint: one line, text unchanged
+    _, _, err = bake(text, "nowhere.safetensors")
+    assert "neither in the VAE list nor a checkpoint" in err
+    (folder / "vae_chain.safetensors").unlink()
+
+
 def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
     pytest.importorskip("gradio")
     """scripts/rebasin_tab.py reads the WebUI's VAE list (modules.sd_vae) through the stand-in host."""

@@ -355,6 +355,45 @@ def sync_settings(text: str, name: str | None, precision: str | None, device: st
     return set_settings(text, **changed)
 
 
+NO_VAE = "None"
+
+
+def set_bake_vae(text: str, choice: str | None, vaes: list[CheckpointEntry], entries: list[CheckpointEntry],
+                 models_dir: Path | None = None) -> str:
+    """Bake `choice` (a title from the host's VAE list, else a checkpoint; NO_VAE or empty: none) into the recipe's
+    output: `bake_vae` names a [models] entry for that file (reused when the file is already a model)."""
+    recipe = load(text)
+    if not choice or choice == NO_VAE:
+        recipe.bake_vae = None
+    else:
+        entry = _find_entry(choice, vaes) or _find_entry(choice, entries)
+        if entry is None:
+            raise RebasinError(f"VAE to bake in '{choice}' is neither in the VAE list nor a checkpoint; press refresh "
+                               "and pick it again.")
+        file = _rel_file(entry, models_dir) if entry in entries else entry.path.name
+        name = next((n for n, m in recipe.models.items() if m.file in (file, entry.path.name)), None)
+        if name is None:
+            name = _model_key(entry.path.stem, recipe.models)
+            recipe.models[name] = _recipe_mod().ModelRef(name, file=file)
+        recipe.bake_vae = name
+    if recipe.steps:
+        return _check(recipe)  # also drops the model of a VAE no longer baked in
+    _prune_models(recipe)
+    return dump(recipe)
+
+
+def bake_vae_of(text: str) -> str | None:
+    """The file the recipe bakes in (for the dropdown), or None."""
+    try:
+        recipe = load(text)
+    except RebasinError:
+        return None
+    if recipe.bake_vae is None:
+        return None
+    m = recipe.models[recipe.bake_vae]
+    return Path(m.file).name if m.file else m.sha256
+
+
 def settings_of(text: str) -> dict[str, Any]:
     recipe = load(text)
     d = {**DEFAULT_SETTINGS, **recipe.defaults}
@@ -413,7 +452,8 @@ def recipe_markdown(text: str) -> str:
             return f"`{m.file or m.sha256}`"
         return f"step **{ref}**"
 
-    lines = [f"**{recipe.name}**: {len(recipe.steps)} step(s); the last one is saved."]
+    lines = [f"**{recipe.name}**: {len(recipe.steps)} step(s); the last one is saved"
+             + (f", with the VAE of {show(recipe.bake_vae)} baked in." if recipe.bake_vae else ".")]
     for i, s in enumerate(recipe.steps):
         o = s.options
         label = getattr(METHODS.get(o.method), "label", o.method)

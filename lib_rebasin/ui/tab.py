@@ -256,7 +256,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 with gr.Accordion("Recipe: a chain of merges in one run", open=False, elem_id="rebasin_recipe"):
                     _recipe_components(gr, c, titles, [method_label[k] for k in method_keys], method_label[d_method],
                                        devices, d_device, d_precision, d_alpha, d_iterations,
-                                       bool(getattr(methods.get(d_method), "needs_c", False)), d_method)
+                                       bool(getattr(methods.get(d_method), "needs_c", False)), d_method,
+                                       service.vae_titles())
             with gr.Column(elem_id="rebasin_outputs"):
                 c["error"] = gr.HTML("", elem_id="rebasin_error")
                 c["progress_anchor"] = gr.HTML("", elem_id="rebasin_progress_anchor")
@@ -461,7 +462,7 @@ RECIPE_HELP = ("Build a chain of merges (like DunkMash: several re-basin merges,
 
 def _recipe_components(gr: Any, c: dict[str, Any], titles: list[str], method_labels: list[str], d_method: str,
                        devices: list[str], d_device: str, d_precision: str, d_alpha: float, d_iterations: int,
-                       needs_c: bool, d_method_key: str = "rebasin") -> None:
+                       needs_c: bool, d_method_key: str = "rebasin", vae_titles: list[str] = ()) -> None:
     c["recipe_help"] = gr.Markdown(RECIPE_HELP, elem_id="rebasin_recipe_help")
     c["recipe_error"] = gr.HTML("", elem_id="rebasin_recipe_error")
     c["recipe_overview"] = gr.Markdown(rb.recipe_markdown(""), elem_id="rebasin_recipe_overview")
@@ -474,6 +475,10 @@ def _recipe_components(gr: Any, c: dict[str, Any], titles: list[str], method_lab
                                          elem_id="rebasin_recipe_device")
         c["recipe_precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d_precision,
                                          label="Precision (all steps)", elem_id="rebasin_recipe_precision")
+    with gr.Row(elem_classes=["rebasin-model-row"]):
+        c["recipe_bake_vae"] = gr.Dropdown(choices=[rb.NO_VAE, *vae_titles, *titles], value=rb.NO_VAE,
+                                           label="Bake in VAE (the output's VAE: a VAE file, or a checkpoint's)",
+                                           elem_id="rebasin_recipe_bake_vae")
     gr.HTML("<h4 class='rebasin-subtitle'>Step</h4>")
     with gr.Row():
         c["recipe_step"] = gr.Dropdown(choices=[], value=None, label="Step to edit, move or remove",
@@ -592,6 +597,18 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
             return refused(e)
 
     c["recipe_apply"].click(fn=apply_text, inputs=[c["recipe_text"]], outputs=view_outputs)
+
+    def bake_vae(text, choice):
+        # Only the user's pick reaches here (the dropdown is never set by other events); the overview says which
+        # VAE the recipe text bakes in, whatever the dropdown shows.
+        try:
+            new = rb.set_bake_vae(text or "", choice, host.list_vaes(), entries())
+            return new, rb.recipe_markdown(new), ""
+        except RebasinError as e:
+            return update(), update(), error_html(str(e), "Recipe")
+
+    c["recipe_bake_vae"].change(fn=bake_vae, inputs=[c["recipe_text"], c["recipe_bake_vae"]],
+                                outputs=[c["recipe_text"], c["recipe_overview"], c["recipe_error"]])
     c["recipe_clear"].click(fn=lambda: view(rb.dump(rb.load("")), None), inputs=[], outputs=view_outputs)
 
     def load_meta(title):
@@ -632,19 +649,23 @@ def _recipe_events(c: dict[str, Any], host: Host, service: MergeService, label_t
     c["recipe_method"].change(fn=on_method, inputs=[c["recipe_method"]],
                               outputs=[c["recipe_c"], c["recipe_iterations"]])
 
-    def refresh(text, a, b, cc, meta):
+    def refresh(text, a, b, cc, meta, vae):
         host.refresh_checkpoints()
         try:
             choices = rb.ref_choices(text or "", None, entries())
         except RebasinError:
             choices = service.titles()
         t = service.titles()
+        vaes = [rb.NO_VAE, *service.vae_titles(), *t]
+        # A VAE that disappeared keeps its name shown (no change event un-bakes it); the run then says it is gone.
         return [*[update(choices=choices, value=v if v in choices else None) for v in (a, b, cc)],
-                update(choices=t, value=same_choice(meta, service))]
+                update(choices=t, value=same_choice(meta, service)),
+                update(choices=vaes if vae in vaes else [*vaes, vae])]
 
     c["recipe_refresh"].click(fn=refresh, inputs=[c["recipe_text"], c["recipe_a"], c["recipe_b"], c["recipe_c"],
-                                                  c["recipe_meta_model"]],
-                              outputs=[c["recipe_a"], c["recipe_b"], c["recipe_c"], c["recipe_meta_model"]])
+                                                  c["recipe_meta_model"], c["recipe_bake_vae"]],
+                              outputs=[c["recipe_a"], c["recipe_b"], c["recipe_c"], c["recipe_meta_model"],
+                                       c["recipe_bake_vae"]])
 
     run_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["recipe_run"],
                    c["recipe_text"], *dropdowns, c["recipe_meta_model"]]
