@@ -222,6 +222,9 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     ui = build_tab(host, MergeService(host))
     choices = [ch[0] if isinstance(ch, (tuple, list)) else ch for ch in ui["recipe_bake_vae"].choices]
     assert choices[:2] == ["None", "donor.safetensors"]
+    # the VAE folder's files are VAEs, not checkpoints (the standalone app keeps them in <models-dir>/VAE)
+    titles = [e.title for e in host.list_checkpoints()]
+    assert "one.safetensors" in titles and not [t for t in titles if "donor" in t]
     add = _fn_for(ui.blocks, ui["recipe_add"])
     bake = _fn_for(ui.blocks, ui["recipe_bake_vae"], "change")
     # picked before any step: kept through adding the step

@@ -265,8 +265,9 @@ def scan_vaes(*folders: str | os.PathLike[str]) -> list[CheckpointEntry]:
         return None
 
 
-def scan_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointEntry]:
-    """Every *.safetensors / *.ckpt under `folder` (VAE files skipped), titled by their path relative to it."""
+def scan_checkpoints(folder: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> list[CheckpointEntry]:
+    """Every *.safetensors / *.ckpt under `folder` (VAE files, and the subfolders named in `skip`, left out), titled
+    by their path relative to it."""
     root = Path(folder)
     if not root.is_dir():
         return []
@@ -274,6 +275,8 @@ def scan_checkpoints(folder: str | os.PathLike[str]) -> list[CheckpointEntry]:
     for p in sorted(root.rglob("*")):
         name = p.name.lower()
         if not p.is_file() or not name.endswith(CHECKPOINT_SUFFIXES):
+            continue
+        if p.relative_to(root).parts[0] in skip:
             continue
         if ".vae." in name or name.startswith(".") or ".tmp" in name:
             continue

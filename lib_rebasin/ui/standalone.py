@@ -25,6 +25,9 @@ from ..signals import sigterm_as_interrupt
 from .api_policy import ApiPolicy, parse_api_auth
 from .host import BaseHost, CheckpointEntry, scan_checkpoints, scan_vaes
 
+# VAE files live in <models-dir>/VAE (the standalone app's stand-in for the WebUI's models/VAE): never checkpoints.
+VAE_FOLDER = "VAE"
+
 DEFAULT_PORT = 7861
 
 
@@ -36,7 +39,7 @@ class StandaloneHost(BaseHost):
         self.models_dir = Path(models_dir).expanduser().resolve()
         self.active: Path | None = None
         self.loads: list[Path] = []
-        self._entries: list[CheckpointEntry] = scan_checkpoints(self.models_dir)
+        self._entries: list[CheckpointEntry] = scan_checkpoints(self.models_dir, skip=(VAE_FOLDER,))
         self._devices = devices
         self._queue = threading.Lock()  # the "GPU queue": one job at a time
         self._hashes: dict[Path, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) of merged files
@@ -61,7 +64,7 @@ class StandaloneHost(BaseHost):
             self._hashes[Path(p).resolve()] = (st.st_size, st.st_mtime_ns, file_sha256(p))
 
     def refresh_checkpoints(self) -> None:
-        self._entries = scan_checkpoints(self.models_dir)
+        self._entries = scan_checkpoints(self.models_dir, skip=(VAE_FOLDER,))
 
     def output_dir(self) -> Path:
         return self.models_dir
@@ -85,7 +88,7 @@ class StandaloneHost(BaseHost):
 
     def list_vaes(self) -> list[CheckpointEntry]:
         """<models-dir>/VAE/**, and *.vae.* files among the checkpoints (the WebUI's own rule)."""
-        return scan_vaes(self.models_dir / "VAE", self.models_dir)
+        return scan_vaes(self.models_dir / VAE_FOLDER, self.models_dir)
 
     def device_choices(self) -> list[str]:
         return list(self._devices) if self._devices else super().device_choices()
