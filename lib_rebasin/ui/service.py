@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, RebasinError
+from ..options import MAX_DIFFERENCE_ALPHA
 from .host import CheckpointEntry, Host
 
 PARTS = ("unet", "te", "vae")
@@ -26,7 +27,7 @@ PRECISION_CHOICES = ("fp16", "bf16", "fp32")
 MAX_ITERATIONS = 1000
 MAX_SEED = 2**63 - 1
 MAX_TEXT = 512  # characters in a name field
-ADD_DIFFERENCE_ALPHA = 10.0
+ADD_DIFFERENCE_ALPHA = MAX_DIFFERENCE_ALPHA  # the core's bound, checked here first to name the field (HTTP 422)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
