@@ -63,7 +63,8 @@ def independent_pair(p: Profile, width: int, steps: int | None = None) -> tuple[
 def sweep_lengths(p: Profile, width: int) -> tuple[int, ...]:
     """Every training length the sweep measures at `width` (the last is the pair's final state)."""
     extra = SWEEP_EXTRA_STEPS.get(width, ()) if p.name == "full" else ()
-    return tuple(sorted({*p.milestones, p.independent_steps[width], *extra}))
+    steps = p.independent_steps[width]
+    return tuple(sorted({*(m for m in p.milestones if m < steps), steps, *extra}))
 
 
 # A fine-tune trains at the base's own learning rate: at 3e-4 for 50 steps (2 % of the weights' norm) the
