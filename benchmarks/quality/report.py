@@ -53,13 +53,16 @@ def _plots(results: dict, out: Path) -> list[str]:
         grids = {f"parent {k}": v["sample_grid"] for k, v in fam["parents"].items() if "sample_grid" in v}
         grids.update({k: v["sample_grid"] for k, v in fam["methods"].items() if "sample_grid" in v})
         if grids:
-            fig, axes = plt.subplots(len(grids), 1, figsize=(6, 1.45 * len(grids)), squeeze=False)
-            for ax, (label, g) in zip(axes[:, 0], grids.items()):
+            cols = min(3, len(grids))
+            rows_n = -(-len(grids) // cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 1.75 * rows_n + 0.4), squeeze=False)
+            for ax in axes.flat:
+                ax.axis("off")
+            for ax, (label, g) in zip(axes.flat, grids.items()):
                 ax.imshow(_mosaic(g), cmap="gray", vmin=-1, vmax=1)
                 ax.set_title(label, fontsize=7)
-                ax.axis("off")
             fig.suptitle(f"Samples (columns: digits 0-9, fixed seeds): {FAMILY_TITLES[key]}", fontsize=8)
-            fig.tight_layout()
+            fig.tight_layout(rect=(0, 0, 1, 0.96))
             name = f"samples_{key}.png"
             fig.savefig(out / name, dpi=110)
             plt.close(fig)
