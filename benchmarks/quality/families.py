@@ -30,8 +30,8 @@ class Profile:
     methods: tuple[str, ...] | None = None  # labels from methods.METHOD_LIST; None = every method
 
 
-# Sized for the 2-core machine at one thread per model (0.65 s a step at width 32, batch 32, quiet machine;
-# measured 2026-12-01): the width-32 pair trains 1,600 steps (17 min each, in parallel), keeping its 200/400/800
+# Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured
+# 2026-12-01): the width-32 pair trains 1,600 steps (22 min each, in parallel), keeping its 200/400/800
 # states for the ratio against training length. Its model A is also the same-base family's base (a base must
 # draw digits before fine-tunes can keep or lose them), and each fine-tune then trains 400 steps on half of the
 # classes. On a GPU, raise the steps: the cache keeps what exists.

@@ -187,9 +187,18 @@ def markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _without(value, key: str):
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without(v, key) for v in value]
+    return value
+
+
 def write(results: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    # The sample pictures' pixels (about 1.5 MB as indented JSON) stay in the section cache and the PNGs.
+    (out / "results.json").write_text(json.dumps(_without(results, "sample_grid"), indent=1))
     plots = _plots(results, out)
     path = out / "results.md"
     path.write_text(markdown(results, plots))
