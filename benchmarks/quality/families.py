@@ -30,11 +30,14 @@ class Profile:
     methods: tuple[str, ...] | None = None  # labels from methods.METHOD_LIST; None = every method
 
 
-# Sized for the shared 2-core machine as it was on 2026-12-01 (load average 10-13 from other work): about an hour
-# of training at one thread per model. On a quiet machine or a GPU, raise the steps: the cache keeps what exists.
-FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 200, 64: 100, 96: 100},
-               milestones=(100,), base_steps=100, finetune_steps=50, skill_width=32,
-               samples_per_class=5, eval_images=64)
+# Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured
+# 2026-12-01): the width-32 pair trains 1,600 steps (22 min each, in parallel), keeping its 200/400/800
+# states for the ratio against training length. Its model A is also the same-base family's base (a base must
+# draw digits before fine-tunes can keep or lose them), and each fine-tune then trains 400 steps on half of the
+# classes. On a GPU, raise the steps: the cache keeps what exists.
+FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 1600, 64: 100, 96: 100},
+               milestones=(200, 400, 800), base_steps=1600, finetune_steps=400, skill_width=32,
+               samples_per_class=20, eval_images=64)
 QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milestones=(), base_steps=16,
                 finetune_steps=6, skill_width=32, samples_per_class=1, eval_images=8,
                 alphas=(0.0, 0.5, 1.0), methods=("weighted sum", "re-basin"))
@@ -47,7 +50,7 @@ MATCH_IMAGES = {"full": 64, "quick": 16}
 # Width 96 at 1e-3 diverged (one parent's held-out loss 0.83 after 100 steps, measured 2026-12-01); 5e-4 trains.
 LR_BY_WIDTH = {96: 5e-4}
 # Longer runs of the width-32 pair, for the ratio against training length (trained when the machine was quiet).
-SWEEP_EXTRA_STEPS = {32: (400,)}
+SWEEP_EXTRA_STEPS: dict[int, tuple[int, ...]] = {}
 
 
 def independent_pair(p: Profile, width: int, steps: int | None = None) -> tuple[TrainConfig, TrainConfig]:
@@ -60,11 +63,18 @@ def independent_pair(p: Profile, width: int, steps: int | None = None) -> tuple[
 def sweep_lengths(p: Profile, width: int) -> tuple[int, ...]:
     """Every training length the sweep measures at `width` (the last is the pair's final state)."""
     extra = SWEEP_EXTRA_STEPS.get(width, ()) if p.name == "full" else ()
-    return tuple(sorted({*p.milestones, p.independent_steps[width], *extra}))
+    steps = p.independent_steps[width]
+    return tuple(sorted({*(m for m in p.milestones if m < steps), steps, *extra}))
+
+
+# A fine-tune trains at the base's own learning rate: at 3e-4 for 50 steps (2 % of the weights' norm) the
+# fine-tunes of 2026-12-01 had not specialised, so every merge of them measured the same.
+FINETUNE_LR = 1e-3
 
 
 def same_base_family(p: Profile, width: int) -> tuple[TrainConfig, TrainConfig, TrainConfig]:
-    """(base, fine-tune on 0-4, fine-tune on 5-9)."""
-    base = TrainConfig(width, init_seed=0, data_seed=100, steps=p.base_steps, batch=p.batch)
-    tune = replace(base, steps=p.finetune_steps, lr=3e-4, parent=base)
+    """(base, fine-tune on 0-4, fine-tune on 5-9); the base is the independent pair's model A after
+    `base_steps` (the same cached model when that is the pair's length)."""
+    base = independent_pair(p, width, p.base_steps)[0]
+    tune = replace(base, steps=p.finetune_steps, lr=FINETUNE_LR, parent=base)
     return base, replace(tune, data_seed=103, classes=LOW), replace(tune, data_seed=104, classes=HIGH)

@@ -145,9 +145,16 @@ def text_encoder_from_ldm(c: SD1Config, ldm: dict[str, torch.Tensor]) -> CLIPTex
     return te
 
 
+# The context is the prompt's own tokens, without padding to CLIP's 77 positions: with 74 PAD tokens the class
+# token was 1/77 of what cross-attention averages over, the 11 contexts had cosine similarity 0.97-0.99 and a
+# model trained 400 steps barely used its class (held-out loss 0.0848 with the true class, 0.0858 with none;
+# measured 2026-12-01). Two of the three positions (the class token and EOS, which attends to it) now carry it.
+PROMPT_LENGTH = 3
+
+
 def class_tokens(c: SD1Config, labels: torch.Tensor) -> torch.Tensor:
-    """[BOS, class, EOS, PAD...] per label (NULL_CLASS = the unconditional prompt)."""
-    ids = torch.full((len(labels), c.te_positions), PAD, dtype=torch.long)
+    """[BOS, class, EOS] per label (NULL_CLASS = the unconditional prompt)."""
+    ids = torch.empty((len(labels), PROMPT_LENGTH), dtype=torch.long)
     ids[:, 0] = BOS
     ids[:, 1] = labels
     ids[:, 2] = EOS
@@ -156,7 +163,7 @@ def class_tokens(c: SD1Config, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def class_contexts(c: SD1Config, te: CLIPTextModel) -> torch.Tensor:
-    """(11, 77, te_width): the cross-attention context of each class and of the null class."""
+    """(11, PROMPT_LENGTH, te_width): the cross-attention context of each class and of the null class."""
     return te(input_ids=class_tokens(c, torch.arange(NULL_CLASS + 1))).last_hidden_state
 
 

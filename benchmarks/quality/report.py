@@ -50,6 +50,24 @@ def _plots(results: dict, out: Path) -> list[str]:
             plt.close(fig)
             files.append(name)
 
+        grids = {f"parent {k}": v["sample_grid"] for k, v in fam["parents"].items() if "sample_grid" in v}
+        grids.update({k: v["sample_grid"] for k, v in fam["methods"].items() if "sample_grid" in v})
+        if grids:
+            cols = min(3, len(grids))
+            rows_n = -(-len(grids) // cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 1.75 * rows_n + 0.4), squeeze=False)
+            for ax in axes.flat:
+                ax.axis("off")
+            for ax, (label, g) in zip(axes.flat, grids.items()):
+                ax.imshow(_mosaic(g), cmap="gray", vmin=-1, vmax=1)
+                ax.set_title(label, fontsize=7)
+            fig.suptitle(f"Samples (columns: digits 0-9, fixed seeds): {FAMILY_TITLES[key]}", fontsize=8)
+            fig.tight_layout(rect=(0, 0, 1, 0.96))
+            name = f"samples_{key}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            files.append(name)
+
     if results["sweep"]:
         fig, ax = plt.subplots(figsize=(6, 4))
         labels = sorted({m for r in results["sweep"] for m in r["ratio"]})
@@ -68,6 +86,15 @@ def _plots(results: dict, out: Path) -> list[str]:
         plt.close(fig)
         files.append("ratio.png")
     return files
+
+
+def _mosaic(grid: list) -> "np.ndarray":
+    """Samples listed class by class (the same count per class) -> one image: a column per class."""
+    import numpy as np
+
+    g = np.asarray(grid)
+    per = len(g) // 10
+    return np.concatenate([np.concatenate(list(g[c * per:(c + 1) * per]), axis=0) for c in range(10)], axis=1)
 
 
 def _skills_cell(acc: list[float], classes: range) -> str:
@@ -132,6 +159,15 @@ def markdown(results: dict, plots: list[str]) -> str:
         for label, row in fam["methods"].items():
             lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for k, v in row["loss_at_half"].items()
                                                      if k != "mean") + " |")
+        skilled = {f"parent {k}": v["skills"] for k, v in fam["parents"].items() if "skills" in v}
+        skilled.update({k: v["skills"] for k, v in fam["methods"].items() if "skills" in v})
+        if skilled:
+            lines += ["", "Skills kept at alpha 0.5, per class (fraction of the class's samples the classifier calls "
+                      "that class):", "",
+                      "| model | " + " | ".join(str(c) for c in range(10)) + " | mean |",
+                      "| --- |" + " ---: |" * 11]
+            for label, acc in skilled.items():
+                lines.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in acc) + f" | {sum(acc) / 10:.3f} |")
         lines.append("")
     if results["sweep"]:
         labels = list(results["sweep"][0]["barrier"])
@@ -151,9 +187,18 @@ def markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _without(value, key: str):
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without(v, key) for v in value]
+    return value
+
+
 def write(results: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    # The sample pictures' pixels (about 1.5 MB as indented JSON) stay in the section cache and the PNGs.
+    (out / "results.json").write_text(json.dumps(_without(results, "sample_grid"), indent=1))
     plots = _plots(results, out)
     path = out / "results.md"
     path.write_text(markdown(results, plots))

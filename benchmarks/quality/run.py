@@ -39,8 +39,19 @@ def _parent(width: int, t: Trained, es: EvalSet, per_class: int) -> dict:
     model = Model(width, load_ldm(t))
     out = {"config": t.config.describe(), "loss": heldout_loss(model, es), "record": t.record}
     if per_class:
-        out["skills"] = skills(*samples(model, per_class))
+        images, labels = samples(model, per_class)
+        out["skills"] = skills(images, labels)
+        out["sample_grid"] = grid(images, labels)
     return out
+
+
+GRID_PER_CLASS = 4
+
+
+def grid(images: torch.Tensor, labels: torch.Tensor) -> list[list[list[float]]]:
+    """The first GRID_PER_CLASS samples of each class as 8x8 pixel rows in [-1, 1], for the report's picture."""
+    pick = torch.cat([torch.nonzero(labels == c).flatten()[:GRID_PER_CLASS] for c in range(10)])
+    return images[pick, 0].round(decimals=2).tolist()
 
 
 def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, methods: list[Method],
@@ -65,7 +76,9 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
                 row["loss_at_half"] = loss
                 row["diagnostics"] = merged.summary
                 if per_class:
-                    row["skills"] = skills(*samples(model, per_class))
+                    images, labels = samples(model, per_class)
+                    row["skills"] = skills(images, labels)
+                    row["sample_grid"] = grid(images, labels)
         c = row["curve"]
         row["barrier"] = c["0.5"] - (c["0.0"] + c["1.0"]) / 2
         log(f"  {m.label}: loss at 0.5 {c['0.5']:.4f}, barrier {row['barrier']:+.4f}")

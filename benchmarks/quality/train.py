@@ -22,7 +22,7 @@ from .layout import NULL_CLASS, class_contexts, load_unet, new_unet, sd_config, 
     unet_to_ldm
 
 # Bump when training changes in a way that changes the weights: every cached model is then retrained.
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2             # 2: the class context is [BOS, class, EOS] (layout.PROMPT_LENGTH)
 WARMUP_STEPS = 20
 LABEL_DROP = 0.1       # classifier-free guidance: this fraction of each batch trains the null class
 

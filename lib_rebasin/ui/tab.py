@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,6 +123,17 @@ def md_escape(text: str) -> str:
     return "".join(out)
 
 
+# The README section with the quality benchmark's numbers (which method kept what, when re-basin helps); the
+# result card points to it by this heading, so renaming the section means changing it here (a test checks both).
+QUALITY_SECTION = "Merge quality, measured"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return "".join(ch for ch in heading.lower() if ch.isalnum() or ch in " -_").replace(" ", "-")
+
+
 def result_markdown(job_dict: dict[str, Any]) -> str:
     if job_dict.get("status") != "done":
         return ""
@@ -131,6 +143,8 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     if summary:
         lines.append("**What the merge did**")
         lines.extend(f"- {md_escape(s)}" for s in summary)
+        lines += ["", f"Which method keeps what, measured on trained models: the README's section "
+                      f"*{QUALITY_SECTION}* (`{README}#{heading_anchor(QUALITY_SECTION)}`)."]
     return "\n".join(lines)
 
 
