@@ -374,9 +374,9 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
     by_activations = [g for g in groups if g.part != "vae"]
     by_weights = [g for g in groups if g.part == "vae"]
 
-    def progress(done: int, total: int, message: str) -> None:
+    def progress(fraction: float, message: str) -> None:
         if report is not None:
-            report("matching", done / total, message)
+            report("matching", fraction, message)
 
     perms = activation_matching(spec, by_activations, get_ref, get_b, samples=opts.activation_samples,
                                 seed=opts.seed, device=device, progress=progress)
