@@ -87,6 +87,8 @@ OURS = {
     # Stopped early: one sweep (like for like with ogkalu2's max_iter=1), and the 1 % tolerance rule.
     "ours_rebasin_1sweep": dict(method="rebasin", iterations=1, max_sweeps=1),
     "ours_rebasin_tol": dict(method="rebasin", iterations=1, tolerance=0.01),
+    # Activation matching (the default 4 prompts x 5 DDIM steps at 16x16 latents); the VAE is not merged here.
+    "ours_activations": dict(method="rebasin", iterations=1, matching="activations"),
 }
 
 

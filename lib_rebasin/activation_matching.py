@@ -4,21 +4,27 @@ Both models see the same inputs; a unit of B is matched to the unit of A whose a
 best, one assignment per permutation group, under the group's legal (GroupNorm) structure. Unlike weight
 matching, groups do not depend on each other (both models run unpermuted), so there is no coordinate ascent.
 
-The core has no forward pass, so the caller collects the activations: a group's *sites* are the outputs of the
-layers whose weights the group permutes along their output axis (conv/linear weights, axis 0); the caller runs
-both models on the same inputs, takes those outputs' channel window for the group and feeds them, batch by
-batch, to `Correlation`. The permutation it returns is applied with `permute.permute_tensor` like any other.
+A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
+(conv/linear weights, axis 0). `activation_matching` runs both models on the same inputs with the core's own
+forward pass (`forward.py`, inputs from `activation_inputs.py`), takes those outputs' channel window for each group
+and feeds them, batch by batch, to `Correlation`. The permutation it returns is applied with
+`permute.permute_tensor` like any other. Only UNet and text-encoder groups have a forward pass here.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from .assignment import solve
+from . import activation_inputs as inputs
+from . import forward
+from .arch import SD1Config
+from .assignment import row_argmax_certificate, solve
+from .errors import RebasinError
+from .forward import Layers, TensorGetter
 from .permute import Perms
-from .spec import ArchSpec, Group, Slot
+from .spec import ArchSpec, Group, Slot, part_of
 
 
 def sites(spec: ArchSpec, group: Group) -> list[Slot]:
@@ -30,24 +36,32 @@ class Correlation:
     """Running Pearson correlation between A's and B's units at one group, averaged over its sites.
 
     Each site is standardised on its own (the branch outputs of one residual stream have different scales),
-    then the sites' correlation matrices are averaged, weighted by their sample counts."""
+    then the sites' correlation matrices are averaged, weighted by their sample counts. Sums are taken around the
+    first batch's means, so that fp32 sums (half the memory of fp64: full-size SD 1.5 has 5 GB of fp64 sums) do
+    not lose the covariance to cancellation."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, dtype: torch.dtype = torch.float64) -> None:
         self.n = n
-        self.stats: dict[int, list[torch.Tensor | int]] = {}
+        self.dtype = dtype
+        self.stats: dict[int, list] = {}
 
     def update(self, site: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a, b: (samples, n) activations of the same inputs at site `site`."""
-        a, b = a.reshape(-1, self.n).double(), b.reshape(-1, self.n).double()
+        a, b = a.reshape(-1, self.n).to(self.dtype), b.reshape(-1, self.n).to(self.dtype)
         s = self.stats.get(site)
+        if s is None:
+            s = self.stats[site] = [a.mean(0), b.mean(0), 0, 0, 0, 0, 0, 0]
+        a, b = a - s[0], b - s[1]
         upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b, a.shape[0]]
-        self.stats[site] = upd if s is None else [x + y for x, y in zip(s, upd)]
+        s[2:] = [x + y for x, y in zip(s[2:], upd)]
 
     def value(self) -> torch.Tensor:
         total = torch.zeros(self.n, self.n, dtype=torch.float64)
         count = 0
-        for sa, sb, saa, sbb, sab, m in self.stats.values():
-            ma, mb = sa / m, sb / m
+        for stats in self.stats.values():
+            sa, sb, saa, sbb, sab = (x.double().cpu() for x in stats[2:7])
+            m = stats[7]
+            ma, mb = sa / m, sb / m  # means of the shifted values: covariance and deviations ignore the shift
             cov = sab / m - torch.outer(ma, mb)
             std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
             std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
@@ -56,12 +70,122 @@ class Correlation:
         return total / max(count, 1)
 
 
-def match(groups: Iterable[Group], correlations: dict[str, Correlation]) -> Perms:
+def match(groups: Iterable[Group], correlations: dict[str, Correlation],
+          on_group: Callable[[int, int, str], None] | None = None) -> Perms:
     """The legal permutation of each group (with collected activations) maximising the summed correlation."""
     perms: Perms = {}
-    for g in groups:
+    groups = list(groups)
+    for i, g in enumerate(groups):
+        if on_group is not None:
+            on_group(i, len(groups), g.name)
         corr = correlations.get(g.name)
         if corr is None or not corr.stats:
             continue
-        perms[g.name] = torch.from_numpy(solve(corr.value().numpy(), g.structure))
+        value = corr.value()
+        # A legal row-argmax is the optimum (no solve needed): the rule for same-base and planted pairs.
+        best = row_argmax_certificate(value, g.structure)
+        perms[g.name] = best if best is not None else torch.from_numpy(solve(value.numpy(), g.structure))
     return perms
+
+
+# -- running both models ---------------------------------------------------------------------------------------
+Progress = Callable[[float, str], None]  # (fraction of the matching done, what runs now)
+# Share of the time the assignments take after the forward passes (cProfile of a mini merge: 56 of 189 s).
+_ASSIGN_SHARE = 0.3
+
+
+def needs_forward(spec: ArchSpec, groups: Iterable[Group]) -> tuple[bool, bool]:
+    """Whether the text encoder / the UNet must run to observe these groups' sites."""
+    keys = [s.key for g in groups for s in sites(spec, g)]
+    return any(part_of(k) == "te" for k in keys), any(part_of(k) == "unet" for k in keys)
+
+
+def check_supported(a: SD1Config, b: SD1Config) -> None:
+    """Activation matching runs both UNets on the same noisy latents: plain 4-channel SD 1.x UNets only."""
+    for label, c in (("A", a), ("B", b)):
+        if c.unet_in_channels != c.unet_out_channels:
+            raise RebasinError(f"Activation matching runs plain SD 1.x UNets; model {label} is {c.variant} "
+                               f"({c.unet_in_channels} input channels). Use matching = weights for it.")
+
+
+@torch.no_grad()
+def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+                        samples: int, seed: int, device: torch.device = torch.device("cpu"),
+                        progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> Perms:
+    """Permutations of B onto A from their activations on the same inputs (`activation_inputs`).
+
+    Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one
+    micro-batch (one prompt with its empty prompt) are held until B's same layer has run; B's are folded into the
+    correlations as they appear, so memory is one micro-batch of A's activations plus the correlation sums."""
+    groups = [g for g in groups if sites(spec, g)]
+    c = spec.config
+    need_unet = needs_forward(spec, groups)[1]  # the text encoder always runs: it makes the UNets' contexts
+    # layer -> [(group, site index, channel offset, group size)]
+    wanted: dict[str, list[tuple[str, int, int, int]]] = {}
+    for g in groups:
+        for i, s in enumerate(sites(spec, g)):
+            wanted.setdefault(s.key.removesuffix(".weight"), []).append((g.name, i, s.offset, g.size))
+    corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
+    held: dict[str, torch.Tensor] = {}
+
+    def hold(name: str, out: torch.Tensor) -> None:
+        if name in wanted:
+            held[name] = out
+
+    def fold(name: str, out: torch.Tensor) -> None:
+        if name not in wanted:
+            return
+        fa, fb = _flat(held.pop(name)), _flat(out)
+        if not (torch.isfinite(fa).all() and torch.isfinite(fb).all()):
+            raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
+                               "cannot be activation matched (use matching = weights).")
+        for group, site, off, n in wanted[name]:
+            corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n])
+
+    layers_a = Layers(get_a, hold, device)
+    layers_b = Layers(get_b, fold, device)
+    gen = torch.Generator().manual_seed(seed)
+    ids = inputs.prompts(c, samples, gen).to(device)
+    steps = len(inputs.TIMESTEPS) * samples if need_unet else 0
+    if progress is not None:
+        progress(0.0, "activation matching: text encoder")
+    # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
+    ctx_a = forward.text_encoder(c, layers_a, ids)
+    ctx_b = forward.text_encoder(c, layers_b, ids)
+    if need_unet:
+        _denoise(c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
+                 progress, steps + 1)
+
+    def on_group(i: int, n: int, name: str) -> None:
+        if progress is not None:
+            progress(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+
+    return match(groups, corr, on_group)
+
+
+def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+             progress: Progress | None, total: int) -> None:
+    """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one."""
+    samples = x.shape[0]
+    ac = inputs.alphas_cumprod(c)
+    ts = inputs.TIMESTEPS
+    done = 1
+    for k, t in enumerate(ts):
+        eps = torch.empty_like(x)
+        for i in range(samples):
+            if progress is not None:
+                progress((1 - _ASSIGN_SHARE) * done / total,
+                         f"activation matching: t={t} ({k + 1}/{len(ts)}), prompt {i + 1}/{samples}")
+            xi = x[i:i + 1].expand(2, -1, -1, -1)
+            tt = torch.full((2,), t, dtype=torch.long, device=x.device)
+            eps[i] = inputs.guided(forward.unet(c, layers_a, xi, tt, torch.stack([ctx[0][i], ctx[0][-1]])), 1)[0]
+            forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
+            done += 1
+        x = inputs.ddim_step(x, eps, t, ts[k + 1] if k + 1 < len(ts) else None, ac)
+
+
+def _flat(out: torch.Tensor) -> torch.Tensor:
+    """A layer output as (samples, channels): conv (N, C, H, W), linear (N, L, C) or (N, C)."""
+    if out.dim() == 4:
+        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    return out.reshape(-1, out.shape[-1])

@@ -60,6 +60,7 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
     options = MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
                            device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
                            tolerance=args.tolerance, align=args.align, allow_nonfinite=args.allow_nonfinite,
+                           matching=args.matching, activation_samples=args.activation_samples,
                            **{name: getattr(args, name) for name in ALL_PARAMS})
     if args.blocks is not None:
         bw = parse_blocks(args.blocks, args.alpha)
@@ -96,7 +97,7 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
                    "(others keep model A's weights; default all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (where cost matrices are computed)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="output precision")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching and of DARE's drop masks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching, of activation matching's inputs and of DARE's drop masks")
     p.add_argument("--max-sweeps", type=int, default=100, help="upper bound on weight-matching sweeps")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="stop weight matching once a sweep gains less than this fraction of the first sweep's gain "
@@ -104,6 +105,12 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
                         "independently trained models takes ~10x longer for the last 0.2%% of the gain)")
     p.add_argument("--blocks", help="block weights of B: 26 comma-separated values BASE,IN00..IN11,M00,OUT00..OUT11, "
                    "25 (UNet only; BASE = --alpha), or a preset name such as GRAD_V")
+    p.add_argument("--matching", default="weights", choices=["weights", "activations"],
+                   help="how re-basin finds B's permutation: weights (weight matching, default) or activations "
+                        "(pair units by how they respond to the same inputs: seeded prompts along A's own DDIM "
+                        "trajectory, with --seed; the VAE is still weight matched)")
+    p.add_argument("--activation-samples", type=int, default=4,
+                   help="activation matching: number of seeded prompts, each run at 5 timesteps (default 4)")
     p.add_argument("--align", action="store_true",
                    help="re-basin B (and C, with B's permutation) onto A before the method (implied by rebasin)")
     for param in ALL_PARAMS.values():

@@ -41,6 +41,8 @@ class Diagnostics:
     aligned: bool = False                                    # re-basin alignment before another method
     baked_vae: str | None = None                             # file whose VAE was baked into the output
     params: dict[str, float] = field(default_factory=dict)   # the method's parameters (methods.py)
+    matching: str = "weights"                                # how the permutations were found
+    activation_samples: int = 0                              # prompts activation matching ran, if it did
 
     def cosine(self, part: str) -> tuple[float, float] | None:
         o = self.objective.get(part)
@@ -74,9 +76,15 @@ class Diagnostics:
                     gain = (f"; similarity to A {cos[0]:.4f} -> {cos[1]:.4f} "
                             f"(objective {'+' if o[1] >= o[0] else ''}{rel:.2f}%)")
                 lines.append(f"{PART_NAMES[part]}: {m:,} of {n:,} units moved ({100 * m / max(n, 1):.1f}%){gain}.")
-            lines.append(f"Weight matching: {sum(self.sweeps)} sweeps over {self.match_steps} run(s), "
-                         f"{self.solves:,} assignment solves, {self.certified:,} skipped as provably optimal"
-                         + ("" if self.converged else "; stopped at the sweep limit before converging") + ".")
+            if self.matching == "activations":
+                lines.append(f"Activation matching: UNet and text encoder units paired by the correlation of their "
+                             f"activations on {self.activation_samples} seeded prompt(s) along A's DDIM trajectory "
+                             f"({self.match_steps} run(s))" + (
+                                 "; the VAE by weight matching." if "vae" in self.parts else "."))
+            if self.matching == "weights" or "vae" in self.parts:
+                lines.append(f"Weight matching: {sum(self.sweeps)} sweeps over {self.match_steps} run(s), "
+                             f"{self.solves:,} assignment solves, {self.certified:,} skipped as provably optimal"
+                             + ("" if self.converged else "; stopped at the sweep limit before converging") + ".")
             if self.closed_form_steps:
                 lines.append(f"{self.closed_form_steps} of {self.iterations} iteration steps kept the same "
                              "permutation and were computed in closed form (exactly what running them gives).")

@@ -38,7 +38,7 @@ from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_sp
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective, stored_diagnostics
 from .errors import InputChangedError, OutputError, RebasinError
 from .finite import Model, OutputGuard, guard_getter
-from .matching import MatchProgress, MatchResult, TensorGetter, weight_matching
+from .matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
 from .models import ModelInput, Source, check_compatible, open_model, same_file
 from .options import METHODS, MergeOptions, MethodInfo
 from .permute import Perms, axis_index, is_identity
@@ -124,6 +124,10 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
         if not parts:
             raise RebasinError("Model A has none of the chosen parts.")
         check_compatible(ma, mb, parts)
+        if options.matching == "activations":
+            from .activation_matching import check_supported
+
+            check_supported(ma.config, mb.config)
         if mc is not None:
             check_compatible(ma, mc, parts)
         if out is not None:  # before any matching: minutes of work must not end in a full disk
@@ -243,7 +247,9 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     diag = Diagnostics(opts.method, opts.alpha, opts.iterations, list(parts),
                        blocks=list(opts.blocks) if opts.blocks is not None else None,
                        blocks_preset=opts.blocks_preset, aligned=opts.align,
-                       params={**opts.method_params(), **({"seed": opts.seed} if METHODS[opts.method].random else {})})
+                       params={**opts.method_params(), **({"seed": opts.seed} if METHODS[opts.method].random else {})},
+                       matching=opts.matching,
+                       activation_samples=opts.activation_samples if opts.matching == "activations" else 0)
     get_a, get_b = A.ckpt.get, B.ckpt.get
     checked = [Model(m.label, m.path.name, m.ckpt.get, m.ckpt.keys()) for m in (A, B, prep.c) if m is not None]
 
@@ -342,17 +348,49 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
 
 def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
            opts: MergeOptions, device: torch.device, init: Perms | None,
-           on_progress: Callable[[MatchProgress], None], ref_is_file: bool, checked: list[Model]) -> MatchResult:
+           on_progress: Callable[[MatchProgress], None], ref_is_file: bool, checked: list[Model],
+           report: Reporter | None = None) -> MatchResult:
     # Each tensor matching reads is checked once as it is fetched: a NaN would make the assignment fail.
     get_ref = guard_getter(get_ref, checked[0], opts.allow_nonfinite)
     get_b = guard_getter(get_b, checked[1], opts.allow_nonfinite)
     groups = spec.groups_in(parts)
+    if opts.matching == "activations":
+        return _match_activations(spec, groups, get_ref, get_b, opts, device, on_progress, report)
     # On the CPU, checkpoint files are re-read on each visit rather than held (both models' size in memory); a
     # running merge is computed, so it is kept. On a GPU everything matching reads is kept there.
     on_cpu = device.type == "cpu"
     keep = (not (on_cpu and ref_is_file), not on_cpu)
     return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=device,
                            init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
+
+
+def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_b: TensorGetter,
+                       opts: MergeOptions, device: torch.device, on_progress: Callable[[MatchProgress], None],
+                       report: Reporter | None) -> MatchResult:
+    """UNet and text-encoder groups by activation matching; VAE groups (no forward pass here, and no tensor
+    shared with the other parts) by weight matching, exactly as weight matching alone would align them."""
+    from .activation_matching import activation_matching
+
+    start = time.perf_counter()
+    by_activations = [g for g in groups if g.part != "vae"]
+    by_weights = [g for g in groups if g.part == "vae"]
+
+    def progress(fraction: float, message: str) -> None:
+        if report is not None:
+            report("matching", fraction, message)
+
+    perms = activation_matching(spec, by_activations, get_ref, get_b, samples=opts.activation_samples,
+                                seed=opts.seed, device=device, progress=progress)
+    reports = [GroupReport(g.name, g.part, g.kind, g.size, moved=int((perms[g.name] != torch.arange(g.size)).sum())) for g in by_activations if g.name in perms]
+    sweeps, converged = 0, True
+    if by_weights:
+        vae = weight_matching(spec, by_weights, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps,
+                              device=device, progress=on_progress, tolerance=opts.tolerance,
+                              keep=(device.type != "cpu",) * 2)
+        perms.update(vae.perms)
+        reports += vae.groups
+        sweeps, converged = vae.sweeps, vae.converged
+    return MatchResult(perms, sweeps, converged, reports, time.perf_counter() - start)
 
 
 def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
@@ -375,7 +413,9 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
     schedules = {al: telescoping_schedule(al, n) for al in alphas}
     tracks = {al: [Term(1.0, get_a, {})] for al in alphas}
     # The closed form's proof needs every key of a group to take the same step (one alpha over the matched parts).
-    uniform = len(alphas) == 1
+    # ... and weight matching's fixed point: activations are not linear in the weights, so activation matching
+    # runs every step.
+    uniform = len(alphas) == 1 and opts.matching == "weights"
     perms: Perms | None = None
     diag.matched = True
     for x in range(n):
@@ -391,7 +431,7 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
         # Matching compares shared windows only (an inpainting A's extra input channels have no partner in B).
         result = _match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
                         shared_window(running, get_b_like), get_b, opts, device, perms, on_progress,
-                        ref_is_file=x == 0, checked=checked)
+                        ref_is_file=x == 0, checked=checked, report=report)
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves
@@ -465,7 +505,7 @@ def _align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get
                f"matching: sweep {p.sweep}, group {p.index}/{p.total} {p.group}")
 
     result = _match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None, on_progress,
-                    ref_is_file=True, checked=checked)
+                    ref_is_file=True, checked=checked, report=report)
     diag.matched = True
     diag.match_steps = 1
     diag.sweeps.append(result.sweeps)

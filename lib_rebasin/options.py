@@ -34,6 +34,11 @@ class MergeOptions:
     blocks_preset: str | None = None          # the preset name the 26 values came from (recorded, not used)
     # Re-basin B (and C, with B's permutation) onto A before the method runs; method "rebasin" always does.
     align: bool = False
+    # How re-basin finds B's permutation: "weights" (weight matching) or "activations" (match units by the
+    # correlation of their activations on `activation_samples` seeded prompts along A's own DDIM trajectory,
+    # activation_inputs.py; the VAE, which has no forward pass here, is weight matched).
+    matching: str = "weights"
+    activation_samples: int = 4
     # Method parameters (methods.py declares which method uses which, with ranges; defaults are the same there).
     ties_density: float = 0.2
     ties_scale: float = 1.0
@@ -100,6 +105,16 @@ class MergeOptions:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RebasinError("device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
         _check_type("align", self.align, bool)
+        _check_type("matching", self.matching, str)
+        if self.matching not in MATCHINGS:
+            raise RebasinError(f"matching must be one of {', '.join(MATCHINGS)}, got '{_show(self.matching)}'.")
+        _check_type("activation_samples", self.activation_samples, int)
+        if not 1 <= self.activation_samples <= MAX_ACTIVATION_SAMPLES:
+            raise RebasinError(f"activation_samples must be between 1 and {MAX_ACTIVATION_SAMPLES}, got "
+                               f"{self.activation_samples}.")
+        if self.matching != "weights" and not self.aligned:
+            raise RebasinError(f"matching = {self.matching} chooses how re-basin aligns B; {info.label} does not "
+                               "align (use the rebasin method, or align = true).")
         for param in info.params:
             problem = param.check(getattr(self, param.name), info.label)
             if problem:
@@ -118,6 +133,11 @@ class MergeOptions:
             raise RebasinError(f"iterations apply to the rebasin method only; {info.label} with alignment "
                                "matches once (use iterations = 1).")
 
+
+MATCHINGS = ("weights", "activations")
+# Each sample is one prompt denoised over 5 timesteps, 4 forward passes of a UNet per step (two models, with and
+# without the prompt): 64 samples is already ~1,300 UNet passes.
+MAX_ACTIVATION_SAMPLES = 64
 
 # add_difference: A + alpha (B - C). Beyond |alpha| = 10 the difference outweighs the model by an order of
 # magnitude: no recipe uses that, and it is where a typo (1e308 for 0.2) turns into overflow.

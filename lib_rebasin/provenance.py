@@ -33,6 +33,8 @@ def method_fields(o: "MergeOptions") -> dict[str, object]:
     out: dict[str, object] = dict(o.method_params())
     if o.align:
         out["align"] = True
+    if o.matching != "weights":  # absent for weight matching, so its outputs keep the bytes they always had
+        out.update({"matching": o.matching, "activation_samples": o.activation_samples})
     if o.blocks is not None:
         out.update({"blocks": list(o.blocks), "blocks_preset": o.blocks_preset, "block_mapping": MAPPING_VERSION})
     return out

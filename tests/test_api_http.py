@@ -171,7 +171,9 @@ def test_bad_values_are_422_naming_the_field_never_500(server):
     cases = [('{"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "iterations": 1e400}', "iterations"),
              ('{"iterations": "3"}', "iterations"), ('{"alpha": [0.5]}', "alpha"), ('{"seed": true}', "seed"),
              ('{"parts": "unet,brain"}', "parts"), ('{"bogus": 1}', "bogus"),
-             ('{"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "device": "tpu"}', "device")]
+             ('{"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "device": "tpu"}', "device"),
+             ('{"matching": "activation"}', "matching"), ('{"matching": 1}', "matching"),
+             ('{"activation_samples": 0}', "activation_samples"), ('{"activation_samples": 2.5}', "activation_samples")]
     for raw, field in cases:
         status, body = server.request("POST", "/rebasin/v1/merge", raw, {"Content-Type": "application/json"})
         assert status == 422 and body["field"] == field, (raw, status, body)
@@ -213,6 +215,27 @@ def test_same_origin_merge_runs_and_then_has_a_hash(server, models):
     out = models / f"api_{server.kind}.safetensors"
     listed = {c["name"]: c for c in server.request("GET", "/rebasin/v1/checkpoints")[1]}
     assert listed[out.name]["sha256"] == file_sha256(out) and listed[out.name]["hash"] == file_sha256(out)[:10]
+    out.unlink()
+
+
+def test_merge_with_activation_matching_records_it(server, models):
+    status, job = server.post_json("/rebasin/v1/merge", {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
+                                                         "parts": ["te"], "matching": "activations",
+                                                         "activation_samples": 1,
+                                                         "output_name": f"api_act_{server.kind}"},
+                                   {"Origin": server.base})
+    assert status == 202, job
+    deadline = time.time() + 120
+    while not job["finished"] and time.time() < deadline:
+        time.sleep(0.3)
+        job = server.request("GET", f"/rebasin/v1/jobs/{job['job_id']}")[1]
+    assert job["status"] == "done", job
+    from lib_rebasin.checkpoint import open_checkpoint
+
+    out = models / f"api_act_{server.kind}.safetensors"
+    with open_checkpoint(out) as ck:
+        recipe = json.loads(ck.metadata["lib_rebasin"])["recipe"]
+    assert (recipe["matching"], recipe["activation_samples"]) == ("activations", 1)
     out.unlink()
 
 

@@ -257,3 +257,20 @@ def test_single_merge_with_a_baked_vae_gives_a_recipe_that_bakes_it(models: dict
     run_recipe(recipe, models["a"].parent, out2)
     a, b = load_file(str(out)), load_file(str(out2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_matching_round_trips_through_a_recipe(folder: Path) -> None:
+    """matching / activation_samples are recipe keys, recorded in the metadata, replayed bit for bit."""
+    text = parse_recipe(CHAIN).to_toml()
+    assert "matching" not in text  # weight matching writes no new line: old recipes keep their text
+    out = merge_checkpoints(folder / "a.safetensors", folder / "independent.safetensors", folder / "o.safetensors",
+                            MergeOptions(matching="activations", activation_samples=2, parts=("te",),
+                                         precision="fp32")).output
+    recorded = recipe_from_checkpoint(out)
+    assert 'matching = "activations"' in recorded and "activation_samples = 2" in recorded
+    (folder / "r.toml").write_text(recorded)
+    again = run_recipe(load_recipe(folder / "r.toml"), folder, folder / "o2.safetensors").output
+    x, y = _tensors(out), _tensors(again)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(RecipeError, match="matching must be one of weights, activations"):
+        parse_recipe(recorded.replace('matching = "activations"', 'matching = "activation"'))

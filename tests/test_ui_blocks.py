@@ -248,6 +248,31 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     (folder / "vae_chain.safetensors").unlink()
 
 
+def test_tab_merges_with_activation_matching(folder):
+    pytest.importorskip("gradio")
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    ui = build_tab(StandaloneHost(folder, devices=["cpu"]), MergeService(StandaloneHost(folder, devices=["cpu"])))
+    ids = {c.get("props", {}).get("elem_id") for c in ui.blocks.get_config_file()["components"]}
+    assert {"rebasin_matching", "rebasin_activation_samples"} <= ids
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(m1)", "one.safetensors", "two.safetensors", None, "rebasin", 0.5, 1,
+                      ["Text encoder"], "cpu", "fp32", "by_activations", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 3, False, "None", "activations", 2))
+    last = frames[-1]
+    assert "rebasin-done" in last[1] and "Activation matching: " in last[2], last[:3]
+    recipe = json.loads(_meta(folder / "by_activations.safetensors")["lib_rebasin"])["recipe"]
+    assert (recipe["matching"], recipe["activation_samples"], recipe["seed"]) == ("activations", 2, 3)
+    # activation matching chooses how re-basin aligns: with a method that does not align it is refused first
+    frames = list(run("task(m2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["Text encoder"], "cpu", "fp32", "refused", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 0, False, "None", "activations", 2))
+    assert len(frames) == 1 and "does not align" in frames[0][0]
+    assert not (folder / "refused.safetensors").exists()
+
+
 def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
     pytest.importorskip("gradio")
     """scripts/rebasin_tab.py reads the WebUI's VAE list (modules.sd_vae) through the stand-in host."""

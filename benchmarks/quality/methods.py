@@ -4,9 +4,10 @@
 added to the core (block weights, TIES, DARE, train difference, activation matching...) is benchmarked by adding
 one line here. A line whose method the installed core does not have is skipped and listed in the report.
 `needs_base` methods get the same-base family's base as model C, so they only run on that family.
-`align="activations"` is the activation-matching lever: B is permuted (function-preserving) by activation
-matching before the core merge runs; with "weighted_sum" that is re-basin with activation matching instead of
-weight matching, with "rebasin" it is weight matching warm-started from the activation alignment.
+"activation matching" is the core's option (`matching = "activations"`: data-free inputs, seeded prompts along A's
+own DDIM trajectory). `align="activations"` is the earlier benchmark lever, kept for "then re-basin": B is
+permuted (function-preserving) by activation matching on training images before the core merge runs, then weight
+matching starts from that alignment.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Method:
 
 WEIGHTED_SUM = Method("weighted sum", "weighted_sum")
 REBASIN = Method("re-basin", "rebasin")
-ACTIVATIONS = Method("activation matching", "weighted_sum", align="activations")
+ACTIVATIONS = Method("activation matching", "rebasin", {"matching": "activations", "activation_samples": 16})
 ACTIVATIONS_THEN_WEIGHTS = Method("activation matching, then re-basin", "rebasin", align="activations")
 
 METHOD_LIST: tuple[Method, ...] = (

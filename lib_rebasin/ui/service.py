@@ -99,6 +99,8 @@ class MergeRequest:
     tolerance: float = 0.01   # fraction of the first sweep's gain below which matching stops (MergeOptions)
     blocks: str = ""          # block weights: a preset name or 26 (25) comma-separated values; "" = alpha everywhere
     align: bool = False       # re-basin B (and C) onto A before a non-rebasin method
+    matching: str = "weights"  # how re-basin finds the permutation: "weights" or "activations" (MergeOptions)
+    activation_samples: int = 4
     ties_density: float = 0.2  # method parameters (lib_rebasin/methods.py); each is used only by its methods
     ties_scale: float = 1.0
     dare_p: float = 0.9
@@ -119,7 +121,7 @@ class MergeRequest:
         for k, v in d.items():
             if k in ("alpha", "tolerance", "ties_density", "ties_scale", "dare_p"):
                 kw[k] = _number(k, v)
-            elif k in ("iterations", "seed"):
+            elif k in ("iterations", "seed", "activation_samples"):
                 kw[k] = _integer(k, v)
             elif k in ("overwrite", "align"):
                 if not isinstance(v, bool):
@@ -163,6 +165,11 @@ class MergeRequest:
                                            f"{shown(self.iterations)}.")
         if not 0.0 <= self.tolerance < 1.0:
             raise FieldError("tolerance", f"tolerance must be at least 0 and below 1, got {shown(self.tolerance)}.")
+        if self.matching not in ("weights", "activations"):
+            raise FieldError("matching", f"matching must be weights or activations, got {shown(self.matching)}.")
+        if not 1 <= self.activation_samples <= 64:
+            raise FieldError("activation_samples", f"activation_samples must be between 1 and 64, got "
+                                                   f"{shown(self.activation_samples)}.")
         if not 0 <= self.seed <= MAX_SEED:
             raise FieldError("seed", f"seed must be between 0 and {MAX_SEED}, got {shown(self.seed)}.")
         for param in (info.params if info is not None else ()):
@@ -459,6 +466,7 @@ class MergeService:
         opts = core.MergeOptions(method=req.method, alpha=float(req.alpha), iterations=int(req.iterations),
                                  parts=parts, device=req.device, precision=req.precision, seed=int(req.seed),
                                  tolerance=float(req.tolerance), align=bool(req.align),
+                                 matching=req.matching, activation_samples=int(req.activation_samples),
                                  ties_density=float(req.ties_density), ties_scale=float(req.ties_scale),
                                  dare_p=float(req.dare_p))
         if req.blocks and req.blocks.strip():

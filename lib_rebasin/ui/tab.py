@@ -65,6 +65,8 @@ JS_SWITCH_TXT2IMG = ("() => { if (typeof rebasin_switch_to_txt2img === 'function
 # Which settings a method reads (the core's MethodInfo has no such flags): the tab hides the others.
 USES_ITERATIONS = ("rebasin", "legacy")
 USES_TOLERANCE = ("rebasin",)
+# Labels of MergeOptions.matching's values, in the tab.
+MATCHING_CHOICES = ("weights", "activations")
 
 # Components whose first value comes from Settings -> Re-Basin. The WebUI's ui-config.json would pin the value they
 # had on the first start (modules/ui_loadsave.py) and override Settings forever after; the host skips components
@@ -246,6 +248,15 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
                           "(0 = until nothing improves; much slower on unrelated models)",
                     elem_id="rebasin_tolerance", visible=d_method in USES_TOLERANCE)
+                with gr.Row(elem_id="rebasin_matching_row"):
+                    c["matching"] = gr.Radio(choices=list(MATCHING_CHOICES), value=MATCHING_CHOICES[0],
+                                             label="Re-basin matching (re-basin, or another method with 'align'): "
+                                                   "by weights, or by activations on seeded prompts (slower)",
+                                             elem_id="rebasin_matching")
+                    c["activation_samples"] = gr.Slider(minimum=1, maximum=64, step=1,
+                                                        value=MergeRequest.activation_samples,
+                                                        label="Activation matching: prompts",
+                                                        elem_id="rebasin_activation_samples")
                 with gr.Row():
                     c["device"] = gr.Dropdown(choices=devices, value=d_device, label="Device",
                                               elem_id="rebasin_device")
@@ -334,7 +345,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
 
         merge_inputs = [c["task_id"], c["model_a"], c["model_b"], c["model_c"], c["method"], c["alpha"],
                         c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"],
-                        c["tolerance"], c["blocks_on"], c["blocks_text"], *param_controls, c["bake_vae"]]
+                        c["tolerance"], c["blocks_on"], c["blocks_text"], *param_controls, c["bake_vae"],
+                        c["matching"], c["activation_samples"]]
         merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["merge"], *dropdowns]
 
         def lists_after_save(a, b, cc):
@@ -354,6 +366,9 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     extra["align"] = bool(params[n + 1]) and bui._can_align(key)
                 if len(params) > n + 2 and params[n + 2] and params[n + 2] != "None":
                     extra["bake_vae"] = str(params[n + 2])
+                if len(params) > n + 4 and params[n + 3] in MATCHING_CHOICES:
+                    extra["matching"] = str(params[n + 3])
+                    extra["activation_samples"] = int(params[n + 4] or MergeRequest.activation_samples)
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
