@@ -23,6 +23,9 @@ from lib_rebasin.spec import Structure, build_spec
     Structure(8, levels=(2, 4)),
     Structure(8, levels=(4,)),
     Structure(8, intervals=((0, 3), (3, 5), (5, 8))),
+    Structure(8, levels=(2,), intervals=((0, 2), (2, 8))),
+    Structure(8, shared_blocks=2),   # attention: 2 heads of 2 channels, q/k half then v/o half
+    Structure(8, shared_blocks=1),
 ])
 def test_structured_assignment_is_the_brute_force_optimum(structure: Structure) -> None:
     rng = np.random.default_rng(0)
@@ -43,6 +46,14 @@ def test_certificate_only_accepts_legal_permutations() -> None:
     crossing = C[:, [2, 1, 0, 3]]      # moves channel 0 into block 1 alone: illegal for blocks of 2
     assert row_argmax_certificate(crossing, Structure(4, levels=(2,))) is None
     assert row_argmax_certificate(torch.ones(3, 3), Structure(3)) is None  # argmax not a permutation
+
+
+def test_head_structure_needs_one_head_order_for_both_halves() -> None:
+    heads = Structure(8, shared_blocks=2)
+    assert is_legal(heads, torch.tensor([3, 2, 0, 1, 6, 7, 5, 4]))      # heads swapped in both halves
+    assert not is_legal(heads, torch.tensor([2, 3, 0, 1, 4, 5, 6, 7]))  # q/k heads swapped, v/o heads not
+    assert not is_legal(heads, torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))  # q/k channels sent into the v/o half
+    assert not is_legal(heads, torch.tensor([1, 2, 0, 3, 4, 5, 6, 7]))  # a channel crosses heads
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
