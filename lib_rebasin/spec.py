@@ -139,6 +139,13 @@ class ArchSpec:
     axes: dict[str, dict[int, list[Segment]]]
 
     def groups_in(self, parts: Iterable[str]) -> list[Group]:
+        """The groups with a slot in any of `parts`: those whose permutation changes a merged key.
+
+        `te.residual` is among them for the UNet alone: its slots include the columns of every UNet `attn2.to_k/
+        to_v`. With `parts=("unet",)` the output keeps A's text encoder, and B's k/v columns must read A's text
+        channels, so that stream is matched (on all its slots, text-encoder weights included: they are what tells
+        B's text basis from A's) and its permutation re-indexes B's UNet k/v columns; the text encoder's keys stay
+        A's because only merged parts are written from the blend."""
         wanted = set(parts)
         return [g for g in self.groups.values() if {self.part_of_key[s.key] for s in g.slots} & wanted]
 
