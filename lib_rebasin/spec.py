@@ -12,7 +12,8 @@ Function preservation rules encoded here:
   consumer, including slices of the decoder's skip concatenations;
 - GroupNorm(32) only tolerates permutations that map normalisation groups onto normalisation groups. Each group
   records the partitions its channels see (`Group.partitions`); `Group.structure` turns them into either a
-  hierarchy of reorderable blocks or, where partitions straddle (the four UNet concatenations), fixed intervals;
+  hierarchy of reorderable blocks or, where partitions straddle (the four UNet concatenations), fixed intervals
+  (inside which the group's own GroupNorm blocks still move when the cuts fall on their boundaries);
 - attention: one group per attention whose units are [q/k channels of every head | v/o channels of every head].
   Whole heads may reorder if q, k, v and the out-projection take the same head order; inside a head, q/k rows take
   one permutation (the same on q and k) and v rows / out-projection columns another. Channels never cross heads;

@@ -91,6 +91,32 @@ def test_planted_head_reorder_is_recovered(models: dict[str, Path]) -> None:
     assert all(is_identity(p) for n, p in res.perms.items() if n not in planted)
 
 
+def test_bf16_screen_on_attention_groups(models: dict[str, Path]) -> None:
+    """The screened estimate bounds the exact matrix inside both halves of an attention group, leaves the
+    cross-half entries -inf (no legal permutation uses them), and certifies the same-base identity; with the screen
+    forced on, matching a head-shuffled model gives the same permutations as without it."""
+    from lib_rebasin.matching import certified_argmax, cost_matrix, screened_cost_matrix
+
+    spec = build_spec(MINI)
+    a, fine = _state(models["a"]), _state(models["finetune"])
+    g = spec.groups["te.layers.0.attn.heads"]
+    cpu = torch.device("cpu")
+    exact = cost_matrix(spec, g, a.__getitem__, fine.__getitem__, {}, cpu)
+    est, err = screened_cost_matrix(spec, g, a.__getitem__, fine.__getitem__, {}, cpu)
+    half = torch.arange(g.size) < g.size // 2
+    inside = half[:, None] == half[None, :]
+    assert bool(((est - exact).abs()[inside] <= err[inside]).all())
+    assert bool((exact[~inside] == float("-inf")).all() and (est[~inside] == float("-inf")).all())
+    assert torch.equal(certified_argmax(est, err, g.structure), torch.arange(g.size))
+    attn = [h for h in spec.groups.values() if h.kind == "attention" and h.part == "te"]
+    planted = {h.name: random_legal_perm(h.structure, torch.Generator().manual_seed(8)) for h in attn}
+    b = {k: permute_tensor(spec, k, v, planted) for k, v in fine.items()}
+    runs = [weight_matching(spec, attn, a.__getitem__, b.__getitem__, screen=screen) for screen in (True, False)]
+    assert all(torch.equal(runs[0].perms[h.name], runs[1].perms[h.name]) for h in attn)
+    assert all(torch.equal(runs[0].perms[h.name], inverse(planted[h.name])) for h in attn)
+    assert sum(r.screened for r in runs[0].groups) > 0
+
+
 def test_tolerance_stops_early_after_the_bulk_of_the_gain(models: dict[str, Path]) -> None:
     spec = build_spec(MINI)
     a, b = _state(models["a"]), _state(models["independent"])
