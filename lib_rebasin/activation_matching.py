@@ -6,8 +6,9 @@ matching, groups do not depend on each other (both models run unpermuted), so th
 
 A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
 (conv/linear weights, axis 0). `activation_matching` runs both models on the same inputs with the core's own
-forward pass (`forward.py`, inputs from `activation_inputs.py`), takes those outputs' channel window for each group
-and feeds them, batch by batch, to `Correlation`. The permutation it returns is applied with
+forward pass (`forward.py`, inputs from `activation_inputs.py`), takes each site's channel window (`Slot.offset`,
+`Slot.length`) and feeds it, batch by batch, to `Correlation` with the units it carries (`Slot.start`: an attention
+group's q/k sites carry its first half, its v sites the second). The permutation it returns is applied with
 `permute.permute_tensor` like any other. Only UNet and text-encoder groups have a forward pass here.
 """
 
@@ -36,7 +37,9 @@ class Correlation:
     """Running Pearson correlation between A's and B's units at one group, averaged over its sites.
 
     Each site is standardised on its own (the branch outputs of one residual stream have different scales),
-    then the sites' correlation matrices are averaged, weighted by their sample counts. Sums are taken around the
+    then the sites' correlation matrices are averaged, weighted by their sample counts. A site may carry a window
+    of the group's units (`start`); each entry averages the sites that see it, and entries no site sees (across
+    the two halves of an attention group, which no legal permutation uses) stay 0. Sums are taken around the
     first batch's means, so that fp32 sums (half the memory of fp64: full-size SD 1.5 has 5 GB of fp64 sums) do
     not lose the covariance to cancellation."""
 
@@ -44,10 +47,13 @@ class Correlation:
         self.n = n
         self.dtype = dtype
         self.stats: dict[int, list] = {}
+        self.starts: dict[int, int] = {}
 
-    def update(self, site: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a, b: (samples, n) activations of the same inputs at site `site`."""
-        a, b = a.reshape(-1, self.n).to(self.dtype), b.reshape(-1, self.n).to(self.dtype)
+    def update(self, site: int, a: torch.Tensor, b: torch.Tensor, start: int = 0) -> None:
+        """a, b: (samples, m) activations of the same inputs at site `site`, units [start, start + m)."""
+        m = a.shape[-1]
+        assert start + m <= self.n and self.starts.setdefault(site, start) == start, (site, start, m)
+        a, b = a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype)
         s = self.stats.get(site)
         if s is None:
             s = self.stats[site] = [a.mean(0), b.mean(0), 0, 0, 0, 0, 0, 0]
@@ -57,17 +63,18 @@ class Correlation:
 
     def value(self) -> torch.Tensor:
         total = torch.zeros(self.n, self.n, dtype=torch.float64)
-        count = 0
-        for stats in self.stats.values():
+        count = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for site, stats in self.stats.items():
             sa, sb, saa, sbb, sab = (x.double().cpu() for x in stats[2:7])
             m = stats[7]
             ma, mb = sa / m, sb / m  # means of the shifted values: covariance and deviations ignore the shift
             cov = sab / m - torch.outer(ma, mb)
             std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
             std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
-            total += m * cov / torch.outer(std_a, std_b)
-            count += m
-        return total / max(count, 1)
+            lo, hi = self.starts[site], self.starts[site] + len(sa)
+            total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
+            count[lo:hi, lo:hi] += m
+        return total / count.clamp_min(1)
 
 
 def match(groups: Iterable[Group], correlations: dict[str, Correlation],
@@ -120,11 +127,11 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
     need_unet = needs_forward(spec, groups)[1]  # the text encoder always runs: it makes the UNets' contexts
-    # layer -> [(group, site index, channel offset, group size)]
-    wanted: dict[str, list[tuple[str, int, int, int]]] = {}
+    # layer -> [(group, site index, channel offset, window length, first unit carried)]
+    wanted: dict[str, list[tuple[str, int, int, int, int]]] = {}
     for g in groups:
         for i, s in enumerate(sites(spec, g)):
-            wanted.setdefault(s.key.removesuffix(".weight"), []).append((g.name, i, s.offset, g.size))
+            wanted.setdefault(s.key.removesuffix(".weight"), []).append((g.name, i, s.offset, s.length, s.start))
     corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
     held: dict[str, torch.Tensor] = {}
 
@@ -139,8 +146,8 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
         if not (torch.isfinite(fa).all() and torch.isfinite(fb).all()):
             raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
                                "cannot be activation matched (use matching = weights).")
-        for group, site, off, n in wanted[name]:
-            corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n])
+        for group, site, off, n, start in wanted[name]:
+            corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
     layers_a = Layers(get_a, hold, device)
     layers_b = Layers(get_b, fold, device)

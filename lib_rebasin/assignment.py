@@ -8,7 +8,12 @@ sum_i C[i, perm[i]] among the permutations `structure` allows:
   block I of A is itself an assignment problem over their sub-blocks, so we solve every pair at the finest level,
   then assign sub-blocks inside every pair of the next level, and so on; the top level is one small assignment.
   Reconstruction walks back down only through the chosen pairs;
-- fixed intervals (partitions that straddle each other): one assignment per interval.
+- fixed intervals (partitions that straddle each other): one assignment per interval (block-structured inside
+  it when the group's own GroupNorm blocks fit the intervals);
+- attention heads (`shared_blocks`): the value of sending head J of B onto head I of A is the best q/k assignment
+  of that pair plus the best v/o assignment, V[I, J] = LAP(qk block I,J) + LAP(vo block I,J); one assignment over
+  heads, then the within-head assignments of the chosen pairs. Exact: for a fixed head order the two halves are
+  independent problems.
 
 Before any of that, the row-argmax certificate: if every row's best column is distinct and the resulting
 permutation is legal, it is optimal (no assignment can beat every row's maximum), so no solve is needed. For
@@ -39,15 +44,31 @@ def lap(C: np.ndarray) -> tuple[np.ndarray, float]:
 def solve(C: np.ndarray, structure: Structure) -> np.ndarray:
     """Optimal legal permutation for cost matrix C (float64, n x n)."""
     n = C.shape[0]
+    if structure.shared_blocks:
+        return _shared_blocks(C, structure.shared_blocks)
     if structure.intervals:
         perm = np.empty(n, dtype=np.int64)
         for lo, hi in structure.intervals:
-            cols, _ = lap(C[lo:hi, lo:hi])
-            perm[lo:hi] = lo + cols
+            perm[lo:hi] = lo + _within(C[lo:hi, lo:hi], structure.levels)
         return perm
-    if not structure.levels:
-        return lap(C)[0]
-    return _hierarchical(C, structure.levels)
+    return _within(C, structure.levels)
+
+
+def _within(C: np.ndarray, levels: tuple[int, ...]) -> np.ndarray:
+    return _hierarchical(C, levels) if levels else lap(C)[0]
+
+
+def _shared_blocks(C: np.ndarray, b: int) -> np.ndarray:
+    """Both halves of C (the cross-half entries are never read) take one block order; free inside blocks."""
+    half = C.shape[0] // 2
+    halves = [C[:half, :half], C[half:, half:]]
+    heads, _ = lap(_block_values(halves[0], b) + _block_values(halves[1], b))
+    perm = np.empty(2 * half, dtype=np.int64)
+    for lo, H in zip((0, half), halves):
+        for i, j in enumerate(heads):
+            cols, _ = lap(H[i * b:(i + 1) * b, j * b:(j + 1) * b])
+            perm[lo + i * b:lo + (i + 1) * b] = lo + j * b + cols
+    return perm
 
 
 def _block_values(C: np.ndarray, b: int) -> np.ndarray:

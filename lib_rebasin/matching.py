@@ -103,8 +103,9 @@ def _rows(t: torch.Tensor, axis: int, offset: int, n: int, dtype: torch.dtype = 
     return t.narrow(axis, offset, n).to(dtype).movedim(axis, 0).reshape(n, -1)
 
 
-def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, n: int, perms: Perms,
+def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, perms: Perms,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = slot.length
     w = t.narrow(slot.axis, slot.offset, n).to(dtype)
     for axis in spec.axes[slot.key]:
         if axis == slot.axis:
@@ -115,17 +116,32 @@ def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, n: int, pe
     return w.movedim(slot.axis, 0).reshape(n, -1)
 
 
+def empty_cost(group: Group, device: torch.device) -> torch.Tensor:
+    """A zero cost matrix, except -inf where no legal permutation can go: between the two halves (q/k, v/o) of an
+    attention group, so that row-argmax and the certificates stay inside each half."""
+    n = group.size
+    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    if group.structure.shared_blocks:
+        C[:n // 2, n // 2:] = float("-inf")
+        C[n // 2:, :n // 2] = float("-inf")
+    return C
+
+
+def _window(M: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """The block of a group's matrix that one slot's units fill (the whole matrix but for attention halves)."""
+    return M[slot.start:slot.start + slot.length, slot.start:slot.start + slot.length]
+
+
 def cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
                 device: torch.device) -> torch.Tensor:
     """C[i, j] = similarity of A's unit i and B's unit j, with every other group at its current permutation.
 
     `perms` only needs the groups that are not the identity (an absent group is not re-indexed)."""
-    n = group.size
-    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    C = empty_cost(group, device)
     for slot in group.slots:
-        a = _rows(get_a(slot.key), slot.axis, slot.offset, n)
-        b = _other_axes_permuted(spec, slot, get_b(slot.key), n, perms)
-        C.addmm_(a, b.T)
+        a = _rows(get_a(slot.key), slot.axis, slot.offset, slot.length)
+        b = _other_axes_permuted(spec, slot, get_b(slot.key), perms)
+        _window(C, slot).addmm_(a, b.T)
     return C
 
 
@@ -147,17 +163,18 @@ def screened_cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_
     recomputed exactly, so the result never depends on bf16 rounding.
     """
     n = group.size
-    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    C = empty_cost(group, device)
     E = torch.zeros(n, n, dtype=torch.float32, device=device)
     for slot in group.slots:
-        a = _rows(get_a(slot.key), slot.axis, slot.offset, n, torch.bfloat16)
-        b = _other_axes_permuted(spec, slot, get_b(slot.key), n, perms, torch.bfloat16)
+        a = _rows(get_a(slot.key), slot.axis, slot.offset, slot.length, torch.bfloat16)
+        b = _other_axes_permuted(spec, slot, get_b(slot.key), perms, torch.bfloat16)
         out = (a @ b.T).float()
-        C += out
-        E += _BF16_OUT * out.abs()
+        _window(C, slot).add_(out)
+        e = _window(E, slot)
+        e.add_(out.abs(), alpha=_BF16_OUT)
         # Row norms of the rounded rows (accumulated in fp32, result rounded to bf16) are within a factor
         # (1 +- 2u) of the exact ones: inside the margin.
-        E.addr_(a.norm(dim=1).float(), b.norm(dim=1).float(), alpha=_BF16_IN + a.shape[1] * _FP32_ACC)
+        e.addr_(a.norm(dim=1).float(), b.norm(dim=1).float(), alpha=_BF16_IN + a.shape[1] * _FP32_ACC)
     return C, E.mul_(_MARGIN)
 
 
@@ -204,7 +221,7 @@ def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
             for other_axis in spec.axes[key]:
                 if other_axis == axis:
                     continue
-                for dep, _ in spec.axes[key][other_axis]:
+                for dep, *_ in spec.axes[key][other_axis]:
                     if dep in names:
                         # `name` reads `dep`'s permutation on the other axis, so a change of dep dirties name.
                         out[dep].add(name)

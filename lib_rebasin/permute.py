@@ -18,13 +18,15 @@ Perms = dict[str, torch.Tensor]
 def axis_index(spec: ArchSpec, key: str, axis: int, perms: Perms) -> torch.Tensor | None:
     """The full index vector for one axis of `key`, or None when that axis is not permuted."""
     layout = spec.axes.get(key, {}).get(axis)
-    if not layout or not any(name in perms for name, _ in layout):
+    if not layout or not any(name in perms for name, *_ in layout):
         return None
     pieces = []
     offset = 0
-    for name, n in layout:
+    for name, n, start in layout:
         p = perms.get(name) if name is not None else None
-        pieces.append(p + offset if p is not None else torch.arange(offset, offset + n))
+        # A legal permutation maps the window [start, start + n) onto itself (attention halves), so shifting
+        # it by (offset - start) gives this axis's indices.
+        pieces.append(p[start:start + n] + (offset - start) if p is not None else torch.arange(offset, offset + n))
         offset += n
     return torch.cat(pieces)
 
@@ -51,10 +53,15 @@ def inverse(perm: torch.Tensor) -> torch.Tensor:
 def random_legal_perm(structure: Structure, generator: torch.Generator) -> torch.Tensor:
     """A uniformly drawn permutation among those `structure` allows."""
     n = structure.size
+    if structure.shared_blocks:
+        b, half = structure.shared_blocks, n // 2
+        order = torch.randperm(half // b, generator=generator)
+        return torch.cat([lo + int(h) * b + torch.randperm(b, generator=generator)
+                          for lo in (0, half) for h in order])
     if structure.intervals:
         out = torch.empty(n, dtype=torch.long)
         for lo, hi in structure.intervals:
-            out[lo:hi] = lo + torch.randperm(hi - lo, generator=generator)
+            out[lo:hi] = lo + _hierarchical(hi - lo, structure.levels, generator)
         return out
     return _hierarchical(n, structure.levels, generator)
 
@@ -78,10 +85,16 @@ def is_legal(structure: Structure, perm: torch.Tensor) -> bool:
     n = structure.size
     if len(perm) != n or len(torch.unique(perm)) != n:
         return False
+    if structure.shared_blocks:
+        b, half = structure.shared_blocks, n // 2
+        src = (perm // b).view(2, -1, b)  # block of each unit, per half
+        # Each block comes whole from one block of its own half, and both halves take the same block order.
+        return bool((src == src[:, :, :1]).all() and torch.equal(src[1, :, 0] - half // b, src[0, :, 0]))
     if structure.intervals:
         starts = torch.tensor([lo for lo, _ in structure.intervals], device=perm.device)
         interval_of = torch.bucketize(torch.arange(n, device=perm.device), starts, right=True)
-        return bool(torch.equal(interval_of[perm], interval_of))
+        if not torch.equal(interval_of[perm], interval_of):
+            return False
     for b in structure.levels:
         src = (perm // b).view(-1, b)
         if not bool((src == src[:, :1]).all()):

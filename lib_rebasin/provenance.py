@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from .merge import Prepared
     from .options import MergeOptions
 
-SPEC_VERSION = "sd1-walk-1"
+# The permutation groups a re-basin merge searches over. 2: whole attention heads reorder; one-channel GroupNorms
+# constrain nothing; GroupNorm blocks move inside straddled intervals (the same inputs now give other merges).
+SPEC_VERSION = "sd1-walk-2"
 
 
 def recipe_of(prep: "Prepared", parts: tuple[str, ...]) -> dict[str, object]:

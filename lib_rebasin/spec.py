@@ -12,9 +12,13 @@ Function preservation rules encoded here:
   consumer, including slices of the decoder's skip concatenations;
 - GroupNorm(32) only tolerates permutations that map normalisation groups onto normalisation groups. Each group
   records the partitions its channels see (`Group.partitions`); `Group.structure` turns them into either a
-  hierarchy of reorderable blocks or, where partitions straddle (the four UNet concatenations), fixed intervals;
-- attention: q/k rows are permuted per head (the same perm on q and k), v rows and the out-projection columns per
-  head; heads never mix;
+  hierarchy of reorderable blocks or, where partitions straddle (the four UNet concatenations), fixed intervals
+  (inside which the group's own GroupNorm blocks still move when the cuts fall on their boundaries);
+- attention: one group per attention whose units are [q/k channels of every head | v/o channels of every head].
+  Whole heads may reorder if q, k, v and the out-projection take the same head order; inside a head, q/k rows take
+  one permutation (the same on q and k) and v rows / out-projection columns another. Channels never cross heads;
+- a GroupNorm whose groups are one channel wide normalises each channel on its own: it constrains nothing and
+  records no partition;
 - GEGLU: the value and gate halves of `ff.net.0.proj` share one permutation;
 - fixed: latent channels, RGB, the sinusoidal timestep input, token ids and the 77 positions.
   The text encoder's residual stream feeds every UNet `attn2.to_k/to_v` input, so it is one group across both.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .arch import SD1Config
 
@@ -43,11 +47,24 @@ SCHEDULE_BUFFERS = (
 
 @dataclass(frozen=True)
 class Slot:
-    """A group acts on `key` along `axis`, on the window [offset, offset + group.size)."""
+    """A group acts on `key` along `axis`: the key's window [offset, offset + length) carries the group's units
+    [start, start + length) (the whole group, except for attention groups, whose q/k and v/o halves are read by
+    different tensors)."""
 
     key: str
     axis: int
     offset: int
+    start: int
+    length: int
+
+
+class Segment(NamedTuple):
+    """A piece of a channel layout: `length` channels carrying units [start, start + length) of `group`, or a
+    fixed piece (`group` None)."""
+
+    group: str | None
+    length: int
+    start: int = 0
 
 
 @dataclass
@@ -61,9 +78,14 @@ class Group:
     slots: list[Slot] = field(default_factory=list)
     # Each GroupNorm that normalises these channels cuts them into blocks; stored as sorted interior cut points.
     partitions: set[tuple[int, ...]] = field(default_factory=set)
+    # Attention groups: the channels per head (the group is [q/k of every head | v/o of every head]); else 0.
+    head_dim: int = 0
 
     @cached_property
     def structure(self) -> "Structure":
+        if self.head_dim:
+            assert not self.partitions, self.name  # q/k/v outputs are never normalised by a GroupNorm
+            return Structure(self.size, shared_blocks=self.head_dim)
         return Structure.from_partitions(self.size, self.partitions)
 
 
@@ -73,33 +95,37 @@ class Structure:
 
     - `levels` (hierarchical): e.g. (10, 20) means channels move freely inside blocks of 10, blocks of 10 move
       inside blocks of 20, and blocks of 20 move anywhere. Empty means any permutation is legal.
-    - `intervals` (fixed): channels only move inside each interval; used when GroupNorm partitions straddle
-      each other so that no block may move.
+    - `intervals` (fixed): nothing crosses an interval boundary; inside each interval, `levels` apply. Used when
+      GroupNorm partitions straddle each other (the four UNet concatenations), so that their blocks cannot move
+      as wholes; every interval is a union of the largest level's blocks.
+    - `shared_blocks` (attention heads, b channels per head): the group is two halves (q/k | v/o) cut into blocks
+      of b; both halves take the same block (head) permutation, and each block is free inside.
     """
 
     size: int
     levels: tuple[int, ...] = ()
     intervals: tuple[tuple[int, int], ...] = ()
+    shared_blocks: int = 0
 
     @staticmethod
     def from_partitions(size: int, partitions: Iterable[tuple[int, ...]]) -> "Structure":
         parts = [tuple(p) for p in partitions if p]
-        if not parts:
-            return Structure(size)
-        block_sizes = []
-        uniform = True
-        for cuts in parts:
-            b = cuts[0]
-            if size % b or cuts != tuple(range(b, size, b)):
-                uniform = False
+        uniform = {p[0] for p in parts if size % p[0] == 0 and p == tuple(range(p[0], size, p[0]))}
+        levels = sorted(uniform)
+        # Uniform partitions nest into levels as long as each block size divides the next.
+        for i in range(1, len(levels)):
+            if levels[i] % levels[i - 1]:
+                levels = levels[:i]
                 break
-            block_sizes.append(b)
-        if uniform:
-            levels = tuple(sorted(set(block_sizes)))
-            if all(levels[i + 1] % levels[i] == 0 for i in range(len(levels) - 1)):
-                return Structure(size, levels=levels)
-        cuts = sorted({c for p in parts for c in p} | {0, size})
-        return Structure(size, intervals=tuple(zip(cuts[:-1], cuts[1:])))
+        cuts = {c for p in parts if p[0] not in levels or p != tuple(range(p[0], size, p[0])) for c in p}
+        # A level whose blocks straddle an interval boundary cannot move its blocks: demote it to cuts.
+        while levels and any(c % levels[-1] for c in cuts):
+            cuts |= set(range(levels[-1], size, levels[-1]))
+            levels.pop()
+        if not cuts:
+            return Structure(size, levels=tuple(levels))
+        bounds = sorted(cuts | {0, size})
+        return Structure(size, levels=tuple(levels), intervals=tuple(zip(bounds[:-1], bounds[1:])))
 
 
 @dataclass
@@ -110,10 +136,17 @@ class ArchSpec:
     shapes: dict[str, tuple[int, ...]]
     part_of_key: dict[str, str]
     groups: dict[str, Group]
-    # key -> axis -> list of (group name or None, length): the channel layout of that axis.
-    axes: dict[str, dict[int, list[tuple[str | None, int]]]]
+    # key -> axis -> the channel layout of that axis (its segments).
+    axes: dict[str, dict[int, list[Segment]]]
 
     def groups_in(self, parts: Iterable[str]) -> list[Group]:
+        """The groups with a slot in any of `parts`: those whose permutation changes a merged key.
+
+        `te.residual` is among them for the UNet alone: its slots include the columns of every UNet `attn2.to_k/
+        to_v`. With `parts=("unet",)` the output keeps A's text encoder, and B's k/v columns must read A's text
+        channels, so that stream is matched (on all its slots, text-encoder weights included: they are what tells
+        B's text basis from A's) and its permutation re-indexes B's UNet k/v columns; the text encoder's keys stay
+        A's because only merged parts are written from the blend."""
         wanted = set(parts)
         return [g for g in self.groups.values() if {self.part_of_key[s.key] for s in g.slots} & wanted]
 
@@ -125,8 +158,8 @@ class ArchSpec:
         return out
 
 
-# A channel layout: segments (group name or None for a fixed axis, length).
-Layout = list[tuple[str | None, int]]
+# A channel layout: its segments, in order.
+Layout = list[Segment]
 
 
 class _Walker:
@@ -139,10 +172,10 @@ class _Walker:
         self.part = "unet"
 
     # -- primitives -------------------------------------------------------------------------------------------
-    def group(self, name: str, size: int, kind: str) -> Layout:
+    def group(self, name: str, size: int, kind: str, head_dim: int = 0) -> Layout:
         assert name not in self.groups, name
-        self.groups[name] = Group(name, size, self.part, kind)
-        return [(name, size)]
+        self.groups[name] = Group(name, size, self.part, kind, head_dim=head_dim)
+        return [Segment(name, size)]
 
     def tensor(self, key: str, shape: tuple[int, ...], layouts: dict[int, Layout] | None = None) -> None:
         assert key not in self.shapes, key
@@ -151,13 +184,13 @@ class _Walker:
         layouts = layouts or {}
         self.axes[key] = {}
         for axis, layout in layouts.items():
-            assert sum(n for _, n in layout) == shape[axis], (key, axis, layout, shape)
+            assert _width(layout) == shape[axis], (key, axis, layout, shape)
             self.axes[key][axis] = layout
             offset = 0
-            for name, n in layout:
+            for name, n, start in layout:
                 if name is not None:
-                    assert self.groups[name].size == n, (key, name)
-                    self.groups[name].slots.append(Slot(key, axis, offset))
+                    assert start + n <= self.groups[name].size, (key, name)
+                    self.groups[name].slots.append(Slot(key, axis, offset, start, n))
                 offset += n
 
     def linear(self, key: str, out: Layout, inp: Layout, bias: bool = True, kernel: tuple[int, ...] = ()) -> None:
@@ -178,15 +211,18 @@ class _Walker:
         width = _width(x)
         assert width % groups == 0, (key, width)
         block = width // groups
+        if block == 1:
+            return  # each channel is normalised on its own: every permutation commutes with this GroupNorm
         offset = 0
-        for name, n in x:
+        for name, n, start in x:
             if name is not None:
+                assert start == 0 and n == self.groups[name].size, (key, name)  # no GroupNorm sees a window
                 cuts = tuple(c - offset for c in range(block, width, block) if offset < c < offset + n)
                 self.groups[name].partitions.add(cuts)
             offset += n
 
     def fixed(self, n: int) -> Layout:
-        return [(None, n)]
+        return [Segment(None, n)]
 
     # -- UNet -------------------------------------------------------------------------------------------------
     def resblock(self, p: str, x: Layout, cout: int, name: str, emb: Layout) -> Layout:
@@ -208,12 +244,10 @@ class _Walker:
                   out_bias: bool = True, qkv_names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out.0"),
                   kernel: tuple[int, ...] = ()) -> None:
         width = _width(x)
-        d = width // heads
-        qk: Layout = []
-        vo: Layout = []
-        for h in range(heads):
-            qk += self.group(f"{name}.head{h}.qk", d, "head_qk")
-            vo += self.group(f"{name}.head{h}.vo", d, "head_vo")
+        # One group [q/k of every head | v/o of every head]: the two windows share the head order (spec docstring).
+        self.group(f"{name}.heads", 2 * width, "attention", head_dim=width // heads)
+        qk = [Segment(f"{name}.heads", width, 0)]
+        vo = [Segment(f"{name}.heads", width, width)]
         q, k, v, o = qkv_names
         self.linear(f"{p}.{q}", qk, x, bias=bias_qkv, kernel=kernel)
         self.linear(f"{p}.{k}", qk, context, bias=bias_qkv, kernel=kernel)
@@ -369,7 +403,7 @@ class _Walker:
 
 
 def _width(layout: Layout) -> int:
-    return sum(n for _, n in layout)
+    return sum(seg.length for seg in layout)
 
 
 def build_spec(config: SD1Config) -> ArchSpec:

@@ -14,9 +14,11 @@ from lib_rebasin.spec import build_spec
 def _groups_of_every_structure():
     spec = build_spec(MINI)
     groups = list(spec.groups.values())
-    picked = {"free": next(g for g in groups if not g.structure.levels and not g.structure.intervals),
-              "blocks": next(g for g in groups if g.structure.levels),
-              "intervals": next(g for g in groups if g.structure.intervals)}
+    s = lambda g: g.structure  # noqa: E731
+    picked = {"free": next(g for g in groups if s(g) == type(s(g))(g.size)),
+              "blocks": next(g for g in groups if s(g).levels and not s(g).intervals),
+              "intervals": next(g for g in groups if s(g).intervals),
+              "heads": next(g for g in groups if s(g).shared_blocks and g.size // 2 > s(g).shared_blocks)}
     return spec, picked
 
 
@@ -37,7 +39,12 @@ def test_planted_permutation_is_recovered_under_each_structure() -> None:
         c = am.Correlation(n)
         for site, a in enumerate(acts_a):
             # B's unit j behaves like A's unit pi[j] (its own scale and offset: correlation ignores both).
-            c.update(site, a, 3.0 * a[:, pi] - 1.0)
+            b = 3.0 * a[:, pi] - 1.0
+            if kind == "heads":  # an attention group's sites each carry one half: q/k, then v/o
+                lo, hi = (0, n // 2) if site == 0 else (n // 2, n)
+                c.update(site, a[:, lo:hi], b[:, lo:hi], lo)
+            else:
+                c.update(site, a, b)
         corr[group.name], planted[group.name] = c, pi
     perms = am.match(picked.values(), corr)
     for kind, group in picked.items():

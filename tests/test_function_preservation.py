@@ -147,6 +147,22 @@ def assert_preserved(case: Case, perms: dict[str, torch.Tensor], label: str,
     return errs
 
 
+def head_order(perm: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Which head of B each head of A takes (from the q/k half of an attention group's permutation)."""
+    return perm[:len(perm) // 2:head_dim] // head_dim
+
+
+def assert_heads_reordered(groups: list, perms: dict[str, torch.Tensor]) -> None:
+    """The drawn permutations reorder whole heads (not only channels inside heads) in most multi-head attentions,
+    so that a preservation test covers the head symmetry."""
+    multi = [g for g in groups if g.kind == "attention" and g.size // 2 > g.head_dim]
+    if not multi:
+        return
+    reordered = [g for g in multi if not torch.equal(head_order(perms[g.name], g.head_dim),
+                                                     torch.arange(g.size // 2 // g.head_dim))]
+    assert len(reordered) >= 0.9 * len(multi), f"only {len(reordered)}/{len(multi)} attentions reorder heads"
+
+
 def groups_of(spec: ArchSpec, parts: tuple[str, ...]) -> list:
     return [g for g in spec.groups.values() if g.part in parts]
 
@@ -186,6 +202,7 @@ def test_random_legal_permutations_preserve_function(mini: Case, which: str) -> 
     b = permuted(mini.spec, mini.sd, perms)
     changed = sum(not torch.equal(b[k], v) for k, v in mini.sd.items())
     assert changed > 0.5 * sum(mini.spec.part_of_key[k] in PART_SETS[which] for k in mini.sd)
+    assert_heads_reordered(groups, perms)
     errs = assert_preserved(mini, perms, which)
     print(f"[{which}] {len(perms)} groups, rel. max errors: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
@@ -221,6 +238,35 @@ def test_inpainting_unet_is_preserved(mini: Case) -> None:
     assert case.ref.unet.conv_in.in_channels == 9 and case.inputs.latent.shape[1] == 9
     perms = random_perms(groups_of(case.spec, ("unet", "te")), seed=11)
     assert_preserved(case, perms, "inpainting", outputs=("unet", "te_to_unet"))
+
+
+def _cut_refinement(size: int, partitions: set) -> Structure:
+    """The structure the spec used to give straddled streams: channels only inside the common refinement."""
+    bounds = sorted({c for p in partitions for c in p} | {0, size})
+    return Structure(size, intervals=tuple(zip(bounds[:-1], bounds[1:])))
+
+
+def test_groupnorm_blocks_move_between_straddling_cuts(mini: Case) -> None:
+    """A straddled stream whose own GroupNorm blocks fit between the concatenations' cuts moves those blocks."""
+    g = mini.spec.groups["unet.input_blocks.0"]
+    assert g.structure.levels and g.structure.intervals
+    perm = random_legal_perm(g.structure, torch.Generator().manual_seed(2))
+    assert not is_legal(_cut_refinement(g.size, g.partitions), perm)  # moves blocks, not only channels
+    assert_preserved(mini, {g.name: perm}, "blocks inside intervals", outputs=("unet",))
+
+
+def test_one_channel_groupnorm_width_is_preserved() -> None:
+    """Width 32 with GroupNorm(32): the level-0 GroupNorms normalise single channels and constrain nothing, so the
+    level-0 groups take any permutation their concatenations allow (they used to be frozen channel by channel)."""
+    case = make_case(dataclasses.replace(MINI, model_channels=32), outputs=("unet",))
+    groups = groups_of(case.spec, ("unet",))
+    perms = random_perms(groups, seed=3)
+    inner = case.spec.groups["unet.input_blocks.1.inner"]
+    assert inner.structure == Structure(inner.size)
+    stream = case.spec.groups["unet.input_blocks.0"]
+    assert not is_legal(_cut_refinement(stream.size, stream.partitions | {tuple(range(1, stream.size))}),
+                        perms[stream.name])
+    assert_preserved(case, perms, "width 32", outputs=("unet",))
 
 
 # -- negative controls: a wrong spec must fail the check ---------------------------------------------------------
@@ -263,17 +309,41 @@ def test_unconstrained_residual_perm_is_detected(mini: Case) -> None:
     _broken(mini, perms, outputs=("unet",))
 
 
-@pytest.mark.parametrize("attn", ["unet.input_blocks.1.transformer.attn1", "te.layers.0.attn"])
+ATTENTIONS = ["unet.input_blocks.1.transformer.attn1", "unet.output_blocks.3.transformer.attn2", "te.layers.0.attn"]
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
 def test_cross_head_qk_perm_is_detected(mini: Case, attn: str) -> None:
     """q/k rows moved between heads (same perm on q and k, so only the head boundary is violated)."""
-    heads = [g for n, g in mini.spec.groups.items() if n.startswith(f"{attn}.head") and n.endswith(".qk")]
-    d = heads[0].size
-    keys = sorted({s.key for g in heads for s in g.slots})  # q and k weights (and biases)
-    assert len(keys) in (2, 4), keys
-    edits = {k: {**mini.spec.axes[k], 0: [("bad.qk", d * len(heads))]} for k in keys}
-    perm = torch.arange(d * len(heads))
-    perm[[1, d + 2]] = perm[[d + 2, 1]]  # one row of head 0 <-> one row of head 1
-    _broken(mini, {"bad.qk": perm}, with_axes(mini.spec, edits))
+    g = mini.spec.groups[f"{attn}.heads"]
+    d = g.head_dim
+    perm = torch.arange(g.size)
+    perm[[1, d + 2]] = perm[[d + 2, 1]]  # one q/k row of head 0 <-> one of head 1
+    assert not is_legal(g.structure, perm)
+    _broken(mini, {g.name: perm})
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
+def test_whole_head_reorder_preserves_function(mini: Case, attn: str) -> None:
+    """Heads reversed in both halves (q/k and v/o), with independent permutations inside each head's halves."""
+    g = mini.spec.groups[f"{attn}.heads"]
+    d, half = g.head_dim, g.size // 2
+    gen = torch.Generator().manual_seed(4)
+    heads = torch.arange(half // d).flip(0)
+    perm = torch.cat([lo + h * d + torch.randperm(d, generator=gen) for lo in (0, half) for h in heads])
+    assert is_legal(g.structure, perm) and torch.equal(head_order(perm, d), heads)
+    assert_preserved(mini, {g.name: perm}, f"{attn} heads reversed")
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
+def test_head_order_that_differs_between_qk_and_vo_is_detected(mini: Case, attn: str) -> None:
+    """Heads reordered in the q/k half only: each head's scores then weight another head's values."""
+    g = mini.spec.groups[f"{attn}.heads"]
+    d, half = g.head_dim, g.size // 2
+    heads = torch.arange(half // d).flip(0)
+    perm = torch.cat([h * d + torch.arange(d) for h in heads] + [torch.arange(half, g.size)])
+    assert not is_legal(g.structure, perm)
+    _broken(mini, {g.name: perm})
 
 
 @pytest.mark.parametrize("group", ["unet.input_blocks.1.inner", "te.layers.0.mlp"])
@@ -297,7 +367,9 @@ def full() -> Case:
 @pytest.mark.parametrize("which", list(PART_SETS))
 def test_full_size_random_legal_permutations_preserve_function(full: Case, which: str) -> None:
     start = time.perf_counter()
-    perms = random_perms(groups_of(full.spec, PART_SETS[which]), seed=7)
+    groups = groups_of(full.spec, PART_SETS[which])
+    perms = random_perms(groups, seed=7)
+    assert_heads_reordered(groups, perms)
     errs = assert_preserved(full, perms, f"full/{which}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"[full/{which}] {len(perms)} groups, {time.perf_counter() - start:.1f}s, peak RSS {rss:.1f} GiB, "

@@ -64,6 +64,21 @@ def test_planted_permutation_is_recovered(models: dict[str, Path], tmp_path: Pat
     assert res.diagnostics.converged
 
 
+def test_parts_unet_reads_the_outputs_text_encoder(models: dict[str, Path], tmp_path: Path) -> None:
+    """`--parts unet` keeps A's text encoder, so B's cross-attention k/v input columns must be re-indexed into
+    A's text-encoder basis: the coupled `te.residual` group is still matched (on the text-encoder weights and those
+    columns) and applied to B's UNet only. B here is A with every group shuffled: at alpha 1 the output is A."""
+    res = merge_checkpoints(models["a"], models["shuffled"], tmp_path / "o.safetensors",
+                            MergeOptions(alpha=1.0, parts=("unet",), **FP32))
+    out, a, b = _load(res.output), _load(models["a"]), _load(models["shuffled"])
+    kv = [k for k in a if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    assert kv and all(not torch.equal(a[k], b[k]) for k in kv)
+    assert all(torch.equal(out[k], a[k]) for k in a), [k for k in a if not torch.equal(out[k], a[k])][:5]
+    # The report counts the stream under the text encoder, whose weights themselves were not merged.
+    te_moved, te_units = res.diagnostics.moved["te"]
+    assert te_units == MINI.te_width and te_moved > 0.9 * te_units
+
+
 def test_rebasin_at_alpha_one_is_a_legal_permutation_of_b(models: dict[str, Path], tmp_path: Path) -> None:
     spec = build_spec(MINI)
     a, b = _load(models["a"]), _load(models["independent"])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lib_rebasin.arch import MINI, SD15
-from lib_rebasin.spec import build_spec, part_of
+from lib_rebasin.spec import Structure, build_spec, part_of
 
 SHARED_KEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd1-ldm-keys.yaml"
 
@@ -46,14 +47,16 @@ def test_full_layout_equals_the_published_key_list() -> None:
 
 def test_unet_group_census() -> None:
     """77 channel groups (21 residual, 22 ResBlock inner, 16 transformer inner, 16 GEGLU hidden, 2 time),
-    512 per-head groups, 42 channel groups under GroupNorm, 4 concatenations straddling GroupNorm groups."""
+    32 attention groups (8 heads each), 42 channel groups under GroupNorm, 4 concatenations straddling GroupNorm
+    groups."""
     spec = build_spec(SD15)
     unet = [g for g in spec.groups.values() if g.part == "unet"]
     kinds: dict[str, int] = {}
     for g in unet:
         kinds[g.kind] = kinds.get(g.kind, 0) + 1
     assert kinds == {"residual": 21, "resblock_inner": 22, "transformer_inner": 16, "ff_hidden": 16,
-                     "time_hidden": 1, "time_emb": 1, "head_qk": 256, "head_vo": 256}
+                     "time_hidden": 1, "time_emb": 1, "attention": 32}
+    assert all(g.structure.shared_blocks * SD15.unet_heads * 2 == g.size for g in unet if g.kind == "attention")
     assert sum(1 for g in unet if g.partitions) == 42
     # Streams entering the four straddling concatenations (output_blocks 5, 6, 8, 9): their partitions do not
     # nest, so only within-interval moves are legal.
@@ -61,6 +64,20 @@ def test_unet_group_census() -> None:
     assert {"unet.output_blocks.4.out", "unet.input_blocks.6", "unet.output_blocks.5.upsample",
             "unet.input_blocks.4.out", "unet.output_blocks.7.out", "unet.input_blocks.3",
             "unet.output_blocks.8.upsample", "unet.input_blocks.0"} == straddled
+    # Where the stream's own GroupNorm blocks fit between the straddling cuts, they still move inside intervals.
+    assert spec.groups["unet.input_blocks.0"].structure.levels == (10,)
+    assert spec.groups["unet.output_blocks.4.out"].structure.levels == ()
+
+
+def test_one_channel_groupnorm_blocks_constrain_nothing() -> None:
+    """At width 32 with GroupNorm(32) each level-0 channel is its own normalisation group: no partition is
+    recorded for it, so the level-0 streams are only limited by the concatenations' GroupNorms (width 64, 96)."""
+    spec = build_spec(replace(MINI, model_channels=32))
+    inner = spec.groups["unet.input_blocks.1.inner"]  # seen only by a one-channel-block GroupNorm
+    assert not inner.partitions and inner.structure == Structure(32)
+    stream = spec.groups["unet.input_blocks.0"]
+    assert all(len(p) < 31 for p in stream.partitions)
+    assert max(hi - lo for lo, hi in stream.structure.intervals) > 1  # no longer frozen channel by channel
 
 
 def test_text_encoder_stream_feeds_every_cross_attention() -> None:
@@ -82,7 +99,7 @@ def test_fixed_axes_are_never_permuted() -> None:
         "first_stage_model.quant_conv.weight": 0,
     }
     for key, axis in fixed.items():
-        assert all(name is None for name, _ in spec.axes[key].get(axis, [])), key
+        assert all(seg.group is None for seg in spec.axes[key].get(axis, [])), key
 
 
 def test_every_permutable_group_is_two_sided() -> None:
@@ -91,8 +108,13 @@ def test_every_permutable_group_is_two_sided() -> None:
     spec = build_spec(MINI)
     for g in spec.groups.values():
         axes = {s.axis for s in g.slots if len(spec.shapes[s.key]) > 1}
-        if g.kind == "head_qk":
-            names = sorted(s.key.rsplit(".", 2)[-2] for s in g.slots if s.key.endswith("weight"))
-            assert axes == {0} and names in (["k_proj", "q_proj"], ["k", "q"], ["to_k", "to_q"]), g.name
+        if g.kind == "attention":
+            # Its first half (q/k) only has rows; the second half (v/o) has v rows and out-projection columns.
+            half = g.size // 2
+            qk = sorted(s.key.rsplit(".", 2)[-2] for s in g.slots if s.key.endswith("weight") and s.start == 0)
+            assert all(s.length == half and s.start in (0, half) for s in g.slots), g.name
+            assert {s.axis for s in g.slots if s.start == 0} == {0}, g.name
+            assert {s.axis for s in g.slots if s.start == half and len(spec.shapes[s.key]) > 1} == {0, 1}, g.name
+            assert qk in (["k_proj", "q_proj"], ["k", "q"], ["to_k", "to_q"]), g.name
         else:
             assert axes == {0, 1}, g.name

@@ -51,15 +51,15 @@ def activation_perms(width: int, ldm_a: dict, ldm_b: dict, n_images: int = 64, b
     groups = spec.groups_in(("unet", "te"))
     key_map = unet_key_map(c)
     te_prefixed = any(k.startswith("text_model.") for k in text_encoder_from_ldm(c, ldm_a).state_dict())
-    # (model part, module name) -> [(group, site index, channel offset, group size)]
-    wanted: dict[tuple[str, str], list[tuple[str, int, int, int]]] = defaultdict(list)
+    # (model part, module name) -> [(group, site index, channel offset, units, first unit)]
+    wanted: dict[tuple[str, str], list[tuple[str, int, int, int, int]]] = defaultdict(list)
     for g in groups:
         for i, s in enumerate(am.sites(spec, g)):
             if s.key.startswith(UNET_PREFIX):
                 where = ("unet", key_map[s.key].rsplit(".", 1)[0])
             else:
                 where = ("te", ("text_model." if te_prefixed else "") + s.key.removeprefix(TE_PREFIX).rsplit(".", 1)[0])
-            wanted[where].append((g.name, i, s.offset, g.size))
+            wanted[where].append((g.name, i, s.offset, s.length, s.start))
     corr = {g.name: am.Correlation(g.size) for g in groups}
 
     def hook(model: torch.nn.Module, part: str, captured: dict) -> None:
@@ -72,8 +72,8 @@ def activation_perms(width: int, ldm_a: dict, ldm_b: dict, n_images: int = 64, b
     def update(outs: list[dict]) -> None:
         for where in outs[0]:
             fa, fb = _flat(outs[0][where]), _flat(outs[1][where])
-            for name, site, off, n in wanted[where]:
-                corr[name].update(site, fa[:, off:off + n], fb[:, off:off + n])
+            for name, site, off, n, start in wanted[where]:
+                corr[name].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
     models, te_outs = [], []
     prompts = class_tokens(c, torch.arange(NULL_CLASS + 1))
