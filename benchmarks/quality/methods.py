@@ -31,13 +31,14 @@ class Method:
 
 WEIGHTED_SUM = Method("weighted sum", "weighted_sum")
 REBASIN = Method("re-basin", "rebasin")
+REBASIN_EXACT = Method("re-basin, tolerance 0", "rebasin", {"tolerance": 0.0})
 ACTIVATIONS = Method("activation matching", "rebasin", {"matching": "activations", "activation_samples": 16})
 ACTIVATIONS_THEN_WEIGHTS = Method("activation matching, then re-basin", "rebasin", align="activations")
 
 METHOD_LIST: tuple[Method, ...] = (
     WEIGHTED_SUM,
     REBASIN,
-    Method("re-basin, tolerance 0", "rebasin", {"tolerance": 0.0}),
+    REBASIN_EXACT,
     Method("re-basin, 500 iterations", "rebasin", {"iterations": 500}),
     Method("legacy, 500 iterations", "legacy", {"iterations": 500}),
     Method("add difference (C = base)", "add_difference", needs_base=True),
