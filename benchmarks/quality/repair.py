@@ -112,7 +112,9 @@ def corrected(width: int, sa: dict[str, ChannelStats], sb: dict[str, ChannelStat
     from .evaluate import Model
     from .layout import unet_to_ldm
 
-    model = Model(width, ldm_m)
+    # A copy: the model's parameters are the state dict's own tensors (loaded with assign=True), and folding writes
+    # into them.
+    model = Model(width, {k: v.clone() for k, v in ldm_m.items()})
     names = site_names(model.unet, where)
     modules = dict(model.unet.named_modules())
     affine: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
