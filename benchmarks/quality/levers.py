@@ -1,7 +1,7 @@
 """Measure post-merge levers on the benchmark's cached models: REPAIR (repair.py) on top of the weighted sum,
 weight-matching re-basin and activation matching, on the independent pairs and the same-base family.
 
-    python -m benchmarks.quality.levers --data bench_data/quality --out benchmarks/quality/levers.json
+    python -m benchmarks.quality.levers --data bench_data/quality --out benchmarks/quality/results/levers.json
 
 Models must already be trained (this never trains). Each pair's result is written to the JSON as soon as it is
 measured, so a long run can be stopped and resumed (pairs already in the file are skipped).
@@ -158,7 +158,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.levers")
     ap.add_argument("--data", type=Path, default=Path("bench_data/quality"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/quality/levers.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/quality/results/levers.json"))
     ap.add_argument("--pairs", nargs="*", default=list(PAIRS), choices=list(PAIRS))
     ap.add_argument("--curve", nargs="*", default=["w32 s200"], choices=list(PAIRS),
                     help="pairs measured at alpha 0.25 and 0.75 too")
