@@ -10,7 +10,7 @@ correction already applied), at interpolation weight alpha:
     target mean  mu_T = (1 - alpha) mu_A + alpha mu_B,   target std  sd_T = (1 - alpha) sd_A + alpha sd_B
     y' = (y - mu_M) * sd_T / sd_M + mu_T   ->   W'[c] = s[c] W[c],  b'[c] = s[c] (b[c] - mu_M[c]) + mu_T[c]
 
-(the paper's interpolated-statistics target; its "reset" BatchNorm computed in one forward pass is the same as
+(the formula and the folding are the core's, `lib_rebasin.repair`; the paper's interpolated-statistics target; its "reset" BatchNorm computed in one forward pass is the same as
 measuring every site on one batch that holds the whole calibration set, which is what `corrected` does).
 
 Which sites (`SITES`):
@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from lib_rebasin import repair as core
 
 from .layout import sd_config
 
@@ -60,15 +62,14 @@ def _flat(out: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1])
 
 
-@dataclass
-class ChannelStats:
-    mean: torch.Tensor
-    std: torch.Tensor
+ChannelStats = core.Stats
 
 
 def _stats(out: torch.Tensor) -> ChannelStats:
-    f = _flat(out).double()
-    return ChannelStats(f.mean(0), f.std(0, unbiased=False))
+    f = _flat(out)
+    st = core.Stats(f.shape[1])
+    st.update(f)
+    return st
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,9 @@ def corrected(width: int, sa: dict[str, ChannelStats], sb: dict[str, ChannelStat
 
     def fix(name: str, y: torch.Tensor) -> torch.Tensor:
         sm = _stats(y)
-        mu_t = (1 - alpha) * sa[name].mean + alpha * sb[name].mean
-        sd_t = (1 - alpha) * sa[name].std + alpha * sb[name].std
-        scale = sd_t / (sm.std + EPS)
-        shift = mu_t - scale * sm.mean
+        scale, shift = core.correction(sa[name], sb[name], sm, alpha)
         affine[name] = (scale, shift)
+        sd_t = (1 - alpha) * sa[name].std + alpha * sb[name].std
         collapse[name] = float((sm.std / (sd_t + EPS)).mean())
         ch = 1 if y.dim() == 4 else -1
         shape = [1] * y.dim()
@@ -143,9 +142,9 @@ def corrected(width: int, sa: dict[str, ChannelStats], sb: dict[str, ChannelStat
             h.remove()
     for n, (scale, shift) in affine.items():
         m = modules[n]
-        w_shape = [-1] + [1] * (m.weight.dim() - 1)
-        m.weight.copy_((m.weight.double() * scale.view(w_shape)).float())
-        m.bias.copy_((m.bias.double() * scale + shift).float())
+        w, bias = core.fold(m.weight, m.bias, scale, shift)
+        m.weight.copy_(w)
+        m.bias.copy_(bias)
     # Folding is exact up to fp32 rounding; a larger difference means a site was hooked but not folded. (Checked
     # on the first samples: every sample goes through every site.)
     k = min(32, len(cal.t))
