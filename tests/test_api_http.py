@@ -199,17 +199,21 @@ def test_checkpoints_lists_names_and_hashes_not_paths(server, models):
         assert str(models) not in json.dumps(c) and not c["name"].startswith("/")
 
 
-def test_same_origin_merge_runs_and_then_has_a_hash(server, models):
-    status, job = server.post_json("/rebasin/v1/merge", {"model_a": "alpha.safetensors",
-                                                         "model_b": "beta.safetensors", "method": "weighted_sum",
-                                                         "output_name": f"api_{server.kind}"},
-                                   {"Origin": server.base})
+def _merge_to_done(server, body: dict) -> dict:
+    """POST a same-origin merge and poll its job until it is done (or 120 s pass)."""
+    status, job = server.post_json("/rebasin/v1/merge", body, {"Origin": server.base})
     assert status == 202, job
     deadline = time.time() + 120
     while not job["finished"] and time.time() < deadline:
         time.sleep(0.3)
         job = server.request("GET", f"/rebasin/v1/jobs/{job['job_id']}")[1]
     assert job["status"] == "done", job
+    return job
+
+
+def test_same_origin_merge_runs_and_then_has_a_hash(server, models):
+    _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
+                            "method": "weighted_sum", "output_name": f"api_{server.kind}"})
     from lib_rebasin.checkpoint import file_sha256
 
     out = models / f"api_{server.kind}.safetensors"
@@ -219,17 +223,9 @@ def test_same_origin_merge_runs_and_then_has_a_hash(server, models):
 
 
 def test_merge_with_activation_matching_records_it(server, models):
-    status, job = server.post_json("/rebasin/v1/merge", {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
-                                                         "parts": ["te"], "matching": "activations",
-                                                         "activation_samples": 1,
-                                                         "output_name": f"api_act_{server.kind}"},
-                                   {"Origin": server.base})
-    assert status == 202, job
-    deadline = time.time() + 120
-    while not job["finished"] and time.time() < deadline:
-        time.sleep(0.3)
-        job = server.request("GET", f"/rebasin/v1/jobs/{job['job_id']}")[1]
-    assert job["status"] == "done", job
+    _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "parts": ["te"],
+                            "matching": "activations", "activation_samples": 1,
+                            "output_name": f"api_act_{server.kind}"})
     from lib_rebasin.checkpoint import open_checkpoint
 
     out = models / f"api_act_{server.kind}.safetensors"

@@ -168,20 +168,27 @@ def test_http_api_takes_blocks_and_method_params(folder):
         blocks.close()
 
 
-def test_tab_bakes_a_vae_from_the_vae_folder(folder):
-    pytest.importorskip("gradio")
-    import torch
-
+def _donor_vae(folder):
+    """base.safetensors' VAE saved as a standalone VAE file in the folder's VAE/ (the host's VAE list)."""
     from lib_rebasin.checkpoint import save_state_dict
-    from lib_rebasin.ui.service import MergeService
-    from lib_rebasin.ui.standalone import StandaloneHost
-    from lib_rebasin.ui.tab import build_tab
 
     with open_checkpoint(folder / "base.safetensors") as ck:
         donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
                  if k.startswith("first_stage_model.")}
     (folder / "VAE").mkdir(exist_ok=True)
     save_state_dict(folder / "VAE" / "donor.safetensors", donor, {}, overwrite=True)
+    return donor
+
+
+def test_tab_bakes_a_vae_from_the_vae_folder(folder):
+    pytest.importorskip("gradio")
+    import torch
+
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    donor = _donor_vae(folder)
     host = StandaloneHost(folder, devices=["cpu"])
     assert [e.title for e in host.list_vaes()] == ["donor.safetensors"]
     ui = build_tab(host, MergeService(host))
@@ -207,17 +214,12 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     pytest.importorskip("gradio")
     import torch
 
-    from lib_rebasin.checkpoint import save_state_dict
     from lib_rebasin.recipe import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
 
-    with open_checkpoint(folder / "base.safetensors") as ck:
-        donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
-                 if k.startswith("first_stage_model.")}
-    (folder / "VAE").mkdir(exist_ok=True)
-    save_state_dict(folder / "VAE" / "donor.safetensors", donor, {}, overwrite=True)
+    donor = _donor_vae(folder)
     host = StandaloneHost(folder, devices=["cpu"])
     ui = build_tab(host, MergeService(host))
     choices = [ch[0] if isinstance(ch, (tuple, list)) else ch for ch in ui["recipe_bake_vae"].choices]
