@@ -102,6 +102,14 @@ class Recipe:
     # A [models] name whose VAE (a VAE file, or a checkpoint's) goes into the output, as the WebUI's "bake in VAE".
     bake_vae: str | None = None
 
+    def output_root(self) -> str:
+        """The model whose keys the output has: the last step's A, followed back through the steps to a model."""
+        by_name = {s.name: s for s in self.steps}
+        root = self.steps[-1].a
+        while root in by_name:
+            root = by_name[root].a
+        return root
+
     def to_toml(self) -> str:
         """The canonical text: parse(to_toml()) round-trips, and equal recipes give equal text."""
         lines = ["# lib_rebasin recipe", "[recipe]", f"name = {_q(self.name)}"]
@@ -463,24 +471,19 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
             ref = getattr(step, slot)
             if ref in opened:
                 open_model(opened[ref], slot.upper()).close()
-    # The output has the keys of the last step's A, followed back through the steps to a model file.
-    by_name = {s.name: s for s in recipe.steps}
-    root = recipe.steps[-1].a
-    while root in by_name:
-        root = by_name[root].a
-    first = open_model(opened[root], "A")
+    first = open_model(opened[recipe.output_root()], "A")
     try:
+        out_dtype = PRECISIONS[recipe.steps[-1].options.precision]
         baked_extra = 0
         if recipe.bake_vae is not None:
             from .vae_bake import open_vae
 
             # Checked against the output's architecture before any work; the same open file is baked in later.
-            baked = open_vae(opened[recipe.bake_vae], first.spec)
-            baked_extra = sum(4 * math.prod(s) for k, s in first.spec.shapes.items()
+            open_vae(opened[recipe.bake_vae], first.spec).close()
+            # A baked VAE's keys that A lacks are added to the output, in the output's precision.
+            baked_extra = sum(out_dtype.itemsize * math.prod(s) for k, s in first.spec.shapes.items()
                               if part_of(k) == "vae" and k not in first.ckpt.infos)
-            baked.close()
-        check_free_space(out_path, baked_extra + output_bytes(
-            output_entries(first, PRECISIONS[recipe.steps[-1].options.precision])))
+        check_free_space(out_path, baked_extra + output_bytes(output_entries(first, out_dtype)))
     finally:
         first.close()
 

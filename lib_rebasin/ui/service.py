@@ -560,11 +560,7 @@ class MergeService:
         if recipe.bake_vae is not None:
             from ..vae_bake import open_vae
 
-            root = recipe.steps[-1].a
-            by_name = {s.name: s for s in recipe.steps}
-            while root in by_name:
-                root = by_name[root].a
-            first = open_model(inputs[root], "A")
+            first = open_model(inputs[recipe.output_root()], "A")
             try:
                 open_vae(inputs[recipe.bake_vae], first.spec).close()
             finally:
