@@ -50,15 +50,12 @@ def _pair(root: Path, name: str):
     return (32 if spec is None else spec[0]), models
 
 
-# Activation matching's aligned B of each pair, as the benchmark run left it (read-only); recomputed if absent.
-CACHED_WORK = Path("/work/bench_cache/quality/work")
-
-
 def aligned_b(a: Path, b: Path, base, work: Path) -> Path:
     """B in A's basin as the base method sees it, as a file: B itself (weighted sum), weight matching's pi(B) (the
     core's re-basin merge at alpha 1) or activation matching's (the benchmark run's file when it is cached)."""
     if base.align == "activations":
-        cached_files = sorted(CACHED_WORK.glob(f"{b.stem}-aligned-to-{a.stem}-activations*.safetensors"),
+        # The benchmark run leaves it in the same DATA/work folder (`run.py`); recomputed if absent.
+        cached_files = sorted(work.glob(f"{b.stem}-aligned-to-{a.stem}-activations*.safetensors"),
                               key=lambda f: f.stat().st_mtime)
         return cached_files[-1] if cached_files else aligned(a, b, "activations", work)[0]
     if base.method == "rebasin":
