@@ -39,6 +39,11 @@ class MergeOptions:
     # activation_inputs.py; the VAE, which has no forward pass here, is weight matched).
     matching: str = "weights"
     activation_samples: int = 4
+    # REPAIR (repair.py): after blending, map the output channels of every UNet layer that writes into a residual
+    # stream to the interpolation of A's and aligned B's activation statistics (mean, std) on the same
+    # `activation_samples` seeded prompts, folded into those layers' weights and biases. Interpolating two models
+    # shrinks their activations ("variance collapse"); this restores the parents' spread. Two-model methods only.
+    repair: bool = False
     # Method parameters (methods.py declares which method uses which, with ranges; defaults are the same there).
     ties_density: float = 0.2
     ties_scale: float = 1.0
@@ -112,6 +117,12 @@ class MergeOptions:
         if not 1 <= self.activation_samples <= MAX_ACTIVATION_SAMPLES:
             raise RebasinError(f"activation_samples must be between 1 and {MAX_ACTIVATION_SAMPLES}, got "
                                f"{self.activation_samples}.")
+        _check_type("repair", self.repair, bool)
+        if self.repair and self.method not in REPAIRABLE:
+            raise RebasinError(f"REPAIR restores the statistics of an interpolation of two models; {info.label} is "
+                               f"not one (use it with {' or '.join(REPAIRABLE)}).")
+        if self.repair and "unet" not in self.parts:
+            raise RebasinError("REPAIR corrects UNet layers; parts must include unet.")
         if self.matching != "weights" and not self.aligned:
             raise RebasinError(f"matching = {self.matching} chooses how re-basin aligns B; {info.label} does not "
                                "align (use the rebasin method, or align = true).")
@@ -135,6 +146,8 @@ class MergeOptions:
 
 
 MATCHINGS = ("weights", "activations")
+# The methods whose result is (1 - a) A + a B' per key, for which "the parents' interpolated statistics" is defined.
+REPAIRABLE = ("weighted_sum", "rebasin")
 # Each sample is one prompt denoised over 5 timesteps, 4 forward passes of a UNet per step (two models, with and
 # without the prompt): 64 samples is already ~1,300 UNet passes.
 MAX_ACTIVATION_SAMPLES = 64
