@@ -43,6 +43,9 @@ class Diagnostics:
     params: dict[str, float] = field(default_factory=dict)   # the method's parameters (methods.py)
     matching: str = "weights"                                # how the permutations were found
     activation_samples: int = 0                              # prompts activation matching ran, if it did
+    repaired_layers: int = 0                                 # UNet layers REPAIR corrected (0: no REPAIR)
+    repair_samples: int = 0                                  # prompts REPAIR's statistics were measured on
+    repair_scale: list[float] = field(default_factory=list)  # 10th / 50th / 90th percentile of its channel scales
 
     def cosine(self, part: str) -> tuple[float, float] | None:
         o = self.objective.get(part)
@@ -92,6 +95,12 @@ class Diagnostics:
                 lines.append("B already lines up with A (every permutation is the identity): these models share "
                              "a basin, so this re-basin merge equals a plain weighted sum. That is expected for "
                              "fine-tunes of the same base.")
+        if self.repaired_layers:
+            lo, mid, hi = self.repair_scale
+            lines.append(f"REPAIR: {self.repaired_layers} UNet layers rescaled to the parents' interpolated "
+                         f"activation statistics on {self.repair_samples} seeded prompt(s) along A's DDIM trajectory; "
+                         f"channel scales {lo:g} / {mid:g} / {hi:g} (10th / 50th / 90th percentile; above 1: the "
+                         "blend's activations had shrunk).")
         if self.method == "legacy":
             lines.append("Legacy mode reproduces T0b1maru's re-basin_merger: every key is the weighted sum, except the "
                          "six UNet/VAE output GroupNorm vectors, which were re-matched and blended at each of the "

@@ -21,7 +21,8 @@ from .arch import SD1Config
 from .spec import TE, UNET
 
 TensorGetter = Callable[[str], torch.Tensor]
-Observer = Callable[[str, torch.Tensor], None]
+# An observer may return a tensor to use in place of the layer's output (REPAIR corrects the merge as it runs).
+Observer = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 
 class Layers:
@@ -38,7 +39,9 @@ class Layers:
 
     def _seen(self, name: str, out: torch.Tensor) -> torch.Tensor:
         if self.observe is not None:
-            self.observe(name, out)
+            replaced = self.observe(name, out)
+            if replaced is not None:
+                return replaced
         return out
 
     def linear(self, name: str, x: torch.Tensor, bias: bool = True) -> torch.Tensor:

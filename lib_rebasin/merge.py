@@ -41,9 +41,10 @@ from .finite import Model, OutputGuard, guard_getter
 from .matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
 from .models import ModelInput, Source, check_compatible, open_model, same_file
 from .options import METHODS, MergeOptions, MethodInfo
-from .permute import Perms, axis_index, is_identity
+from .permute import Perms, axis_index, is_identity, permute_tensor
 from .progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
 from .provenance import SPEC_VERSION, provenance_metadata, recipe_of
+from .repair import check_supported as repair_supported, corrections, fold_bias, fold_weight
 from .spec import PARTS, ArchSpec, part_of
 from .vae_bake import BakedVAE  # noqa: F401  (type of _plan's argument)
 
@@ -128,6 +129,10 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
             from .activation_matching import check_supported
 
             check_supported(ma.config, mb.config)
+        if options.repair:
+            if "unet" not in parts:
+                raise RebasinError("REPAIR corrects UNet layers; model A has no UNet.")
+            repair_supported(ma.config, mb.config)
         if mc is not None:
             check_compatible(ma, mc, parts)
         if out is not None:  # before any matching: minutes of work must not end in a full disk
@@ -265,9 +270,18 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
                                   checked[:2]) if opts.align else {}
         blend = _method_blend(spec, prep, opts, final_perms, device)
 
+    # position_ids are indices even when an old merge stored them as floats: always A's, never blended.
+    keys = A.ckpt.keys()
+    merged_keys = {k for k in keys if k in spec.shapes and part_of(k) in parts and not k.endswith("position_ids")
+                   and A.ckpt.infos[k].dtype.is_floating_point}
+    repaired: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if opts.repair:
+        report.stage(0.80 if opts.aligned else 0.03, 0.84 if opts.aligned else 0.13)
+        repaired = _repair(spec, A, B, opts, blend, merged_keys, final_perms, device, report, diag)
+
     # Hash the inputs before writing, so the output file itself is never hashed by mistake.
     write_from = 0.85 if opts.aligned else 0.15
-    report.stage(0.80 if opts.aligned else 0.03, write_from)
+    report.stage((0.84 if opts.aligned else 0.13) if opts.repair else (0.80 if opts.aligned else 0.03), write_from)
     metadata = provenance_metadata(prep, parts, extra_metadata, report)
     baked_record = None
     if baked is not None:
@@ -281,10 +295,6 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     report.stage(write_from, 1.0)
 
     out_dtype = PRECISIONS[opts.precision]
-    keys = A.ckpt.keys()
-    # position_ids are indices even when an old merge stored them as floats: always A's, never blended.
-    merged_keys = {k for k in keys if k in spec.shapes and part_of(k) in parts and not k.endswith("position_ids")
-                   and A.ckpt.infos[k].dtype.is_floating_point}
     if baked is not None:  # the baked VAE replaces the output's VAE: it is neither merged nor copied from A
         vae_keys = {k for k in spec.shapes if part_of(k) == "vae"}
         merged_keys -= vae_keys
@@ -314,9 +324,18 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
             return guard(key, A.ckpt.get(key).to(dtypes[key]), checked[:1])
         return guard(key, value(key))
 
+    def finish(key: str, t: torch.Tensor) -> torch.Tensor:
+        """The merged value in the output's precision, with REPAIR's correction folded in (in fp64)."""
+        t = t.to("cpu")
+        layer, _, kind = key.rpartition(".")
+        if layer in repaired:
+            scale, shift = repaired[layer]
+            t = fold_weight(t, scale) if kind == "weight" else fold_bias(t, scale, shift)
+        return t.to(dtypes[key])
+
     def value(key: str) -> torch.Tensor:
         if not (measure and spec.axes.get(key)):
-            return blend(key).to("cpu").to(dtypes[key])
+            return finish(key, blend(key))
         acc = objective[part_of(key)]
         key_blend = blend.for_key(key) if isinstance(blend, BlockBlend) else blend
         if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
@@ -327,9 +346,9 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
                 b = get_b(key).to(pb.device, torch.float32) if moved else pb
                 accumulate(acc, a, b, pb)
 
-            return key_blend(key, observe).to("cpu").to(dtypes[key])
+            return finish(key, key_blend(key, observe))
         accumulate_objective(acc, spec, key, get_a, get_b, final_perms)
-        return blend(key).to("cpu").to(dtypes[key])
+        return finish(key, blend(key))
 
     def final_metadata() -> dict[str, str]:
         # The objective is measured while producing the keys; a file header is rewritten in place once known.
@@ -345,6 +364,27 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
         return {**meta, **metadata_hook(diag)} if metadata_hook is not None else meta
 
     return _Plan(entries, produce, final_metadata, diag)
+
+def _repair(spec: ArchSpec, A: ModelInput, B: ModelInput, opts: MergeOptions, blend: Callable[[str], torch.Tensor],
+            merged_keys: set[str], perms: Perms, device: torch.device, report: Reporter,
+            diag: Diagnostics) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """REPAIR's per-channel corrections of the merge (repair.py), measured on the models as they will be written:
+    A, B with the merge's permutations (the same function as B), and the merge (blended keys, A's elsewhere)."""
+    def get_b_aligned(key: str) -> torch.Tensor:
+        return permute_tensor(spec, key, B.ckpt.get(key), perms)
+
+    def get_merge(key: str) -> torch.Tensor:
+        return blend(key) if key in merged_keys else A.ckpt.get(key)
+
+    out = corrections(spec, A.ckpt.get, get_b_aligned, get_merge, opts.alpha_of, samples=opts.activation_samples,
+                      seed=opts.seed, device=device, progress=lambda f, m: report("repair", f, m))
+    scales = torch.cat([s for s, _ in out.values()])
+    diag.repaired_layers = len(out)
+    diag.repair_samples = opts.activation_samples
+    diag.repair_scale = [float(f"{float(q):.3g}") for q in scales.quantile(torch.tensor([0.1, 0.5, 0.9],
+                                                                                        dtype=scales.dtype))]
+    return out
+
 
 def _match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
            opts: MergeOptions, device: torch.device, init: Perms | None,

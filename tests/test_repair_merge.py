@@ -1,0 +1,135 @@
+"""REPAIR as a merge option (`MergeOptions.repair`): the written checkpoint has the parents' interpolated activation
+statistics at every corrected layer, a merge with nothing to repair is left alone, and the option is validated,
+deterministic and cancellable like every other."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_rebasin import repair
+from lib_rebasin.arch import MINI
+from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.errors import Cancelled, RebasinError
+from lib_rebasin.merge import MergeOptions, merge_checkpoints, merge_in_memory
+from lib_rebasin.spec import build_spec
+
+REPAIR = MergeOptions(method="weighted_sum", repair=True, activation_samples=2, precision="fp32")
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ck:
+        return {k: ck.get(k).clone() for k in ck.keys()}
+
+
+def _stats(sd: dict[str, torch.Tensor], cal: repair.Calibration) -> dict[str, repair.Stats]:
+    return repair.site_stats(MINI, sd.__getitem__, cal, repair.sites(build_spec(MINI)), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("opts", [
+    REPAIR,
+    # block weights: each block's own alpha is its target's; re-basin: B's statistics after its permutation
+    replace(REPAIR, method="rebasin", blocks=(0.5,) * 13 + (0.2,) * 13),
+], ids=["weighted_sum", "rebasin_blocks"])
+def test_written_merge_has_the_parents_interpolated_statistics(models: dict[str, Path], tmp_path: Path,
+                                                              opts: MergeOptions) -> None:
+    """Run A, aligned B and the *written file* on the calibration inputs: at every corrected layer the file's
+    per-channel mean and std are the interpolation of the parents' (without REPAIR they have collapsed)."""
+    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors", opts)
+    plain = merge_checkpoints(models["a"], models["independent"], tmp_path / "plain.safetensors",
+                              replace(opts, repair=False))
+    spec = build_spec(MINI)
+    a = _load(models["a"])
+    b_aligned = _aligned_b(models, opts, _load(models["independent"]))
+    cal = repair.calibration(MINI, a.__getitem__, opts.activation_samples, opts.seed, torch.device("cpu"))
+    sa, sb = _stats(a, cal), _stats(b_aligned, cal)
+    got, before = _stats(_load(res.output), cal), _stats(_load(plain.output), cal)
+    names = repair.sites(spec)
+    assert len(names) == res.diagnostics.repaired_layers == 124  # SD 1.x's residual writers (repair.SITE)
+    collapsed = []
+    for name in names:
+        al = opts.alpha_of(f"{name}.weight")
+        want_mu = (1 - al) * sa[name].mean + al * sb[name].mean
+        want_sd = (1 - al) * sa[name].std + al * sb[name].std
+        torch.testing.assert_close(got[name].std, want_sd, rtol=2e-3, atol=2e-4, msg=name)
+        torch.testing.assert_close(got[name].mean, want_mu, rtol=2e-3, atol=2e-4, msg=name)
+        collapsed.append(float((before[name].std / want_sd).median()))
+    assert sorted(collapsed)[len(collapsed) // 2] < 0.9, "the plain blend was expected to shrink activations"
+    d = res.diagnostics
+    assert d.repair_samples == opts.activation_samples and d.repair_scale[1] > 1
+    assert any(line.startswith("REPAIR: ") for line in d.summary_lines())
+
+
+def _aligned_b(models: dict[str, Path], opts: MergeOptions, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """B as the merge aligned it: re-basin at alpha 1 is pi(B) itself (the matching does not depend on alpha)."""
+    if not opts.aligned:
+        return b
+    ck, _ = merge_in_memory(models["a"], models["independent"], replace(opts, repair=False, blocks=None, alpha=1.0))
+    return {k: ck.get(k).clone() for k in ck.keys()}
+
+
+def test_nothing_to_repair_leaves_the_merge_alone(models: dict[str, Path], tmp_path: Path) -> None:
+    """B is a planted permutation of A's fine-tune: re-basin undoes it, the merge at alpha 1 *is* that fine-tune,
+    its statistics are already the target and REPAIR changes no weight: scales exactly 1, shifts exactly 0."""
+    from lib_rebasin.synthetic import make_checkpoint
+
+    plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
+    res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
+                            replace(REPAIR, method="rebasin", alpha=1.0, tolerance=0.0))
+    out, ref = _load(res.output), _load(plain)
+    wrong = [k for k in ref if not torch.equal(out[k], ref[k])]
+    assert not wrong, wrong[:5]
+    assert res.diagnostics.repaired_layers == 124 and res.diagnostics.repair_scale == [1.0, 1.0, 1.0]
+
+
+def _meta(path: Path) -> dict[str, str]:
+    with open_checkpoint(path) as ck:
+        return dict(ck.metadata)
+
+
+def test_same_options_same_bytes(models: dict[str, Path], tmp_path: Path) -> None:
+    opts = replace(REPAIR, parts=("unet", "te"), precision="fp16")
+    one = merge_checkpoints(models["a"], models["independent"], tmp_path / "1.safetensors", opts)
+    two = merge_checkpoints(models["a"], models["independent"], tmp_path / "2.safetensors", opts)
+    assert one.output.read_bytes() == two.output.read_bytes()
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(repair=1), "repair must be true or false"),
+    (dict(method="add_difference"), "REPAIR restores the statistics of an interpolation of two models"),
+    (dict(method="legacy"), "REPAIR restores the statistics"),
+    (dict(parts=("te", "vae")), "parts must include unet"),
+])
+def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
+    with pytest.raises(RebasinError, match=words) as e:
+        replace(REPAIR, **change).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
+    from lib_rebasin.synthetic import make_checkpoint
+
+    inpaint = make_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
+                              precision="fp32")
+    with pytest.raises(RebasinError, match="REPAIR runs plain SD 1.x UNets; model A is SD 1.x inpainting"):
+        merge_checkpoints(inpaint, models["a"], tmp_path / "o.safetensors", REPAIR)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cancel_during_repair_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def cancel() -> bool:
+        return any(m.startswith("REPAIR: statistics of model B") for m in seen)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Cancelled):
+        merge_checkpoints(models["a"], models["independent"], out / "o.safetensors", REPAIR,
+                          progress=lambda e: seen.append(e.message), cancel=cancel)
+    assert list(out.iterdir()) == []
+    assert all(e for e in seen)
