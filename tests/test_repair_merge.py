@@ -4,7 +4,6 @@ deterministic and cancellable like every other."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,11 +83,6 @@ def test_nothing_to_repair_leaves_the_merge_alone(models: dict[str, Path], tmp_p
     wrong = [k for k in ref if not torch.equal(out[k], ref[k])]
     assert not wrong, wrong[:5]
     assert res.diagnostics.repaired_layers == 124 and res.diagnostics.repair_scale == [1.0, 1.0, 1.0]
-
-
-def _meta(path: Path) -> dict[str, str]:
-    with open_checkpoint(path) as ck:
-        return dict(ck.metadata)
 
 
 def test_same_options_same_bytes(models: dict[str, Path], tmp_path: Path) -> None:
