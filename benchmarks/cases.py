@@ -89,6 +89,10 @@ OURS = {
     "ours_rebasin_tol": dict(method="rebasin", iterations=1, tolerance=0.01),
     # Activation matching (the default 4 prompts x 5 DDIM steps at 16x16 latents); the VAE is not merged here.
     "ours_activations": dict(method="rebasin", iterations=1, matching="activations"),
+    # REPAIR after a weighted sum (its own cost: trajectory + 3 statistics passes over 40 inputs at 16x16) and
+    # after activation matching (what the quality benchmark found best).
+    "ours_weighted_sum_repair": dict(method="weighted_sum", iterations=1, repair=True),
+    "ours_activations_repair": dict(method="rebasin", iterations=1, matching="activations", repair=True),
 }
 
 

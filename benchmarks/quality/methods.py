@@ -34,6 +34,11 @@ REBASIN = Method("re-basin", "rebasin")
 REBASIN_EXACT = Method("re-basin, tolerance 0", "rebasin", {"tolerance": 0.0})
 ACTIVATIONS = Method("activation matching", "rebasin", {"matching": "activations", "activation_samples": 16})
 ACTIVATIONS_THEN_WEIGHTS = Method("activation matching, then re-basin", "rebasin", align="activations")
+# The core's REPAIR option on top of each two-model method; its statistics come from the same 16 data-free
+# prompts activation matching uses (options.py: REPAIR and activation matching share `activation_samples`).
+WEIGHTED_SUM_REPAIR = Method("weighted sum + REPAIR", "weighted_sum", {"repair": True, "activation_samples": 16})
+REBASIN_REPAIR = Method("re-basin + REPAIR", "rebasin", {"repair": True, "activation_samples": 16})
+ACTIVATIONS_REPAIR = Method("activation matching + REPAIR", "rebasin", {**ACTIVATIONS.options, "repair": True})
 
 METHOD_LIST: tuple[Method, ...] = (
     WEIGHTED_SUM,
@@ -48,13 +53,17 @@ METHOD_LIST: tuple[Method, ...] = (
     Method("DARE + TIES (C = base)", "dare_ties", needs_base=True),
     ACTIVATIONS,
     ACTIVATIONS_THEN_WEIGHTS,
+    WEIGHTED_SUM_REPAIR,
+    REBASIN_REPAIR,
+    ACTIVATIONS_REPAIR,
 )
 
 # Only measured at alpha 0.5 on every width and training length (the ratio against width and training).
 
 SWEEP_METHODS: tuple[Method, ...] = (WEIGHTED_SUM, REBASIN, Method("re-basin, tolerance 0", "rebasin",
                                                                     {"tolerance": 0.0}),
-                                     ACTIVATIONS, ACTIVATIONS_THEN_WEIGHTS)
+                                     ACTIVATIONS, ACTIVATIONS_THEN_WEIGHTS, WEIGHTED_SUM_REPAIR, REBASIN_REPAIR,
+                                     ACTIVATIONS_REPAIR)
 
 
 def available(methods: tuple[Method, ...]) -> tuple[list[Method], list[Method]]:

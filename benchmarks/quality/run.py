@@ -151,7 +151,8 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
 
 SECTIONS = ("controls", "independent", "same_base", "sweep")
 # Bump when a measurement changes: cached section results are then recomputed.
-RESULTS_VERSION = 1
+# 2: spec sd1-walk-2 (whole heads, GroupNorm freedoms) changes every re-basin row; REPAIR's scale without epsilon.
+RESULTS_VERSION = 2
 
 
 class SectionCache:
