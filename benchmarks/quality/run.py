@@ -162,7 +162,11 @@ class SectionCache:
     def __init__(self, root: Path, p: Profile, methods: list[Method]) -> None:
         self.dir = root / "sections"
         self.dir.mkdir(parents=True, exist_ok=True)
-        ident = {"profile": asdict(p), "methods": [[m.label, m.method, m.options, m.align] for m in methods],
+        # The families' sections depend on the skill width's models, not on the other widths' training lengths
+        # (those only key the sweep's rows, which are also named by their models' keys).
+        profile = {k: v for k, v in asdict(p).items() if k not in ("widths", "independent_steps", "milestones")}
+        profile["skill_steps"] = p.independent_steps.get(p.skill_width)
+        ident = {"profile": profile, "methods": [[m.label, m.method, m.options, m.align] for m in methods],
                  "sweep_methods": [[m.label, m.method, m.options, m.align] for m in SWEEP_METHODS],
                  "version": RESULTS_VERSION}
         self.key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
