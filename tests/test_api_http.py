@@ -173,7 +173,9 @@ def test_bad_values_are_422_naming_the_field_never_500(server):
              ('{"parts": "unet,brain"}', "parts"), ('{"bogus": 1}', "bogus"),
              ('{"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "device": "tpu"}', "device"),
              ('{"matching": "activation"}', "matching"), ('{"matching": 1}', "matching"),
-             ('{"activation_samples": 0}', "activation_samples"), ('{"activation_samples": 2.5}', "activation_samples")]
+             ('{"activation_samples": 0}', "activation_samples"), ('{"activation_samples": 2.5}', "activation_samples"),
+             ('{"repair": 1}', "repair"), ('{"repair": "true"}', "repair"),
+             ('{"method": "add_difference", "repair": true}', "repair"), ('{"parts": ["te"], "repair": true}', "repair")]
     for raw, field in cases:
         status, body = server.request("POST", "/rebasin/v1/merge", raw, {"Content-Type": "application/json"})
         assert status == 422 and body["field"] == field, (raw, status, body)
@@ -232,6 +234,19 @@ def test_merge_with_activation_matching_records_it(server, models):
     with open_checkpoint(out) as ck:
         recipe = json.loads(ck.metadata["lib_rebasin"])["recipe"]
     assert (recipe["matching"], recipe["activation_samples"]) == ("activations", 1)
+    out.unlink()
+
+
+def test_merge_with_repair_records_it(server, models):
+    _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "method": "weighted_sum",
+                            "parts": ["unet"], "repair": True, "activation_samples": 1,
+                            "output_name": f"api_repair_{server.kind}"})
+    from lib_rebasin.checkpoint import open_checkpoint
+
+    out = models / f"api_repair_{server.kind}.safetensors"
+    with open_checkpoint(out) as ck:
+        recipe = json.loads(ck.metadata["lib_rebasin"])["recipe"]
+    assert (recipe["repair"], recipe["activation_samples"]) == (True, 1)
     out.unlink()
 
 
