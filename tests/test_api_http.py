@@ -175,7 +175,8 @@ def test_bad_values_are_422_naming_the_field_never_500(server):
              ('{"matching": "activation"}', "matching"), ('{"matching": 1}', "matching"),
              ('{"activation_samples": 0}', "activation_samples"), ('{"activation_samples": 2.5}', "activation_samples"),
              ('{"repair": 1}', "repair"), ('{"repair": "true"}', "repair"),
-             ('{"method": "add_difference", "repair": true}', "repair"), ('{"parts": ["te"], "repair": true}', "repair")]
+             ('{"method": "add_difference", "repair": true}', "repair"),
+             ('{"parts": ["te"], "repair": true}', "repair")]
     for raw, field in cases:
         status, body = server.request("POST", "/rebasin/v1/merge", raw, {"Content-Type": "application/json"})
         assert status == 422 and body["field"] == field, (raw, status, body)
