@@ -239,9 +239,10 @@ def test_merge_with_activation_matching_records_it(server, models):
 
 
 def test_merge_with_repair_records_it(server, models):
-    _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "method": "weighted_sum",
-                            "parts": ["unet"], "repair": True, "activation_samples": 1,
-                            "output_name": f"api_repair_{server.kind}"})
+    job = _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
+                                  "method": "weighted_sum", "parts": ["unet"], "repair": True,
+                                  "activation_samples": 1, "output_name": f"api_repair_{server.kind}"})
+    assert job["request"]["repair"] is True
     from lib_rebasin.checkpoint import open_checkpoint
 
     out = models / f"api_repair_{server.kind}.safetensors"
