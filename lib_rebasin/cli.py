@@ -60,7 +60,7 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
     options = MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
                            device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
                            tolerance=args.tolerance, align=args.align, allow_nonfinite=args.allow_nonfinite,
-                           matching=args.matching, activation_samples=args.activation_samples,
+                           matching=args.matching, activation_samples=args.activation_samples, repair=args.repair,
                            **{name: getattr(args, name) for name in ALL_PARAMS})
     if args.blocks is not None:
         bw = parse_blocks(args.blocks, args.alpha)
@@ -110,7 +110,13 @@ def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
                         "(pair units by how they respond to the same inputs: seeded prompts along A's own DDIM "
                         "trajectory, with --seed; the VAE is still weight matched)")
     p.add_argument("--activation-samples", type=int, default=4,
-                   help="activation matching: number of seeded prompts, each run at 5 timesteps (default 4)")
+                   help="activation matching and --repair: number of seeded prompts, each run at 5 timesteps "
+                        "(default 4)")
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR (rebasin and weighted_sum, UNet in --parts): after blending, run both parents and "
+                        "the merge on --activation-samples seeded prompts (default 4, with --seed) and rescale the "
+                        "UNet layers that write into the residual stream so each channel's mean and spread are the "
+                        "parents' interpolation again (blending shrinks them)")
     p.add_argument("--align", action="store_true",
                    help="re-basin B (and C, with B's permutation) onto A before the method (implied by rebasin)")
     for param in ALL_PARAMS.values():

@@ -31,12 +31,15 @@ def recipe_of(prep: "Prepared", parts: tuple[str, ...]) -> dict[str, object]:
 
 
 def method_fields(o: "MergeOptions") -> dict[str, object]:
-    """What only some merges have: block weights (with the key mapping's version), alignment, method params."""
+    """What only some merges have: block weights (with the key mapping's version), alignment, activation matching,
+    REPAIR, method params."""
     out: dict[str, object] = dict(o.method_params())
     if o.align:
         out["align"] = True
     if o.matching != "weights":  # absent for weight matching, so its outputs keep the bytes they always had
         out.update({"matching": o.matching, "activation_samples": o.activation_samples})
+    if o.repair:  # absent without REPAIR, for the same reason; its prompts are activation_samples too
+        out.update({"repair": True, "activation_samples": o.activation_samples})
     if o.blocks is not None:
         out.update({"blocks": list(o.blocks), "blocks_preset": o.blocks_preset, "block_mapping": MAPPING_VERSION})
     return out

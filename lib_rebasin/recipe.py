@@ -58,7 +58,7 @@ else:  # pragma: no cover - Python 3.10 (A1111's own Python)
     import tomli as tomllib
 
 # Method parameters (methods.py) and block weights are accepted per step and as recipe defaults.
-EXTRA_KEYS = {"blocks", "align", "matching", "activation_samples", *ALL_PARAMS}
+EXTRA_KEYS = {"blocks", "align", "matching", "activation_samples", "repair", *ALL_PARAMS}
 STEP_KEYS = {"name", "method", "a", "b", "c", "alpha", "iterations", "parts", "device", "precision", "seed",
              "max_sweeps", "tolerance", "allow_nonfinite", *EXTRA_KEYS}
 RECIPE_KEYS = {"name", "bake_vae", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
@@ -137,10 +137,15 @@ class Recipe:
 
 
 def _extra_lines(o: MergeOptions) -> list[str]:
-    """The canonical lines for what only some steps have: alignment, the method's parameters, block weights."""
+    """The canonical lines for what only some steps have: alignment, activation matching, REPAIR, the method's
+    parameters, block weights."""
     lines = ["align = true"] if o.align else []
     if o.matching != "weights":
-        lines += [f"matching = {_q(o.matching)}", f"activation_samples = {o.activation_samples}"]
+        lines += [f"matching = {_q(o.matching)}"]
+    if o.matching != "weights" or o.repair:  # both run on these prompts; written once
+        lines += [f"activation_samples = {o.activation_samples}"]
+    if o.repair:
+        lines += ["repair = true"]
     lines += [f"{name} = {_v(value)}" for name, value in o.method_params().items()]
     if o.blocks is not None:
         lines.append(f"blocks = {_q(o.blocks_preset) if o.blocks_preset else _v([float(v) for v in o.blocks])}")
@@ -283,7 +288,9 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
             options.validate()
         except RebasinError as e:
             field_name = str(e).split(" ", 1)[0]
-            raise fail(key_lines.get((i, field_name), line), f"step '{name}': {e}") from None
+            # a message starts with its key ("seed must ..."), or with the key's name in capitals ("REPAIR ...")
+            at = key_lines.get((i, field_name), key_lines.get((i, field_name.lower()), line))
+            raise fail(at, f"step '{name}': {e}") from None
         except TypeError as e:
             raise fail(line, f"step '{name}': {e}") from None
         refs = {}
@@ -600,6 +607,7 @@ def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
                         tolerance=single.get("tolerance", 0.0), align=bool(single.get("align", False)),
                         matching=single.get("matching", "weights"),
                         activation_samples=single.get("activation_samples", MergeOptions.activation_samples),
+                        repair=single.get("repair", False),
                         **{k: single[k] for k in ALL_PARAMS if k in single and single.get("method") in
                            _methods_with(k)})
     if single.get("blocks") is not None:

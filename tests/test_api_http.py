@@ -42,7 +42,10 @@ class Server:
     def __init__(self, cmd: list[str], port: int, log: Path) -> None:
         self.port, self.log = port, log
         self.base = f"http://127.0.0.1:{port}"
+        # one intra-op thread, as conftest.py sets for in-process tests: on a busy 2-core machine two OpenMP threads
+        # made a mini REPAIR merge (small forward passes) take 409 s instead of 18 s
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -173,7 +176,10 @@ def test_bad_values_are_422_naming_the_field_never_500(server):
              ('{"parts": "unet,brain"}', "parts"), ('{"bogus": 1}', "bogus"),
              ('{"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "device": "tpu"}', "device"),
              ('{"matching": "activation"}', "matching"), ('{"matching": 1}', "matching"),
-             ('{"activation_samples": 0}', "activation_samples"), ('{"activation_samples": 2.5}', "activation_samples")]
+             ('{"activation_samples": 0}', "activation_samples"), ('{"activation_samples": 2.5}', "activation_samples"),
+             ('{"repair": 1}', "repair"), ('{"repair": "true"}', "repair"),
+             ('{"method": "add_difference", "repair": true}', "repair"),
+             ('{"parts": ["te"], "repair": true}', "repair")]
     for raw, field in cases:
         status, body = server.request("POST", "/rebasin/v1/merge", raw, {"Content-Type": "application/json"})
         assert status == 422 and body["field"] == field, (raw, status, body)
@@ -199,11 +205,11 @@ def test_checkpoints_lists_names_and_hashes_not_paths(server, models):
         assert str(models) not in json.dumps(c) and not c["name"].startswith("/")
 
 
-def _merge_to_done(server, body: dict) -> dict:
-    """POST a same-origin merge and poll its job until it is done (or 120 s pass)."""
+def _merge_to_done(server, body: dict, limit_s: float = 120) -> dict:
+    """POST a same-origin merge and poll its job until it is done (or `limit_s` pass: a guard against a hang)."""
     status, job = server.post_json("/rebasin/v1/merge", body, {"Origin": server.base})
     assert status == 202, job
-    deadline = time.time() + 120
+    deadline = time.time() + limit_s
     while not job["finished"] and time.time() < deadline:
         time.sleep(0.3)
         job = server.request("GET", f"/rebasin/v1/jobs/{job['job_id']}")[1]
@@ -232,6 +238,21 @@ def test_merge_with_activation_matching_records_it(server, models):
     with open_checkpoint(out) as ck:
         recipe = json.loads(ck.metadata["lib_rebasin"])["recipe"]
     assert (recipe["matching"], recipe["activation_samples"]) == ("activations", 1)
+    out.unlink()
+
+
+def test_merge_with_repair_records_it(server, models):
+    job = _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
+                                  "method": "weighted_sum", "parts": ["unet"], "repair": True,
+                                  "activation_samples": 1, "output_name": f"api_repair_{server.kind}"},
+                         limit_s=300)  # three UNets' forward passes on top of the merge
+    assert job["request"]["repair"] is True
+    from lib_rebasin.checkpoint import open_checkpoint
+
+    out = models / f"api_repair_{server.kind}.safetensors"
+    with open_checkpoint(out) as ck:
+        recipe = json.loads(ck.metadata["lib_rebasin"])["recipe"]
+    assert (recipe["repair"], recipe["activation_samples"]) == (True, 1)
     out.unlink()
 
 

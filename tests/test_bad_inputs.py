@@ -294,7 +294,7 @@ STEP = '[models]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\nname = "s1
     ('iterations = "abc"', "iterations"), ("iterations = 2.5", "iterations"), ("iterations = true", "iterations"),
     ("device = 5", "device"), ("seed = [1]", "seed"), ('alpha = "0.5"', "alpha"), ("alpha = nan", "alpha"),
     ('parts = "unet"', "parts"), ("max_sweeps = 1e400", "max_sweeps"), ('method = ["rebasin"]', "method"),
-    ("allow_nonfinite = 1", "allow_nonfinite"), ("tolerance = true", "tolerance"),
+    ("allow_nonfinite = 1", "allow_nonfinite"), ("tolerance = true", "tolerance"), ('repair = "yes"', "repair"),
 ])
 def test_wrong_types_in_a_recipe_name_the_step_and_field(pair: dict, out: Path, line: str, field: str) -> None:
     recipe = out.parent / "r.toml"
@@ -369,6 +369,21 @@ def test_same_merge_same_bytes_whatever_the_thread_count(pair: dict, tmp_path: P
         assert r.returncode == 0, r.stderr
         outputs.append(o.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("merge", "--method", "legacy"), "Legacy"),
+    (("merge", "--parts", "te,vae"), "REPAIR corrects UNet layers; parts must include unet."),
+    (("add-difference", "C"), "Add difference is not one (use it with weighted_sum or rebasin)."),
+])
+def test_repair_where_it_does_not_apply_is_one_line_and_no_file(pair: dict, out: Path, args: tuple[str, ...],
+                                                                needle: str) -> None:
+    command, *rest = args
+    inputs = [pair["a"], pair["b"]] + ([pair["novae"]] if "C" in rest else [])
+    before = listing(out)
+    r = cli(command, *inputs, "-o", out / "m.safetensors", "--repair", *(a for a in rest if a != "C"), "-q",
+            cwd=out)
+    assert needle in assert_refused(r, out, before, "error: REPAIR ")
 
 
 # -- the Python API: the same classes, as RebasinError subclasses ----------------------------------------------

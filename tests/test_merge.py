@@ -268,3 +268,25 @@ def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(models: dict[st
     k = "model.diffusion_model.output_blocks.3.1.proj_out.weight"
     torch.testing.assert_close(out[k], 0.7 * a[k] + 0.3 * b[k])
     assert any("not a function-preserving re-basin" in line for line in res.diagnostics.summary_lines())
+
+
+def test_cli_repair_reaches_the_options_and_is_recorded(models: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """--repair travels into MergeOptions and both recipes in the metadata, with the prompt count it runs on;
+    a merge without it records neither key (its metadata keeps the bytes it always had)."""
+    out = tmp_path / "r.safetensors"
+    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(out), "--method", "weighted_sum",
+                     "--parts", "unet", "--repair", "--activation-samples", "1", "--seed", "3", "-q"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    with open_checkpoint(out) as ck:
+        meta = ck.metadata
+    ours, webui = json.loads(meta["lib_rebasin"])["recipe"], json.loads(meta["sd_merge_recipe"])
+    for recipe in (ours, webui):
+        assert (recipe["repair"], recipe["activation_samples"], recipe["seed"]) == (True, 1, 3), recipe
+    plain = tmp_path / "p.safetensors"
+    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(plain), "--method",
+                     "weighted_sum", "--parts", "unet", "--activation-samples", "1", "-q"]) == 0
+    with open_checkpoint(plain) as ck:
+        meta = ck.metadata
+    for recipe in (json.loads(meta["lib_rebasin"])["recipe"], json.loads(meta["sd_merge_recipe"])):
+        assert "repair" not in recipe and "activation_samples" not in recipe, recipe

@@ -274,3 +274,65 @@ def test_activation_matching_round_trips_through_a_recipe(folder: Path) -> None:
     assert all(torch.equal(x[k], y[k]) for k in x)
     with pytest.raises(RecipeError, match="matching must be one of weights, activations"):
         parse_recipe(recorded.replace('matching = "activations"', 'matching = "activation"'))
+
+
+REPAIRED = """
+[models]
+a = "a.safetensors"
+b = "finetune.safetensors"
+
+[[step]]
+name = "m1"
+method = "weighted_sum"
+a = "a"
+b = "b"
+parts = ["unet"]
+repair = true
+"""
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_repair_is_a_recipe_key_written_back_with_its_prompts() -> None:
+    recipe = parse_recipe(REPAIRED)
+    assert recipe.steps[0].options.repair is True
+    text = recipe.to_toml()
+    assert "repair = true" in text and "activation_samples = 4" in text  # the prompts REPAIR runs on
+    assert parse_recipe(text).to_toml() == text
+    # with activation matching too, the shared prompt count is written once
+    both = parse_recipe(REPAIRED.replace('"weighted_sum"', '"rebasin"') + 'matching = "activations"\n').to_toml()
+    assert both.count("activation_samples") == 1 and "repair = true" in both
+    # a [recipe] default applies to every step; without it, no step has a repair line (old recipes keep their text)
+    assert parse_recipe("[recipe]\nrepair = true\n" + REPAIRED.replace("repair = true\n", "")).steps[0].options.repair
+    assert "repair" not in parse_recipe(CHAIN).to_toml()
+
+
+@pytest.mark.parametrize("change, message", [
+    (("repair = true", "repair = 1"), "repair must be true or false, got 1"),
+    (('"weighted_sum"', '"add_difference"\nc = "a"'), "Add difference is not one (use it with weighted_sum or "
+                                                      "rebasin)"),
+    (('parts = ["unet"]', 'parts = ["te", "vae"]'), "REPAIR corrects UNet layers; parts must include unet"),
+])
+def test_repair_errors_name_the_step_and_the_repair_line(change: tuple[str, str], message: str) -> None:
+    text = REPAIRED.replace(*change)
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, "r.toml")
+    assert str(e.value).startswith(f"r.toml, line {_line_of(text, 'repair =')}: step 'm1': ")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_repair_round_trips_through_a_recipe(folder: Path) -> None:
+    """A single merge made with REPAIR records it (and its prompt count); `recipe --from` gives it back and the
+    replay equals the original bit for bit."""
+    out = merge_checkpoints(folder / "a.safetensors", folder / "finetune.safetensors", folder / "o.safetensors",
+                            MergeOptions(method="weighted_sum", repair=True, activation_samples=1, parts=("unet",),
+                                         precision="fp32")).output
+    recorded = recipe_from_checkpoint(out)
+    assert "repair = true" in recorded and "activation_samples = 1" in recorded
+    (folder / "r.toml").write_text(recorded)
+    again = run_recipe(load_recipe(folder / "r.toml"), folder, folder / "o2.safetensors").output
+    assert parse_recipe(recipe_from_checkpoint(again)).steps[0].options.repair is True
+    x, y = _tensors(out), _tensors(again)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

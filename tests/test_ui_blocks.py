@@ -275,6 +275,33 @@ def test_tab_merges_with_activation_matching(folder):
     assert not (folder / "refused.safetensors").exists()
 
 
+def test_tab_merges_with_repair(folder):
+    pytest.importorskip("gradio")
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    ui = build_tab(StandaloneHost(folder, devices=["cpu"]), MergeService(StandaloneHost(folder, devices=["cpu"])))
+    components = ui.blocks.get_config_file()["components"]
+    box = next(c for c in components if c.get("props", {}).get("elem_id") == "rebasin_repair")
+    assert box["props"]["label"].startswith("REPAIR: restore the parents' activation statistics after blending")
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(r1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["UNet"], "cpu", "fp32", "repaired", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 3, False, "None", "weights", 1, True))
+    assert "rebasin-done" in frames[-1][1], frames[-1][:3]
+    recipe = json.loads(_meta(folder / "repaired.safetensors")["lib_rebasin"])["recipe"]
+    assert (recipe["repair"], recipe["activation_samples"], recipe["seed"]) == (True, 1, 3)
+    # REPAIR without the UNet, or with a method it does not apply to: refused before anything runs, no file
+    for method, parts, needle in (("Weighted sum", ["Text encoder"], "parts must include unet"),
+                                  ("Add difference", ["UNet"], "Add difference is not one")):
+        frames = list(run("task(r2)", "one.safetensors", "two.safetensors", "base.safetensors", method, 0.5, 1,
+                          parts, "cpu", "fp32", "refused", False, 1.0, False, "",
+                          0.2, 1.0, 0.9, 0, False, "None", "weights", 1, True))
+        assert len(frames) == 1 and needle in frames[0][0], frames[0][0]
+        assert not (folder / "refused.safetensors").exists()
+
+
 def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
     pytest.importorskip("gradio")
     """scripts/rebasin_tab.py reads the WebUI's VAE list (modules.sd_vae) through the stand-in host."""

@@ -109,6 +109,25 @@ def test_settings_apply_to_every_step(host):
     assert rb.settings_of(rb.set_settings("", precision="fp32"))["precision"] == "fp32"
 
 
+def test_editing_a_step_keeps_its_repair_and_matching(host):
+    """The form has no fields for activation matching or REPAIR: an edited step keeps the ones its text has, and a
+    new step takes them from [recipe] like block weights and alignment."""
+    e = entries(host)
+    text = rb.add_step("", rb.StepForm("rebasin", "one.safetensors", "two.safetensors", parts=("unet",)), e,
+                       host.output_dir())
+    text = rb.apply_text(text.replace("tolerance = 0.01\n", 'tolerance = 0.01\nmatching = "activations"\n'
+                                      "activation_samples = 2\nrepair = true\n"))
+    edited = rb.update_step(text, 0, rb.StepForm("rebasin", "one.safetensors", "three.safetensors", alpha=0.3,
+                                                 parts=("unet", "te")), e, host.output_dir())
+    o = parse_recipe(edited).steps[0].options
+    assert (o.alpha, o.matching, o.activation_samples, o.repair) == (0.3, "activations", 2, True)
+    without = text.replace("repair = true\n", "")
+    with_default = rb.apply_text(without.replace("[recipe]\n", "[recipe]\nrepair = true\n"))
+    added = rb.add_step(with_default, rb.StepForm("weighted_sum", "[step] step1", "three.safetensors",
+                                                  parts=("unet",)), e, host.output_dir())
+    assert parse_recipe(added).steps[-1].options.repair is True
+
+
 def test_apply_text_canonicalises_and_reports_line_numbers(host):
     text = two_steps(host)
     messy = text.replace("alpha = 0.3", "alpha   =   0.30") + "\n# a comment\n"

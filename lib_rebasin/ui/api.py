@@ -12,8 +12,9 @@ application/json; 422 a field of the wrong type or out of range (`"field"` names
 route that changes something is a POST. Who may call is decided by `ApiPolicy` (see api_policy.py).
 
 A merge request takes `MergeRequest`'s fields, among them `method` (any of lib_rebasin/methods.py), its parameters
-(`ties_density`, `ties_scale`, `dare_p`, `seed`), `align`, `blocks` (a preset name, 26 or 25 values as a string or a
-list) and `bake_vae` (a VAE from the host's VAE list, or a checkpoint).
+(`ties_density`, `ties_scale`, `dare_p`, `seed`), `align`, `matching` and `activation_samples`, `repair` (REPAIR
+after blending), `blocks` (a preset name, 26 or 25 values as a string or a list) and `bake_vae` (a VAE from the
+host's VAE list, or a checkpoint).
 
 Request bodies are read as plain JSON (no pydantic models), so the routes work with the fastapi/pydantic pairs
 of both gradio 3.41 and 4.x hosts.

@@ -218,16 +218,17 @@ def _options(recipe: Any, form: StepForm, base: Any = None) -> Any:
 
 
 def _with_extras(opts: Any, defaults: dict[str, Any], base: Any) -> Any:
-    """Keep what the form has no field for (block weights, alignment, method parameters): an edited step keeps
-    its own, a new step gets the recipe's defaults."""
+    """Keep what the form has no field for (block weights, alignment, activation matching, REPAIR, method
+    parameters): an edited step keeps its own, a new step gets the recipe's defaults."""
     from dataclasses import replace
 
     from ..methods import ALL_PARAMS
 
-    names = ("blocks", "blocks_preset", "align", *ALL_PARAMS)
+    kept = ("blocks", "align", "matching", "activation_samples", "repair", *ALL_PARAMS)
+    names = ("blocks_preset", *kept)
     if base is not None:
         return replace(opts, **{n: getattr(base, n) for n in names})
-    given = {k: defaults[k] for k in ("blocks", "align", *ALL_PARAMS) if k in defaults}
+    given = {k: defaults[k] for k in kept if k in defaults}
     if not given:
         return opts
     extras = _recipe_mod().step_options({**given, "alpha": opts.alpha})

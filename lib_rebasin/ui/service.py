@@ -101,6 +101,7 @@ class MergeRequest:
     align: bool = False       # re-basin B (and C) onto A before a non-rebasin method
     matching: str = "weights"  # how re-basin finds the permutation: "weights" or "activations" (MergeOptions)
     activation_samples: int = 4
+    repair: bool = False      # REPAIR after blending (MergeOptions.repair; rebasin / weighted_sum with the UNet)
     ties_density: float = 0.2  # method parameters (lib_rebasin/methods.py); each is used only by its methods
     ties_scale: float = 1.0
     dare_p: float = 0.9
@@ -123,7 +124,7 @@ class MergeRequest:
                 kw[k] = _number(k, v)
             elif k in ("iterations", "seed", "activation_samples"):
                 kw[k] = _integer(k, v)
-            elif k in ("overwrite", "align"):
+            elif k in ("overwrite", "align", "repair"):
                 if not isinstance(v, bool):
                     raise FieldError(k, f"Field '{k}' must be true or false, got {shown(v)}.")
                 kw[k] = v
@@ -172,10 +173,22 @@ class MergeRequest:
                                                    f"{shown(self.activation_samples)}.")
         if not 0 <= self.seed <= MAX_SEED:
             raise FieldError("seed", f"seed must be between 0 and {MAX_SEED}, got {shown(self.seed)}.")
+        self._check_repair(info)
         for param in (info.params if info is not None else ()):
             problem = param.check(getattr(self, param.name), info.label)
             if problem:
                 raise FieldError(param.name, problem)
+
+    def _check_repair(self, info: Any) -> None:
+        """REPAIR with a method or parts it does not apply to, as a FieldError on `repair` (the API's 422) with
+        the core's own message: the core's options are built from this method, these parts and defaults, so the
+        only check that can fail is REPAIR's."""
+        if not self.repair or info is None or not self.parts or set(self.parts) - set(PARTS):
+            return  # unknown methods and parts are refused with their own field
+        try:
+            _core().MergeOptions(method=self.method, parts=tuple(self.parts), repair=True).validate()
+        except RebasinError as e:
+            raise FieldError("repair", str(e)) from None
 
 
 @dataclass
@@ -201,10 +214,13 @@ class Prepared:
 
 
 def _method_fields(options: Any) -> dict[str, Any]:
-    """What only some merges have: alignment, the method's parameters, the block weights (with their preset)."""
+    """What only some merges have: alignment, REPAIR, the method's parameters, the block weights (with their
+    preset)."""
     out: dict[str, Any] = {}
     if getattr(options, "align", False):
         out["align"] = True
+    if getattr(options, "repair", False):
+        out["repair"] = True
     method_params = getattr(options, "method_params", None)
     if callable(method_params):
         out.update(method_params())
@@ -467,6 +483,7 @@ class MergeService:
                                  parts=parts, device=req.device, precision=req.precision, seed=int(req.seed),
                                  tolerance=float(req.tolerance), align=bool(req.align),
                                  matching=req.matching, activation_samples=int(req.activation_samples),
+                                 repair=bool(req.repair),
                                  ties_density=float(req.ties_density), ties_scale=float(req.ties_scale),
                                  dare_p=float(req.dare_p))
         if req.blocks and req.blocks.strip():

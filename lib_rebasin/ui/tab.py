@@ -257,6 +257,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                                         value=MergeRequest.activation_samples,
                                                         label="Activation matching: prompts",
                                                         elem_id="rebasin_activation_samples")
+                    c["repair"] = gr.Checkbox(value=False, label="REPAIR: restore the parents' activation statistics "
+                                                                 "after blending", elem_id="rebasin_repair")
                 with gr.Row():
                     c["device"] = gr.Dropdown(choices=devices, value=d_device, label="Device",
                                               elem_id="rebasin_device")
@@ -346,7 +348,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         merge_inputs = [c["task_id"], c["model_a"], c["model_b"], c["model_c"], c["method"], c["alpha"],
                         c["iterations"], c["parts"], c["device"], c["precision"], c["output_name"], c["overwrite"],
                         c["tolerance"], c["blocks_on"], c["blocks_text"], *param_controls, c["bake_vae"],
-                        c["matching"], c["activation_samples"]]
+                        c["matching"], c["activation_samples"], c["repair"]]
         merge_outputs = [c["error"], c["progress"], c["result"], c["result_path"], c["load"], c["merge"], *dropdowns]
 
         def lists_after_save(a, b, cc):
@@ -357,7 +359,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                       tolerance=100 * MergeRequest.tolerance, use_blocks=False, blocks_text="", *params):
             key = label_to_method.get(method, method)
             extra: dict[str, Any] = {}
-            if params:  # method parameters in ALL_PARAMS order, then seed, align, VAE to bake in
+            if params:  # method parameters in ALL_PARAMS order, then seed, align, VAE to bake in, matching, REPAIR
                 n = len(bui.ALL_PARAMS)
                 extra = {name: float(v) for name, v in zip(bui.ALL_PARAMS, params) if v is not None}
                 if len(params) > n:
@@ -369,6 +371,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                 if len(params) > n + 4 and params[n + 3] in MATCHING_CHOICES:
                     extra["matching"] = str(params[n + 3])
                     extra["activation_samples"] = int(params[n + 4] or MergeRequest.activation_samples)
+                if len(params) > n + 5:
+                    extra["repair"] = bool(params[n + 5])
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
