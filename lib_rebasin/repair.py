@@ -147,7 +147,8 @@ class Calibration:
 
 @torch.no_grad()
 def calibration(c: SD1Config, get_a: TensorGetter, samples: int, seed: int, device: torch.device,
-                latent_size: int = inputs.LATENT_SIZE) -> Calibration:
+                latent_size: int = inputs.LATENT_SIZE,
+                on_step: Callable[[int, int], None] | None = None) -> Calibration:
     """Activation matching's inputs (the same seed gives the same prompts and starting noise): model A's DDIM
     trajectory under classifier-free guidance; every step's x_t once with its prompt, once with the empty one."""
     gen = torch.Generator().manual_seed(seed)
@@ -159,6 +160,8 @@ def calibration(c: SD1Config, get_a: TensorGetter, samples: int, seed: int, devi
     ac = inputs.alphas_cumprod(c)
     xs, ts = [], []
     for k, t in enumerate(inputs.TIMESTEPS):
+        if on_step is not None:
+            on_step(k, len(inputs.TIMESTEPS))
         xx = torch.cat([x, x])
         tt = torch.full((2 * samples,), t, dtype=torch.long, device=device)
         xs.append(xx)
@@ -174,16 +177,20 @@ Correct = Callable[[str, Stats], tuple[torch.Tensor, torch.Tensor]]
 
 @torch.no_grad()
 def site_stats(c: SD1Config, get: TensorGetter, cal: Calibration, names: list[str], device: torch.device,
-               correct: Correct | None = None) -> dict[str, Stats]:
+               correct: Correct | None = None, on_site: Callable[[int, int], None] | None = None
+               ) -> dict[str, Stats]:
     """Each site's output statistics over the whole calibration set (one batch), the model conditioned on its
     own text encoder. With `correct`, each site's output is replaced by `scale * y + shift` from its statistics
-    before the layers after it run."""
+    before the layers after it run. `on_site(done, total)` is called at every site (progress, and where a
+    cancelled merge stops: one full-size pass takes minutes)."""
     wanted = set(names)
     stats: dict[str, Stats] = {}
 
     def observe(name: str, out: torch.Tensor) -> torch.Tensor | None:
         if name not in wanted:
             return None
+        if on_site is not None:
+            on_site(len(stats), len(wanted))
         flat = _flat(out)
         st = stats[name] = Stats(flat.shape[1])
         st.update(flat)
@@ -219,12 +226,17 @@ def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter
         if progress is not None:
             progress(fraction, message)
 
+    def sites_of(start: float, message: str) -> Callable[[int, int], None]:
+        return lambda done, total: step(start + 0.25 * done / total, f"{message} ({done + 1}/{total} layers)")
+
     step(0.0, "REPAIR: model A's trajectory")
-    cal = calibration(c, get_a, samples, seed, device, latent_size)
+    cal = calibration(c, get_a, samples, seed, device, latent_size,
+                      on_step=lambda k, n: step(0.25 * k / n, f"REPAIR: model A's trajectory, step {k + 1}/{n}"))
     step(0.25, "REPAIR: statistics of model A")
-    stats_a = site_stats(c, get_a, cal, names, device)
+    stats_a = site_stats(c, get_a, cal, names, device, on_site=sites_of(0.25, "REPAIR: statistics of model A"))
     step(0.5, "REPAIR: statistics of model B")
-    stats_b = site_stats(c, get_b_aligned, cal, names, device)
+    stats_b = site_stats(c, get_b_aligned, cal, names, device,
+                         on_site=sites_of(0.5, "REPAIR: statistics of model B"))
     step(0.75, "REPAIR: correcting the merge")
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -233,7 +245,7 @@ def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter
         out[name] = (scale.cpu(), shift.cpu())
         return scale, shift
 
-    site_stats(c, get_merge, cal, names, device, correct)
+    site_stats(c, get_merge, cal, names, device, correct, on_site=sites_of(0.75, "REPAIR: correcting the merge"))
     missing = [n for n in names if n not in out]
     if missing:  # every site is on the UNet's path: a miss means the forward pass and the spec disagree
         raise RebasinError(f"REPAIR saw no activations at {missing[0]} ({len(missing)} layers).")

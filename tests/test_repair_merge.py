@@ -117,8 +117,8 @@ def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dic
 def test_cancel_during_repair_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
     seen: list[str] = []
 
-    def cancel() -> bool:
-        return any(m.startswith("REPAIR: statistics of model B") for m in seen)
+    def cancel() -> bool:  # inside a statistics pass, not between two: a full-size pass takes minutes
+        return any(m.startswith("REPAIR: statistics of model B (3/") for m in seen)
 
     out = tmp_path / "out"
     out.mkdir()
@@ -126,4 +126,4 @@ def test_cancel_during_repair_leaves_no_file(models: dict[str, Path], tmp_path: 
         merge_checkpoints(models["a"], models["independent"], out / "o.safetensors", REPAIR,
                           progress=lambda e: seen.append(e.message), cancel=cancel)
     assert list(out.iterdir()) == []
-    assert all(e for e in seen)
+    assert not any(m.startswith("REPAIR: statistics of model B (4/") for m in seen)
