@@ -23,7 +23,7 @@ from . import forward
 from .arch import SD1Config
 from .assignment import row_argmax_certificate, solve
 from .errors import RebasinError
-from .forward import Layers, TensorGetter
+from .forward import Layers, TensorGetter, channels_last
 from .permute import Perms
 from .spec import ArchSpec, Group, Slot, part_of
 
@@ -108,11 +108,7 @@ def needs_forward(spec: ArchSpec, groups: Iterable[Group]) -> tuple[bool, bool]:
 
 
 def check_supported(a: SD1Config, b: SD1Config) -> None:
-    """Activation matching runs both UNets on the same noisy latents: plain 4-channel SD 1.x UNets only."""
-    for label, c in (("A", a), ("B", b)):
-        if c.unet_in_channels != c.unet_out_channels:
-            raise RebasinError(f"Activation matching runs plain SD 1.x UNets; model {label} is {c.variant} "
-                               f"({c.unet_in_channels} input channels). Use matching = weights for it.")
+    forward.check_plain_unets(a, b, "Activation matching", "Use matching = weights for it.")
 
 
 @torch.no_grad()
@@ -142,7 +138,7 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
     def fold(name: str, out: torch.Tensor) -> None:
         if name not in wanted:
             return
-        fa, fb = _flat(held.pop(name)), _flat(out)
+        fa, fb = channels_last(held.pop(name)), channels_last(out)
         if not (torch.isfinite(fa).all() and torch.isfinite(fb).all()):
             raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
                                "cannot be activation matched (use matching = weights).")
@@ -189,10 +185,3 @@ def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.
             forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
             done += 1
         x = inputs.ddim_step(x, eps, t, ts[k + 1] if k + 1 < len(ts) else None, ac)
-
-
-def _flat(out: torch.Tensor) -> torch.Tensor:
-    """A layer output as (samples, channels): conv (N, C, H, W), linear (N, L, C) or (N, C)."""
-    if out.dim() == 4:
-        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return out.reshape(-1, out.shape[-1])

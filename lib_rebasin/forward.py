@@ -18,11 +18,29 @@ import torch
 import torch.nn.functional as F
 
 from .arch import SD1Config
+from .errors import RebasinError
 from .spec import TE, UNET
 
 TensorGetter = Callable[[str], torch.Tensor]
 # An observer may return a tensor to use in place of the layer's output (REPAIR corrects the merge as it runs).
 Observer = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+def channels_last(out: torch.Tensor) -> torch.Tensor:
+    """A layer output as (samples, channels), what per-unit statistics are taken over: conv (N, C, H, W),
+    linear (N, L, C) or (N, C)."""
+    if out.dim() == 4:
+        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    return out.reshape(-1, out.shape[-1])
+
+
+def check_plain_unets(a: SD1Config, b: SD1Config, who: str, instead: str) -> None:
+    """`who` runs both UNets on the same 4-channel latents: plain SD 1.x UNets only (inpainting and
+    instruct-pix2pix inputs have channels no data-free input fills)."""
+    for label, c in (("A", a), ("B", b)):
+        if c.unet_in_channels != c.unet_out_channels:
+            raise RebasinError(f"{who} runs plain SD 1.x UNets; model {label} is {c.variant} "
+                               f"({c.unet_in_channels} input channels). {instead}")
 
 
 class Layers:

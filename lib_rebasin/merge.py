@@ -274,14 +274,17 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     keys = A.ckpt.keys()
     merged_keys = {k for k in keys if k in spec.shapes and part_of(k) in parts and not k.endswith("position_ids")
                    and A.ckpt.infos[k].dtype.is_floating_point}
+    matched_at = 0.80 if opts.aligned else 0.03
+    hash_from = matched_at
     repaired: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if opts.repair:
-        report.stage(0.80 if opts.aligned else 0.03, 0.84 if opts.aligned else 0.13)
+        hash_from = 0.84 if opts.aligned else 0.13
+        report.stage(matched_at, hash_from)
         repaired = _repair(spec, A, B, opts, blend, merged_keys, final_perms, device, report, diag)
 
     # Hash the inputs before writing, so the output file itself is never hashed by mistake.
     write_from = 0.85 if opts.aligned else 0.15
-    report.stage((0.84 if opts.aligned else 0.13) if opts.repair else (0.80 if opts.aligned else 0.03), write_from)
+    report.stage(hash_from, write_from)
     metadata = provenance_metadata(prep, parts, extra_metadata, report)
     baked_record = None
     if baked is not None:

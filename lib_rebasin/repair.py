@@ -32,7 +32,7 @@ from . import activation_inputs as inputs
 from . import forward
 from .arch import SD1Config
 from .errors import RebasinError
-from .forward import Layers, TensorGetter
+from .forward import Layers, TensorGetter, channels_last
 from .spec import UNET, ArchSpec, part_of
 
 EPS = 1e-6
@@ -129,11 +129,7 @@ def sites(spec: ArchSpec) -> list[str]:
 
 
 def check_supported(a: SD1Config, b: SD1Config) -> None:
-    """REPAIR runs both UNets and the merge on the same 4-channel latents: plain SD 1.x UNets only."""
-    for label, c in (("A", a), ("B", b)):
-        if c.unet_in_channels != c.unet_out_channels:
-            raise RebasinError(f"REPAIR runs plain SD 1.x UNets; model {label} is {c.variant} "
-                               f"({c.unet_in_channels} input channels). Merge it without REPAIR.")
+    forward.check_plain_unets(a, b, "REPAIR", "Merge it without REPAIR.")
 
 
 @dataclass(frozen=True)
@@ -191,7 +187,7 @@ def site_stats(c: SD1Config, get: TensorGetter, cal: Calibration, names: list[st
             return None
         if on_site is not None:
             on_site(len(stats), len(wanted))
-        flat = _flat(out)
+        flat = channels_last(out)
         st = stats[name] = Stats(flat.shape[1])
         st.update(flat)
         if not (torch.isfinite(st.sum).all() and torch.isfinite(st.sumsq).all()):
@@ -251,10 +247,3 @@ def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter
         raise RebasinError(f"REPAIR saw no activations at {missing[0]} ({len(missing)} layers).")
     step(1.0, "REPAIR: done")
     return out
-
-
-def _flat(out: torch.Tensor) -> torch.Tensor:
-    """A layer output as (samples, channels): conv (N, C, H, W), linear (N, L, C) or (N, C)."""
-    if out.dim() == 4:
-        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return out.reshape(-1, out.shape[-1])

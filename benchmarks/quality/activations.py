@@ -12,6 +12,7 @@ from collections import defaultdict
 import torch
 
 from lib_rebasin import activation_matching as am
+from lib_rebasin.forward import channels_last
 from lib_rebasin.permute import Perms
 from lib_rebasin.spec import ArchSpec, build_spec
 
@@ -35,13 +36,6 @@ def matching_inputs(n_images: int, seed: int = 5) -> tuple[torch.Tensor, torch.T
         ts.append(tt)
         ys.append(y)
     return torch.cat(xs), torch.cat(ts), torch.cat(ys)
-
-
-def _flat(out: torch.Tensor) -> torch.Tensor:
-    """A layer output as (samples, channels): conv (N, C, H, W), linear (N, L, C) or (N, C)."""
-    if out.dim() == 4:
-        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return out.reshape(-1, out.shape[-1])
 
 
 @torch.no_grad()
@@ -71,7 +65,7 @@ def activation_perms(width: int, ldm_a: dict, ldm_b: dict, n_images: int = 64, b
 
     def update(outs: list[dict]) -> None:
         for where in outs[0]:
-            fa, fb = _flat(outs[0][where]), _flat(outs[1][where])
+            fa, fb = channels_last(outs[0][where]), channels_last(outs[1][where])
             for name, site, off, n, start in wanted[where]:
                 corr[name].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lib_rebasin import repair as core
+from lib_rebasin.forward import channels_last
 
 from .layout import sd_config
 
@@ -55,18 +56,11 @@ def site_names(unet: torch.nn.Module, where: str) -> list[str]:
     raise ValueError(f"unknown REPAIR sites {where!r}; one of {', '.join(SITES)}")
 
 
-def _flat(out: torch.Tensor) -> torch.Tensor:
-    """(samples, channels): conv (N, C, H, W), linear (N, L, C)."""
-    if out.dim() == 4:
-        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return out.reshape(-1, out.shape[-1])
-
-
 ChannelStats = core.Stats
 
 
 def _stats(out: torch.Tensor) -> ChannelStats:
-    f = _flat(out)
+    f = channels_last(out)
     st = core.Stats(f.shape[1])
     st.update(f)
     return st
