@@ -5,7 +5,8 @@ best, one assignment per permutation group, under the group's legal (GroupNorm) 
 matching, groups do not depend on each other (both models run unpermuted), so there is no coordinate ascent.
 
 A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
-(conv/linear weights, axis 0). `activation_matching` runs both models on the same inputs with the core's own
+(conv/linear weights, axis 0); where such a layer adds into a residual stream, its site is the stream after the
+addition. `activation_matching` runs both models on the same inputs with the core's own
 forward pass (`forward.py`, inputs from `activation_inputs.py`), takes each site's channel window (`Slot.offset`,
 `Slot.length`) and feeds it, batch by batch, to `Correlation` with the units it carries (`Slot.start`: an attention
 group's q/k sites carry its first half, its v sites the second). The permutation it returns is applied with
@@ -145,8 +146,12 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
         for group, site, off, n, start in wanted[name]:
             corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
-    layers_a = Layers(get_a, hold, device)
-    layers_b = Layers(get_b, fold, device)
+    # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the
+    # benchmark's width-64 and width-96 pairs, matching stream sums instead of the writers' own outputs lowered
+    # the barrier by a fifth to a quarter (width 96, 400 steps: 0.72 -> 0.58 of the weighted sum's; width 32 is
+    # mixed; benchmarks/quality/RESULTS.md).
+    layers_a = Layers(get_a, hold, device, streams=True)
+    layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)
     ids = inputs.prompts(c, samples, gen).to(device)
     steps = len(inputs.TIMESTEPS) * samples if need_unet else 0

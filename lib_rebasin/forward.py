@@ -3,7 +3,10 @@
 Plain torch over a tensor getter, so a checkpoint is never loaded whole: each layer reads its weights when it runs
 (from the page cache, or from a blend of models) and widens them to fp32. Every convolution and linear layer
 reports its output to `observe(layer, output)`, `layer` being its checkpoint key without `.weight`; those are the
-activation sites of `activation_matching` (a group's units are a window of such an output's channels).
+activation sites of `activation_matching` (a group's units are a window of such an output's channels). A layer that
+writes into a residual stream (`residual=`) reports either its own output (REPAIR corrects what each writer adds)
+or, with `Layers(streams=True)`, the stream after its addition (activation matching: the sum is what the stream's
+permutation acts on, and it carries everything upstream wrote, where one branch's output is a weak signal).
 
 Written from the LDM reference implementation (openaimodel.py, attention.py) and CLIP; the tests check it equals
 diffusers' UNet2DConditionModel and transformers' CLIPTextModel.
@@ -47,10 +50,11 @@ class Layers:
     """The layer primitives over one model's weights; `observe` sees each conv/linear output."""
 
     def __init__(self, get: TensorGetter, observe: Observer | None = None,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), streams: bool = False) -> None:
         self.get = get
         self.observe = observe
         self.device = device
+        self.streams = streams
 
     def w(self, key: str) -> torch.Tensor:
         return self.get(key).to(self.device, torch.float32)
@@ -62,12 +66,24 @@ class Layers:
                 return replaced
         return out
 
-    def linear(self, name: str, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        return self._seen(name, F.linear(x, self.w(f"{name}.weight"), self.w(f"{name}.bias") if bias else None))
+    def _written(self, name: str, out: torch.Tensor, residual: torch.Tensor | None, partial: bool) -> torch.Tensor:
+        """`out` (plus `residual`, the stream it adds to), observed as the writer's output or the stream's sum.
+        A `partial` writer (a ResBlock's skip convolution) is one term of a sum another layer reports: in streams
+        mode it is not observed on its own."""
+        if residual is None:
+            return out if partial and self.streams else self._seen(name, out)
+        return self._seen(name, residual + out) if self.streams else residual + self._seen(name, out)
 
-    def conv(self, name: str, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    def linear(self, name: str, x: torch.Tensor, bias: bool = True,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, self.w(f"{name}.weight"), self.w(f"{name}.bias") if bias else None)
+        return self._written(name, out, residual, False)
+
+    def conv(self, name: str, x: torch.Tensor, stride: int = 1, residual: torch.Tensor | None = None,
+             partial: bool = False) -> torch.Tensor:
         w = self.w(f"{name}.weight")
-        return self._seen(name, F.conv2d(x, w, self.w(f"{name}.bias"), stride=stride, padding=w.shape[-1] // 2))
+        out = F.conv2d(x, w, self.w(f"{name}.bias"), stride=stride, padding=w.shape[-1] // 2)
+        return self._written(name, out, residual, partial)
 
     def group_norm(self, name: str, x: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
         return F.group_norm(x, groups, self.w(f"{name}.weight"), self.w(f"{name}.bias"), eps)
@@ -76,7 +92,7 @@ class Layers:
         return F.layer_norm(x, x.shape[-1:], self.w(f"{name}.weight"), self.w(f"{name}.bias"), 1e-5)
 
     def attention(self, p: str, x: torch.Tensor, context: torch.Tensor, heads: int, names: tuple[str, ...],
-                  bias: bool, causal: bool = False) -> torch.Tensor:
+                  bias: bool, causal: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v, o = (f"{p}.{n}" for n in names)
         b, n, width = x.shape
 
@@ -85,7 +101,7 @@ class Layers:
 
         out = F.scaled_dot_product_attention(split(self.linear(q, x, bias)), split(self.linear(k, context, bias)),
                                              split(self.linear(v, context, bias)), is_causal=causal)
-        return self.linear(o, out.transpose(1, 2).reshape(b, n, width))
+        return self.linear(o, out.transpose(1, 2).reshape(b, n, width), residual=residual)
 
 
 # -- CLIP-L text encoder ---------------------------------------------------------------------------------------
@@ -97,10 +113,10 @@ def text_encoder(c: SD1Config, L: Layers, ids: torch.Tensor) -> torch.Tensor:
     for i in range(c.te_layers):
         p = f"{TE}encoder.layers.{i}"
         h = L.layer_norm(f"{p}.layer_norm1", x)
-        x = x + L.attention(f"{p}.self_attn", h, h, c.te_heads, ("q_proj", "k_proj", "v_proj", "out_proj"),
-                            bias=True, causal=True)
+        x = L.attention(f"{p}.self_attn", h, h, c.te_heads, ("q_proj", "k_proj", "v_proj", "out_proj"),
+                        bias=True, causal=True, residual=x)
         h = L.linear(f"{p}.mlp.fc1", L.layer_norm(f"{p}.layer_norm2", x))
-        x = x + L.linear(f"{p}.mlp.fc2", h * torch.sigmoid(1.702 * h))  # quick_gelu
+        x = L.linear(f"{p}.mlp.fc2", h * torch.sigmoid(1.702 * h), residual=x)  # quick_gelu
     return L.layer_norm(f"{TE}final_layer_norm", x)
 
 
@@ -116,10 +132,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 def _resblock(c: SD1Config, L: Layers, p: str, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     h = L.conv(f"{p}.in_layers.2", F.silu(L.group_norm(f"{p}.in_layers.0", x, c.gn_groups)))
     h = h + L.linear(f"{p}.emb_layers.1", F.silu(emb))[:, :, None, None]
-    h = L.conv(f"{p}.out_layers.3", F.silu(L.group_norm(f"{p}.out_layers.0", h, c.gn_groups)))
     # A ResBlock has a 1x1 skip convolution exactly when it changes the channel count (the spec's rule too).
-    skip = L.conv(f"{p}.skip_connection", x) if x.shape[1] != h.shape[1] else x
-    return skip + h
+    skip = L.conv(f"{p}.skip_connection", x, partial=True) if x.shape[1] != h.shape[1] else x
+    return L.conv(f"{p}.out_layers.3", F.silu(L.group_norm(f"{p}.out_layers.0", h, c.gn_groups)), residual=skip)
 
 
 def _transformer(c: SD1Config, L: Layers, p: str, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -129,12 +144,13 @@ def _transformer(c: SD1Config, L: Layers, p: str, x: torch.Tensor, context: torc
     t = f"{p}.transformer_blocks.0"
     names = ("to_q", "to_k", "to_v", "to_out.0")
     n1 = L.layer_norm(f"{t}.norm1", h)
-    h = h + L.attention(f"{t}.attn1", n1, n1, c.unet_heads, names, bias=False)
-    h = h + L.attention(f"{t}.attn2", L.layer_norm(f"{t}.norm2", h), context, c.unet_heads, names, bias=False)
+    h = L.attention(f"{t}.attn1", n1, n1, c.unet_heads, names, bias=False, residual=h)
+    h = L.attention(f"{t}.attn2", L.layer_norm(f"{t}.norm2", h), context, c.unet_heads, names, bias=False,
+                    residual=h)
     value, gate = L.linear(f"{t}.ff.net.0.proj", L.layer_norm(f"{t}.norm3", h)).chunk(2, dim=-1)
-    h = h + L.linear(f"{t}.ff.net.2", value * F.gelu(gate))  # GEGLU
+    h = L.linear(f"{t}.ff.net.2", value * F.gelu(gate), residual=h)  # GEGLU
     h = h.reshape(b, hh, ww, ch).permute(0, 3, 1, 2)
-    return L.conv(f"{p}.proj_out", h) + x
+    return L.conv(f"{p}.proj_out", h, residual=x)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from lib_rebasin import activation_matching as am
 from lib_rebasin import forward
 from lib_rebasin.arch import MINI
-from lib_rebasin.spec import build_spec
+from lib_rebasin.spec import TE, UNET, build_spec
 from lib_rebasin.synthetic import synthetic_tensor
 
 from reference import Reference, make_inputs, rel_max_error
@@ -65,3 +65,44 @@ def test_every_activation_site_is_observed(mini) -> None:
             layer = s.key.removesuffix(".weight")
             assert layer in seen, (g.name, layer)
             assert seen[layer] == spec.shapes[s.key][0]
+
+
+def test_streams_mode_observes_each_residual_sum(mini) -> None:
+    """With streams=True a layer that adds into a residual stream reports the stream after its addition (what
+    activation matching correlates), a ResBlock's skip convolution is not reported on its own (its sum is), every
+    other layer reports the same output, and the model computes exactly the same thing."""
+    spec, sd, _ = mini
+    x = make_inputs(MINI, latent_size=8)
+
+    def run(streams: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        outs: dict[str, torch.Tensor] = {}
+        layers = forward.Layers(sd.__getitem__, lambda name, out: outs.__setitem__(name, out.clone()), streams=streams)
+        eps = forward.unet(MINI, layers, x.latent, x.t, forward.text_encoder(MINI, layers, x.ids))
+        return outs, eps
+
+    writers, eps_w = run(False)
+    streams, eps_s = run(True)
+    assert torch.equal(eps_w, eps_s)
+    unet, te = UNET, f"{TE}encoder.layers."
+    block = f"{unet}input_blocks.1"              # ResBlock without a skip convolution, then a transformer
+    # A plain ResBlock adds its second convolution to its input: input blocks 0 (conv_in) -> 1.
+    assert torch.allclose(streams[f"{block}.0.out_layers.3"],
+                          writers[f"{block}.0.out_layers.3"] + writers[f"{unet}input_blocks.0.0"], atol=1e-6)
+    t = f"{block}.1.transformer_blocks.0"
+    # The transformer's own stream: attn1's output projection adds to proj_in's tokens.
+    tokens = writers[f"{block}.1.proj_in"]
+    tokens = tokens.permute(0, 2, 3, 1).reshape(tokens.shape[0], -1, tokens.shape[1])
+    assert torch.allclose(streams[f"{t}.attn1.to_out.0"], writers[f"{t}.attn1.to_out.0"] + tokens, atol=1e-6)
+    # Skip convolutions are one term of their block's sum: only the sum is reported.
+    skips = [k for k in writers if k.endswith(".skip_connection")]
+    assert skips and not any(k in streams for k in skips)
+    for k in skips:
+        p = k.removesuffix(".skip_connection")
+        assert torch.allclose(streams[f"{p}.out_layers.3"], writers[f"{p}.out_layers.3"] + writers[k], atol=1e-5)
+    # The text encoder's streams: layer 1's attention output adds to layer 0's stream after its MLP.
+    assert torch.allclose(streams[f"{te}1.self_attn.out_proj"], writers[f"{te}1.self_attn.out_proj"]
+                          + streams[f"{te}0.mlp.fc2"], atol=1e-5)
+    # Layers that write no stream (q/k/v, convolutions inside a ResBlock, conv_in) report the same outputs.
+    for k in (f"{block}.0.in_layers.2", f"{t}.attn1.to_q", f"{unet}input_blocks.0.0", f"{te}0.mlp.fc1"):
+        assert torch.equal(streams[k], writers[k]), k
+    assert set(streams) == set(writers) - set(skips)
