@@ -47,3 +47,15 @@ def test_quick_benchmark_controls(tmp_path: Path) -> None:
         assert (tmp_path / "out" / png).stat().st_size > 1000
     # Trained models are cached: nothing is left half-written.
     assert not list((tmp_path / "data").rglob("*.tmp"))
+
+    # Each method's result is cached on its own: with the section's file gone (as when another method's
+    # revision changes its key), a rerun measures the parents again but reuses both methods' results unchanged.
+    for f in (tmp_path / "data" / "sections").glob("independent-*.json"):
+        f.unlink()
+    again = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--data", str(tmp_path / "data"),
+                            "--out", str(tmp_path / "again"), "--sections", "independent", "--no-train"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing its result") == 2, again.stdout[-3000:]
+    rerun = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert rerun["families"]["independent"]["methods"] == results["families"]["independent"]["methods"]

@@ -23,6 +23,13 @@ class Method:
     needs_base: bool = False
     # "activations": B is first aligned to A by activation matching (activations.py), then merged as above.
     align: str | None = None
+    # Bump when the core code this method runs changes its result: its cached measurements are redone, every
+    # other method's are reused (run.SectionCache keys each method's results by `ident`).
+    revision: int = 1
+
+    @property
+    def ident(self) -> list:
+        return [self.label, self.method, self.options, self.align, self.revision]
 
     @property
     def slug(self) -> str:
@@ -32,13 +39,17 @@ class Method:
 WEIGHTED_SUM = Method("weighted sum", "weighted_sum")
 REBASIN = Method("re-basin", "rebasin")
 REBASIN_EXACT = Method("re-basin, tolerance 0", "rebasin", {"tolerance": 0.0})
-ACTIVATIONS = Method("activation matching", "rebasin", {"matching": "activations", "activation_samples": 16})
+# Revision 2: activation matching correlates residual streams after each writer's addition (forward.Layers'
+# streams mode), no longer each writer's own output.
+ACTIVATIONS = Method("activation matching", "rebasin", {"matching": "activations", "activation_samples": 16},
+                     revision=2)
 ACTIVATIONS_THEN_WEIGHTS = Method("activation matching, then re-basin", "rebasin", align="activations")
 # The core's REPAIR option on top of each two-model method; its statistics come from the same 16 data-free
 # prompts activation matching uses (options.py: REPAIR and activation matching share `activation_samples`).
 WEIGHTED_SUM_REPAIR = Method("weighted sum + REPAIR", "weighted_sum", {"repair": True, "activation_samples": 16})
 REBASIN_REPAIR = Method("re-basin + REPAIR", "rebasin", {"repair": True, "activation_samples": 16})
-ACTIVATIONS_REPAIR = Method("activation matching + REPAIR", "rebasin", {**ACTIVATIONS.options, "repair": True})
+ACTIVATIONS_REPAIR = Method("activation matching + REPAIR", "rebasin", {**ACTIVATIONS.options, "repair": True},
+                            revision=ACTIVATIONS.revision)
 
 METHOD_LIST: tuple[Method, ...] = (
     WEIGHTED_SUM,

@@ -56,7 +56,9 @@ def grid(images: torch.Tensor, labels: torch.Tensor) -> list[list[list[float]]]:
 
 def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, methods: list[Method],
                    alphas: tuple[float, ...], es: EvalSet, per_class: int, work: Path, log,
-                   match_images: int = 64) -> dict:
+                   match_images: int = 64, cache: "SectionCache | None" = None, part: str = "") -> dict:
+    """The parents, then each method's curve over alpha (and skills at 0.5), a method's result reused from
+    `cache` (under `part`, the section's name) when that method was measured before."""
     family = {"parents": {"A": _parent(width, a, es, per_class), "B": _parent(width, b, es, per_class)},
               "methods": {}}
     if base is not None:
@@ -64,7 +66,11 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
     for m in methods:
         if m.needs_base and base is None:
             continue
-        row: dict = {"curve": {}, "merge_seconds": {}}
+        if cache is not None and (row := cache.method_get(part, m)) is not None:
+            log(f"  {m.label}: reusing its result (barrier {row['barrier']:+.4f})")
+            family["methods"][m.label] = row
+            continue
+        row = {"curve": {}, "merge_seconds": {}}
         for alpha in alphas:
             merged = merge(single_file(a), single_file(b), m, alpha, work, single_file(base) if base else None,
                            match_images)
@@ -83,6 +89,8 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
         row["barrier"] = c["0.5"] - (c["0.0"] + c["1.0"]) / 2
         log(f"  {m.label}: loss at 0.5 {c['0.5']:.4f}, barrier {row['barrier']:+.4f}")
         family["methods"][m.label] = row
+        if cache is not None:
+            cache.method_put(part, m, row)
     return family
 
 
@@ -130,14 +138,16 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
                    "distance_a": a.record["distance"], "distance_b": b.record["distance"], "barrier": {},
                    "loss": {}, "merge_seconds": {}}
             for m in have:
-                merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=MATCH_IMAGES[p.name])
-                loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
-                row["loss"][m.label] = loss
-                row["barrier"][m.label] = loss - (la + lb) / 2
-                row["merge_seconds"][m.label] = merged.seconds
-                if merged.moved:
-                    row.setdefault("units_moved", {})[m.label] = merged.moved
-                    row.setdefault("similarity", {})[m.label] = merged.similarity
+                if (one := cache.method_get(row_name, m)) is None:
+                    merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=MATCH_IMAGES[p.name])
+                    loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
+                    one = {"loss": loss, "barrier": loss - (la + lb) / 2, "merge_seconds": merged.seconds}
+                    if merged.moved:
+                        one.update(units_moved=merged.moved, similarity=merged.similarity)
+                    cache.method_put(row_name, m, one)
+                for field in ("loss", "barrier", "merge_seconds", "units_moved", "similarity"):
+                    if field in one:
+                        row.setdefault(field, {})[m.label] = one[field]
             ws = row["barrier"][have[0].label]
             row["ratio"] = {m.label: row["barrier"][m.label] / ws for m in have[1:]} if ws > 0 else {}
             log(f"  w{width} {steps} steps: barrier " + ", ".join(f"{k} {v:+.4f}" for k, v in row["barrier"].items()))
@@ -166,10 +176,9 @@ class SectionCache:
         # (those only key the sweep's rows, which are also named by their models' keys).
         profile = {k: v for k, v in asdict(p).items() if k not in ("widths", "independent_steps", "milestones")}
         profile["skill_steps"] = p.independent_steps.get(p.skill_width)
-        ident = {"profile": profile, "methods": [[m.label, m.method, m.options, m.align] for m in methods],
-                 "sweep_methods": [[m.label, m.method, m.options, m.align] for m in SWEEP_METHODS],
-                 "version": RESULTS_VERSION}
-        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.base = {"profile": profile, "version": RESULTS_VERSION}
+        ident = {**self.base, "methods": [m.ident for m in methods], "sweep_methods": [m.ident for m in SWEEP_METHODS]}
+        self.key = _digest(ident)
         sweep = {"base": self.key, "lr": LR_BY_WIDTH, "extra": SWEEP_EXTRA_STEPS}
         self.sweep_key = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -177,13 +186,36 @@ class SectionCache:
         return self.dir / f"{name}-{self.sweep_key if name == 'sweep' else self.key}.json"
 
     def get(self, name: str) -> dict | None:
-        f = self.path(name)
-        return json.loads(f.read_text()) if f.exists() else None
+        return _read(self.path(name))
 
     def put(self, name: str, value: dict) -> None:
-        tmp = self.path(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, self.path(name))
+        _write(self.path(name), value)
+
+    # One method's result in one section or sweep row, keyed by the method's own ident: when a method's revision
+    # changes, a section is re-measured for that method only.
+    def method_path(self, part: str, m: Method) -> Path:
+        return self.dir / "methods" / f"{part}-{m.slug}-{_digest({**self.base, 'method': m.ident})}.json"
+
+    def method_get(self, part: str, m: Method) -> dict | None:
+        return _read(self.method_path(part, m))
+
+    def method_put(self, part: str, m: Method, value: dict) -> None:
+        _write(self.method_path(part, m), value)
+
+
+def _digest(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _read(f: Path) -> dict | None:
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _write(f: Path, value: dict) -> None:
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, f)
 
 
 def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train: bool = True, log=print) -> dict:
@@ -218,12 +250,12 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
     def independent_family() -> dict:
         a, b = independent()
         return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log,
-                                            MATCH_IMAGES[p.name])}
+                                            MATCH_IMAGES[p.name], cache, "independent")}
 
     def same_base_family_() -> dict:
         base, low, high = same_base()
         return {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es, p.samples_per_class,
-                                             work, log, MATCH_IMAGES[p.name])}
+                                             work, log, MATCH_IMAGES[p.name], cache, "same_base")}
 
     compute = {"controls": controls, "independent": independent_family, "same_base": same_base_family_,
                "sweep": lambda: {"rows": sweep(p, root, es, work, log, cache, may_train),
