@@ -37,8 +37,9 @@ class Profile:
 # classes. On a GPU, raise the steps: the cache keeps what exists.
 # The width-64 pair trains 800 steps (1.5-2.1 s a step): at 1e-3 both of its models diverged between steps 900
 # and 1,050 of a 1,600-step run (train loss 0.045-0.05 -> 1.0, measured 2026-12-01), so 800 is its longest stable
-# state; its loss had flattened (0.054 at 500, 0.048-0.051 at 800). Width 96 (5e-4, 4 s a step) trains 400.
-FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 1600, 64: 800, 96: 400},
+# state; its loss had flattened (0.054 at 500, 0.048-0.051 at 800). Width 96 (5e-4, 3.8 s a step with both
+# models training at once) trains 800 (train loss 0.048 / 0.049 at 800, from 0.057 at 400).
+FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 1600, 64: 800, 96: 800},
                milestones=(200, 400, 800), base_steps=1600, finetune_steps=400, skill_width=32,
                samples_per_class=20, eval_images=64)
 QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milestones=(), base_steps=16,
