@@ -69,19 +69,30 @@ def _plots(results: dict, out: Path) -> list[str]:
             files.append(name)
 
     if results["sweep"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        # One panel per width, one colour per method in every panel (the legend is shared): with a line per
+        # (method, width) in one axes the colours repeat and the trend of a method cannot be followed.
+        widths = sorted({r["width"] for r in results["sweep"]})
         labels = sorted({m for r in results["sweep"] for m in r["ratio"]})
-        for width in sorted({r["width"] for r in results["sweep"]}):
-            rs = [r for r in results["sweep"] if r["width"] == width]
+        colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
+        fig, axes = plt.subplots(1, len(widths), figsize=(3.2 * len(widths) + 2.6, 3.6), sharey=True,
+                                 squeeze=False)
+        for ax, width in zip(axes[0], widths):
+            rs = sorted((r for r in results["sweep"] if r["width"] == width), key=lambda r: r["steps"])
             for m in labels:
                 pts = [(r["steps"], r["ratio"][m]) for r in rs if m in r["ratio"]]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{m}, width {width}")
-        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="target 0.5")
-        ax.set_xlabel("training steps")
-        ax.set_ylabel("barrier ratio (method / weighted sum) at alpha 0.5")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+                    ax.plot(*zip(*pts), marker="o", color=colours[m], label=m)
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="target 0.5")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([r["steps"] for r in rs], [str(r["steps"]) for r in rs])
+            ax.minorticks_off()
+            ax.set_title(f"width {width}", fontsize=9)
+            ax.set_xlabel("training steps", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0][0].set_ylabel("barrier ratio (method / weighted sum)\nat alpha 0.5", fontsize=8)
+        handles, names = axes[0][-1].get_legend_handles_labels()
+        fig.legend(handles, names, fontsize=7, loc="center right")
+        fig.tight_layout(rect=(0, 0, 1 - 2.5 / (3.2 * len(widths) + 2.6), 1))
         fig.savefig(out / "ratio.png", dpi=110)
         plt.close(fig)
         files.append("ratio.png")
