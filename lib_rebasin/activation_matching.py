@@ -148,8 +148,8 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
 
     # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the
     # benchmark's width-64 and width-96 pairs, matching stream sums instead of the writers' own outputs lowered
-    # the barrier by a fifth to a quarter (width 96, 400 steps: 0.72 -> 0.58 of the weighted sum's; width 32 is
-    # mixed; benchmarks/quality/RESULTS.md).
+    # the barrier at every training length, by about a fifth once trained (width 64, 800 steps: 0.67 -> 0.52 of
+    # the weighted sum's; width 96, 400 steps: 0.72 -> 0.58); width 32 is mixed (benchmarks/quality/RESULTS.md).
     layers_a = Layers(get_a, hold, device, streams=True)
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)

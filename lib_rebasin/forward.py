@@ -47,7 +47,8 @@ def check_plain_unets(a: SD1Config, b: SD1Config, who: str, instead: str) -> Non
 
 
 class Layers:
-    """The layer primitives over one model's weights; `observe` sees each conv/linear output."""
+    """The layer primitives over one model's weights; `observe` sees each conv/linear output (with
+    streams=True, a residual writer's stream after its addition instead)."""
 
     def __init__(self, get: TensorGetter, observe: Observer | None = None,
                  device: torch.device = torch.device("cpu"), streams: bool = False) -> None:
