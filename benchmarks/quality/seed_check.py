@@ -1,0 +1,66 @@
+"""Does a sweep result hold on another seed pair? Trains (or reuses, from the benchmark's model cache) an
+independent pair with other init and data seeds at one width and length, then measures each method's barrier at
+alpha 0.5 and its ratio to the weighted sum's, as the sweep does (every merge through `merging.merge`).
+
+    python -m benchmarks.quality.seed_check --data bench_data/quality --width 64 --steps 400 --seeds 3 4
+
+The benchmark's own pair uses init seeds 1 / 2 and data seeds 101 / 102 (`families.independent_pair`); here
+seed s trains with init s and data 100 + s, at the width's learning rate and the full profile's batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .evaluate import Model, eval_set, heldout_loss
+from .export import single_file
+from .families import FULL, MATCH_IMAGES, independent_pair
+from .merging import merge
+from .methods import SWEEP_METHODS
+from .train import load_ldm, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("bench_data/quality"))
+    ap.add_argument("--width", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seeds", type=int, nargs=2, default=[3, 4])
+    ap.add_argument("--methods", nargs="+", default=[m.label for m in SWEEP_METHODS],
+                    help="method labels (methods.py); the weighted sum is always measured first")
+    ap.add_argument("--train-only", action="store_true", help="train (or check) the pair, measure nothing")
+    ap.add_argument("--out", type=Path, help="write the numbers as JSON")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    template = independent_pair(FULL, args.width, args.steps)[0]
+    cfgs = [replace(template, init_seed=s, data_seed=100 + s) for s in args.seeds]
+    pair = [train(args.data, cfg, log=lambda s: print(s, flush=True))[args.steps] for cfg in cfgs]
+    if args.train_only:
+        return 0
+    es = eval_set(FULL.eval_images)
+    parents = [heldout_loss(Model(args.width, load_ldm(t)), es)["mean"] for t in pair]
+    mid = sum(parents) / 2
+    by_label = {m.label: m for m in SWEEP_METHODS}
+    labels = [SWEEP_METHODS[0].label] + [lab for lab in args.methods if lab != SWEEP_METHODS[0].label]
+    out = {"width": args.width, "steps": args.steps, "seeds": args.seeds, "parents": parents, "barrier": {},
+           "ratio": {}}
+    work = args.data / "work"
+    for label in labels:
+        merged = merge(single_file(pair[0]), single_file(pair[1]), by_label[label], 0.5, work,
+                       match_images=MATCH_IMAGES["full"])
+        out["barrier"][label] = heldout_loss(Model(args.width, merged.ldm), es)["mean"] - mid
+        out["ratio"][label] = out["barrier"][label] / out["barrier"][labels[0]]
+        print(f"w{args.width} {args.steps} steps, seeds {args.seeds}: {label} barrier {out['barrier'][label]:+.4f}"
+              f" ratio {out['ratio'][label]:.3f}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
