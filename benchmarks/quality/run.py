@@ -94,6 +94,18 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
     return family
 
 
+def at_half(width: int, a: Trained, b: Trained, m: Method, parents_mean: float, es: EvalSet, work: Path,
+            match_images: int) -> dict:
+    """One method's merge of an independent pair at alpha 0.5: held-out loss, barrier over the parents' mean
+    loss, merge time, and (for an aligning method) how much it moved."""
+    merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=match_images)
+    loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
+    one = {"loss": loss, "barrier": loss - parents_mean, "merge_seconds": merged.seconds}
+    if merged.moved:
+        one.update(units_moved=merged.moved, similarity=merged.similarity)
+    return one
+
+
 class NotTrained(Exception):
     pass
 
@@ -139,11 +151,7 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
                    "loss": {}, "merge_seconds": {}}
             for m in have:
                 if (one := cache.method_get(row_name, m)) is None:
-                    merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=MATCH_IMAGES[p.name])
-                    loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
-                    one = {"loss": loss, "barrier": loss - (la + lb) / 2, "merge_seconds": merged.seconds}
-                    if merged.moved:
-                        one.update(units_moved=merged.moved, similarity=merged.similarity)
+                    one = at_half(width, a, b, m, (la + lb) / 2, es, work, MATCH_IMAGES[p.name])
                     cache.method_put(row_name, m, one)
                 for field in ("loss", "barrier", "merge_seconds", "units_moved", "similarity"):
                     if field in one:

@@ -1,6 +1,7 @@
 """Does a sweep result hold on another seed pair? Trains (or reuses, from the benchmark's model cache) an
 independent pair with other init and data seeds at one width and length, then measures each method's barrier at
-alpha 0.5 and its ratio to the weighted sum's, as the sweep does (every merge through `merging.merge`).
+alpha 0.5 and its ratio to the weighted sum's with the sweep's own measurement (`run.at_half`: every merge
+through `merging.merge`).
 
     python -m benchmarks.quality.seed_check --data bench_data/quality --width 64 --steps 400 --seeds 3 4
 
@@ -17,10 +18,9 @@ from pathlib import Path
 import torch
 
 from .evaluate import Model, eval_set, heldout_loss
-from .export import single_file
 from .families import FULL, MATCH_IMAGES, independent_pair
-from .merging import merge
 from .methods import SWEEP_METHODS
+from .run import at_half
 from .train import load_ldm, train
 
 
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
            "ratio": {}}
     work = args.data / "work"
     for label in labels:
-        merged = merge(single_file(pair[0]), single_file(pair[1]), by_label[label], 0.5, work,
-                       match_images=MATCH_IMAGES["full"])
-        out["barrier"][label] = heldout_loss(Model(args.width, merged.ldm), es)["mean"] - mid
+        out["barrier"][label] = at_half(args.width, *pair, by_label[label], mid, es, work,
+                                        MATCH_IMAGES["full"])["barrier"]
         out["ratio"][label] = out["barrier"][label] / out["barrier"][labels[0]]
         print(f"w{args.width} {args.steps} steps, seeds {args.seeds}: {label} barrier {out['barrier'][label]:+.4f}"
               f" ratio {out['ratio'][label]:.3f}", flush=True)
