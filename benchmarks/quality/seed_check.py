@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import Model, eval_set, heldout_loss
-from .families import FULL, MATCH_IMAGES, independent_pair
+from .families import FULL, MATCH_IMAGES, SWEEP_EXTRA_STEPS, independent_pair
 from .methods import SWEEP_METHODS
 from .run import at_half
 from .train import load_ldm, train
@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfgs = independent_pair(FULL, args.width, args.steps, tuple(args.seeds))
-    pair = [train(args.data, cfg, log=lambda s: print(s, flush=True))[args.steps] for cfg in cfgs]
+    # The sweep's shorter states are saved on the way (so other lengths of this pair cost no training), and a
+    # longer run resumes from the longest one trained before.
+    earlier = tuple(s for s in (*FULL.milestones, *SWEEP_EXTRA_STEPS.get(args.width, ())) if s < args.steps)
+    pair = [train(args.data, cfg, earlier, log=lambda s: print(s, flush=True))[args.steps] for cfg in cfgs]
     if args.train_only:
         return 0
     es = eval_set(FULL.eval_images)
