@@ -57,7 +57,10 @@ class Diagnostics:
     def summary_lines(self) -> list[str]:
         iterated = self.method in ("rebasin", "legacy") and self.iterations > 1
         own = ", ".join(f"{k} {v:g}" for k, v in self.params.items())
-        lines = [f"Method: {METHODS[self.method].label}" + (f" ({own})" if own else "") + f", alpha {self.alpha:g}"
+        label = METHODS[self.method].label
+        if self.method == "rebasin" and self.matching == "activations":
+            label = "Re-basin (activation matching)"
+        lines = [f"Method: {label}" + (f" ({own})" if own else "") + f", alpha {self.alpha:g}"
                  + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
         if self.blocks is not None:
@@ -79,6 +82,14 @@ class Diagnostics:
                     gain = (f"; similarity to A {cos[0]:.4f} -> {cos[1]:.4f} "
                             f"(objective {'+' if o[1] >= o[0] else ''}{rel:.2f}%)")
                 lines.append(f"{PART_NAMES[part]}: {m:,} of {n:,} units moved ({100 * m / max(n, 1):.1f}%){gain}.")
+                if self.matching == "activations" and cos is not None and cos[1] < cos[0]:
+                    # On independently trained pairs activation matching's permutation also raises the weights'
+                    # similarity (benchmark, width 32: 0.448 -> 0.467); on fine-tunes of one base it lowered it
+                    # (0.948 -> 0.656) and its merge was worse than the weighted sum, which weight matching equals.
+                    lines.append(f"Warning: activation matching made B's {PART_NAMES[part]} less like A's in weight "
+                                 f"space than leaving it unpermuted ({cos[0]:.4f} -> {cos[1]:.4f}): these look like "
+                                 "fine-tunes of one base, which weight matching (the default) keeps aligned; on such "
+                                 "models activation matching merged worse than a weighted sum.")
             if self.matching == "activations":
                 lines.append(f"Activation matching: UNet and text encoder units paired by the correlation of their "
                              f"activations on {self.activation_samples} seeded prompt(s) along A's DDIM trajectory "

@@ -116,3 +116,22 @@ def test_iterations_rematch_by_activations_at_every_step(models: dict[str, Path]
     res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
                             replace(ACT, iterations=3, parts=("te",)))
     assert res.diagnostics.match_steps == 3 and res.diagnostics.closed_form_steps == 0
+
+
+@pytest.mark.parametrize("matching, after, warned", [("activations", 0.66, True), ("activations", 0.97, False),
+                                                      ("weights", 0.66, False)])
+def test_activation_matching_that_pulls_fine_tunes_apart_is_flagged(matching: str, after: float,
+                                                                     warned: bool) -> None:
+    """A permutation found by activations that leaves B's weights less like A's than no permutation (what it did
+    to the benchmark's fine-tunes of one base) is called out; weight matching never lowers the similarity."""
+    from lib_rebasin.diagnostics import Diagnostics
+
+    d = Diagnostics("rebasin", 0.5, 1, ["unet"], matched=True, matching=matching, activation_samples=16,
+                    moved={"unet": [7954, 15328]}, objective={"unet": [0.948, after, 1.0, 1.0]})
+    lines = d.summary_lines()
+    assert lines[0].startswith("Method: Re-basin (activation matching)" if matching == "activations"
+                               else "Method: Re-basin (weight matching)")
+    flagged = [line for line in lines if line.startswith("Warning: activation matching made B's UNet less like")]
+    assert bool(flagged) == warned, lines
+    if warned:
+        assert "0.9480 -> 0.6600" in flagged[0] and "weight matching (the default)" in flagged[0]
