@@ -116,7 +116,24 @@ def check_supported(a: SD1Config, b: SD1Config) -> None:
 def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                         samples: int, seed: int, device: torch.device = torch.device("cpu"),
                         progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> Perms:
-    """Permutations of B onto A from their activations on the same inputs (`activation_inputs`).
+    """Permutations of B onto A from their activations on the same inputs (`activation_inputs`)."""
+    groups = [g for g in groups if sites(spec, g)]
+    corr = correlations(spec, groups, get_a, get_b, samples=samples, seed=seed, device=device, progress=progress,
+                        latent_size=latent_size)
+
+    def on_group(i: int, n: int, name: str) -> None:
+        if progress is not None:
+            progress(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+
+    return match(groups, corr, on_group)
+
+
+@torch.no_grad()
+def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+                 samples: int, seed: int, device: torch.device = torch.device("cpu"),
+                 progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> dict[str, Correlation]:
+    """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the
+    quality benchmark's `where` reads them to show how well units correspond).
 
     Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one
     micro-batch (one prompt with its empty prompt) are held until B's same layer has run; B's are folded into the
@@ -163,12 +180,7 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
     if need_unet:
         _denoise(c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
                  progress, steps + 1)
-
-    def on_group(i: int, n: int, name: str) -> None:
-        if progress is not None:
-            progress(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
-
-    return match(groups, corr, on_group)
+    return corr
 
 
 def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
