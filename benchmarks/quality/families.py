@@ -38,8 +38,9 @@ class Profile:
 # The width-64 pair trains 800 steps (1.5-2.1 s a step): at 1e-3 both of its models diverged between steps 900
 # and 1,050 of a 1,600-step run (train loss 0.045-0.05 -> 1.0, measured 2026-12-01), so 800 is its longest stable
 # state; its loss had flattened (0.054 at 500, 0.048-0.051 at 800). Width 96 (5e-4, 3.8 s a step with both
-# models training at once) trains 800 (train loss 0.048 / 0.049 at 800, from 0.057 at 400).
-FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 1600, 64: 800, 96: 800},
+# models training at once) trains 1,600 (train loss 0.057 at 400, 0.048 at 800, 0.044 at 1,300: flattening;
+# 1,600 steps took 7,000 s per model here, and a longer run resumes from the last milestone, train.py).
+FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 1600, 64: 800, 96: 1600},
                milestones=(200, 400, 800), base_steps=1600, finetune_steps=400, skill_width=32,
                samples_per_class=20, eval_images=64)
 QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milestones=(), base_steps=16,
@@ -54,8 +55,8 @@ MATCH_IMAGES = {"full": 64, "quick": 16}
 # Width 96 at 1e-3 diverged (one parent's held-out loss 0.83 after 100 steps, measured 2026-12-01); 5e-4 trains.
 LR_BY_WIDTH = {96: 5e-4}
 # More training lengths for the sweep beyond the milestones: the 100-step states of widths 64 and 96 (measured
-# by the sessions before, kept so the rows compare).
-SWEEP_EXTRA_STEPS: dict[int, tuple[int, ...]] = {64: (100,), 96: (100,)}
+# by the sessions before, kept so the rows compare), and width 96's 1,200.
+SWEEP_EXTRA_STEPS: dict[int, tuple[int, ...]] = {64: (100,), 96: (100, 1200)}
 
 
 def independent_pair(p: Profile, width: int, steps: int | None = None,
