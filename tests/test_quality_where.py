@@ -41,7 +41,7 @@ def test_join_block_moves_are_legal_and_find_a_planted_move() -> None:
     planted[second[0]:second[1]] = np.arange(first[0], first[0] + n)
     assert preserves_partitions(planted, g) and not np.array_equal(solve(np.eye(g.size)[:, planted], g.structure),
                                                                    planted)
-    assert np.array_equal(with_block_moves(np.eye(g.size)[:, planted] * 1.0, g), planted)
+    assert np.array_equal(with_block_moves(np.eye(g.size)[:, planted], g), planted)
     # A move the partitions do not allow is caught: two adjacent channels of different join blocks swapped.
     bad = np.arange(g.size)
     bad[[first[1] - 1, first[1]]] = bad[[first[1], first[1] - 1]]

@@ -69,11 +69,12 @@ def independent_pair(p: Profile, width: int, steps: int | None = None,
     return a, b
 
 
-def sweep_lengths(p: Profile, width: int) -> tuple[int, ...]:
-    """Every training length the sweep measures at `width` (the last is the pair's final state)."""
+def sweep_lengths(p: Profile, width: int, steps: int | None = None) -> tuple[int, ...]:
+    """Every training length the sweep measures at `width` up to `steps` (default: the pair's final state,
+    which is the last)."""
     extra = SWEEP_EXTRA_STEPS.get(width, ()) if p.name == "full" else ()
-    steps = p.independent_steps[width]
-    return tuple(sorted({*(m for m in p.milestones if m < steps), steps, *extra}))
+    steps = steps or p.independent_steps[width]
+    return tuple(sorted({*(m for m in (*p.milestones, *extra) if m < steps), steps}))
 
 
 # A fine-tune trains at the base's own learning rate: at 3e-4 for 50 steps (2 % of the weights' norm) the

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import Model, eval_set, heldout_loss
-from .families import FULL, MATCH_IMAGES, SWEEP_EXTRA_STEPS, independent_pair
+from .families import FULL, MATCH_IMAGES, independent_pair, sweep_lengths
 from .methods import SWEEP_METHODS
 from .run import at_half
 from .train import load_ldm, train
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = independent_pair(FULL, args.width, args.steps, tuple(args.seeds))
     # The sweep's shorter states are saved on the way (so other lengths of this pair cost no training), and a
     # longer run resumes from the longest one trained before.
-    earlier = tuple(s for s in (*FULL.milestones, *SWEEP_EXTRA_STEPS.get(args.width, ())) if s < args.steps)
-    pair = [train(args.data, cfg, earlier, log=lambda s: print(s, flush=True))[args.steps] for cfg in cfgs]
+    lengths = sweep_lengths(FULL, args.width, args.steps)
+    pair = [train(args.data, cfg, lengths, log=lambda s: print(s, flush=True))[args.steps] for cfg in cfgs]
     if args.train_only:
         return 0
     es = eval_set(FULL.eval_images)

@@ -24,16 +24,15 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from lib_rebasin.activation_matching import correlations, match
 from lib_rebasin.assignment import lap, solve
-from lib_rebasin.permute import permute_tensor
 from lib_rebasin.spec import Group, Structure, build_spec
 
+from .activations import permuted_copy
 from .evaluate import Model, eval_set, heldout_loss
 from .export import single_file
 from .families import FULL, MATCH_IMAGES, independent_pair
@@ -101,15 +100,14 @@ def preserves_partitions(perm: np.ndarray, g: Group) -> bool:
     return True
 
 
-def correspondence(width: int, a: dict, b: dict, block_moves: dict | None = None) -> list[dict]:
-    """Each UNet group's pairing quality; with `block_moves` (a dict), also fills it with the join-block
-    pairing of every straddled group."""
+def correspondence(width: int, a: dict, b: dict, block_moves: bool = False) -> tuple[list[dict], dict | None]:
+    """Each UNet group's pairing quality, and with `block_moves` activation matching's permutations with every
+    straddled group's join-block pairing in place of its own."""
     spec = build_spec(sd_config(width))
     groups = spec.groups_in(["unet"])
     corr = correlations(spec, groups, a.__getitem__, b.__getitem__, samples=SAMPLES, seed=0)
     perms = match(groups, corr)
-    if block_moves is not None:
-        block_moves.update(perms)
+    moved_perms = dict(perms) if block_moves else None
     rows = []
     for g in groups:
         if g.name not in perms:
@@ -120,12 +118,12 @@ def correspondence(width: int, a: dict, b: dict, block_moves: dict | None = None
         rows.append({"group": g.name, "kind": g.kind, "size": g.size, "straddled": bool(g.structure.intervals),
                      "matched": float(v[units, perms[g.name]].mean()), "in_place": float(v.diagonal().mean()),
                      "any_permutation": float(v[units, torch.from_numpy(free)].mean())})
-        if block_moves is not None and g.structure.intervals:
+        if moved_perms is not None and g.structure.intervals:
             moved = with_block_moves(v.numpy(), g)
             assert preserves_partitions(moved, g), g.name
-            block_moves[g.name] = torch.from_numpy(moved)
-            rows[-1]["with_block_moves"] = float(v[units, block_moves[g.name]].mean())
-    return rows
+            moved_perms[g.name] = torch.from_numpy(moved)
+            rows[-1]["with_block_moves"] = float(v[units, moved_perms[g.name]].mean())
+    return rows, moved_perms
 
 
 def by_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -140,17 +138,23 @@ def by_kind(rows: list[dict]) -> dict[str, dict[str, float]]:
             for k, rs in sorted(out.items())}
 
 
-def regions(width: int, a: dict, b: dict, aligned: dict, es) -> dict[str, dict[str, float]]:
-    base = heldout_loss(Model(width, a), es)["mean"]
+def regions(width: int, a: dict, b: dict, aligned: dict, loss_a: float, es) -> dict[str, dict[str, float]]:
     out = {}
     for name, prefixes in REGIONS.items():
         inside = tuple(UNET_PREFIX + p for p in prefixes)
         row = {}
         for label, other in (("aligned", aligned), ("as is", b)):
             mixed = {k: (0.5 * v + 0.5 * other[k] if k.startswith(inside) else v) for k, v in a.items()}
-            row[label] = heldout_loss(Model(width, mixed), es)["mean"] - base
+            row[label] = heldout_loss(Model(width, mixed), es)["mean"] - loss_a
         out[name] = row
     return out
+
+
+def same_function(width: int, permuted: dict, loss_b: float, es, what: str) -> float:
+    """B permuted must compute what B does: its held-out loss, to 1e-4."""
+    diff = heldout_loss(Model(width, permuted), es)["mean"] - loss_b
+    assert abs(diff) < 1e-4, f"{what} does not compute what B does (loss {diff:+.2e})"
+    return diff
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"not trained: {cfg.describe()} (train it with seed_check --train-only)")
         pair.append(t)
     a, b = (load_ldm(t) for t in pair)
+    es = eval_set(FULL.eval_images)
+    loss_a, loss_b = (heldout_loss(Model(args.width, m), es)["mean"] for m in (a, b))
     out: dict = {"width": args.width, "steps": args.steps, "seeds": args.seeds}
 
-    block_moves: dict | None = {} if args.join_blocks else None
-    out["groups"] = correspondence(args.width, a, b, block_moves)
+    out["groups"], block_perms = correspondence(args.width, a, b, args.join_blocks)
     out["by_kind"] = by_kind(out["groups"])
     print(f"w{args.width}, {args.steps} steps: mean correlation of paired units (legal / left in place / any "
           "permutation), weighted by units")
@@ -181,40 +186,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:34s} {r['groups']:3d} groups  {r['matched']:.3f} / {r['in_place']:+.3f} / "
               f"{r['any_permutation']:.3f}")
 
-    es = eval_set(FULL.eval_images)
     aligned = merge(single_file(pair[0]), single_file(pair[1]), ACTIVATIONS, 1.0, args.data / "work",
                     match_images=MATCH_IMAGES["full"]).ldm
-    check = heldout_loss(Model(args.width, aligned), es)["mean"] - heldout_loss(Model(args.width, b), es)["mean"]
-    assert abs(check) < 1e-4, f"B permuted does not compute what B does (loss {check:+.2e})"
-    out["regions"] = regions(args.width, a, b, aligned, es)
+    same_function(args.width, aligned, loss_b, es, "B permuted")
+    out["regions"] = regions(args.width, a, b, aligned, loss_a, es)
     print("loss over A's with one region interpolated at 0.5 (B aligned by activation matching / B as is):")
     for name, r in out["regions"].items():
         print(f"  {name:48s} {r['aligned']:+.4f} / {r['as is']:+.4f}")
-    if block_moves:
-        out["join_blocks"] = join_block_lever(args, pair, a, b, block_moves, es)
+    if block_perms is not None:
+        out["join_blocks"] = join_block_lever(args.width, pair, block_perms, (loss_a, loss_b), es,
+                                              args.data / "work")
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
     return 0
 
 
-def join_block_lever(args, pair, a: dict, b: dict, perms: dict, es) -> dict:
+def join_block_lever(width: int, pair, perms: dict, parents: tuple[float, float], es, work: Path) -> dict:
     """The weighted sum (and + REPAIR) of A with B permuted by activation matching with join-block moves."""
-    spec = build_spec(sd_config(args.width))
     single_a, single_b = single_file(pair[0]), single_file(pair[1])
-    permuted = {k: permute_tensor(spec, k, v, perms) for k, v in load_file(str(single_b)).items()}
-    parents = [heldout_loss(Model(args.width, t), es)["mean"] for t in (a, b)]
-    check = heldout_loss(Model(args.width, permuted), es)["mean"] - parents[1]
-    assert abs(check) < 1e-4, f"B permuted with join-block moves does not compute what B does ({check:+.2e})"
-    work = args.data / "work"
+    permuted = permuted_copy(build_spec(sd_config(width)), load_file(str(single_b)), perms)
+    out = {"function_check": same_function(width, permuted, parents[1], es, "B permuted with join-block moves")}
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{single_b.stem}-join-blocks-{os.getpid()}.safetensors"
     save_file(permuted, str(path))
-    out = {"function_check": check}
     try:
         for label, options in (("weighted sum", {}),
                                ("weighted sum + REPAIR", {"repair": True, "activation_samples": SAMPLES})):
             merged = merge(single_a, path, Method(label, "weighted_sum", options), 0.5, work)
-            out[label] = heldout_loss(Model(args.width, merged.ldm), es)["mean"] - sum(parents) / 2
+            out[label] = heldout_loss(Model(width, merged.ldm), es)["mean"] - sum(parents) / 2
             print(f"  B aligned with join-block moves, {label}: barrier {out[label]:+.4f}")
     finally:
         path.unlink(missing_ok=True)
