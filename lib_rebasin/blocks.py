@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from .block_presets import ALIASES, PRESETS
-from .errors import RebasinError
+from .errors import FieldError
 
 BLOCK_IDS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 MAPPING_VERSION = "sd1-mbw-1"
@@ -82,39 +82,39 @@ def format_value(v: float) -> str:
 
 
 def parse_blocks(text: str, alpha: float) -> BlockWeights:
-    """26 values, 25 UNet values (then BASE = alpha), or a preset name; one-line RebasinError otherwise."""
+    """26 values, 25 UNet values (then BASE = alpha), or a preset name; else a one-line FieldError on `blocks`."""
     raw = text.strip()
     if not raw:
-        raise RebasinError("Block weights are empty: give 26 comma-separated values, 25 (BASE = alpha), "
-                           "or a preset name such as GRAD_V.")
+        raise FieldError("blocks", "Block weights are empty: give 26 comma-separated values, 25 (BASE = alpha), "
+                                   "or a preset name such as GRAD_V.")
     name = preset_name(raw)
     if name is not None:
         return BlockWeights(PRESETS[name], name)
     parts = [p.strip() for p in raw.replace(";", ",").split(",")]
     if len(parts) == 1 and not _is_number(parts[0]):
-        raise RebasinError(f"Unknown block-weight preset '{raw}'; presets: {', '.join(PRESETS)}.")
+        raise FieldError("blocks", f"Unknown block-weight preset '{raw}'; presets: {', '.join(PRESETS)}.")
     values: list[float] = []
     for i, p in enumerate(parts):
         if not _is_number(p):
-            raise RebasinError(f"Block weight {i + 1} ('{p}') is not a number; give 26 comma-separated values "
-                               "(BASE,IN00..IN11,M00,OUT00..OUT11), 25, or a preset name.")
+            raise FieldError("blocks", f"Block weight {i + 1} ('{p}') is not a number; give 26 comma-separated "
+                                       "values (BASE,IN00..IN11,M00,OUT00..OUT11), 25, or a preset name.")
         values.append(float(p))
     if len(values) == 25:
         values = [float(alpha), *values]
     if len(values) != 26:
-        raise RebasinError(f"Block weights need 26 values (BASE,IN00..IN11,M00,OUT00..OUT11) or 25 (UNet only, "
-                           f"BASE = alpha); got {len(values)}.")
+        raise FieldError("blocks", f"Block weights need 26 values (BASE,IN00..IN11,M00,OUT00..OUT11) or 25 (UNet "
+                                   f"only, BASE = alpha); got {len(values)}.")
     return BlockWeights(tuple(values))
 
 
 def check_values(values: tuple[float, ...], bounded: bool) -> None:
     if len(values) != 26:
-        raise RebasinError(f"Block weights need 26 values, got {len(values)}.")
+        raise FieldError("blocks", f"Block weights need 26 values, got {len(values)}.")
     for block, v in zip(BLOCK_IDS, values):
         if not (isinstance(v, (int, float)) and math.isfinite(v)):
-            raise RebasinError(f"Block weight {block} must be a finite number, got {v!r}.")
+            raise FieldError("blocks", f"Block weight {block} must be a finite number, got {v!r}.")
         if bounded and not 0.0 <= v <= 1.0:
-            raise RebasinError(f"Block weight {block} must be between 0 and 1 for this method, got {v:g}.")
+            raise FieldError("blocks", f"Block weight {block} must be between 0 and 1 for this method, got {v:g}.")
 
 
 def _is_number(s: str) -> bool:

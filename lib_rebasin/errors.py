@@ -12,6 +12,15 @@ class RebasinError(Exception):
     """A problem with the user's input or environment, explained in plain words."""
 
 
+class FieldError(RebasinError):
+    """A refusal of one named value of a request or of the merge options (wrong type, out of range, unknown
+    name): `field` names it, and the HTTP API answers 422 with that field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
 class CheckpointReadError(RebasinError):
     """A checkpoint file could not be read (missing, truncated, not a checkpoint, unsafe pickle)."""
 

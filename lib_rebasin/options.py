@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import PRECISIONS
 from .blocks import check_values
-from .errors import RebasinError
+from .checkpoint import PRECISIONS
+from .errors import FieldError
 from .methods import ALL_PARAMS, METHODS, MethodInfo, Param  # noqa: F401  (re-exported)
 from .spec import PARTS
 
@@ -69,80 +69,84 @@ class MergeOptions:
     allow_nonfinite: bool = False
 
     def validate(self) -> None:
-        """Raise RebasinError naming the first option of the wrong type or out of range."""
+        """Raise a FieldError naming the first option of the wrong type or out of range."""
         _check_type("method", self.method, str)
         if self.method not in METHODS:
-            raise RebasinError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
+            raise FieldError("method", f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
         _check_type("alpha", self.alpha, float)
         if not math.isfinite(self.alpha):
-            raise RebasinError(f"alpha must be a finite number, got {self.alpha}.")
+            raise FieldError("alpha", f"alpha must be a finite number, got {self.alpha}.")
         info = METHODS[self.method]
         if not info.alpha_bounded:
             if abs(self.alpha) > MAX_DIFFERENCE_ALPHA:
-                raise RebasinError(f"alpha must be between -{MAX_DIFFERENCE_ALPHA:g} and {MAX_DIFFERENCE_ALPHA:g} for "
-                                   f"{self.method}, got {self.alpha:g}.")
+                raise FieldError("alpha", f"alpha must be between -{MAX_DIFFERENCE_ALPHA:g} and "
+                                          f"{MAX_DIFFERENCE_ALPHA:g} for {self.method}, got {self.alpha:g}.")
         elif not 0.0 <= self.alpha <= 1.0:
-            raise RebasinError(f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
+            raise FieldError("alpha", f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
         _check_type("iterations", self.iterations, int)
         if not 1 <= self.iterations <= 10_000:
-            raise RebasinError(f"iterations must be between 1 and 10000, got {self.iterations}.")
+            raise FieldError("iterations", f"iterations must be between 1 and 10000, got {self.iterations}.")
         if not isinstance(self.parts, (tuple, list)) or not all(isinstance(p, str) for p in self.parts):
-            raise RebasinError(f"parts must be a list of part names ({', '.join(PARTS)}), got {_show(self.parts)}.")
+            raise FieldError("parts", f"parts must be a list of part names ({', '.join(PARTS)}), got "
+                                      f"{_show(self.parts)}.")
         bad = [p for p in self.parts if p not in PARTS]
         if bad or not self.parts:
-            raise RebasinError(f"parts must be a non-empty subset of {', '.join(PARTS)}; got {list(self.parts)}.")
+            raise FieldError("parts", f"parts must be a non-empty subset of {', '.join(PARTS)}; got "
+                                      f"{list(self.parts)}.")
         _check_type("precision", self.precision, str)
         if self.precision not in PRECISIONS:
-            raise RebasinError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'.")
+            raise FieldError("precision", f"precision must be one of {', '.join(PRECISIONS)}, got "
+                                          f"'{self.precision}'.")
         _check_type("seed", self.seed, int)
         if not 0 <= self.seed < 2**63:
-            raise RebasinError(f"seed must be between 0 and 2**63 - 1, got {self.seed}.")
+            raise FieldError("seed", f"seed must be between 0 and 2**63 - 1, got {self.seed}.")
         _check_type("max_sweeps", self.max_sweeps, int)
         if not 1 <= self.max_sweeps <= 100_000:
-            raise RebasinError(f"max_sweeps must be between 1 and 100000, got {self.max_sweeps}.")
+            raise FieldError("max_sweeps", f"max_sweeps must be between 1 and 100000, got {self.max_sweeps}.")
         _check_type("tolerance", self.tolerance, float)
         if not 0.0 <= self.tolerance < 1.0:
-            raise RebasinError(f"tolerance must be in [0, 1), got {self.tolerance}.")
+            raise FieldError("tolerance", f"tolerance must be in [0, 1), got {self.tolerance}.")
         _check_type("allow_nonfinite", self.allow_nonfinite, bool)
         _check_type("device", self.device, str)
         if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise RebasinError(f"device must be 'cpu' or 'cuda', got '{_show(self.device)}'.")
+            raise FieldError("device", f"device must be 'cpu' or 'cuda', got '{_show(self.device)}'.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RebasinError("device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
+            raise FieldError("device", "device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
         _check_type("align", self.align, bool)
         _check_type("matching", self.matching, str)
         if self.matching not in MATCHINGS:
-            raise RebasinError(f"matching must be one of {', '.join(MATCHINGS)}, got '{_show(self.matching)}'.")
+            raise FieldError("matching", f"matching must be one of {', '.join(MATCHINGS)}, got "
+                                         f"'{_show(self.matching)}'.")
         _check_type("activation_samples", self.activation_samples, int)
         if not 1 <= self.activation_samples <= MAX_ACTIVATION_SAMPLES:
-            raise RebasinError(f"activation_samples must be between 1 and {MAX_ACTIVATION_SAMPLES}, got "
-                               f"{self.activation_samples}.")
+            raise FieldError("activation_samples", f"activation_samples must be between 1 and "
+                                                   f"{MAX_ACTIVATION_SAMPLES}, got {self.activation_samples}.")
         _check_type("repair", self.repair, bool)
         if self.repair and self.method not in REPAIRABLE:
-            raise RebasinError(f"REPAIR restores the statistics of an interpolation of two models; {info.label} is "
-                               f"not one (use it with {' or '.join(REPAIRABLE)}).")
+            raise FieldError("repair", f"REPAIR restores the statistics of an interpolation of two models; "
+                                       f"{info.label} is not one (use it with {' or '.join(REPAIRABLE)}).")
         if self.repair and "unet" not in self.parts:
-            raise RebasinError("REPAIR corrects UNet layers; parts must include unet.")
+            raise FieldError("repair", "REPAIR corrects UNet layers; parts must include unet.")
         if self.matching != "weights" and not self.aligned:
-            raise RebasinError(f"matching = {self.matching} chooses how re-basin aligns B; {info.label} does not "
-                               "align (use the rebasin method, or align = true).")
+            raise FieldError("matching", f"matching = {self.matching} chooses how re-basin aligns B; {info.label} "
+                                         "does not align (use the rebasin method, or align = true).")
         for param in info.params:
             problem = param.check(getattr(self, param.name), info.label)
             if problem:
-                raise RebasinError(problem)
+                raise FieldError(param.name, problem)
         if self.blocks is not None:
             if self.method == "legacy":
-                raise RebasinError("Legacy mode reproduces a tool that had no block weights; use weighted_sum or "
-                                   "rebasin with block weights.")
+                raise FieldError("blocks", "Legacy mode reproduces a tool that had no block weights; use "
+                                           "weighted_sum or rebasin with block weights.")
             check_values(tuple(self.blocks), info.alpha_bounded)
             if any(abs(v) > MAX_DIFFERENCE_ALPHA for v in self.blocks):
-                raise RebasinError(f"Block weights must be between -{MAX_DIFFERENCE_ALPHA:g} and "
-                                   f"{MAX_DIFFERENCE_ALPHA:g}, got {max(self.blocks, key=abs):g}.")
+                raise FieldError("blocks", f"Block weights must be between -{MAX_DIFFERENCE_ALPHA:g} and "
+                                           f"{MAX_DIFFERENCE_ALPHA:g}, got {max(self.blocks, key=abs):g}.")
         if self.align and self.method == "legacy":
-            raise RebasinError("Legacy mode cannot be combined with re-basin alignment.")
+            raise FieldError("align", "Legacy mode cannot be combined with re-basin alignment.")
         if self.align and self.iterations != 1 and self.method != "rebasin":
-            raise RebasinError(f"iterations apply to the rebasin method only; {info.label} with alignment "
-                               "matches once (use iterations = 1).")
+            raise FieldError("iterations", f"iterations apply to the rebasin method only; {info.label} with "
+                                           "alignment matches once (use iterations = 1).")
 
 
 MATCHINGS = ("weights", "activations")
@@ -168,7 +172,7 @@ def _check_type(name: str, value: object, kind: type) -> None:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise RebasinError(f"{name} must be {_TYPE_WORDS[kind]}, got {_show(value)}.")
+        raise FieldError(name, f"{name} must be {_TYPE_WORDS[kind]}, got {_show(value)}.")
 
 
 def _show(value: object) -> str:

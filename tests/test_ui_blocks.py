@@ -143,7 +143,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
     try:
         code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
                                             "blocks": "NOPE"})
-        assert code == 400 and "Unknown block-weight preset 'NOPE'" in body["detail"]
+        assert code == 422 and body["field"] == "blocks" and "Unknown block-weight preset 'NOPE'" in body["detail"]
         code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
                                             "model_c": "base.safetensors", "method": "dare", "dare_p": 1.5})
         assert code == 422 and body["field"] == "dare_p" and "dare_p must be in" in body["detail"]

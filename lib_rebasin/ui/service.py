@@ -13,11 +13,13 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, RebasinError
+from ..errors import Cancelled, FieldError, RebasinError
 from ..options import MAX_DIFFERENCE_ALPHA
 from .host import CheckpointEntry, Host
 
@@ -30,14 +32,6 @@ MAX_TEXT = 512  # characters in a name field
 ADD_DIFFERENCE_ALPHA = MAX_DIFFERENCE_ALPHA  # the core's bound, checked here first to name the field (HTTP 422)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-
-
-class FieldError(RebasinError):
-    """A request value of the wrong type or out of range; `field` names it (the API answers 422)."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
 
 
 def shown(value: Any, limit: int = 60) -> str:
@@ -72,8 +66,21 @@ def _integer(name: str, v: Any) -> int:
     return int(f)
 
 
+@contextmanager
+def field_of(name: str) -> Iterator[None]:
+    """Any refusal raised while checking the value of field `name` names that field (the API's 422)."""
+    try:
+        yield
+    except FieldError:
+        raise
+    except RebasinError as e:
+        raise FieldError(name, str(e)) from None
+
+
 def _core():
-    from .. import merge  # the lead's core; imported late so the tab module loads even while it is being written
+    from .. import (
+        merge,  # the lead's core; imported late so the tab module loads even while it is being written
+    )
 
     return merge
 
@@ -108,7 +115,7 @@ class MergeRequest:
     bake_vae: str = ""        # a VAE from the host's VAE list, or a checkpoint, whose VAE goes into the output
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MergeRequest":
+    def from_dict(cls, d: dict[str, Any]) -> MergeRequest:
         """Build from JSON (the API): unknown fields, wrong types and out-of-range values are a FieldError naming
         the field. Numbers must be JSON numbers (no strings, no booleans), finite, and in range."""
         if not isinstance(d, dict):
@@ -174,10 +181,25 @@ class MergeRequest:
         if not 0 <= self.seed <= MAX_SEED:
             raise FieldError("seed", f"seed must be between 0 and {MAX_SEED}, got {shown(self.seed)}.")
         self._check_repair(info)
+        self.block_weights()
         for param in (info.params if info is not None else ()):
             problem = param.check(getattr(self, param.name), info.label)
             if problem:
                 raise FieldError(param.name, problem)
+
+    def block_weights(self) -> Any:
+        """The parsed block weights (a blocks.BlockWeights; None without), in range for this method, else a
+        FieldError on `blocks` (a preset name that does not exist, a wrong count, NaN, a negative weight for a
+        weighted sum)."""
+        if not self.blocks or not self.blocks.strip():
+            return None
+        from ..blocks import check_values, parse_blocks
+
+        bw = parse_blocks(self.blocks, float(self.alpha))
+        info = method_table().get(self.method)
+        if info is not None:
+            check_values(bw.values, info.alpha_bounded)
+        return bw
 
     def _check_repair(self, info: Any) -> None:
         """REPAIR with a method or parts it does not apply to, as a FieldError on `repair` (the API's 422) with
@@ -445,13 +467,16 @@ class MergeService:
                                        f"{', '.join(methods)}.")
         req.check_ranges()
         info = methods[req.method]
-        a = self.resolve(req.model_a, "Model A")
-        b = self.resolve(req.model_b, "Model B")
+        with field_of("model_a"):
+            a = self.resolve(req.model_a, "Model A")
+        with field_of("model_b"):
+            b = self.resolve(req.model_b, "Model B")
         if _same_file(a.path, b.path):
             raise RebasinError(f"Model A and Model B are the same file ({a.path.name}); pick two different models.")
         c = None
         if getattr(info, "needs_c", False):
-            c = self.resolve(req.model_c, "Model C")
+            with field_of("model_c"):
+                c = self.resolve(req.model_c, "Model C")
             for other, lab in ((a, "Model A"), (b, "Model B")):
                 if _same_file(c.path, other.path):
                     raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); "
@@ -473,7 +498,9 @@ class MergeService:
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
-        out = output_path_for(req.output_name, folder, default_output_stem(a, b, req.method, req.alpha, req.blocks))
+        with field_of("output_name"):
+            out = output_path_for(req.output_name, folder, default_output_stem(a, b, req.method, req.alpha,
+                                                                               req.blocks))
         if out.exists() and not req.overwrite:
             raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
                                f"name.")
@@ -486,12 +513,10 @@ class MergeService:
                                  repair=bool(req.repair),
                                  ties_density=float(req.ties_density), ties_scale=float(req.ties_scale),
                                  dare_p=float(req.dare_p))
-        if req.blocks and req.blocks.strip():
+        bw = req.block_weights()
+        if bw is not None:
             from dataclasses import replace as _replace
 
-            from ..blocks import parse_blocks
-
-            bw = parse_blocks(req.blocks, float(req.alpha))
             opts = _replace(opts, blocks=bw.values, blocks_preset=bw.preset)
         checked = core.preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
         vae = None
@@ -499,8 +524,9 @@ class MergeService:
             if req.bake_vae and req.bake_vae.strip() and req.bake_vae != "None":
                 from ..vae_bake import open_vae
 
-                vae = self.resolve_vae(req.bake_vae.strip())
-                open_vae(vae.path, checked.a.spec).close()  # header check now, not after the merge
+                with field_of("bake_vae"):
+                    vae = self.resolve_vae(req.bake_vae.strip())
+                    open_vae(vae.path, checked.a.spec).close()  # header check now, not after the merge
         finally:
             close = getattr(checked, "close", None)  # preflight hands back the opened inputs; only validating
             if callable(close):
