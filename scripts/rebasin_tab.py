@@ -24,7 +24,7 @@ from modules import call_queue, devices, script_callbacks, sd_models, shared  # 
 
 from lib_rebasin.errors import RebasinError  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
-from lib_rebasin.ui.api_policy import ApiPolicy  # noqa: E402
+from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
 from lib_rebasin.ui.service import PRECISION_CHOICES, MergeService  # noqa: E402
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
@@ -309,6 +309,9 @@ def on_ui_settings():
             "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
         "rebasin_output_dir": shared.OptionInfo(
             "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
+        ALLOWED_HOSTS_OPTION: shared.OptionInfo(
+            "", "HTTP API: extra host names it answers to, comma-separated (a tunnel's or cloud proxy's name; "
+                "*.proxy.example for all its names)", gr.Textbox, section=section),
     }
     for key, info in options.items():
         info.category_id = CATEGORY  # set, not passed: OptionInfo takes no category_id on older hosts and SD.Next
@@ -396,10 +399,22 @@ def api_enabled():
     return bool(getattr(opts, "api", False) or getattr(opts, "nowebui", False))
 
 
+# The one setting that lets the API answer to another host name (a tunnel, a cloud proxy), three ways: this option
+# (read on each request), --rebasin-allowed-hosts (preload.py), and the environment variable.
+ALLOWED_HOSTS_OPTION = "rebasin_allowed_hosts"
+ALLOW_HINT = (f"Settings > Re-Basin > 'HTTP API: extra host names', --rebasin-allowed-hosts, or {ALLOWED_HOSTS_ENV} "
+              "(comma-separated; *.domain for a proxy)")
+
+
 def api_policy():
     opts = shared.cmd_opts
-    return ApiPolicy.from_flags(getattr(opts, "api_auth", None), getattr(opts, "cors_allow_origins", None),
-                                getattr(opts, "cors_allow_origins_regex", None))
+    return ApiPolicy.from_flags(
+        getattr(opts, "api_auth", None), getattr(opts, "cors_allow_origins", None),
+        getattr(opts, "cors_allow_origins_regex", None),
+        listen=listen_address(getattr(opts, "server_name", None), bool(getattr(opts, "listen", False))),
+        allowed_hosts=getattr(opts, "rebasin_allowed_hosts", None), share=bool(getattr(opts, "share", False)),
+        ngrok=bool(getattr(opts, "ngrok", None)), live_hosts=lambda: str(_opt(ALLOWED_HOSTS_OPTION, "") or ""),
+        allow_hint=ALLOW_HINT)
 
 
 def on_app_started(demo, app):

@@ -541,7 +541,7 @@ class _AsgiClient:
 
         async def one():
             transport = httpx.ASGITransport(app=self.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://standin") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:7860") as c:
                 return await c.request(method, path, **kw)
 
         return asyncio.run(one())

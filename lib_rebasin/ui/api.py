@@ -7,9 +7,11 @@
     GET  /rebasin/v1/checkpoints     the host's checkpoints: title, name and (when the host knows it) hash
 
 Answers: 400 a refusal in plain words (same model twice, name taken, ...); 401 missing or wrong credentials
-(only with --api-auth); 403 a request from another site's page; 413 a body over a few KB; 415 a POST that is not
-application/json; 422 a field of the wrong type or out of range (`"field"` names it). Only GET routes read; every
-route that changes something is a POST. Who may call is decided by `ApiPolicy` (see api_policy.py).
+(only with --api-auth); 403 a `Host` this server does not answer to (DNS rebinding; checked first, on every route)
+or a request from another site's page; 413 a body over a few KB; 415 a POST that is not application/json; 422 a
+field whose value is refused: wrong type, out of range, or naming nothing (an unknown preset, model or VAE;
+`"field"` names it). Only GET routes read; every route that changes something is a POST. Who may call is decided
+by `ApiPolicy` (see api_policy.py).
 
 A merge request takes `MergeRequest`'s fields, among them `method` (any of lib_rebasin/methods.py), its parameters
 (`ties_density`, `ties_scale`, `dare_p`, `seed`), `align`, `matching` and `activation_samples`, `repair` (REPAIR
@@ -28,7 +30,7 @@ from typing import Any
 
 from ..errors import RebasinError
 from .api_policy import ApiPolicy
-from .service import MAX_TEXT, FieldError, MergeRequest, MergeService, shown
+from .service import MAX_TEXT, FieldError, MergeRequest, MergeService, field_of, shown
 
 PREFIX = "/rebasin/v1"
 
@@ -45,7 +47,14 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
     policy = policy or ApiPolicy()
-    dependencies = []
+
+    def check_host(request: Request):
+        """Before credentials, the body or anything else: the request must be addressed to this server."""
+        host = request.headers.get("host")
+        if not policy.host_allowed(host):
+            raise HTTPException(status_code=403, detail=policy.host_refusal(host))
+
+    dependencies = [Depends(check_host)]
     if policy.credentials:
         # The WebUI's own check for /sdapi/v1/* (modules/api/api.py, Api.auth), applied the same way.
         def auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())):
@@ -54,7 +63,7 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             raise HTTPException(status_code=401, detail="Incorrect username or password",
                                 headers={"WWW-Authenticate": "Basic"})
 
-        dependencies = [Depends(auth)]
+        dependencies.append(Depends(auth))
 
     def answer(e: Exception) -> Any:
         if isinstance(e, _Refused):
@@ -137,7 +146,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
                 raise RebasinError(f"Merge job {shown(body['job_id'])} has no saved result to load.")
             return Path(job.output)
         if body.get("path"):
-            return service.resolve(body["path"], "Checkpoint").path
+            with field_of("path"):
+                return service.resolve(body["path"], "Checkpoint").path
         raise RebasinError("Give 'job_id' of a finished merge or 'path' of a listed checkpoint.")
 
     async def load(request: Request):
@@ -169,3 +179,34 @@ def entry_dict(entry: Any) -> dict[str, Any]:
     hashes when the host already knows them (like the WebUI's /sdapi/v1/sd-models); never an absolute path."""
     sha256 = getattr(entry, "sha256", None)
     return {"title": entry.title, "name": entry.name, "hash": sha256[:10] if sha256 else None, "sha256": sha256}
+
+
+class HostGuard:
+    """ASGI middleware: `ApiPolicy.host_allowed` for every route of an app (the standalone app's tab too, whose
+    gradio routes can start a merge as well as the API can)."""
+
+    def __init__(self, app: Any, policy: ApiPolicy) -> None:
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"), None)
+            if not self.policy.host_allowed(host):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = json.dumps({"detail": self.policy.host_refusal(host)}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def guard_hosts(app: Any, policy: ApiPolicy) -> None:
+    """Put HostGuard in front of a running app (its middleware stack is rebuilt, as the WebUI does for CORS)."""
+    from starlette.middleware import Middleware
+
+    app.user_middleware.insert(0, Middleware(HostGuard, policy=policy))
+    app.middleware_stack = app.build_middleware_stack()

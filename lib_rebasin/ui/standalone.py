@@ -1,11 +1,13 @@
 """The Re-Basin tab as its own app, for people without the WebUI (and for the browser tests).
 
     python -m lib_rebasin ui --models-dir DIR [--port N] [--host 127.0.0.1] [--api [--api-auth user:pass]]
+                             [--allowed-hosts NAME[,*.DOMAIN]]
 
 A "generate nothing" host: it lists *.safetensors / *.ckpt in DIR, saves merges there, and "Load merged model"
 only records which checkpoint is active (there is no generator to load it into). The HTTP API is mounted only with
 --api, like the WebUI's; --api-auth protects it the way the WebUI's --api-auth does. The port and address default
-to gradio's own GRADIO_SERVER_PORT / GRADIO_SERVER_NAME when they are set.
+to gradio's own GRADIO_SERVER_PORT / GRADIO_SERVER_NAME when they are set. Every route, the tab's included, answers
+only to the host names of `ApiPolicy.host_allowed` (DNS rebinding): --allowed-hosts or REBASIN_ALLOWED_HOSTS add one.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from typing import Any, Callable
 
 from ..errors import RebasinError
 from ..signals import sigterm_as_interrupt
-from .api_policy import ApiPolicy, parse_api_auth
+from .api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, parse_api_auth
 from .host import BaseHost, CheckpointEntry, scan_checkpoints, scan_vaes
 
 # VAE files live in <models-dir>/VAE (the standalone app's stand-in for the WebUI's models/VAE): never checkpoints.
 VAE_FOLDER = "VAE"
 
 DEFAULT_PORT = 7861
+ALLOW_HINT = f"--allowed-hosts or the {ALLOWED_HOSTS_ENV} environment variable (comma-separated; *.domain for a proxy)"
 
 
 class StandaloneHost(BaseHost):
@@ -106,13 +109,15 @@ def create_app(models_dir: str | os.PathLike[str], devices: list[str] | None = N
 
 
 def launch(models_dir: str | os.PathLike[str], port: int = DEFAULT_PORT, server_name: str = "127.0.0.1",
-           block: bool = True, api: bool = False, api_auth: str | None = None) -> tuple[Any, Any, str]:
+           block: bool = True, api: bool = False, api_auth: str | None = None,
+           allowed_hosts: str | None = None) -> tuple[Any, Any, str]:
     """Start the app; returns (blocks, service, url). With block=False it returns once the server is up.
-    The HTTP API is mounted only with `api` (the WebUI's --api), behind `api_auth` when given."""
-    from .api import register_api
+    The HTTP API is mounted only with `api` (the WebUI's --api), behind `api_auth` when given. Every route answers
+    only to the names ApiPolicy allows, `allowed_hosts` (and REBASIN_ALLOWED_HOSTS) among them."""
+    from .api import guard_hosts, register_api
     from .tab import gradio_major
 
-    policy = ApiPolicy(parse_api_auth(api_auth)) if api else None
+    policy = ApiPolicy.from_flags(api_auth, listen=server_name, allowed_hosts=allowed_hosts, allow_hint=ALLOW_HINT)
     check_port_free(server_name, port)
     blocks, service, _host = create_app(models_dir)
     if gradio_major() >= 4:
@@ -121,7 +126,8 @@ def launch(models_dir: str | os.PathLike[str], port: int = DEFAULT_PORT, server_
         blocks.queue(concurrency_count=4)
     app, local_url, _ = blocks.launch(server_name=server_name, server_port=port, prevent_thread_lock=True,
                                       show_error=True, quiet=True)
-    if policy is not None:
+    guard_hosts(app, policy)
+    if api:
         register_api(app, service, policy)
     url = local_url or f"http://{server_name}:{port}/"
     ready = f"Re-Basin standalone: {url} (models in {_host.models_dir})" + (", HTTP API on" if api else "")
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", action="store_true", help="also serve the HTTP API under /rebasin/v1 (off by default)")
     p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
                    help="with --api: require HTTP Basic credentials, like the WebUI's --api-auth")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME[,*.DOMAIN]",
+                   help="host names to answer to besides localhost and the --host address, e.g. a tunnel's or a "
+                        f"cloud proxy's (*.proxy.example for all its names); also ${ALLOWED_HOSTS_ENV}")
     return p
 
 
@@ -217,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sigterm_as_interrupt()  # our own process: SIGTERM stops it like Ctrl-C (never done inside the WebUI)
     try:
-        launch(folder, port=port, server_name=host, block=True, api=args.api, api_auth=args.api_auth)
+        launch(folder, port=port, server_name=host, block=True, api=args.api, api_auth=args.api_auth,
+               allowed_hosts=args.allowed_hosts)
     except RebasinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

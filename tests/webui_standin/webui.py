@@ -1,14 +1,18 @@
 """A stand-in WebUI *server* for tests: the startup order of AUTOMATIC1111 1.10's webui.py, served by uvicorn.
 
     python webui.py --models-dir DIR --port N [--api] [--nowebui] [--api-auth u:p] [--cors-allow-origins O]
-                    [--cors-allow-origins-regex R] [--data-dir DIR]
+                    [--cors-allow-origins-regex R] [--data-dir DIR] [--listen] [--server-name NAME]
+                    [--rebasin-allowed-hosts ...: the extension's own flags, from its preload.py]
 
 Modeled on the host's files, not copied: webui.py (`webui()` builds the UI and launches gradio, drops gradio's
 CORSMiddleware, then creates the API only with --api and calls the app_started callbacks; `api_only()` for
 --nowebui builds a bare FastAPI app), modules/initialize_util.py (`configure_cors_middleware` from
 --cors-allow-origins / --cors-allow-origins-regex) and modules/api/api.py (the `Api` class: HTTP Basic with
 `compare_digest` on every /sdapi/v1 route when --api-auth is set; here one route, /sdapi/v1/sd-models).
-The extension is loaded from scripts/rebasin_tab.py by file path, as the host loads extension scripts.
+The extension is loaded from scripts/rebasin_tab.py by file path, as the host loads extension scripts; its
+preload.py adds its flags to the parser first (modules/shared_cmd_options.py, script_loading.preload_extensions), and
+the settings in DATA_DIR/config.json are loaded before the scripts, as the host's opts.load does. The server listens
+where the host would (initialize_util.gradio_server_name: --server-name, else 0.0.0.0 with --listen).
 """
 
 import argparse
@@ -33,6 +37,12 @@ def parse_args(argv=None):
     p.add_argument("--api-auth", default=None)
     p.add_argument("--cors-allow-origins", default=None)
     p.add_argument("--cors-allow-origins-regex", default=None)
+    p.add_argument("--listen", action="store_true")
+    p.add_argument("--server-name", default=None)
+    spec = importlib.util.spec_from_file_location("preload", ROOT / "preload.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.preload(p)
     return p.parse_args(argv)
 
 
@@ -80,10 +90,16 @@ def main(argv=None):
     args = parse_args(argv)
     from modules import call_queue, script_callbacks, sd_models, shared
 
-    for key in ("api", "nowebui", "api_auth", "cors_allow_origins", "cors_allow_origins_regex"):
-        setattr(shared.cmd_opts, key, getattr(args, key))
+    for key, value in vars(args).items():
+        setattr(shared.cmd_opts, key, value)
     sd_models.model_path = str(Path(args.models_dir).resolve())
     shared.config_filename = str(Path(args.data_dir or Path(args.models_dir).resolve().parent) / "config.json")
+    if os.path.exists(shared.config_filename):
+        import json
+
+        with open(shared.config_filename, encoding="utf8") as f:
+            shared.opts.data.update(json.load(f))
+    server_name = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     sd_models.list_models()
     shared.opts.onchange("sd_model_checkpoint",
                          call_queue.wrap_queued_call(lambda: sd_models.reload_model_weights()), call=False)
@@ -101,7 +117,7 @@ def main(argv=None):
         add_sdapi(app, shared.cmd_opts)
         script_callbacks.app_started_callback(None, app)
         print(f"stand-in webui (API only) on http://127.0.0.1:{args.port}", flush=True)
-        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.run(app, host=server_name, port=args.port, log_level="warning")
         return 0
 
     import gradio as gr
@@ -117,7 +133,7 @@ def main(argv=None):
                 with gr.Tab(title, id=elem_id, elem_id=f"tab_{elem_id}"):
                     blocks.render()
     demo.queue()
-    app, _local_url, _ = demo.launch(server_name="127.0.0.1", server_port=args.port, prevent_thread_lock=True,
+    app, _local_url, _ = demo.launch(server_name=server_name, server_port=args.port, prevent_thread_lock=True,
                                      quiet=True)
     # webui.py: gradio's permissive CORS middleware is removed, the host's own is configured in its place
     app.user_middleware = [x for x in app.user_middleware if x.cls.__name__ != "CORSMiddleware"]

@@ -105,6 +105,7 @@ sd_upscalers = [UpscalerData("None", None), UpscalerData("Lanczos", None), Upsca
 opts = Options()
 # The host's flags the extension reads (modules/cmd_args.py): tests and webui.py set them.
 cmd_opts = SimpleNamespace(ckpt_dir=None, lowvram=False, medvram=False, ckpt=None, api=False, nowebui=False,
-                           api_auth=None, cors_allow_origins=None, cors_allow_origins_regex=None, no_hashing=False)
+                           api_auth=None, cors_allow_origins=None, cors_allow_origins_regex=None, no_hashing=False,
+                           listen=False, server_name=None, share=False, ngrok=None, rebasin_allowed_hosts=None)
 state = State()
 config_filename = "config.json"
