@@ -64,6 +64,7 @@ for env in gradio4 gradio3; do
     echo "== UI tests under $("$VENVS/$env/bin/python" -c 'import gradio; print("gradio", gradio.__version__)')"
     "$VENVS/$env/bin/python" -m pytest -p no:cacheprovider -m "not full" -W ignore::DeprecationWarning \
         tests/test_ui_smoke.py tests/test_webui_adapter.py tests/test_ui_blocks.py tests/test_api_http.py \
+        tests/test_api_hosts.py \
         tests/test_browser.py "${PYTEST_ARGS[@]}" || status=$?
 done
 exit $status
