@@ -17,7 +17,7 @@ from .blocks import parse_blocks
 from .errors import Cancelled, RebasinError
 from .methods import ALL_PARAMS
 from .merge import METHODS, MergeOptions, MergeResult, ProgressEvent, merge_checkpoints
-from .signals import sigterm_as_interrupt
+from .signals import commit_reached, interrupts_until_commit, late_signals
 from .spec import PARTS
 
 
@@ -72,13 +72,23 @@ def _print_result(result: MergeResult) -> None:
     print(f"Wrote {result.output}")
     for line in result.diagnostics.summary_lines():
         print(f"  {line}")
+    _note_late_signals(result.output)
+
+
+def _note_late_signals(output: Path) -> None:
+    """A stop request that came once the output was committed changed nothing: say so, next to the file."""
+    late = late_signals()
+    if late:
+        print(f"note: {' and '.join(late)} came while {output.name} was being saved, too late to stop it; the "
+              "merge is complete.", file=sys.stderr)
 
 
 def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> int:
     bar = None if args.quiet else ProgressBar()
     try:
         result = merge_checkpoints(args.model_a, args.model_b, args.output, _options(args, method), c=c,
-                                   overwrite=args.overwrite, progress=bar, bake_vae=args.bake_vae)
+                                   overwrite=args.overwrite, progress=bar, bake_vae=args.bake_vae,
+                                   on_commit=commit_reached)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:
@@ -195,7 +205,7 @@ def _recipe_command(args: argparse.Namespace) -> int:
     bar = None if args.quiet else ProgressBar()
     try:
         result = run_recipe(recipe, models_dir, args.output, overwrite=args.overwrite, progress=bar,
-                            vae_dir=Path(args.vae_dir) if args.vae_dir else None)
+                            vae_dir=Path(args.vae_dir) if args.vae_dir else None, on_commit=commit_reached)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:
@@ -204,6 +214,7 @@ def _recipe_command(args: argparse.Namespace) -> int:
     print(f"Wrote {result.output}")
     for line in result.summary_lines():
         print(f"  {line}")
+    _note_late_signals(result.output)
     return 0
 
 
@@ -220,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return ui_main(argv[1:])
     args = build_parser().parse_args(argv)
-    restore = sigterm_as_interrupt()
+    restore = interrupts_until_commit()
     try:
         if args.command == "merge":
             if args.model_c is not None and not METHODS[args.method].needs_c:
@@ -251,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}.", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a merge (a merge turns it into Cancelled)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a merge (a merge turns it into Cancelled); never
+        # after a commit (signals.py), so nothing was written
         print(f"error: {Cancelled()}", file=sys.stderr)
         return 2
     finally:

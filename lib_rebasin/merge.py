@@ -149,12 +149,19 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       overwrite: bool = False, progress: ProgressCallback | None = None,
                       cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
                       metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None,
-                      bake_vae: "str | os.PathLike[str] | Checkpoint | None" = None) -> MergeResult:
+                      bake_vae: "str | os.PathLike[str] | Checkpoint | None" = None,
+                      on_commit: Callable[[Path], None] | None = None) -> MergeResult:
     """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then.
 
     `metadata_hook(diagnostics)` may replace metadata entries once the merge is done (recipes store the whole
     chain's provenance there). `bake_vae` is a VAE file (or a checkpoint; a path, or a Checkpoint the caller
     opened and closes) whose VAE replaces the output's (vae_bake.py), checked before any work.
+
+    The commit is the one point that decides how a cancel ends: once every byte is written and checked, a last
+    cancel check runs, then `on_commit(output)` (it may raise Cancelled: nothing is written then); from its return
+    on the file is put in place and the merge has succeeded, so no cancel check raises any more. Only an error
+    of the system itself (a full disk at the flush, a name that appeared meanwhile) can still stop it, and then
+    no file has the output's name.
     """
     report = Reporter(progress, cancel)
     report.stage(0.0, 0.02)
@@ -168,12 +175,18 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
             baked = open_vae(bake_vae, prep.a.spec)
         plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
         assert prep.output is not None
+        output = prep.output
+
+        written: dict[str, str] = {}
 
         def final_metadata() -> dict[str, str]:
             # After the last tensor was read and before the file is put in place: the recorded hashes are of
-            # the bytes merged only if no input changed since it was opened.
+            # the bytes merged only if no input changed since it was opened. Measured once: nothing that can
+            # fail (an input changed since, a cancel) runs after the commit.
             prep.verify_unchanged()
-            return plan.metadata()
+            written.update(plan.metadata())
+            _commit(report, on_commit, output)
+            return written
 
         try:
             out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
@@ -183,13 +196,21 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                 raise
             raise _full_disk(prep.output, e) from None
         report("writing", 1.0, "done")
-        return MergeResult(out, plan.diagnostics, plan.metadata(), plan.diagnostics.seconds)
+        return MergeResult(out, plan.diagnostics, written, plan.diagnostics.seconds)
     except InputChangedError as e:
         raise prep.changed_error(e) from None
     finally:
         prep.close()
         if baked is not None:
             baked.close()
+
+
+def _commit(report: Reporter, on_commit: Callable[[Path], None] | None, output: Path) -> None:
+    """The last moment a cancel leaves no file; after it the output is put in place and the merge has succeeded."""
+    report.check()
+    if on_commit is not None:
+        on_commit(output)
+    report.committed = True
 
 
 def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,

@@ -29,13 +29,16 @@ class Reporter:
         self.cancel = cancel
         self.stage_start = time.perf_counter()
         self.span = (0.0, 1.0)
+        # Set once the output is being put in place (`merge_checkpoints`'s commit): the merge has then succeeded,
+        # and no later check may raise Cancelled for a file that exists.
+        self.committed = False
 
     def stage(self, lo: float, hi: float) -> None:
         self.span = (lo, hi)
         self.stage_start = time.perf_counter()
 
     def check(self) -> None:
-        if self.cancel is not None and self.cancel():
+        if self.cancel is not None and not self.committed and self.cancel():
             raise Cancelled()
 
     def __call__(self, stage: str, local: float, message: str) -> None:

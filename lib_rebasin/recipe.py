@@ -39,7 +39,7 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .checkpoint import Checkpoint, file_sha256, open_checkpoint
@@ -434,11 +434,12 @@ class RecipeResult:
 def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str], overwrite: bool = False,
                progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
                extra_metadata: dict[str, str] | None = None, confine: bool = True,
-               vae_dir: Path | None = None) -> RecipeResult:
+               vae_dir: Path | None = None, on_commit: Callable[[Path], None] | None = None) -> RecipeResult:
     """Run every step; only the last one is written (atomically). Raises RebasinError; no file then.
 
     `confine`: model names must resolve inside `models_dir` (see `resolve_models`); `vae_dir`: where the VAE to
-    bake in is looked for first."""
+    bake in is looked for first. The last step's commit (`merge_checkpoints`, `on_commit`) is the recipe's only
+    one: earlier steps stay in memory, so a cancel before it leaves no file and one after it changes nothing."""
     from .checkpoint import check_output_path
 
     out_path = check_output_path(output, overwrite)
@@ -447,7 +448,7 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
     # cannot get its new hash recorded for the old bytes, nor give two steps two different versions.
     opened = _open_inputs(paths)
     try:
-        return _run_opened(recipe, paths, opened, out_path, overwrite, progress, cancel, extra_metadata)
+        return _run_opened(recipe, paths, opened, out_path, overwrite, progress, cancel, extra_metadata, on_commit)
     finally:
         for ck in set(opened.values()):
             ck.close()
@@ -468,7 +469,7 @@ def _open_inputs(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 
 def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], out_path: Path,
                 overwrite: bool, progress: ProgressCallback | None, cancel: CancelCheck | None,
-                extra_metadata: dict[str, str] | None) -> RecipeResult:
+                extra_metadata: dict[str, str] | None, on_commit: Callable[[Path], None] | None) -> RecipeResult:
     from .checkpoint import PRECISIONS, check_free_space, output_bytes
     from .merge import output_entries
 
@@ -526,7 +527,7 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
                                                  extra_metadata=extra_metadata, metadata_hook=metadata_hook,
                                                  bake_vae=(opened[recipe.bake_vae] if recipe.bake_vae is not None
-                                                           else None))
+                                                           else None), on_commit=on_commit)
             done.append((step.name, res.diagnostics))
             return RecipeResult(res.output, done, res.metadata)
         for name in [r for r, last in last_use.items() if last <= i and r in results]:

@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
+    def __init__(self, cmd: list[str], port: int, log: Path, stdin: int | None = None) -> None:
         self.port, self.log = port, log
         self.base = f"http://127.0.0.1:{port}"
         # one intra-op thread, as conftest.py sets for in-process tests: on a busy 2-core machine two OpenMP threads
@@ -48,7 +48,8 @@ class Server:
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdin=stdin, stdout=out,
+                                         stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while True:  # up once it has printed its URL (after mounting the API) and answers HTTP (404 included)
             try:
@@ -339,3 +340,46 @@ def test_standalone_on_a_port_in_use_says_so_in_one_line(models):
     r = subprocess.run([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models)],
                        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "GRADIO_SERVER_PORT" in r.stderr
+
+
+# -- a cancel at the commit ---------------------------------------------------------------------------------------
+
+def test_cancel_once_the_output_is_committed_is_refused_and_the_job_ends_done(models, tmp_path):
+    """The merge's thread is held right after its output got its final name (tests/paused_cli.py, stage "placed",
+    running the standalone app): a cancel then is too late (409), and the job ends done with the file."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("alpha.safetensors", "beta.safetensors"):
+        (folder / name).write_bytes((models / name).read_bytes())
+    port = _free_port()
+    log = tmp_path / "server.log"
+    srv = Server([sys.executable, str(ROOT / "tests" / "paused_cli.py"), "placed", "1", "--", "ui", "--models-dir",
+                  str(folder), "--port", str(port), "--api"], port, log, stdin=subprocess.PIPE)
+    try:
+        status, job = srv.post_json("/rebasin/v1/merge", {"model_a": "alpha.safetensors",
+                                                          "model_b": "beta.safetensors", "method": "weighted_sum",
+                                                          "output_name": "o"})
+        assert status == 202, job
+        deadline = time.time() + 120
+        while "PAUSED" not in log.read_text():
+            assert time.time() < deadline and srv.proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert (folder / "o.safetensors").is_file()
+        status, body = srv.post_json(f"/rebasin/v1/jobs/{job['job_id']}/cancel", {})
+        assert status == 409, body
+        assert body["detail"] == "Too late to cancel: o.safetensors is being saved; the merge ends done."
+        assert body["job"]["status"] == "running"
+        assert srv.proc.stdin is not None
+        srv.proc.stdin.write(b"\n")
+        srv.proc.stdin.flush()
+        deadline = time.time() + 120
+        while not job["finished"] and time.time() < deadline:
+            time.sleep(0.2)
+            job = srv.request("GET", f"/rebasin/v1/jobs/{job['job_id']}")[1]
+        assert job["status"] == "done", job
+        assert job["output_name"] == "o.safetensors" and job["status_line"].endswith("saved o.safetensors.")
+        assert (folder / "o.safetensors").is_file()
+        status, body = srv.post_json(f"/rebasin/v1/jobs/{job['job_id']}/cancel", {})
+        assert status == 409 and body["detail"] == "Too late to cancel: the merge is done; o.safetensors was saved."
+    finally:
+        srv.stop()

@@ -2,7 +2,7 @@
 
     POST /rebasin/v1/merge           JSON MergeRequest fields -> 202 {"job_id", ...}
     GET  /rebasin/v1/jobs/{job_id}   progress, and when finished the output and diagnostics
-    POST /rebasin/v1/jobs/{job_id}/cancel
+    POST /rebasin/v1/jobs/{job_id}/cancel   -> the job; 409 once its output is committed (too late: it ends done)
     POST /rebasin/v1/load            {"job_id"} or {"path"} -> makes a finished merge the active checkpoint
     GET  /rebasin/v1/checkpoints     the host's checkpoints: title, name and (when the host knows it) hash
 
@@ -126,6 +126,9 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         job = service.cancel(job_id)
         if job is None:
             return JSONResponse({"detail": f"No merge job {shown(job_id)}."}, status_code=404)
+        too_late = job.too_late_to_cancel()
+        if too_late:
+            return JSONResponse({"detail": too_late, "job": job.to_dict()}, status_code=409)
         return JSONResponse(job.to_dict())
 
     def load_target(body: Any) -> Path:

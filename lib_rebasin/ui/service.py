@@ -360,6 +360,9 @@ class Job:
     diagnostics: dict[str, Any] | None = None
     error: str | None = None
     seconds: float | None = None
+    # Set at the output's commit (`merge_checkpoints`'s on_commit): the file is being put in place, the merge has
+    # succeeded and a cancel is refused as too late. Set and read under the service's lock.
+    committed: bool = False
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -369,6 +372,15 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    def too_late_to_cancel(self) -> str | None:
+        """Why a cancel changes nothing any more (the output is committed), or None while it still can stop."""
+        if not self.committed or self.status == "failed":  # failed: the commit itself failed, nothing was written
+            return None
+        name = self.prepared.output.name
+        if self.status == "done":
+            return f"Too late to cancel: the merge is done; {name} was saved."
+        return f"Too late to cancel: {name} is being saved; the merge ends done."
 
     def status_line(self, eta: bool = True) -> str:
         """One line for the tab and the API; `eta=False` where the host's own progress bar shows one."""
@@ -644,10 +656,15 @@ class MergeService:
             raise
 
     def cancel(self, job_id: str | None = None) -> Job | None:
+        """Ask the job to stop; returns it (None if there is no such job). Once its output is committed
+        (`job.committed`) it is too late: the request changes nothing and the job ends "done"."""
         job = self.jobs.get(job_id) if job_id else self.running()
         if job is None or job.finished_flag:
             return job
-        job._cancel.set()
+        with self._lock:  # against `commit` below: a cancel is either seen by it or refused
+            if job.committed:
+                return job
+            job._cancel.set()
         job.message = "Stopping..."
         if job.status == "running":  # while queued, the host may be busy with someone else's job: leave it be
             self.host.interrupt()
@@ -667,6 +684,12 @@ class MergeService:
         def cancelled() -> bool:
             return job._cancel.is_set() or self.host.interrupted()
 
+        def commit(output: Path) -> None:
+            with self._lock:
+                if cancelled():  # a cancel that came after the merge's last check still leaves no file
+                    raise Cancelled()
+                job.committed = True
+
         def work() -> None:
             if job._cancel.is_set():
                 raise Cancelled()
@@ -681,12 +704,13 @@ class MergeService:
                                                     overwrite=p.request.overwrite, progress=progress,
                                                     cancel=cancelled,
                                                     extra_metadata={"lib_rebasin_host": self.host.name},
-                                                    confine=False)  # pinned to the host's checkpoints above
+                                                    confine=False,  # pinned to the host's checkpoints above
+                                                    on_commit=commit)
                 else:
                     result = core.merge_checkpoints(
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
                         overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
-                        extra_metadata={"lib_rebasin_host": self.host.name},
+                        extra_metadata={"lib_rebasin_host": self.host.name}, on_commit=commit,
                         **({"bake_vae": p.bake_vae.path} if p.bake_vae else {}))
             finally:
                 self.host.restore_device(device)

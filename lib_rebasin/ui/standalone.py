@@ -154,6 +154,9 @@ def stop_jobs(service: Any, timeout: float = 120.0) -> str:
         return "Stopped: no merge was running."
     service.cancel(job.id)
     if not job.wait(timeout):
+        if job.committed:  # too late to cancel, but the app is going: the file may or may not have its name yet
+            return f"Stopped: {job.prepared.output.name} was still being saved after {timeout:.0f}s; check " \
+                   "whether it is in the folder."
         return f"Stopped: the merge into {job.prepared.output.name} did not stop within {timeout:.0f}s; nothing " \
                "was written (its temporary file has no name, or is removed by the next merge into that folder)."
     if job.status == "done":

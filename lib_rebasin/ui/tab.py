@@ -435,7 +435,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         def stop():
             # The progress line says "Stopping..." while the job winds down and "Stopped" once it has: nothing
             # here that could outlive the job.
-            return "" if service.cancel() else "Nothing is running."
+            job = service.cancel()
+            return "Nothing is running." if job is None else job.too_late_to_cancel() or ""
 
         c["stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
         c["recipe_stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
