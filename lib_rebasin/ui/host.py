@@ -173,6 +173,9 @@ class BaseHost:
 
     name = "base"
     shows_eta = False  # True where the host draws its own progress bar with an ETA (the tab then shows none)
+    # True where, after load_checkpoint, the tab should also call the page's selectCheckpoint(title) (the WebUI's
+    # JavaScript) to show the loaded model; False where the host needs no such call or it would pick another file.
+    page_selects_checkpoint = False
     # A GPU merge keeps two fp32 UNets and the matching buffers on the device: about 8 GiB for SD 1.5.
     min_gpu_bytes = 8 * 1024**3
 

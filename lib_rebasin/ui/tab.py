@@ -295,6 +295,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     c["load"] = gr.Button("Load merged model", elem_id="rebasin_load", interactive=False)
                 c["load_status"] = gr.Markdown("", elem_id="rebasin_load_status")
                 c["loaded_title"] = gr.Textbox(value="", visible=False, elem_id="rebasin_loaded_title")
+                # the name for the page's selectCheckpoint(), "" where the host adapter shows the model itself
+                c["page_checkpoint"] = gr.Textbox(value="", visible=False, elem_id="rebasin_page_checkpoint")
                 with gr.Group(elem_id="rebasin_hires"):
                     gr.HTML("<h3 class='rebasin-subtitle'>Generate with hires fix</h3>")
                     with gr.Row(elem_id="rebasin_hires_buttons"):
@@ -441,21 +443,21 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         c["recipe_stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
 
         def do_load(path: str):
+            """(status, the host dropdown's value for the loaded model, the name for the page's selectCheckpoint)."""
             if not path:
-                return "Merge a model first.", ""
+                return "Merge a model first.", "", ""
             try:
-                from pathlib import Path
-
                 title = host.load_checkpoint(Path(path))
             except RebasinError as e:
-                return f"Could not load: {e}", ""
+                return f"Could not load: {e}", "", ""
             except Exception as e:  # the host's loader failed: say so in one line
-                return f"Could not load the merged model ({type(e).__name__}: {e}).", ""
-            return f"Loaded **{title}** for txt2img and img2img.", title
+                return f"Could not load the merged model ({type(e).__name__}: {e}).", "", ""
+            page = title if getattr(host, "page_selects_checkpoint", False) else ""
+            return f"Loaded **{md_escape(title)}** for txt2img and img2img.", title, page
 
         c["load_event"] = c["load"].click(fn=do_load, inputs=[c["result_path"]],
-                                          outputs=[c["load_status"], c["loaded_title"]])
-        c["load_event"].then(fn=None, inputs=[c["loaded_title"]], outputs=[], **js_kwargs(JS_SELECT_CHECKPOINT))
+                                          outputs=[c["load_status"], c["loaded_title"], c["page_checkpoint"]])
+        c["load_event"].then(fn=None, inputs=[c["page_checkpoint"]], outputs=[], **js_kwargs(JS_SELECT_CHECKPOINT))
 
         _recipe_events(c, host, service, label_to_method, part_label_to_key, dropdowns, follow_job,
                        lists_after_save)
