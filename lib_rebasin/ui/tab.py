@@ -126,14 +126,11 @@ def md_escape(text: str) -> str:
 
 
 # The README section with the quality benchmark's numbers (which method kept what, when re-basin helps); the
-# result card points to it by this heading, so renaming the section means changing it here (a test checks both).
+# result card names it by this heading, so renaming the section means changing it here (a test checks both). The
+# project publishes no documentation URL, so the card names the section in words: never the README's path on the
+# server, which is nothing to click in a browser and shows the server's folders to whoever opens the page.
 QUALITY_SECTION = "Merge quality, measured"
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def heading_anchor(heading: str) -> str:
-    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
-    return "".join(ch for ch in heading.lower() if ch.isalnum() or ch in " -_").replace(" ", "-")
 
 
 def result_markdown(job_dict: dict[str, Any]) -> str:
@@ -145,8 +142,8 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     if summary:
         lines.append("**What the merge did**")
         lines.extend(f"- {md_escape(s)}" for s in summary)
-        lines += ["", f"Which method keeps what, measured on trained models: the README's section "
-                      f"*{QUALITY_SECTION}* (`{README}#{heading_anchor(QUALITY_SECTION)}`)."]
+        lines += ["", f"Which method keeps what, measured on trained models: the section *{QUALITY_SECTION}* of "
+                      f"the Re-Basin extension's README."]
     return "\n".join(lines)
 
 
