@@ -122,6 +122,32 @@ def test_tab_merges_with_a_preset_and_method_params(folder):
     assert not (folder / "bad_blocks.safetensors").exists()
 
 
+def test_tab_records_the_preset_chosen_in_the_dropdown(folder):
+    """Choosing a preset fills in its 26 values; the merge records the preset's name (as the CLI and the API do),
+    and the result card and the curve name it."""
+    pytest.importorskip("gradio")
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    host = StandaloneHost(folder, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    text = _fn_for(ui.blocks, ui["blocks_preset"], "change")("GRAD_V", "")[0]["value"]
+    assert text[0].isdigit()  # the values, not the name, are what the merge button reads
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(p1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["Text encoder"], "cpu", "fp32", "preset_named", False, 1.0, True, text))
+    last = frames[-1]
+    assert last[0] == "" and "rebasin-done" in last[1], last[:3]
+    recipe = json.loads(_meta(folder / "preset_named.safetensors")["lib_rebasin"])["recipe"]
+    assert recipe["blocks"] == list(PRESETS["GRAD_V"]) and recipe["blocks_preset"] == "GRAD_V"
+    assert "GRAD\\_V = " in last[2] and "GRAD_V" in last[1]  # the card (Markdown-escaped) and the curve's title
+    # values edited away from the preset: recorded as custom values, no name
+    edited = "0.3," + text.split(",", 1)[1]
+    assert bui.read_blocks(True, edited) == edited and bui.read_blocks(False, text) == ""
+    (folder / "preset_named.safetensors").unlink()
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:

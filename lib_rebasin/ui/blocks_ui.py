@@ -56,9 +56,19 @@ def curve_html(values: tuple[float, ...] | list[float] | None, title: str = "", 
     return f'<div class="rebasin-blocks-plot">{note}{body}</div>'
 
 
-def read_blocks(use: bool, text: str) -> str:
-    """The `blocks` string a MergeRequest gets from the tab: "" when block weights are off."""
-    return (text or "").strip() if use else ""
+def read_blocks(use: bool, text: str, alpha: float = 0.5) -> str:
+    """The `blocks` string a MergeRequest gets from the tab: "" when block weights are off; a preset's name when
+    the values are exactly that preset's (choosing a preset fills in its values), so the merge records
+    blocks_preset as the CLI and the API do when given the name; else the text, refused by the service if bad."""
+    raw = (text or "").strip()
+    if not use:
+        return ""
+    try:
+        bw = parse_blocks(raw, float(alpha))
+    except (RebasinError, ValueError, TypeError):
+        return raw
+    name = bw.preset or matching_preset(bw.values)
+    return raw if name == CUSTOM else name
 
 
 def values_text(values: tuple[float, ...] | list[float]) -> str:

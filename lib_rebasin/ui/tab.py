@@ -376,7 +376,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
                                overwrite=bool(overwrite), tolerance=float(tolerance or 0) / 100,
-                               blocks=bui.read_blocks(use_blocks, blocks_text), **extra)
+                               blocks=bui.read_blocks(use_blocks, blocks_text, float(alpha)), **extra)
             tid = task_id if isinstance(task_id, str) and task_id.startswith("task(") else None
             keep = [update(), update(), update()]
             try:
