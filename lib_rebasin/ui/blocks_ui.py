@@ -132,6 +132,19 @@ def param_visibility(method: str) -> list[dict[str, Any]]:
             + [{"visible": bool(info and info.random)}, {"visible": _can_align(method)}])
 
 
+def analysis_visibility(method: str, align: Any, matching: Any, repair: Any) -> list[dict[str, Any]]:
+    """Visibility of the matching radio, the activation prompts slider and the REPAIR checkbox, by the core's own
+    rules (options.py): matching chooses how re-basin aligns, so it shows where the merge aligns (MergeOptions.aligned:
+    the rebasin method, or another with align); REPAIR for the methods it restores (REPAIRABLE); the prompts
+    wherever activation matching or REPAIR will use them."""
+    from ..options import REPAIRABLE, MergeOptions
+
+    aligned = method in METHODS and MergeOptions(method=method, align=bool(align) and _can_align(method)).aligned
+    repairable = method in REPAIRABLE
+    prompts = (aligned and matching == "activations") or (repairable and bool(repair))
+    return [{"visible": aligned}, {"visible": prompts}, {"visible": repairable}]
+
+
 def on_preset(name: str, text: str) -> tuple[Any, ...]:
     """Preset chosen -> text, 26 sliders, plot, use-blocks on."""
     if name not in PRESETS:

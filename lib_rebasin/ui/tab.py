@@ -245,17 +245,19 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
                           "(0 = until nothing improves; much slower on unrelated models)",
                     elem_id="rebasin_tolerance", visible=d_method in USES_TOLERANCE)
+                shown = bui.analysis_visibility(d_method, False, MATCHING_CHOICES[0], False)
                 with gr.Row(elem_id="rebasin_matching_row"):
                     c["matching"] = gr.Radio(choices=list(MATCHING_CHOICES), value=MATCHING_CHOICES[0],
                                              label="Re-basin matching (re-basin, or another method with 'align'): "
                                                    "by weights, or by activations on seeded prompts (slower)",
-                                             elem_id="rebasin_matching")
+                                             elem_id="rebasin_matching", **shown[0])
                     c["activation_samples"] = gr.Slider(minimum=1, maximum=64, step=1,
                                                         value=MergeRequest.activation_samples,
-                                                        label="Activation matching: prompts",
-                                                        elem_id="rebasin_activation_samples")
+                                                        label="Activation matching / REPAIR: prompts",
+                                                        elem_id="rebasin_activation_samples", **shown[1])
                     c["repair"] = gr.Checkbox(value=False, label="REPAIR: restore the parents' activation statistics "
-                                                                 "after blending", elem_id="rebasin_repair")
+                                                                 "after blending", elem_id="rebasin_repair",
+                                              **shown[2])
                 with gr.Row():
                     c["device"] = gr.Dropdown(choices=devices, value=d_device, label="Device",
                                               elem_id="rebasin_device")
@@ -334,6 +336,16 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                     c["tolerance"]])
         bui.wire_block_events(c, update)
 
+        analysis_inputs = [c["method"], c["align"], c["matching"], c["repair"]]
+
+        def on_analysis(label: str, align: bool, matching: str, repair: bool):
+            key = label_to_method.get(label, label)
+            return [update(**v) for v in bui.analysis_visibility(key, align, matching, repair)]
+
+        for comp in analysis_inputs:
+            comp.change(fn=on_analysis, inputs=analysis_inputs,
+                        outputs=[c["matching"], c["activation_samples"], c["repair"]])
+
         def suggest_name(a, b, method, alpha, use_blocks, preset):
             """The output field's placeholder: the name an empty field gives (a preset's name, or "mbw")."""
             key = label_to_method.get(method, method)
@@ -367,11 +379,13 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     extra["align"] = bool(params[n + 1]) and bui._can_align(key)
                 if len(params) > n + 2 and params[n + 2] and params[n + 2] != "None":
                     extra["bake_vae"] = str(params[n + 2])
+                # a control hidden for this method (analysis_visibility) keeps the value it had before: not used
+                shown = bui.analysis_visibility(key, extra.get("align", False), None, None)
                 if len(params) > n + 4 and params[n + 3] in MATCHING_CHOICES:
-                    extra["matching"] = str(params[n + 3])
+                    extra["matching"] = str(params[n + 3]) if shown[0]["visible"] else MATCHING_CHOICES[0]
                     extra["activation_samples"] = int(params[n + 4] or MergeRequest.activation_samples)
                 if len(params) > n + 5:
-                    extra["repair"] = bool(params[n + 5])
+                    extra["repair"] = bool(params[n + 5]) and shown[2]["visible"]
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
