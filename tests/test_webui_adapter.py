@@ -88,15 +88,15 @@ def _calls(prefix):
 
 def _build_ui(webui, with_txt2img=True):
     """What the WebUI does at startup: settings, txt2img components, our tab, then the quicksettings row."""
-    from modules import script_callbacks
+    from modules import script_callbacks, shared
 
     script_callbacks.ui_settings_callback()
     comps = {}
     if with_txt2img:
         with gr.Blocks():
             comps["enable"] = gr.Checkbox(False, visible=False, elem_id="txt2img_hr-checkbox")
-            comps["upscaler"] = gr.Dropdown(choices=["Latent", "Latent (nearest)", "None", "Lanczos", "R-ESRGAN 4x+"],
-                                            value="Latent", elem_id="txt2img_hr_upscaler")
+            upscalers = [*shared.latent_upscale_modes, *(u.name for u in shared.sd_upscalers)]  # as the host's
+            comps["upscaler"] = gr.Dropdown(choices=upscalers, value="Latent", elem_id="txt2img_hr_upscaler")
             comps["steps"] = gr.Slider(0, 150, step=1, value=0, elem_id="txt2img_hires_steps")
             comps["denoise"] = gr.Slider(0, 1, step=0.01, value=0.7, elem_id="txt2img_denoising_strength")
             comps["scale"] = gr.Slider(1, 4, step=0.05, value=2.0, elem_id="txt2img_hr_scale")
@@ -559,7 +559,8 @@ def test_hires_presets_set_txt2img_from_python(webui, key, denoise):
     # a fresh install has R-ESRGAN 4x+ only as a download link: the preset picks one that runs right away
     assert values == [True, denoise, 2.0, "Lanczos", 0]
     assert f"{denoise:.2f}" in note and "**Lanczos**" in note and "nothing to download" in note
-    assert "R-ESRGAN 4x+ would need a download" in note
+    # the skipped upscalers it names are the well-known ones the preset prefers, not the list's first downloads
+    assert "R-ESRGAN 4x+ and ESRGAN\\_4x would need a download" in note and "DAT" not in note
     # a deliberate, existing non-latent upscaler is kept
     assert fn("Lanczos")[3]["value"] == "Lanczos"
 

@@ -96,6 +96,16 @@ def pick_upscaler(choices: Any, current: str | None = None, ready: set[str] | No
     return current if current in values else (values[0] if values else None)
 
 
+def known_downloads(choices: Any, ready: set[str] | None, chosen: str | None, limit: int = 2) -> list[str]:
+    """The upscalers users know (UPSCALER_PREFERENCE) that the host offers, that rank above `chosen` and that need
+    a download first: what the preset would have used had they been installed."""
+    if ready is None:
+        return []
+    offered = set(choice_values(choices))
+    rank = UPSCALER_PREFERENCE.index(chosen) if chosen in UPSCALER_PREFERENCE else len(UPSCALER_PREFERENCE)
+    return [n for n in UPSCALER_PREFERENCE[:rank] if n in offered and n not in ready][:limit]
+
+
 def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None,
                  ready: set[str] | None = None) -> dict[str, Any]:
     """The txt2img values one preset sets, keyed like HIRES_ELEM_IDS (None = leave as is)."""

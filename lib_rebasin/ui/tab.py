@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RebasinError
-from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, choice_values, hires_values
+from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values, known_downloads
 from . import blocks_ui as bui
 from . import recipe_builder as rb
 from .service import (PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService, RecipeRequest, format_eta,
@@ -177,7 +177,7 @@ def preset_summary(preset: HiresPreset, targets: dict[str, Any], current_upscale
     upscaler = values["upscaler"] or "the current upscaler"
     why = ""
     if values["upscaler"] and ready is not None:
-        skipped = [n for n in choice_values(getattr(up, "choices", None)) if n not in ready][:2]
+        skipped = known_downloads(getattr(up, "choices", None), ready, values["upscaler"])
         why = " (installed, nothing to download" + (f"; {' and '.join(skipped)} would need a download first"
                                                     if skipped else "") + ")"
     return (f"**{preset.label}** {where}: hires fix on, denoising strength {preset.denoise:.2f}, upscale "
