@@ -164,6 +164,9 @@ class WebUIHost(BaseHost):
         if webui_progress is not None:
             webui_progress.add_task_to_queue(job_id)
         with call_queue.queue_lock:
+            # state.begin() leaves sampling_steps alone, and the host's console "Total progress" bar of the next
+            # generation is sized job_count * sampling_steps before its sampler sets its own: put back what we set
+            kept = {k: getattr(shared.state, k, None) for k in ("sampling_steps", "sampling_step", "textinfo")}
             shared.state.begin(job=job_id)
             if webui_progress is not None:
                 webui_progress.start_task(job_id)
@@ -179,6 +182,8 @@ class WebUIHost(BaseHost):
                 shared.state.end()
                 shared.state.interrupted = False
                 shared.state.job_count = 0
+                for key, value in kept.items():
+                    setattr(shared.state, key, value)
 
     def discard_job(self, job_id):
         if webui_progress is not None and job_id:

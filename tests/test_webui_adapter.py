@@ -450,6 +450,19 @@ def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path,
     assert chosen in sd_models.checkpoint_tiles() and sd_models.select_checkpoint().filename == str(out)
 
 
+def test_merge_leaves_the_hosts_generation_progress_as_it_found_it(webui):
+    """The merge drives the host's progress bar through shared.state (sampling_steps 1000), then puts those fields
+    back: state.begin() of the next generation keeps sampling_steps, and the host's console "Total progress" bar,
+    sized job_count * sampling_steps before the sampler sets its own, printed "0/1000"."""
+    from modules import shared
+
+    shared.state.sampling_steps, shared.state.sampling_step = 20, 20  # as a finished 20-step generation left them
+    job = webui.SERVICE.submit(_request(output_name="progress_kept"))
+    assert job.wait(120) and job.status == "done", job.error
+    assert [s for s, _text in shared.state.history]  # the merge's progress went through the host's state
+    assert (shared.state.sampling_steps, shared.state.sampling_step, shared.state.job_count) == (20, 20, 0)
+
+
 def test_merge_saves_into_host_checkpoint_folder_and_lists_it(webui, models_dir):
     from modules import sd_models
 

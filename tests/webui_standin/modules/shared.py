@@ -70,8 +70,15 @@ class State:
         self.history = []  # (sampling_step, textinfo) as the adapter reports progress
 
     def begin(self, job="(unknown)"):
+        """Like the host's (modules/shared_state.py): clears the step, counters and flags, but not sampling_steps."""
         record("state.begin", job)
-        self.reset()
+        self.sampling_step = 0
+        self.job_count = -1
+        self.job_no = 0
+        self.skipped = False
+        self.interrupted = False
+        self.textinfo = None
+        self.history = []
         self.job = job
 
     def end(self):
