@@ -147,6 +147,15 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def job_inputs(request: dict[str, Any]) -> str:
+    """What a job merges, for a page that did not start it (reloaded: its Model A / B fields are empty)."""
+    if "recipe" in request:
+        models = list(dict.fromkeys((request.get("models") or {}).values()))
+        return f"Recipe {request.get('recipe')}" + (f" ({', '.join(models)})" if models else "")
+    names = [f"{k} {request.get(f'model_{k.lower()}')}" for k in "ABC" if request.get(f"model_{k.lower()}")]
+    return ", ".join(names)
+
+
 def same_choice(value: str | None, service: MergeService) -> str | None:
     """The current title of the checkpoint `value` named before a rescan (the host may have added " [hash]")."""
     if not value:
@@ -402,15 +411,18 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             yield from follow_job(job, keep, lambda: lists_after_save(a, b, cc),
                                   eta=not (tid and getattr(host, "shows_eta", False)))
 
-        def follow_job(job, keep, lists_after, eta=True):
+        def follow_job(job, keep, lists_after, eta=True, named=False):
             """Frames (error, progress, result, result_path, load, run button, *lists) until `job` ends.
-            eta=False where the host draws its own progress bar with an ETA above ours: one ETA is enough."""
+            eta=False where the host draws its own progress bar with an ETA above ours: one ETA is enough.
+            named=True: the status line names the job's models (a reloaded page's fields are empty)."""
             last = None
+            what = job_inputs(job.to_dict().get("request") or {}) if named else ""
             while True:
                 done = job.wait(POLL_S)
                 d = job.to_dict()
                 state = d["status"] if done else "running"
                 line = job.status_line(eta=eta)
+                line = f"{what} · {line}" if what else line
                 frame = (progress_html(d["fraction"], line, state), state)
                 if frame != last:
                     last = frame
@@ -441,7 +453,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             if job is None:
                 yield tuple(update() for _ in merge_outputs)
                 return
-            yield from follow_job(job, [update(), update(), update()], lambda: lists_after_save(a, b, cc))
+            yield from follow_job(job, [update(), update(), update()], lambda: lists_after_save(a, b, cc),
+                                  named=True)
 
         c["resume_event"] = blocks.load(fn=resume, inputs=dropdowns, outputs=merge_outputs, show_progress=False)
 
