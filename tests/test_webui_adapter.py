@@ -357,8 +357,7 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert sel_fn(title)["value"] == merged_title
 
 
-@pytest.fixture()
-def forge(webui, monkeypatch):
+def _become_forge(monkeypatch):
     """The stand-in as Forge: modules_forge importable, sd_models with forge_model_reload and Forge's checkpoint
     tiles (bare names), and no reload on the option change (Forge loads lazily at the next generation)."""
     from modules import sd_models, shared
@@ -367,6 +366,11 @@ def forge(webui, monkeypatch):
     monkeypatch.setattr(sd_models, "FORGE", True)
     monkeypatch.setattr(sd_models, "forge_model_reload", lambda: None, raising=False)
     shared.opts.onchanges.clear()
+
+
+@pytest.fixture()
+def forge(webui, monkeypatch):
+    _become_forge(monkeypatch)
     return webui
 
 
@@ -419,10 +423,7 @@ def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path,
     from modules import sd_models, shared
 
     if flavour == "forge":
-        monkeypatch.syspath_prepend(str(STANDIN / "forge"))
-        monkeypatch.setattr(sd_models, "FORGE", True)
-        monkeypatch.setattr(sd_models, "forge_model_reload", lambda: None, raising=False)
-        shared.opts.onchanges.clear()
+        _become_forge(monkeypatch)
     folder = tmp_path / "models"
     folder.mkdir()
     for i, name in enumerate(inputs):
