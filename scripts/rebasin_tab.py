@@ -120,7 +120,17 @@ class WebUIHost(BaseHost):
             info = sd_models.CheckpointInfo(str(path))
             info.register()
 
+    @property
+    def page_selects_checkpoint(self):
+        """Whether the tab should also ask the page's selectCheckpoint() to show the loaded model: only where the
+        host's checkpoint dropdown was not captured (so the adapter cannot update it), and never in Forge, whose
+        #change_checkpoint handler passes the name through sd_models.match_checkpoint_to_name, which takes the
+        first registered title contained in it ("F2.safetensors" for "fcore_F1F2.safetensors")."""
+        return self.checkpoint_dropdown is None and not _is_forge()
+
     def load_checkpoint(self, path):
+        """Select exactly the file at `path` for generation; returns the value the host's own checkpoint dropdown
+        holds for it, which is also what the option sd_model_checkpoint keeps."""
         info = self._info_for(path)
         if info is None:
             sd_models.list_models()
@@ -129,7 +139,9 @@ class WebUIHost(BaseHost):
             raise RebasinError(f"{Path(path).name} is not in the WebUI's checkpoint list; press refresh and try again.")
         if _is_forge():
             # Forge's own checkpoint dropdown handler: sets opts.sd_model_checkpoint, saves config.json and
-            # refreshes the loading parameters; the model loads lazily at the next generation.
+            # refreshes the loading parameters; the model loads lazily at the next generation. Given the dropdown's
+            # own entry (a bare name in Forge), which is one of the file's aliases: resolved exactly.
+            value = _dropdown_value(info)
             try:
                 from modules_forge import main_entry
 
@@ -137,22 +149,24 @@ class WebUIHost(BaseHost):
             except ImportError:
                 change = None
             if change is not None:
-                change(info.title)
+                change(value)
             else:
-                _persist_checkpoint(info.title)
-            return info.title
+                _persist_checkpoint(value)
+            return value
         with call_queue.queue_lock:
             sd_models.reload_model_weights(info=info)
-        loaded = getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None)
-        title = getattr(loaded, "title", None) or info.title
-        _persist_checkpoint(title)  # outside the queue lock: the option's onchange takes it
-        return title
+        value = _dropdown_value(self._info_for(path) or info)  # loading may have hashed it: "name [hash]" now
+        _persist_checkpoint(value)  # outside the queue lock: the option's onchange takes it
+        return value
 
     # -- jobs, progress, interrupt ----------------------------------------------------------------------------
     def run_job(self, job_id, work):
         if webui_progress is not None:
             webui_progress.add_task_to_queue(job_id)
         with call_queue.queue_lock:
+            # state.begin() leaves sampling_steps alone, and the host's console "Total progress" bar of the next
+            # generation is sized job_count * sampling_steps before its sampler sets its own: put back what we set
+            kept = {k: getattr(shared.state, k, None) for k in ("sampling_steps", "sampling_step", "textinfo")}
             shared.state.begin(job=job_id)
             if webui_progress is not None:
                 webui_progress.start_task(job_id)
@@ -168,6 +182,8 @@ class WebUIHost(BaseHost):
                 shared.state.end()
                 shared.state.interrupted = False
                 shared.state.job_count = 0
+                for key, value in kept.items():
+                    setattr(shared.state, key, value)
 
     def discard_job(self, job_id):
         if webui_progress is not None and job_id:
@@ -264,6 +280,18 @@ class WebUIHost(BaseHost):
             if path is None or (not str(path).startswith(("http://", "https://")) and os.path.exists(str(path))):
                 ready.add(u.name)
         return ready
+
+
+def _dropdown_value(info):
+    """The entry the host's checkpoint dropdowns list for `info` (sd_models.checkpoint_tiles, in the order of
+    checkpoints_list): "name [hash]" titles in A1111, bare names in Forge, short titles with the host's
+    sd_checkpoint_dropdown_use_short. Every one of them is among the file's checkpoint_aliases."""
+    infos = list(sd_models.checkpoints_list.values())
+    tiles = _checkpoint_choices()
+    for i, candidate in enumerate(infos):
+        if candidate is info and len(tiles) == len(infos):
+            return tiles[i]
+    return info.title
 
 
 def _persist_checkpoint(title):

@@ -122,6 +122,32 @@ def test_tab_merges_with_a_preset_and_method_params(folder):
     assert not (folder / "bad_blocks.safetensors").exists()
 
 
+def test_tab_records_the_preset_chosen_in_the_dropdown(folder):
+    """Choosing a preset fills in its 26 values; the merge records the preset's name (as the CLI and the API do),
+    and the result card and the curve name it."""
+    pytest.importorskip("gradio")
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    host = StandaloneHost(folder, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    text = _fn_for(ui.blocks, ui["blocks_preset"], "change")("GRAD_V", "")[0]["value"]
+    assert text[0].isdigit()  # the values, not the name, are what the merge button reads
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(p1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["Text encoder"], "cpu", "fp32", "preset_named", False, 1.0, True, text))
+    last = frames[-1]
+    assert last[0] == "" and "rebasin-done" in last[1], last[:3]
+    recipe = json.loads(_meta(folder / "preset_named.safetensors")["lib_rebasin"])["recipe"]
+    assert recipe["blocks"] == list(PRESETS["GRAD_V"]) and recipe["blocks_preset"] == "GRAD_V"
+    assert "GRAD\\_V = " in last[2] and "GRAD_V" in last[1]  # the card (Markdown-escaped) and the curve's title
+    # values edited away from the preset: recorded as custom values, no name
+    edited = "0.3," + text.split(",", 1)[1]
+    assert bui.read_blocks(True, edited) == edited and bui.read_blocks(False, text) == ""
+    (folder / "preset_named.safetensors").unlink()
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -267,12 +293,15 @@ def test_tab_merges_with_activation_matching(folder):
     assert "rebasin-done" in last[1] and "Activation matching: " in last[2], last[:3]
     recipe = json.loads(_meta(folder / "by_activations.safetensors")["lib_rebasin"])["recipe"]
     assert (recipe["matching"], recipe["activation_samples"], recipe["seed"]) == ("activations", 2, 3)
-    # activation matching chooses how re-basin aligns: with a method that does not align it is refused first
+    # activation matching chooses how re-basin aligns: hidden for a method that does not align, and the value it
+    # kept from before is not used (the merge is not refused for a control the user cannot see)
     frames = list(run("task(m2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["Text encoder"], "cpu", "fp32", "refused", False, 1.0, False, "",
+                      ["Text encoder"], "cpu", "fp32", "hidden_matching", False, 1.0, False, "",
                       0.2, 1.0, 0.9, 0, False, "None", "activations", 2))
-    assert len(frames) == 1 and "does not align" in frames[0][0]
-    assert not (folder / "refused.safetensors").exists()
+    assert frames[-1][0] == "" and "rebasin-done" in frames[-1][1], frames[-1][:3]
+    recipe = json.loads(_meta(folder / "hidden_matching.safetensors")["lib_rebasin"])["recipe"]
+    assert recipe.get("matching", "weights") == "weights"
+    (folder / "hidden_matching.safetensors").unlink()
 
 
 def test_tab_merges_with_repair(folder):
@@ -292,14 +321,51 @@ def test_tab_merges_with_repair(folder):
     assert "rebasin-done" in frames[-1][1], frames[-1][:3]
     recipe = json.loads(_meta(folder / "repaired.safetensors")["lib_rebasin"])["recipe"]
     assert (recipe["repair"], recipe["activation_samples"], recipe["seed"]) == (True, 1, 3)
-    # REPAIR without the UNet, or with a method it does not apply to: refused before anything runs, no file
-    for method, parts, needle in (("Weighted sum", ["Text encoder"], "parts must include unet"),
-                                  ("Add difference", ["UNet"], "Add difference is not one")):
-        frames = list(run("task(r2)", "one.safetensors", "two.safetensors", "base.safetensors", method, 0.5, 1,
-                          parts, "cpu", "fp32", "refused", False, 1.0, False, "",
-                          0.2, 1.0, 0.9, 0, False, "None", "weights", 1, True))
-        assert len(frames) == 1 and needle in frames[0][0], frames[0][0]
-        assert not (folder / "refused.safetensors").exists()
+    # REPAIR without the UNet: refused before anything runs, no file
+    frames = list(run("task(r2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
+                      ["Text encoder"], "cpu", "fp32", "refused", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 0, False, "None", "weights", 1, True))
+    assert len(frames) == 1 and "parts must include unet" in frames[0][0], frames[0][0]
+    assert not (folder / "refused.safetensors").exists()
+
+
+def test_matching_and_repair_show_only_where_they_apply(folder):
+    """REPAIR shows for the methods the core repairs (options.REPAIRABLE), the matching radio where the merge aligns
+    (re-basin, or another method with align), the prompts where either uses them; a checked REPAIR hidden by a
+    method change is not sent (no refusal after pressing Merge for a control the user cannot see)."""
+    pytest.importorskip("gradio")
+    from lib_rebasin.methods import METHODS
+    from lib_rebasin.options import REPAIRABLE, MergeOptions
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    host = StandaloneHost(folder, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    props = {c["props"].get("elem_id"): c["props"] for c in ui.blocks.get_config_file()["components"]}
+    default = ui["method"].value  # re-basin: aligns and is repairable
+    assert props["rebasin_matching"]["visible"] is True and props["rebasin_repair"]["visible"] is True
+    assert props["rebasin_activation_samples"]["visible"] is False  # weights matching, no REPAIR: unused
+    on = _fn_for(ui.blocks, ui["repair"], "change")
+    deps = [d for i, d in enumerate(ui.blocks.get_config_file()["dependencies"]) if ui.blocks.fns[i].fn is on]
+    triggers = {t[0] if isinstance(t, (list, tuple)) else t for d in deps for t in d["targets"]}
+    assert triggers == {ui[k]._id for k in ("method", "align", "matching", "repair")}
+    assert all(d["outputs"] == [ui["matching"]._id, ui["activation_samples"]._id, ui["repair"]._id] for d in deps)
+    for key, info in METHODS.items():
+        for align in (False, True):
+            matching, prompts, repair = on(info.label, align, "activations", False)
+            aligned = MergeOptions(method=key, align=align and key not in ("rebasin", "legacy")).aligned
+            assert matching["visible"] is aligned and prompts["visible"] is aligned, (key, align)
+            assert repair["visible"] is (key in REPAIRABLE), key
+    assert on(default, False, "weights", True)[1]["visible"] is True  # REPAIR uses the prompts too
+    assert on("Add difference", False, "weights", True)[2]["visible"] is False
+    run = _fn_for(ui.blocks, ui["merge"])
+    frames = list(run("task(r3)", "one.safetensors", "two.safetensors", "base.safetensors", "Add difference", 0.5,
+                      1, ["UNet"], "cpu", "fp32", "hidden_repair", False, 1.0, False, "",
+                      0.2, 1.0, 0.9, 0, False, "None", "weights", 1, True))
+    assert frames[-1][0] == "" and "rebasin-done" in frames[-1][1], frames[-1][:3]
+    assert "repair" not in json.loads(_meta(folder / "hidden_repair.safetensors")["lib_rebasin"])["recipe"]
+    (folder / "hidden_repair.safetensors").unlink()
 
 
 def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):

@@ -224,6 +224,13 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
         frames = resume(None, None, None)  # the page was reloaded
         first = next(frames)
         assert "rebasin-progress" in first[1] and first[5]["interactive"] is False
+        # the reloaded page's Model A / B are empty: the status line names what runs
+        assert "A one.safetensors, B two.safetensors · " in first[1], first[1]
+    from lib_rebasin.ui.tab import job_inputs
+
+    assert job_inputs({"recipe": "chain", "models": {"a": "one.safetensors", "b": "two.safetensors",
+                                                    "c": "one.safetensors"}}) == \
+        "Recipe chain (one.safetensors, two.safetensors)"
     frames = [first, *frames]
     last = frames[-1]
     assert job.status == "done" and "rebasin-done" in last[1] and "reloaded.safetensors" in last[2]

@@ -25,7 +25,7 @@ GR4 = int(gr.__version__.split(".")[0]) >= 4
 
 def _drop_standin_modules():
     for name in list(sys.modules):
-        if name == "modules" or name.startswith("modules.") or name in ("launch", "rebasin_tab.py"):
+        if name.split(".")[0] in ("modules", "modules_forge") or name in ("launch", "rebasin_tab.py"):
             del sys.modules[name]
 
 
@@ -88,15 +88,15 @@ def _calls(prefix):
 
 def _build_ui(webui, with_txt2img=True):
     """What the WebUI does at startup: settings, txt2img components, our tab, then the quicksettings row."""
-    from modules import script_callbacks
+    from modules import script_callbacks, shared
 
     script_callbacks.ui_settings_callback()
     comps = {}
     if with_txt2img:
         with gr.Blocks():
             comps["enable"] = gr.Checkbox(False, visible=False, elem_id="txt2img_hr-checkbox")
-            comps["upscaler"] = gr.Dropdown(choices=["Latent", "Latent (nearest)", "None", "Lanczos", "R-ESRGAN 4x+"],
-                                            value="Latent", elem_id="txt2img_hr_upscaler")
+            upscalers = [*shared.latent_upscale_modes, *(u.name for u in shared.sd_upscalers)]  # as the host's
+            comps["upscaler"] = gr.Dropdown(choices=upscalers, value="Latent", elem_id="txt2img_hr_upscaler")
             comps["steps"] = gr.Slider(0, 150, step=1, value=0, elem_id="txt2img_hires_steps")
             comps["denoise"] = gr.Slider(0, 1, step=0.01, value=0.7, elem_id="txt2img_denoising_strength")
             comps["scale"] = gr.Slider(1, 4, step=0.05, value=2.0, elem_id="txt2img_hr_scale")
@@ -342,7 +342,8 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert dep_dd["outputs"] == [dd._id]
     # one-click load: the host reloads weights from the saved file and the top-left dropdown follows
     load_fn, _ = _fn_for(ui.blocks, ui["load"])
-    status, title = load_fn(str(out))
+    status, title, page = load_fn(str(out))
+    assert page == ""  # the adapter shows it in the captured dropdown; no second selection by the page
     assert title == merged_title and "Loaded" in status
     assert ("sd_models.reload_model_weights", merged_title) in _calls("sd_models.reload_model_weights")
     assert not _calls("hashes.calculate")  # the host did not hash the 2 GB file again to load it
@@ -356,32 +357,111 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert sel_fn(title)["value"] == merged_title
 
 
-def test_load_persists_the_choice_on_forge_through_its_checkpoint_change(webui, tmp_path, monkeypatch):
-    """Forge: "Load merged model" goes through modules_forge.main_entry.checkpoint_change, which sets the option,
-    saves config.json and refreshes the loading parameters (the model loads lazily at the next generation)."""
-    import types
-
+def _become_forge(monkeypatch):
+    """The stand-in as Forge: modules_forge importable, sd_models with forge_model_reload and Forge's checkpoint
+    tiles (bare names), and no reload on the option change (Forge loads lazily at the next generation)."""
     from modules import sd_models, shared
 
-    calls = []
-    main_entry = types.ModuleType("modules_forge.main_entry")
-
-    def checkpoint_change(name, save=True, refresh=True):  # modules_forge/main_entry.py, reduced
-        calls.append(name)
-        shared.opts.set("sd_model_checkpoint", name)
-        shared.opts.save(shared.config_filename)
-        return True
-
-    main_entry.checkpoint_change = checkpoint_change
-    package = types.ModuleType("modules_forge")
-    package.main_entry = main_entry
-    monkeypatch.setitem(sys.modules, "modules_forge", package)
-    monkeypatch.setitem(sys.modules, "modules_forge.main_entry", main_entry)
+    monkeypatch.syspath_prepend(str(STANDIN / "forge"))
+    monkeypatch.setattr(sd_models, "FORGE", True)
     monkeypatch.setattr(sd_models, "forge_model_reload", lambda: None, raising=False)
-    shared.opts.onchanges.clear()  # Forge loads lazily: no reload on the option change
-    title = webui.HOST.load_checkpoint(sd_models.checkpoints_list["beta.safetensors"].filename)
-    assert calls == ["beta.safetensors"] and title == "beta.safetensors"
+    shared.opts.onchanges.clear()
+
+
+@pytest.fixture()
+def forge(webui, monkeypatch):
+    _become_forge(monkeypatch)
+    return webui
+
+
+def test_load_persists_the_choice_on_forge_through_its_checkpoint_change(forge):
+    """Forge: "Load merged model" goes through modules_forge.main_entry.checkpoint_change, which sets the option,
+    saves config.json and refreshes the loading parameters (the model loads lazily at the next generation). It gets
+    what Forge's dropdown lists, the bare name, not the "name [hash]" title: else the dropdown shows nothing."""
+    from modules import sd_models, shared
+
+    info = sd_models.checkpoints_list["beta.safetensors"]
+    info.calculate_shorthash()  # hashed, as after a merge or a load: titled "beta.safetensors [hash]"
+    assert info.title != "beta.safetensors"
+    title = forge.HOST.load_checkpoint(info.filename)
+    assert _calls("main_entry.checkpoint_change") == [("main_entry.checkpoint_change", "beta.safetensors")]
+    assert title == "beta.safetensors" and title in sd_models.checkpoint_tiles()
     assert json.loads(Path(shared.config_filename).read_text())["sd_model_checkpoint"] == "beta.safetensors"
+    assert sd_models.model_data.forge_loading_parameters["checkpoint_info"].name == "beta.safetensors"
+
+
+def _press_load(ui, demo, path):
+    """What the browser does on "Load merged model": the click's Python handler, then (in any order, here the
+    host dropdown first) the adapter's update of the host's checkpoint dropdown, whose change handler runs, and
+    the page's selectCheckpoint() with whatever the JS hook is given. Returns the dropdown's last value."""
+    from modules import ui_settings
+
+    load_fn, load_dep = _fn_for(ui.blocks, ui["load"])
+    values = dict(zip(load_dep["outputs"], load_fn(str(path))))
+    shown = None
+    sel_fn, _dep = _fn_for(demo, ui["loaded_title"], "change")
+    upd = sel_fn(values[ui["loaded_title"]._id])
+    if "value" in upd:
+        shown = upd["value"]
+        ui_settings.checkpoint_dropdown_changed(shown)
+    hooks = [d for d in _deps(ui.blocks) if "selectCheckpoint" in str(d.get("js") or d.get("_js") or "")]
+    assert len(hooks) == 1
+    for comp_id in hooks[0]["inputs"]:
+        if values.get(comp_id):
+            shown = ui_settings.change_checkpoint(values[comp_id])
+    return values[ui["load_status"]._id], shown
+
+
+@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+@pytest.mark.parametrize("merged, inputs", [("fcore_F1F2", ("F1", "F2")), ("zz_F1", ("F1", "F2"))])
+def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path, monkeypatch, flavour, merged,
+                                                                 inputs):
+    """A merge whose name contains an input's file name that is listed first ("fcore_F1F2" next to "F2", "zz_F1"
+    next to "F1"): one load selects the merged file for the next generation, the option and config.json keep it,
+    and the host's dropdown shows one of its own entries (Forge lists bare names, A1111 "name [hash]")."""
+    from lib_rebasin.synthetic import make_checkpoint
+    from modules import sd_models, shared
+
+    if flavour == "forge":
+        _become_forge(monkeypatch)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for i, name in enumerate(inputs):
+        make_checkpoint(folder / f"{name}.safetensors", "mini", seed=i + 1, base_seed=0)
+    sd_models.model_path = str(folder)
+    webui.shared.opts.data["rebasin_output_dir"] = ""  # into the checkpoint folder, listed after the inputs
+    sd_models.list_models()
+    _tabs, _comps, _dd, demo = _build_ui(webui, with_txt2img=False)
+    ui = webui.TAB
+    fn, _dep = _fn_for(ui.blocks, ui["merge"])
+    frames = list(fn("task(m1)", f"{inputs[0]}.safetensors", f"{inputs[1]}.safetensors", None,
+                     ui["method"].value, 0.5, 1, ["UNet", "Text encoder", "VAE"], "cpu", "fp16", merged, False))
+    assert frames[-1][0] == ""
+    out = folder / f"{merged}.safetensors"
+    assert out.is_file() and list(sd_models.checkpoints_list.values())[-1].filename == str(out)
+    status, shown = _press_load(ui, demo, out)
+    assert "Loaded" in status
+    chosen = shared.opts.data["sd_model_checkpoint"]
+    assert sd_models.select_checkpoint().filename == str(out), chosen  # what the next generation loads
+    if flavour == "a1111":
+        assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(out)
+    assert shown == chosen and chosen in sd_models.checkpoint_tiles()  # the dropdown shows one of its entries
+    assert json.loads(Path(shared.config_filename).read_text())["sd_model_checkpoint"] == chosen
+    sd_models.list_models()  # a restart: the saved choice is still one of the dropdown's entries and that file
+    assert chosen in sd_models.checkpoint_tiles() and sd_models.select_checkpoint().filename == str(out)
+
+
+def test_merge_leaves_the_hosts_generation_progress_as_it_found_it(webui):
+    """The merge drives the host's progress bar through shared.state (sampling_steps 1000), then puts those fields
+    back: state.begin() of the next generation keeps sampling_steps, and the host's console "Total progress" bar,
+    sized job_count * sampling_steps before the sampler sets its own, printed "0/1000"."""
+    from modules import shared
+
+    shared.state.sampling_steps, shared.state.sampling_step = 20, 20  # as a finished 20-step generation left them
+    job = webui.SERVICE.submit(_request(output_name="progress_kept"))
+    assert job.wait(120) and job.status == "done", job.error
+    assert [s for s, _text in shared.state.history]  # the merge's progress went through the host's state
+    assert (shared.state.sampling_steps, shared.state.sampling_step, shared.state.job_count) == (20, 20, 0)
 
 
 def test_merge_saves_into_host_checkpoint_folder_and_lists_it(webui, models_dir):
@@ -493,7 +573,8 @@ def test_hires_presets_set_txt2img_from_python(webui, key, denoise):
     # a fresh install has R-ESRGAN 4x+ only as a download link: the preset picks one that runs right away
     assert values == [True, denoise, 2.0, "Lanczos", 0]
     assert f"{denoise:.2f}" in note and "**Lanczos**" in note and "nothing to download" in note
-    assert "R-ESRGAN 4x+ would need a download" in note
+    # the skipped upscalers it names are the well-known ones the preset prefers, not the list's first downloads
+    assert "R-ESRGAN 4x+ and ESRGAN\\_4x would need a download" in note and "DAT" not in note
     # a deliberate, existing non-latent upscaler is kept
     assert fn("Lanczos")[3]["value"] == "Lanczos"
 

@@ -56,9 +56,19 @@ def curve_html(values: tuple[float, ...] | list[float] | None, title: str = "", 
     return f'<div class="rebasin-blocks-plot">{note}{body}</div>'
 
 
-def read_blocks(use: bool, text: str) -> str:
-    """The `blocks` string a MergeRequest gets from the tab: "" when block weights are off."""
-    return (text or "").strip() if use else ""
+def read_blocks(use: bool, text: str, alpha: float = 0.5) -> str:
+    """The `blocks` string a MergeRequest gets from the tab: "" when block weights are off; a preset's name when
+    the values are exactly that preset's (choosing a preset fills in its values), so the merge records
+    blocks_preset as the CLI and the API do when given the name; else the text, refused by the service if bad."""
+    raw = (text or "").strip()
+    if not use:
+        return ""
+    try:
+        bw = parse_blocks(raw, float(alpha))
+    except (RebasinError, ValueError, TypeError):
+        return raw
+    name = bw.preset or matching_preset(bw.values)
+    return raw if name == CUSTOM else name
 
 
 def values_text(values: tuple[float, ...] | list[float]) -> str:
@@ -120,6 +130,19 @@ def param_visibility(method: str) -> list[dict[str, Any]]:
     own = {p.name for p in info.params} if info else set()
     return ([{"visible": name in own} for name in ALL_PARAMS]
             + [{"visible": bool(info and info.random)}, {"visible": _can_align(method)}])
+
+
+def analysis_visibility(method: str, align: Any, matching: Any, repair: Any) -> list[dict[str, Any]]:
+    """Visibility of the matching radio, the activation prompts slider and the REPAIR checkbox, by the core's own
+    rules (options.py): matching chooses how re-basin aligns, so it shows where the merge aligns (MergeOptions.aligned:
+    the rebasin method, or another with align); REPAIR for the methods it restores (REPAIRABLE); the prompts
+    wherever activation matching or REPAIR will use them."""
+    from ..options import REPAIRABLE, MergeOptions
+
+    aligned = method in METHODS and MergeOptions(method=method, align=bool(align) and _can_align(method)).aligned
+    repairable = method in REPAIRABLE
+    prompts = (aligned and matching == "activations") or (repairable and bool(repair))
+    return [{"visible": aligned}, {"visible": prompts}, {"visible": repairable}]
 
 
 def on_preset(name: str, text: str) -> tuple[Any, ...]:

@@ -96,6 +96,16 @@ def pick_upscaler(choices: Any, current: str | None = None, ready: set[str] | No
     return current if current in values else (values[0] if values else None)
 
 
+def known_downloads(choices: Any, ready: set[str] | None, chosen: str | None, limit: int = 2) -> list[str]:
+    """The upscalers users know (UPSCALER_PREFERENCE) that the host offers, that rank above `chosen` and that need
+    a download first: what the preset would have used had they been installed."""
+    if ready is None:
+        return []
+    offered = set(choice_values(choices))
+    rank = UPSCALER_PREFERENCE.index(chosen) if chosen in UPSCALER_PREFERENCE else len(UPSCALER_PREFERENCE)
+    return [n for n in UPSCALER_PREFERENCE[:rank] if n in offered and n not in ready][:limit]
+
+
 def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None,
                  ready: set[str] | None = None) -> dict[str, Any]:
     """The txt2img values one preset sets, keyed like HIRES_ELEM_IDS (None = leave as is)."""
@@ -173,6 +183,9 @@ class BaseHost:
 
     name = "base"
     shows_eta = False  # True where the host draws its own progress bar with an ETA (the tab then shows none)
+    # True where, after load_checkpoint, the tab should also call the page's selectCheckpoint(title) (the WebUI's
+    # JavaScript) to show the loaded model; False where the host needs no such call or it would pick another file.
+    page_selects_checkpoint = False
     # A GPU merge keeps two fp32 UNets and the matching buffers on the device: about 8 GiB for SD 1.5.
     min_gpu_bytes = 8 * 1024**3
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RebasinError
-from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, choice_values, hires_values
+from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values, known_downloads
 from . import blocks_ui as bui
 from . import recipe_builder as rb
 from .service import (PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService, RecipeRequest, format_eta,
@@ -126,14 +126,11 @@ def md_escape(text: str) -> str:
 
 
 # The README section with the quality benchmark's numbers (which method kept what, when re-basin helps); the
-# result card points to it by this heading, so renaming the section means changing it here (a test checks both).
+# result card names it by this heading, so renaming the section means changing it here (a test checks both). The
+# project publishes no documentation URL, so the card names the section in words: never the README's path on the
+# server, which is nothing to click in a browser and shows the server's folders to whoever opens the page.
 QUALITY_SECTION = "Merge quality, measured"
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def heading_anchor(heading: str) -> str:
-    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
-    return "".join(ch for ch in heading.lower() if ch.isalnum() or ch in " -_").replace(" ", "-")
 
 
 def result_markdown(job_dict: dict[str, Any]) -> str:
@@ -145,9 +142,18 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     if summary:
         lines.append("**What the merge did**")
         lines.extend(f"- {md_escape(s)}" for s in summary)
-        lines += ["", f"Which method keeps what, measured on trained models: the README's section "
-                      f"*{QUALITY_SECTION}* (`{README}#{heading_anchor(QUALITY_SECTION)}`)."]
+        lines += ["", f"Which method keeps what, measured on trained models: the section *{QUALITY_SECTION}* of "
+                      f"the Re-Basin extension's README."]
     return "\n".join(lines)
+
+
+def job_inputs(request: dict[str, Any]) -> str:
+    """What a job merges, for a page that did not start it (reloaded: its Model A / B fields are empty)."""
+    if "recipe" in request:
+        models = list(dict.fromkeys((request.get("models") or {}).values()))
+        return f"Recipe {request.get('recipe')}" + (f" ({', '.join(models)})" if models else "")
+    names = [f"{k} {request.get(f'model_{k.lower()}')}" for k in "ABC" if request.get(f"model_{k.lower()}")]
+    return ", ".join(names)
 
 
 def same_choice(value: str | None, service: MergeService) -> str | None:
@@ -180,7 +186,7 @@ def preset_summary(preset: HiresPreset, targets: dict[str, Any], current_upscale
     upscaler = values["upscaler"] or "the current upscaler"
     why = ""
     if values["upscaler"] and ready is not None:
-        skipped = [n for n in choice_values(getattr(up, "choices", None)) if n not in ready][:2]
+        skipped = known_downloads(getattr(up, "choices", None), ready, values["upscaler"])
         why = " (installed, nothing to download" + (f"; {' and '.join(skipped)} would need a download first"
                                                     if skipped else "") + ")"
     return (f"**{preset.label}** {where}: hires fix on, denoising strength {preset.denoise:.2f}, upscale "
@@ -248,17 +254,19 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
                           "(0 = until nothing improves; much slower on unrelated models)",
                     elem_id="rebasin_tolerance", visible=d_method in USES_TOLERANCE)
+                shown = bui.analysis_visibility(d_method, False, MATCHING_CHOICES[0], False)
                 with gr.Row(elem_id="rebasin_matching_row"):
                     c["matching"] = gr.Radio(choices=list(MATCHING_CHOICES), value=MATCHING_CHOICES[0],
                                              label="Re-basin matching (re-basin, or another method with 'align'): "
                                                    "by weights, or by activations on seeded prompts (slower)",
-                                             elem_id="rebasin_matching")
+                                             elem_id="rebasin_matching", **shown[0])
                     c["activation_samples"] = gr.Slider(minimum=1, maximum=64, step=1,
                                                         value=MergeRequest.activation_samples,
-                                                        label="Activation matching: prompts",
-                                                        elem_id="rebasin_activation_samples")
+                                                        label="Activation matching / REPAIR: prompts",
+                                                        elem_id="rebasin_activation_samples", **shown[1])
                     c["repair"] = gr.Checkbox(value=False, label="REPAIR: restore the parents' activation statistics "
-                                                                 "after blending", elem_id="rebasin_repair")
+                                                                 "after blending", elem_id="rebasin_repair",
+                                              **shown[2])
                 with gr.Row():
                     c["device"] = gr.Dropdown(choices=devices, value=d_device, label="Device",
                                               elem_id="rebasin_device")
@@ -295,6 +303,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     c["load"] = gr.Button("Load merged model", elem_id="rebasin_load", interactive=False)
                 c["load_status"] = gr.Markdown("", elem_id="rebasin_load_status")
                 c["loaded_title"] = gr.Textbox(value="", visible=False, elem_id="rebasin_loaded_title")
+                # the name for the page's selectCheckpoint(), "" where the host adapter shows the model itself
+                c["page_checkpoint"] = gr.Textbox(value="", visible=False, elem_id="rebasin_page_checkpoint")
                 with gr.Group(elem_id="rebasin_hires"):
                     gr.HTML("<h3 class='rebasin-subtitle'>Generate with hires fix</h3>")
                     with gr.Row(elem_id="rebasin_hires_buttons"):
@@ -335,6 +345,16 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                     c["tolerance"]])
         bui.wire_block_events(c, update)
 
+        analysis_inputs = [c["method"], c["align"], c["matching"], c["repair"]]
+
+        def on_analysis(label: str, align: bool, matching: str, repair: bool):
+            key = label_to_method.get(label, label)
+            return [update(**v) for v in bui.analysis_visibility(key, align, matching, repair)]
+
+        for comp in analysis_inputs:
+            comp.change(fn=on_analysis, inputs=analysis_inputs,
+                        outputs=[c["matching"], c["activation_samples"], c["repair"]])
+
         def suggest_name(a, b, method, alpha, use_blocks, preset):
             """The output field's placeholder: the name an empty field gives (a preset's name, or "mbw")."""
             key = label_to_method.get(method, method)
@@ -368,16 +388,18 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                     extra["align"] = bool(params[n + 1]) and bui._can_align(key)
                 if len(params) > n + 2 and params[n + 2] and params[n + 2] != "None":
                     extra["bake_vae"] = str(params[n + 2])
+                # a control hidden for this method (analysis_visibility) keeps the value it had before: not used
+                shown = bui.analysis_visibility(key, extra.get("align", False), None, None)
                 if len(params) > n + 4 and params[n + 3] in MATCHING_CHOICES:
-                    extra["matching"] = str(params[n + 3])
+                    extra["matching"] = str(params[n + 3]) if shown[0]["visible"] else MATCHING_CHOICES[0]
                     extra["activation_samples"] = int(params[n + 4] or MergeRequest.activation_samples)
                 if len(params) > n + 5:
-                    extra["repair"] = bool(params[n + 5])
+                    extra["repair"] = bool(params[n + 5]) and shown[2]["visible"]
             req = MergeRequest(model_a=a or "", model_b=b or "", model_c=cc, method=key, alpha=float(alpha),
                                iterations=int(iterations), parts=tuple(part_label_to_key.get(p, p) for p in parts or []),
                                device=device or "", precision=precision or "", output_name=name or "",
                                overwrite=bool(overwrite), tolerance=float(tolerance or 0) / 100,
-                               blocks=bui.read_blocks(use_blocks, blocks_text), **extra)
+                               blocks=bui.read_blocks(use_blocks, blocks_text, float(alpha)), **extra)
             tid = task_id if isinstance(task_id, str) and task_id.startswith("task(") else None
             keep = [update(), update(), update()]
             try:
@@ -389,15 +411,18 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             yield from follow_job(job, keep, lambda: lists_after_save(a, b, cc),
                                   eta=not (tid and getattr(host, "shows_eta", False)))
 
-        def follow_job(job, keep, lists_after, eta=True):
+        def follow_job(job, keep, lists_after, eta=True, named=False):
             """Frames (error, progress, result, result_path, load, run button, *lists) until `job` ends.
-            eta=False where the host draws its own progress bar with an ETA above ours: one ETA is enough."""
+            eta=False where the host draws its own progress bar with an ETA above ours: one ETA is enough.
+            named=True: the status line names the job's models (a reloaded page's fields are empty)."""
             last = None
+            what = job_inputs(job.to_dict().get("request") or {}) if named else ""
             while True:
                 done = job.wait(POLL_S)
                 d = job.to_dict()
                 state = d["status"] if done else "running"
                 line = job.status_line(eta=eta)
+                line = f"{what} · {line}" if what else line
                 frame = (progress_html(d["fraction"], line, state), state)
                 if frame != last:
                     last = frame
@@ -428,7 +453,8 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
             if job is None:
                 yield tuple(update() for _ in merge_outputs)
                 return
-            yield from follow_job(job, [update(), update(), update()], lambda: lists_after_save(a, b, cc))
+            yield from follow_job(job, [update(), update(), update()], lambda: lists_after_save(a, b, cc),
+                                  named=True)
 
         c["resume_event"] = blocks.load(fn=resume, inputs=dropdowns, outputs=merge_outputs, show_progress=False)
 
@@ -442,21 +468,21 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         c["recipe_stop"].click(fn=stop, inputs=[], outputs=[c["load_status"]], queue=False)
 
         def do_load(path: str):
+            """(status, the host dropdown's value for the loaded model, the name for the page's selectCheckpoint)."""
             if not path:
-                return "Merge a model first.", ""
+                return "Merge a model first.", "", ""
             try:
-                from pathlib import Path
-
                 title = host.load_checkpoint(Path(path))
             except RebasinError as e:
-                return f"Could not load: {e}", ""
+                return f"Could not load: {e}", "", ""
             except Exception as e:  # the host's loader failed: say so in one line
-                return f"Could not load the merged model ({type(e).__name__}: {e}).", ""
-            return f"Loaded **{title}** for txt2img and img2img.", title
+                return f"Could not load the merged model ({type(e).__name__}: {e}).", "", ""
+            page = title if getattr(host, "page_selects_checkpoint", False) else ""
+            return f"Loaded **{md_escape(title)}** for txt2img and img2img.", title, page
 
         c["load_event"] = c["load"].click(fn=do_load, inputs=[c["result_path"]],
-                                          outputs=[c["load_status"], c["loaded_title"]])
-        c["load_event"].then(fn=None, inputs=[c["loaded_title"]], outputs=[], **js_kwargs(JS_SELECT_CHECKPOINT))
+                                          outputs=[c["load_status"], c["loaded_title"], c["page_checkpoint"]])
+        c["load_event"].then(fn=None, inputs=[c["page_checkpoint"]], outputs=[], **js_kwargs(JS_SELECT_CHECKPOINT))
 
         _recipe_events(c, host, service, label_to_method, part_label_to_key, dropdowns, follow_job,
                        lists_after_save)

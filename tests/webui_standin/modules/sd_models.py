@@ -1,6 +1,7 @@
 """Stand-in for modules.sd_models: the checkpoint registry, list_models, loading, and the model movers."""
 
 import os
+import re
 from types import SimpleNamespace
 
 from . import hashes, record, shared
@@ -8,6 +9,9 @@ from . import hashes, record, shared
 model_path = os.path.abspath("models/Stable-diffusion")  # tests point this at a tmp folder
 checkpoints_list: dict = {}
 checkpoint_aliases: dict = {}
+# Forge's variant of this module (tests switch it with the `forge` fixture, which also puts ../../forge, the
+# stand-in `modules_forge`, on sys.path and defines `forge_model_reload` here, as Forge's sd_models has it).
+FORGE = False
 
 
 class CheckpointInfo:
@@ -62,11 +66,39 @@ def list_models():
 
 
 def checkpoint_tiles(use_short=False):
+    """The checkpoint dropdowns' choices: titles "name [hash]" in A1111, bare names in Forge."""
+    if FORGE:
+        return [x.short_title if use_short else x.name for x in checkpoints_list.values()]
     return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
 
 
+re_strip_checksum = re.compile(r"\s*\[[^]]+]\s*$")
+
+
 def get_closet_checkpoint_match(search_string):
-    return checkpoint_aliases.get(search_string)
+    """An alias, else the shortest title containing the string (then without its " [hash]")."""
+    if not search_string:
+        return None
+    info = checkpoint_aliases.get(search_string)
+    if info is not None:
+        return info
+    for s in (search_string, re.sub(re_strip_checksum, "", search_string)):
+        found = sorted([i for i in checkpoints_list.values() if s in i.title], key=lambda x: len(x.title))
+        if found:
+            return found[0]
+    return None
+
+
+def match_checkpoint_to_name(name):
+    """Forge only (what the page's selectCheckpoint ends in): the FIRST registered title that contains the name or
+    is contained in it, as the dropdown's entry; so "fcore_F1F2.safetensors" gives "F2.safetensors" when that one
+    was registered first."""
+    name = name.split(" [")[0]
+    for info in checkpoints_list.values():
+        title = info.title.split(" [")[0]
+        if name in title or title in name:
+            return info.short_title if shared.opts.data.get("sd_checkpoint_dropdown_use_short") else info.name.split(" [")[0]
+    return name
 
 
 class FakeModel:
@@ -92,6 +124,7 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
 
 
 def select_checkpoint():
+    """The option through the aliases only, else the first checkpoint (the host prints "loading fallback")."""
     return checkpoint_aliases.get(shared.opts.data.get("sd_model_checkpoint")) or next(iter(checkpoints_list.values()))
 
 

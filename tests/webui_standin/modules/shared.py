@@ -70,8 +70,15 @@ class State:
         self.history = []  # (sampling_step, textinfo) as the adapter reports progress
 
     def begin(self, job="(unknown)"):
+        """Like the host's (modules/shared_state.py): clears the step, counters and flags, but not sampling_steps."""
         record("state.begin", job)
-        self.reset()
+        self.sampling_step = 0
+        self.job_count = -1
+        self.job_no = 0
+        self.skipped = False
+        self.interrupted = False
+        self.textinfo = None
+        self.history = []
         self.job = job
 
     def end(self):
@@ -95,12 +102,18 @@ class UpscalerData:
         self.name, self.data_path, self.local_data_path = name, path, path
 
 
-# What a fresh install lists (modules/modelloader.load_upscalers, shared_items): hires choices are the latent modes
-# plus these names. Tests add a local file path to model an installed model.
+# What a fresh, offline install lists (modules/modelloader.load_upscalers: None, Lanczos, Nearest first, then the
+# others sorted by name; every one of those is still a download link): hires choices are the latent modes plus these
+# names. Tests add a local file path to model an installed model.
 latent_upscale_modes = {"Latent": {}, "Latent (nearest)": {}}
+_RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/"
 sd_upscalers = [UpscalerData("None", None), UpscalerData("Lanczos", None), UpscalerData("Nearest", None),
-                UpscalerData("R-ESRGAN 4x+", "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/"
-                                             "RealESRGAN_x4plus.pth")]
+                *(UpscalerData(name, f"https://example.invalid/{name.replace(' ', '_')}.pth")
+                  for name in ("DAT x2", "DAT x3", "DAT x4", "ESRGAN_4x", "LDSR")),
+                UpscalerData("R-ESRGAN 4x+", _RELEASES + "RealESRGAN_x4plus.pth"),
+                UpscalerData("R-ESRGAN 4x+ Anime6B", _RELEASES + "RealESRGAN_x4plus_anime_6B.pth"),
+                *(UpscalerData(name, f"https://example.invalid/{name.replace(' ', '_')}.pth")
+                  for name in ("ScuNET", "ScuNET PSNR", "SwinIR 4x"))]
 
 opts = Options()
 # The host's flags the extension reads (modules/cmd_args.py): tests and webui.py set them.

@@ -1,0 +1,1 @@
+"""Stand-in for Forge's `modules_forge` package (tests only; see ../../README.md)."""
