@@ -317,15 +317,23 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     measure = opts.aligned
     objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
+    baked_model = [baked.checked()] if baked is not None else []
+
     def produce(key: str) -> torch.Tensor:
+        """Every output tensor, whatever its source, leaves through the one guard."""
         nonlocal done
         report("writing", done / total, f"writing {key}")
         done += sizes[key]
+        t, readers, read_as = source(key)
+        return guard(key, t, readers, read_as)
+
+    def source(key: str) -> tuple[torch.Tensor, list[Model] | None, str]:
+        """The value of `key` in the output's dtype, the models it was made from, and their name for it."""
         if baked is not None and part_of(key) == "vae" and key in spec.shapes:
-            return baked.get(key).to(dtypes[key])
+            return baked.get(key).to(dtypes[key]), baked_model, baked.source_key(key)
         if key not in merged_keys:
-            return guard(key, A.ckpt.get(key).to(dtypes[key]), checked[:1])
-        return guard(key, value(key))
+            return A.ckpt.get(key).to(dtypes[key]), checked[:1], key
+        return value(key), None, key
 
     def finish(key: str, t: torch.Tensor) -> torch.Tensor:
         """The merged value in the output's precision, with REPAIR's correction folded in (in fp64)."""
