@@ -8,7 +8,7 @@ read checks the open file against what was opened, so a changed input becomes an
 The sha256 recorded for an input is the hash of the open file (the same inode the tensors came from), so a file
 replaced by rename during a merge cannot give the output the new file's hash.
 Pickled checkpoints are loaded with `torch.load(weights_only=True)`: a pickle that needs arbitrary code is refused,
-never executed.
+never executed; what the load would allocate is read from the file's index first (`torch_file_sizes.py`).
 
 Keys are normalised on the way in (nested `state_dict`, the old text-encoder layout without `text_model.`), so the
 rest of the library sees one canonical SD 1.x layout.
@@ -36,6 +36,7 @@ from typing import BinaryIO, Callable, Iterable, Mapping
 import torch
 
 from .errors import CheckpointReadError, InputChangedError, OutputError
+from .torch_file_sizes import check_sizes
 from .tempfiles import TEMP_NAME_EXTRA, open_temp_output, place_output, probe_writable, sweep_stale_temp_files
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -438,10 +439,14 @@ def _open_pickle(p: Path, kind: str) -> Checkpoint:
     if kind not in ("zip", "legacy"):
         raise CheckpointReadError(f"{p.name}: not a checkpoint (neither safetensors nor a PyTorch file); the file "
                                   "is corrupt or of another kind.")
-    return _open_with(p, _load_pickle)
+    return _open_with(p, lambda p, src: _load_pickle(p, src, kind))
 
 
-def _load_pickle(p: Path, src: FileSource) -> Checkpoint:
+def _load_pickle(p: Path, src: FileSource, kind: str) -> Checkpoint:
+    # What torch.load would allocate is read from the file's own index first (torch_file_sizes.py): a small file
+    # that declares gigabytes is refused before anything is allocated.
+    check_sizes(src.file, src.size, p.name, kind)
+    src.file.seek(0)
     try:
         # Read into memory, not memory-mapped (a mapped file that changes while it is read kills the process
         # with SIGBUS), from the descriptor that is hashed later, so the recorded hash is of these bytes. A file
