@@ -43,7 +43,7 @@ from .models import ModelInput, Source, check_compatible, open_model, same_file
 from .options import METHODS, MergeOptions, MethodInfo
 from .permute import Perms, axis_index, is_identity, permute_tensor
 from .progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
-from .provenance import SPEC_VERSION, provenance_metadata, recipe_of
+from .provenance import SPEC_VERSION, hash_progress, provenance_metadata, recipe_of
 from .repair import check_supported as repair_supported, corrections, fold_bias, fold_weight
 from .spec import PARTS, ArchSpec, part_of
 from .vae_bake import BakedVAE  # noqa: F401  (type of _plan's argument)
@@ -289,7 +289,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     baked_record = None
     if baked is not None:
         report("hashing", 1.0, f"hashing the VAE to bake in ({baked.path.name})")
-        baked_record = {"file": baked.path.name, "sha256": baked.sha256(),
+        baked_record = {"file": baked.path.name,
+                        "sha256": baked.sha256(hash_progress(report, f"the VAE to bake in ({baked.path.name})", 1.0, 1.0)),
                         "folder": str(baked.path.resolve().parent)}
         webui = json.loads(metadata["sd_merge_recipe"])
         webui["bake_in_vae"] = baked.path.name

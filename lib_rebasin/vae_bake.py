@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, HashProgress, open_checkpoint
 from .errors import RebasinError
 from .finite import Model
 from .spec import VAE, ArchSpec
@@ -43,11 +43,11 @@ class BakedVAE:
         return Model("VAE", self.path.name, self.ckpt.get, self.ckpt.keys(),
                      title=f"the VAE to bake in ({self.path.name})")
 
-    def sha256(self) -> str:
+    def sha256(self, progress: HashProgress | None = None) -> str:
         """Of the open file: the bytes that are baked in, even if the path was replaced meanwhile."""
         from .checkpoint import file_sha256
 
-        return self.ckpt.sha256() or file_sha256(self.path)
+        return self.ckpt.sha256(progress) or file_sha256(self.path, progress)
 
     def close(self) -> None:
         if self.owned:
