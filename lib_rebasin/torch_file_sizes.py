@@ -8,8 +8,8 @@ without executing the pickle (its opcodes are walked, `pickletools.genops`), and
 when it declares more than an SD 1.x checkpoint can hold, or more than the file itself can back:
 
 - torch.save writes every record uncompressed, each storage record exactly as long as its declared storage; a
-  record of another size, or compressed records that would inflate far beyond the file, are refused, so no
-  record is ever inflated beyond its declared tensor;
+  record of another size, a stored record that does not fit in the file, or compressed records that would
+  inflate far beyond the file are refused, so no record is ever inflated beyond its declared tensor;
 - the legacy (torch < 1.6) format keeps its storages raw after the pickle: they cannot declare more than the file.
 """
 
@@ -110,6 +110,10 @@ def _check_zip(f: BinaryIO, size: int, name: str) -> None:
             raise _index_error(name, f"record {info.filename}", info.file_size)
         if info.compress_type != zipfile.ZIP_STORED:
             inflated += info.file_size
+        elif info.compress_size != info.file_size or info.header_offset + info.compress_size > size:
+            # torch allocates the stated size before it reads: a stored record must lie within the file
+            raise _corrupt(name, f"the record {info.filename} claims {info.file_size:,} bytes that the "
+                                 f"{size:,}-byte file does not hold")
     if inflated > MAX_INFLATION * size:
         from .checkpoint import format_bytes
 

@@ -184,6 +184,14 @@ def test_a_pickle_that_inflates_beyond_an_index_is_refused(tmp_path: Path) -> No
         open_checkpoint(path)
 
 
+def test_a_stored_record_larger_than_the_file_is_refused(tmp_path: Path) -> None:
+    """8 GiB declared alike by the pickle and the zip directory (within an SD checkpoint's bound), in a tiny file."""
+    path = _zip(tmp_path / "short.ckpt", _torch_records(_pickle({"0": 2 * GiB}))
+                + [("bomb/data/0", bytes(16), zipfile.ZIP_STORED, 8 * GiB)])
+    with pytest.raises(CheckpointReadError, match="the record bomb/data/0 claims 8,589,934,592 bytes that the"):
+        open_checkpoint(path)
+
+
 def test_records_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
     pkl = _pickle({"0": 4})
     path = _zip(tmp_path / "twice.ckpt", _torch_records(pkl) + [("bomb/data/0", bytes(16), 0, 16),
