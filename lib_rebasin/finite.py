@@ -54,8 +54,8 @@ def nonfinite_keys(get: TensorGetter, keys: Iterable[str], limit: int = SHOW_KEY
 
 def input_error(title: str, where: str, keys: Sequence[str]) -> NonFiniteWeightsError:
     shown = ", ".join(keys[:SHOW_KEYS]) + (" and more" if len(keys) > SHOW_KEYS else "")
-    return NonFiniteWeightsError(f"{title[:1].upper()}{title[1:]} has NaN or Inf weights{where} ({shown}); they would end up in the "
-                                 f"merge: {HOW_TO_KEEP}.")
+    return NonFiniteWeightsError(f"{title[:1].upper()}{title[1:]} has NaN or Inf weights{where} ({shown}); they "
+                                 f"would end up in the merge: {HOW_TO_KEEP}.")
 
 
 class Model:

@@ -289,8 +289,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     baked_record = None
     if baked is not None:
         report("hashing", 1.0, f"hashing the VAE to bake in ({baked.path.name})")
-        baked_record = {"file": baked.path.name,
-                        "sha256": baked.sha256(hash_progress(report, f"the VAE to bake in ({baked.path.name})", 1.0, 1.0)),
+        vae_sha256 = baked.sha256(hash_progress(report, f"the VAE to bake in ({baked.path.name})", 1.0, 1.0))
+        baked_record = {"file": baked.path.name, "sha256": vae_sha256,
                         "folder": str(baked.path.resolve().parent)}
         webui = json.loads(metadata["sd_merge_recipe"])
         webui["bake_in_vae"] = baked.path.name
