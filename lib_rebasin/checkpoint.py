@@ -8,7 +8,7 @@ read checks the open file against what was opened, so a changed input becomes an
 The sha256 recorded for an input is the hash of the open file (the same inode the tensors came from), so a file
 replaced by rename during a merge cannot give the output the new file's hash.
 Pickled checkpoints are loaded with `torch.load(weights_only=True)`: a pickle that needs arbitrary code is refused,
-never executed.
+never executed; what the load would allocate is read from the file's index first (`torch_file_sizes.py`).
 
 Keys are normalised on the way in (nested `state_dict`, the old text-encoder layout without `text_model.`), so the
 rest of the library sees one canonical SD 1.x layout.
@@ -36,6 +36,7 @@ from typing import BinaryIO, Callable, Iterable, Mapping
 import torch
 
 from .errors import CheckpointReadError, InputChangedError, OutputError
+from .torch_file_sizes import check_sizes
 from .tempfiles import TEMP_NAME_EXTRA, open_temp_output, place_output, probe_writable, sweep_stale_temp_files
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -95,10 +96,11 @@ class Checkpoint:
         Raises InputChangedError if the file was truncated or modified since it was opened."""
         return self._get(key)
 
-    def sha256(self) -> str | None:
+    def sha256(self, progress: "HashProgress | None" = None) -> str | None:
         """sha256 of the bytes this checkpoint reads (the open file, not whatever its path names now); None in
-        memory. Raises InputChangedError if the file was modified since it was opened."""
-        return None if self.source is None else self.source.sha256()
+        memory. Raises InputChangedError if the file was modified since it was opened. `progress(done, total)` is
+        called while a file is hashed; what it raises (a cancel) stops the hashing."""
+        return None if self.source is None else self.source.sha256(progress)
 
     def verify_unchanged(self) -> None:
         """Raise InputChangedError if the file was modified since it was opened (no-op in memory)."""
@@ -137,21 +139,42 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a .safetensors, .ckpt or .pt checkpoint for lazy reading."""
     p = Path(check_input_path(path))
     try:
-        with open(p, "rb") as f:
-            head = f.read(512)
-        if not head:
-            raise CheckpointReadError(f"{p.name}: the file is empty (0 bytes); it is not a checkpoint.")
-        kind = _sniff(head)
-        if p.suffix.lower() == ".safetensors":
-            # A PyTorch file renamed to .safetensors is still read (safely); anything else as safetensors
-            return _open_pickle(p, kind) if kind in ("zip", "legacy", "tar", "pickle") else _open_safetensors(p)
-        if kind == "safetensors" or (kind == "unknown" and p.suffix.lower() not in PICKLE_SUFFIXES):
-            if kind == "safetensors":
-                return _open_safetensors(p)
-            raise CheckpointReadError(f"{p.name}: not a checkpoint (expected .safetensors, .ckpt or .pt).")
-        return _open_pickle(p, kind)
+        kind = _container(p)
+        return _open_safetensors(p) if kind == "safetensors" else _open_pickle(p, kind)
     except OSError as e:
         raise CheckpointReadError(f"Cannot read {p}: {e.strerror or e}.") from None
+
+
+def check_header(path: str | os.PathLike[str]) -> None:
+    """What open_checkpoint refuses without reading tensor data (a safetensors header, a PyTorch file's index):
+    CheckpointReadError. For deciding whether a file is worth reading whole (hashing it) at all."""
+    p = Path(check_input_path(path))
+    try:
+        kind = _container(p)
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if kind == "safetensors":
+                read_safetensors_header(f, p.name, size)
+            else:
+                _refuse_pickle_kind(p, kind)
+                check_sizes(f, size, p.name, kind)
+    except OSError as e:
+        raise CheckpointReadError(f"Cannot read {p}: {e.strerror or e}.") from None
+
+
+def _container(p: Path) -> str:
+    """How to read `p`: "safetensors" or the PyTorch container `_sniff` names; refused when it is neither."""
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise CheckpointReadError(f"{p.name}: the file is empty (0 bytes); it is not a checkpoint.")
+    kind = _sniff(head)
+    if p.suffix.lower() == ".safetensors":
+        # A PyTorch file renamed to .safetensors is still read (safely); anything else as safetensors
+        return kind if kind in ("zip", "legacy", "tar", "pickle") else "safetensors"
+    if kind == "unknown" and p.suffix.lower() not in PICKLE_SUFFIXES:
+        raise CheckpointReadError(f"{p.name}: not a checkpoint (expected .safetensors, .ckpt or .pt).")
+    return kind
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -255,10 +278,11 @@ class FileSource:
             self.read_into(offset, memoryview(buf))
         return bytes(buf)
 
-    def sha256(self) -> str:
-        """sha256 of the whole opened file (as the WebUI shows it), remembered per file version."""
+    def sha256(self, progress: HashProgress | None = None) -> str:
+        """sha256 of the whole opened file (as the WebUI shows it), remembered per file version. `progress(done,
+        total)` is called as it goes (see `_hash_open_file`)."""
         if self._sha256 is None:
-            self._sha256 = _hash_open_file(self)
+            self._sha256 = _hash_open_file(self, progress)
         self.verify()
         return self._sha256
 
@@ -425,6 +449,12 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _open_pickle(p: Path, kind: str) -> Checkpoint:
+    _refuse_pickle_kind(p, kind)
+    return _open_with(p, lambda p, src: _load_pickle(p, src, kind))
+
+
+def _refuse_pickle_kind(p: Path, kind: str) -> None:
+    """Refuse the containers that are not torch.save's zip or legacy format."""
     if kind == "tar":
         raise CheckpointReadError(
             f"{p.name}: this is PyTorch's legacy tar checkpoint format (torch 0.3 and older), which cannot be read "
@@ -438,10 +468,13 @@ def _open_pickle(p: Path, kind: str) -> Checkpoint:
     if kind not in ("zip", "legacy"):
         raise CheckpointReadError(f"{p.name}: not a checkpoint (neither safetensors nor a PyTorch file); the file "
                                   "is corrupt or of another kind.")
-    return _open_with(p, _load_pickle)
 
 
-def _load_pickle(p: Path, src: FileSource) -> Checkpoint:
+def _load_pickle(p: Path, src: FileSource, kind: str) -> Checkpoint:
+    # What torch.load would allocate is read from the file's own index first (torch_file_sizes.py): a small file
+    # that declares gigabytes is refused before anything is allocated.
+    check_sizes(src.file, src.size, p.name, kind)
+    src.file.seek(0)
     try:
         # Read into memory, not memory-mapped (a mapped file that changes while it is read kills the process
         # with SIGBUS), from the descriptor that is hashed later, so the recorded hash is of these bytes. A file
@@ -638,7 +671,13 @@ def save_state_dict(path: str | os.PathLike[str], tensors: Mapping[str, torch.Te
 _SHA256_CACHE: dict[tuple[int, int, int, int], str] = {}
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+# Called with (bytes hashed, file size) while a file is hashed; what it raises (Cancelled) stops the hashing.
+HashProgress = Callable[[int, int], None]
+# How often hashing reports: a few times a second at the speed of a disk, so a cancel is seen promptly.
+HASH_REPORT_BYTES = 64 << 20
+
+
+def file_sha256(path: str | os.PathLike[str], progress: HashProgress | None = None) -> str:
     """sha256 of the whole file, as the WebUI shows it (the short hash is its first 10 hex digits).
 
     Remembered per file version (device, inode, size, modification time), so a recipe that pins its inputs and
@@ -646,23 +685,28 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     """
     src = FileSource(Path(path))
     try:
-        return _hash_open_file(src)
+        return _hash_open_file(src, progress)
     finally:
         src.close()
 
 
-def _hash_open_file(src: FileSource) -> str:
+def _hash_open_file(src: FileSource, progress: HashProgress | None = None) -> str:
     cached = _SHA256_CACHE.get(src.identity)
     if cached is not None:
         return cached
     h = hashlib.sha256()
     buf = bytearray(1 << 20)
     view = memoryview(buf)
-    offset = 0
+    offset = reported = 0
+    if progress is not None:
+        progress(0, src.size)
     while offset < src.size:
         n = min(len(buf), src.size - offset)
         src.read_into(offset, view[:n])  # raises if the file changes while it is hashed
         h.update(view[:n])
         offset += n
+        if progress is not None and offset - reported >= HASH_REPORT_BYTES:
+            reported = offset
+            progress(offset, src.size)
     _SHA256_CACHE[src.identity] = digest = h.hexdigest()
     return digest

@@ -5,9 +5,10 @@ hold one (the assignment solver fails on a non-finite cost matrix). Scanning eve
 full read of each model, so the checks sit where the data passes anyway:
 
 - every tensor weight matching reads is checked once when it is fetched (`guard_getter`);
-- every tensor written is checked after its cast to the output dtype (`OutputGuard`), which also catches a
-  blend that overflows (a huge alpha, or fp32 values beyond fp16's range). The write is atomic, so refusing
-  there leaves no file.
+- every output tensor, whatever its source (blended, copied from A, or taken from a VAE baked in), is checked
+  after its cast to the output dtype (`OutputGuard`, applied once where the merge produces each key), which
+  also catches a blend that overflows (a huge alpha, or fp32 values beyond fp16's range). The write is
+  atomic, so refusing there leaves no file.
 
 Only when a check fails are the inputs searched, to name the model, the part and the first few keys.
 """
@@ -51,22 +52,28 @@ def nonfinite_keys(get: TensorGetter, keys: Iterable[str], limit: int = SHOW_KEY
     return out
 
 
-def input_error(label: str, name: str, part: str, keys: Sequence[str]) -> NonFiniteWeightsError:
+def input_error(title: str, where: str, keys: Sequence[str]) -> NonFiniteWeightsError:
     shown = ", ".join(keys[:SHOW_KEYS]) + (" and more" if len(keys) > SHOW_KEYS else "")
-    return NonFiniteWeightsError(f"Model {label} ({name}) has NaN or Inf weights in its {PART_WORDS[part]} "
-                                 f"({shown}); they would end up in the merge: {HOW_TO_KEEP}.")
+    return NonFiniteWeightsError(f"{title[:1].upper()}{title[1:]} has NaN or Inf weights{where} ({shown}); they "
+                                 f"would end up in the merge: {HOW_TO_KEEP}.")
 
 
 class Model:
-    """What the checks need to know about one input: its label, file name, getter and keys."""
+    """What the checks need to know about one input: its label, file name, getter and keys. `title` names a
+    source that is not a model slot ("the VAE to bake in (name)"); its message then names no part."""
 
-    def __init__(self, label: str, name: str, get: TensorGetter, keys: Sequence[str]) -> None:
+    def __init__(self, label: str, name: str, get: TensorGetter, keys: Sequence[str],
+                 title: str | None = None) -> None:
         self.label, self.name, self.get, self.keys = label, name, get, keys
+        self.title = title
 
     def error_at(self, key: str) -> NonFiniteWeightsError:
         part = part_of(key)
         same_part = [k for k in self.keys if part_of(k) == part and k != key]
-        return input_error(self.label, self.name, part, [key] + nonfinite_keys(self.get, same_part, SHOW_KEYS))
+        keys = [key] + nonfinite_keys(self.get, same_part, SHOW_KEYS)
+        if self.title is not None:
+            return input_error(self.title, "", keys)
+        return input_error(f"Model {self.label} ({self.name})", f" in its {PART_WORDS[part]}", keys)
 
 
 def guard_getter(get: TensorGetter, model: Model, allow: bool) -> TensorGetter:
@@ -90,16 +97,25 @@ class OutputGuard:
     def __init__(self, sources: Sequence[Model], allow: bool, precision: str) -> None:
         self.sources, self.allow, self.precision = sources, allow, precision
 
-    def __call__(self, key: str, t: torch.Tensor, readers: Sequence[Model] | None = None) -> torch.Tensor:
+    def __call__(self, key: str, t: torch.Tensor, readers: Sequence[Model] | None = None,
+                 read_as: str | None = None) -> torch.Tensor:
+        """`t` if it is finite, or if its NaN/Inf come from an input and are allowed. `readers` are the models the
+        value was made from (default: every source), which hold it under `read_as` (default: `key`)."""
         if all_finite(t):
             return t
         readers = self.sources if readers is None else readers
-        bad = [m for m in readers if key in m.keys and not all_finite(m.get(key))]
+        src = key if read_as is None else read_as
+        bad = [m for m in readers if src in m.keys and not all_finite(m.get(src))]
         if bad and not self.allow:
-            raise bad[0].error_at(key)
-        if not bad:
+            raise bad[0].error_at(src)
+        if bad:
+            return t
+        wider = "precision fp32 or bf16" if self.precision == "fp16" else ""
+        if len(readers) == 1:  # copied or baked in: nothing was blended, only the cast can have overflowed
+            m = readers[0]
             raise NonFiniteWeightsError(
-                f"The merged value of {key} overflows (it is too large for {self.precision}) although the inputs "
-                "are finite; use a smaller alpha" + (", or precision fp32 or bf16" if self.precision == "fp16"
-                                                     else "") + ".")
-        return t
+                f"{key} of {m.title or f'model {m.label} ({m.name})'} is too large for {self.precision}"
+                + (f"; use {wider}." if wider else "."))
+        raise NonFiniteWeightsError(
+            f"The merged value of {key} overflows (it is too large for {self.precision}) although the inputs "
+            f"are finite; use a smaller alpha{', or ' + wider if wider else ''}.")

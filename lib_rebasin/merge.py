@@ -43,7 +43,7 @@ from .models import ModelInput, Source, check_compatible, open_model, same_file
 from .options import METHODS, MergeOptions, MethodInfo
 from .permute import Perms, axis_index, is_identity, permute_tensor
 from .progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
-from .provenance import SPEC_VERSION, provenance_metadata, recipe_of
+from .provenance import SPEC_VERSION, hash_progress, provenance_metadata, recipe_of
 from .repair import check_supported as repair_supported, corrections, fold_bias, fold_weight
 from .spec import PARTS, ArchSpec, part_of
 from .vae_bake import BakedVAE  # noqa: F401  (type of _plan's argument)
@@ -310,7 +310,8 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     baked_record = None
     if baked is not None:
         report("hashing", 1.0, f"hashing the VAE to bake in ({baked.path.name})")
-        baked_record = {"file": baked.path.name, "sha256": baked.sha256(),
+        vae_sha256 = baked.sha256(hash_progress(report, f"the VAE to bake in ({baked.path.name})", 1.0, 1.0))
+        baked_record = {"file": baked.path.name, "sha256": vae_sha256,
                         "folder": str(baked.path.resolve().parent)}
         webui = json.loads(metadata["sd_merge_recipe"])
         webui["bake_in_vae"] = baked.path.name
@@ -338,15 +339,23 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str],
     measure = opts.aligned
     objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
+    baked_model = [baked.checked()] if baked is not None else []
+
     def produce(key: str) -> torch.Tensor:
+        """Every output tensor, whatever its source, leaves through the one guard."""
         nonlocal done
         report("writing", done / total, f"writing {key}")
         done += sizes[key]
+        t, readers, read_as = source(key)
+        return guard(key, t, readers, read_as)
+
+    def source(key: str) -> tuple[torch.Tensor, list[Model] | None, str]:
+        """The value of `key` in the output's dtype, the models it was made from, and their name for it."""
         if baked is not None and part_of(key) == "vae" and key in spec.shapes:
-            return baked.get(key).to(dtypes[key])
+            return baked.get(key).to(dtypes[key]), baked_model, baked.source_key(key)
         if key not in merged_keys:
-            return guard(key, A.ckpt.get(key).to(dtypes[key]), checked[:1])
-        return guard(key, value(key))
+            return A.ckpt.get(key).to(dtypes[key]), checked[:1], key
+        return value(key), None, key
 
     def finish(key: str, t: torch.Tensor) -> torch.Tensor:
         """The merged value in the output's precision, with REPAIR's correction folded in (in fp64)."""

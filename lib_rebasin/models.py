@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Union
 
 from .arch import SD1Config, check_layout, detect
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, HashProgress, open_checkpoint
 from .errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
 from .spec import ArchSpec, build_spec, part_of
 
@@ -49,10 +49,10 @@ class ModelInput:
     def in_memory(self) -> bool:
         return self.ckpt.in_memory
 
-    def sha256(self) -> str | None:
+    def sha256(self, progress: HashProgress | None = None) -> str | None:
         """sha256 of the bytes merged: the open file, which a rename over its path does not change (remembered
-        per file version); None for an in-memory checkpoint."""
-        return self.ckpt.sha256()
+        per file version); None for an in-memory checkpoint. `progress(done, total)` as it goes."""
+        return self.ckpt.sha256(progress)
 
     def close(self) -> None:
         if self.owned:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 from .models import legacy_hash, merge_history
@@ -52,13 +52,24 @@ def webui_block_fields(o: "MergeOptions") -> dict[str, object]:
     return {"mbw": True, "weights_alpha": list(o.blocks[1:]), "base_alpha": o.blocks[0]}
 
 
+def hash_progress(report: Reporter, what: str, lo: float, hi: float) -> Callable[[int, int], None]:
+    """Progress of hashing one file as `report` events from `lo` to `hi` of the stage (each checks for a
+    cancel, so a huge file stays cancellable)."""
+    def on_chunk(done: int, total: int) -> None:
+        local = done / total if total else 1.0
+        report("hashing", lo + (hi - lo) * local, f"hashing {what}: {local:.0%}")
+
+    return on_chunk
+
+
 def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[str, str],
                         report: Reporter) -> dict[str, str]:
     models = [m for m in (prep.a, prep.b, prep.c) if m is not None]
     hashes: dict[str, str | None] = {}
     for i, m in enumerate(models):
         report("hashing", i / len(models), f"hashing model {m.label} ({m.path.name})")
-        hashes[m.label] = m.sha256()
+        hashes[m.label] = m.sha256(hash_progress(report, f"model {m.label} ({m.path.name})", i / len(models),
+                                                 (i + 1) / len(models)))
     o = prep.options
     recipe = {"type": "lib_rebasin", "version": __version__, "spec": SPEC_VERSION,
               "primary_model_hash": hashes["A"], "secondary_model_hash": hashes["B"],

@@ -42,14 +42,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .checkpoint import Checkpoint, file_sha256, open_checkpoint
-from .errors import RebasinError
+from .checkpoint import Checkpoint, check_header, file_sha256, open_checkpoint
+from .errors import CheckpointReadError, RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
                     Reporter, merge_checkpoints, merge_in_memory)
 from .blocks import parse_blocks
 from .diagnostics import stored_diagnostics
 from .methods import ALL_PARAMS
 from .models import legacy_hash, open_model, same_file
+from .provenance import hash_progress
 from .spec import PARTS, part_of
 
 if sys.version_info >= (3, 11):
@@ -337,13 +338,14 @@ def _unsafe_name(file: str) -> str | None:
 # -- resolving models ------------------------------------------------------------------------------------------
 
 def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True,
-                   vae_dir: Path | None = None) -> dict[str, Path]:
+                   vae_dir: Path | None = None, report: Reporter | None = None) -> dict[str, Path]:
     """Find every model file: by name inside `models_dir`, or by sha256 in `models_dir` (recursively), the recipe's
     folder and the folders recorded with the recipe; raise for the first one that is missing. The VAE to bake in is
     looked for in `vae_dir` (the host's VAE folder) first, by name and by sha256, then like any model.
 
     With `confine` (the CLI) a name must stay inside `models_dir`, symbolic links included; a caller that pinned
-    the files itself (the WebUI tab, to the host's checkpoint list) passes False.
+    the files itself (the WebUI tab, to the host's checkpoint list) passes False. Only files that are checkpoints
+    by their header are hashed, each reporting its progress to `report` (which can cancel).
     """
     found: dict[str, Path] = {}
     hashes: dict[Path, str] = {}
@@ -356,8 +358,9 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True,
     def sha(p: Path) -> str:
         if p not in hashes:
             try:
-                hashes[p] = file_sha256(p)
-            except OSError:  # unreadable: it cannot be the pinned file
+                check_header(p)  # a file that is no checkpoint is never read whole
+                hashes[p] = file_sha256(p, hash_progress(report, p.name, 0.0, 0.0) if report else None)
+            except (OSError, CheckpointReadError):  # unreadable, or no checkpoint: it cannot be the pinned file
                 hashes[p] = ""
         return hashes[p]
 
@@ -402,6 +405,8 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True,
                 hint = (" or --vae-dir" if ref.name == recipe.bake_vae else "")
                 raise RecipeError(f"line {ref.line}: model '{ref.name}': file {ref.file} not found in "
                                   f"{where(ref)}; put it there or pass --models-dir{hint}.")
+        if path is not None and ref.sha256:
+            check_header(path)  # one line saying what the named file is, before it is hashed
         if path is not None and ref.sha256 and not (sha(path) and sha(path).startswith(ref.sha256.lower())):
             raise RecipeError(f"line {ref.line}: model '{ref.name}': {path.name} does not have sha256 {ref.sha256}.")
         if path is None and ref.sha256:
@@ -443,7 +448,7 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
     from .checkpoint import check_output_path
 
     out_path = check_output_path(output, overwrite)
-    paths = resolve_models(recipe, models_dir, confine, vae_dir)
+    paths = resolve_models(recipe, models_dir, confine, vae_dir, Reporter(progress, cancel))
     # Every input is read, and hashed, through one open file for the whole chain: an input replaced meanwhile
     # cannot get its new hash recorded for the old bytes, nor give two steps two different versions.
     opened = _open_inputs(paths)
@@ -495,7 +500,7 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
     finally:
         first.close()
 
-    canonical = _canonical(recipe, paths, opened)
+    canonical = _canonical(recipe, paths, opened, Reporter(progress, cancel))
     last_use = {}
     for i, step in enumerate(recipe.steps):
         for ref in (step.a, step.b, step.c):
@@ -535,9 +540,10 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
     raise AssertionError("unreachable")
 
 
-def _canonical(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint]) -> Recipe:
+def _canonical(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], report: Reporter) -> Recipe:
     """The recipe with every model pinned to its file name and full sha256 (of the open file that is merged)."""
-    models = {name: ModelRef(name, paths[name].name, opened[name].sha256(), ref.line)
+    models = {name: ModelRef(name, paths[name].name,
+                             opened[name].sha256(hash_progress(report, paths[name].name, 0.0, 0.0)), ref.line)
               for name, ref in recipe.models.items()}
     return replace(recipe, models=models)
 

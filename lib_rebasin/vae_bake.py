@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, HashProgress, open_checkpoint
 from .errors import RebasinError
+from .finite import Model
 from .spec import VAE, ArchSpec
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
@@ -29,15 +30,24 @@ class BakedVAE:
     prefix: str                 # "" for a standalone VAE, "first_stage_model." inside a checkpoint
     owned: bool = True          # False: the caller opened the file (a recipe input) and closes it
 
+    def source_key(self, key: str) -> str:
+        """The file's key for the output key `first_stage_model.<name>`."""
+        return self.prefix + key[len(VAE):]
+
     def get(self, key: str) -> torch.Tensor:
         """The value for the output key `first_stage_model.<name>`."""
-        return self.ckpt.get(self.prefix + key[len(VAE):])
+        return self.ckpt.get(self.source_key(key))
 
-    def sha256(self) -> str:
+    def checked(self) -> Model:
+        """The file as the output guard names it when a baked value holds NaN or Inf (keys as in the file)."""
+        return Model("VAE", self.path.name, self.ckpt.get, self.ckpt.keys(),
+                     title=f"the VAE to bake in ({self.path.name})")
+
+    def sha256(self, progress: HashProgress | None = None) -> str:
         """Of the open file: the bytes that are baked in, even if the path was replaced meanwhile."""
         from .checkpoint import file_sha256
 
-        return self.ckpt.sha256() or file_sha256(self.path)
+        return self.ckpt.sha256(progress) or file_sha256(self.path, progress)
 
     def close(self) -> None:
         if self.owned:

@@ -118,6 +118,61 @@ def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, ou
     assert_refused(r, out, before, KEY, "overflows", "fp16")
 
 
+VAE_KEY = "first_stage_model.decoder.conv_out.weight"
+
+
+def _nan_sources(pair: dict, where: Path) -> dict[str, tuple[Path, str]]:
+    """Sources of output bytes that are not blended, each with one NaN: a VAE file and a checkpoint to bake in,
+    and a model A whose text encoder (copied: --parts unet) and extra key (copied: not a weight) hold NaN.
+    Returns {case: (file, the key as that file names it)}."""
+    with open_checkpoint(pair["b"]) as ck:
+        sd = {k: ck.get(k).clone() for k in ck.keys()}
+    vae = {k[len("first_stage_model."):]: v.clone() for k, v in sd.items() if k.startswith("first_stage_model.")}
+    vae["decoder.conv_out.weight"].view(-1)[3] = float("nan")
+    ckpt = dict(sd)
+    ckpt[VAE_KEY] = sd[VAE_KEY].clone()
+    ckpt[VAE_KEY].view(-1)[0] = float("inf")
+    te_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    with open_checkpoint(pair["a"]) as ck:
+        a = {k: ck.get(k).clone() for k in ck.keys()}
+    te = dict(a)
+    te[te_key] = a[te_key].clone()
+    te[te_key][0] = float("nan")
+    extra = dict(a)
+    extra["model_ema.decay"] = torch.tensor(float("nan"))
+    return {"vae_file": (save_state_dict(where / "nan.vae.safetensors", vae), "decoder.conv_out.weight"),
+            "vae_checkpoint": (save_state_dict(where / "nan_vae_donor.safetensors", ckpt), VAE_KEY),
+            "copied_part": (save_state_dict(where / "a_nan_te.safetensors", te), te_key),
+            "copied_key": (save_state_dict(where / "a_nan_extra.safetensors", extra), "model_ema.decay")}
+
+
+def _merge_args(pair: dict, case: str, path: Path) -> list[str | Path]:
+    if case.startswith("vae"):
+        return [pair["a"], pair["b"], "--bake-vae", path]
+    return [path, pair["b"], *(["--parts", "unet"] if case == "copied_part" else [])]
+
+
+@pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
+def test_nan_that_is_baked_in_or_copied_is_refused_like_a_blended_one(pair: dict, tmp_path: Path, out: Path,
+                                                                     case: str) -> None:
+    path, key = _nan_sources(pair, tmp_path)[case]
+    before = listing(out)
+    r = cli("merge", *_merge_args(pair, case, path), "-o", out / "m.safetensors", "--method", "weighted_sum",
+            "-q", cwd=out)
+    assert_refused(r, out, before, path.name, key, "NaN or Inf", "--allow-nonfinite")
+
+
+@pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
+def test_allow_nonfinite_writes_baked_and_copied_nan(pair: dict, tmp_path: Path, out: Path, case: str) -> None:
+    path, key = _nan_sources(pair, tmp_path)[case]
+    r = cli("merge", *_merge_args(pair, case, path), "-o", out / "m.safetensors", "--method", "weighted_sum",
+            "--allow-nonfinite", "-q", cwd=out)
+    assert r.returncode == 0, r.stderr
+    with open_checkpoint(out / "m.safetensors") as ck:
+        bad = [k for k in ck.keys() if ck.infos[k].dtype.is_floating_point and not torch.isfinite(ck.get(k)).all()]
+    assert bad == [VAE_KEY if case.startswith("vae") else key]
+
+
 # -- layouts, dtypes and what a file is ----------------------------------------------------------------------
 
 def test_integer_weights_are_refused_in_preflight(pair: dict, out: Path) -> None:

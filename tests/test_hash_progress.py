@@ -1,0 +1,110 @@
+"""Hashing a huge input shows progress and stays cancellable; a file that is no checkpoint is never hashed.
+
+The huge inputs are sparse files (32 GB of holes, no disk used): a valid mini checkpoint that carries one
+enormous extra tensor (it passes every header check, so the merge reaches hashing), and a file of nothing but
+holes (refused from its header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import lib_rebasin.recipe as recipe_mod
+from lib_rebasin.checkpoint import DTYPE_NAMES, open_checkpoint
+from lib_rebasin.errors import Cancelled, CheckpointReadError
+from lib_rebasin.merge import MergeOptions, ProgressEvent, merge_checkpoints
+from lib_rebasin.recipe import parse_recipe, resolve_models
+from lib_rebasin.synthetic import make_checkpoint
+
+HOLES = 32 * 10**9
+
+
+def with_holes(src: Path, path: Path) -> Path:
+    """`src`'s tensors plus a 32 GB uint8 tensor that is all holes: a valid checkpoint, 32 GB to hash."""
+    with open_checkpoint(src) as ck:
+        tensors = {k: ck.get(k) for k in ck.keys()}
+    header: dict[str, object] = {}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["zz_holes"] = {"dtype": "U8", "shape": [HOLES], "data_offsets": [offset, offset + HOLES]}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        f.truncate(8 + len(blob) + offset + HOLES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hashing")
+    a = make_checkpoint(d / "a.safetensors", "mini", seed=1, base_seed=0)
+    b = make_checkpoint(d / "b.safetensors", "mini", seed=2, base_seed=0)
+    huge = with_holes(b, d / "b_huge.safetensors")
+    junk = d / "holes.safetensors"
+    with open(junk, "wb") as f:
+        f.truncate(HOLES)
+    return {"dir": d, "a": a, "b": b, "huge": huge, "junk": junk}
+
+
+def test_hashing_a_huge_input_reports_progress_and_stops_at_a_cancel(models: dict, tmp_path: Path) -> None:
+    events: list[ProgressEvent] = []
+
+    def hashing_b() -> list[ProgressEvent]:
+        return [ev for ev in events if ev.stage == "hashing" and "b_huge" in ev.message and ev.message.endswith("%")]
+
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(Cancelled) as e:
+        # The cancel comes as soon as hashing B is seen going (its second progress event, one chunk in).
+        merge_checkpoints(models["a"], models["huge"], out, MergeOptions(method="weighted_sum"),
+                          progress=events.append, cancel=lambda: len(hashing_b()) >= 2)
+    assert "\n" not in str(e.value) and "no file was written" in str(e.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    seen = hashing_b()
+    # 0 %, one chunk, then the next chunk's check stopped it: not the rest of the 32 GB.
+    assert [ev.message.rsplit(": ", 1)[1] for ev in seen] == ["0%", "0%"]
+    fractions = [ev.fraction for ev in events]
+    assert fractions == sorted(fractions)
+
+
+def test_a_file_of_holes_is_refused_from_its_header_before_any_hashing(models: dict, tmp_path: Path) -> None:
+    events: list[ProgressEvent] = []
+    with pytest.raises(CheckpointReadError, match="holes.safetensors") as e:
+        merge_checkpoints(models["a"], models["junk"], tmp_path / "m.safetensors",
+                          MergeOptions(method="weighted_sum"), progress=events.append)
+    assert "\n" not in str(e.value)
+    assert not [ev for ev in events if ev.stage == "hashing"]
+
+
+def test_recipe_search_by_hash_never_hashes_a_file_that_is_no_checkpoint(models: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.safetensors").write_bytes(models[name].read_bytes())
+    (folder / "0_holes.safetensors").symlink_to(models["junk"])  # sorts first: searched first
+    hashed: list[str] = []
+    real = recipe_mod.file_sha256
+
+    def spy(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hashed.append(Path(path).name)
+        return "0" * 64 if "holes" in Path(path).name else real(path, *args, **kwargs)  # (32 GB not read)
+
+    monkeypatch.setattr(recipe_mod, "file_sha256", spy)
+    want = hashlib.sha256(models["b"].read_bytes()).hexdigest()
+    recipe = parse_recipe(f'[models]\na = "a.safetensors"\nb = {{ sha256 = "{want}" }}\n\n[[step]]\nname = "m"\n'
+                          'method = "weighted_sum"\na = "a"\nb = "b"\n')
+    found = resolve_models(recipe, folder)
+    assert found["b"].name == "b.safetensors"
+    assert "0_holes.safetensors" not in hashed and "b.safetensors" in hashed
