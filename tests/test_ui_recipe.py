@@ -285,3 +285,32 @@ def test_a_recipe_bakes_a_vae_from_the_hosts_vae_folder(folder):
         for f in (folder / "VAE").iterdir():
             f.unlink()
         (folder / "VAE").rmdir()
+
+
+def test_tab_recipe_search_by_hash_never_hashes_a_listed_file_that_is_no_checkpoint(host, folder, monkeypatch):
+    """The tab's lookup of a model pinned by sha256 reads headers first, as the core's does: a listed file of
+    holes (a sparse 32 GB `.safetensors` that is no checkpoint) is never read whole."""
+    import lib_rebasin.checkpoint as ck
+
+    junk = folder / "0_holes.safetensors"  # sorts first: searched first
+    with open(junk, "wb") as f:
+        f.truncate(32 * 10**9)
+    hashed: list[str] = []
+    real = ck.file_sha256
+
+    def spy(path, *args, **kwargs):
+        hashed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "file_sha256", spy)
+    try:
+        host.refresh_checkpoints()
+        assert "0_holes.safetensors" in [e.name for e in host.list_checkpoints()]
+        svc = MergeService(host)
+        sha = real(folder / "three.safetensors")
+        text = two_steps(host).replace('{ file = "three.safetensors" }', f'{{ sha256 = "{sha}" }}')
+        p = svc.prepare_recipe(RecipeRequest(text))
+        assert p.inputs["three"].name == "three.safetensors"
+        assert "0_holes.safetensors" not in hashed and "three.safetensors" in hashed
+    finally:
+        junk.unlink()

@@ -631,7 +631,8 @@ class MergeService:
         return PreparedRecipe(req, recipe, folder, inputs, out)
 
     def _entry_by_hash(self, sha: str, entries: list[CheckpointEntry]) -> CheckpointEntry | None:
-        from ..checkpoint import file_sha256
+        from ..checkpoint import check_header, file_sha256
+        from ..errors import CheckpointReadError
 
         cache = self._hashes
         for e in entries:
@@ -641,7 +642,11 @@ class MergeService:
                 continue
             key = (str(e.path), st.st_size, st.st_mtime_ns)
             if key not in cache:
-                cache[key] = file_sha256(e.path)
+                try:
+                    check_header(e.path)  # a listed file that is no checkpoint is never read whole
+                    cache[key] = file_sha256(e.path)
+                except (OSError, CheckpointReadError):  # unreadable, or no checkpoint: not the pinned file
+                    cache[key] = ""
             if cache[key].startswith(sha.lower()):
                 return e
         return None
