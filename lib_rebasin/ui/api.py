@@ -22,11 +22,11 @@ of both gradio 3.41 and 4.x hosts.
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class in the route signatures
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import RebasinError
+from ..parsing import parse_json
 from .api_policy import ApiPolicy
 from .service import MAX_TEXT, FieldError, MergeRequest, MergeService, shown
 
@@ -86,10 +86,7 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
                 raise _Refused(413, f"The request body is larger than {policy.max_body} bytes.")
         if not body.strip():
             return None
-        try:
-            return json.loads(bytes(body))
-        except (ValueError, RecursionError):
-            raise _Refused(400, "The request body must be valid JSON.") from None
+        return parse_json(bytes(body), lambda why: _Refused(400, f"The request body must be valid JSON; it is {why}."))
 
     async def merge(request: Request):
         try:
