@@ -24,6 +24,10 @@ MAX_DEPTH = 64
 # the time tomllib can spend on one text.
 MAX_TOML_CHARS = 256 * 1024
 
+TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+_TOML_NESTS = " (brackets, braces or dotted keys)"
+_JSON_NESTS = " (brackets or braces)"
+
 Fail = Callable[[str], Exception]
 
 
@@ -34,14 +38,14 @@ def parse_toml(text: str, fail: Fail, max_chars: int = MAX_TOML_CHARS) -> dict[s
         raise fail(f"longer than the {max_chars:,} characters a recipe may have")
     # tomllib recurses once per bracket and spends time quadratic in a dotted key's length: bound both first.
     if _toml_nesting(text) > MAX_DEPTH:
-        raise fail(_too_deep())
+        raise fail(TOO_DEEP + _TOML_NESTS)
     try:
         value = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise fail(str(e)) from None
     except (RecursionError, MemoryError, ValueError) as e:  # ValueError: an integer of over 4,300 digits
-        raise fail(_reason(e)) from None
-    _check_depth(value, fail)
+        raise fail(_reason(e, _TOML_NESTS)) from None
+    _check_depth(value, fail, _TOML_NESTS)
     return value
 
 
@@ -55,8 +59,8 @@ def parse_json(raw: str | bytes, fail: Fail, **options: Any) -> Any:
     except json.JSONDecodeError as e:
         raise fail(f"not valid JSON: {e.msg} at byte {e.pos}") from None
     except (RecursionError, MemoryError, ValueError) as e:
-        raise fail(_reason(e)) from None
-    _check_depth(value, fail)
+        raise fail(_reason(e, _JSON_NESTS)) from None
+    _check_depth(value, fail, _JSON_NESTS)
     return value
 
 
@@ -71,19 +75,15 @@ def json_or_none(raw: str | None) -> Any:
         return None
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, nests: str) -> str:
     if isinstance(e, RecursionError):
-        return _too_deep()
+        return TOO_DEEP + nests
     if isinstance(e, MemoryError):
         return "too large to parse in the memory available"
     return f"not readable: a number in it is too long ({str(e).split(';')[0]})"
 
 
-def _too_deep() -> str:
-    return f"nested more than {MAX_DEPTH} levels deep (brackets, braces or dotted keys)"
-
-
-def _check_depth(value: Any, fail: Fail) -> None:
+def _check_depth(value: Any, fail: Fail, nests: str) -> None:
     """Refuse a parsed value nested deeper than MAX_DEPTH (walked without recursion)."""
     stack = [(value, 1)]
     while stack:
@@ -92,7 +92,7 @@ def _check_depth(value: Any, fail: Fail) -> None:
         for child in children:
             if isinstance(child, (dict, list)):
                 if depth + 1 > MAX_DEPTH:
-                    raise fail(_too_deep())
+                    raise fail(TOO_DEEP + nests)
                 stack.append((child, depth + 1))
 
 
