@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 from typing import Any, Callable
 
 from .errors import ArgumentError
@@ -142,12 +143,13 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
 _LABELS = {"a": "a (model A)", "b": "b (model B)", "c": "c (model C)"}
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 38, 38, 6, 6, 4
+
+
 def shown(v: Any) -> str:
-    """The value in a few characters (its type for anything long or unprintable)."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        try:
-            text = repr(v)
-        except ValueError:  # an integer too long to print
-            return "a very long integer"
-        return text if len(text) <= 40 else text[:37] + "..."
-    return f"a {type(v).__name__}"
+    """The value in a few characters for a message: long or deeply nested values are elided, never recursed into."""
+    try:
+        return _REPR.repr(v)
+    except ValueError:  # an integer of thousands of digits
+        return "a number far out of range"

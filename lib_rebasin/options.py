@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import PRECISIONS
 from .blocks import check_values
-from .arguments import is_finite_number
+from .arguments import is_finite_number, shown
 from .errors import ArgumentError, RebasinError
 from .methods import ALL_PARAMS, METHODS, MethodInfo, Param  # noqa: F401  (re-exported)
 from .spec import PARTS
@@ -82,7 +82,7 @@ class MergeOptions:
             raise RebasinError(f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
         _check_type("alpha", self.alpha, float)
         if not is_finite_number(self.alpha):
-            raise RebasinError(f"alpha must be a finite number, got {_show(self.alpha)}.")
+            raise RebasinError(f"alpha must be a finite number, got {shown(self.alpha)}.")
         info = METHODS[self.method]
         if not info.alpha_bounded:
             if abs(self.alpha) > MAX_DIFFERENCE_ALPHA:
@@ -92,9 +92,9 @@ class MergeOptions:
             raise RebasinError(f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
         _check_type("iterations", self.iterations, int)
         if not 1 <= self.iterations <= 10_000:
-            raise RebasinError(f"iterations must be between 1 and 10000, got {_show(self.iterations)}.")
+            raise RebasinError(f"iterations must be between 1 and 10000, got {shown(self.iterations)}.")
         if not isinstance(self.parts, (tuple, list)) or not all(isinstance(p, str) for p in self.parts):
-            raise RebasinError(f"parts must be a list of part names ({', '.join(PARTS)}), got {_show(self.parts)}.")
+            raise RebasinError(f"parts must be a list of part names ({', '.join(PARTS)}), got {shown(self.parts)}.")
         bad = [p for p in self.parts if p not in PARTS]
         if bad or not self.parts:
             raise RebasinError(f"parts must be a non-empty subset of {', '.join(PARTS)}; got {list(self.parts)}.")
@@ -103,17 +103,17 @@ class MergeOptions:
             raise RebasinError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'.")
         _check_type("seed", self.seed, int)
         if not 0 <= self.seed < 2**63:
-            raise RebasinError(f"seed must be between 0 and 2**63 - 1, got {_show(self.seed)}.")
+            raise RebasinError(f"seed must be between 0 and 2**63 - 1, got {shown(self.seed)}.")
         _check_type("max_sweeps", self.max_sweeps, int)
         if not 1 <= self.max_sweeps <= 100_000:
-            raise RebasinError(f"max_sweeps must be between 1 and 100000, got {_show(self.max_sweeps)}.")
+            raise RebasinError(f"max_sweeps must be between 1 and 100000, got {shown(self.max_sweeps)}.")
         _check_type("tolerance", self.tolerance, float)
         if not 0.0 <= self.tolerance < 1.0:
-            raise RebasinError(f"tolerance must be in [0, 1), got {_show(self.tolerance)}.")
+            raise RebasinError(f"tolerance must be in [0, 1), got {shown(self.tolerance)}.")
         _check_type("allow_nonfinite", self.allow_nonfinite, bool)
         _check_type("device", self.device, str)
         if not re.fullmatch(r"cpu|cuda(:[0-9]{1,4})?", self.device):
-            raise RebasinError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {_show(self.device)}.")
+            raise RebasinError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {shown(self.device)}.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RebasinError("device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
         if self.blocks_preset is not None:
@@ -121,7 +121,7 @@ class MergeOptions:
         _check_type("align", self.align, bool)
         _check_type("matching", self.matching, str)
         if self.matching not in MATCHINGS:
-            raise RebasinError(f"matching must be one of {', '.join(MATCHINGS)}, got '{_show(self.matching)}'.")
+            raise RebasinError(f"matching must be one of {', '.join(MATCHINGS)}, got '{shown(self.matching)}'.")
         _check_type("activation_samples", self.activation_samples, int)
         if not 1 <= self.activation_samples <= MAX_ACTIVATION_SAMPLES:
             raise RebasinError(f"activation_samples must be between 1 and {MAX_ACTIVATION_SAMPLES}, got "
@@ -141,7 +141,7 @@ class MergeOptions:
                 raise RebasinError(problem)
         if self.blocks is not None:
             if not isinstance(self.blocks, (tuple, list)):
-                raise RebasinError(f"blocks must be a list of 26 numbers (or None), got {_show(self.blocks)}; "
+                raise RebasinError(f"blocks must be a list of 26 numbers (or None), got {shown(self.blocks)}; "
                                    "parse_blocks() turns a preset name or text into them.")
             if self.method == "legacy":
                 raise RebasinError("Legacy mode reproduces a tool that had no block weights; use weighted_sum or "
@@ -180,7 +180,7 @@ def _check_type(name: str, value: object, kind: type) -> None:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise RebasinError(f"{name} must be {_TYPE_WORDS[kind]}, got {_show(value)}.")
+        raise RebasinError(f"{name} must be {_TYPE_WORDS[kind]}, got {shown(value)}.")
 
 
 def _check_construction(fields: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -196,11 +196,3 @@ def _check_construction(fields: list[str], args: tuple[Any, ...], kwargs: dict[s
     twice = [name for name in fields[:len(args)] if name in kwargs]
     if twice:
         raise ArgumentError(f"MergeOptions got {twice[0]} both by position and by name.")
-
-
-def _show(value: object) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an integer of thousands of digits
-        return "a number far out of range"
-    return text if len(text) <= 40 else text[:37] + "..."
