@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .arguments import check_arguments
 from .matching import TensorGetter
 from .models import ModelInput
 from .permute import Perms, permute_tensor
@@ -50,6 +51,7 @@ class Blend:
 
 def telescoping_schedule(alpha: float, steps: int) -> list[float]:
     """Per-step weights a_x with prod(1 - a_x) = 1 - alpha: after step x, B's total weight is alpha*x/steps."""
+    check_arguments("telescoping_schedule", alpha=alpha, steps=steps)
     out = []
     for x in range(1, steps + 1):
         before = 1 - alpha * (x - 1) / steps

@@ -21,6 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from .arguments import check_arguments, is_finite_number, shown
 from .block_presets import ALIASES, PRESETS
 from .errors import FieldError
 
@@ -83,6 +84,7 @@ def format_value(v: float) -> str:
 
 def parse_blocks(text: str, alpha: float) -> BlockWeights:
     """26 values, 25 UNet values (then BASE = alpha), or a preset name; else a one-line FieldError on `blocks`."""
+    check_arguments("parse_blocks", text=text)
     raw = text.strip()
     if not raw:
         raise FieldError("blocks", "Block weights are empty: give 26 comma-separated values, 25 (BASE = alpha), "
@@ -100,6 +102,7 @@ def parse_blocks(text: str, alpha: float) -> BlockWeights:
                                        "values (BASE,IN00..IN11,M00,OUT00..OUT11), 25, or a preset name.")
         values.append(float(p))
     if len(values) == 25:
+        check_arguments("parse_blocks", alpha=alpha)  # only 25 values use it, as BASE
         values = [float(alpha), *values]
     if len(values) != 26:
         raise FieldError("blocks", f"Block weights need 26 values (BASE,IN00..IN11,M00,OUT00..OUT11) or 25 (UNet "
@@ -111,8 +114,8 @@ def check_values(values: tuple[float, ...], bounded: bool) -> None:
     if len(values) != 26:
         raise FieldError("blocks", f"Block weights need 26 values, got {len(values)}.")
     for block, v in zip(BLOCK_IDS, values):
-        if not (isinstance(v, (int, float)) and math.isfinite(v)):
-            raise FieldError("blocks", f"Block weight {block} must be a finite number, got {v!r}.")
+        if not is_finite_number(v):
+            raise FieldError("blocks", f"Block weight {block} must be a finite number, got {shown(v)}.")
         if bounded and not 0.0 <= v <= 1.0:
             raise FieldError("blocks", f"Block weight {block} must be between 0 and 1 for this method, got {v:g}.")
 

@@ -36,6 +36,7 @@ from typing import BinaryIO, Callable, Iterable, Mapping
 import torch
 
 from .errors import CheckpointReadError, InputChangedError, OutputError
+from .parsing import parse_json
 from .torch_file_sizes import check_sizes
 from .tempfiles import TEMP_NAME_EXTRA, open_temp_output, place_output, probe_writable, sweep_stale_temp_files
 
@@ -380,14 +381,7 @@ def read_safetensors_header(f: BinaryIO, name: str, size: int
     def constant(c: str) -> object:
         raise bad(f"{c} is not valid JSON")
 
-    try:
-        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except UnicodeDecodeError:
-        raise bad("not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise bad(f"not valid JSON: {e.msg} at byte {e.pos}") from None
-    except RecursionError:
-        raise bad("JSON nested too deeply") from None
+    header = parse_json(f.read(n), bad, object_pairs_hook=pairs, parse_constant=constant)
     if not isinstance(header, dict):
         raise bad(f"a JSON {type(header).__name__}, not an object")
     meta = header.pop("__metadata__", None)

@@ -8,12 +8,15 @@ those permutations again; the diagnostics show how many units it moved and how c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from .arch import MINI
+from .arguments import check_arguments
 from .checkpoint import PRECISIONS, save_state_dict
+from .errors import OutputError
 from .merge import MergeOptions, merge_checkpoints
 from .permute import permute_tensor, random_perms
 from .spec import build_spec
@@ -22,6 +25,8 @@ from .synthetic import make_checkpoint, synthetic_tensor
 
 def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int, precision: str = "fp16") -> Path:
     """A fine-tune of base `base_seed` with every permutation group randomly (legally) shuffled."""
+    check_arguments("make_shuffled_finetune", path=path, base_seed=base_seed, seed=seed, perm_seed=perm_seed,
+                    precision=precision)
     spec = build_spec(MINI)
     perms = random_perms(spec.groups.values(), perm_seed)
     dtype = PRECISIONS[precision]
@@ -42,8 +47,20 @@ DUNKMASH_STANDINS = {
 }
 
 
-def make_dunkmash_standins(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def _output_folder(function: str, folder: str | os.PathLike[str]) -> Path:
+    """The folder the demo writes into, created if needed; a one-line OutputError when it cannot be."""
+    check_arguments(function, folder=folder)
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "it is a file, not a folder" if path.exists() else e.strerror
+        raise OutputError(f"Cannot write into {path}: {reason}; choose another folder.") from None
+    return path
+
+
+def make_dunkmash_standins(folder: str | os.PathLike[str]) -> None:
+    folder = _output_folder("make_dunkmash_standins", folder)
     for name, kw in DUNKMASH_STANDINS.items():
         if "shuffle" in kw:
             make_shuffled_finetune(folder / name, base_seed=1, seed=kw["seed"], perm_seed=kw["shuffle"])
@@ -51,8 +68,8 @@ def make_dunkmash_standins(folder: Path) -> None:
             make_checkpoint(folder / name, "mini", seed=kw["seed"], base_seed=1, delta=0.05, overwrite=True)
 
 
-def run_demo(folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
+def run_demo(folder: str | os.PathLike[str]) -> int:
+    folder = _output_folder("run_demo", folder)
     a, b, out = folder / "model_a.safetensors", folder / "model_b_shuffled.safetensors", folder / "merged.safetensors"
     print(f"Generating two small SD-1.5-layout checkpoints in {folder}/ ...")
     make_checkpoint(a, "mini", seed=11, base_seed=1, delta=0.05, overwrite=True)

@@ -56,3 +56,8 @@ class Cancelled(RebasinError):
 
 class NonFiniteWeightsError(RebasinError):
     """An input holds NaN/Inf weights (refused unless allowed), or a merge would produce them."""
+
+
+class ArgumentError(RebasinError):
+    """A public function was called with an argument of the wrong type or value (a None where a file is needed,
+    a string where options are): names the function and the argument."""

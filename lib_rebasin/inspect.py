@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arguments import check_arguments
 from .errors import RebasinError
 from .models import open_model
 from .spec import part_of
@@ -39,6 +40,7 @@ class CheckpointInfo:
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe a checkpoint; unsupported files get `supported=False` and the reason instead of an exception."""
+    check_arguments("inspect_checkpoint", path=path)
     p = Path(path)
     size = p.stat().st_size if p.is_file() else 0
     try:

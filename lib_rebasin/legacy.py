@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from .arguments import check_arguments
 from .errors import IncompatibleModelsError, RebasinError
 
 # (weight key, bias key) of the three GroupNorms the tool re-matches: UNet `out.0` (P_bg324 in its spec),
@@ -80,6 +81,7 @@ Getter = Callable[[str], torch.Tensor]
 
 def alpha_schedule(alpha: float, iterations: int) -> list[float]:
     """The tool's per-iteration blend weights (float64, as it computes them); B's total weight telescopes to alpha."""
+    check_arguments("alpha_schedule", alpha=alpha, iterations=iterations)
     if not 0.0 <= alpha <= 1.0:
         raise RebasinError(f"Legacy mode needs alpha between 0 and 1, got {alpha}.")
     if iterations < 1:
@@ -150,6 +152,7 @@ def legacy_special_tensors(get_a: Getter, get_b: Getter, alpha: float, iteration
     `tool_dot=True` measures the matching gains with the tool's fp32 dot products (see `_match`): bit-identical to
     the tool run on the same machine with the same torch thread count, but then the result depends on that count.
     """
+    check_arguments("legacy_special_tensors", get_a=get_a, get_b=get_b, on_iteration=on_iteration, tool_dot=tool_dot)
     schedule = alpha_schedule(alpha, iterations)
     try:
         a = {k: get_a(k).detach().to("cpu", torch.float32) for k in SPECIAL_KEYS}

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .arguments import check_arguments
 from .blend import (Blend, BlockBlend, KeyFunctionBlend, Term, merge_equal_terms, shared_window,
                     telescoping_schedule)
 from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_input_path,
@@ -97,6 +98,7 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
     Sources are file paths or already open checkpoints (a recipe's in-memory intermediate results). `output` is
     None when the result stays in memory. Returns the opened inputs (call `.close()` when only validating).
     """
+    check_arguments("preflight", ("output",), a=a, b=b, output=output, options=options, c=c, overwrite=overwrite)
     options.validate()
     info = METHODS[options.method]
     if info.needs_c and c is None:
@@ -163,6 +165,9 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
     of the system itself (a full disk at the flush, a name that appeared meanwhile) can still stop it, and then
     no file has the output's name.
     """
+    check_arguments("merge_checkpoints", a=a, b=b, output=output, options=options, c=c, overwrite=overwrite,
+                    progress=progress, cancel=cancel, extra_metadata=extra_metadata, metadata_hook=metadata_hook,
+                    bake_vae=bake_vae)
     report = Reporter(progress, cancel)
     report.stage(0.0, 0.02)
     report("loading", 0.0, "reading checkpoint headers")
@@ -217,6 +222,7 @@ def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | Non
                     report: "Reporter | None" = None, name: str = "merged") -> tuple[Checkpoint, Diagnostics]:
     """The same merge, kept in memory (a recipe's intermediate step): the tensors are exactly those
     `merge_checkpoints` would write, so reading that file back would give the same bytes."""
+    check_arguments("merge_in_memory", a=a, b=b, options=options, c=c, report=report, name=name)
     report = report or Reporter(None, None)
     prep = preflight(a, b, None, options, c)
     try:

@@ -16,12 +16,13 @@ Every parameter a method declares is a `MergeOptions` field of the same name, so
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
+
+from .arguments import is_finite_number, shown
 
 Tensor = torch.Tensor
 KeyFn = Callable[[Tensor, Tensor, "Tensor | None", float, Mapping[str, object], torch.Generator], Tensor]
@@ -40,8 +41,8 @@ class Param:
 
     def check(self, value: object, method_label: str) -> str | None:
         """The one-line problem with `value`, or None."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{self.name} must be a number for {method_label}, got {value!r}."
+        if not is_finite_number(value):
+            return f"{self.name} must be a number for {method_label}, got {shown(value)}."
         if self.kind is int and int(value) != value:
             return f"{self.name} must be a whole number for {method_label}, got {value!r}."
         if value > self.high or value < self.low or (self.low_open and value == self.low):

@@ -8,7 +8,6 @@ the WebUI).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Union
 from .arch import SD1Config, check_layout, detect
 from .checkpoint import Checkpoint, HashProgress, open_checkpoint
 from .errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
+from .parsing import json_or_none
 from .spec import ArchSpec, build_spec, part_of
 
 _SPECS: dict[SD1Config, ArchSpec] = {}
@@ -150,11 +150,5 @@ def legacy_hash(source: "str | os.PathLike[str] | Checkpoint") -> str:
 
 def merge_history(model: ModelInput) -> dict[str, object]:
     """The input's own `sd_merge_models` entries, so provenance chains survive another merge."""
-    raw = model.ckpt.metadata.get("sd_merge_models")
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+    value = json_or_none(model.ckpt.metadata.get("sd_merge_models"))
     return value if isinstance(value, dict) else {}

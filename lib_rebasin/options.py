@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import math
+import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .blocks import check_values
+from .arguments import is_finite_number, shown
 from .checkpoint import PRECISIONS
-from .errors import FieldError
+from .errors import ArgumentError, FieldError
 from .methods import ALL_PARAMS, METHODS, MethodInfo, Param  # noqa: F401  (re-exported)
 from .spec import PARTS
 
 
 @dataclass(frozen=True)
 class MergeOptions:
+    def __new__(cls, *args: Any, **kwargs: Any) -> MergeOptions:
+        # Before the generated __init__, whose TypeError for a misspelt option would name no field we can fix.
+        _check_construction(list(cls.__dataclass_fields__), args, kwargs)
+        return super().__new__(cls)
+
     method: str = "rebasin"
     alpha: float = 0.5
     iterations: int = 1
@@ -74,8 +81,8 @@ class MergeOptions:
         if self.method not in METHODS:
             raise FieldError("method", f"Unknown method '{self.method}'; choose one of {', '.join(METHODS)}.")
         _check_type("alpha", self.alpha, float)
-        if not math.isfinite(self.alpha):
-            raise FieldError("alpha", f"alpha must be a finite number, got {self.alpha}.")
+        if not is_finite_number(self.alpha):
+            raise FieldError("alpha", f"alpha must be a finite number, got {shown(self.alpha)}.")
         info = METHODS[self.method]
         if not info.alpha_bounded:
             if abs(self.alpha) > MAX_DIFFERENCE_ALPHA:
@@ -85,10 +92,10 @@ class MergeOptions:
             raise FieldError("alpha", f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
         _check_type("iterations", self.iterations, int)
         if not 1 <= self.iterations <= 10_000:
-            raise FieldError("iterations", f"iterations must be between 1 and 10000, got {self.iterations}.")
+            raise FieldError("iterations", f"iterations must be between 1 and 10000, got {shown(self.iterations)}.")
         if not isinstance(self.parts, (tuple, list)) or not all(isinstance(p, str) for p in self.parts):
             raise FieldError("parts", f"parts must be a list of part names ({', '.join(PARTS)}), got "
-                                      f"{_show(self.parts)}.")
+                                      f"{shown(self.parts)}.")
         bad = [p for p in self.parts if p not in PARTS]
         if bad or not self.parts:
             raise FieldError("parts", f"parts must be a non-empty subset of {', '.join(PARTS)}; got "
@@ -99,24 +106,26 @@ class MergeOptions:
                                           f"'{self.precision}'.")
         _check_type("seed", self.seed, int)
         if not 0 <= self.seed < 2**63:
-            raise FieldError("seed", f"seed must be between 0 and 2**63 - 1, got {self.seed}.")
+            raise FieldError("seed", f"seed must be between 0 and 2**63 - 1, got {shown(self.seed)}.")
         _check_type("max_sweeps", self.max_sweeps, int)
         if not 1 <= self.max_sweeps <= 100_000:
-            raise FieldError("max_sweeps", f"max_sweeps must be between 1 and 100000, got {self.max_sweeps}.")
+            raise FieldError("max_sweeps", f"max_sweeps must be between 1 and 100000, got {shown(self.max_sweeps)}.")
         _check_type("tolerance", self.tolerance, float)
         if not 0.0 <= self.tolerance < 1.0:
-            raise FieldError("tolerance", f"tolerance must be in [0, 1), got {self.tolerance}.")
+            raise FieldError("tolerance", f"tolerance must be in [0, 1), got {shown(self.tolerance)}.")
         _check_type("allow_nonfinite", self.allow_nonfinite, bool)
         _check_type("device", self.device, str)
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise FieldError("device", f"device must be 'cpu' or 'cuda', got '{_show(self.device)}'.")
+        if not re.fullmatch(r"cpu|cuda(:[0-9]{1,4})?", self.device):
+            raise FieldError("device", f"device must be 'cpu', 'cuda' or 'cuda:N', got {shown(self.device)}.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise FieldError("device", "device 'cuda' was chosen but no CUDA GPU is available; use 'cpu'.")
+        if self.blocks_preset is not None:
+            _check_type("blocks_preset", self.blocks_preset, str)
         _check_type("align", self.align, bool)
         _check_type("matching", self.matching, str)
         if self.matching not in MATCHINGS:
             raise FieldError("matching", f"matching must be one of {', '.join(MATCHINGS)}, got "
-                                         f"'{_show(self.matching)}'.")
+                                         f"'{shown(self.matching)}'.")
         _check_type("activation_samples", self.activation_samples, int)
         if not 1 <= self.activation_samples <= MAX_ACTIVATION_SAMPLES:
             raise FieldError("activation_samples", f"activation_samples must be between 1 and "
@@ -135,6 +144,10 @@ class MergeOptions:
             if problem:
                 raise FieldError(param.name, problem)
         if self.blocks is not None:
+            if not isinstance(self.blocks, (tuple, list)):
+                raise FieldError("blocks", f"blocks must be a list of 26 numbers (or None), got "
+                                           f"{shown(self.blocks)}; parse_blocks() turns a preset name or text "
+                                           "into them.")
             if self.method == "legacy":
                 raise FieldError("blocks", "Legacy mode reproduces a tool that had no block weights; use "
                                            "weighted_sum or rebasin with block weights.")
@@ -172,9 +185,19 @@ def _check_type(name: str, value: object, kind: type) -> None:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise FieldError(name, f"{name} must be {_TYPE_WORDS[kind]}, got {_show(value)}.")
+        raise FieldError(name, f"{name} must be {_TYPE_WORDS[kind]}, got {shown(value)}.")
 
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _check_construction(fields: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Unknown, surplus or doubled options, as one line naming them (what the dataclass would raise TypeError for)."""
+    for name in kwargs:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(fields)}"
+            raise ArgumentError(f"MergeOptions has no option '{name}'{hint}.")
+    if len(args) > len(fields):
+        raise ArgumentError(f"MergeOptions takes at most {len(fields)} options by position, got {len(args)}; "
+                            "name them (MergeOptions(method=..., alpha=...)).")
+    twice = [name for name in fields[:len(args)] if name in kwargs]
+    if twice:
+        raise ArgumentError(f"MergeOptions got {twice[0]} both by position and by name.")

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .arguments import check_arguments
 from .errors import Cancelled
 
 
@@ -25,6 +26,7 @@ class Reporter:
     """Maps stage-local progress onto one overall fraction, and checks the cancel flag."""
 
     def __init__(self, progress: ProgressCallback | None, cancel: CancelCheck | None) -> None:
+        check_arguments("Reporter", progress=progress, cancel=cancel)
         self.progress = progress
         self.cancel = cancel
         self.stage_start = time.perf_counter()

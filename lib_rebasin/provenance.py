@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 from .models import legacy_hash, merge_history
+from .parsing import json_or_none
 from .blocks import MAPPING_VERSION
 from .progress import Reporter
 
@@ -83,10 +84,7 @@ def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[st
     merge_models: dict[str, object] = {}
     for m in models:
         own = m.ckpt.metadata.get("sd_merge_recipe")
-        try:
-            own_recipe = json.loads(own) if own else None
-        except json.JSONDecodeError:
-            own_recipe = None
+        own_recipe = json_or_none(own)
         if hashes[m.label] is None:
             continue  # an in-memory intermediate: the recipe that made it is recorded by the caller
         merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.ckpt),

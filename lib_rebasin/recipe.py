@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -46,17 +45,14 @@ from .checkpoint import Checkpoint, check_header, file_sha256, open_checkpoint
 from .errors import CheckpointReadError, RebasinError
 from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
                     Reporter, merge_checkpoints, merge_in_memory)
+from .arguments import check_arguments, is_finite_number, shown
 from .blocks import parse_blocks
 from .diagnostics import stored_diagnostics
 from .methods import ALL_PARAMS
 from .models import legacy_hash, open_model, same_file
+from .parsing import MAX_TOML_CHARS, json_or_none, parse_json, parse_toml
 from .provenance import hash_progress
 from .spec import PARTS, part_of
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (A1111's own Python)
-    import tomli as tomllib
 
 # Method parameters (methods.py) and block weights are accepted per step and as recipe defaults.
 EXTRA_KEYS = {"blocks", "align", "matching", "activation_samples", "repair", *ALL_PARAMS}
@@ -155,7 +151,8 @@ def _extra_lines(o: MergeOptions) -> list[str]:
 
 def step_options(settings: dict[str, Any]) -> MergeOptions:
     """MergeOptions from a step's (or an API request's) settings; `blocks` may be a preset name, a string of 26
-    or 25 comma-separated values, or a list of them. Raises RebasinError / TypeError."""
+    or 25 comma-separated values, or a list of them. Raises RebasinError."""
+    check_arguments("step_options", settings=settings)
     settings = dict(settings)
     blocks = settings.pop("blocks", None)
     settings.pop("blocks_preset", None)
@@ -166,6 +163,9 @@ def step_options(settings: dict[str, Any]) -> MergeOptions:
         if isinstance(blocks, (list, tuple)):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in blocks):
                 raise RebasinError("blocks must be numbers, a string of them, or a preset name.")
+            bad = next((i for i, v in enumerate(blocks) if not is_finite_number(v)), None)
+            if bad is not None:  # an integer beyond a float's range included
+                raise RebasinError(f"blocks value {bad + 1} must be a finite number, got {shown(blocks[bad])}.")
             blocks = ",".join(repr(float(v)) for v in blocks)
         if not isinstance(blocks, str):
             raise RebasinError("blocks must be a preset name, 26 (or 25) comma-separated values, or a list of them.")
@@ -212,10 +212,8 @@ def _header_lines(text: str) -> tuple[list[int], dict[str, int], dict[tuple[int,
 
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     """Parse and check a recipe; every error names its line."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{source}: {e}") from None
+    check_arguments("parse_recipe", text=text, source=source)
+    data = parse_toml(text, lambda why: RecipeError(f"{source}: {why}"))
     step_lines, model_lines, key_lines = _header_lines(text)
 
     def fail(line: int, msg: str) -> RecipeError:
@@ -347,6 +345,9 @@ def resolve_models(recipe: Recipe, models_dir: Path, confine: bool = True,
     the files itself (the WebUI tab, to the host's checkpoint list) passes False. Only files that are checkpoints
     by their header are hashed, each reporting its progress to `report` (which can cancel).
     """
+    check_arguments("resolve_models", ("vae_dir",), recipe=recipe, models_dir=models_dir, confine=confine,
+                    vae_dir=vae_dir)
+    models_dir, vae_dir = Path(models_dir), (Path(vae_dir) if vae_dir is not None else None)
     found: dict[str, Path] = {}
     hashes: dict[Path, str] = {}
     if not models_dir.is_dir():
@@ -447,6 +448,9 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
     one: earlier steps stay in memory, so a cancel before it leaves no file and one after it changes nothing."""
     from .checkpoint import check_output_path
 
+    check_arguments("run_recipe", ("vae_dir",), recipe=recipe, models_dir=models_dir, output=output,
+                    overwrite=overwrite, progress=progress, cancel=cancel, extra_metadata=extra_metadata,
+                    confine=confine, vae_dir=vae_dir)
     out_path = check_output_path(output, overwrite)
     paths = resolve_models(recipe, models_dir, confine, vae_dir, Reporter(progress, cancel))
     # Every input is read, and hashed, through one open file for the whole chain: an input replaced meanwhile
@@ -559,9 +563,9 @@ def _recipe_metadata(recipe: Recipe, paths: dict[str, Path], opened: dict[str, C
         own = ck.metadata.get("sd_merge_recipe")
         history = ck.metadata.get("sd_merge_models")
         merge_models[str(sha)] = {"name": p.stem, "legacy_hash": legacy_hash(ck),
-                                  "sd_merge_recipe": _json_or_none(own)}
+                                  "sd_merge_recipe": json_or_none(own)}
         if history:
-            parsed = _json_or_none(history)
+            parsed = json_or_none(history)
             if isinstance(parsed, dict):
                 merge_models.update(parsed)
     recipe_meta = {"type": "lib_rebasin_recipe", "version": __version__, "name": recipe.name, "recipe": text,
@@ -572,26 +576,21 @@ def _recipe_metadata(recipe: Recipe, paths: dict[str, Path], opened: dict[str, C
             "lib_rebasin": json.dumps(ours)}
 
 
-def _json_or_none(raw: str | None) -> Any:
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-
-
 def recipe_from_checkpoint(path: str | os.PathLike[str]) -> str:
     """The recipe text stored in a checkpoint's metadata (a recipe run, or a single merge made by this tool)."""
+    check_arguments("recipe_from_checkpoint", path=path)
     with open_checkpoint(path) as ck:
         meta = ck.metadata
-    ours = _json_or_none(meta.get("lib_rebasin"))
+    name = Path(path).name
+    raw = meta.get("lib_rebasin")
+    ours = parse_json(raw, lambda why: RecipeError(f"{name}: its 'lib_rebasin' metadata is {why}; no recipe can "
+                                                   "be made from it.")) if raw else None
     if not isinstance(ours, dict):
         raise RecipeError(f"{Path(path).name} was not made by lib_rebasin (no 'lib_rebasin' metadata).")
     if "recipe_toml" in ours:
         return _with_folders(str(ours["recipe_toml"]), ours.get("inputs"), path)
     single = ours.get("recipe")
-    webui = _json_or_none(meta.get("sd_merge_recipe")) or {}
+    webui = json_or_none(meta.get("sd_merge_recipe")) or {}
     if not isinstance(single, dict):
         raise RecipeError(f"{Path(path).name}: its lib_rebasin metadata holds no recipe.")
     try:
@@ -649,9 +648,11 @@ def _methods_with(param: str) -> set[str]:
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    check_arguments("load_recipe", path=path)
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, encoding="utf-8") as f:  # one character past the limit: a device or a huge file is not read
+            text = f.read(MAX_TOML_CHARS + 1)
     except OSError as e:
         raise RecipeError(f"Cannot read recipe {p}: {e.strerror}.") from None
     except UnicodeDecodeError:

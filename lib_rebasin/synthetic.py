@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .arch import MINI, SD15, SD1Config
+from .arguments import check_arguments
 from .checkpoint import PRECISIONS, write_safetensors
 from .spec import SCHEDULE_BUFFERS, build_spec
 
@@ -78,6 +79,8 @@ def make_checkpoint(path: str | Path, config: SD1Config | str = "mini", seed: in
     per-tensor-std noise drawn from `seed`: two such models are "fine-tunes of one base".
     `extra` adds keys outside the SD layout (e.g. EMA or embedding_manager keys) to test copy-through.
     """
+    check_arguments("make_checkpoint", ("base_seed",), path=path, config=config, seed=seed, base_seed=base_seed,
+                    delta=delta, precision=precision, overwrite=overwrite, extra=extra)
     cfg = SCALES[config] if isinstance(config, str) else config
     spec = build_spec(cfg)
     dtype = PRECISIONS[precision]

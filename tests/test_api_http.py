@@ -196,6 +196,10 @@ def test_bodies_are_bounded_and_errors_do_not_echo_large_fields(server):
     status, body = server.post_json("/rebasin/v1/merge", {"model_a": "y" * 500, "model_b": "beta.safetensors"})
     assert status == 422 and body["field"] == "model_a"  # names nothing in the list
     assert len(body["detail"]) < 300 and "y" * 100 not in body["detail"]
+    for depth in (100, 960, 3000):  # parseable or not, a body nested this deep is one 400, never a 500
+        deep = '{"model_a": ' + "[" * depth + "]" * depth + "}"
+        status, body = server.request("POST", "/rebasin/v1/merge", deep, {"Content-Type": "application/json"})
+        assert status == 400 and "nested more than" in body["detail"], (depth, status, body)
 
 
 def test_checkpoints_lists_names_and_hashes_not_paths(server, models):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RebasinError
+from ..parsing import parse_json
 from .api_policy import ApiPolicy
 from .service import MAX_TEXT, FieldError, MergeRequest, MergeService, field_of, shown
 
@@ -95,10 +96,7 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
                 raise _Refused(413, f"The request body is larger than {policy.max_body} bytes.")
         if not body.strip():
             return None
-        try:
-            return json.loads(bytes(body))
-        except (ValueError, RecursionError):
-            raise _Refused(400, "The request body must be valid JSON.") from None
+        return parse_json(bytes(body), lambda why: _Refused(400, f"The request body must be valid JSON; it is {why}."))
 
     async def merge(request: Request):
         try:

@@ -13,18 +13,13 @@ In the step editor, A/B/C are chosen among the installed checkpoints (their titl
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import RebasinError
+from ..parsing import parse_toml
 from .host import CheckpointEntry
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (A1111's own Python)
-    import tomli as tomllib
 
 STEP_PREFIX = "[step] "
 MODEL_PREFIX = "[model] "
@@ -60,10 +55,7 @@ def load(text: str | None, source: str = "recipe") -> Any:
     text = text or ""
     if not text.strip():
         return rm.Recipe(name="my_recipe", defaults=dict(DEFAULT_SETTINGS))
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise rm.RecipeError(f"{source}: {e}") from None
+    data = parse_toml(text, lambda why: rm.RecipeError(f"{source}: {why}"))
     if data.get("step"):
         return rm.parse_recipe(text, source)
     # No steps yet: parse with a throw-away model and step appended (line numbers of the text stay the same).

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import arguments
 from ..errors import Cancelled, FieldError, RebasinError
 from ..options import MAX_DIFFERENCE_ALPHA
 from .host import CheckpointEntry, Host
@@ -36,10 +37,7 @@ _BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 def shown(value: Any, limit: int = 60) -> str:
     """A value for an error message, cut short: a message never echoes a large field back."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer too long to print
-        return "a number too large to show"
+    text = arguments.shown(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
