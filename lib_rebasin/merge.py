@@ -35,6 +35,7 @@ from .blend import (Blend, BlockBlend, KeyFunctionBlend, Term, merge_equal_terms
                     telescoping_schedule)
 from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_input_path,
                          check_output_path, format_bytes, memory_checkpoint, output_bytes, write_safetensors)
+from .compute import with_merge_compute
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective, stored_diagnostics
 from .errors import InputChangedError, OutputError, RebasinError
 from .finite import Model, OutputGuard, guard_getter
@@ -144,6 +145,7 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
     return Prepared(ma, mb, mc, out, options, overwrite)
 
 
+@with_merge_compute
 def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
@@ -192,6 +194,7 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
             baked.close()
 
 
+@with_merge_compute
 def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
                     report: "Reporter | None" = None, name: str = "merged") -> tuple[Checkpoint, Diagnostics]:
     """The same merge, kept in memory (a recipe's intermediate step): the tensors are exactly those
