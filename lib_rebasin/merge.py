@@ -36,6 +36,7 @@ from .blend import (Blend, BlockBlend, KeyFunctionBlend, Term, merge_equal_terms
                     telescoping_schedule)
 from .checkpoint import (FULL_DISK_ERRNOS, PRECISIONS, Checkpoint, check_free_space, check_input_path,
                          check_output_path, format_bytes, memory_checkpoint, output_bytes, write_safetensors)
+from .compute import with_merge_compute
 from .diagnostics import PART_NAMES, Diagnostics, accumulate, accumulate_objective, stored_diagnostics
 from .errors import InputChangedError, OutputError, RebasinError
 from .finite import Model, OutputGuard, guard_getter
@@ -146,6 +147,7 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
     return Prepared(ma, mb, mc, out, options, overwrite)
 
 
+@with_merge_compute
 def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
@@ -218,6 +220,7 @@ def _commit(report: Reporter, on_commit: Callable[[Path], None] | None, output: 
     report.committed = True
 
 
+@with_merge_compute
 def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
                     report: "Reporter | None" = None, name: str = "merged") -> tuple[Checkpoint, Diagnostics]:
     """The same merge, kept in memory (a recipe's intermediate step): the tensors are exactly those
@@ -454,9 +457,20 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
     by_activations = [g for g in groups if g.part != "vae"]
     by_weights = [g for g in groups if g.part == "vae"]
 
+    # The forward passes take nearly all of the time; the VAE's weight matching gets the end of this share.
+    share = 0.9 if by_weights else 1.0
+
     def progress(fraction: float, message: str) -> None:
         if report is not None:
-            report("matching", fraction, message)
+            with report.part(0.0, share):
+                report("matching", fraction, message)
+
+    def vae_progress(p: MatchProgress) -> None:
+        if report is None:
+            on_progress(p)
+            return
+        with report.part(share, 1.0):
+            on_progress(p)
 
     perms = activation_matching(spec, by_activations, get_ref, get_b, samples=opts.activation_samples,
                                 seed=opts.seed, device=device, progress=progress)
@@ -464,12 +478,22 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
     sweeps, converged = 0, True
     if by_weights:
         vae = weight_matching(spec, by_weights, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps,
-                              device=device, progress=on_progress, tolerance=opts.tolerance,
+                              device=device, progress=vae_progress, tolerance=opts.tolerance,
                               keep=(device.type != "cpu",) * 2)
         perms.update(vae.perms)
         reports += vae.groups
         sweeps, converged = vae.sweeps, vae.converged
     return MatchResult(perms, sweeps, converged, reports, time.perf_counter() - start)
+
+
+def _sweep_progress(report: Reporter) -> Callable[[MatchProgress], None]:
+    """Weight matching's progress as a fraction of its (unknown) number of sweeps: half in sweep 1, then ever
+    closer to the end."""
+    def on_progress(p: MatchProgress) -> None:
+        report("matching", 1 - 1 / (p.sweep + p.index / p.total),
+               f"matching: sweep {p.sweep}, group {p.index}/{p.total} {p.group}")
+
+    return on_progress
 
 
 def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
@@ -499,18 +523,14 @@ def _iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGette
     diag.matched = True
     for x in range(n):
         running = _tracks_blend(spec, tracks, opts, device, merge=False)
-        label = f"step {x + 1}/{n}, " if n > 1 else ""
-
-        def on_progress(p: MatchProgress, x: int = x, label: str = label) -> None:
-            frac_sweep = 1 - 1 / (p.sweep + p.index / p.total)
-            report("matching", (x + frac_sweep) / n if n > 1 else frac_sweep,
-                   f"matching: {label}sweep {p.sweep}, group {p.index}/{p.total} {p.group}")
-
-        # Step 1 matches against A itself; later steps against the running merge (cached fp32 inside matching).
-        # Matching compares shared windows only (an inpainting A's extra input channels have no partner in B).
-        result = _match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
-                        shared_window(running, get_b_like), get_b, opts, device, perms, on_progress,
-                        ref_is_file=x == 0, checked=checked, report=report)
+        # Each step fills its own share of the bar and is named in every message (see progress.Reporter).
+        with report.part(x / n, (x + 1) / n, f"step {x + 1}/{n}" if n > 1 else ""):
+            # Step 1 matches against A itself; later steps against the running merge (cached fp32 inside
+            # matching). Matching compares shared windows only (an inpainting A's extra input channels have no
+            # partner in B).
+            result = _match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
+                            shared_window(running, get_b_like), get_b, opts, device, perms,
+                            _sweep_progress(report), ref_is_file=x == 0, checked=checked, report=report)
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves
@@ -579,12 +599,8 @@ def _align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get
 
     C is normally the base B was tuned from, so it lives in B's basin: permuting it with B's permutation keeps
     B - C a true task vector, now in A's coordinates (matching C on its own would scramble that difference)."""
-    def on_progress(p: MatchProgress) -> None:
-        report("matching", 1 - 1 / (p.sweep + p.index / p.total),
-               f"matching: sweep {p.sweep}, group {p.index}/{p.total} {p.group}")
-
-    result = _match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None, on_progress,
-                    ref_is_file=True, checked=checked, report=report)
+    result = _match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None,
+                    _sweep_progress(report), ref_is_file=True, checked=checked, report=report)
     diag.matched = True
     diag.match_steps = 1
     diag.sweeps.append(result.sweeps)

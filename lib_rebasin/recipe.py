@@ -43,7 +43,7 @@ from typing import Any, Callable
 from . import __version__
 from .checkpoint import Checkpoint, check_header, file_sha256, open_checkpoint
 from .errors import CheckpointReadError, RebasinError
-from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback, ProgressEvent,
+from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback,
                     Reporter, merge_checkpoints, merge_in_memory)
 from .arguments import check_arguments, is_finite_number, shown
 from .blocks import parse_blocks
@@ -516,12 +516,10 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
     inputs = {name: {"file": p.name, "sha256": canonical.models[name].sha256, "folder": str(p.parent.resolve())}
               for name, p in paths.items()}
 
+    # One bar and one ETA for the whole chain: each step's own 0..1 fills its share.
+    chain = Reporter(progress, None)
     for i, step in enumerate(recipe.steps):
-        def step_progress(ev: ProgressEvent, i: int = i, step: Step = step) -> None:
-            if progress is not None:
-                progress(ProgressEvent((i + ev.fraction) / n, ev.stage,
-                                       f"step {i + 1}/{n} ({step.name}): {ev.message}", None))
-
+        step_progress = chain.relay(i / n, (i + 1) / n, f"step {i + 1}/{n} ({step.name})")
         srcs = [results.get(r) or opened[r] if r is not None else None for r in (step.a, step.b, step.c)]
         if i < n - 1:
             ckpt, diag = merge_in_memory(srcs[0], srcs[1], step.options, c=srcs[2],

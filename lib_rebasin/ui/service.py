@@ -768,7 +768,9 @@ class MergeService:
         finally:
             job.eta_s = None
             job.finished = time.time()
-            import gc
+            from ..memory import release_memory
 
-            gc.collect()  # a stopped or failed merge leaves big tensors in its frames: release them now
+            # A stopped or failed merge leaves big tensors in its frames, and a recipe's freed intermediate models
+            # stay in the allocator's heap: give both back, so the host returns to its size before the job.
+            release_memory()
             job._done.set()
