@@ -76,9 +76,7 @@ def field_of(name: str) -> Iterator[None]:
 
 
 def _core():
-    from .. import (
-        merge,  # the lead's core; imported late so the tab module loads even while it is being written
-    )
+    from .. import merge  # the lead's core; imported late so the tab module loads even while it is being written
 
     return merge
 
