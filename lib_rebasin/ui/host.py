@@ -254,6 +254,10 @@ class BaseHost:
         """VAE files the host knows (its VAE folder), for "bake in VAE"; none by default."""
         return []
 
+    def ready_upscalers(self) -> set[str] | None:
+        """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
+        return None
+
 
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
@@ -273,9 +277,6 @@ def scan_vaes(*folders: str | os.PathLike[str]) -> list[CheckpointEntry]:
                 continue
             out.setdefault(p.name, CheckpointEntry(p.name, p))
     return sorted(out.values(), key=lambda e: e.title.lower())
-    def ready_upscalers(self) -> set[str] | None:
-        """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
-        return None
 
 
 def scan_checkpoints(folder: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> list[CheckpointEntry]:
