@@ -11,9 +11,9 @@ other arguments fails here instead of in front of a user. Hosts: `BaseHost` and 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
-import ast
 import sys
 import typing
 from pathlib import Path
@@ -121,7 +121,7 @@ class _Broken(BaseHost):
     def interrupted(self) -> str:  # another return type
         return ""
 
-    defaults = {"method": "rebasin"}  # not a method
+    defaults = ("method", "rebasin")  # not a method
 
 
 def test_the_check_reports_each_kind_of_mismatch():
@@ -131,7 +131,7 @@ def test_the_check_reports_each_kind_of_mismatch():
     assert "load_checkpoint: argument 1 is 'checkpoint', the protocol calls it 'path'" in problems
     assert "report_progress: extra parameter 'eta' has no default" in problems
     assert "interrupted returns str, the protocol bool" in problems
-    assert "defaults is dict, not a method" in problems
+    assert "defaults is tuple, not a method" in problems
     assert "name is int, the protocol str" in problems
 
     class Empty:
