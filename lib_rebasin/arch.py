@@ -7,8 +7,8 @@ models) are recognised too. Everything else is refused with a message that names
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 from .errors import UnsupportedModelError
 

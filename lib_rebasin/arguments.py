@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import reprlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ArgumentError
 

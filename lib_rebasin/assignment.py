@@ -64,7 +64,7 @@ def _shared_blocks(C: np.ndarray, b: int) -> np.ndarray:
     halves = [C[:half, :half], C[half:, half:]]
     heads, _ = lap(_block_values(halves[0], b) + _block_values(halves[1], b))
     perm = np.empty(2 * half, dtype=np.int64)
-    for lo, H in zip((0, half), halves):
+    for lo, H in zip((0, half), halves, strict=True):
         for i, j in enumerate(heads):
             cols, _ = lap(H[i * b:(i + 1) * b, j * b:(j + 1) * b])
             perm[lo + i * b:lo + (i + 1) * b] = lo + j * b + cols

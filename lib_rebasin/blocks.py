@@ -113,7 +113,7 @@ def parse_blocks(text: str, alpha: float) -> BlockWeights:
 def check_values(values: tuple[float, ...], bounded: bool) -> None:
     if len(values) != 26:
         raise FieldError("blocks", f"Block weights need 26 values, got {len(values)}.")
-    for block, v in zip(BLOCK_IDS, values):
+    for block, v in zip(BLOCK_IDS, values, strict=True):
         if not is_finite_number(v):
             raise FieldError("blocks", f"Block weight {block} must be a finite number, got {shown(v)}.")
         if bounded and not 0.0 <= v <= 1.0:

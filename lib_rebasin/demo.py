@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from .arch import MINI
 from .arguments import check_arguments
 from .checkpoint import PRECISIONS, save_state_dict
@@ -40,10 +38,10 @@ def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int
 # Stand-ins for the DunkMash card's models (examples/dunkmash.toml): fine-tunes of one small base, plus one
 # "independently trained" model (shuffled channels) so that a step has real re-basin work to do.
 DUNKMASH_STANDINS = {
-    "nothing_v2.3.safetensors": dict(seed=21), "meinamix_v9.safetensors": dict(seed=22),
-    "icbinp.safetensors": dict(seed=23, shuffle=3), "dreamshaper_6.safetensors": dict(seed=24),
-    "atozovya_v2_art.safetensors": dict(seed=25), "noise_offset.safetensors": dict(seed=26),
-    "v1-5-pruned-emaonly.safetensors": dict(seed=27),
+    "nothing_v2.3.safetensors": {"seed": 21}, "meinamix_v9.safetensors": {"seed": 22},
+    "icbinp.safetensors": {"seed": 23, "shuffle": 3}, "dreamshaper_6.safetensors": {"seed": 24},
+    "atozovya_v2_art.safetensors": {"seed": 25}, "noise_offset.safetensors": {"seed": 26},
+    "v1-5-pruned-emaonly.safetensors": {"seed": 27},
 }
 
 

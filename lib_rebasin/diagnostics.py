@@ -12,7 +12,6 @@ from .options import METHODS
 from .permute import Perms, permute_tensor
 from .spec import ArchSpec
 
-
 PART_NAMES = {"unet": "UNet", "te": "text encoder", "vae": "VAE"}
 
 

@@ -16,7 +16,7 @@ Only when a check fails are the inputs searched, to name the model, the part and
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ class Model:
     def error_at(self, key: str) -> NonFiniteWeightsError:
         part = part_of(key)
         same_part = [k for k in self.keys if part_of(k) == part and k != key]
-        keys = [key] + nonfinite_keys(self.get, same_part, SHOW_KEYS)
+        keys = [key, *nonfinite_keys(self.get, same_part, SHOW_KEYS)]
         if self.title is not None:
             return input_error(self.title, "", keys)
         return input_error(f"Model {self.label} ({self.name})", f" in its {PART_WORDS[part]}", keys)

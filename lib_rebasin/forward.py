@@ -15,7 +15,7 @@ diffusers' UNet2DConditionModel and transformers' CLIPTextModel.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -135,7 +136,7 @@ def _matching(ref: dict[str, torch.Tensor], cur: dict[str, torch.Tensor], tool_d
         return _match((ref[wb[0]], ref[wb[1]]), (cur[wb[0]], cur[wb[1]]), tool_dot)
 
     results = list(map(one, SPECIAL_GROUPS) if tool_dot else _POOL.map(one, SPECIAL_GROUPS))
-    for (w, b), (perm, gain) in zip(SPECIAL_GROUPS, results):
+    for (w, b), (perm, gain) in zip(SPECIAL_GROUPS, results, strict=True):
         out[w], out[b] = cur[w].index_select(0, perm), cur[b].index_select(0, perm)
         if gain != 0:
             total, moved = total + abs(gain), moved + 1

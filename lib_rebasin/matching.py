@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
 from .assignment import row_argmax_certificate, solve
 from .errors import Cancelled
-from .permute import Perms, axis_index, is_identity, is_legal, permute_tensor
+from .permute import Perms, axis_index, is_identity, is_legal
 from .spec import ArchSpec, Group, Slot, Structure
 
 TensorGetter = Callable[[str], torch.Tensor]

@@ -64,8 +64,10 @@ class ModelInput:
 
 
 def open_model(path: Source, label: str) -> ModelInput:
-    owned = not isinstance(path, Checkpoint)
-    ckpt = open_checkpoint(path) if owned else path
+    if isinstance(path, Checkpoint):
+        ckpt, owned = path, False
+    else:
+        ckpt, owned = open_checkpoint(path), True
     try:
         shapes = ckpt.shapes()
         config = detect(shapes)
@@ -138,7 +140,7 @@ def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...
             f"Model {other.label} has no {names[missing[0]]}; untick that part or pick a full checkpoint.")
 
 
-def legacy_hash(source: "str | os.PathLike[str] | Checkpoint") -> str:
+def legacy_hash(source: str | os.PathLike[str] | Checkpoint) -> str:
     """The WebUI's old 8-digit model hash (sha256 of 64 KiB at offset 1 MiB), of an open checkpoint's file (the
     bytes it reads) or of a path."""
     if isinstance(source, Checkpoint):

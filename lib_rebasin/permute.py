@@ -6,7 +6,7 @@ A permutation of a group is a 1-D LongTensor `perm` with `new[i] = old[perm[i]]`
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -26,9 +26,11 @@ Function preservation rules encoded here:
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from .arch import SD1Config
 
@@ -82,7 +84,7 @@ class Group:
     head_dim: int = 0
 
     @cached_property
-    def structure(self) -> "Structure":
+    def structure(self) -> Structure:
         if self.head_dim:
             assert not self.partitions, self.name  # q/k/v outputs are never normalised by a GroupNorm
             return Structure(self.size, shared_blocks=self.head_dim)
@@ -108,7 +110,7 @@ class Structure:
     shared_blocks: int = 0
 
     @staticmethod
-    def from_partitions(size: int, partitions: Iterable[tuple[int, ...]]) -> "Structure":
+    def from_partitions(size: int, partitions: Iterable[tuple[int, ...]]) -> Structure:
         parts = [tuple(p) for p in partitions if p]
         uniform = {p[0] for p in parts if size % p[0] == 0 and p == tuple(range(p[0], size, p[0]))}
         levels = sorted(uniform)
@@ -125,7 +127,7 @@ class Structure:
         if not cuts:
             return Structure(size, levels=tuple(levels))
         bounds = sorted(cuts | {0, size})
-        return Structure(size, levels=tuple(levels), intervals=tuple(zip(bounds[:-1], bounds[1:])))
+        return Structure(size, levels=tuple(levels), intervals=tuple(itertools.pairwise(bounds)))
 
 
 @dataclass

@@ -17,6 +17,7 @@ hour. Files of another host are only removed after that hour too: their writer c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -105,7 +106,7 @@ def _writer_is_dead(m: re.Match[str]) -> bool:
 
 def sweep_stale_temp_files(folder: Path) -> list[str]:
     """Remove our temp files in `folder` whose writer is dead; returns the names removed. Never raises."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:
@@ -206,10 +207,8 @@ def _link_unnamed(fd: int, final: Path, overwrite: bool) -> None:
             except BaseException:
                 _unlink(final.parent / tmp)
                 raise
-        try:
+        with contextlib.suppress(OSError):
             os.fsync(folder)  # the new name survives a power cut too
-        except OSError:
-            pass
     finally:
         os.close(folder)
 
@@ -226,7 +225,5 @@ def probe_writable(folder: Path) -> None:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass

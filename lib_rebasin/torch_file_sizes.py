@@ -20,7 +20,7 @@ import pickletools
 import re
 import struct
 import zipfile
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .errors import CheckpointReadError
 
@@ -187,11 +187,11 @@ def _walk(data: io.BytesIO, name: str, cut: int | None = None) -> list[object]:
                                           "damaged or not a checkpoint.")
             code = op.name
             if code in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1]
+                memo[cast(int, arg)] = stack[-1]  # the memo opcodes' argument is the index
             elif code == "MEMOIZE":
                 memo[len(memo)] = stack[-1]
             elif code in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(arg, _ANY))
+                stack.append(memo.get(cast(int, arg), _ANY))
             elif code == "DUP":
                 stack.append(stack[-1])
             elif code == "MARK":

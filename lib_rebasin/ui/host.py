@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")

@@ -19,8 +19,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import RebasinError
 from ..signals import sigterm_as_interrupt
