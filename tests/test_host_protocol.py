@@ -162,6 +162,7 @@ def _drop_standin_modules():
             del sys.modules[name]
 
 
+@pytest.mark.ui  # also run by tests/ui_envs.sh under each supported gradio (CI's [test] venv has no gradio)
 def test_webui_host_satisfies_the_protocol(monkeypatch):
     pytest.importorskip("gradio")
     _drop_standin_modules()
