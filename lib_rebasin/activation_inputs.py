@@ -21,7 +21,8 @@ from .arch import SD1Config
 TIMESTEPS = (999, 799, 599, 399, 199)
 GUIDANCE = 7.5
 # Latent side used for statistics (16 = 128 px images). Units are matched per channel, pooled over positions;
-# 16x16 gives 256 positions per image at the UNet's top level and 16 at its bottom (benchmarks/results.md).
+# 16x16 gives 256 positions per image at the UNet's top level and 16 at its bottom; fewer positions per channel
+# made the statistics worse (8x8 against 16x16: benchmarks/quality/RESULTS.md, "latent side").
 LATENT_SIZE = 16
 PROMPT_TOKENS = (5, 20)
 

@@ -82,9 +82,11 @@ class Diagnostics:
                             f"(objective {'+' if o[1] >= o[0] else ''}{rel:.2f}%)")
                 lines.append(f"{PART_NAMES[part]}: {m:,} of {n:,} units moved ({100 * m / max(n, 1):.1f}%){gain}.")
                 if self.matching == "activations" and cos is not None and cos[1] < cos[0]:
-                    # On independently trained pairs activation matching's permutation also raises the weights'
-                    # similarity (benchmark, width 32: 0.448 -> 0.467); on fine-tunes of one base it lowered it
-                    # (0.948 -> 0.656) and its merge was worse than the weighted sum, which weight matching equals.
+                    # Pairing units by their activations normally also brings the weights closer. When it moves
+                    # them apart, A and B already lined up in weight space (fine-tunes of one base): there weight
+                    # matching certifies that alignment and equals the weighted sum, while the deep units'
+                    # activations no longer correspond and activation matching reorders them (measured:
+                    # benchmarks/quality/RESULTS.md, "Activation matching misaligns fine-tunes of one base").
                     lines.append(f"Warning: activation matching made B's {PART_NAMES[part]} less like A's in weight "
                                  f"space than leaving it unpermuted ({cos[0]:.4f} -> {cos[1]:.4f}): these look like "
                                  "fine-tunes of one base, which weight matching (the default) keeps aligned; on such "

@@ -20,17 +20,16 @@ the second blend mixes a tensor with itself. Hence, computed here analytically:
   N * 2 * 3 small assignment problems, nothing model-sized. The three groups are coupled through the shared
   weight w (y and z are mean gains over the groups that moved), so all six are always computed together.
   The tool measures the gains with fp32 BLAS dot products whose rounding depends on the thread count, and the
-  iteration amplifies that: on our synthetic test pairs the tool's own results differ by up to 2e-3 between 1
-  and 2 threads. We sum the gains exactly instead (deterministic on every machine, and as close to the tool as
-  the tool is to itself); `tool_dot=True` repeats the tool's dot products, bit-identical to it on the same
-  machine and thread count (checked up to 500 iterations).
+  iteration amplifies that: the tool's own results differ between 1 and 2 threads (`tool_thread_variation` in
+  tests/data, whose README says how it was measured). We sum the gains exactly instead (deterministic on every
+  machine, and as close to the tool as the tool is to itself); `tool_dot=True` repeats the tool's dot products,
+  bit-identical to it on the same machine and thread count (checked up to 500 iterations).
 
-Cost: the N * 6 assignment problems are the tool's own and dominate (n = 320, 512, 128; scipy's solver takes
-0.04-0.14 s on the two larger ones, as it does inside the tool). They cannot be handed to a faster or warm-started
-solver: the tool's fp32 cost matrices often have exactly tied optima (on a full-size independent pair, 49 of 114
-solves had another permutation with the identical objective in exact arithmetic over the fp32 entries), and which
-of the tied permutations scipy returns steers every later iteration. So each one is scipy's on the tool's exact
-matrix; the three groups of an iteration are independent and run on parallel threads (scipy releases the GIL).
+Cost: the N * 6 assignment problems (n = 320, 512, 128) are the tool's own and dominate, as they do inside the
+tool. They cannot be handed to a faster or warm-started solver: the tool's fp32 cost matrices are rank 2 and often
+have exactly tied optima (how often, on a full-size pair: benchmarks/results.md, "Legacy"), and which of the tied
+permutations scipy returns steers every later iteration. So each one is scipy's on the tool's exact matrix; the
+three groups of an iteration are independent and run on parallel threads (scipy releases the GIL).
 
 Key-set rules (`legacy_action`; the output has A's keys, like every other method of this library), and where we
 deliberately differ from the tool:

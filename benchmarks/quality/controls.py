@@ -23,7 +23,7 @@ from lib_rebasin.spec import build_spec
 from .evaluate import EvalSet, Model, heldout_loss
 from .layout import sd_config
 from .merging import merge
-from .methods import ACTIVATIONS, REBASIN, REBASIN_EXACT, WEIGHTED_SUM
+from .method_lines import ACTIVATIONS, REBASIN, REBASIN_EXACT, WEIGHTED_SUM
 from .export import single_file
 from .train import Trained
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lib_rebasin.merge import MergeOptions, merge_checkpoints
 
-from .methods import Method
+from .method_lines import Method
 
 PARTS = ("unet", "te")
 

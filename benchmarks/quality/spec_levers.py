@@ -23,7 +23,7 @@ from .export import single_file
 from .families import FULL, independent_pair, sweep_lengths
 from .layout import sd_config
 from .merging import merge
-from .methods import REBASIN, WEIGHTED_SUM
+from .method_lines import REBASIN, WEIGHTED_SUM
 from .train import cached, load_ldm
 
 

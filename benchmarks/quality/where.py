@@ -38,7 +38,7 @@ from .export import single_file
 from .families import FULL, MATCH_IMAGES, independent_pair
 from .layout import UNET_PREFIX, sd_config
 from .merging import merge
-from .methods import ACTIVATIONS, Method
+from .method_lines import ACTIVATIONS, Method
 from .train import cached, load_ldm
 
 SAMPLES = ACTIVATIONS.options["activation_samples"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import RebasinError
+from ..links import MERGE_QUALITY
 from .host import HIRES_ADVICE, HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values, known_downloads
 from . import blocks_ui as bui
 from . import recipe_builder as rb
@@ -125,14 +126,6 @@ def md_escape(text: str) -> str:
     return "".join(out)
 
 
-# The README section with the quality benchmark's numbers (which method kept what, when re-basin helps); the
-# result card names it by this heading, so renaming the section means changing it here (a test checks both). The
-# project publishes no documentation URL, so the card names the section in words: never the README's path on the
-# server, which is nothing to click in a browser and shows the server's folders to whoever opens the page.
-QUALITY_SECTION = "Merge quality, measured"
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
 def result_markdown(job_dict: dict[str, Any]) -> str:
     if job_dict.get("status") != "done":
         return ""
@@ -142,8 +135,8 @@ def result_markdown(job_dict: dict[str, Any]) -> str:
     if summary:
         lines.append("**What the merge did**")
         lines.extend(f"- {md_escape(s)}" for s in summary)
-        lines += ["", f"Which method keeps what, measured on trained models: the section *{QUALITY_SECTION}* of "
-                      f"the Re-Basin extension's README."]
+        lines += ["", f"Which method keeps what, measured on trained models: `{MERGE_QUALITY}` in the Re-Basin "
+                      f"extension's folder."]
     return "\n".join(lines)
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
-from benchmarks.quality import repair  # noqa: E402
-from benchmarks.quality.evaluate import Model  # noqa: E402
-from benchmarks.quality.layout import new_unet, sd_config, te_ldm, unet_to_ldm  # noqa: E402
+from benchmarks.quality import repair_lever as repair
+from benchmarks.quality.evaluate import Model
+from benchmarks.quality.layout import new_unet, sd_config, te_ldm, unet_to_ldm
 
 WIDTH = 32
 
@@ -32,7 +30,7 @@ def parents():
 
 @pytest.mark.parametrize("where", ["residual", "output"])
 def test_repair_restores_interpolated_std_in_the_weights(parents, where: str) -> None:
-    a, b, merged, cal, names, sa, sb = parents
+    a, _, merged, cal, _, sa, sb = parents
     before = {k: v.clone() for k, v in merged.items()}
     fixed, collapse = repair.corrected(WIDTH, sa, sb, merged, 0.5, where, cal)
 

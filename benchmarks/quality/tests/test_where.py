@@ -5,14 +5,11 @@ planted block move exactly."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-pytest.importorskip("diffusers")
-
-from benchmarks.quality.layout import sd_config  # noqa: E402
-from benchmarks.quality.where import join_blocks, preserves_partitions, with_block_moves  # noqa: E402
-from lib_rebasin.assignment import solve  # noqa: E402
-from lib_rebasin.spec import build_spec  # noqa: E402
+from benchmarks.quality.layout import sd_config
+from benchmarks.quality.where import join_blocks, preserves_partitions, with_block_moves
+from lib_rebasin.assignment import solve
+from lib_rebasin.spec import build_spec
 
 
 def test_join_block_moves_are_legal_and_find_a_planted_move() -> None:
