@@ -117,10 +117,10 @@ def build_param_controls(gr: Any, c: dict[str, Any], d_method: str) -> None:
         c["param_seed"] = gr.Number(value=0, precision=0, label="Seed (DARE's drop masks)",
                                     elem_id="rebasin_param_seed", visible=METHODS[d_method].random)
         c["align"] = gr.Checkbox(value=False, label="Re-basin align B (and C) to A first",
-                                 elem_id="rebasin_align", visible=_can_align(d_method))
+                                 elem_id="rebasin_align", visible=can_align(d_method))
 
 
-def _can_align(method: str) -> bool:
+def can_align(method: str) -> bool:
     return method in METHODS and method not in ("rebasin", "legacy")
 
 
@@ -129,7 +129,7 @@ def param_visibility(method: str) -> list[dict[str, Any]]:
     info = METHODS.get(method)
     own = {p.name for p in info.params} if info else set()
     return ([{"visible": name in own} for name in ALL_PARAMS]
-            + [{"visible": bool(info and info.random)}, {"visible": _can_align(method)}])
+            + [{"visible": bool(info and info.random)}, {"visible": can_align(method)}])
 
 
 def analysis_visibility(method: str, align: Any, matching: Any, repair: Any) -> list[dict[str, Any]]:
@@ -139,7 +139,7 @@ def analysis_visibility(method: str, align: Any, matching: Any, repair: Any) -> 
     wherever activation matching or REPAIR will use them."""
     from ..options import REPAIRABLE, MergeOptions
 
-    aligned = method in METHODS and MergeOptions(method=method, align=bool(align) and _can_align(method)).aligned
+    aligned = method in METHODS and MergeOptions(method=method, align=bool(align) and can_align(method)).aligned
     repairable = method in REPAIRABLE
     prompts = (aligned and matching == "activations") or (repairable and bool(repair))
     return [{"visible": aligned}, {"visible": prompts}, {"visible": repairable}]

@@ -1,0 +1,85 @@
+"""What the tab's event modules share: the host, the service, the built components, the first values, and the
+translation between the labels the controls show and the keys the core takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ...methods import METHODS
+from ...options import MATCHINGS
+from ..host import Host
+from ..recipe_builder import NO_VAE
+from ..service import PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService
+
+
+
+
+def method_label(key: str) -> str:
+    return METHODS[key].label if key in METHODS else key
+
+
+def method_key(label: str | None) -> str:
+    """The method a Radio value names (its label; a key is taken as it is)."""
+    return next((key for key, m in METHODS.items() if m.label == label), str(label))
+
+
+def part_labels(keys: Iterable[str] = PARTS) -> list[str]:
+    return [PART_LABELS[p] for p in keys]
+
+
+def part_keys(labels: Iterable[str] | None) -> tuple[str, ...]:
+    by_label = {v: k for k, v in PART_LABELS.items()}
+    return tuple(by_label.get(p, p) for p in labels or [])
+
+
+# Method facts the core's MethodInfo does not carry yet.
+def iterates(key: str) -> bool:
+    return key in ("rebasin", "legacy")
+
+
+def uses_tolerance(key: str) -> bool:
+    return key == "rebasin"
+
+
+def needs_c(key: str) -> bool:
+    return key in METHODS and METHODS[key].needs_c
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The controls' first values: the host's (Settings -> Re-Basin in the WebUI) where they are valid."""
+
+    method: str
+    devices: list[str]
+    device: str
+    precision: str
+    iterations: int
+    alpha: float
+    tolerance_percent: float
+    matching: str = MATCHINGS[0]
+
+    @classmethod
+    def of(cls, host: Host) -> Defaults:
+        given = host.defaults()
+        devices = host.device_choices()
+        return cls(method=given["method"] if given.get("method") in METHODS else next(iter(METHODS)),
+                   devices=devices,
+                   device=given["device"] if given.get("device") in devices else host.default_device(),
+                   precision=given["precision"] if given.get("precision") in PRECISION_CHOICES else "fp16",
+                   iterations=int(given.get("iterations") or 1), alpha=float(given.get("alpha", 0.5)),
+                   tolerance_percent=100 * float(given.get("tolerance", MergeRequest.tolerance)))
+
+
+@dataclass
+class TabContext:
+    host: Host
+    service: MergeService
+    c: dict[str, Any]  # the components by name (TabUI.components)
+
+    def titles(self) -> list[str]:
+        return self.service.titles()
+
+    def vae_choices(self) -> list[str]:
+        """The bake-in-VAE choices: none, the host's VAE files, the checkpoints (a checkpoint's VAE)."""
+        return [NO_VAE, *self.service.vae_titles(), *self.service.titles()]
