@@ -8,7 +8,8 @@ helpers are plain functions (unit-tested without gradio); gradio is only touched
 from __future__ import annotations
 
 import html
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..block_presets import PRESETS
 from ..blocks import BLOCK_IDS, format_value, parse_blocks

@@ -574,7 +574,7 @@ class MergeService:
 
         from .. import recipe as rm
         from ..models import open_model
-        from .recipe_builder import _entry_for_model
+        from .recipe_refs import entry_for_model as _entry_for_model
 
         if not (req.text or "").strip():
             raise RebasinError("The recipe is empty; add a step or load a recipe first.")

@@ -18,7 +18,15 @@ from .hires import preset_summary, preset_updates, wire_hires_presets
 from .layout import build_layout
 from .merge_events import wire_merge_events
 from .recipe_events import wire_recipe_events
-from .rendering import QUALITY_SECTION, README, error_html, job_inputs, progress_html, result_markdown, tab_css
+from .rendering import (
+    QUALITY_SECTION,
+    README,
+    error_html,
+    job_inputs,
+    progress_html,
+    result_markdown,
+    tab_css,
+)
 
 # Components that start from Settings -> Re-Basin (see NOT_IN_UI_CONFIG).
 FROM_SETTINGS = ("method", "iterations", "device", "precision", "tolerance", "recipe_method", "recipe_iterations",
@@ -62,6 +70,18 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
     return TabUI(blocks, ctx.c)
 
 
-__all__ = ["TabUI", "build_tab", "error_html", "progress_html", "result_markdown", "job_inputs", "preset_updates",
-           "preset_summary", "js_kwargs", "gradio_major", "QUALITY_SECTION", "README",
-           "tab_css"]
+__all__ = [
+    "QUALITY_SECTION",
+    "README",
+    "TabUI",
+    "build_tab",
+    "error_html",
+    "gradio_major",
+    "job_inputs",
+    "js_kwargs",
+    "preset_summary",
+    "preset_updates",
+    "progress_html",
+    "result_markdown",
+    "tab_css",
+]

@@ -3,16 +3,15 @@ translation between the labels the controls show and the keys the core takes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ...methods import METHODS
 from ...options import MATCHINGS
 from ..host import Host
 from ..recipe_builder import NO_VAE
 from ..service import PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService
-
-
 
 
 def method_label(key: str) -> str:

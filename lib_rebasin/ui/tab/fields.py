@@ -7,7 +7,8 @@ turns what the handler receives back into {name: value}: no handler decodes its 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 Component = Any  # a gradio component (gradio is imported only where the tab is built)
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..host import HIRES_ELEM_IDS, HIRES_PRESETS, Host, HiresPreset, hires_values, known_downloads
+from ..host import (
+    HIRES_ELEM_IDS,
+    HIRES_PRESETS,
+    HiresPreset,
+    Host,
+    hires_values,
+    known_downloads,
+)
 from .compat import JS_SWITCH_TXT2IMG, js_apply_hires, js_kwargs, keep, update
 from .rendering import md_escape
 

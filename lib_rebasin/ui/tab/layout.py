@@ -6,13 +6,19 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from .. import blocks_ui
-from .. import recipe_builder
-from ..host import HIRES_ADVICE, HIRES_PRESETS
-from ..service import MergeRequest, PRECISION_CHOICES
 from ...methods import METHODS
 from ...options import MATCHINGS
-from .context import Defaults, iterates, method_label, needs_c, part_labels, uses_tolerance
+from .. import blocks_ui, recipe_builder
+from ..host import HIRES_ADVICE, HIRES_PRESETS
+from ..service import PRECISION_CHOICES, MergeRequest
+from .context import (
+    Defaults,
+    iterates,
+    method_label,
+    needs_c,
+    part_labels,
+    uses_tolerance,
+)
 from .rendering import md_escape
 
 MODEL_LABELS = {"a": "Model A", "b": "Model B",
@@ -70,17 +76,17 @@ def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_
         label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
               "(0 = until nothing improves; much slower on unrelated models)",
         elem_id="rebasin_tolerance", visible=uses_tolerance(d.method))
-    shown = blocks_ui.analysis_visibility(d.method, False, d.matching, False)
+    analysis = blocks_ui.analysis_visibility(d.method, False, d.matching, False)
     with gr.Row(elem_id="rebasin_matching_row"):
         c["matching"] = gr.Radio(choices=list(MATCHINGS), value=d.matching,
                                  label="Re-basin matching (re-basin, or another method with 'align'): "
                                        "by weights, or by activations on seeded prompts (slower)",
-                                 elem_id="rebasin_matching", **shown[0])
+                                 elem_id="rebasin_matching", **analysis[0])
         c["activation_samples"] = gr.Slider(minimum=1, maximum=64, step=1, value=MergeRequest.activation_samples,
                                             label="Activation matching / REPAIR: prompts",
-                                            elem_id="rebasin_activation_samples", **shown[1])
+                                            elem_id="rebasin_activation_samples", **analysis[1])
         c["repair"] = gr.Checkbox(value=False, label="REPAIR: restore the parents' activation statistics "
-                                                     "after blending", elem_id="rebasin_repair", **shown[2])
+                                                     "after blending", elem_id="rebasin_repair", **analysis[2])
     with gr.Row():
         c["device"] = gr.Dropdown(choices=d.devices, value=d.device, label="Device", elem_id="rebasin_device")
         c["precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d.precision, label="Save precision",

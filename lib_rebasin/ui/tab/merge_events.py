@@ -3,8 +3,9 @@ following the running job), Stop, Load merged model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ...errors import RebasinError
 from ...methods import ALL_PARAMS
@@ -12,7 +13,15 @@ from ...options import MATCHINGS
 from .. import blocks_ui
 from ..service import Job, MergeRequest, MergeService
 from .compat import JS_SELECT_CHECKPOINT, js_kwargs, js_start, keep, update
-from .context import NO_VAE, TabContext, iterates, method_key, needs_c, part_keys, uses_tolerance
+from .context import (
+    NO_VAE,
+    TabContext,
+    iterates,
+    method_key,
+    needs_c,
+    part_keys,
+    uses_tolerance,
+)
 from .fields import Fields
 from .layout import method_help
 from .rendering import error_html, job_inputs, md_escape, progress_html, result_markdown

@@ -3,15 +3,32 @@ through ui/recipe_builder.py; a refusal leaves the text as it was and says why."
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ...errors import RebasinError
 from .. import recipe_builder as builder
 from ..service import RecipeRequest
 from .compat import js_kwargs, js_start, keep, update
-from .context import TabContext, iterates, method_key, method_label, needs_c, part_keys, part_labels
+from .context import (
+    TabContext,
+    iterates,
+    method_key,
+    method_label,
+    needs_c,
+    part_keys,
+    part_labels,
+)
 from .fields import Fields
-from .merge_events import MODEL_DROPDOWNS, Frame, follow_job, lists_after_save, same_choice, shows_eta, task_id_of
+from .merge_events import (
+    MODEL_DROPDOWNS,
+    Frame,
+    follow_job,
+    lists_after_save,
+    same_choice,
+    shows_eta,
+    task_id_of,
+)
 from .rendering import error_html
 
 SETTINGS_FIELDS = ("recipe_text", "recipe_name", "recipe_precision", "recipe_device", "recipe_seed")
