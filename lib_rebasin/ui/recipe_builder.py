@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import RebasinError
 from ..methods import ALL_PARAMS, METHODS
-from ..options import MergeOptions
+from ..options import OPTIONS, MergeOptions
 from ..parsing import parse_toml
 from ..recipe import (
     ModelRef,
@@ -43,7 +43,7 @@ from .recipe_refs import (
 )
 
 _PLACEHOLDER = "__rebasin_builder__"
-DEFAULT_SETTINGS = {"precision": "fp16", "device": "cpu", "seed": 0}
+DEFAULT_SETTINGS = {name: OPTIONS[name].default for name in ("precision", "device", "seed")}
 
 
 
@@ -127,11 +127,11 @@ def _options(recipe: Recipe, form: StepForm, base: MergeOptions | None = None) -
     except (TypeError, ValueError):
         raise RebasinError("Alpha and iterations must be numbers.") from None
     opts = MergeOptions(method=form.method, alpha=alpha, iterations=iterations, parts=parts,
-                        device=str(d.get("device", base.device if base else "cpu")),
-                        precision=str(d.get("precision", base.precision if base else "fp16")),
-                        seed=int(d.get("seed", base.seed if base else 0)),
-                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", 100)),
-                        tolerance=float(base.tolerance if base else d.get("tolerance", MergeOptions.tolerance)))
+                        device=str(d.get("device", base.device if base else OPTIONS["device"].default)),
+                        precision=str(d.get("precision", base.precision if base else OPTIONS["precision"].default)),
+                        seed=int(d.get("seed", base.seed if base else OPTIONS["seed"].default)),
+                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", OPTIONS["max_sweeps"].default)),
+                        tolerance=float(base.tolerance if base else d.get("tolerance", OPTIONS["tolerance"].default)))
     opts = _with_extras(opts, d, base)
     opts.validate()
     return opts
@@ -370,7 +370,7 @@ def recipe_markdown(text: str) -> str:
         o = s.options
         label = METHODS[o.method].label
         ins = f"A = {show(s.a)}, B = {show(s.b)}" + (f", C = {show(s.c)}" if s.c else "")
-        extra = f", {o.iterations} iteration(s)" if o.method in ("rebasin", "legacy") else ""
+        extra = f", {o.iterations} iteration(s)" if METHODS[o.method].iterates else ""
         lines.append(f"{i + 1}. **{s.name}**: {label}, alpha {o.alpha:g}{extra}, parts {'+'.join(o.parts)}; {ins}")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ...methods import METHODS
+from ...methods import METHODS, MethodInfo
 from ...options import MATCHINGS
 from ..host import Host
 from ..recipe_builder import NO_VAE
@@ -32,17 +32,9 @@ def part_keys(labels: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(by_label.get(p, p) for p in labels or [])
 
 
-# Method facts the core's MethodInfo does not carry yet.
-def iterates(key: str) -> bool:
-    return key in ("rebasin", "legacy")
-
-
-def uses_tolerance(key: str) -> bool:
-    return key == "rebasin"
-
-
-def needs_c(key: str) -> bool:
-    return key in METHODS and METHODS[key].needs_c
+def method_of(label: str | None) -> MethodInfo:
+    """The MethodInfo a method Radio value names; what a method uses is read from its flags."""
+    return METHODS[method_key(label)]
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,12 @@ import html
 from typing import Any
 
 from ...methods import METHODS
-from ...options import MATCHINGS
+from ...options import OPTIONS
 from .. import blocks_ui, recipe_builder
 from ..host import HIRES_ADVICE, HIRES_PRESETS
-from ..service import PRECISION_CHOICES, MergeRequest
-from .context import (
-    Defaults,
-    iterates,
-    method_label,
-    needs_c,
-    part_labels,
-    uses_tolerance,
-)
+from ..service import PRECISION_CHOICES
+from . import controls
+from .context import Defaults, method_label, part_labels
 from .rendering import md_escape
 
 MODEL_LABELS = {"a": "Model A", "b": "Model B",
@@ -54,7 +48,7 @@ def build_layout(gr: Any, d: Defaults, title: str, titles: list[str], vae_choice
 def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_choices: list[str]) -> None:
     for key, label in MODEL_LABELS.items():
         with gr.Row(elem_id=f"rebasin_model_{key}_row", elem_classes=["rebasin-model-row"]):
-            shown = key != "c" or needs_c(d.method)
+            shown = key != "c" or METHODS[d.method].needs_c
             c[f"model_{key}"] = gr.Dropdown(choices=titles, value=None, label=label, elem_id=f"rebasin_model_{key}",
                                             visible=shown)
             c[f"refresh_{key}"] = gr.Button(REFRESH, elem_id=f"rebasin_refresh_{key}", elem_classes=TOOL,
@@ -64,29 +58,31 @@ def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_
     c["method_help"] = gr.Markdown(method_help(d.method), elem_id="rebasin_method_help")
     c["alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d.alpha,
                            label="Alpha (0 = model A, 1 = model B)", elem_id="rebasin_alpha")
-    blocks_ui.build_param_controls(gr, c, d.method)
+    controls.build_param_controls(gr, c, d.method)
     blocks_ui.build_block_controls(gr, c, d.alpha)
     with gr.Row():
         c["iterations"] = gr.Slider(minimum=1, maximum=500, step=1, value=d.iterations, label="Iterations",
-                                    elem_id="rebasin_iterations", visible=iterates(d.method))
+                                    elem_id="rebasin_iterations", visible=METHODS[d.method].iterates)
         c["parts"] = gr.CheckboxGroup(choices=part_labels(), value=part_labels(), label="Parts to merge",
                                       elem_id="rebasin_parts")
     c["tolerance"] = gr.Slider(
         minimum=0.0, maximum=10.0, step=0.1, value=d.tolerance_percent,
         label="Re-basin: stop matching when a sweep adds less than this % of the first sweep's gain "
               "(0 = until nothing improves; much slower on unrelated models)",
-        elem_id="rebasin_tolerance", visible=uses_tolerance(d.method))
-    analysis = blocks_ui.analysis_visibility(d.method, False, d.matching, False)
+        elem_id="rebasin_tolerance", visible=METHODS[d.method].aligns)
+    analysis = [shown["visible"] for shown in controls.analysis_visibility(d.method, False, d.matching, False)]
     with gr.Row(elem_id="rebasin_matching_row"):
-        c["matching"] = gr.Radio(choices=list(MATCHINGS), value=d.matching,
-                                 label="Re-basin matching (re-basin, or another method with 'align'): "
-                                       "by weights, or by activations on seeded prompts (slower)",
-                                 elem_id="rebasin_matching", **analysis[0])
-        c["activation_samples"] = gr.Slider(minimum=1, maximum=64, step=1, value=MergeRequest.activation_samples,
-                                            label="Activation matching / REPAIR: prompts",
-                                            elem_id="rebasin_activation_samples", **analysis[1])
-        c["repair"] = gr.Checkbox(value=False, label="REPAIR: restore the parents' activation statistics "
-                                                     "after blending", elem_id="rebasin_repair", **analysis[2])
+        c["matching"] = controls.option_control(
+            gr, OPTIONS["matching"], "rebasin_matching", visible=analysis[0],
+            label="Re-basin matching (re-basin, or another method with 'align'): by weights, or by activations on "
+                  "seeded prompts (slower)")
+        c["activation_samples"] = controls.option_control(gr, OPTIONS["activation_samples"],
+                                                          "rebasin_activation_samples", visible=analysis[1],
+                                                          label="Activation matching / REPAIR: prompts")
+        c["repair"] = controls.option_control(gr, OPTIONS["repair"], "rebasin_repair", visible=analysis[2],
+                                              label="REPAIR: restore the parents' activation statistics after "
+                                                    "blending")
+    controls.build_advanced_controls(gr, c, d.method)
     with gr.Row():
         c["device"] = gr.Dropdown(choices=d.devices, value=d.device, label="Device", elem_id="rebasin_device")
         c["precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d.precision, label="Save precision",
@@ -136,12 +132,13 @@ def _recipe_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae
         with gr.Row(elem_classes=["rebasin-model-row"]):
             c[f"recipe_{key}"] = gr.Dropdown(choices=list(titles), value=None, label=f"Model {key.upper()}",
                                              elem_id=f"rebasin_recipe_{key}",
-                                             visible=(key != "c" or needs_c(d.method)))
+                                             visible=(key != "c" or METHODS[d.method].needs_c))
     with gr.Row():
         c["recipe_alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d.alpha, label="Alpha",
                                       elem_id="rebasin_recipe_alpha")
         c["recipe_iterations"] = gr.Slider(minimum=1, maximum=1000, step=1, value=d.iterations, label="Iterations",
-                                           elem_id="rebasin_recipe_iterations", visible=iterates(d.method))
+                                           elem_id="rebasin_recipe_iterations",
+                                           visible=METHODS[d.method].iterates)
     c["recipe_parts"] = gr.CheckboxGroup(choices=part_labels(), value=part_labels(), label="Parts",
                                          elem_id="rebasin_recipe_parts")
     with gr.Row(elem_id="rebasin_recipe_step_buttons"):

@@ -4,24 +4,18 @@ following the running job), Stop, Load merged model."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ...errors import RebasinError
 from ...methods import ALL_PARAMS
-from ...options import MATCHINGS
+from ...options import MATCHINGS, OPTIONS
 from .. import blocks_ui
 from ..service import Job, MergeRequest, MergeService
+from . import controls
 from .compat import JS_SELECT_CHECKPOINT, js_kwargs, js_start, keep, update
-from .context import (
-    NO_VAE,
-    TabContext,
-    iterates,
-    method_key,
-    needs_c,
-    part_keys,
-    uses_tolerance,
-)
+from .context import NO_VAE, TabContext, method_key, method_of, part_keys
 from .fields import Fields
 from .layout import method_help
 from .rendering import error_html, job_inputs, md_escape, progress_html, result_markdown
@@ -31,7 +25,9 @@ POLL_S = 0.5
 MERGE_FIELDS = ("task_id", "model_a", "model_b", "model_c", "method", "alpha", "iterations", "parts", "device",
                 "precision", "output_name", "overwrite", "tolerance", "blocks_on", "blocks_text",
                 *(f"param_{name}" for name in ALL_PARAMS), "param_seed", "align", "bake_vae", "matching",
-                "activation_samples", "repair")
+                "activation_samples", "repair", *controls.ADVANCED)
+# The advanced options a MergeRequest takes (every one, once ui/request.py makes the request from the table).
+REQUEST_ADVANCED = tuple(name for name in controls.ADVANCED if name in {f.name for f in fields(MergeRequest)})
 MODEL_DROPDOWNS = ("model_a", "model_b", "model_c")
 # A job's frames: error, progress, result card, result path, Load button, the run button, then `keep` / the lists.
 MERGE_OUTPUTS = ("error", "progress", "result", "result_path", "load", "merge", *MODEL_DROPDOWNS)
@@ -63,10 +59,11 @@ def request_from(v: dict[str, Any]) -> MergeRequest:
     extra: dict[str, Any] = {name: float(v[f"param_{name}"]) for name in ALL_PARAMS
                              if v[f"param_{name}"] is not None}
     extra["seed"] = int(v["param_seed"] or 0)
-    extra["align"] = bool(v["align"]) and blocks_ui.can_align(key)
+    extra["align"] = bool(v["align"]) and controls.can_align(method_of(key))
     if v["bake_vae"] and v["bake_vae"] != NO_VAE:
         extra["bake_vae"] = str(v["bake_vae"])
-    shown = blocks_ui.analysis_visibility(key, extra["align"], None, None)
+    extra.update({name: OPTIONS[name].kind(v[name]) for name in REQUEST_ADVANCED if v[name] is not None})
+    shown = controls.analysis_visibility(key, extra["align"], None, None)
     if v["matching"] in MATCHINGS:
         extra["matching"] = str(v["matching"]) if shown[0]["visible"] else MATCHINGS[0]
         extra["activation_samples"] = int(v["activation_samples"] or MergeRequest.activation_samples)
@@ -143,21 +140,23 @@ def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
     param_controls = [c[f"param_{n}"] for n in ALL_PARAMS] + [c["param_seed"], c["align"]]
 
     def on_method(label: str) -> tuple[Any, ...]:
-        key = method_key(label)
-        return (update(visible=needs_c(key)), update(visible=needs_c(key)), method_help(key),
-                *(update(**v) for v in blocks_ui.param_visibility(key)),
-                update(visible=iterates(key)), update(visible=uses_tolerance(key)))
+        info = method_of(label)
+        return (update(visible=info.needs_c), update(visible=info.needs_c), method_help(info.name),
+                *(update(**v) for v in controls.param_visibility(info.name)),
+                *(update(**v) for v in controls.advanced_visibility(info.name)),
+                update(visible=info.iterates), update(visible=info.aligns))
 
+    # the iterations and tolerance sliders last (their visibility: MethodInfo.iterates, .aligns)
     c["method"].change(fn=on_method, inputs=[c["method"]],
-                       outputs=[c["model_c"], c["refresh_c"], c["method_help"], *param_controls, c["iterations"],
-                                c["tolerance"]])
+                       outputs=[c["model_c"], c["refresh_c"], c["method_help"], *param_controls,
+                                *(c[name] for name in controls.ADVANCED), c["iterations"], c["tolerance"]])
     blocks_ui.wire_block_events(c, update)
 
     analysis = Fields(c, ANALYSIS_FIELDS)
 
     def on_analysis(values: dict[Any, Any]) -> list[Any]:
         v = analysis.read(values)
-        shown = blocks_ui.analysis_visibility(method_key(v["method"]), v["align"], v["matching"], v["repair"])
+        shown = controls.analysis_visibility(method_key(v["method"]), v["align"], v["matching"], v["repair"])
         return [update(**s) for s in shown]
 
     for name in ANALYSIS_FIELDS:
@@ -223,7 +222,7 @@ def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
             title = host.load_checkpoint(Path(path))
         except RebasinError as e:
             return f"Could not load: {e}", "", ""
-        except Exception as e:  # the host's loader failed: say so in one line
+        except Exception as e:  # noqa: BLE001 - the host's loader failed: say so in one line
             return f"Could not load the merged model ({type(e).__name__}: {e}).", "", ""
         page = title if getattr(host, "page_selects_checkpoint", False) else ""
         return f"Loaded **{md_escape(title)}** for txt2img and img2img.", title, page

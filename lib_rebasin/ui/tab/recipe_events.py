@@ -12,10 +12,9 @@ from ..service import RecipeRequest
 from .compat import js_kwargs, js_start, keep, update
 from .context import (
     TabContext,
-    iterates,
     method_key,
     method_label,
-    needs_c,
+    method_of,
     part_keys,
     part_labels,
 )
@@ -151,8 +150,8 @@ def wire_recipe_events(ctx: TabContext) -> None:
                             outputs=[c[k] for k in SELECT_OUTPUTS])
 
     def on_method(label: str) -> tuple[Any, Any]:
-        key = method_key(label)
-        return update(visible=needs_c(key)), update(visible=iterates(key))
+        info = method_of(label)
+        return update(visible=info.needs_c), update(visible=info.iterates)
 
     c["recipe_method"].change(fn=on_method, inputs=[c["recipe_method"]],
                               outputs=[c["recipe_c"], c["recipe_iterations"]])
