@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 from modules import call_queue, devices, script_callbacks, sd_models, shared  # noqa: E402
 
 from lib_rebasin.errors import RebasinError  # noqa: E402
+from lib_rebasin.methods import METHODS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
@@ -308,12 +309,7 @@ TAB = None
 
 def _method_choices():
     """(label, key) pairs: the Settings page shows "Re-basin (weight matching)", the option stores "rebasin"."""
-    try:
-        from lib_rebasin.merge import METHODS
-
-        return [(m.label, key) for key, m in METHODS.items()]
-    except Exception:
-        return [(k, k) for k in ("rebasin", "weighted_sum", "add_difference", "legacy")]
+    return [(m.label, key) for key, m in METHODS.items()]
 
 
 # The Settings page groups sections by category (modules/options.py: a section without one is "Uncategorized");

@@ -305,3 +305,30 @@ def test_start_hook_writes_the_task_id_into_the_task_id_input(tmp_path, button):
     js = deps[0].get("js") or deps[0].get("_js")
     position = int(re.search(r"rebasin_start_merge\((\d+), args\)", js).group(1))
     assert deps[0]["inputs"][position] == ui["task_id"]._id
+
+
+def test_advanced_options_come_from_the_option_table(tmp_path):
+    """The table's advanced options that the form does not place itself get a control each (max_sweeps,
+    allow_nonfinite), starting at the option's default and shown for the methods the option applies to."""
+    from lib_rebasin.methods import METHODS
+    from lib_rebasin.options import OPTIONS
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+    from lib_rebasin.ui.tab.controls import ADVANCED
+
+    assert {"max_sweeps", "allow_nonfinite"} <= set(ADVANCED)
+    host = StandaloneHost(tmp_path, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    config = ui.blocks.get_config_file()
+    props = {c["props"].get("elem_id"): c["props"] for c in config["components"]}
+    for name in ADVANCED:
+        assert props[f"rebasin_{name}"]["value"] == OPTIONS[name].default, name
+    on_method = _fn_for(ui.blocks, ui["method"], "change")
+    dep = next(d for d in config["dependencies"] if ui["method"]._id in
+               [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]] and
+               ui["max_sweeps"]._id in d["outputs"])
+    for key, info in METHODS.items():
+        shown = dict(zip(dep["outputs"], on_method(info.label)))
+        for name in ADVANCED:
+            assert shown[ui[name]._id]["visible"] is OPTIONS[name].applies_to(info), (key, name)
