@@ -58,6 +58,9 @@ class Option:
     recorded_when: Callable[[Any], bool] | None = None
     webui_name: str = ""         # its key in A1111's sd_merge_recipe, where that differs from `name`
     method_param: bool = False   # declared by a method (methods.py), gathered after the core options
+    # Bounds that depend on the method (alpha: [0, 1] for an interpolation, wider for a factor on a difference);
+    # `low` / `high` are then the widest.
+    method_bounds: Callable[[MethodInfo], tuple[float, float]] | None = None
 
     @property
     def flag(self) -> str:
@@ -68,17 +71,26 @@ class Option:
             return any(p.name == self.name for p in info.params)
         return self.applies(info)
 
-    def bounds_text(self) -> str:
-        """"between 1 and 64" for whole numbers, interval notation "[0, 1)" otherwise."""
-        if self.low is None or self.high is None:
-            return f"at least {_num(self.low)}" if self.low is not None else f"at most {_num(self.high)}"
-        if self.kind is int and not (self.low_open or self.high_open):
-            return f"between {_num(self.low)} and {_num(self.high)}"
-        return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+    def bounds(self, info: MethodInfo | None = None) -> tuple[float | None, float | None]:
+        """(low, high) for the method `info` (None: the widest)."""
+        if self.method_bounds is not None and info is not None:
+            return self.method_bounds(info)
+        return self.low, self.high
 
-    def problem(self, value: object, method_label: str = "") -> str | None:
-        """The one-line problem with `value` for this option (type, finiteness, bounds, choices), or None."""
-        where = f" for {method_label}" if method_label else ""
+    def bounds_text(self, info: MethodInfo | None = None) -> str:
+        """"between 1 and 64" for whole numbers, interval notation "[0, 1)" otherwise."""
+        low, high = self.bounds(info)
+        if low is None or high is None:
+            return f"at least {_num(low)}" if low is not None else f"at most {_num(high)}"
+        if self.kind is int and not (self.low_open or self.high_open):
+            return f"between {_num(low)} and {_num(high)}"
+        return f"in {'(' if self.low_open else '['}{_num(low)}, {_num(high)}{')' if self.high_open else ']'}"
+
+    def problem(self, value: object, info: MethodInfo | None = None) -> str | None:
+        """The one-line problem with `value` for this option (type, finiteness, bounds, choices) for the method
+        `info` (None: any method), or None."""
+        specific = info is not None and (self.method_param or self.method_bounds is not None)
+        where = f" for {info.label}" if specific and info is not None else ""
         if value is None and self.optional:
             return None
         if self.kind is float:
@@ -95,9 +107,10 @@ class Option:
             return f"{self.name} must be a finite number{where}, got {shown(value)}."
         if self.kind in (int, float):
             v: Any = value
-            if ((self.low is not None and (v < self.low or (self.low_open and v == self.low)))
-                    or (self.high is not None and (v > self.high or (self.high_open and v == self.high)))):
-                return f"{self.name} must be {self.bounds_text()}{where}, got {shown(value)}."
+            low, high = self.bounds(info)
+            if ((low is not None and (v < low or (self.low_open and v == low)))
+                    or (high is not None and (v > high or (self.high_open and v == high)))):
+                return f"{self.name} must be {self.bounds_text(info)}{where}, got {shown(value)}."
         if self.choices and self.kind is str and value not in self.choices:
             return f"{self.name} must be one of {', '.join(self.choices)}, got {shown(value)}."
         if self.choices and self.kind is tuple:
@@ -111,21 +124,21 @@ class Option:
         """Whether a recipe or an output's metadata records this option for `options`."""
         return self.recorded_when is None or bool(self.recorded_when(options))
 
-    def declaration(self, methods: Any = None) -> dict[str, Any]:
-        """The declaration as JSON-able data (the API's method listing): what a client needs to build a control."""
+    def declaration(self, info: MethodInfo | None = None) -> dict[str, Any]:
+        """The declaration as JSON-able data (the API's method listing): what a client needs to build a control,
+        with the bounds for the method `info`."""
         out: dict[str, Any] = {"name": self.name, "type": self.kind.__name__ if self.kind is not tuple else "list",
                                "default": list(self.default) if isinstance(self.default, tuple) else self.default,
                                "label": self.label, "help": self.help, "widget": self.widget, "group": self.group}
-        if self.low is not None or self.high is not None:
-            out.update({"low": self.low, "high": self.high, "low_open": self.low_open, "high_open": self.high_open})
+        low, high = self.bounds(info)
+        if low is not None or high is not None:
+            out.update({"low": low, "high": high, "low_open": self.low_open, "high_open": self.high_open})
         if self.choices:
             out["choices"] = list(self.choices)
         if self.step is not None:
             out["step"] = self.step
         if self.optional:
             out["optional"] = True
-        if methods is not None:
-            out["methods"] = [m.name for m in methods.values() if self.applies_to(m)]
         return out
 
 

@@ -45,10 +45,11 @@ def _matches(m: MethodInfo) -> bool:
 CORE_OPTIONS: tuple[Option, ...] = (
     Option("method", str, "rebasin", "Merge method", "the merge method (see methods.py)", choices=tuple(METHODS),
            widget="dropdown", webui_name="interp_method"),
-    # Bounds for the methods whose alpha is a factor on a difference; [0, 1] for the others (alpha_bounded).
+    # [0, 1] for an interpolation (alpha_bounded); wider where alpha is a factor on a difference.
     Option("alpha", float, 0.5, "Alpha (weight of B)", "weight of model B", low=-MAX_DIFFERENCE_ALPHA,
            high=MAX_DIFFERENCE_ALPHA, applies=lambda m: m.uses_alpha, widget="slider", step=0.01,
-           webui_name="multiplier"),
+           webui_name="multiplier", method_bounds=lambda m: (0.0, 1.0) if m.alpha_bounded else
+           (-MAX_DIFFERENCE_ALPHA, MAX_DIFFERENCE_ALPHA)),
     Option("iterations", int, 1, "Iterations",
            "step alpha over N merges, re-aligning B to the running merge each step (legacy: the old tool's "
            "iterations)", low=1, high=10_000, applies=lambda m: m.iterates),
@@ -162,7 +163,7 @@ class _Fields:
             applies = opt.applies_to(info)
             if not applies and opt.inapplicable == "ignore":
                 continue
-            problem = opt.problem(value, info.label if opt.method_param else "")
+            problem = opt.problem(value, info)
             if problem:
                 raise FieldError(opt.name, problem)
             if not applies and opt.inapplicable == "refuse" and value != opt.default:
@@ -173,8 +174,6 @@ class _Fields:
 
     def _check_combinations(self, info: MethodInfo) -> None:
         """The rules that join two options (each single value is checked by its declaration)."""
-        if info.alpha_bounded and not 0.0 <= self.alpha <= 1.0:
-            raise FieldError("alpha", f"alpha must be between 0 and 1 for {self.method}, got {self.alpha:g}.")
         if self.repair and "unet" not in self.parts:
             raise FieldError("repair", "REPAIR corrects UNet layers; parts must include unet.")
         if self.matching != "weights" and not self.aligned:
