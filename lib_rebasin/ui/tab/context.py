@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...methods import METHODS, MethodInfo
-from ...options import MATCHINGS
+from ...options import MATCHINGS, OPTIONS
 from ..host import Host
 from ..recipe_builder import NO_VAE
-from ..service import PART_LABELS, PARTS, PRECISION_CHOICES, MergeRequest, MergeService
+from ..request import PART_LABELS, PRECISION_CHOICES
+from ..service import MergeService
 
 
 def method_label(key: str) -> str:
@@ -23,8 +24,9 @@ def method_key(label: str | None) -> str:
     return next((key for key, m in METHODS.items() if m.label == label), str(label))
 
 
-def part_labels(keys: Iterable[str] = PARTS) -> list[str]:
-    return [PART_LABELS[p] for p in keys]
+def part_labels(keys: Iterable[str] | None = None) -> list[str]:
+    """The Parts checkboxes' labels (of every part the table offers, by default)."""
+    return [PART_LABELS[p] for p in (OPTIONS["parts"].choices if keys is None else keys)]
 
 
 def part_keys(labels: Iterable[str] | None) -> tuple[str, ...]:
@@ -57,9 +59,10 @@ class Defaults:
         return cls(method=given["method"] if given.get("method") in METHODS else next(iter(METHODS)),
                    devices=devices,
                    device=given["device"] if given.get("device") in devices else host.default_device(),
-                   precision=given["precision"] if given.get("precision") in PRECISION_CHOICES else "fp16",
+                   precision=(given["precision"] if given.get("precision") in PRECISION_CHOICES
+                              else OPTIONS["precision"].default),
                    iterations=int(given.get("iterations") or 1), alpha=float(given.get("alpha", 0.5)),
-                   tolerance_percent=100 * float(given.get("tolerance", MergeRequest.tolerance)))
+                   tolerance_percent=100 * float(given.get("tolerance", OPTIONS["tolerance"].default)))
 
 
 @dataclass

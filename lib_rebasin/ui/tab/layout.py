@@ -10,7 +10,7 @@ from ...methods import METHODS
 from ...options import OPTIONS
 from .. import blocks_ui, recipe_builder
 from ..host import HIRES_ADVICE, HIRES_PRESETS
-from ..service import PRECISION_CHOICES
+from ..request import PRECISION_CHOICES
 from . import controls
 from .context import Defaults, method_label, part_labels
 from .rendering import md_escape

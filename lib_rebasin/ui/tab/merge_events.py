@@ -4,7 +4,6 @@ following the running job), Stop, Load merged model."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,9 @@ from ...errors import RebasinError
 from ...methods import ALL_PARAMS
 from ...options import MATCHINGS, OPTIONS
 from .. import blocks_ui
-from ..service import Job, MergeRequest, MergeService
+from ..job import Job
+from ..request import MergeRequest
+from ..service import MergeService
 from . import controls
 from .compat import JS_SELECT_CHECKPOINT, js_kwargs, js_start, keep, update
 from .context import NO_VAE, TabContext, method_key, method_of, part_keys
@@ -26,8 +27,7 @@ MERGE_FIELDS = ("task_id", "model_a", "model_b", "model_c", "method", "alpha", "
                 "precision", "output_name", "overwrite", "tolerance", "blocks_on", "blocks_text",
                 *(f"param_{name}" for name in ALL_PARAMS), "param_seed", "align", "bake_vae", "matching",
                 "activation_samples", "repair", *controls.ADVANCED)
-# The advanced options a MergeRequest takes (every one, once ui/request.py makes the request from the table).
-REQUEST_ADVANCED = tuple(name for name in controls.ADVANCED if name in {f.name for f in fields(MergeRequest)})
+
 MODEL_DROPDOWNS = ("model_a", "model_b", "model_c")
 # A job's frames: error, progress, result card, result path, Load button, the run button, then `keep` / the lists.
 MERGE_OUTPUTS = ("error", "progress", "result", "result_path", "load", "merge", *MODEL_DROPDOWNS)
@@ -62,11 +62,11 @@ def request_from(v: dict[str, Any]) -> MergeRequest:
     extra["align"] = bool(v["align"]) and controls.can_align(method_of(key))
     if v["bake_vae"] and v["bake_vae"] != NO_VAE:
         extra["bake_vae"] = str(v["bake_vae"])
-    extra.update({name: OPTIONS[name].kind(v[name]) for name in REQUEST_ADVANCED if v[name] is not None})
+    extra.update({name: OPTIONS[name].kind(v[name]) for name in controls.ADVANCED if v[name] is not None})
     shown = controls.analysis_visibility(key, extra["align"], None, None)
     if v["matching"] in MATCHINGS:
         extra["matching"] = str(v["matching"]) if shown[0]["visible"] else MATCHINGS[0]
-        extra["activation_samples"] = int(v["activation_samples"] or MergeRequest.activation_samples)
+        extra["activation_samples"] = int(v["activation_samples"] or OPTIONS["activation_samples"].default)
     extra["repair"] = bool(v["repair"]) and shown[2]["visible"]
     return MergeRequest(model_a=v["model_a"] or "", model_b=v["model_b"] or "", model_c=v["model_c"], method=key,
                         alpha=float(v["alpha"]), iterations=int(v["iterations"]), parts=part_keys(v["parts"]),

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...errors import RebasinError
 from .. import recipe_builder as builder
-from ..service import RecipeRequest
+from ..request import RecipeRequest
 from .compat import js_kwargs, js_start, keep, update
 from .context import (
     TabContext,
