@@ -24,6 +24,7 @@ from modules import call_queue, devices, script_callbacks, sd_models, shared  # 
 
 from lib_rebasin.errors import RebasinError  # noqa: E402
 from lib_rebasin.methods import METHODS  # noqa: E402
+from lib_rebasin.options import OPTIONS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
@@ -322,7 +323,7 @@ def on_ui_settings():
     add = shared.opts.add_option
     options = {
         "rebasin_default_method": shared.OptionInfo(
-            "rebasin", "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
+            OPTIONS["method"].default, "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
         "rebasin_default_iterations": shared.OptionInfo(
             1, "Default iterations (re-basin and legacy)", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1},
             section=section),
@@ -330,7 +331,7 @@ def on_ui_settings():
             "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
             gr.Radio, {"choices": [("Auto", "auto"), ("CPU", "cpu"), ("GPU", "gpu")]}, section=section),
         "rebasin_default_precision": shared.OptionInfo(
-            "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
+            OPTIONS["precision"].default, "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
         "rebasin_output_dir": shared.OptionInfo(
             "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
         ALLOWED_HOSTS_OPTION: shared.OptionInfo(

@@ -51,13 +51,13 @@ DEFAULT_SETTINGS = {name: OPTIONS[name].default for name in ("precision", "devic
 class StepForm:
     """The step editor's values. a/b/c are dropdown values: checkpoint titles, "[step] X" or "[model] X"."""
 
-    method: str = "rebasin"
+    method: str = OPTIONS["method"].default
     a: str | None = None
     b: str | None = None
     c: str | None = None
-    alpha: float = 0.5
-    iterations: int = 1
-    parts: tuple[str, ...] = ("unet", "te", "vae")
+    alpha: float = OPTIONS["alpha"].default
+    iterations: int = OPTIONS["iterations"].default
+    parts: tuple[str, ...] = OPTIONS["parts"].default
     name: str = ""
 
 
@@ -118,7 +118,7 @@ def ref_choices(text: str, index: int | None, entries: list[CheckpointEntry], mo
 
 def _options(recipe: Recipe, form: StepForm, base: MergeOptions | None = None) -> MergeOptions:
     d = recipe.defaults
-    parts = tuple(p for p in ("unet", "te", "vae") if p in set(form.parts or ()))
+    parts = tuple(p for p in OPTIONS["parts"].choices if p in set(form.parts or ()))
     if not parts:
         raise RebasinError("Pick at least one part to merge (UNet, text encoder or VAE).")
     try:

@@ -14,6 +14,8 @@ from ...options import OPTIONS, users_of
 # generated control in the "Advanced options" accordion.
 PLACED = ("method", "alpha", "iterations", "parts", "device", "precision", "seed", "tolerance", "align", "matching",
           "activation_samples", "repair", "blocks", "blocks_preset")
+# The seed shows for the random methods only (MethodInfo.random), so its label names what it seeds there.
+SEED_LABEL = "Seed (drop masks of " + ", ".join(m.label for m in METHODS.values() if m.random) + ")"
 ADVANCED = tuple(o.name for o in OPTIONS.values() if o.group == "advanced" and o.user_input and o.name not in PLACED
                  and not o.method_param)
 
@@ -56,7 +58,7 @@ def build_param_controls(gr: Any, c: dict[str, Any], method: str) -> None:
             c[f"param_{name}"] = option_control(gr, p, f"rebasin_param_{name}", visible=p.applies_to(info),
                                                 label=f"{p.label} ({users})")
         c["param_seed"] = option_control(gr, OPTIONS["seed"], "rebasin_param_seed", visible=info.random,
-                                         label="Seed (DARE's drop masks)")
+                                         label=SEED_LABEL)
         c["align"] = option_control(gr, OPTIONS["align"], "rebasin_align", visible=can_align(info))
 
 

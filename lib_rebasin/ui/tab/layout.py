@@ -16,7 +16,8 @@ from .context import Defaults, method_label, part_labels
 from .rendering import md_escape
 
 MODEL_LABELS = {"a": "Model A", "b": "Model B",
-                "c": "Model C (the base B was tuned from; add difference, train difference, TIES, DARE)"}
+                "c": "Model C (the base B was tuned from; "
+                     + ", ".join(m.label for m in METHODS.values() if m.needs_c) + ")"}
 REFRESH = "\u21bb"
 TOOL = ["tool", "rebasin-tool"]
 RECIPE_HELP = ("Build a chain of merges (like DunkMash: several re-basin merges, then an add difference) and run it "
