@@ -29,7 +29,8 @@ def option_control(gr: Any, option: Option, elem_id: str, visible: bool = True, 
         kw["info"] = info
     if option.widget == "slider":
         step = option.step or (1 if option.kind is int else 0.01)
-        low = (option.low or 0.0) + (step if option.low_open else 0.0)
+        low = option.low if option.low is not None else 0
+        low = low + step if option.low_open else low
         return gr.Slider(minimum=low, maximum=option.high, step=step, **kw)
     if option.widget == "checkbox":
         return gr.Checkbox(**kw)
