@@ -325,7 +325,8 @@ def on_ui_settings():
         "rebasin_default_method": shared.OptionInfo(
             OPTIONS["method"].default, "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
         "rebasin_default_iterations": shared.OptionInfo(
-            1, "Default iterations (re-basin and legacy)", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1},
+            1, "Default iterations (re-basin and legacy)", gr.Slider,
+            {"minimum": OPTIONS["iterations"].low, "maximum": OPTIONS["iterations"].high, "step": 1},
             section=section),
         "rebasin_default_device": shared.OptionInfo(
             "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",

@@ -18,6 +18,7 @@ from .rendering import md_escape
 MODEL_LABELS = {"a": "Model A", "b": "Model B",
                 "c": "Model C (the base B was tuned from; "
                      + ", ".join(m.label for m in METHODS.values() if m.needs_c) + ")"}
+ITERATIONS = OPTIONS["iterations"]  # one limit in every interface: the table's
 REFRESH = "\u21bb"
 TOOL = ["tool", "rebasin-tool"]
 RECIPE_HELP = ("Build a chain of merges (like DunkMash: several re-basin merges, then an add difference) and run it "
@@ -62,7 +63,8 @@ def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_
     controls.build_param_controls(gr, c, d.method)
     blocks_ui.build_block_controls(gr, c, d.alpha)
     with gr.Row():
-        c["iterations"] = gr.Slider(minimum=1, maximum=500, step=1, value=d.iterations, label="Iterations",
+        c["iterations"] = gr.Slider(minimum=ITERATIONS.low, maximum=ITERATIONS.high, step=1, value=d.iterations,
+                                    label="Iterations",
                                     elem_id="rebasin_iterations", visible=METHODS[d.method].iterates)
         c["parts"] = gr.CheckboxGroup(choices=part_labels(), value=part_labels(), label="Parts to merge",
                                       elem_id="rebasin_parts")
@@ -137,7 +139,8 @@ def _recipe_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae
     with gr.Row():
         c["recipe_alpha"] = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=d.alpha, label="Alpha",
                                       elem_id="rebasin_recipe_alpha")
-        c["recipe_iterations"] = gr.Slider(minimum=1, maximum=1000, step=1, value=d.iterations, label="Iterations",
+        c["recipe_iterations"] = gr.Slider(minimum=ITERATIONS.low, maximum=ITERATIONS.high, step=1,
+                                           value=d.iterations, label="Iterations",
                                            elem_id="rebasin_recipe_iterations",
                                            visible=METHODS[d.method].iterates)
     c["recipe_parts"] = gr.CheckboxGroup(choices=part_labels(), value=part_labels(), label="Parts",
