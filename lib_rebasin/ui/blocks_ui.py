@@ -96,8 +96,9 @@ def build_block_controls(gr: Any, c: dict[str, Any], d_alpha: float) -> None:
         for group, ids in SLIDER_ROWS:
             with gr.Row(elem_classes=["rebasin-block-row"]):
                 for block in ids:
+                    what = "text encoder, VAE" if block == "BASE" else "middle"
                     s = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=float(d_alpha),
-                                  label=f"{block}" if group != "MID / BASE" else f"{block} ({'text encoder, VAE' if block == 'BASE' else 'middle'})",
+                                  label=f"{block}" if group != "MID / BASE" else f"{block} ({what})",
                                   elem_id=f"rebasin_block_{block}")
                     c[f"block_{block}"] = s
         # sliders in BLOCK_IDS order, whatever order the rows are laid out in
