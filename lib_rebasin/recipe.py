@@ -15,7 +15,7 @@
 
     [[step]]
     name = "m1"
-    method = "rebasin"        # rebasin | weighted_sum | add_difference | legacy
+    method = "rebasin"        # any method of methods.py; every option of options.OPTIONS is a key
     a = "nothing"
     b = "meina"
     alpha = 0.25

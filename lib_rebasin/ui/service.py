@@ -106,6 +106,10 @@ class MergeService:
 
     # -- validation -----------------------------------------------------------------------------------------
     def prepare(self, req: MergeRequest) -> Prepared:
+        devices = self.host.device_choices()  # first: the host's list says more than "no CUDA GPU"
+        if req.device not in devices:
+            raise FieldError("device", f"Device {shown(req.device)} is not available here; choose one of "
+                                       f"{', '.join(devices)}.")
         opts = req.options()  # every option by the table, and their combinations (FieldErrors naming the field)
         info = METHODS[opts.method]
         with field_of("model_a"):
@@ -122,10 +126,6 @@ class MergeService:
                 if _same_file(c.path, other.path):
                     raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); {info.label} needs a "
                                        "third, different model.")
-        devices = self.host.device_choices()
-        if opts.device not in devices:
-            raise FieldError("device", f"Device {shown(opts.device)} is not available here; choose one of "
-                                       f"{', '.join(devices)}.")
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
