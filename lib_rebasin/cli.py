@@ -9,7 +9,6 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -68,7 +67,7 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
     options = MergeOptions(**values)
     if args.blocks is not None:
         bw = parse_blocks(args.blocks, args.alpha)
-        options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+        options = options.with_blocks(bw.values, bw.preset)
     return options
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -149,6 +149,10 @@ class _Fields:
         from .blocks import BlockWeights
 
         return BlockWeights(self.blocks).alpha_of(key, self.alpha)
+
+    def with_blocks(self, values: tuple[float, ...], preset: str | None) -> MergeOptions:
+        """These options with block weights (26 values, and the preset name they came from)."""
+        return replace(self, **{"blocks": tuple(values), "blocks_preset": preset})  # type: ignore[type-var,return-value]
 
     def validate(self) -> None:
         """Raise a FieldError naming the first option of the wrong type, out of range, or not for this method."""

@@ -85,9 +85,10 @@ def provenance_metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str,
     for m in models:
         own = m.ckpt.metadata.get("sd_merge_recipe")
         own_recipe = json_or_none(own)
-        if hashes[m.label] is None:
+        sha = hashes[m.label]
+        if sha is None:
             continue  # an in-memory intermediate: the recipe that made it is recorded by the caller
-        merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.ckpt),
+        merge_models[sha] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.ckpt),
                                          "sd_merge_recipe": own_recipe}
         merge_models.update(merge_history(m))
     meta = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(merge_models)}

@@ -15,7 +15,7 @@
 
     [[step]]
     name = "m1"
-    method = "rebasin"        # rebasin | weighted_sum | add_difference | legacy
+    method = "rebasin"        # any method of methods.py; every option of options.OPTIONS is a key
     a = "nothing"
     b = "meina"
     alpha = 0.25
@@ -175,7 +175,7 @@ def step_options(settings: dict[str, Any]) -> MergeOptions:
         if not isinstance(blocks, str):
             raise RebasinError("blocks must be a preset name, 26 (or 25) comma-separated values, or a list of them.")
         bw = parse_blocks(blocks, options.alpha)
-        options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+        options = options.with_blocks(bw.values, bw.preset)
     return options
 
 
@@ -525,9 +525,10 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
     chain = Reporter(progress, None)
     for i, step in enumerate(recipe.steps):
         step_progress = chain.relay(i / n, (i + 1) / n, f"step {i + 1}/{n} ({step.name})")
-        srcs = [results.get(r) or opened[r] if r is not None else None for r in (step.a, step.b, step.c)]
+        a_src, b_src = (results.get(r) or opened[r] for r in (step.a, step.b))
+        c_src = results.get(step.c) or opened[step.c] if step.c is not None else None
         if i < n - 1:
-            ckpt, diag = merge_in_memory(srcs[0], srcs[1], step.options, c=srcs[2],
+            ckpt, diag = merge_in_memory(a_src, b_src, step.options, c=c_src,
                                          report=Reporter(step_progress, cancel), name=step.name)
             results[step.name] = ckpt
             done.append((step.name, diag))
@@ -535,7 +536,7 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
             def metadata_hook(diag: Diagnostics) -> dict[str, str]:
                 return _recipe_metadata(canonical, paths, opened, inputs, done + [(step.name, diag)])
 
-            res: MergeResult = merge_checkpoints(srcs[0], srcs[1], out_path, step.options, c=srcs[2],
+            res: MergeResult = merge_checkpoints(a_src, b_src, out_path, step.options, c=c_src,
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
                                                  extra_metadata=extra_metadata, metadata_hook=metadata_hook,
                                                  bake_vae=(opened[recipe.bake_vae] if recipe.bake_vae is not None
@@ -623,7 +624,7 @@ def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
                                       if o.user_input and o.name != "blocks" and o.name in single}}
     opts = MergeOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     if single.get("blocks") is not None:
-        opts = replace(opts, blocks=tuple(single["blocks"]), blocks_preset=single.get("blocks_preset"))
+        opts = opts.with_blocks(tuple(single["blocks"]), single.get("blocks_preset"))
     opts.validate()
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
     baked = single.get("bake_vae")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import arguments
@@ -117,6 +117,7 @@ class _RequestBehaviour:
     if TYPE_CHECKING:  # fields made at import time; type checkers see them as Any
         def __init__(self, *args: Any, **kwargs: Any) -> None: ...
         def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     @classmethod
     def from_dict(cls, d: Any) -> MergeRequest:
@@ -129,7 +130,8 @@ class _RequestBehaviour:
         if unknown:
             names = ", ".join(shown(k, 40) for k in unknown[:5])
             raise FieldError(str(unknown[0])[:40], f"Unknown field(s) {names}; allowed: {', '.join(sorted(known))}.")
-        kinds = {name: (kind, None) for name, kind, _ in (*REQUEST_FIELDS, *REQUEST_TAIL)}
+        kinds: dict[str, tuple[type, Option | None]] = {name: (kind, None) for name, kind, _ in
+                                                        (*REQUEST_FIELDS, *REQUEST_TAIL)}
         kinds.update({o.name: (o.kind, o) for o in REQUEST_OPTIONS})
         kw: dict[str, Any] = {}
         for k, v in d.items():
@@ -171,7 +173,7 @@ class _RequestBehaviour:
         options.validate()
         bw = self.block_weights()
         if bw is not None:
-            options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+            options = options.with_blocks(bw.values, bw.preset)
             options.validate()
         return options
 

@@ -106,6 +106,10 @@ class MergeService:
 
     # -- validation -----------------------------------------------------------------------------------------
     def prepare(self, req: MergeRequest) -> Prepared:
+        devices = self.host.device_choices()  # first: the host's list says more than "no CUDA GPU"
+        if req.device not in devices:
+            raise FieldError("device", f"Device {shown(req.device)} is not available here; choose one of "
+                                       f"{', '.join(devices)}.")
         opts = req.options()  # every option by the table, and their combinations (FieldErrors naming the field)
         info = METHODS[opts.method]
         with field_of("model_a"):
@@ -122,10 +126,6 @@ class MergeService:
                 if _same_file(c.path, other.path):
                     raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); {info.label} needs a "
                                        "third, different model.")
-        devices = self.host.device_choices()
-        if opts.device not in devices:
-            raise FieldError("device", f"Device {shown(opts.device)} is not available here; choose one of "
-                                       f"{', '.join(devices)}.")
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
@@ -303,23 +303,23 @@ class MergeService:
             self.host.prepare_device(device)
             try:
                 if isinstance(p, PreparedRecipe):
-                    result = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
-                                                    overwrite=p.request.overwrite, progress=progress,
-                                                    cancel=cancelled,
-                                                    extra_metadata={"lib_rebasin_host": self.host.name},
-                                                    confine=False,  # pinned to the host's checkpoints above
-                                                    on_commit=commit)
+                    chain = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
+                                                   overwrite=p.request.overwrite, progress=progress,
+                                                   cancel=cancelled,
+                                                   extra_metadata={"lib_rebasin_host": self.host.name},
+                                                   confine=False,  # pinned to the host's checkpoints above
+                                                   on_commit=commit)
+                    output, inputs = chain.output, list(p.inputs.values())
                 else:
                     result = merge_checkpoints(
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
                         overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
                         extra_metadata={"lib_rebasin_host": self.host.name}, on_commit=commit,
-                        **({"bake_vae": p.bake_vae.path} if p.bake_vae else {}))
+                        bake_vae=p.bake_vae.path if p.bake_vae else None)
+                    output, inputs = result.output, [e.path for e in (p.a, p.b, p.c) if e is not None]
             finally:
                 self.host.restore_device(device)
-            job.output = Path(result.output)
-            inputs = list(p.inputs.values()) if isinstance(p, PreparedRecipe) else [
-                e.path for e in (p.a, p.b, p.c) if e is not None]
+            job.output = Path(output)
             job.message = "Saved; telling the host the files' hashes..."
             self.host.report_progress(1.0, job.message)
             try:  # before after_save: the host's rescan then titles the files with their hashes
@@ -329,22 +329,19 @@ class MergeService:
 
                 traceback.print_exc()
             if isinstance(p, PreparedRecipe):
-                job.summary = [str(x) for x in result.summary_lines()]
-                job.diagnostics = {"steps": [{"name": n, **d.to_dict()} for n, d in result.steps]}
+                job.summary = [str(x) for x in chain.summary_lines()]
+                job.diagnostics = {"steps": [{"name": n, **d.to_dict()} for n, d in chain.steps]}
                 job.seconds = time.time() - job.started
-                self.host.after_save(job.output)
-                return
-            diag = getattr(result, "diagnostics", None)
-            if diag is not None:
+            else:
                 try:
-                    job.summary = [str(x) for x in diag.summary_lines()]
+                    job.summary = [str(x) for x in result.diagnostics.summary_lines()]
                 except Exception as e:  # diagnostics are a report, never a reason to fail a saved merge
                     job.summary = [f"(diagnostics could not be summarised: {e})"]
                 try:
-                    job.diagnostics = diag.to_dict()
+                    job.diagnostics = result.diagnostics.to_dict()
                 except Exception:
                     job.diagnostics = None
-            job.seconds = float(getattr(result, "seconds", time.time() - job.started))
+                job.seconds = float(result.seconds)
             self.host.after_save(job.output)
 
         try:
