@@ -1,52 +1,53 @@
-"""Provenance written into every output: A1111's `sd_merge_recipe` / `sd_merge_models` and our own recipe."""
+"""Provenance written into every output: A1111's `sd_merge_recipe` / `sd_merge_models` and our own recipe.
+
+The options recorded are the option table's (`options.OPTIONS`), each where its `recorded_when` says. Key names
+are the options' own (A1111's `interp_method` and `multiplier` for method and alpha in `sd_merge_recipe`); the
+order of the keys follows the table, and `allow_nonfinite` is recorded when it is on.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .models import legacy_hash, merge_history
-from .parsing import json_or_none
 from .blocks import MAPPING_VERSION
+from .models import legacy_hash, merge_history
+from .options import OPTIONS, MergeOptions
+from .parsing import json_or_none
 from .progress import Reporter
 
 if TYPE_CHECKING:
     from .merge import Prepared
-    from .options import MergeOptions
 
 # The permutation groups a re-basin merge searches over. 2: whole attention heads reorder; one-channel GroupNorms
 # constrain nothing; GroupNorm blocks move inside straddled intervals (the same inputs now give other merges).
 SPEC_VERSION = "sd1-walk-2"
 
 
-def recipe_of(prep: "Prepared", parts: tuple[str, ...]) -> dict[str, object]:
-    o = prep.options
-    return {"method": o.method, "alpha": o.alpha, "iterations": o.iterations, "parts": list(parts),
-            "device": o.device, "precision": o.precision, "seed": o.seed, "max_sweeps": o.max_sweeps,
-            "tolerance": o.tolerance, **method_fields(o),
+def recorded_options(o: MergeOptions) -> dict[str, object]:
+    """The options an output records, from the table: each where `Option.recorded` says (so an output made without
+    an option keeps the bytes it always had), block weights with the key mapping's version."""
+    out: dict[str, object] = {}
+    for opt in OPTIONS.values():
+        if opt.recorded(o):
+            value = getattr(o, opt.name)
+            out[opt.name] = list(value) if isinstance(value, tuple) else value
+    if o.blocks is not None:
+        out["block_mapping"] = MAPPING_VERSION
+    return out
+
+
+def recipe_of(prep: Prepared, parts: tuple[str, ...]) -> dict[str, object]:
+    return {**recorded_options(prep.options), "parts": list(parts),
             "models": {m.label: m.path.name for m in (prep.a, prep.b, prep.c) if m is not None},
             # where each input was read from, so `recipe --from` can find it again by sha256
             "folders": {m.label: str(m.path.resolve().parent) for m in (prep.a, prep.b, prep.c)
                         if m is not None and not m.in_memory}}
 
 
-def method_fields(o: "MergeOptions") -> dict[str, object]:
-    """What only some merges have: block weights (with the key mapping's version), alignment, activation matching,
-    REPAIR, method params."""
-    out: dict[str, object] = dict(o.method_params())
-    if o.align:
-        out["align"] = True
-    if o.matching != "weights":  # absent for weight matching, so its outputs keep the bytes they always had
-        out.update({"matching": o.matching, "activation_samples": o.activation_samples})
-    if o.repair:  # absent without REPAIR, for the same reason; its prompts are activation_samples too
-        out.update({"repair": True, "activation_samples": o.activation_samples})
-    if o.blocks is not None:
-        out.update({"blocks": list(o.blocks), "blocks_preset": o.blocks_preset, "block_mapping": MAPPING_VERSION})
-    return out
-
-
-def webui_block_fields(o: "MergeOptions") -> dict[str, object]:
+def webui_block_fields(o: MergeOptions) -> dict[str, object]:
     """Block weights also in the names SuperMerger's sd_merge_recipe uses (25 UNet weights + base alpha)."""
     if o.blocks is None:
         return {"mbw": False}
@@ -63,7 +64,7 @@ def hash_progress(report: Reporter, what: str, lo: float, hi: float) -> Callable
     return on_chunk
 
 
-def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[str, str],
+def provenance_metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str, str],
                         report: Reporter) -> dict[str, str]:
     models = [m for m in (prep.a, prep.b, prep.c) if m is not None]
     hashes: dict[str, str | None] = {}
@@ -72,22 +73,22 @@ def provenance_metadata(prep: "Prepared", parts: tuple[str, ...], extra: dict[st
         hashes[m.label] = m.sha256(hash_progress(report, f"model {m.label} ({m.path.name})", i / len(models),
                                                  (i + 1) / len(models)))
     o = prep.options
+    # A1111's recipe: the same options under its names where it has them (OPTIONS' webui_name).
+    webui = {(OPTIONS[k].webui_name if k in OPTIONS else "") or k: v for k, v in recorded_options(o).items()}
     recipe = {"type": "lib_rebasin", "version": __version__, "spec": SPEC_VERSION,
               "primary_model_hash": hashes["A"], "secondary_model_hash": hashes["B"],
-              "tertiary_model_hash": hashes.get("C"), "interp_method": o.method, "multiplier": o.alpha,
-              "iterations": o.iterations, "parts": list(parts), "precision": o.precision,
-              "save_as_half": o.precision == "fp16", "seed": o.seed, "max_sweeps": o.max_sweeps,
-              "tolerance": o.tolerance,
-              **method_fields(o), **webui_block_fields(o),
-              "device": o.device, "is_inpainting": prep.a.config.unet_in_channels == 9,
+              "tertiary_model_hash": hashes.get("C"), **webui, "parts": list(parts),
+              "save_as_half": o.precision == "fp16", **webui_block_fields(o),
+              "is_inpainting": prep.a.config.unet_in_channels == 9,
               "is_instruct_pix2pix": prep.a.config.unet_in_channels == 8}
     merge_models: dict[str, object] = {}
     for m in models:
         own = m.ckpt.metadata.get("sd_merge_recipe")
         own_recipe = json_or_none(own)
-        if hashes[m.label] is None:
+        sha = hashes[m.label]
+        if sha is None:
             continue  # an in-memory intermediate: the recipe that made it is recorded by the caller
-        merge_models[hashes[m.label]] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.ckpt),
+        merge_models[sha] = {"name": m.path.stem, "legacy_hash": legacy_hash(m.ckpt),
                                          "sd_merge_recipe": own_recipe}
         merge_models.update(merge_history(m))
     meta = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(merge_models)}

@@ -15,7 +15,7 @@
 
     [[step]]
     name = "m1"
-    method = "rebasin"        # rebasin | weighted_sum | add_difference | legacy
+    method = "rebasin"        # any method of methods.py; every option of options.OPTIONS is a key
     a = "nothing"
     b = "meina"
     alpha = 0.25
@@ -36,30 +36,38 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
-from .checkpoint import Checkpoint, check_header, file_sha256, open_checkpoint
-from .errors import CheckpointReadError, RebasinError
-from .merge import (METHODS, CancelCheck, Diagnostics, MergeOptions, MergeResult, ProgressCallback,
-                    Reporter, merge_checkpoints, merge_in_memory)
 from .arguments import check_arguments, is_finite_number, shown
 from .blocks import parse_blocks
+from .checkpoint import Checkpoint, check_header, file_sha256, open_checkpoint
 from .diagnostics import stored_diagnostics
-from .methods import ALL_PARAMS
+from .errors import CheckpointReadError, RebasinError
+from .merge import (
+    CancelCheck,
+    Diagnostics,
+    MergeResult,
+    ProgressCallback,
+    Reporter,
+    merge_checkpoints,
+    merge_in_memory,
+)
+from .methods import METHODS
 from .models import legacy_hash, open_model, same_file
+from .option import Option
+from .options import OPTIONS, MergeOptions
 from .parsing import MAX_TOML_CHARS, json_or_none, parse_json, parse_toml
 from .provenance import hash_progress
 from .spec import PARTS, part_of
 
-# Method parameters (methods.py) and block weights are accepted per step and as recipe defaults.
-EXTRA_KEYS = {"blocks", "align", "matching", "activation_samples", "repair", *ALL_PARAMS}
-STEP_KEYS = {"name", "method", "a", "b", "c", "alpha", "iterations", "parts", "device", "precision", "seed",
-             "max_sweeps", "tolerance", "allow_nonfinite", *EXTRA_KEYS}
-RECIPE_KEYS = {"name", "bake_vae", "method", "alpha", "iterations", "parts", "precision", "device", "seed", "max_sweeps",
-               "tolerance", "allow_nonfinite", *EXTRA_KEYS}
+# Every option a user sets (options.OPTIONS, method parameters included) is a step key and a recipe default.
+OPTION_KEYS = {o.name for o in OPTIONS.values() if o.user_input}
+STEP_KEYS = {"name", "a", "b", "c", *OPTION_KEYS}
+RECIPE_KEYS = {"name", "bake_vae", *OPTION_KEYS}
 MODEL_KEYS = {"file", "sha256", "folder"}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 
@@ -119,34 +127,31 @@ class Recipe:
                       if v]
             lines.append(f"{_key(m.name)} = {{ {', '.join(fields)} }}")
         for s in self.steps:
-            o = s.options
-            lines += ["", "[[step]]", f"name = {_q(s.name)}", f"method = {_q(o.method)}", f"a = {_q(s.a)}",
+            lines += ["", "[[step]]", f"name = {_q(s.name)}", f"method = {_q(s.options.method)}", f"a = {_q(s.a)}",
                       f"b = {_q(s.b)}"]
             if s.c is not None:
                 lines.append(f"c = {_q(s.c)}")
-            lines += [f"alpha = {_v(o.alpha)}", f"iterations = {o.iterations}", f"parts = {_v(list(o.parts))}",
-                      f"device = {_q(o.device)}", f"precision = {_q(o.precision)}", f"seed = {o.seed}",
-                      f"max_sweeps = {o.max_sweeps}", f"tolerance = {_v(float(o.tolerance))}"]
-            if o.allow_nonfinite:
-                lines.append("allow_nonfinite = true")
-            lines += _extra_lines(o)
+            lines += _option_lines(s.options)
         return "\n".join(lines) + "\n"
 
 
-def _extra_lines(o: MergeOptions) -> list[str]:
-    """The canonical lines for what only some steps have: alignment, activation matching, REPAIR, the method's
-    parameters, block weights."""
-    lines = ["align = true"] if o.align else []
-    if o.matching != "weights":
-        lines += [f"matching = {_q(o.matching)}"]
-    if o.matching != "weights" or o.repair:  # both run on these prompts; written once
-        lines += [f"activation_samples = {o.activation_samples}"]
-    if o.repair:
-        lines += ["repair = true"]
-    lines += [f"{name} = {_v(value)}" for name, value in o.method_params().items()]
+def _option_lines(o: MergeOptions) -> list[str]:
+    """A step's options in table order, each where the table records it (`Option.recorded`); block weights last,
+    as their preset's name when they came from one."""
+    lines = [f"{opt.name} = {_toml(opt, getattr(o, opt.name))}" for opt in OPTIONS.values()
+             if opt.user_input and opt.name not in ("method", "blocks") and opt.recorded(o)]
     if o.blocks is not None:
         lines.append(f"blocks = {_q(o.blocks_preset) if o.blocks_preset else _v([float(v) for v in o.blocks])}")
     return lines
+
+
+def _toml(opt: Option, value: Any) -> str:
+    """A value in its canonical TOML: a float option always as a float, so equal options give equal text."""
+    if opt.kind is float:
+        return repr(float(value))
+    if opt.kind is tuple:
+        return _v(list(value))
+    return _v(value)
 
 
 def step_options(settings: dict[str, Any]) -> MergeOptions:
@@ -170,7 +175,7 @@ def step_options(settings: dict[str, Any]) -> MergeOptions:
         if not isinstance(blocks, str):
             raise RebasinError("blocks must be a preset name, 26 (or 25) comma-separated values, or a list of them.")
         bw = parse_blocks(blocks, options.alpha)
-        options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+        options = options.with_blocks(bw.values, bw.preset)
     return options
 
 
@@ -520,9 +525,10 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
     chain = Reporter(progress, None)
     for i, step in enumerate(recipe.steps):
         step_progress = chain.relay(i / n, (i + 1) / n, f"step {i + 1}/{n} ({step.name})")
-        srcs = [results.get(r) or opened[r] if r is not None else None for r in (step.a, step.b, step.c)]
+        a_src, b_src = (results.get(r) or opened[r] for r in (step.a, step.b))
+        c_src = results.get(step.c) or opened[step.c] if step.c is not None else None
         if i < n - 1:
-            ckpt, diag = merge_in_memory(srcs[0], srcs[1], step.options, c=srcs[2],
+            ckpt, diag = merge_in_memory(a_src, b_src, step.options, c=c_src,
                                          report=Reporter(step_progress, cancel), name=step.name)
             results[step.name] = ckpt
             done.append((step.name, diag))
@@ -530,7 +536,7 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
             def metadata_hook(diag: Diagnostics) -> dict[str, str]:
                 return _recipe_metadata(canonical, paths, opened, inputs, done + [(step.name, diag)])
 
-            res: MergeResult = merge_checkpoints(srcs[0], srcs[1], out_path, step.options, c=srcs[2],
+            res: MergeResult = merge_checkpoints(a_src, b_src, out_path, step.options, c=c_src,
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
                                                  extra_metadata=extra_metadata, metadata_hook=metadata_hook,
                                                  bake_vae=(opened[recipe.bake_vae] if recipe.bake_vae is not None
@@ -598,6 +604,13 @@ def recipe_from_checkpoint(path: str | os.PathLike[str]) -> str:
                           "made from it.") from None
 
 
+# What a single merge's record means when it lacks a key: outputs made before `tolerance` existed used the paper's
+# rule (0). Every option recorded always (no `recorded_when`) and not added since must be there.
+_RECORDED_SINCE: dict[str, Any] = {"tolerance": 0.0}
+_ALWAYS_RECORDED = [o.name for o in OPTIONS.values()
+                    if o.user_input and o.recorded_when is None and o.name not in _RECORDED_SINCE]
+
+
 def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
     models = single.get("models", {})
     hashes = {"A": webui.get("primary_model_hash"), "B": webui.get("secondary_model_hash"),
@@ -605,17 +618,13 @@ def _single_merge_recipe(stem: str, single: dict[str, Any], webui: Any) -> str:
     folders = single.get("folders", {})
     refs = {label.lower(): ModelRef(label.lower(), file, hashes.get(label), folder=folders.get(label))
             for label, file in models.items()}
-    opts = MergeOptions(method=single["method"], alpha=single["alpha"], iterations=single["iterations"],
-                        parts=tuple(single["parts"]), device=single["device"], precision=single["precision"],
-                        seed=single["seed"], max_sweeps=single["max_sweeps"],
-                        tolerance=single.get("tolerance", 0.0), align=bool(single.get("align", False)),
-                        matching=single.get("matching", "weights"),
-                        activation_samples=single.get("activation_samples", MergeOptions.activation_samples),
-                        repair=single.get("repair", False),
-                        **{k: single[k] for k in ALL_PARAMS if k in single and single.get("method") in
-                           _methods_with(k)})
+    for name in _ALWAYS_RECORDED:
+        single[name]
+    settings = {**_RECORDED_SINCE, **{o.name: single[o.name] for o in OPTIONS.values()
+                                      if o.user_input and o.name != "blocks" and o.name in single}}
+    opts = MergeOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     if single.get("blocks") is not None:
-        opts = replace(opts, blocks=tuple(single["blocks"]), blocks_preset=single.get("blocks_preset"))
+        opts = opts.with_blocks(tuple(single["blocks"]), single.get("blocks_preset"))
     opts.validate()
     step = Step("merge", opts, "a", "b", "c" if "c" in refs else None)
     baked = single.get("bake_vae")
@@ -639,10 +648,6 @@ def _with_folders(text: str, inputs: Any, source: str | os.PathLike[str]) -> str
         if isinstance(entry, dict) and isinstance(entry.get("folder"), str) and os.path.isabs(entry["folder"]):
             ref.folder = entry["folder"]
     return recipe.to_toml()
-
-
-def _methods_with(param: str) -> set[str]:
-    return {m.name for m in METHODS.values() if any(p.name == param for p in m.params)}
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:

@@ -429,7 +429,7 @@ def test_same_merge_same_bytes_whatever_the_thread_count(pair: dict, tmp_path: P
 @pytest.mark.parametrize("args, needle", [
     (("merge", "--method", "legacy"), "Legacy"),
     (("merge", "--parts", "te,vae"), "REPAIR corrects UNet layers; parts must include unet."),
-    (("add-difference", "C"), "Add difference is not one (use it with weighted_sum or rebasin)."),
+    (("add-difference", "C"), "Add difference is not one (use it with rebasin or weighted_sum)."),
 ])
 def test_repair_where_it_does_not_apply_is_one_line_and_no_file(pair: dict, out: Path, args: tuple[str, ...],
                                                                 needle: str) -> None:

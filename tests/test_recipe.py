@@ -311,8 +311,8 @@ def test_repair_is_a_recipe_key_written_back_with_its_prompts() -> None:
 
 @pytest.mark.parametrize("change, message", [
     (("repair = true", "repair = 1"), "repair must be true or false, got 1"),
-    (('"weighted_sum"', '"add_difference"\nc = "a"'), "Add difference is not one (use it with weighted_sum or "
-                                                      "rebasin)"),
+    (('"weighted_sum"', '"add_difference"\nc = "a"'), "Add difference is not one (use it with rebasin or "
+                                                      "weighted_sum)"),
     (('parts = ["unet"]', 'parts = ["te", "vae"]'), "REPAIR corrects UNet layers; parts must include unet"),
 ])
 def test_repair_errors_name_the_step_and_the_repair_line(change: tuple[str, str], message: str) -> None:

@@ -101,11 +101,11 @@ class StandaloneHost(BaseHost):
 def create_app(models_dir: str | os.PathLike[str], devices: list[str] | None = None) -> tuple[Any, Any, Any]:
     """(blocks, service, host) for the standalone app; the caller launches `blocks`."""
     from .service import MergeService
-    from .tab import TAB_CSS, build_tab
+    from .tab import build_tab, tab_css
 
     host = StandaloneHost(models_dir, devices)
     service = MergeService(host)
-    ui = build_tab(host, service, title="Re-Basin", css=TAB_CSS)
+    ui = build_tab(host, service, title="Re-Basin", css=tab_css())
     return ui.blocks, service, host
 
 
