@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -152,7 +152,8 @@ class _Fields:
 
     def with_blocks(self, values: tuple[float, ...], preset: str | None) -> MergeOptions:
         """These options with block weights (26 values, and the preset name they came from)."""
-        return replace(self, **{"blocks": tuple(values), "blocks_preset": preset})  # type: ignore[type-var,return-value]
+        changed = {"blocks": tuple(values), "blocks_preset": preset}  # fields a type checker cannot see (generated)
+        return replace(self, **changed)  # type: ignore[type-var,return-value]
 
     def validate(self) -> None:
         """Raise a FieldError naming the first option of the wrong type, out of range, or not for this method."""
@@ -211,11 +212,6 @@ class MergeOptions(_Fields):
 
 # The methods whose result is (1 - a) A + a B' per key (MethodInfo.repairable).
 REPAIRABLE = tuple(m.name for m in METHODS.values() if m.repairable)
-
-
-def option_values(options: MergeOptions) -> dict[str, Any]:
-    """Every option by name, in table order."""
-    return {f.name: getattr(options, f.name) for f in fields(options)}
 
 
 def _check_device(device: str) -> None:

@@ -101,7 +101,7 @@ def test_add_difference_alpha_that_overflows_is_refused(pair: dict, out: Path) -
     before = listing(out)
     r = cli("add-difference", pair["a"], pair["b"], pair["nan"], "-o", out / "m.safetensors", "--alpha", "1e308",
             "-q", cwd=out)
-    assert_refused(r, out, before, "alpha", "-10 and 10")
+    assert_refused(r, out, before, "alpha", "[-10, 10]")
 
 
 def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, out: Path) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 from ..errors import FieldError, RebasinError
 from ..parsing import parse_json
 from .api_policy import ApiPolicy
+from .host import CheckpointEntry
 from .request import MAX_TEXT, MergeRequest, field_of, method_listing, shown
 from .service import MergeService
 
@@ -186,10 +187,10 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         app.add_api_route(path, fn, methods=[method], dependencies=list(dependencies))
 
 
-def entry_dict(entry: Any) -> dict[str, Any]:
+def entry_dict(entry: CheckpointEntry) -> dict[str, Any]:
     """A checkpoint for API clients: how the host titles it, its file name inside the checkpoint folder, and its
     hashes when the host already knows them (like the WebUI's /sdapi/v1/sd-models); never an absolute path."""
-    sha256 = getattr(entry, "sha256", None)
+    sha256 = entry.sha256
     return {"title": entry.title, "name": entry.name, "hash": sha256[:10] if sha256 else None, "sha256": sha256}
 
 
