@@ -183,14 +183,16 @@ def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, g
     return corr
 
 
-def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-             progress: Progress | None, total: int) -> None:
-    """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one."""
+def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor],
+             x: torch.Tensor, progress: Progress | None, total: int) -> None:
+    """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
+    one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
     samples = x.shape[0]
-    ac = inputs.alphas_cumprod(c)
     ts = inputs.TIMESTEPS
     done = 1
-    for k, t in enumerate(ts):
+
+    def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        nonlocal done
         eps = torch.empty_like(x)
         for i in range(samples):
             if progress is not None:
@@ -201,4 +203,6 @@ def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.
             eps[i] = inputs.guided(forward.unet(c, layers_a, xi, tt, torch.stack([ctx[0][i], ctx[0][-1]])), 1)[0]
             forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
             done += 1
-        x = inputs.ddim_step(x, eps, t, ts[k + 1] if k + 1 < len(ts) else None, ac)
+        return eps
+
+    inputs.ddim_trajectory(c, x, guided_eps)

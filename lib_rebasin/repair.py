@@ -153,17 +153,19 @@ def calibration(c: SD1Config, get_a: TensorGetter, samples: int, seed: int, devi
     layers = Layers(get_a, None, device)
     ctx = forward.text_encoder(c, layers, ids)
     rows = torch.cat([torch.arange(samples), torch.full((samples,), samples)]).to(device)
-    ac = inputs.alphas_cumprod(c)
     xs, ts = [], []
-    for k, t in enumerate(inputs.TIMESTEPS):
+
+    def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        # The whole calibration set in one batch: every prompt's x_t, then the same x_t with the empty prompt.
         if on_step is not None:
             on_step(k, len(inputs.TIMESTEPS))
         xx = torch.cat([x, x])
         tt = torch.full((2 * samples,), t, dtype=torch.long, device=device)
         xs.append(xx)
         ts.append(tt)
-        eps = inputs.guided(forward.unet(c, layers, xx, tt, ctx[rows]), samples)
-        x = inputs.ddim_step(x, eps, t, inputs.TIMESTEPS[k + 1] if k + 1 < len(inputs.TIMESTEPS) else None, ac)
+        return inputs.guided(forward.unet(c, layers, xx, tt, ctx[rows]), samples)
+
+    inputs.ddim_trajectory(c, x, guided_eps)
     n = len(inputs.TIMESTEPS)
     return Calibration(ids, torch.cat(xs), torch.cat(ts), rows.repeat(n))
 
