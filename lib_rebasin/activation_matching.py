@@ -98,7 +98,8 @@ def match(groups: Iterable[Group], correlations: dict[str, Correlation],
 
 # -- running both models ---------------------------------------------------------------------------------------
 Progress = Callable[[float, str], None]  # (fraction of the matching done, what runs now)
-# Share of the time the assignments take after the forward passes (cProfile of a mini merge: 56 of 189 s).
+# The share of activation matching's progress for the assignments after the forward passes: the forward passes of
+# both models take most of the time, the assignments of every group the rest.
 _ASSIGN_SHARE = 0.3
 
 
@@ -163,10 +164,9 @@ def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, g
         for group, site, off, n, start in wanted[name]:
             corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
-    # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the
-    # benchmark's width-64 and width-96 pairs, matching stream sums instead of the writers' own outputs lowered
-    # the barrier at every training length, by about a fifth once trained (width 64, 800 steps: 0.67 -> 0.52 of
-    # the weighted sum's; width 96, 400 steps: 0.72 -> 0.58); width 32 is mixed (benchmarks/quality/RESULTS.md).
+    # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the quality
+    # benchmark's wider pairs, matching the stream sums instead of the writers' own outputs lowered the barrier
+    # (benchmarks/quality/RESULTS.md).
     layers_a = Layers(get_a, hold, device, streams=True)
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)

@@ -32,7 +32,7 @@ from .arguments import check_arguments
 from .blend import telescoping_schedule
 from .checkpoint import Checkpoint, memory_checkpoint
 from .compute import with_merge_compute
-from .diagnostics import PART_NAMES, Diagnostics
+from .diagnostics import Diagnostics
 from .errors import InputChangedError, OutputError
 from .finite import Model
 from .iterated_rebasin import iterated_rebasin
@@ -42,19 +42,20 @@ from .merge_output import OutputTensors, merged_keys
 from .merge_progress import HEADERS_READ, merge_bar
 from .merge_repair import Corrections, repair_corrections
 from .method_blend import legacy_blend, method_blend
-from .methods import METHODS, MethodInfo
+from .methods import METHODS
 from .models import Source
 from .options import MergeOptions
 from .output_file import FULL_DISK_ERRNOS, format_bytes, write_safetensors
 from .progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
-from .provenance import SPEC_VERSION
 from .vae_bake import BakedVAE
 
-# The public names of a merge. Some are defined elsewhere and imported from here by callers (the CLI, recipes,
-# the UI, the tests, the benchmarks).
-__all__ = ["METHODS", "MethodInfo", "MergeOptions", "ProgressEvent", "ProgressCallback", "CancelCheck", "Reporter",
-           "Diagnostics", "PART_NAMES", "MergeResult", "Prepared", "preflight", "merge_checkpoints",
-           "merge_in_memory", "output_entries", "telescoping_schedule", "SPEC_VERSION"]
+# Besides its own names, imported from here by callers (the CLI, recipes, the UI, the tests, the benchmarks) though
+# defined elsewhere: METHODS (methods.py), MergeOptions (options.py), the progress types (progress.py),
+# Diagnostics (diagnostics.py), Prepared, preflight and output_entries (merge_inputs.py), telescoping_schedule
+# (blend.py).
+__all__ = ["MergeResult", "merge_checkpoints", "merge_in_memory", "METHODS", "MergeOptions", "ProgressEvent",
+           "ProgressCallback", "CancelCheck", "Reporter", "Diagnostics", "Prepared", "preflight", "output_entries",
+           "telescoping_schedule"]
 
 
 @dataclass
