@@ -220,7 +220,7 @@ def _read_safetensors(p: Path, src: FileSource) -> Checkpoint:
         info = infos[key]
         t = torch.empty(numel, dtype=info.dtype)
         if numel:  # into a fresh, aligned buffer (data misaligned in the file costs nothing extra)
-            src.read_into(offset, memoryview(t.view(torch.uint8).numpy()))
+            src.read_into(offset, t.view(torch.uint8).numpy().data)
         return t.view(info.shape)
 
     return Checkpoint(p, infos, get, metadata, source=src)

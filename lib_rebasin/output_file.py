@@ -138,7 +138,7 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
                     raise AssertionError(f"{key}: produced {tuple(t.shape)} {t.dtype}, declared {shape} {dtype}")
                 t = t.detach().to("cpu").contiguous()
                 if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             if finalize_metadata is not None:
                 header["__metadata__"] = {str(k): str(v) for k, v in finalize_metadata().items()}
                 final = header_bytes(header, 0)
