@@ -199,7 +199,7 @@ def test_second_add_step_gets_a_new_name(tmp_path):
 
 
 def test_iterations_and_tolerance_show_only_for_methods_that_use_them(tmp_path):
-    from lib_rebasin.merge import METHODS
+    from lib_rebasin.methods import METHODS
 
     _host, _service, ui = _builder(tmp_path)
     on_method = _fn_for(ui.blocks, ui["method"], "change")
