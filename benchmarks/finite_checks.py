@@ -47,9 +47,9 @@ def main() -> None:
     checks, dots = [0.0], [0.0]
     _timed(finite, "all_finite", checks)
     _timed(diagnostics, "accumulate", dots)
-    import lib_rebasin.merge as merge_mod
+    import lib_rebasin.merge_output as merge_output
 
-    merge_mod.accumulate = diagnostics.accumulate  # merge.py imported the name before it was wrapped
+    merge_output.accumulate = diagnostics.accumulate  # merge_output.py imported the name before it was wrapped
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp)

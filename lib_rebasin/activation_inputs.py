@@ -14,6 +14,8 @@ it generates:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .arch import SD1Config
@@ -66,3 +68,18 @@ def guided(eps: torch.Tensor, n: int) -> torch.Tensor:
     """Classifier-free guidance over a batch laid out as [n conditional, n unconditional]."""
     cond, uncond = eps[:n], eps[n:]
     return uncond + GUIDANCE * (cond - uncond)
+
+
+# (step index, timestep, x_t) -> the guided noise prediction at x_t.
+GuidedEps = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+def ddim_trajectory(c: SD1Config, x: torch.Tensor, guided_eps: GuidedEps) -> torch.Tensor:
+    """Model A's DDIM trajectory from the noise `x` over TIMESTEPS, as a sampler runs it: at each step,
+    `guided_eps(k, t, x_t)` runs the models on x_t (with the prompt and the empty one) and returns A's guided
+    prediction; returns the last step's predicted x_0."""
+    ac = alphas_cumprod(c)
+    for k, t in enumerate(TIMESTEPS):
+        eps = guided_eps(k, t, x)
+        x = ddim_step(x, eps, t, TIMESTEPS[k + 1] if k + 1 < len(TIMESTEPS) else None, ac)
+    return x

@@ -98,7 +98,8 @@ def match(groups: Iterable[Group], correlations: dict[str, Correlation],
 
 # -- running both models ---------------------------------------------------------------------------------------
 Progress = Callable[[float, str], None]  # (fraction of the matching done, what runs now)
-# Share of the time the assignments take after the forward passes (cProfile of a mini merge: 56 of 189 s).
+# The share of activation matching's progress for the assignments after the forward passes: the forward passes of
+# both models take most of the time, the assignments of every group the rest.
 _ASSIGN_SHARE = 0.3
 
 
@@ -163,10 +164,9 @@ def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, g
         for group, site, off, n, start in wanted[name]:
             corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
-    # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the
-    # benchmark's width-64 and width-96 pairs, matching stream sums instead of the writers' own outputs lowered
-    # the barrier at every training length, by about a fifth once trained (width 64, 800 steps: 0.67 -> 0.52 of
-    # the weighted sum's; width 96, 400 steps: 0.72 -> 0.58); width 32 is mixed (benchmarks/quality/RESULTS.md).
+    # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the quality
+    # benchmark's wider pairs, matching the stream sums instead of the writers' own outputs lowered the barrier
+    # (benchmarks/quality/RESULTS.md).
     layers_a = Layers(get_a, hold, device, streams=True)
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)
@@ -183,14 +183,16 @@ def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, g
     return corr
 
 
-def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-             progress: Progress | None, total: int) -> None:
-    """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one."""
+def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor],
+             x: torch.Tensor, progress: Progress | None, total: int) -> None:
+    """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
+    one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
     samples = x.shape[0]
-    ac = inputs.alphas_cumprod(c)
     ts = inputs.TIMESTEPS
     done = 1
-    for k, t in enumerate(ts):
+
+    def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        nonlocal done
         eps = torch.empty_like(x)
         for i in range(samples):
             if progress is not None:
@@ -201,4 +203,6 @@ def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.
             eps[i] = inputs.guided(forward.unet(c, layers_a, xi, tt, torch.stack([ctx[0][i], ctx[0][-1]])), 1)[0]
             forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
             done += 1
-        x = inputs.ddim_step(x, eps, t, ts[k + 1] if k + 1 < len(ts) else None, ac)
+        return eps
+
+    inputs.ddim_trajectory(c, x, guided_eps)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import reprlib
 from collections.abc import Callable
 from typing import Any
 
 from .errors import ArgumentError
+from .messages import shown
 
 PATH = "a file path (a str or pathlib.Path)"
 SOURCE = "a checkpoint file path (a str or pathlib.Path) or an open Checkpoint"
@@ -111,7 +111,7 @@ def _tensors(v: Any) -> str | None:
 
 
 def _precision(v: Any) -> str | None:
-    from .checkpoint import PRECISIONS
+    from .precisions import PRECISIONS
 
     return None if isinstance(v, str) and v in PRECISIONS else f"one of {', '.join(map(repr, PRECISIONS))}"
 
@@ -142,15 +142,3 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
 
 
 _LABELS = {"a": "a (model A)", "b": "b (model B)", "c": "c (model C)"}
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 38, 38, 6, 6, 4
-
-
-def shown(v: Any) -> str:
-    """The value in a few characters for a message: long or deeply nested values are elided, never recursed into."""
-    try:
-        return _REPR.repr(v)
-    except ValueError:  # an integer of thousands of digits
-        return "a number far out of range"

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from .arch import MINI
 from .arguments import check_arguments
-from .checkpoint import PRECISIONS, save_state_dict
 from .errors import OutputError
 from .merge import MergeOptions, merge_checkpoints
+from .output_file import save_state_dict
 from .permute import permute_tensor, random_perms
+from .precisions import PRECISIONS
 from .spec import build_spec
 from .synthetic import make_checkpoint, synthetic_tensor
 

@@ -8,11 +8,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .matching import TensorGetter
-from .options import METHODS
+from .methods import METHODS
 from .permute import Perms, permute_tensor
-from .spec import ArchSpec
-
-PART_NAMES = {"unet": "UNet", "te": "text encoder", "vae": "VAE"}
+from .spec import PART_NAMES, ArchSpec
 
 
 @dataclass

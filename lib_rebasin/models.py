@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Union
 
 from .arch import SD1Config, check_layout, detect
-from .checkpoint import Checkpoint, HashProgress, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
+from .input_file import HashProgress
 from .parsing import json_or_none
 from .spec import ArchSpec, build_spec, part_of
 

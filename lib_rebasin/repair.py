@@ -112,7 +112,7 @@ def fold_bias(bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
 # and 1x1 skip, each transformer's proj_in (its inner stream) and proj_out, the attention outputs, the feed-forward
 # output, the down/upsamplers and conv_out (out.2). Every other layer feeds a GroupNorm/LayerNorm, which undoes
 # most of a per-channel rescale. All of these have a bias, so the correction folds. This is the benchmark's
-# "residual" site set (LEVERS.md: best at width 64, within 0.01 of the best at width 96).
+# "residual" site set (benchmarks/quality/LEVERS.md compares it with the others).
 SITE = re.compile(r"(^input_blocks\.0\.0|\.out_layers\.3|\.skip_connection|\.proj_in|\.proj_out|\.to_out\.0|"
                   r"\.ff\.net\.2|\.op|\.\d+\.conv|^out\.2)$")
 
@@ -153,17 +153,19 @@ def calibration(c: SD1Config, get_a: TensorGetter, samples: int, seed: int, devi
     layers = Layers(get_a, None, device)
     ctx = forward.text_encoder(c, layers, ids)
     rows = torch.cat([torch.arange(samples), torch.full((samples,), samples)]).to(device)
-    ac = inputs.alphas_cumprod(c)
     xs, ts = [], []
-    for k, t in enumerate(inputs.TIMESTEPS):
+
+    def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        # The whole calibration set in one batch: every prompt's x_t, then the same x_t with the empty prompt.
         if on_step is not None:
             on_step(k, len(inputs.TIMESTEPS))
         xx = torch.cat([x, x])
         tt = torch.full((2 * samples,), t, dtype=torch.long, device=device)
         xs.append(xx)
         ts.append(tt)
-        eps = inputs.guided(forward.unet(c, layers, xx, tt, ctx[rows]), samples)
-        x = inputs.ddim_step(x, eps, t, inputs.TIMESTEPS[k + 1] if k + 1 < len(inputs.TIMESTEPS) else None, ac)
+        return inputs.guided(forward.unet(c, layers, xx, tt, ctx[rows]), samples)
+
+    inputs.ddim_trajectory(c, x, guided_eps)
     n = len(inputs.TIMESTEPS)
     return Calibration(ids, torch.cat(xs), torch.cat(ts), rows.repeat(n))
 
@@ -206,6 +208,9 @@ def site_stats(c: SD1Config, get: TensorGetter, cal: Calibration, names: list[st
 
 
 Progress = Callable[[float, str], None]
+# REPAIR's share of its progress per pass: A's trajectory, then the statistics of A, of B and of the corrected merge
+# each run the UNet over the same calibration inputs once, so each pass gets a quarter.
+_PASS = 0.25
 
 
 def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter, get_merge: TensorGetter,
@@ -223,17 +228,17 @@ def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter
             progress(fraction, message)
 
     def sites_of(start: float, message: str) -> Callable[[int, int], None]:
-        return lambda done, total: step(start + 0.25 * done / total, f"{message} ({done + 1}/{total} layers)")
+        return lambda done, total: step(start + _PASS * done / total, f"{message} ({done + 1}/{total} layers)")
 
     step(0.0, "REPAIR: model A's trajectory")
     cal = calibration(c, get_a, samples, seed, device, latent_size,
-                      on_step=lambda k, n: step(0.25 * k / n, f"REPAIR: model A's trajectory, step {k + 1}/{n}"))
-    step(0.25, "REPAIR: statistics of model A")
-    stats_a = site_stats(c, get_a, cal, names, device, on_site=sites_of(0.25, "REPAIR: statistics of model A"))
-    step(0.5, "REPAIR: statistics of model B")
+                      on_step=lambda k, n: step(_PASS * k / n, f"REPAIR: model A's trajectory, step {k + 1}/{n}"))
+    step(_PASS, "REPAIR: statistics of model A")
+    stats_a = site_stats(c, get_a, cal, names, device, on_site=sites_of(_PASS, "REPAIR: statistics of model A"))
+    step(2 * _PASS, "REPAIR: statistics of model B")
     stats_b = site_stats(c, get_b_aligned, cal, names, device,
-                         on_site=sites_of(0.5, "REPAIR: statistics of model B"))
-    step(0.75, "REPAIR: correcting the merge")
+                         on_site=sites_of(2 * _PASS, "REPAIR: statistics of model B"))
+    step(3 * _PASS, "REPAIR: correcting the merge")
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def correct(name: str, merged: Stats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +246,7 @@ def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter
         out[name] = (scale.cpu(), shift.cpu())
         return scale, shift
 
-    site_stats(c, get_merge, cal, names, device, correct, on_site=sites_of(0.75, "REPAIR: correcting the merge"))
+    site_stats(c, get_merge, cal, names, device, correct, on_site=sites_of(3 * _PASS, "REPAIR: correcting the merge"))
     missing = [n for n in names if n not in out]
     if missing:  # every site is on the UNet's path: a miss means the forward pass and the spec disagree
         raise RebasinError(f"REPAIR saw no activations at {missing[0]} ({len(missing)} layers).")

@@ -37,7 +37,10 @@ from .arch import SD1Config
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."
 VAE = "first_stage_model."
+# The parts of a model a merge can take, in checkpoint order, and their names in a sentence (capitalise the first
+# letter to start a label with one).
 PARTS = ("unet", "te", "vae")
+PART_NAMES = {"unet": "UNet", "te": "text encoder", "vae": "VAE"}
 
 SCHEDULE_BUFFERS = (
     "alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",

@@ -16,7 +16,8 @@ import torch
 
 from .arch import MINI, SD15, SD1Config
 from .arguments import check_arguments
-from .checkpoint import PRECISIONS, write_safetensors
+from .output_file import write_safetensors
+from .precisions import PRECISIONS
 from .spec import SCHEDULE_BUFFERS, build_spec
 
 SCALES = {"mini": MINI, "full": SD15}

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import io
 import pickletools
-import re
 import struct
 import zipfile
 from typing import BinaryIO, cast
 
 from .errors import CheckpointReadError
+from .messages import clipped
 
 # The most tensor bytes an SD 1.x file holds: a training checkpoint with the weights in fp32 (1.07 B parameters:
 # UNet 0.86 B, text encoder 0.12 B, VAE 0.08 B), an EMA copy of the UNet (0.86 B) and Adam's two moments of the
@@ -115,7 +115,7 @@ def _check_zip(f: BinaryIO, size: int, name: str) -> None:
             raise _corrupt(name, f"the record {info.filename} claims {info.file_size:,} bytes that the "
                                  f"{size:,}-byte file does not hold")
     if inflated > MAX_INFLATION * size:
-        from .checkpoint import format_bytes
+        from .output_file import format_bytes
 
         raise CheckpointReadError(
             f"{name}: refused to load: its compressed records would inflate to {format_bytes(inflated)} from a "
@@ -138,7 +138,7 @@ def _check_legacy(f: BinaryIO, size: int, name: str) -> None:
     _check_total(name, storages)
     total = sum(storages.values())
     if total > size:
-        from .checkpoint import format_bytes
+        from .output_file import format_bytes
 
         raise CheckpointReadError(
             f"{name}: refused to load: it declares {format_bytes(total)} of tensors but the file holds only "
@@ -148,7 +148,7 @@ def _check_legacy(f: BinaryIO, size: int, name: str) -> None:
 def _check_total(name: str, storages: dict[str, int]) -> None:
     total = sum(storages.values())
     if total > MAX_TENSOR_BYTES:
-        from .checkpoint import format_bytes
+        from .output_file import format_bytes
 
         raise CheckpointReadError(
             f"{name}: refused to load: it declares {format_bytes(total)} of tensors, more than any SD 1.x "
@@ -274,7 +274,7 @@ def _zip_directory_size(f: BinaryIO, size: int, name: str) -> tuple[int, int]:
 
 
 def _index_error(name: str, what: str, n: int, more: bool = False) -> CheckpointReadError:
-    from .checkpoint import format_bytes
+    from .output_file import format_bytes
 
     return CheckpointReadError(f"{name}: refused to load: its {what} takes {'more than ' if more else ''}"
                                f"{format_bytes(n)}, far more than a "
@@ -288,5 +288,4 @@ def _corrupt(name: str, why: str) -> CheckpointReadError:
 
 
 def _short(value: object) -> str:
-    text = re.sub(r"\s+", " ", repr(value) if not isinstance(value, str) else value)
-    return text if len(text) <= 80 else text[:79] + "…"
+    return clipped(value if isinstance(value, str) else repr(value), 80)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, HashProgress, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import RebasinError
 from .finite import Model
+from .input_file import HashProgress
 from .spec import VAE, ArchSpec
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
@@ -45,7 +46,7 @@ class BakedVAE:
 
     def sha256(self, progress: HashProgress | None = None) -> str:
         """Of the open file: the bytes that are baked in, even if the path was replaced meanwhile."""
-        from .checkpoint import file_sha256
+        from .input_file import file_sha256
 
         return self.ckpt.sha256(progress) or file_sha256(self.path, progress)
 

@@ -29,7 +29,7 @@ def main() -> int:
             pass
         rest = rest[1:]
     assert rest[0] == "--"
-    from lib_rebasin import checkpoint, cli, merge, progress
+    from lib_rebasin import cli, merge, output_file, progress
 
     seen = 0
 
@@ -43,13 +43,13 @@ def main() -> int:
             sys.stdin.readline()
 
     if stage == "placed":
-        real_place = checkpoint.place_output
+        real_place = output_file.place_output
 
         def place(*args, **kwargs):  # type: ignore[no-untyped-def]
             real_place(*args, **kwargs)
             arrive()
 
-        checkpoint.place_output = place  # type: ignore[assignment]
+        output_file.place_output = place  # type: ignore[assignment]
     elif stage == "finalize":
         real_write = merge.write_safetensors
 

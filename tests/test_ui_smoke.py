@@ -209,7 +209,7 @@ def test_second_add_step_gets_a_new_name(tmp_path):
 
 
 def test_iterations_and_tolerance_show_only_for_methods_that_use_them(tmp_path):
-    from lib_rebasin.merge import METHODS
+    from lib_rebasin.methods import METHODS
 
     _host, _service, ui = _builder(tmp_path)
     on_method = _fn_for(ui.blocks, ui["method"], "change")
@@ -255,19 +255,19 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
 
 
 def test_stop_once_the_output_is_committed_says_it_is_too_late(tmp_path, monkeypatch):
-    from lib_rebasin import checkpoint
+    from lib_rebasin import output_file
     from lib_rebasin.ui.service import MergeRequest
 
     host, service, ui = _builder(tmp_path)
     stop = _fn_for(ui.blocks, ui["stop"])
     said = []
-    real = checkpoint.place_output
+    real = output_file.place_output
 
     def place(*args, **kwargs):  # Stop pressed right after the output got its final name
         real(*args, **kwargs)
         said.append(stop())
 
-    monkeypatch.setattr(checkpoint, "place_output", place)
+    monkeypatch.setattr(output_file, "place_output", place)
     job = service.submit(MergeRequest("one.safetensors", "two.safetensors", method="weighted_sum",
                                       parts=("te", "vae"), output_name="late"))
     assert job.wait(60) and job.status == "done" and (tmp_path / "late.safetensors").is_file()

@@ -79,7 +79,7 @@ SWEEP_METHODS: tuple[Method, ...] = (WEIGHTED_SUM, REBASIN, Method("re-basin, to
 
 def available(methods: tuple[Method, ...]) -> tuple[list[Method], list[Method]]:
     """(methods the installed core provides, methods it does not)."""
-    from lib_rebasin.merge import METHODS
+    from lib_rebasin.methods import METHODS
 
     have = [m for m in methods if m.method in METHODS]
     return have, [m for m in methods if m.method not in METHODS]
