@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .blocks import parse_blocks
 from .errors import Cancelled, RebasinError
-from .merge import MergeResult, ProgressEvent, merge_checkpoints
+from .merge.block_weights import parse_blocks
+from .merge.run import MergeResult, ProgressEvent, merge_checkpoints
 from .methods import METHODS
 from .option import Option
 from .options import OPTIONS, MergeOptions, users_of
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_command(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe, recipe_from_checkpoint, run_recipe
+    from .recipe.run import load_recipe, recipe_from_checkpoint, run_recipe
 
     if args.from_checkpoint:
         text = recipe_from_checkpoint(args.from_checkpoint)
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "add-difference":
             return _run_merge(args, "add_difference", c=args.model_c)
         if args.command == "inspect":
-            from .inspect import inspect_checkpoint
+            from .io.describe import inspect_checkpoint
 
             info = inspect_checkpoint(args.file)
             print("\n".join(info.lines()))

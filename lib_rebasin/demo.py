@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .arch import MINI
+from .align.permute import permute_tensor, random_perms
 from .arguments import check_arguments
 from .errors import OutputError
-from .merge import MergeOptions, merge_checkpoints
-from .output_file import save_state_dict
-from .permute import permute_tensor, random_perms
-from .precisions import PRECISIONS
-from .spec import build_spec
-from .synthetic import make_checkpoint, synthetic_tensor
+from .io.output_file import save_state_dict
+from .io.precisions import PRECISIONS
+from .merge.run import MergeOptions, merge_checkpoints
+from .sd1.arch import MINI
+from .sd1.spec import build_spec
+from .sd1.synthetic import make_checkpoint, synthetic_tensor
 
 
 def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int, precision: str = "fp16") -> Path:

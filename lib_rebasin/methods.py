@@ -6,9 +6,9 @@ weight of B for that key (its block's weight with block weights), `params` the m
 `rng` a CPU generator seeded from (seed, key) so random methods give the same bytes on every run and device.
 
 Linear methods also declare their coefficients on (A, B, C), so the merge can stream them through the exact
-`Blend` fast path (`blend.py`) instead of calling `fn`. Re-basin and legacy are not entries of their own kind:
+`Blend` fast path (`merge/blend.py`) instead of calling `fn`. Re-basin and legacy are not entries of their own kind:
 re-basin is an alignment of B (and C) to A followed by a weighted sum, and composes with every method here
-(`MergeOptions.align`); legacy reproduces one old tool exactly. `merge.py` handles those two paths.
+(`MergeOptions.align`); legacy reproduces one old tool exactly. `merge/run.py` handles those two paths.
 
 Every parameter a method declares (`Param`, an `Option`) joins the option table (`options.OPTIONS`) and is a
 `MergeOptions` field of the same name, so the CLI (`--ties-density`), recipes (`ties_density = 0.2`), provenance,

@@ -3,7 +3,7 @@
 `OPTIONS` is the one declaration of every option (`option.Option`): the core's own below, then each method's
 parameters gathered from `methods.METHODS`. `MergeOptions` is a frozen dataclass whose fields are the table's,
 `validate` checks every value by its declaration (type, bounds, choices, the methods it applies to) and adds only
-the rules that join two options. The CLI (cli.py), recipes (recipe.py), provenance (provenance.py), the HTTP
+the rules that join two options. The CLI (cli.py), recipes (recipe/run.py), provenance (recipe/provenance.py), the HTTP
 request (ui/request.py) and the tab are made from the same table; a new option is one entry here plus its use in
 the merge.
 
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .arguments import shown
-from .blocks import check_values
-from .checkpoint import PRECISIONS
 from .errors import ArgumentError, FieldError
+from .io.checkpoint import PRECISIONS
+from .merge.block_weights import check_values
 from .methods import ALL_PARAMS, METHODS, MethodInfo, Param  # noqa: F401  (MethodInfo, Param: re-exported)
 from .option import Option
-from .spec import PARTS
+from .sd1.spec import PARTS
 
 MATCHINGS = ("weights", "activations")
 # Each sample is one prompt denoised over several timesteps, four UNet passes per step (two models, with and
@@ -87,7 +87,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "activation matching and REPAIR: the number of seeded prompts, each run at a few timesteps", low=1,
            high=MAX_ACTIVATION_SAMPLES, applies=lambda m: _matches(m) or m.repairable, widget="slider", step=1,
            group="advanced", recorded_when=lambda o: o.matching != "weights" or o.repair),
-    # REPAIR (repair.py): after blending, map the output channels of every UNet layer that writes into a residual
+    # REPAIR (align/repair.py): after blending, map the output channels of every UNet layer that writes into a residual
     # stream to the interpolation of A's and aligned B's activation statistics on the same prompts, folded into
     # those layers' weights and biases: interpolating two models shrinks their activations.
     Option("repair", bool, False, "REPAIR",
@@ -96,7 +96,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "again (blending shrinks them)", applies=lambda m: m.repairable, inapplicable="refuse",
            refusal="REPAIR restores the statistics of an interpolation of two models; {label} is not one (use it "
                    "with {users}).", widget="checkbox", group="advanced", recorded_when=lambda o: o.repair),
-    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11, see blocks.py); None = alpha everywhere.
+    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11, see merge/block_weights.py); None = alpha everywhere.
     Option("blocks", tuple, None, "Block weights",
            "block weights of B: 26 comma-separated values BASE,IN00..IN11,M00,OUT00..OUT11, 25 (UNet only; "
            "BASE = alpha), or a preset name such as GRAD_V", applies=lambda m: m.block_weights,
@@ -146,7 +146,7 @@ class _Fields:
         """The weight of B for `key`: its block's weight with block weights, else alpha."""
         if self.blocks is None:
             return self.alpha
-        from .blocks import BlockWeights
+        from .merge.block_weights import BlockWeights
 
         return BlockWeights(self.blocks).alpha_of(key, self.alpha)
 

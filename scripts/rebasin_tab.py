@@ -106,7 +106,7 @@ class WebUIHost(BaseHost):
             from modules import hashes
         except ImportError:  # SD.Next and other hosts without it
             return
-        from lib_rebasin.checkpoint import file_sha256
+        from lib_rebasin.io.checkpoint import file_sha256
 
         cache = hashes.cache("hashes")
         for path in paths:

@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """fp32 mini checkpoints: A, a same-base fine-tune of A's base, an independent model, a shuffled fine-tune."""
     from lib_rebasin.demo import make_shuffled_finetune
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     d = tmp_path_factory.mktemp("models")
     out = {

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 
 ACT = MergeOptions(matching="activations", activation_samples=1, precision="fp32")
 
@@ -27,7 +27,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def test_planted_permutation_is_undone_by_activation_matching(models: dict[str, Path], tmp_path: Path) -> None:
     """B is A's base fine-tune with every group shuffled; at alpha 1 re-basin by activations gives back the
     unshuffled fine-tune bit for bit (UNet and text encoder by activations, the VAE by weights)."""
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
     res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors", replace(ACT, alpha=1.0))
@@ -75,7 +75,7 @@ def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
 
 
 def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     inpaint = make_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
                               precision="fp32")
@@ -124,7 +124,7 @@ def test_activation_matching_that_pulls_fine_tunes_apart_is_flagged(matching: st
                                                                      warned: bool) -> None:
     """A permutation found by activations that leaves B's weights less like A's than no permutation (what it did
     to the benchmark's fine-tunes of one base) is called out; weight matching never lowers the similarity."""
-    from lib_rebasin.diagnostics import Diagnostics
+    from lib_rebasin.merge.diagnostics import Diagnostics
 
     d = Diagnostics("rebasin", 0.5, 1, ["unet"], matched=True, matching=matching, activation_samples=16,
                     moved={"unet": [7954, 15328]}, objective={"unet": [0.948, after, 1.0, 1.0]})

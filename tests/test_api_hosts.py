@@ -48,7 +48,7 @@ def raw(port: int, method: str, path: str, host: str, origin: str | None = None,
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     d = tmp_path_factory.mktemp("Stable-diffusion")
     make_checkpoint(d / "alpha.safetensors", "mini", seed=1, base_seed=0)

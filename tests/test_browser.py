@@ -48,7 +48,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     _requirements()
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     models = tmp_path_factory.mktemp("models")
     make_checkpoint(models / "anime_style.safetensors", "mini", seed=1, base_seed=0)

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from test_io_safety import Paused
 
-from lib_rebasin import merge, output_file
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge import run as merge
+from lib_rebasin.io import output_file
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.ui.service import MergeRequest, MergeService, RecipeRequest
 from lib_rebasin.ui.standalone import StandaloneHost, stop_jobs
 

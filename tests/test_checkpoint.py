@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.arch import MINI, detect
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict, write_safetensors
+from lib_rebasin.sd1.arch import MINI, detect
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict, write_safetensors
 from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,
                                 UnsupportedModelError)
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
-from lib_rebasin.spec import build_spec
-from lib_rebasin.synthetic import synthetic_tensor
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.sd1.synthetic import synthetic_tensor
 
 
 def _mini_state(seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -137,7 +137,7 @@ def test_mismatched_shapes_are_refused(tmp_path: Path) -> None:
     # readable but cannot be blended with A.
     from dataclasses import replace
 
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     wide = make_checkpoint(tmp_path / "wide.safetensors", replace(MINI, model_channels=128), seed=3)
     with pytest.raises(IncompatibleModelsError, match="different shapes"):
@@ -183,8 +183,8 @@ def test_same_model_twice_is_refused(models: dict[str, Path], tmp_path: Path) ->
 def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str) -> None:
     from dataclasses import replace
 
-    from lib_rebasin.inspect import inspect_checkpoint
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.io.describe import inspect_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     path = make_checkpoint(tmp_path / "m.safetensors", replace(MINI, unet_in_channels=channels), seed=1)
     info = inspect_checkpoint(path)
@@ -194,7 +194,7 @@ def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str
 def test_file_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
     import hashlib
 
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     path = tmp_path / "m.bin"
     path.write_bytes(b"first")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import lib_rebasin.recipe as recipe_mod
-from lib_rebasin.checkpoint import DTYPE_NAMES, open_checkpoint
+import lib_rebasin.recipe.run as recipe_mod
+from lib_rebasin.io.checkpoint import DTYPE_NAMES, open_checkpoint
 from lib_rebasin.errors import Cancelled, CheckpointReadError
-from lib_rebasin.merge import MergeOptions, ProgressEvent, merge_checkpoints
-from lib_rebasin.recipe import parse_recipe, resolve_models
-from lib_rebasin.synthetic import make_checkpoint
+from lib_rebasin.merge.run import MergeOptions, ProgressEvent, merge_checkpoints
+from lib_rebasin.recipe.run import parse_recipe, resolve_models
+from lib_rebasin.sd1.synthetic import make_checkpoint
 
 HOLES = 32 * 10**9
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_a_recipe_run_twice_returns_to_its_starting_memory(tmp_path):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     for i, name in enumerate(("one", "two", "three"), 1):
         make_checkpoint(tmp_path / f"{name}.safetensors", "mini", seed=i, base_seed=1)

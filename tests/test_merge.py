@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
-from lib_rebasin.matching import weight_matching
-from lib_rebasin.merge import MergeOptions, merge_checkpoints, telescoping_schedule
-from lib_rebasin.permute import is_legal, permute_tensor, random_perms
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.weight_matching import weight_matching
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints, telescoping_schedule
+from lib_rebasin.align.permute import is_legal, permute_tensor, random_perms
+from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
 
@@ -52,7 +52,7 @@ def test_weighted_sum_and_add_difference_formulas(models: dict[str, Path], tmp_p
 def test_planted_permutation_is_recovered(models: dict[str, Path], tmp_path: Path) -> None:
     """B is a fine-tune of A's base with every group shuffled: re-basin at alpha 1 must undo the shuffle,
     i.e. give back that fine-tune in A's basis (compare with an unshuffled copy)."""
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
     res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
@@ -153,7 +153,7 @@ def test_iterations_realign_and_warm_start(models: dict[str, Path], tmp_path: Pa
 
 
 def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     extra = {"model_ema.decay": torch.tensor(0.9999), "embedding_manager.embedder.x": torch.randn(3),
              "cond_stage_model.logit_scale": torch.tensor(4.6), "lora_te_text_model_x.alpha": torch.tensor(8.0)}
@@ -167,13 +167,13 @@ def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
 
 
 def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
-    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.io.checkpoint import save_state_dict
 
     pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     states = []
     for seed in (1, 2):
-        from lib_rebasin.spec import build_spec
-        from lib_rebasin.synthetic import synthetic_tensor
+        from lib_rebasin.sd1.spec import build_spec
+        from lib_rebasin.sd1.synthetic import synthetic_tensor
 
         spec = build_spec(MINI)
         sd = {k: synthetic_tensor(k, s, seed, None, 0.0, 1000) for k, s in spec.shapes.items()}
@@ -195,7 +195,7 @@ def test_parts_not_merged_keep_a(models: dict[str, Path], tmp_path: Path) -> Non
 def test_inpainting_a_with_plain_b(tmp_path: Path, models: dict[str, Path]) -> None:
     from dataclasses import replace
 
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     inp = make_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
                           precision="fp32")
@@ -224,7 +224,7 @@ def test_cancel_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_metadata_is_in_the_webui_shape(models: dict[str, Path], tmp_path: Path) -> None:
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions())
     with open_checkpoint(res.output) as ck:
@@ -257,7 +257,7 @@ def test_cli_merge_inspect_and_errors(models: dict[str, Path], tmp_path: Path, c
 
 
 def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(models: dict[str, Path], tmp_path: Path) -> None:
-    from lib_rebasin.legacy import SPECIAL_KEYS, legacy_special_tensors
+    from lib_rebasin.merge.legacy import SPECIAL_KEYS, legacy_special_tensors
 
     res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
                             MergeOptions(method="legacy", alpha=0.3, iterations=20, **FP32))

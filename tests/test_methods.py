@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.methods import (METHODS, add_difference, dare, dare_drop, dare_ties, key_generator, ties,
                                  train_difference, trim_top)
-from lib_rebasin.permute import permute_tensor, random_perms
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.permute import permute_tensor, random_perms
+from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
 UNET_KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -111,7 +111,7 @@ def test_registry_parameters_are_merge_options_with_the_same_defaults() -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors", "mini", seed=0, base_seed=1,
                            delta=0.0, precision="fp32")
@@ -247,7 +247,7 @@ def test_inpainting_a_with_a_delta_method_keeps_its_extra_channels(models: dict[
                                                                    tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     inp = make_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
                           precision="fp32")

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from lib_rebasin import recipe as recipe_mod
+from lib_rebasin.recipe import run as recipe_mod
 from lib_rebasin.cli import _options, build_parser
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.methods import METHODS
 from lib_rebasin.option import Option
 from lib_rebasin.options import OPTIONS, MergeOptions, options_for
-from lib_rebasin.provenance import recorded_options
+from lib_rebasin.recipe.provenance import recorded_options
 from lib_rebasin.ui.request import MergeRequest, method_listing
 
 # The one option whose text form is not its value: block weights are written as a preset name (or 26 numbers).

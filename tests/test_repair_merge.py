@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin import repair
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.align import repair
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.merge import MergeOptions, merge_checkpoints, merge_in_memory
-from lib_rebasin.spec import build_spec
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints, merge_in_memory
+from lib_rebasin.sd1.spec import build_spec
 
 REPAIR = MergeOptions(method="weighted_sum", repair=True, activation_samples=2, precision="fp32")
 
@@ -74,7 +74,7 @@ def _aligned_b(models: dict[str, Path], opts: MergeOptions, b: dict[str, torch.T
 def test_nothing_to_repair_leaves_the_merge_alone(models: dict[str, Path], tmp_path: Path) -> None:
     """B is a planted permutation of A's fine-tune: re-basin undoes it, the merge at alpha 1 *is* that fine-tune,
     its statistics are already the target and REPAIR changes no weight: scales exactly 1, shifts exactly 0."""
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
     res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
@@ -105,7 +105,7 @@ def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
 
 
 def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     inpaint = make_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
                               precision="fp32")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.block_presets import PRESETS
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.merge.block_presets import PRESETS
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.ui import blocks_ui as bui
 
 from gradio_events import fn_for
@@ -36,8 +36,8 @@ def test_block_handlers_and_curve() -> None:
 
 
 def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
-    from lib_rebasin.recipe import parse_recipe
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.standalone import StandaloneHost
 
@@ -67,7 +67,7 @@ _fn_for = fn_for
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     d = tmp_path_factory.mktemp("ckpts")
     make_checkpoint(d / "one.safetensors", "mini", seed=1, base_seed=1)
@@ -204,7 +204,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
 
 def _donor_vae(folder):
     """base.safetensors' VAE saved as a standalone VAE file in the folder's VAE/ (the host's VAE list)."""
-    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.io.checkpoint import save_state_dict
 
     with open_checkpoint(folder / "base.safetensors") as ck:
         donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
@@ -248,7 +248,7 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     pytest.importorskip("gradio")
     import torch
 
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab

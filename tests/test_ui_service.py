@@ -113,7 +113,7 @@ def test_eta_format():
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     d = tmp_path_factory.mktemp("models")
     make_checkpoint(d / "one.safetensors", "mini", seed=1, base_seed=0)

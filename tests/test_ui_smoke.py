@@ -18,7 +18,7 @@ def test_gradio_is_a_supported_version():
 
 
 def test_tab_builds_and_standalone_launches(tmp_path):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui.standalone import launch
     from lib_rebasin.ui.tab import js_kwargs
 
@@ -49,8 +49,8 @@ _fn_for = fn_for
 
 
 def test_recipe_section_builds_runs_and_loads_back(tmp_path):
-    from lib_rebasin.recipe import parse_recipe
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
@@ -135,7 +135,7 @@ def test_standalone_app_stops_on_sigterm_with_one_line(tmp_path):
     import sys
     from pathlib import Path
 
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, base_seed=0)
     with socket.socket() as s:
@@ -169,7 +169,7 @@ def _load_fn(blocks):
 
 
 def _builder(tmp_path):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
@@ -184,7 +184,7 @@ def _builder(tmp_path):
 def test_second_add_step_gets_a_new_name(tmp_path):
     """The events as the page runs them: Add, then the step selector's change fills the form (name "step1"),
     then Add again with that form: a second step "step2", not a refusal."""
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
 
     _host, _service, ui = _builder(tmp_path)
     add = _fn_for(ui.blocks, ui["recipe_add"])
@@ -255,7 +255,7 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
 
 
 def test_stop_once_the_output_is_committed_says_it_is_too_late(tmp_path, monkeypatch):
-    from lib_rebasin import output_file
+    from lib_rebasin.io import output_file
     from lib_rebasin.ui.service import MergeRequest
 
     host, service, ui = _builder(tmp_path)

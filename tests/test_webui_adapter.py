@@ -31,7 +31,7 @@ def _drop_standin_modules():
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     d = tmp_path_factory.mktemp("Stable-diffusion")
     make_checkpoint(d / "alpha.safetensors", "mini", seed=1, base_seed=0)
@@ -323,7 +323,7 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert "merged_one.safetensors" in result
     assert load_btn.get("interactive") is True and merge_btn.get("interactive") is True
     # the host's hash cache got the inputs' and the output's sha256: titled "name [shorthash]" like the host's own
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     short = file_sha256(out)[:10]
     merged_title = f"merged_one.safetensors [{short}]"
@@ -420,7 +420,7 @@ def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path,
     """A merge whose name contains an input's file name that is listed first ("fcore_F1F2" next to "F2", "zz_F1"
     next to "F1"): one load selects the merged file for the next generation, the option and config.json keep it,
     and the host's dropdown shows one of its own entries (Forge lists bare names, A1111 "name [hash]")."""
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
     from modules import sd_models, shared
 
     if flavour == "forge":
@@ -665,7 +665,7 @@ def test_api_merge_progress_result_and_load(webui, tmp_path):
     r = client.post("/rebasin/v1/load", json={"job_id": job_id})
     assert r.status_code == 200 and r.json()["loaded"].startswith("via_api.safetensors [")
     listed = {c["name"]: c for c in client.get("/rebasin/v1/checkpoints").json()}
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     assert listed["via_api.safetensors"]["sha256"] == file_sha256(j["output"])
 
@@ -711,7 +711,7 @@ def test_extension_js_defines_only_prefixed_globals():
 def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tmp_path, models_dir):
     """A 2-step recipe from the tab's builder, run by the WebUI host: models found in the host's checkpoint
     lists (not the output folder), the host's queue and progress, then its lists rescanned."""
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.service import RecipeRequest
 

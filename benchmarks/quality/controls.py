@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.permute import permute_tensor, random_perms
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.permute import permute_tensor, random_perms
+from lib_rebasin.sd1.spec import build_spec
 
 from .evaluate import EvalSet, Model, heldout_loss
 from .layout import sd_config

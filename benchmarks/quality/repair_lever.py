@@ -10,7 +10,7 @@ correction already applied), at interpolation weight alpha:
     target mean  mu_T = (1 - alpha) mu_A + alpha mu_B,   target std  sd_T = (1 - alpha) sd_A + alpha sd_B
     y' = (y - mu_M) * sd_T / sd_M + mu_T   ->   W'[c] = s[c] W[c],  b'[c] = s[c] (b[c] - mu_M[c]) + mu_T[c]
 
-(the formula and the folding are the core's, `lib_rebasin.repair`; the paper's interpolated-statistics target; its "reset" BatchNorm computed in one forward pass is the same as
+(the formula and the folding are the core's, `lib_rebasin.align.repair`; the paper's interpolated-statistics target; its "reset" BatchNorm computed in one forward pass is the same as
 measuring every site on one batch that holds the whole calibration set, which is what `corrected` does).
 
 Which sites (`SITES`):
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lib_rebasin import repair as core
-from lib_rebasin.forward import channels_last
+from lib_rebasin.align import repair as core
+from lib_rebasin.sd1.forward import channels_last
 
 from .layout import sd_config
 

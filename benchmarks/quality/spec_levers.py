@@ -28,7 +28,7 @@ from .train import cached, load_ldm
 
 
 def census(width: int) -> dict:
-    from lib_rebasin.spec import build_spec
+    from lib_rebasin.sd1.spec import build_spec
 
     spec = build_spec(sd_config(width))
     groups = spec.groups_in(("unet", "te"))

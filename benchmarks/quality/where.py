@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.activation_matching import correlations, match
-from lib_rebasin.assignment import lap, solve
-from lib_rebasin.spec import Group, Structure, build_spec
+from lib_rebasin.align.activation_matching import correlations, match
+from lib_rebasin.align.assignment import lap, solve
+from lib_rebasin.sd1.spec import Group, Structure, build_spec
 
 from .activations import permuted_copy
 from .evaluate import Model, eval_set, heldout_loss

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FieldError, RebasinError
-from ..parsing import parse_json
+from ..io.parsing import parse_json
 from .api_policy import ApiPolicy
 from .host import CheckpointEntry
 from .request import MAX_TEXT, MergeRequest, field_of, method_listing, shown

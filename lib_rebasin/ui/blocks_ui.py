@@ -11,9 +11,9 @@ import html
 from collections.abc import Callable
 from typing import Any
 
-from ..block_presets import PRESETS
-from ..blocks import BLOCK_IDS, format_value, parse_blocks
 from ..errors import RebasinError
+from ..merge.block_presets import PRESETS
+from ..merge.block_weights import BLOCK_IDS, format_value, parse_blocks
 
 CUSTOM = "custom"
 SLIDER_ROWS = (("IN", BLOCK_IDS[1:7]), ("IN", BLOCK_IDS[7:13]), ("MID / BASE", ("M00", "BASE")),

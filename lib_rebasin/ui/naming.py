@@ -55,7 +55,7 @@ def default_output_stem(a: CheckpointEntry, b: CheckpointEntry, method: str, alp
            "train_difference": "traindiff", "dare_ties": "dareties"}.get(method, method)
     stem = f"{sa[:40]}_{sb[:40]}_{tag}_{alpha:.2f}"
     if blocks and blocks.strip():
-        from ..blocks import preset_name
+        from ..merge.block_weights import preset_name
 
         name = preset_name(blocks)
         stem += "_" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") if name else "mbw")

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import arguments
-from ..blocks import BlockWeights, check_values, parse_blocks
-from ..checkpoint import PRECISIONS
 from ..errors import FieldError, RebasinError
+from ..io.checkpoint import PRECISIONS
+from ..merge.block_weights import BlockWeights, check_values, parse_blocks
 from ..methods import METHODS, MethodInfo
 from ..option import Option
 from ..options import OPTIONS, MergeOptions, options_for
-from ..spec import PARTS
+from ..sd1.spec import PARTS
 
 PART_LABELS = {"unet": "UNet", "te": "Text encoder", "vae": "VAE"}
 PRECISION_CHOICES = tuple(PRECISIONS)

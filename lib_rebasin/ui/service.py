@@ -14,11 +14,11 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from .. import recipe as recipe_core
 from ..errors import Cancelled, CheckpointReadError, FieldError, RebasinError
-from ..merge import merge_checkpoints, preflight
+from ..merge.run import merge_checkpoints, preflight
 from ..methods import METHODS
 from ..progress import ProgressEvent
+from ..recipe import run as recipe_core
 from .host import CheckpointEntry, Host
 from .job import Job, Prepared, PreparedRecipe, format_eta
 from .naming import _same_file, default_output_stem, output_path_for
@@ -141,7 +141,7 @@ class MergeService:
         vae = None
         try:
             if req.bake_vae and req.bake_vae.strip() and req.bake_vae != "None":
-                from ..vae_bake import open_vae
+                from ..merge.vae_bake import open_vae
 
                 with field_of("bake_vae"):
                     vae = self.resolve_vae(req.bake_vae.strip())
@@ -179,7 +179,7 @@ class MergeService:
     def prepare_recipe(self, req: RecipeRequest) -> PreparedRecipe:
         """Check a whole recipe before anything runs: its text (errors with line numbers, forward references),
         its models against the host's checkpoints (by file name or sha256), devices and the output name."""
-        from ..models import open_model
+        from ..io.model_input import open_model
         from .recipe_refs import entry_for_model as _entry_for_model
 
         if not (req.text or "").strip():
@@ -215,7 +215,7 @@ class MergeService:
             if name != recipe.bake_vae or any(name in (s.a, s.b, s.c) for s in recipe.steps):
                 open_model(path, name).close()
         if recipe.bake_vae is not None:
-            from ..vae_bake import open_vae
+            from ..merge.vae_bake import open_vae
 
             first = open_model(inputs[recipe.output_root()], "A")
             try:
@@ -233,7 +233,7 @@ class MergeService:
         return PreparedRecipe(req, recipe, folder, inputs, out)
 
     def _entry_by_hash(self, sha: str, entries: list[CheckpointEntry]) -> CheckpointEntry | None:
-        from ..checkpoint import check_header, file_sha256
+        from ..io.checkpoint import check_header, file_sha256
 
         cache = self._hashes
         for e in entries:

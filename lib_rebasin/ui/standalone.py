@@ -61,7 +61,7 @@ class StandaloneHost(BaseHost):
         return out
 
     def remember_hashes(self, paths: list[Path]) -> None:
-        from ..checkpoint import file_sha256  # inputs were hashed during the merge: remembered, not re-read
+        from ..io.checkpoint import file_sha256  # inputs were hashed during the merge: remembered, not re-read
 
         for p in paths:
             st = Path(p).stat()

@@ -8,8 +8,8 @@ import numpy as np
 
 from benchmarks.quality.layout import sd_config
 from benchmarks.quality.where import join_blocks, preserves_partitions, with_block_moves
-from lib_rebasin.assignment import solve
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.assignment import solve
+from lib_rebasin.sd1.spec import build_spec
 
 
 def test_join_block_moves_are_legal_and_find_a_planted_move() -> None:

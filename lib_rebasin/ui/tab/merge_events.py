@@ -222,7 +222,7 @@ def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
             title = host.load_checkpoint(Path(path))
         except RebasinError as e:
             return f"Could not load: {e}", "", ""
-        except Exception as e:  # noqa: BLE001 - the host's loader failed: say so in one line
+        except Exception as e:
             return f"Could not load the merged model ({type(e).__name__}: {e}).", "", ""
         page = title if getattr(host, "page_selects_checkpoint", False) else ""
         return f"Loaded **{md_escape(title)}** for txt2img and img2img.", title, page
