@@ -160,6 +160,86 @@ def dare_ties(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapp
     return c + float(params["ties_scale"]) * sign_elected_mean(taus, [1 - alpha, alpha])  # type: ignore[arg-type]
 
 
+def magprune(tau: Tensor, p: float, eps: float, rng: torch.Generator) -> Tensor:
+    """DELLA's MagPrune (Deep et al. 2024, arXiv 2406.11617): DARE whose drop probability falls with magnitude.
+
+    Within each row (a tensor's first axis, the rest flattened; a 1-D tensor is one row) the entries are ranked by
+    |tau| and entry i is dropped with probability p_i = p - eps (r_i - 1/2), where r_i in [0, 1] is its rank (0 the
+    smallest, 1 the largest, ties in index order): p + eps/2 for the smallest, p - eps/2 for the largest, p on
+    average. Survivors are rescaled by 1 / (1 - p_i), so every entry keeps its expected value. Probabilities
+    outside [0, 1] are clipped (as sd-mecha does), so there an entry is always kept or always dropped.
+    The ranks and the draw are computed on the CPU from `rng` (the same uniform draw as `dare_drop`), so the
+    mask is the same on every device; with eps = 0 the result is `dare_drop`'s, bit for bit.
+    """
+    if p <= 0.0 and eps == 0.0:
+        return tau
+    rows = tau.detach().reshape(tau.shape[0] if tau.dim() > 1 else 1, -1).abs().cpu()
+    n = rows.shape[1]
+    order = torch.sort(rows, dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
+    centred = (rank.to(torch.float32) - (n - 1) / 2) / max(n - 1, 1)      # in [-1/2, 1/2]
+    drop = (p - eps * centred).clamp_(0.0, 1.0).reshape(tau.shape)
+    keep_prob = ((1.0 - p) + eps * centred).clamp_(0.0, 1.0).reshape(tau.shape)
+    keep = torch.rand(tau.shape, generator=rng) >= drop
+    return torch.where(keep.to(tau.device), tau / keep_prob.to(tau.device), torch.zeros_like(tau))
+
+
+def della(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+          rng: torch.Generator) -> Tensor:
+    """DELLA-merging (Deep et al. 2024): MagPrune the task vectors A - C and B - C (mean drop `dare_p`, window
+    `della_eps`), elect signs and average the agreeing values (weights 1 - alpha, alpha), add `ties_scale` times
+    the result to C. The paper's drop, elect, fuse; mergekit's `della` and sd-mecha's `add_ties_with_dare` with
+    `della_eps` also elect signs over every model's task vector. With della_eps = 0 it is `dare_ties`."""
+    assert c is not None
+    p, eps = float(params["dare_p"]), float(params["della_eps"])  # type: ignore[arg-type]
+    taus = [magprune(a - c, p, eps, rng), magprune(b - c, p, eps, rng)]
+    return c + float(params["ties_scale"]) * sign_elected_mean(taus, [1 - alpha, alpha])  # type: ignore[arg-type]
+
+
+def weighted_geometric_median(points: list[Tensor], weights: list[float], iterations: int) -> Tensor:
+    """The point y minimising sum_i w_i |y - x_i| (L2 over the whole tensor), by Weiszfeld's iterations from the
+    weighted mean: y <- sum_i (w_i / d_i) x_i / sum_i (w_i / d_i), d_i = |y - x_i|. Stops after `iterations`, or
+    as soon as a step no longer lowers the objective (fp32 has nothing left to gain). A distance of zero is
+    floored at a tiny fraction of the mean distance, which pins y to that point; points that all coincide are
+    returned as they are."""
+
+    def mean(coefficients: list[float]) -> Tensor:
+        out = points[0] * (coefficients[0] / sum(coefficients))
+        for k, x in zip(coefficients[1:], points[1:]):
+            out.add_(x, alpha=k / sum(coefficients))
+        return out
+
+    def objective(y: Tensor) -> tuple[float, list[float]]:
+        d = [float(torch.linalg.vector_norm(y - x)) for x in points]
+        return sum(w * di for w, di in zip(weights, d)), d
+
+    y = mean(weights)
+    f, d = objective(y)
+    for _ in range(iterations):
+        if f == 0.0:
+            break
+        floor = 1e-12 * f / sum(weights)
+        candidate = mean([w / max(di, floor) for w, di in zip(weights, d)])
+        f_new, d_new = objective(candidate)
+        if not f_new < f:
+            break
+        y, f, d = candidate, f_new, d_new
+    return y
+
+
+def geometric_median(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
+                     rng: torch.Generator) -> Tensor:
+    """The weighted geometric median of the three models A, B, C (weights 1 - alpha, alpha, 1/2), per tensor:
+    C + GM(A - C, B - C, 0). At alpha 0.5 the weights are equal, which is sd-mecha's `geometric_median(A, B, C)`.
+    C is the third point on purpose: the geometric median of two points is the heavier one (either point at
+    equal weights), so A - C and B - C alone would give A, B or their average. A point whose weight is at least
+    the pull of the others is the median itself, so A (B) is returned for small (large) alpha."""
+    assert c is not None
+    taus = [a - c, b - c, torch.zeros_like(c)]
+    iterations = int(params["gm_iterations"])  # type: ignore[call-overload]
+    return c + weighted_geometric_median(taus, [1 - alpha, alpha, 0.5], iterations)
+
+
 def key_generator(seed: int, key: str) -> torch.Generator:
     """The generator a random method gets for `key`: a function of (seed, key) only."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
@@ -173,6 +253,12 @@ DENSITY = Param("ties_density", float, 0.0, 1.0, 0.2, "TIES density (kept fracti
 SCALE = Param("ties_scale", float, 0.0, 4.0, 1.0, "TIES scale", "factor on the merged task vector added to C")
 DROP = Param("dare_p", float, 0.0, 0.99, 0.9, "DARE drop probability",
              "probability of dropping each delta entry (survivors are rescaled by 1/(1-p))")
+DELLA_EPS = Param("della_eps", float, -1.0, 1.0, 0.1, "DELLA window (eps)",
+                  "spread of the drop probability by magnitude rank within each row: the largest entry is dropped "
+                  "with probability dare_p - eps/2, the smallest with dare_p + eps/2 (clipped to [0, 1]); 0 is DARE, "
+                  "negative favours small entries")
+GM_ITERATIONS = Param("gm_iterations", int, 1, 1000, 100, "Geometric median iterations",
+                      "most Weiszfeld iterations per tensor (it stops earlier once a step gains nothing)")
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("rebasin", "Re-basin (weight matching)", False,
@@ -202,6 +288,18 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                "What T0b1maru's re-basin_merger computes: a weighted sum, plus its re-matching of three "
                "output GroupNorm vectors. Not a real re-basin; kept to reproduce old recipes.",
                iterates=True, alignable=False, block_weights=False),
+    MethodInfo("della", "DELLA", True,
+               "C + scale * TIES sign election over MagPrune(A - C), MagPrune(B - C) (weights 1-alpha, alpha): "
+               "DARE whose drop probability falls with each entry's magnitude rank in its row (dare_p on "
+               "average, +-della_eps/2), survivors rescaled by 1/keep probability; seeded. della_eps 0 is DARE + "
+               "TIES.",
+               fn=della, params=(DROP, DELLA_EPS, SCALE), random=True,
+               source="Deep et al. 2024, arXiv 2406.11617; mergekit della; sd-mecha della_eps"),
+    MethodInfo("geometric_median", "Geometric median", True,
+               "The point nearest to A, B and C in summed distance (weights 1-alpha, alpha, 1/2; equal at alpha "
+               "0.5), per tensor, by Weiszfeld iterations: a robust average where C, the base, is the third vote.",
+               fn=geometric_median, params=(GM_ITERATIONS,),
+               source="Weiszfeld 1937; sd-mecha geometric_median"),
 )}
 
 ALL_PARAMS: dict[str, Option] = {p.name: p for m in METHODS.values() for p in m.params}
