@@ -199,31 +199,30 @@ def della(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[
 def weighted_geometric_median(points: list[Tensor], weights: list[float], iterations: int) -> Tensor:
     """The point y minimising sum_i w_i |y - x_i| (L2 over the whole tensor), by Weiszfeld's iterations from the
     weighted mean: y <- sum_i (w_i / d_i) x_i / sum_i (w_i / d_i), d_i = |y - x_i|. Stops after `iterations`, or
-    as soon as a step no longer lowers the objective (fp32 has nothing left to gain). A distance of zero is
-    floored at a tiny fraction of the mean distance, which pins y to that point; points that all coincide are
-    returned as they are."""
+    once a step moves y by less than a millionth of the mean distance to the points. A distance of zero is
+    floored at a tiny fraction of that mean, which pins y to the point; points that all coincide are returned as
+    they are (their weighted mean could differ in the last bit)."""
+    if all(torch.equal(x, points[0]) for x in points[1:]):
+        return points[0].clone()
 
     def mean(coefficients: list[float]) -> Tensor:
-        out = points[0] * (coefficients[0] / sum(coefficients))
+        total = sum(coefficients)
+        out = points[0] * (coefficients[0] / total)
         for k, x in zip(coefficients[1:], points[1:]):
-            out.add_(x, alpha=k / sum(coefficients))
+            out.add_(x, alpha=k / total)
         return out
 
-    def objective(y: Tensor) -> tuple[float, list[float]]:
-        d = [float(torch.linalg.vector_norm(y - x)) for x in points]
-        return sum(w * di for w, di in zip(weights, d)), d
-
     y = mean(weights)
-    f, d = objective(y)
     for _ in range(iterations):
-        if f == 0.0:
+        d = [float(torch.linalg.vector_norm(y - x)) for x in points]
+        scale = sum(w * di for w, di in zip(weights, d)) / sum(weights)
+        if scale == 0.0:
             break
-        floor = 1e-12 * f / sum(weights)
-        candidate = mean([w / max(di, floor) for w, di in zip(weights, d)])
-        f_new, d_new = objective(candidate)
-        if not f_new < f:
+        step = mean([w / max(di, 1e-12 * scale) for w, di in zip(weights, d)])
+        moved = float(torch.linalg.vector_norm(step - y))
+        y = step
+        if moved <= 1e-6 * scale:
             break
-        y, f, d = candidate, f_new, d_new
     return y
 
 
