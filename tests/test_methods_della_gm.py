@@ -7,8 +7,16 @@ import itertools
 import pytest
 import torch
 
-from lib_rebasin.methods import (METHODS, dare_drop, dare_ties, della, geometric_median, key_generator, magprune,
-                                 weighted_geometric_median)
+from lib_rebasin.methods import (
+    METHODS,
+    dare_drop,
+    dare_ties,
+    della,
+    geometric_median,
+    key_generator,
+    magprune,
+    weighted_geometric_median,
+)
 
 ROW = torch.tensor([0.1, -0.5, 2.0, -3.0, 0.01, 1.0, -0.2, 0.7])
 COPIES = 40_000                       # identical rows: each column's keep rate is one probability, measured
