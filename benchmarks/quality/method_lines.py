@@ -62,6 +62,8 @@ METHOD_LIST: tuple[Method, ...] = (
     Method("TIES (C = base, density 0.2)", "ties", {"ties_density": 0.2}, needs_base=True),
     Method("DARE (C = base, p 0.9)", "dare", {"dare_p": 0.9}, needs_base=True),
     Method("DARE + TIES (C = base)", "dare_ties", needs_base=True),
+    Method("DELLA (C = base, p 0.9, eps 0.1)", "della", {"dare_p": 0.9, "della_eps": 0.1}, needs_base=True),
+    Method("geometric median (C = base)", "geometric_median", needs_base=True),
     ACTIVATIONS,
     ACTIVATIONS_THEN_WEIGHTS,
     WEIGHTED_SUM_REPAIR,
