@@ -171,7 +171,7 @@ def magprune(tau: Tensor, p: float, eps: float, rng: torch.Generator) -> Tensor:
     The ranks and the draw are computed on the CPU from `rng` (the same uniform draw as `dare_drop`), so the
     mask is the same on every device; with eps = 0 the result is `dare_drop`'s, bit for bit.
     """
-    if p <= 0.0 and eps == 0.0:
+    if (p <= 0.0 and eps == 0.0) or tau.numel() == 0:
         return tau
     rows = tau.detach().reshape(tau.shape[0] if tau.dim() > 1 else 1, -1).abs().cpu()
     n = rows.shape[1]

@@ -85,6 +85,14 @@ def test_magprune_negative_eps_favours_small_entries_and_clipping_stays_finite()
     assert (out != 0).any()
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (0, 4), (3, 0, 2)])
+def test_magprune_scalars_and_empty_tensors(shape: tuple[int, ...]) -> None:
+    tau = torch.full(shape, 2.0)
+    out = magprune(tau, 0.5, 0.2, _rng(1))
+    assert out.shape == tau.shape and torch.isfinite(out).all()
+    assert torch.all((out == 0) | (out == 2.0 / 0.5))      # a row of one entry has the mean keep probability
+
+
 def test_della_same_seed_same_bytes_other_seed_differs() -> None:
     a, b, c = (torch.randn(32, 40, generator=_rng(s)) for s in (1, 2, 3))
     params = {"dare_p": 0.8, "della_eps": 0.2, "ties_scale": 1.0}
