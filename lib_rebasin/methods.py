@@ -17,6 +17,7 @@ the HTTP API and the tab get it with no further edit: a new method is its functi
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -196,34 +197,60 @@ def della(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[
     return c + float(params["ties_scale"]) * sign_elected_mean(taus, [1 - alpha, alpha])  # type: ignore[arg-type]
 
 
-def weighted_geometric_median(points: list[Tensor], weights: list[float], iterations: int) -> Tensor:
-    """The point y minimising sum_i w_i |y - x_i| (L2 over the whole tensor), by Weiszfeld's iterations from the
-    weighted mean: y <- sum_i (w_i / d_i) x_i / sum_i (w_i / d_i), d_i = |y - x_i|. Stops after `iterations`, or
-    once a step moves y by less than a millionth of the mean distance to the points. A distance of zero is
-    floored at a tiny fraction of that mean, which pins y to the point; points that all coincide are returned as
-    they are (their weighted mean could differ in the last bit)."""
-    if all(torch.equal(x, points[0]) for x in points[1:]):
-        return points[0].clone()
+def median_coefficients(gram: list[list[float]], weights: list[float], iterations: int = 5000) -> list[float]:
+    """The weighted geometric median of N points as convex coefficients l (median = sum_i l_i x_i), from their
+    Gram matrix gram[i][k] = x_i . x_k alone.
 
-    def mean(coefficients: list[float]) -> Tensor:
-        total = sum(coefficients)
-        out = points[0] * (coefficients[0] / total)
-        for k, x in zip(coefficients[1:], points[1:]):
-            out.add_(x, alpha=k / total)
-        return out
+    Weiszfeld's step y <- sum_i (w_i / d_i) x_i / sum_i (w_i / d_i) is itself a convex combination of the points,
+    so the iteration runs on N numbers (|y - x_j|^2 = l.G.l - 2 (G l)_j + G_jj) and the tensors are combined once.
+    A point whose weight (with the points equal to it) exceeds the pull of the others, |sum_i w_i u_i| with u_i
+    the unit vectors to them, is the median itself (Kuhn's condition), returned exactly; otherwise the iteration
+    starts at the weighted mean and stops when a step moves y by less than 1e-9 of the mean distance.
+    """
+    n, total = len(weights), sum(weights)
 
-    y = mean(weights)
+    def between(i: int, k: int, j: int) -> float:  # (x_i - x_j) . (x_k - x_j)
+        return gram[i][k] - gram[i][j] - gram[j][k] + gram[j][j]
+
+    for j in range(n):
+        dist = [math.sqrt(max(between(i, i, j), 0.0)) for i in range(n)]
+        own = sum(w for w, d in zip(weights, dist) if d == 0.0)
+        far = [i for i in range(n) if dist[i] > 0.0 and weights[i] > 0.0]
+        pull2 = sum(weights[i] * weights[k] * between(i, k, j) / (dist[i] * dist[k]) for i in far for k in far)
+        if own > 0.0 and own * own > pull2:
+            return [1.0 if i == j else 0.0 for i in range(n)]
+    lam = [w / total for w in weights]
     for _ in range(iterations):
-        d = [float(torch.linalg.vector_norm(y - x)) for x in points]
-        scale = sum(w * di for w, di in zip(weights, d)) / sum(weights)
+        g = [sum(gram[j][k] * lam[k] for k in range(n)) for j in range(n)]
+        q = sum(lj * gj for lj, gj in zip(lam, g))
+        d = [math.sqrt(max(q - 2 * g[j] + gram[j][j], 0.0)) for j in range(n)]
+        scale = sum(w * dj for w, dj in zip(weights, d)) / total
         if scale == 0.0:
             break
-        step = mean([w / max(di, 1e-12 * scale) for w, di in zip(weights, d)])
-        moved = float(torch.linalg.vector_norm(step - y))
-        y = step
-        if moved <= 1e-6 * scale:
+        v = [w / max(dj, 1e-12 * scale) for w, dj in zip(weights, d)]
+        new = [vj / sum(v) for vj in v]
+        step = [x - y for x, y in zip(new, lam)]
+        moved2 = sum(step[i] * gram[i][k] * step[k] for i in range(n) for k in range(n))
+        lam = new
+        if moved2 <= (1e-9 * scale) ** 2:
             break
-    return y
+    return lam
+
+
+def _dot(x: Tensor, y: Tensor) -> float:
+    return float(torch.sum(x * y, dtype=torch.float64))
+
+
+def weighted_geometric_median(points: list[Tensor], weights: list[float]) -> Tensor:
+    """The point y minimising sum_i w_i |y - x_i| (L2 over the whole tensor): `median_coefficients` from the
+    points' dot products, then one combination. Pass points near the origin (differences from a base), so the
+    dot products keep their precision."""
+    gram = [[_dot(x, y) for y in points] for x in points]
+    lam = median_coefficients(gram, weights)
+    out = points[0] * lam[0]
+    for li, x in zip(lam[1:], points[1:]):
+        out.add_(x, alpha=li)
+    return out
 
 
 def geometric_median(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, params: Mapping[str, object],
@@ -231,12 +258,15 @@ def geometric_median(a: Tensor, b: Tensor, c: Tensor | None, alpha: float, param
     """The weighted geometric median of the three models A, B, C (weights 1 - alpha, alpha, 1/2), per tensor:
     C + GM(A - C, B - C, 0). At alpha 0.5 the weights are equal, which is sd-mecha's `geometric_median(A, B, C)`.
     C is the third point on purpose: the geometric median of two points is the heavier one (either point at
-    equal weights), so A - C and B - C alone would give A, B or their average. A point whose weight is at least
-    the pull of the others is the median itself, so A (B) is returned for small (large) alpha."""
+    equal weights), so A - C and B - C alone would give A, B or their average. A point whose weight exceeds the
+    pull of the others is the median itself, so A (B) is returned for small (large) alpha. Three dot products
+    and one combination per tensor: the iterations run on the coefficients (`median_coefficients`)."""
     assert c is not None
-    taus = [a - c, b - c, torch.zeros_like(c)]
-    iterations = int(params["gm_iterations"])  # type: ignore[call-overload]
-    return c + weighted_geometric_median(taus, [1 - alpha, alpha, 0.5], iterations)
+    ta, tb = a - c, b - c
+    ab = _dot(ta, tb)
+    gram = [[_dot(ta, ta), ab, 0.0], [ab, _dot(tb, tb), 0.0], [0.0, 0.0, 0.0]]
+    la, lb, _ = median_coefficients(gram, [1 - alpha, alpha, 0.5])
+    return c + (ta.mul_(la).add_(tb, alpha=lb))
 
 
 def key_generator(seed: int, key: str) -> torch.Generator:
@@ -256,8 +286,7 @@ DELLA_EPS = Param("della_eps", float, -1.0, 1.0, 0.1, "DELLA window (eps)",
                   "spread of the drop probability by magnitude rank within each row: the largest entry is dropped "
                   "with probability dare_p - eps/2, the smallest with dare_p + eps/2 (clipped to [0, 1]); 0 is DARE, "
                   "negative favours small entries")
-GM_ITERATIONS = Param("gm_iterations", int, 1, 1000, 100, "Geometric median iterations",
-                      "most Weiszfeld iterations per tensor (it stops earlier once a step gains nothing)")
+
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("rebasin", "Re-basin (weight matching)", False,
@@ -297,7 +326,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("geometric_median", "Geometric median", True,
                "The point nearest to A, B and C in summed distance (weights 1-alpha, alpha, 1/2; equal at alpha "
                "0.5), per tensor, by Weiszfeld iterations: a robust average where C, the base, is the third vote.",
-               fn=geometric_median, params=(GM_ITERATIONS,),
+               fn=geometric_median,
                source="Weiszfeld 1937; sd-mecha geometric_median"),
 )}
 
