@@ -28,11 +28,12 @@ def test_block_handlers_and_curve() -> None:
     assert bad[:26] == (None,) * 26 and "need 26 values" in bad[26] and "rebasin-error" in bad[26]
     text, plot, name = bui.on_sliders(*PRESETS["OUT12"])
     assert name == "OUT12" and text == ",".join(["0"] * 14 + ["1"] * 12)
+    from lib_rebasin.methods import ALL_PARAMS
     from lib_rebasin.ui.tab.controls import param_visibility
 
-    vis = param_visibility("ties")
-    assert [v["visible"] for v in vis] == [True, True, False, False, True]  # density, scale, dare_p, seed, align
-    assert [v["visible"] for v in param_visibility("rebasin")] == [False] * 5
+    vis = param_visibility("ties")  # each method parameter (ALL_PARAMS order), then seed, then align
+    assert [v["visible"] for v in vis] == [n in ("ties_density", "ties_scale") for n in ALL_PARAMS] + [False, True]
+    assert [v["visible"] for v in param_visibility("rebasin")] == [False] * (len(ALL_PARAMS) + 2)
 
 
 def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
