@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .arch import MINI, SD15, SD1Config
+from .arch import MINI, SD15, TINY, SD1Config
 from .arguments import check_arguments
 from .checkpoint import PRECISIONS, write_safetensors
 from .spec import SCHEDULE_BUFFERS, build_spec
 
-SCALES = {"mini": MINI, "full": SD15}
+SCALES = {"tiny": TINY, "mini": MINI, "full": SD15}
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
