@@ -10,8 +10,9 @@ The cache never serves a stale model: a file's name is a hash of the generator's
 lib_rebasin module the generator imports (so any change to what makes the bytes makes a new name), and of the
 torch and safetensors versions (whose random streams and format write the bytes). A cached file whose size or
 modification time no longer matches what was recorded when it was made (a test wrote into a hard link) is made
-again. The cache lives in $LIB_REBASIN_TEST_CACHE, else $XDG_CACHE_HOME/lib_rebasin-tests, else
-~/.cache/lib_rebasin-tests; a fresh checkout with an empty cache makes each model once, on first use.
+again. Files made from other source are removed once unused for two days. The cache lives in
+$LIB_REBASIN_TEST_CACHE, else $XDG_CACHE_HOME/lib_rebasin-tests, else ~/.cache/lib_rebasin-tests; a fresh checkout
+with an empty cache makes each model once, on first use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -103,7 +105,7 @@ def _argument_text(value: Any) -> Any:
     """JSON-able form of a generator argument; tensors (the `extra` keys) by dtype, shape and bytes."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
-        return [str(t.dtype), list(t.shape), hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()]
+        return [str(t.dtype), list(t.shape), hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()]
     if isinstance(value, dict):
         return {str(k): _argument_text(v) for k, v in sorted(value.items())}
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -116,20 +118,40 @@ def _stamp(path: Path) -> str:
     return f"{st.st_size} {st.st_mtime_ns}"
 
 
+# Files made from another version of the source are removed once unused this long: other checkouts sharing the
+# cache (worktrees, branches) keep theirs while they run, and the cache does not grow with every edit.
+STALE_AFTER_S = 2 * 24 * 3600
+
+
+def _prune(folder: Path, generator_name: str, source: str) -> None:
+    """Remove the generator's files made from other source, last made or used over STALE_AFTER_S ago."""
+    now = time.time()
+    for stamp in folder.glob(f"{generator_name}-*.stamp"):
+        if stamp.name.startswith(f"{generator_name}-{source}-"):
+            continue
+        try:
+            if now - stamp.stat().st_mtime > STALE_AFTER_S:
+                stamp.with_suffix(".safetensors").unlink(missing_ok=True)
+                stamp.unlink(missing_ok=True)
+        except OSError:
+            pass  # another run removed it first
+
+
 def _cached(generator: Callable[..., Path], kwargs: dict[str, Any]) -> Path:
     """The cache's file for `generator(**kwargs)`, made first if missing or damaged."""
-    key = json.dumps({"generator": f"{generator.__module__}.{generator.__qualname__}",
-                      "source": source_fingerprint(generator), "arguments": _argument_text(kwargs)}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    source = source_fingerprint(generator)[:16]
+    arguments = json.dumps(_argument_text(kwargs), sort_keys=True)
     folder = cache_dir()
-    path = folder / f"{generator.__name__}-{digest}.safetensors"
+    path = folder / f"{generator.__name__}-{source}-{hashlib.sha256(arguments.encode()).hexdigest()[:16]}.safetensors"
     stamp = path.with_suffix(".stamp")
     try:
         if stamp.read_text() == _stamp(path):
+            os.utime(stamp)  # used: not pruned (the model's own times stay as recorded)
             return path
     except OSError:
         pass
     folder.mkdir(parents=True, exist_ok=True)
+    _prune(folder, generator.__name__, source)
     # Made under a private name in the cache's folder, then renamed: a concurrent run (another checkout, the UI
     # environments) sees either no file or a whole one, and two runs making the same file write the same bytes.
     with tempfile.TemporaryDirectory(dir=folder, prefix=".making-") as tmp:
