@@ -98,7 +98,7 @@ OURS = {
 
 def run_ours(case: str, a: str, b: str, out_dir: Path, device: str) -> dict[str, Any]:
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.merge import MergeOptions, merge_checkpoints
+    from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 
     kw = OURS[case]
     opts = MergeOptions(alpha=0.5, parts=("unet", "te"), device=device, precision="fp16", **kw)
@@ -150,7 +150,7 @@ def run_read(a: str, b: str) -> dict[str, Any]:
     """Read throughput of the checkpoint reader: every tensor of both files, twice, each widened to fp32 as a
     merge consumes it (so the mmap path's page faults and the positional-read path's copies are both paid).
     The first pass may find the files in the page cache or not; the second almost always does."""
-    from lib_rebasin.checkpoint import open_checkpoint
+    from lib_rebasin.io.checkpoint import open_checkpoint
 
     passes, cpu = [], []
     total = 0

@@ -1,9 +1,9 @@
-"""What the NaN/Inf checks (lib_rebasin/finite.py) and the float64 diagnostics cost inside a merge.
+"""What the NaN/Inf checks (lib_rebasin/io/finite.py) and the float64 diagnostics cost inside a merge.
 
     python -m benchmarks.finite_checks --scale mini            # a few minutes on a shared 2-core machine
     python -m benchmarks.finite_checks --scale full --data bench_data
 
-Runs real merges of synthetic checkpoints (lib_rebasin.synthetic, fp16) and reports, per method, the merge's CPU
+Runs real merges of synthetic checkpoints (lib_rebasin.sd1.synthetic, fp16) and reports, per method, the merge's CPU
 time and the CPU time spent inside `all_finite` (every check: matching fetches and written tensors) and inside
 the diagnostics' dot products. CPU time of this thread, not wall time: the machine this was written on is shared,
 and wall times there swing by 2x from one run to the next while CPU shares hold still.
@@ -40,16 +40,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lib_rebasin import diagnostics, finite
-    from lib_rebasin.merge import MergeOptions, merge_checkpoints
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.merge import diagnostics
+    from lib_rebasin.io import finite
+    from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     checks, dots = [0.0], [0.0]
     _timed(finite, "all_finite", checks)
     _timed(diagnostics, "accumulate", dots)
-    import lib_rebasin.merge as merge_mod
+    import lib_rebasin.merge.output as merge_output
 
-    merge_mod.accumulate = diagnostics.accumulate  # merge.py imported the name before it was wrapped
+    merge_output.accumulate = diagnostics.accumulate  # merge_output.py imported the name before it was wrapped
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp)

@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from lib_rebasin.arch import SD15
-from lib_rebasin.assignment import lap, solve
-from lib_rebasin.matching import cost_matrix
-from lib_rebasin.spec import build_spec
-from lib_rebasin.synthetic import synthetic_tensor
+from lib_rebasin.sd1.arch import SD15
+from lib_rebasin.align.assignment import lap, solve
+from lib_rebasin.align.weight_matching import cost_matrix
+from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.sd1.synthetic import synthetic_tensor
 
 
 def per_head(C: np.ndarray, d: int) -> np.ndarray:

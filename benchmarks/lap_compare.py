@@ -12,8 +12,8 @@ optimum, in float64:
     row_ind is row -> column
 Matrices: synthetic (random Gaussian; near-identity = Gaussian + 3 I, what a same-base pair looks like) for each
 size, and, when the full-size synthetic pairs of `benchmarks.run` exist, real first-sweep cost matrices of a few
-free groups (`lib_rebasin.matching.cost_matrix`, identity permutations elsewhere) for the independent (X) and
-same-base (Y) pairs, plus one GroupNorm-structured group solved the way `lib_rebasin.assignment.solve` does it
+free groups (`lib_rebasin.align.weight_matching.cost_matrix`, identity permutations elsewhere) for the independent (X) and
+same-base (Y) pairs, plus one GroupNorm-structured group solved the way `lib_rebasin.align.assignment.solve` does it
 (1024 small blocks + one top-level solve) with each backend swapped in.
 """
 
@@ -130,11 +130,11 @@ GN_GROUP = "unet.input_blocks.7.inner"  # 1280 channels, GroupNorm blocks of 40
 def real(data: Path, repeat: int, table: list[dict[str, Any]], block_table: list[dict[str, Any]]) -> None:
     import torch
 
-    from lib_rebasin import assignment
-    from lib_rebasin.arch import SD15
-    from lib_rebasin.checkpoint import open_checkpoint
-    from lib_rebasin.matching import cost_matrix
-    from lib_rebasin.spec import build_spec
+    from lib_rebasin.align import assignment
+    from lib_rebasin.sd1.arch import SD15
+    from lib_rebasin.io.checkpoint import open_checkpoint
+    from lib_rebasin.align.weight_matching import cost_matrix
+    from lib_rebasin.sd1.spec import build_spec
 
     spec = build_spec(SD15)
     for pair, label in (("X", "independent"), ("Y", "same-base")):
@@ -146,7 +146,7 @@ def real(data: Path, repeat: int, table: list[dict[str, Any]], block_table: list
             # Legacy mode's matrices: one GroupNorm's (weight, bias) against another's, a rank-2 fp32 sum of outer
             # products, solved 6 times per iteration (3000 solves for 500 iterations).
             try:
-                from lib_rebasin.legacy import SPECIAL_GROUPS
+                from lib_rebasin.merge.legacy import SPECIAL_GROUPS
             except ImportError:
                 SPECIAL_GROUPS = ()
             for w, bias in SPECIAL_GROUPS:
@@ -204,7 +204,7 @@ def render(table: list[dict[str, Any]], block_table: list[dict[str, Any]], argv:
             f"{r['times'][s]:.4f}" if r["times"].get(s) is not None else "—" for s in names] + [fastest, exact]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if block_table:
-        lines += ["", "GroupNorm-structured solve (`lib_rebasin.assignment.solve`, each backend swapped in for its "
+        lines += ["", "GroupNorm-structured solve (`lib_rebasin.align.assignment.solve`, each backend swapped in for its "
                   "`lap`):", "", "| " + " | ".join(["matrix", "n"] + [f"{s} s" for s in names] + ["exact"]) + " |",
                   "|" + "---|" * (len(names) + 3)]
         for r in block_table:

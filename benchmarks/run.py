@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parent.parent
 # -- inputs ----------------------------------------------------------------------------------------------------
 
 def _recipe(scale: str, kw: dict[str, Any]) -> str:
-    from lib_rebasin.synthetic import SCALES
+    from lib_rebasin.sd1.synthetic import SCALES
     return (f"seed={kw['seed']} base_seed={kw.get('base_seed')} delta={kw.get('delta', 0.05)} "
             f"{SCALES[scale].describe()}")
 
@@ -93,7 +93,7 @@ def ensure_pair(data: Path, scale: str, pair: str) -> tuple[Path, Path]:
         want = _recipe(scale, kw)
         if _header_recipe(path) != want:
             print(f"generating {path} ({want})", flush=True)
-            code = ("import sys; from lib_rebasin.synthetic import make_checkpoint; "
+            code = ("import sys; from lib_rebasin.sd1.synthetic import make_checkpoint; "
                     f"make_checkpoint(sys.argv[1], {scale!r}, precision='fp16', overwrite=True, **{kw!r})")
             subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=REPO)
         paths.append(path)

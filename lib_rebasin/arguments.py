@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import reprlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ArgumentError
+from .messages import shown
 
 PATH = "a file path (a str or pathlib.Path)"
 SOURCE = "a checkpoint file path (a str or pathlib.Path) or an open Checkpoint"
@@ -46,7 +47,7 @@ def _optional(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
 
 
 def _source(v: Any) -> str | None:
-    from .checkpoint import Checkpoint
+    from .io.checkpoint import Checkpoint
 
     return None if _is_path(v) or isinstance(v, Checkpoint) else SOURCE
 
@@ -110,14 +111,14 @@ def _tensors(v: Any) -> str | None:
 
 
 def _precision(v: Any) -> str | None:
-    from .checkpoint import PRECISIONS
+    from .io.precisions import PRECISIONS
 
     return None if isinstance(v, str) and v in PRECISIONS else f"one of {', '.join(map(repr, PRECISIONS))}"
 
 
 def _config(v: Any) -> str | None:
-    from .arch import SD1Config
-    from .synthetic import SCALES
+    from .sd1.arch import SD1Config
+    from .sd1.synthetic import SCALES
 
     ok = isinstance(v, SD1Config) or (isinstance(v, str) and v in SCALES)
     return None if ok else f"an SD1Config or one of {', '.join(map(repr, SCALES))}"
@@ -127,8 +128,8 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "a": _source, "b": _source, "c": _optional(_source), "bake_vae": _optional(_source),
     "output": _path, "path": _path, "folder": _path, "models_dir": _path,
     "vae_dir": _optional(_path),
-    "options": _instance(".options.MergeOptions", "a MergeOptions (from lib_rebasin.merge import MergeOptions)"),
-    "recipe": _instance(".recipe.Recipe", "a Recipe (from load_recipe() or parse_recipe())"),
+    "options": _instance(".options.MergeOptions", "a MergeOptions (from lib_rebasin.options import MergeOptions)"),
+    "recipe": _instance(".recipe.run.Recipe", "a Recipe (from load_recipe() or parse_recipe())"),
     "report": _optional(_instance(".progress.Reporter", "a Reporter")),
     "overwrite": _bool, "confine": _bool, "tool_dot": _bool,
     "progress": _optional(_callable), "cancel": _optional(_callable), "metadata_hook": _optional(_callable),
@@ -141,15 +142,3 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
 
 
 _LABELS = {"a": "a (model A)", "b": "b (model B)", "c": "c (model C)"}
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 38, 38, 6, 6, 4
-
-
-def shown(v: Any) -> str:
-    """The value in a few characters for a message: long or deeply nested values are elided, never recursed into."""
-    try:
-        return _REPR.repr(v)
-    except ValueError:  # an integer of thousands of digits
-        return "a number far out of range"

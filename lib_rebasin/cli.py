@@ -8,17 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Any, TextIO
 
-from dataclasses import replace
-
-from .blocks import parse_blocks
 from .errors import Cancelled, RebasinError
-from .methods import ALL_PARAMS
-from .merge import METHODS, MergeOptions, MergeResult, ProgressEvent, merge_checkpoints
+from .merge.block_weights import parse_blocks
+from .merge.run import MergeResult, ProgressEvent, merge_checkpoints
+from .methods import METHODS
+from .option import Option
+from .options import OPTIONS, MergeOptions, users_of
 from .signals import commit_reached, interrupts_until_commit, late_signals
-from .spec import PARTS
 
 
 class ProgressBar:
@@ -56,15 +56,18 @@ class ProgressBar:
 
 
 def _options(args: argparse.Namespace, method: str) -> MergeOptions:
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    options = MergeOptions(method=method, alpha=args.alpha, iterations=args.iterations, parts=parts,
-                           device=args.device, precision=args.precision, seed=args.seed, max_sweeps=args.max_sweeps,
-                           tolerance=args.tolerance, align=args.align, allow_nonfinite=args.allow_nonfinite,
-                           matching=args.matching, activation_samples=args.activation_samples, repair=args.repair,
-                           **{name: getattr(args, name) for name in ALL_PARAMS})
+    """MergeOptions from the flags `_add_options` made, one per option of the table."""
+    values: dict[str, Any] = {"method": method}
+    for opt in _cli_options():
+        value = getattr(args, opt.name, None)
+        if opt.kind is tuple and isinstance(value, str):  # --parts unet,te
+            value = tuple(p.strip() for p in value.split(",") if p.strip())
+        if value is not None and opt.name != "blocks":
+            values[opt.name] = value
+    options = MergeOptions(**values)
     if args.blocks is not None:
         bw = parse_blocks(args.blocks, args.alpha)
-        options = replace(options, blocks=bw.values, blocks_preset=bw.preset)
+        options = options.with_blocks(bw.values, bw.preset)
     return options
 
 
@@ -98,46 +101,46 @@ def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> i
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, alpha: float) -> None:
+def _cli_options() -> list[Option]:
+    return [o for o in OPTIONS.values() if o.cli and o.user_input]
+
+
+def _option_help(opt: Option, default: Any) -> str:
+    """The option's help, prefixed with the methods it applies to (where that is not all) and its default."""
+    users = users_of(opt)
+    text = opt.help
+    if opt.name == "method":
+        text = "; ".join(f"{k}: {v.help}" for k, v in METHODS.items())
+    elif len(users) <= len(METHODS) // 2:
+        text = f"{', '.join(users)}: {text}"
+    elif len(users) < len(METHODS):
+        text += f" (not for {', '.join(m for m in METHODS if m not in users)})"
+    if default is not None and not isinstance(default, bool):
+        shown = ",".join(default) if isinstance(default, tuple) else f"{default:g}" if isinstance(default, float) \
+            else default
+        text += f" (default {shown})"
+    return text.replace("%", "%%")
+
+
+def _add_options(p: argparse.ArgumentParser, defaults: dict[str, Any], fixed: tuple[str, ...] = ()) -> None:
+    """One flag per option of the table (--name-with-dashes), except those the subcommand `fixed`."""
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    p.add_argument("--alpha", type=float, default=alpha, help=f"weight of model B (default {alpha})")
-    p.add_argument("--iterations", type=int, default=1,
-                   help="re-basin only: step alpha over N steps, re-aligning B to the running merge each step")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to merge: unet,te,vae "
-                   "(others keep model A's weights; default all)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (where cost matrices are computed)")
-    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="output precision")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random group order in weight matching, of activation matching's inputs and of DARE's drop masks")
-    p.add_argument("--max-sweeps", type=int, default=100, help="upper bound on weight-matching sweeps")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="stop weight matching once a sweep gains less than this fraction of the first sweep's gain "
-                        "(default 0.01; 0 = only when a sweep improves nothing, as in the paper, which on "
-                        "independently trained models takes ~10x longer for the last 0.2%% of the gain)")
-    p.add_argument("--blocks", help="block weights of B: 26 comma-separated values BASE,IN00..IN11,M00,OUT00..OUT11, "
-                   "25 (UNet only; BASE = --alpha), or a preset name such as GRAD_V")
-    p.add_argument("--matching", default="weights", choices=["weights", "activations"],
-                   help="how re-basin finds B's permutation: weights (weight matching, default) or activations "
-                        "(pair units by how they respond to the same inputs: seeded prompts along A's own DDIM "
-                        "trajectory, with --seed; the VAE is still weight matched)")
-    p.add_argument("--activation-samples", type=int, default=4,
-                   help="activation matching and --repair: number of seeded prompts, each run at 5 timesteps "
-                        "(default 4)")
-    p.add_argument("--repair", action="store_true",
-                   help="REPAIR (rebasin and weighted_sum, UNet in --parts): after blending, run both parents and "
-                        "the merge on --activation-samples seeded prompts (default 4, with --seed) and rescale the "
-                        "UNet layers that write into the residual stream so each channel's mean and spread are the "
-                        "parents' interpolation again (blending shrinks them)")
-    p.add_argument("--align", action="store_true",
-                   help="re-basin B (and C, with B's permutation) onto A before the method (implied by rebasin)")
-    for param in ALL_PARAMS.values():
-        users = ", ".join(m.name for m in METHODS.values() if param in m.params)
-        p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, type=param.kind, default=param.default,
-                       help=f"{users}: {param.help} (default {param.default:g})".replace("%", "%%"))
+    for opt in _cli_options():
+        if opt.name in fixed:
+            continue
+        default = defaults.get(opt.name, opt.default)
+        help_text = _option_help(opt, default)
+        if opt.kind is bool:
+            p.add_argument(opt.flag, dest=opt.name, action="store_true", help=help_text)
+        elif opt.kind is tuple:  # several choices (--parts unet,te); block weights are text, parsed with alpha
+            p.add_argument(opt.flag, dest=opt.name, default=None if default is None else ",".join(default),
+                           help=help_text)
+        else:
+            p.add_argument(opt.flag, dest=opt.name, type=opt.kind, default=default,
+                           choices=list(opt.choices) or None, help=help_text)
     p.add_argument("--bake-vae", metavar="FILE", help="put this VAE (a VAE file, or a checkpoint's VAE) into the "
                    "output instead of merging the VAE, as the WebUI's merger does")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="keep NaN/Inf weights of an input in the output instead of refusing the merge")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -150,15 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model_a")
     m.add_argument("model_b")
     m.add_argument("model_c", nargs="?", help="the base B (and A) were tuned from, for methods that need C")
-    m.add_argument("--method", default="rebasin", choices=list(METHODS),
-                   help="; ".join(f"{k}: {v.help}" for k, v in METHODS.items()).replace("%", "%%"))
-    _add_common(m, 0.5)
+    _add_options(m, {})
 
     d = sub.add_parser("add-difference", help="A + alpha * (B - C)")
     d.add_argument("model_a")
     d.add_argument("model_b")
     d.add_argument("model_c")
-    _add_common(d, 0.2)
+    _add_options(d, {"alpha": 0.2}, fixed=("method",))
 
     i = sub.add_parser("inspect", help="architecture, dtype, keys and size of a checkpoint")
     i.add_argument("file")
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_command(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe, recipe_from_checkpoint, run_recipe
+    from .recipe.run import load_recipe, recipe_from_checkpoint, run_recipe
 
     if args.from_checkpoint:
         text = recipe_from_checkpoint(args.from_checkpoint)
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "add-difference":
             return _run_merge(args, "add_difference", c=args.model_c)
         if args.command == "inspect":
-            from .inspect import inspect_checkpoint
+            from .io.describe import inspect_checkpoint
 
             info = inspect_checkpoint(args.file)
             print("\n".join(info.lines()))

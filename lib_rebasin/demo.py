@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from .arch import MINI
+from .align.permute import permute_tensor, random_perms
 from .arguments import check_arguments
-from .checkpoint import PRECISIONS, save_state_dict
 from .errors import OutputError
-from .merge import MergeOptions, merge_checkpoints
-from .permute import permute_tensor, random_perms
-from .spec import build_spec
-from .synthetic import make_checkpoint, synthetic_tensor
+from .io.output_file import save_state_dict
+from .io.precisions import PRECISIONS
+from .merge.run import MergeOptions, merge_checkpoints
+from .sd1.arch import MINI
+from .sd1.spec import build_spec
+from .sd1.synthetic import make_checkpoint, synthetic_tensor
 
 
 def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int, precision: str = "fp16") -> Path:
@@ -40,10 +39,10 @@ def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int
 # Stand-ins for the DunkMash card's models (examples/dunkmash.toml): fine-tunes of one small base, plus one
 # "independently trained" model (shuffled channels) so that a step has real re-basin work to do.
 DUNKMASH_STANDINS = {
-    "nothing_v2.3.safetensors": dict(seed=21), "meinamix_v9.safetensors": dict(seed=22),
-    "icbinp.safetensors": dict(seed=23, shuffle=3), "dreamshaper_6.safetensors": dict(seed=24),
-    "atozovya_v2_art.safetensors": dict(seed=25), "noise_offset.safetensors": dict(seed=26),
-    "v1-5-pruned-emaonly.safetensors": dict(seed=27),
+    "nothing_v2.3.safetensors": {"seed": 21}, "meinamix_v9.safetensors": {"seed": 22},
+    "icbinp.safetensors": {"seed": 23, "shuffle": 3}, "dreamshaper_6.safetensors": {"seed": 24},
+    "atozovya_v2_art.safetensors": {"seed": 25}, "noise_offset.safetensors": {"seed": 26},
+    "v1-5-pruned-emaonly.safetensors": {"seed": 27},
 }
 
 

@@ -6,49 +6,36 @@ weight of B for that key (its block's weight with block weights), `params` the m
 `rng` a CPU generator seeded from (seed, key) so random methods give the same bytes on every run and device.
 
 Linear methods also declare their coefficients on (A, B, C), so the merge can stream them through the exact
-`Blend` fast path (`blend.py`) instead of calling `fn`. Re-basin and legacy are not entries of their own kind:
+`Blend` fast path (`merge/blend.py`) instead of calling `fn`. Re-basin and legacy are not entries of their own kind:
 re-basin is an alignment of B (and C) to A followed by a weighted sum, and composes with every method here
-(`MergeOptions.align`); legacy reproduces one old tool exactly. `merge.py` handles those two paths.
+(`MergeOptions.align`); legacy reproduces one old tool exactly. `merge/run.py` handles those two paths.
 
-Every parameter a method declares is a `MergeOptions` field of the same name, so the CLI (`--ties-density`), recipes
-(`ties_density = 0.2`), the HTTP API and the tab are generated from this table.
+Every parameter a method declares (`Param`, an `Option`) joins the option table (`options.OPTIONS`) and is a
+`MergeOptions` field of the same name, so the CLI (`--ties-density`), recipes (`ties_density = 0.2`), provenance,
+the HTTP API and the tab get it with no further edit: a new method is its function plus its `MethodInfo`.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
-from .arguments import is_finite_number, shown
+from .option import Option
 
 Tensor = torch.Tensor
 KeyFn = Callable[[Tensor, Tensor, "Tensor | None", float, Mapping[str, object], torch.Generator], Tensor]
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str                 # also the MergeOptions field and the recipe key; CLI flag: --name-with-dashes
-    kind: type                # float or int
-    low: float
-    high: float
-    default: float
-    label: str
-    help: str
-    low_open: bool = False    # low itself not allowed
-
-    def check(self, value: object, method_label: str) -> str | None:
-        """The one-line problem with `value`, or None."""
-        if not is_finite_number(value):
-            return f"{self.name} must be a number for {method_label}, got {shown(value)}."
-        if self.kind is int and int(value) != value:
-            return f"{self.name} must be a whole number for {method_label}, got {value!r}."
-        if value > self.high or value < self.low or (self.low_open and value == self.low):
-            lo = "(" if self.low_open else "["
-            return f"{self.name} must be in {lo}{self.low:g}, {self.high:g}] for {method_label}, got {value:g}."
-        return None
+def Param(name: str, kind: type, low: float, high: float, default: float, label: str, help: str,
+          low_open: bool = False) -> Option:
+    """A method's numeric parameter: an `Option` (option.py) that applies to the methods listing it in `params`,
+    shown as a slider, checked only for them (a recipe default for one method is no error in another's step)."""
+    return Option(name, kind, default, label, help, low=low, high=high, low_open=low_open, applies=None,
+                  inapplicable="ignore", widget="slider", step=1 if kind is int else 0.01,
+                  recorded_when=lambda o: any(p.name == name for p in METHODS[o.method].params), method_param=True)
 
 
 @dataclass(frozen=True)
@@ -59,10 +46,19 @@ class MethodInfo:
     help: str
     fn: KeyFn | None = None                       # None only for the special paths (rebasin, legacy)
     linear: Callable[[float], tuple[float, float, float]] | None = None  # alpha -> weights of A, B, C
-    params: tuple[Param, ...] = field(default_factory=tuple)
+    params: tuple[Option, ...] = field(default_factory=tuple)  # its own options (`Param`), e.g. ties_density
     alpha_bounded: bool = True                    # alpha (and every block weight) in [0, 1]
     random: bool = False                          # uses rng (seeded by MergeOptions.seed)
     source: str = ""
+    # What the interfaces ask of a method (option.py's `applies`, the tab's visibility), so none re-derives them
+    # from its name:
+    uses_alpha: bool = True                       # the result depends on alpha (and block weights)
+    iterates: bool = False                        # uses `iterations` (steps alpha over N merges)
+    aligns: bool = False                          # always re-basins B onto A (then tolerance, max_sweeps, matching)
+    alignable: bool = True                        # accepts `align` (re-basin B, and C, onto A before the method)
+    block_weights: bool = True                    # accepts block weights (per-block alpha)
+    # Its result is (1 - a) A + a B' per key, for which "the parents' interpolated statistics" (REPAIR) is defined.
+    repairable: bool = False
 
 
 # -- the pure functions ----------------------------------------------------------------------------------------
@@ -181,9 +177,9 @@ DROP = Param("dare_p", float, 0.0, 0.99, 0.9, "DARE drop probability",
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("rebasin", "Re-basin (weight matching)", False,
                "Align B to A with function-preserving permutations, then (1-alpha)*A + alpha*B.",
-               fn=weighted_sum, linear=lambda a: (1 - a, a, 0.0)),
+               fn=weighted_sum, linear=lambda a: (1 - a, a, 0.0), iterates=True, aligns=True, repairable=True),
     MethodInfo("weighted_sum", "Weighted sum", False, "(1-alpha)*A + alpha*B, no alignment.",
-               fn=weighted_sum, linear=lambda a: (1 - a, a, 0.0)),
+               fn=weighted_sum, linear=lambda a: (1 - a, a, 0.0), repairable=True),
     MethodInfo("add_difference", "Add difference", True, "A + alpha*(B - C), e.g. C = the base B was tuned from.",
                fn=add_difference, linear=lambda a: (1.0, a, -a), alpha_bounded=False),
     MethodInfo("train_difference", "Train difference", True,
@@ -204,7 +200,8 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                source="Yu et al. 2023 (DARE), Yadav et al. 2023 (TIES)"),
     MethodInfo("legacy", "Legacy (DunkMash tool compatible)", False,
                "What T0b1maru's re-basin_merger computes: a weighted sum, plus its re-matching of three "
-               "output GroupNorm vectors. Not a real re-basin; kept to reproduce old recipes."),
+               "output GroupNorm vectors. Not a real re-basin; kept to reproduce old recipes.",
+               iterates=True, alignable=False, block_weights=False),
 )}
 
-ALL_PARAMS: dict[str, Param] = {p.name: p for m in METHODS.values() for p in m.params}
+ALL_PARAMS: dict[str, Option] = {p.name: p for m in METHODS.values() for p in m.params}

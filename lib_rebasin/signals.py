@@ -15,7 +15,8 @@ Never installed inside the WebUI: there the host owns the process and its signal
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _committed = False
 _late: list[int] = []
@@ -27,7 +28,11 @@ def sigterm_as_interrupt() -> Callable[[], None]:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM on this system
         return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _interrupt_unless_committed(signum: int, frame: Any) -> None:

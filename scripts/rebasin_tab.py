@@ -23,6 +23,8 @@ import gradio as gr  # noqa: E402
 from modules import call_queue, devices, script_callbacks, sd_models, shared  # noqa: E402
 
 from lib_rebasin.errors import RebasinError  # noqa: E402
+from lib_rebasin.methods import METHODS  # noqa: E402
+from lib_rebasin.options import OPTIONS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
@@ -104,7 +106,7 @@ class WebUIHost(BaseHost):
             from modules import hashes
         except ImportError:  # SD.Next and other hosts without it
             return
-        from lib_rebasin.checkpoint import file_sha256
+        from lib_rebasin.io.checkpoint import file_sha256
 
         cache = hashes.cache("hashes")
         for path in paths:
@@ -308,12 +310,7 @@ TAB = None
 
 def _method_choices():
     """(label, key) pairs: the Settings page shows "Re-basin (weight matching)", the option stores "rebasin"."""
-    try:
-        from lib_rebasin.merge import METHODS
-
-        return [(m.label, key) for key, m in METHODS.items()]
-    except Exception:
-        return [(k, k) for k in ("rebasin", "weighted_sum", "add_difference", "legacy")]
+    return [(m.label, key) for key, m in METHODS.items()]
 
 
 # The Settings page groups sections by category (modules/options.py: a section without one is "Uncategorized");
@@ -326,15 +323,16 @@ def on_ui_settings():
     add = shared.opts.add_option
     options = {
         "rebasin_default_method": shared.OptionInfo(
-            "rebasin", "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
+            OPTIONS["method"].default, "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
         "rebasin_default_iterations": shared.OptionInfo(
-            1, "Default iterations (re-basin and legacy)", gr.Slider, {"minimum": 1, "maximum": 100, "step": 1},
+            1, "Default iterations (re-basin and legacy)", gr.Slider,
+            {"minimum": OPTIONS["iterations"].low, "maximum": OPTIONS["iterations"].high, "step": 1},
             section=section),
         "rebasin_default_device": shared.OptionInfo(
             "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
             gr.Radio, {"choices": [("Auto", "auto"), ("CPU", "cpu"), ("GPU", "gpu")]}, section=section),
         "rebasin_default_precision": shared.OptionInfo(
-            "fp16", "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
+            OPTIONS["precision"].default, "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
         "rebasin_output_dir": shared.OptionInfo(
             "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
         ALLOWED_HOSTS_OPTION: shared.OptionInfo(

@@ -105,7 +105,8 @@ def _argument_text(value: Any) -> Any:
     """JSON-able form of a generator argument; tensors (the `extra` keys) by dtype, shape and bytes."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
-        return [str(t.dtype), list(t.shape), hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()]
+        digest = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        return [str(t.dtype), list(t.shape), digest]
     if isinstance(value, dict):
         return {str(k): _argument_text(v) for k, v in sorted(value.items())}
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -186,7 +187,7 @@ def cached_checkpoint(path: str | os.PathLike[str], config: Any = "mini", seed: 
                       base_seed: int | None = None, delta: float = 0.05, precision: str = "fp16",
                       extra: dict[str, torch.Tensor] | None = None, writable: bool = False) -> Path:
     """`make_checkpoint(path, ...)` from the cache (same arguments and defaults); see the module docstring."""
-    from lib_rebasin.synthetic import make_checkpoint
+    from lib_rebasin.sd1.synthetic import make_checkpoint
 
     kwargs = {"config": config, "seed": seed, "base_seed": base_seed, "delta": delta, "precision": precision}
     if extra:

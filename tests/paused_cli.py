@@ -22,14 +22,16 @@ def main() -> int:
     rest = sys.argv[3:]
     if rest and rest[0] == "--named-temp":
         try:
-            from lib_rebasin import tempfiles
+            from lib_rebasin.io import tempfiles
 
             tempfiles.USE_UNNAMED = False
         except ImportError:  # a version from before unnamed temp files: it always writes a named one
             pass
         rest = rest[1:]
     assert rest[0] == "--"
-    from lib_rebasin import checkpoint, cli, merge, progress
+    from lib_rebasin import cli, progress
+    from lib_rebasin.merge import run as merge
+    from lib_rebasin.io import output_file
 
     seen = 0
 
@@ -43,13 +45,13 @@ def main() -> int:
             sys.stdin.readline()
 
     if stage == "placed":
-        real_place = checkpoint.place_output
+        real_place = output_file.place_output
 
         def place(*args, **kwargs):  # type: ignore[no-untyped-def]
             real_place(*args, **kwargs)
             arrive()
 
-        checkpoint.place_output = place  # type: ignore[assignment]
+        output_file.place_output = place  # type: ignore[assignment]
     elif stage == "finalize":
         real_write = merge.write_safetensors
 

@@ -1,6 +1,6 @@
 """An independent forward pass for SD 1.x LDM-layout state dicts, built only from diffusers and transformers.
 
-Nothing here reads `lib_rebasin.spec`: the model configs are written out from the `SD1Config` hyper-parameters,
+Nothing here reads `lib_rebasin.sd1.spec`: the model configs are written out from the `SD1Config` hyper-parameters,
 the weights go through diffusers' own single-file (LDM -> diffusers) converters, and are loaded strictly into
 diffusers' `UNet2DConditionModel` / `AutoencoderKL` and transformers' `CLIPTextModel`. If our permutation spec and
 this reference disagree about what a key means, the function-preservation tests fail.
@@ -27,7 +27,7 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lib_rebasin.arch import SD1Config  # noqa: E402  (hyper-parameters only, no layout knowledge)
+from lib_rebasin.sd1.arch import SD1Config  # noqa: E402  (hyper-parameters only, no layout knowledge)
 
 PREFIXES = {
     "unet": "model.diffusion_model.",

@@ -1,14 +1,14 @@
-"""Activation matching (lib_rebasin.activation_matching): recovers a planted legal permutation from the units'
+"""Activation matching (lib_rebasin.align.activation_matching): recovers a planted legal permutation from the units'
 activations, and only ever returns permutations the group's GroupNorm structure allows."""
 
 from __future__ import annotations
 
 import torch
 
-from lib_rebasin import activation_matching as am
-from lib_rebasin.arch import MINI
-from lib_rebasin.permute import inverse, is_legal, random_legal_perm
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align import activation_matching as am
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.align.permute import inverse, is_legal, random_legal_perm
+from lib_rebasin.sd1.spec import build_spec
 
 
 def _groups_of_every_structure():

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 
 ACT = MergeOptions(matching="activations", activation_samples=1, precision="fp32")
 
@@ -124,7 +124,7 @@ def test_activation_matching_that_pulls_fine_tunes_apart_is_flagged(matching: st
                                                                      warned: bool) -> None:
     """A permutation found by activations that leaves B's weights less like A's than no permutation (what it did
     to the benchmark's fine-tunes of one base) is called out; weight matching never lowers the similarity."""
-    from lib_rebasin.diagnostics import Diagnostics
+    from lib_rebasin.merge.diagnostics import Diagnostics
 
     d = Diagnostics("rebasin", 0.5, 1, ["unet"], matched=True, matching=matching, activation_samples=16,
                     moved={"unet": [7954, 15328]}, objective={"unet": [0.948, after, 1.0, 1.0]})

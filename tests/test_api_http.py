@@ -228,7 +228,7 @@ def _merge_to_done(server, body: dict, limit_s: float = 120) -> dict:
 def test_same_origin_merge_runs_and_then_has_a_hash(server, models):
     _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
                             "method": "weighted_sum", "output_name": f"api_{server.kind}"})
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     out = models / f"api_{server.kind}.safetensors"
     listed = {c["name"]: c for c in server.request("GET", "/rebasin/v1/checkpoints")[1]}
@@ -240,7 +240,7 @@ def test_merge_with_activation_matching_records_it(server, models):
     _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors", "parts": ["te"],
                             "matching": "activations", "activation_samples": 1,
                             "output_name": f"api_act_{server.kind}"})
-    from lib_rebasin.checkpoint import open_checkpoint
+    from lib_rebasin.io.checkpoint import open_checkpoint
 
     out = models / f"api_act_{server.kind}.safetensors"
     with open_checkpoint(out) as ck:
@@ -255,7 +255,7 @@ def test_merge_with_repair_records_it(server, models):
                                   "activation_samples": 1, "output_name": f"api_repair_{server.kind}"},
                          limit_s=300)  # three UNets' forward passes on top of the merge
     assert job["request"]["repair"] is True
-    from lib_rebasin.checkpoint import open_checkpoint
+    from lib_rebasin.io.checkpoint import open_checkpoint
 
     out = models / f"api_repair_{server.kind}.safetensors"
     with open_checkpoint(out) as ck:

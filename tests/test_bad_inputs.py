@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
 from model_cache import cached_checkpoint, place
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_add_difference_alpha_that_overflows_is_refused(pair: dict, out: Path) -
     before = listing(out)
     r = cli("add-difference", pair["a"], pair["b"], pair["nan"], "-o", out / "m.safetensors", "--alpha", "1e308",
             "-q", cwd=out)
-    assert_refused(r, out, before, "alpha", "-10 and 10")
+    assert_refused(r, out, before, "alpha", "[-10, 10]")
 
 
 def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, out: Path) -> None:
@@ -261,7 +261,7 @@ def test_nul_byte_in_a_recipe_path(pair: dict, out: Path) -> None:
 
 
 def test_nul_byte_in_a_path_through_the_python_api(tmp_path: Path) -> None:
-    from lib_rebasin.checkpoint import check_output_path
+    from lib_rebasin.io.checkpoint import check_output_path
     from lib_rebasin.errors import CheckpointReadError, OutputError
 
     with pytest.raises(CheckpointReadError, match="NUL byte"):
@@ -428,7 +428,7 @@ def test_same_merge_same_bytes_whatever_the_thread_count(pair: dict, tmp_path: P
 @pytest.mark.parametrize("args, needle", [
     (("merge", "--method", "legacy"), "Legacy"),
     (("merge", "--parts", "te,vae"), "REPAIR corrects UNet layers; parts must include unet."),
-    (("add-difference", "C"), "Add difference is not one (use it with weighted_sum or rebasin)."),
+    (("add-difference", "C"), "Add difference is not one (use it with rebasin or weighted_sum)."),
 ])
 def test_repair_where_it_does_not_apply_is_one_line_and_no_file(pair: dict, out: Path, args: tuple[str, ...],
                                                                 needle: str) -> None:
@@ -449,7 +449,7 @@ def test_repair_where_it_does_not_apply_is_one_line_and_no_file(pair: dict, out:
 ])
 def test_merge_options_name_the_field_of_the_wrong_type(field: str, value: object) -> None:
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.merge import MergeOptions
+    from lib_rebasin.merge.run import MergeOptions
 
     with pytest.raises(RebasinError, match=field):
         MergeOptions(**{field: value}).validate()
@@ -457,7 +457,7 @@ def test_merge_options_name_the_field_of_the_wrong_type(field: str, value: objec
 
 def test_add_difference_alpha_bounds() -> None:
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.merge import MergeOptions
+    from lib_rebasin.merge.run import MergeOptions
 
     MergeOptions(method="add_difference", alpha=-10.0).validate()
     MergeOptions(method="add_difference", alpha=2).validate()

@@ -18,8 +18,9 @@ import pytest
 from model_cache import place
 from test_io_safety import Paused
 
-from lib_rebasin import checkpoint, merge
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge import run as merge
+from lib_rebasin.io import output_file
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.ui.service import MergeRequest, MergeService, RecipeRequest
 from lib_rebasin.ui.standalone import StandaloneHost, stop_jobs
 
@@ -130,7 +131,7 @@ def _submit(svc: MergeService, kind: str):
 
 
 def _around_place(monkeypatch: pytest.MonkeyPatch, before=None, after=None) -> None:
-    real = checkpoint.place_output
+    real = output_file.place_output
 
     def place(*args, **kwargs):
         if before is not None:
@@ -139,7 +140,7 @@ def _around_place(monkeypatch: pytest.MonkeyPatch, before=None, after=None) -> N
         if after is not None:
             after()
 
-    monkeypatch.setattr(checkpoint, "place_output", place)
+    monkeypatch.setattr(output_file, "place_output", place)
 
 
 @pytest.mark.parametrize("kind", ["merge", "recipe"])

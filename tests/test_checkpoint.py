@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.arch import MINI, TINY, detect
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict, write_safetensors
+from lib_rebasin.sd1.arch import MINI, TINY, detect
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict, write_safetensors
 from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,
                                 UnsupportedModelError)
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
-from lib_rebasin.spec import build_spec
-from lib_rebasin.synthetic import synthetic_tensor
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.sd1.synthetic import synthetic_tensor
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str
 
     from model_cache import cached_checkpoint
 
-    from lib_rebasin.inspect import inspect_checkpoint
+    from lib_rebasin.io.describe import inspect_checkpoint
 
     path = cached_checkpoint(tmp_path / "m.safetensors", replace(TINY, unet_in_channels=channels), seed=1)
     info = inspect_checkpoint(path)
@@ -199,7 +199,7 @@ def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str
 def test_file_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
     import hashlib
 
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     path = tmp_path / "m.bin"
     path.write_bytes(b"first")

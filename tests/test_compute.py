@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib_rebasin.compute import merge_threads, usable_cpus
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.progress import ProgressEvent
 
 

@@ -1,7 +1,7 @@
 """Deeply nested, huge-numbered or oversized TOML and JSON from outside: one line, never a traceback.
 
 Recipes (the CLI and the tab's recipe builder), `recipe --from` reading a checkpoint's metadata, an input's merge
-history carried into a new merge, and request bodies of the HTTP API all parse through `lib_rebasin.parsing`; what
+history carried into a new merge, and request bodies of the HTTP API all parse through `lib_rebasin.io.parsing`; what
 they return nests at most MAX_DEPTH levels, so nothing that walks or prints it later can recurse too deep.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
-from lib_rebasin.parsing import MAX_DEPTH
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.io.parsing import MAX_DEPTH
 from test_bad_inputs import STEP, assert_refused, cli, listing
 
 DEEP = 100_000  # far past Python's recursion limit
@@ -131,7 +131,7 @@ def test_an_inputs_deeply_nested_merge_history_is_left_out_not_a_crash(models: d
 
 def test_parsed_values_are_never_deeper_than_the_limit() -> None:
     """The limit holds exactly: MAX_DEPTH levels are read, one more is refused, for TOML and JSON alike."""
-    from lib_rebasin.parsing import parse_json, parse_toml
+    from lib_rebasin.io.parsing import parse_json, parse_toml
 
     def fail(why: str) -> ValueError:
         return ValueError(why)

@@ -1,4 +1,4 @@
-"""The core's host-free forward pass (lib_rebasin.forward) equals diffusers' UNet2DConditionModel and
+"""The core's host-free forward pass (lib_rebasin.sd1.forward) equals diffusers' UNet2DConditionModel and
 transformers' CLIPTextModel (tests/reference.py, loaded through diffusers' own LDM converters), and reports every
 activation site activation matching reads."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_rebasin import activation_matching as am
-from lib_rebasin import forward
-from lib_rebasin.arch import MINI
-from lib_rebasin.spec import TE, UNET, build_spec
-from lib_rebasin.synthetic import synthetic_tensor
+from lib_rebasin.align import activation_matching as am
+from lib_rebasin.sd1 import forward
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.sd1.spec import TE, UNET, build_spec
+from lib_rebasin.sd1.synthetic import synthetic_tensor
 
 from reference import Reference, make_inputs, rel_max_error
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from model_cache import cached_checkpoint
 
-import lib_rebasin.recipe as recipe_mod
-from lib_rebasin.checkpoint import DTYPE_NAMES, open_checkpoint
+import lib_rebasin.recipe.run as recipe_mod
+from lib_rebasin.io.checkpoint import DTYPE_NAMES, open_checkpoint
 from lib_rebasin.errors import Cancelled, CheckpointReadError
-from lib_rebasin.merge import MergeOptions, ProgressEvent, merge_checkpoints
-from lib_rebasin.recipe import parse_recipe, resolve_models
+from lib_rebasin.merge.run import MergeOptions, ProgressEvent, merge_checkpoints
+from lib_rebasin.recipe.run import parse_recipe, resolve_models
 
 HOLES = 32 * 10**9
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.checkpoint import check_output_path, open_checkpoint
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.io.checkpoint import check_output_path, open_checkpoint
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 PAUSED = Path(__file__).resolve().parent / "paused_cli.py"
@@ -195,7 +195,7 @@ alpha = 0.5
 
 
 def test_a_recipe_merges_and_records_one_version_of_an_input_replaced_midway(inputs: dict[str, Path]) -> None:
-    from lib_rebasin.recipe import parse_recipe, run_recipe
+    from lib_rebasin.recipe.run import parse_recipe, run_recipe
 
     folder = inputs["a"].parent
     (folder / "r.toml").write_text(TWO_STEPS)
@@ -224,7 +224,7 @@ def _python(code: str, *args: str, **kw: object) -> subprocess.Popen[str]:
 _MAKE_TEMP = """
 import sys
 from pathlib import Path
-from lib_rebasin.tempfiles import temp_name
+from lib_rebasin.io.tempfiles import temp_name
 folder = Path(sys.argv[1])
 (folder / temp_name(folder / "x.safetensors")).write_bytes(b"partial")
 print("made", flush=True)
@@ -272,7 +272,7 @@ def test_overwrite_replaces_the_file_and_leaves_nothing_else(inputs: dict[str, P
 
 def test_named_fallback_writes_and_overwrites_leaving_only_the_output(inputs: dict[str, Path],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from lib_rebasin import tempfiles
+    from lib_rebasin.io import tempfiles
 
     monkeypatch.setattr(tempfiles, "USE_UNNAMED", False)  # what a filesystem without O_TMPFILE gets
     out = inputs["out"] / "o.safetensors"
@@ -285,7 +285,7 @@ def test_named_fallback_writes_and_overwrites_leaving_only_the_output(inputs: di
 
 
 def test_temp_names_stay_within_the_advertised_extra_length(tmp_path: Path) -> None:
-    from lib_rebasin.tempfiles import TEMP_NAME_EXTRA, temp_name
+    from lib_rebasin.io.tempfiles import TEMP_NAME_EXTRA, temp_name
 
     final = tmp_path / "x.safetensors"
     name = temp_name(final)

@@ -19,12 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import PRECISIONS
-from lib_rebasin.legacy import (SPECIAL_KEYS, alpha_schedule, legacy_action, legacy_special_tensors,
-                                legacy_weighted_sum)
-from lib_rebasin.spec import build_spec
-from lib_rebasin.synthetic import synthetic_tensor
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import PRECISIONS
+from lib_rebasin.merge.legacy import (
+    SPECIAL_KEYS, alpha_schedule, legacy_action, legacy_special_tensors, legacy_weighted_sum,
+)
+from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.sd1.synthetic import synthetic_tensor
 
 REF = json.loads((Path(__file__).parent / "data" / "legacy_reference.json").read_text())
 ALL = os.environ.get("LIB_REBASIN_LEGACY_ALL") == "1"
@@ -140,7 +141,7 @@ def test_reference_facts_about_the_tool_output() -> None:
 
 
 def test_groups_solved_on_parallel_threads_give_the_serial_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lib_rebasin.legacy as legacy
+    import lib_rebasin.merge.legacy as legacy
 
     case = next(c for c in REF["cases"] if c["iterations"] == 10 and c["torch_threads"] == 2)
     args = (_getter(case["a"]), _getter(case["b"]), case["alpha"], case["iterations"])

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.assignment import row_argmax_certificate, solve
-from lib_rebasin.checkpoint import open_checkpoint
-from lib_rebasin.matching import weight_matching
-from lib_rebasin.permute import inverse, is_identity, is_legal, permute_tensor, random_legal_perm
-from lib_rebasin.spec import Structure, build_spec
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.align.assignment import row_argmax_certificate, solve
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.align.weight_matching import weight_matching
+from lib_rebasin.align.permute import inverse, is_identity, is_legal, permute_tensor, random_legal_perm
+from lib_rebasin.sd1.spec import Structure, build_spec
 
 
 @pytest.mark.parametrize("structure", [
@@ -95,7 +95,7 @@ def test_bf16_screen_on_attention_groups(models: dict[str, Path]) -> None:
     """The screened estimate bounds the exact matrix inside both halves of an attention group, leaves the
     cross-half entries -inf (no legal permutation uses them), and certifies the same-base identity; with the screen
     forced on, matching a head-shuffled model gives the same permutations as without it."""
-    from lib_rebasin.matching import certified_argmax, cost_matrix, screened_cost_matrix
+    from lib_rebasin.align.weight_matching import certified_argmax, cost_matrix, screened_cost_matrix
 
     spec = build_spec(MINI)
     a, fine = _state(models["a"]), _state(models["finetune"])

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
-from lib_rebasin.matching import weight_matching
-from lib_rebasin.merge import MergeOptions, merge_checkpoints, telescoping_schedule
-from lib_rebasin.permute import is_legal, permute_tensor, random_perms
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.weight_matching import weight_matching
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints, telescoping_schedule
+from lib_rebasin.align.permute import is_legal, permute_tensor, random_perms
+from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
 
@@ -167,13 +167,13 @@ def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
 
 
 def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
-    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.io.checkpoint import save_state_dict
 
     pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     states = []
     for seed in (1, 2):
-        from lib_rebasin.spec import build_spec
-        from lib_rebasin.synthetic import synthetic_tensor
+        from lib_rebasin.sd1.spec import build_spec
+        from lib_rebasin.sd1.synthetic import synthetic_tensor
 
         spec = build_spec(MINI)
         sd = {k: synthetic_tensor(k, s, seed, None, 0.0, 1000) for k, s in spec.shapes.items()}
@@ -224,7 +224,7 @@ def test_cancel_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_metadata_is_in_the_webui_shape(models: dict[str, Path], tmp_path: Path) -> None:
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions())
     with open_checkpoint(res.output) as ck:
@@ -257,7 +257,7 @@ def test_cli_merge_inspect_and_errors(models: dict[str, Path], tmp_path: Path, c
 
 
 def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(models: dict[str, Path], tmp_path: Path) -> None:
-    from lib_rebasin.legacy import SPECIAL_KEYS, legacy_special_tensors
+    from lib_rebasin.merge.legacy import SPECIAL_KEYS, legacy_special_tensors
 
     res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
                             MergeOptions(method="legacy", alpha=0.3, iterations=20, **FP32))

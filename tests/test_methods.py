@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.methods import (METHODS, add_difference, dare, dare_drop, dare_ties, key_generator, ties,
                                  train_difference, trim_top)
-from lib_rebasin.permute import permute_tensor, random_perms
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.permute import permute_tensor, random_perms
+from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
 UNET_KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.progress import ProgressEvent, Reporter
 
 

@@ -13,11 +13,15 @@ from typing import Any, Callable
 
 import pytest
 
-from lib_rebasin import demo, inspect, legacy, recipe, synthetic
-from lib_rebasin.blend import telescoping_schedule
-from lib_rebasin.blocks import parse_blocks
+from lib_rebasin import demo
+from lib_rebasin.io import describe as inspect
+from lib_rebasin.merge import legacy
+from lib_rebasin.recipe import run as recipe
+from lib_rebasin.sd1 import synthetic
+from lib_rebasin.merge.blend import telescoping_schedule
+from lib_rebasin.merge.block_weights import parse_blocks
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge import MergeOptions, Reporter, merge_checkpoints, merge_in_memory, preflight
+from lib_rebasin.merge.run import MergeOptions, Reporter, merge_checkpoints, merge_in_memory, preflight
 
 WS = MergeOptions(method="weighted_sum")
 STEP = '[models]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\na = "a"\nb = "b"\nmethod = "weighted_sum"\n'

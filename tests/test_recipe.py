@@ -10,11 +10,11 @@ import pytest
 import torch
 from model_cache import place
 
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
-from lib_rebasin.recipe import RecipeError, load_recipe, parse_recipe, recipe_from_checkpoint, run_recipe
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.recipe.run import RecipeError, load_recipe, parse_recipe, recipe_from_checkpoint, run_recipe
 
 CHAIN = """
 [recipe]
@@ -177,7 +177,7 @@ alpha = 0.5
 def _vae_file(models: dict[str, Path], where: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.io.checkpoint import save_state_dict
 
     donor = load_file(str(models["independent"]))
     vae = {k[len("first_stage_model."):]: v for k, v in donor.items() if k.startswith("first_stage_model.")}
@@ -236,7 +236,7 @@ def test_recipe_bake_vae_errors_name_the_line_and_write_nothing(models: dict[str
     # a "VAE" that is not one (a UNet-only file): refused before any work, no output
     from safetensors.torch import load_file
 
-    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.io.checkpoint import save_state_dict
 
     donor = load_file(str(models["independent"]))
     save_state_dict(folder / "donor.vae.safetensors",
@@ -317,8 +317,8 @@ def test_repair_is_a_recipe_key_written_back_with_its_prompts() -> None:
 
 @pytest.mark.parametrize("change, message", [
     (("repair = true", "repair = 1"), "repair must be true or false, got 1"),
-    (('"weighted_sum"', '"add_difference"\nc = "a"'), "Add difference is not one (use it with weighted_sum or "
-                                                      "rebasin)"),
+    (('"weighted_sum"', '"add_difference"\nc = "a"'), "Add difference is not one (use it with rebasin or "
+                                                      "weighted_sum)"),
     (('parts = ["unet"]', 'parts = ["te", "vae"]'), "REPAIR corrects UNet layers; parts must include unet"),
 ])
 def test_repair_errors_name_the_step_and_the_repair_line(change: tuple[str, str], message: str) -> None:

@@ -1,11 +1,11 @@
-"""lib_rebasin.repair: REPAIR's per-channel correction and its folding into a layer, on real torch layers."""
+"""lib_rebasin.align.repair: REPAIR's per-channel correction and its folding into a layer, on real torch layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lib_rebasin import repair
+from lib_rebasin.align import repair
 
 
 def _stats(x: torch.Tensor, batches: int = 1) -> repair.Stats:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin import repair
-from lib_rebasin.arch import MINI
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.align import repair
+from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.merge import MergeOptions, merge_checkpoints, merge_in_memory
-from lib_rebasin.spec import build_spec
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints, merge_in_memory
+from lib_rebasin.sd1.spec import build_spec
 
 REPAIR = MergeOptions(method="weighted_sum", repair=True, activation_samples=2, precision="fp32")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import safetensors
 
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import CheckpointReadError
 
 T = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import CheckpointReadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def legacy_claiming(path: Path, numel: int) -> Path:
 
 CHILD = """
 import json, resource, sys, time
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import RebasinError
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.block_presets import PRESETS
-from lib_rebasin.checkpoint import open_checkpoint
+from lib_rebasin.merge.block_presets import PRESETS
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.ui import blocks_ui as bui
 
 from gradio_events import fn_for
@@ -30,15 +30,17 @@ def test_block_handlers_and_curve() -> None:
     assert bad[:26] == (None,) * 26 and "need 26 values" in bad[26] and "rebasin-error" in bad[26]
     text, plot, name = bui.on_sliders(*PRESETS["OUT12"])
     assert name == "OUT12" and text == ",".join(["0"] * 14 + ["1"] * 12)
-    vis = bui.param_visibility("ties")
+    from lib_rebasin.ui.tab.controls import param_visibility
+
+    vis = param_visibility("ties")
     assert [v["visible"] for v in vis] == [True, True, False, False, True]  # density, scale, dare_p, seed, align
-    assert [v["visible"] for v in bui.param_visibility("rebasin")] == [False] * 5
+    assert [v["visible"] for v in param_visibility("rebasin")] == [False] * 5
 
 
 def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
     from model_cache import cached_checkpoint
 
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.standalone import StandaloneHost
 
@@ -104,12 +106,16 @@ def test_tab_merges_with_a_preset_and_method_params(folder):
     assert "<svg" in filled[27]["value"] and filled[28]["value"] is True
     # the output field suggests a name from models, method and preset
     suggest = _fn_for(ui.blocks, ui["model_a"], "change")
-    assert "one_two_ties_0.50_WRAP08" in suggest("one.safetensors", "two.safetensors", "TIES", 0.5, True,
-                                                 "WRAP08")["placeholder"]
+    assert "one_two_ties_0.50_WRAP08" in suggest(ui.values(model_a="one.safetensors", model_b="two.safetensors",
+                                                           method="TIES", alpha=0.5, blocks_on=True,
+                                                           blocks_preset="WRAP08"))["placeholder"]
     run = _fn_for(ui.blocks, ui["merge"])
-    frames = list(run("task(b1)", "one.safetensors", "two.safetensors", "base.safetensors", "TIES", 0.5, 1,
-                      ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "", False, 1.0, True, "WRAP08",
-                      0.5, 0.8, 0.9, 0, False))
+    frames = list(run(ui.values(task_id="task(b1)", model_a="one.safetensors", model_b="two.safetensors",
+                                model_c="base.safetensors", method="TIES", alpha=0.5, iterations=1,
+                                parts=["UNet", "Text encoder", "VAE"], device="cpu", precision="fp16",
+                                output_name="", overwrite=False, tolerance=1.0, blocks_on=True, blocks_text="WRAP08",
+                                param_ties_density=0.5, param_ties_scale=0.8, param_dare_p=0.9, param_seed=0,
+                                align=False)))
     last = frames[-1]
     assert last[0] == "" and "rebasin-done" in last[1] and "<svg" in last[1] and "WRAP08" in last[1], last[:3]
     assert "Block weights" in last[2]
@@ -119,8 +125,9 @@ def test_tab_merges_with_a_preset_and_method_params(folder):
     assert recipe["blocks"] == list(PRESETS["WRAP08"]) and recipe["blocks_preset"] == "WRAP08"
     assert recipe["ties_density"] == 0.5 and recipe["ties_scale"] == 0.8
     # a bad block string is refused before anything runs, in one line
-    frames = list(run("task(b2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["UNet"], "cpu", "fp16", "bad_blocks", False, 1.0, True, "1,2,3", 0.2, 1.0, 0.9, 0, False))
+    frames = list(run(ui.values(task_id="task(b2)", model_a="one.safetensors", model_b="two.safetensors",
+                                model_c=None, method="Weighted sum", parts=["UNet"], device="cpu", precision="fp16",
+                                output_name="bad_blocks", blocks_on=True, blocks_text="1,2,3")))
     assert len(frames) == 1 and "Block weights need 26 values" in frames[0][0]
     assert not (folder / "bad_blocks.safetensors").exists()
 
@@ -138,8 +145,9 @@ def test_tab_records_the_preset_chosen_in_the_dropdown(folder):
     text = _fn_for(ui.blocks, ui["blocks_preset"], "change")("GRAD_V", "")[0]["value"]
     assert text[0].isdigit()  # the values, not the name, are what the merge button reads
     run = _fn_for(ui.blocks, ui["merge"])
-    frames = list(run("task(p1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["Text encoder"], "cpu", "fp32", "preset_named", False, 1.0, True, text))
+    frames = list(run(ui.values(task_id="task(p1)", model_a="one.safetensors", model_b="two.safetensors",
+                                method="Weighted sum", parts=["Text encoder"], device="cpu", precision="fp32",
+                                output_name="preset_named", blocks_on=True, blocks_text=text)))
     last = frames[-1]
     assert last[0] == "" and "rebasin-done" in last[1], last[:3]
     recipe = json.loads(_meta(folder / "preset_named.safetensors")["lib_rebasin"])["recipe"]
@@ -199,7 +207,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
 
 def _donor_vae(folder):
     """base.safetensors' VAE saved as a standalone VAE file in the folder's VAE/ (the host's VAE list)."""
-    from lib_rebasin.checkpoint import save_state_dict
+    from lib_rebasin.io.checkpoint import save_state_dict
 
     with open_checkpoint(folder / "base.safetensors") as ck:
         donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
@@ -224,18 +232,18 @@ def test_tab_bakes_a_vae_from_the_vae_folder(folder):
     assert "donor.safetensors" in ui["bake_vae"].choices or ("donor.safetensors", "donor.safetensors") in \
         ui["bake_vae"].choices
     run = _fn_for(ui.blocks, ui["merge"])
-    frames = list(run("task(v1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["UNet", "Text encoder", "VAE"], "cpu", "fp32", "baked", False, 1.0, False, "",
-                      0.2, 1.0, 0.9, 0, False, "donor.safetensors"))
+    merge = dict(model_a="one.safetensors", model_b="two.safetensors", method="Weighted sum", device="cpu",
+                 precision="fp32", blocks_on=False)
+    frames = list(run(ui.values(task_id="task(v1)", **merge, parts=["UNet", "Text encoder", "VAE"],
+                                output_name="baked", bake_vae="donor.safetensors")))
     last = frames[-1]
     assert "rebasin-done" in last[1] and "VAE baked in from donor.safetensors" in last[2], last[:3]
     with open_checkpoint(folder / "baked.safetensors") as ck:
         assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
         assert json.loads(ck.metadata["sd_merge_recipe"])["bake_in_vae"] == "donor.safetensors"
     # a file that is no VAE is refused before anything runs
-    frames = list(run("task(v2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["UNet"], "cpu", "fp16", "baked2", False, 1.0, False, "", 0.2, 1.0, 0.9, 0, False,
-                      "nowhere.safetensors"))
+    frames = list(run(ui.values(task_id="task(v2)", **{**merge, "precision": "fp16"}, parts=["UNet"],
+                                output_name="baked2", bake_vae="nowhere.safetensors")))
     assert len(frames) == 1 and "neither in the VAE list nor a checkpoint" in frames[0][0]
 
 
@@ -243,7 +251,7 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     pytest.importorskip("gradio")
     import torch
 
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
@@ -261,12 +269,16 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     # picked before any step: kept through adding the step
     text, overview, err = bake("", "donor.safetensors")
     assert err == "" and parse_recipe(text + '[[step]]\na = "donor"\nb = "donor"\n').bake_vae == "donor"
-    out = add(text, "vae chain", "fp32", "cpu", 0, None, ui["recipe_method"].value, "one.safetensors",
-              "two.safetensors", None, 0.5, 1, ["UNet", "Text encoder", "VAE"], "")
+    out = add(ui.values(recipe_text=text, recipe_name="vae chain", recipe_precision="fp32", recipe_device="cpu",
+                        recipe_seed=0, recipe_step=None, recipe_a="one.safetensors", recipe_b="two.safetensors",
+                        recipe_c=None, recipe_alpha=0.5, recipe_iterations=1,
+                        recipe_parts=["UNet", "Text encoder", "VAE"], recipe_step_name=""))
     text = out[0]
     assert out[2] == "" and parse_recipe(text).bake_vae == "donor" and "baked in" in out[1]
     run = _fn_for(ui.blocks, ui["recipe_run"])
-    frames = list(run("task(rv)", text, "vae chain", "fp32", "cpu", 0, "", False, None, None, None, None))
+    frames = list(run(ui.values(task_id="task(rv)", recipe_text=text, recipe_name="vae chain",
+                                recipe_precision="fp32", recipe_device="cpu", recipe_seed=0, recipe_output_name="",
+                                recipe_overwrite=False)))
     assert "rebasin-done" in frames[-1][1], frames[-1][:3]
     with open_checkpoint(folder / "vae_chain.safetensors") as ck:
         assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
@@ -289,18 +301,19 @@ def test_tab_merges_with_activation_matching(folder):
     ids = {c.get("props", {}).get("elem_id") for c in ui.blocks.get_config_file()["components"]}
     assert {"rebasin_matching", "rebasin_activation_samples"} <= ids
     run = _fn_for(ui.blocks, ui["merge"])
-    frames = list(run("task(m1)", "one.safetensors", "two.safetensors", None, "rebasin", 0.5, 1,
-                      ["Text encoder"], "cpu", "fp32", "by_activations", False, 1.0, False, "",
-                      0.2, 1.0, 0.9, 3, False, "None", "activations", 2))
+    merge = dict(model_a="one.safetensors", model_b="two.safetensors", parts=["Text encoder"], device="cpu",
+                 precision="fp32", tolerance=1.0, blocks_on=False, align=False, bake_vae="None",
+                 matching="activations", activation_samples=2)
+    frames = list(run(ui.values(task_id="task(m1)", **merge, method="rebasin", output_name="by_activations",
+                                param_seed=3)))
     last = frames[-1]
     assert "rebasin-done" in last[1] and "Activation matching: " in last[2], last[:3]
     recipe = json.loads(_meta(folder / "by_activations.safetensors")["lib_rebasin"])["recipe"]
     assert (recipe["matching"], recipe["activation_samples"], recipe["seed"]) == ("activations", 2, 3)
     # activation matching chooses how re-basin aligns: hidden for a method that does not align, and the value it
     # kept from before is not used (the merge is not refused for a control the user cannot see)
-    frames = list(run("task(m2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["Text encoder"], "cpu", "fp32", "hidden_matching", False, 1.0, False, "",
-                      0.2, 1.0, 0.9, 0, False, "None", "activations", 2))
+    frames = list(run(ui.values(task_id="task(m2)", **merge, method="Weighted sum", output_name="hidden_matching",
+                                param_seed=0)))
     assert frames[-1][0] == "" and "rebasin-done" in frames[-1][1], frames[-1][:3]
     recipe = json.loads(_meta(folder / "hidden_matching.safetensors")["lib_rebasin"])["recipe"]
     assert recipe.get("matching", "weights") == "weights"
@@ -318,16 +331,15 @@ def test_tab_merges_with_repair(folder):
     box = next(c for c in components if c.get("props", {}).get("elem_id") == "rebasin_repair")
     assert box["props"]["label"].startswith("REPAIR: restore the parents' activation statistics after blending")
     run = _fn_for(ui.blocks, ui["merge"])
-    frames = list(run("task(r1)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["UNet"], "cpu", "fp32", "repaired", False, 1.0, False, "",
-                      0.2, 1.0, 0.9, 3, False, "None", "weights", 1, True))
+    merge = dict(model_a="one.safetensors", model_b="two.safetensors", method="Weighted sum", device="cpu",
+                 precision="fp32", blocks_on=False, matching="weights", activation_samples=1, repair=True)
+    frames = list(run(ui.values(task_id="task(r1)", **merge, parts=["UNet"], output_name="repaired",
+                                param_seed=3)))
     assert "rebasin-done" in frames[-1][1], frames[-1][:3]
     recipe = json.loads(_meta(folder / "repaired.safetensors")["lib_rebasin"])["recipe"]
     assert (recipe["repair"], recipe["activation_samples"], recipe["seed"]) == (True, 1, 3)
     # REPAIR without the UNet: refused before anything runs, no file
-    frames = list(run("task(r2)", "one.safetensors", "two.safetensors", None, "Weighted sum", 0.5, 1,
-                      ["Text encoder"], "cpu", "fp32", "refused", False, 1.0, False, "",
-                      0.2, 1.0, 0.9, 0, False, "None", "weights", 1, True))
+    frames = list(run(ui.values(task_id="task(r2)", **merge, parts=["Text encoder"], output_name="refused")))
     assert len(frames) == 1 and "parts must include unet" in frames[0][0], frames[0][0]
     assert not (folder / "refused.safetensors").exists()
 
@@ -356,16 +368,18 @@ def test_matching_and_repair_show_only_where_they_apply(folder):
     assert all(d["outputs"] == [ui["matching"]._id, ui["activation_samples"]._id, ui["repair"]._id] for d in deps)
     for key, info in METHODS.items():
         for align in (False, True):
-            matching, prompts, repair = on(info.label, align, "activations", False)
+            matching, prompts, repair = on(ui.values(method=info.label, align=align, matching="activations",
+                                                     repair=False))
             aligned = MergeOptions(method=key, align=align and key not in ("rebasin", "legacy")).aligned
             assert matching["visible"] is aligned and prompts["visible"] is aligned, (key, align)
             assert repair["visible"] is (key in REPAIRABLE), key
-    assert on(default, False, "weights", True)[1]["visible"] is True  # REPAIR uses the prompts too
-    assert on("Add difference", False, "weights", True)[2]["visible"] is False
+    assert on(ui.values(method=default, align=False, matching="weights", repair=True))[1]["visible"] is True
+    assert on(ui.values(method="Add difference", align=False, matching="weights", repair=True))[2]["visible"] is False
     run = _fn_for(ui.blocks, ui["merge"])
-    frames = list(run("task(r3)", "one.safetensors", "two.safetensors", "base.safetensors", "Add difference", 0.5,
-                      1, ["UNet"], "cpu", "fp32", "hidden_repair", False, 1.0, False, "",
-                      0.2, 1.0, 0.9, 0, False, "None", "weights", 1, True))
+    frames = list(run(ui.values(task_id="task(r3)", model_a="one.safetensors", model_b="two.safetensors",
+                                model_c="base.safetensors", method="Add difference", parts=["UNet"], device="cpu",
+                                precision="fp32", output_name="hidden_repair", blocks_on=False, matching="weights",
+                                activation_samples=1, repair=True)))
     assert frames[-1][0] == "" and "rebasin-done" in frames[-1][1], frames[-1][:3]
     assert "repair" not in json.loads(_meta(folder / "hidden_repair.safetensors")["lib_rebasin"])["recipe"]
     (folder / "hidden_repair.safetensors").unlink()

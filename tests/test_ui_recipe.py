@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.recipe import RecipeError, parse_recipe
+from lib_rebasin.recipe.run import RecipeError, parse_recipe
 from lib_rebasin.ui import recipe_builder as rb
 from lib_rebasin.ui.service import MergeRequest, MergeService, RecipeRequest
 from lib_rebasin.ui.standalone import StandaloneHost
@@ -194,7 +194,7 @@ def test_recipe_validation_before_any_work(host):
     with pytest.raises(RebasinError, match="overwrite one of the recipe's models"):
         svc.prepare_recipe(RecipeRequest(text, output_name="one", overwrite=True))
     # a model pinned by hash only is found among the installed checkpoints
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     sha = file_sha256(host.output_dir() / "three.safetensors")
     p = svc.prepare_recipe(RecipeRequest(text.replace('{ file = "three.safetensors" }', f'{{ sha256 = "{sha[:10]}" }}')))
@@ -254,7 +254,7 @@ def test_a_recipe_bakes_a_vae_from_the_hosts_vae_folder(folder):
     it before any work, bakes it in, and the recipe keeps it through the builder's edits."""
     import torch
 
-    from lib_rebasin.checkpoint import open_checkpoint, save_state_dict
+    from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
 
     with open_checkpoint(folder / "three.safetensors") as ck:
         donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
@@ -290,7 +290,7 @@ def test_a_recipe_bakes_a_vae_from_the_hosts_vae_folder(folder):
 def test_tab_recipe_search_by_hash_never_hashes_a_listed_file_that_is_no_checkpoint(host, folder, monkeypatch):
     """The tab's lookup of a model pinned by sha256 reads headers first, as the core's does: a listed file of
     holes (a sparse 32 GB `.safetensors` that is no checkpoint) is never read whole."""
-    import lib_rebasin.checkpoint as ck
+    import lib_rebasin.io.checkpoint as ck
 
     junk = folder / "0_holes.safetensors"  # sorts first: searched first
     with open(junk, "wb") as f:

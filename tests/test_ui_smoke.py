@@ -54,7 +54,7 @@ _fn_for = fn_for
 def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     from model_cache import cached_checkpoint
 
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
@@ -66,18 +66,23 @@ def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     method = ui["recipe_method"].value
     parts = ["Text encoder", "VAE"]
     add = _fn_for(ui.blocks, ui["recipe_add"])
-    settings = ["", "tab chain", "fp16", "cpu", 0]
-    out = add(*settings, None, method, "one.safetensors", "two.safetensors", None, 0.3, 2, parts, "")
+    settings = dict(recipe_name="tab chain", recipe_precision="fp16", recipe_device="cpu", recipe_seed=0)
+    out = add(ui.values(recipe_text="", **settings, recipe_step=None, recipe_method=method, recipe_a="one.safetensors",
+                        recipe_b="two.safetensors", recipe_c=None, recipe_alpha=0.3, recipe_iterations=2,
+                        recipe_parts=parts, recipe_step_name=""))
     text, overview, err, step_sel = out[:4]
     assert err == "" and "step1" in overview and step_sel["value"] == "1. step1"
     assert "[step] step1" in out[4]["choices"]
-    out = add(text, "tab chain", "fp16", "cpu", 0, None, method, "[step] step1", "three.safetensors", None, 0.5, 1,
-              parts, "")
+    out = add(ui.values(recipe_text=text, **settings, recipe_step=None, recipe_method=method,
+                        recipe_a="[step] step1", recipe_b="three.safetensors", recipe_c=None, recipe_alpha=0.5,
+                        recipe_iterations=1, recipe_parts=parts, recipe_step_name=""))
     text = out[0]
     assert [s.name for s in parse_recipe(text).steps] == ["step1", "step2"]
     # moving step2 above step1 is refused with the core's message, text unchanged
     up = _fn_for(ui.blocks, ui["recipe_up"])
-    out = up(text, "tab chain", "fp16", "cpu", 0, "2. step2", method, None, None, None, 0.5, 1, parts, "")
+    out = up(ui.values(recipe_text=text, **settings, recipe_step="2. step2", recipe_method=method, recipe_a=None,
+                       recipe_b=None, recipe_c=None, recipe_alpha=0.5, recipe_iterations=1, recipe_parts=parts,
+                       recipe_step_name=""))
     assert "later step" in out[2] and isinstance(out[0], dict)
     # apply text: a bad reference names its line
     apply = _fn_for(ui.blocks, ui["recipe_apply"])
@@ -88,7 +93,10 @@ def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     assert sel[1]["value"] == "[step] step1" and sel[2]["value"] == "three.safetensors"
     # run the whole chain with the shared progress / result / load outputs
     run = _fn_for(ui.blocks, ui["recipe_run"])
-    frames = list(run("task(r1)", text, "tab chain", "fp16", "cpu", 0, "", False, None, None, None, None))
+    run_values = dict(recipe_name="tab chain", recipe_precision="fp16", recipe_device="cpu", recipe_seed=0,
+                      recipe_output_name="", recipe_overwrite=False, model_a=None, model_b=None, model_c=None,
+                      recipe_meta_model=None)
+    frames = list(run(ui.values(task_id="task(r1)", recipe_text=text, **run_values)))
     last = frames[-1]
     assert last[0] == "" and "rebasin-done" in last[1] and "Step step2" in last[2], last[:3]
     assert last[3].endswith("tab_chain.safetensors") and last[4]["interactive"] is True
@@ -99,7 +107,7 @@ def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     nometa = _fn_for(ui.blocks, ui["recipe_meta_load"])("one.safetensors")
     assert "not made by lib_rebasin" in nometa[2]
     # a second run into the same name is refused before any work
-    frames = list(run("task(r2)", text, "tab chain", "fp16", "cpu", 0, "", False, None, None, None, None))
+    frames = list(run(ui.values(task_id="task(r2)", recipe_text=text, **run_values)))
     assert len(frames) == 1 and "already exists" in frames[0][0]
 
 
@@ -181,30 +189,32 @@ def _builder(tmp_path):
 def test_second_add_step_gets_a_new_name(tmp_path):
     """The events as the page runs them: Add, then the step selector's change fills the form (name "step1"),
     then Add again with that form: a second step "step2", not a refusal."""
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
 
     _host, _service, ui = _builder(tmp_path)
     add = _fn_for(ui.blocks, ui["recipe_add"])
     select = _fn_for(ui.blocks, ui["recipe_step"], "change")
     method, parts = ui["recipe_method"].value, ["Text encoder", "VAE"]
-    out = add("", "chain", "fp16", "cpu", 0, None, method, "one.safetensors", "two.safetensors", None, 0.3, 1,
-              parts, "")
+    settings = dict(recipe_name="chain", recipe_precision="fp16", recipe_device="cpu", recipe_seed=0,
+                    recipe_method=method, recipe_c=None, recipe_iterations=1, recipe_parts=parts)
+    out = add(ui.values(recipe_text="", **settings, recipe_step=None, recipe_a="one.safetensors",
+                        recipe_b="two.safetensors", recipe_alpha=0.3, recipe_step_name=""))
     text, selected = out[0], out[3]["value"]
     form = select(text, selected)
     name = form[7]
     assert name == "step1"
-    out = add(text, "chain", "fp16", "cpu", 0, selected, method, "[step] step1", "three.safetensors", None, 0.5, 1,
-              parts, name)
+    out = add(ui.values(recipe_text=text, **settings, recipe_step=selected, recipe_a="[step] step1",
+                        recipe_b="three.safetensors", recipe_alpha=0.5, recipe_step_name=name))
     assert out[2] == "", out[2]
     assert [s.name for s in parse_recipe(out[0]).steps] == ["step1", "step2"]
     # a name the user typed that another step already has is still refused
-    out2 = add(out[0], "chain", "fp16", "cpu", 0, out[3]["value"], method, "one.safetensors", "three.safetensors",
-               None, 0.5, 1, parts, "step1")
+    out2 = add(ui.values(recipe_text=out[0], **settings, recipe_step=out[3]["value"], recipe_a="one.safetensors",
+                         recipe_b="three.safetensors", recipe_alpha=0.5, recipe_step_name="step1"))
     assert "already used" in out2[2]
 
 
 def test_iterations_and_tolerance_show_only_for_methods_that_use_them(tmp_path):
-    from lib_rebasin.merge import METHODS
+    from lib_rebasin.methods import METHODS
 
     _host, _service, ui = _builder(tmp_path)
     on_method = _fn_for(ui.blocks, ui["method"], "change")
@@ -250,19 +260,19 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
 
 
 def test_stop_once_the_output_is_committed_says_it_is_too_late(tmp_path, monkeypatch):
-    from lib_rebasin import checkpoint
+    from lib_rebasin.io import output_file
     from lib_rebasin.ui.service import MergeRequest
 
     host, service, ui = _builder(tmp_path)
     stop = _fn_for(ui.blocks, ui["stop"])
     said = []
-    real = checkpoint.place_output
+    real = output_file.place_output
 
     def place(*args, **kwargs):  # Stop pressed right after the output got its final name
         real(*args, **kwargs)
         said.append(stop())
 
-    monkeypatch.setattr(checkpoint, "place_output", place)
+    monkeypatch.setattr(output_file, "place_output", place)
     job = service.submit(MergeRequest("one.safetensors", "two.safetensors", method="weighted_sum",
                                       parts=("te", "vae"), output_name="late"))
     assert job.wait(60) and job.status == "done" and (tmp_path / "late.safetensors").is_file()
@@ -277,6 +287,53 @@ def test_one_eta_where_the_host_draws_its_own_bar():
 
 
 def test_recipe_step_buttons_never_wrap():
-    from lib_rebasin.ui.tab import TAB_CSS
+    from lib_rebasin.ui.tab import tab_css
 
-    assert "#rebasin_recipe_step_buttons button { white-space: nowrap;" in TAB_CSS
+    assert "#rebasin_recipe_step_buttons button { white-space: nowrap;" in tab_css()
+
+
+@pytest.mark.parametrize("button", ["merge", "recipe_run"])
+def test_start_hook_writes_the_task_id_into_the_task_id_input(tmp_path, button):
+    """Merge and Run recipe read their inputs by name (gradio passes a set of inputs as one dict, ordered by
+    component id); javascript/rebasin.js must put the WebUI task id at task_id's place among the values it gets."""
+    import re
+
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    host = StandaloneHost(tmp_path, devices=["cpu"])  # no checkpoints needed to build the tab
+    ui = build_tab(host, MergeService(host))
+    deps = [d for d in ui.blocks.get_config_file()["dependencies"]
+            if ui[button]._id in [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]]]
+    assert len(deps) == 1
+    js = deps[0].get("js") or deps[0].get("_js")
+    position = int(re.search(r"rebasin_start_merge\((\d+), args\)", js).group(1))
+    assert deps[0]["inputs"][position] == ui["task_id"]._id
+
+
+def test_advanced_options_come_from_the_option_table(tmp_path):
+    """The table's advanced options that the form does not place itself get a control each (max_sweeps,
+    allow_nonfinite), starting at the option's default and shown for the methods the option applies to."""
+    from lib_rebasin.methods import METHODS
+    from lib_rebasin.options import OPTIONS
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+    from lib_rebasin.ui.tab.controls import ADVANCED
+
+    assert {"max_sweeps", "allow_nonfinite"} <= set(ADVANCED)
+    host = StandaloneHost(tmp_path, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    config = ui.blocks.get_config_file()
+    props = {c["props"].get("elem_id"): c["props"] for c in config["components"]}
+    for name in ADVANCED:
+        assert props[f"rebasin_{name}"]["value"] == OPTIONS[name].default, name
+    on_method = _fn_for(ui.blocks, ui["method"], "change")
+    dep = next(d for d in config["dependencies"] if ui["method"]._id in
+               [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]] and
+               ui["max_sweeps"]._id in d["outputs"])
+    for key, info in METHODS.items():
+        shown = dict(zip(dep["outputs"], on_method(info.label)))
+        for name in ADVANCED:
+            assert shown[ui[name]._id]["visible"] is OPTIONS[name].applies_to(info), (key, name)

@@ -300,7 +300,8 @@ def test_refused_merge_in_the_tab_shows_the_reason_and_clears_the_progress_task(
     ui = webui.TAB
     fn, dep = _fn_for(ui.blocks, ui["merge"])
     assert dep.get("js") or dep.get("_js") or dep.get("frontend_fn")  # the requestProgress hook is attached
-    frames = list(fn("task(abc)", "alpha.safetensors", "alpha.safetensors", None, ui["method"].value, 0.5, 1, ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "x", False))
+    frames = list(fn(ui.values(task_id="task(abc)", model_a="alpha.safetensors", model_b="alpha.safetensors",
+                               device="cpu", precision="fp16", output_name="x")))
     assert len(frames) == 1
     assert "same file" in frames[0][0] and "rebasin-error" in frames[0][0]
     assert ("progress.finish_task", "task(abc)") in _calls("progress.finish_task")
@@ -314,8 +315,8 @@ def test_merge_save_refresh_load(webui, tmp_path):
     tabs, _comps, dd, demo = _build_ui(webui, with_txt2img=False)
     ui = webui.TAB
     fn, _dep = _fn_for(ui.blocks, ui["merge"])
-    frames = list(fn("task(m1)", "alpha.safetensors", "beta.safetensors", None, ui["method"].value, 0.5, 1,
-                     ["UNet", "Text encoder", "VAE"], "cpu", "fp16", "merged_one", False))
+    frames = list(fn(ui.values(task_id="task(m1)", model_a="alpha.safetensors", model_b="beta.safetensors",
+                               device="cpu", precision="fp16", output_name="merged_one")))
     error, progress, result, result_path, load_btn, merge_btn, dd_a, _dd_b, _dd_c = frames[-1]
     assert error == ""
     out = tmp_path / "merged_one.safetensors"
@@ -324,7 +325,7 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert "merged_one.safetensors" in result
     assert load_btn.get("interactive") is True and merge_btn.get("interactive") is True
     # the host's hash cache got the inputs' and the output's sha256: titled "name [shorthash]" like the host's own
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     short = file_sha256(out)[:10]
     merged_title = f"merged_one.safetensors [{short}]"
@@ -436,8 +437,9 @@ def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path,
     _tabs, _comps, _dd, demo = _build_ui(webui, with_txt2img=False)
     ui = webui.TAB
     fn, _dep = _fn_for(ui.blocks, ui["merge"])
-    frames = list(fn("task(m1)", f"{inputs[0]}.safetensors", f"{inputs[1]}.safetensors", None,
-                     ui["method"].value, 0.5, 1, ["UNet", "Text encoder", "VAE"], "cpu", "fp16", merged, False))
+    frames = list(fn(ui.values(task_id="task(m1)", model_a=f"{inputs[0]}.safetensors",
+                               model_b=f"{inputs[1]}.safetensors", device="cpu", precision="fp16",
+                               output_name=merged)))
     assert frames[-1][0] == ""
     out = folder / f"{merged}.safetensors"
     assert out.is_file() and list(sd_models.checkpoints_list.values())[-1].filename == str(out)
@@ -665,7 +667,7 @@ def test_api_merge_progress_result_and_load(webui, tmp_path):
     r = client.post("/rebasin/v1/load", json={"job_id": job_id})
     assert r.status_code == 200 and r.json()["loaded"].startswith("via_api.safetensors [")
     listed = {c["name"]: c for c in client.get("/rebasin/v1/checkpoints").json()}
-    from lib_rebasin.checkpoint import file_sha256
+    from lib_rebasin.io.checkpoint import file_sha256
 
     assert listed["via_api.safetensors"]["sha256"] == file_sha256(j["output"])
 
@@ -690,10 +692,13 @@ def test_install_py_installs_only_what_is_missing(monkeypatch):
     _drop_standin_modules()
 
 
-def test_root_style_css_matches_the_standalone_copy():
-    from lib_rebasin.ui.tab import TAB_CSS
+def test_the_standalone_app_loads_the_root_style_css(tmp_path):
+    """One copy of the tab's CSS: the extension's root style.css, which the WebUI loads and the standalone app
+    passes to its Blocks."""
+    from lib_rebasin.ui.standalone import create_app
 
-    assert (ROOT / "style.css").read_text() == TAB_CSS
+    blocks, _service, _host = create_app(tmp_path, devices=["cpu"])
+    assert blocks.css == (ROOT / "style.css").read_text() and "#rebasin_error .rebasin-error" in blocks.css
 
 
 def test_extension_js_defines_only_prefixed_globals():
@@ -708,7 +713,7 @@ def test_extension_js_defines_only_prefixed_globals():
 def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tmp_path, models_dir):
     """A 2-step recipe from the tab's builder, run by the WebUI host: models found in the host's checkpoint
     lists (not the output folder), the host's queue and progress, then its lists rescanned."""
-    from lib_rebasin.recipe import parse_recipe
+    from lib_rebasin.recipe.run import parse_recipe
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.service import RecipeRequest
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from .evaluate import Model, eval_set, heldout_loss
 from .merging import merge
-from .methods import ACTIVATIONS, REBASIN, WEIGHTED_SUM, Method
+from .method_lines import ACTIVATIONS, REBASIN, WEIGHTED_SUM, Method
 
 LEVER = Method("activation matching (lever)", "weighted_sum", align="activations")
 

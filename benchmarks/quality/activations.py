@@ -1,5 +1,5 @@
 """The benchmark's activation-matching lever: collect unit activations of two models on the same noisy latents
-(several t, every class context), match them with `lib_rebasin.activation_matching`, and write B permuted by the
+(several t, every class context), match them with `lib_rebasin.align.activation_matching`, and write B permuted by the
 result (function-preserving: checked by the caller) so that it can be merged through the ordinary API.
 
 UNet sites see the noisy latents; text-encoder sites see the 11 class prompts (the encoder's whole input space).
@@ -11,10 +11,10 @@ from collections import defaultdict
 
 import torch
 
-from lib_rebasin import activation_matching as am
-from lib_rebasin.forward import channels_last
-from lib_rebasin.permute import Perms
-from lib_rebasin.spec import ArchSpec, build_spec
+from lib_rebasin.align import activation_matching as am
+from lib_rebasin.sd1.forward import channels_last
+from lib_rebasin.align.permute import Perms
+from lib_rebasin.sd1.spec import ArchSpec, build_spec
 
 from . import data, diffusion
 from .layout import NULL_CLASS, TE_PREFIX, UNET_PREFIX, class_tokens, load_unet, sd_config, \
@@ -95,6 +95,6 @@ def activation_perms(width: int, ldm_a: dict, ldm_b: dict, n_images: int = 64, b
 
 
 def permuted_copy(spec: ArchSpec, ldm: dict, perms: Perms) -> dict:
-    from lib_rebasin.permute import permute_tensor
+    from lib_rebasin.align.permute import permute_tensor
 
     return {k: permute_tensor(spec, k, v, perms) for k, v in ldm.items()}

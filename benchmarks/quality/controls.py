@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.permute import permute_tensor, random_perms
-from lib_rebasin.spec import build_spec
+from lib_rebasin.align.permute import permute_tensor, random_perms
+from lib_rebasin.sd1.spec import build_spec
 
 from .evaluate import EvalSet, Model, heldout_loss
 from .layout import sd_config
 from .merging import merge
-from .methods import ACTIVATIONS, REBASIN, REBASIN_EXACT, WEIGHTED_SUM
+from .method_lines import ACTIVATIONS, REBASIN, REBASIN_EXACT, WEIGHTED_SUM
 from .export import single_file
 from .train import Trained
 

@@ -27,7 +27,7 @@ class Profile:
     samples_per_class: int
     eval_images: int
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    methods: tuple[str, ...] | None = None  # labels from methods.METHOD_LIST; None = every method
+    methods: tuple[str, ...] | None = None  # labels from method_lines.METHOD_LIST; None = every method
 
 
 # Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured

@@ -1,4 +1,4 @@
-"""Measure post-merge levers on the benchmark's cached models: REPAIR (repair.py) on top of the weighted sum,
+"""Measure post-merge levers on the benchmark's cached models: REPAIR (repair_lever.py) on top of the weighted sum,
 weight-matching re-basin and activation matching, on the independent pairs and the same-base family.
 
     python -m benchmarks.quality.levers --data bench_data/quality --out benchmarks/quality/results/levers.json
@@ -23,8 +23,8 @@ from .evaluate import Model, eval_set, heldout_loss
 from .export import single_file
 from .families import FULL, independent_pair, same_base_family
 from .merging import aligned, merge
-from .methods import ACTIVATIONS, REBASIN, WEIGHTED_SUM
-from .repair import SITES, calibration, collapse_profile, corrected, site_names, site_stats
+from .method_lines import ACTIVATIONS, REBASIN, WEIGHTED_SUM
+from .repair_lever import SITES, calibration, collapse_profile, corrected, site_names, site_stats
 from .train import cached
 
 BASES = (WEIGHTED_SUM, REBASIN, ACTIVATIONS)

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.merge import MergeOptions, merge_checkpoints
+from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 
-from .methods import Method
+from .method_lines import Method
 
 PARTS = ("unet", "te")
 
@@ -36,7 +36,7 @@ def aligned(a: Path, b: Path, how: str, work: Path, match_images: int = 64) -> t
     written once per pair; also the seconds matching took."""
     key = (a, b, how, match_images)
     if key not in _ALIGNED or not _ALIGNED[key][0].exists():
-        from lib_rebasin.spec import build_spec
+        from lib_rebasin.sd1.spec import build_spec
 
         from .activations import activation_perms, permuted_copy
         from .layout import UNET_PREFIX, sd_config

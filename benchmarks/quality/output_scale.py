@@ -1,4 +1,5 @@
-"""Diagnostic for LEVERS.md: how far a merge's epsilon prediction is from the scale the squared error prefers.
+"""How far a merge's epsilon prediction is from the scale the squared error prefers (a diagnostic quoted in
+RESULTS.md, "Post-merge levers").
 
 For each method's merge at alpha 0.5 (and parent A): the prediction's std, its correlation rho with the true
 noise, and the least-squares global scale c = <eps_hat, eps> / <eps_hat, eps_hat> with the loss at that scale.

@@ -18,7 +18,7 @@ from .evaluate import EvalSet, Model, classifier, eval_set, heldout_loss, sample
 from .families import LR_BY_WIDTH, MATCH_IMAGES, SWEEP_EXTRA_STEPS, Profile, independent_pair, same_base_family, \
     sweep_lengths
 from .merging import merge
-from .methods import METHOD_LIST, SWEEP_METHODS, Method, available
+from .method_lines import METHOD_LIST, SWEEP_METHODS, Method, available
 from .train import Trained, cached, load_ldm, train, unet_param_count
 
 def machine() -> dict:

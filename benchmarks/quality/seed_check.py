@@ -19,7 +19,7 @@ import torch
 
 from .evaluate import Model, eval_set, heldout_loss
 from .families import FULL, MATCH_IMAGES, independent_pair, sweep_lengths
-from .methods import SWEEP_METHODS
+from .method_lines import SWEEP_METHODS
 from .run import at_half
 from .train import load_ldm, train
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--seeds", type=int, nargs=2, default=[3, 4])
     ap.add_argument("--methods", nargs="+", default=[m.label for m in SWEEP_METHODS],
-                    help="method labels (methods.py); the weighted sum is always measured first")
+                    help="method labels (method_lines.py); the weighted sum is always measured first")
     ap.add_argument("--train-only", action="store_true", help="train (or check) the pair, measure nothing")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON")
     args = ap.parse_args(argv)

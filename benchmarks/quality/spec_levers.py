@@ -23,12 +23,12 @@ from .export import single_file
 from .families import FULL, independent_pair, sweep_lengths
 from .layout import sd_config
 from .merging import merge
-from .methods import REBASIN, WEIGHTED_SUM
+from .method_lines import REBASIN, WEIGHTED_SUM
 from .train import cached, load_ldm
 
 
 def census(width: int) -> dict:
-    from lib_rebasin.spec import build_spec
+    from lib_rebasin.sd1.spec import build_spec
 
     spec = build_spec(sd_config(width))
     groups = spec.groups_in(("unet", "te"))

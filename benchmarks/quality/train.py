@@ -6,7 +6,7 @@ includes its parent's key, so changing the base retrains everything built on it.
 
 A run also keeps what it needs to go on (optimizer, schedule, batch generator, loss window) beside its last
 milestone, so training the same configuration longer resumes there instead of starting again: the resumed steps
-draw the same batches and take the same optimizer steps as one uninterrupted run (tests/test_quality_train.py).
+draw the same batches and take the same optimizer steps as one uninterrupted run (tests/test_train.py).
 Only the last milestone of a run keeps this state (AdamW's two moments are twice the model's size).
 """
 

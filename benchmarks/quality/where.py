@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.activation_matching import correlations, match
-from lib_rebasin.assignment import lap, solve
-from lib_rebasin.spec import Group, Structure, build_spec
+from lib_rebasin.align.activation_matching import correlations, match
+from lib_rebasin.align.assignment import lap, solve
+from lib_rebasin.sd1.spec import Group, Structure, build_spec
 
 from .activations import permuted_copy
 from .evaluate import Model, eval_set, heldout_loss
@@ -38,7 +38,7 @@ from .export import single_file
 from .families import FULL, MATCH_IMAGES, independent_pair
 from .layout import UNET_PREFIX, sd_config
 from .merging import merge
-from .methods import ACTIVATIONS, Method
+from .method_lines import ACTIVATIONS, Method
 from .train import cached, load_ldm
 
 SAMPLES = ACTIVATIONS.options["activation_samples"]

@@ -5,6 +5,8 @@
     POST /rebasin/v1/jobs/{job_id}/cancel   -> the job; 409 once its output is committed (too late: it ends done)
     POST /rebasin/v1/load            {"job_id"} or {"path"} -> makes a finished merge the active checkpoint
     GET  /rebasin/v1/checkpoints     the host's checkpoints: title, name and (when the host knows it) hash
+    GET  /rebasin/v1/methods         every method, its flags and its options' declarations (type, default, bounds
+                                     or choices for that method, label, help): the option table, for clients
 
 Answers: 400 a refusal in plain words (same model twice, name taken, ...); 401 missing or wrong credentials
 (only with --api-auth); 403 a `Host` this server does not answer to (DNS rebinding; checked first, on every route)
@@ -13,10 +15,10 @@ field whose value is refused: wrong type, out of range, or naming nothing (an un
 `"field"` names it). Only GET routes read; every route that changes something is a POST. Who may call is decided
 by `ApiPolicy` (see api_policy.py).
 
-A merge request takes `MergeRequest`'s fields, among them `method` (any of lib_rebasin/methods.py), its parameters
-(`ties_density`, `ties_scale`, `dare_p`, `seed`), `align`, `matching` and `activation_samples`, `repair` (REPAIR
-after blending), `blocks` (a preset name, 26 or 25 values as a string or a list) and `bake_vae` (a VAE from the
-host's VAE list, or a checkpoint).
+A merge request takes `MergeRequest`'s fields: every option of the option table (lib_rebasin/options.py, listed
+with their bounds by GET /methods), among them `method` and its parameters, plus `model_a`, `model_b`, `model_c`,
+`output_name`, `overwrite`, `blocks` (a preset name, 26 or 25 values as a string or a list) and `bake_vae` (a VAE
+from the host's VAE list, or a checkpoint).
 
 Request bodies are read as plain JSON (no pydantic models), so the routes work with the fastapi/pydantic pairs
 of both gradio 3.41 and 4.x hosts.
@@ -28,10 +30,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import RebasinError
-from ..parsing import parse_json
+from ..errors import FieldError, RebasinError
+from ..io.parsing import parse_json
 from .api_policy import ApiPolicy
-from .service import MAX_TEXT, FieldError, MergeRequest, MergeService, field_of, shown
+from .host import CheckpointEntry
+from .request import MAX_TEXT, MergeRequest, field_of, method_listing, shown
+from .service import MergeService
 
 PREFIX = "/rebasin/v1"
 
@@ -169,16 +173,24 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return answer(e)
         return JSONResponse([entry_dict(e) for e in service.checkpoints()])
 
+    def methods(request: Request):
+        try:
+            check_origin(request)
+        except _Refused as e:
+            return answer(e)
+        return JSONResponse({"methods": method_listing()})
+
     for path, fn, method in ((f"{prefix}/merge", merge, "POST"), (f"{prefix}/jobs/{{job_id}}", get_job, "GET"),
                              (f"{prefix}/jobs/{{job_id}}/cancel", cancel_job, "POST"),
-                             (f"{prefix}/load", load, "POST"), (f"{prefix}/checkpoints", checkpoints, "GET")):
+                             (f"{prefix}/load", load, "POST"), (f"{prefix}/checkpoints", checkpoints, "GET"),
+                             (f"{prefix}/methods", methods, "GET")):
         app.add_api_route(path, fn, methods=[method], dependencies=list(dependencies))
 
 
-def entry_dict(entry: Any) -> dict[str, Any]:
+def entry_dict(entry: CheckpointEntry) -> dict[str, Any]:
     """A checkpoint for API clients: how the host titles it, its file name inside the checkpoint folder, and its
     hashes when the host already knows them (like the WebUI's /sdapi/v1/sd-models); never an absolute path."""
-    sha256 = getattr(entry, "sha256", None)
+    sha256 = entry.sha256
     return {"title": entry.title, "name": entry.name, "hash": sha256[:10] if sha256 else None, "sha256": sha256}
 
 

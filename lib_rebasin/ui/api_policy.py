@@ -163,7 +163,7 @@ class ApiPolicy:
     def from_flags(cls, api_auth: str | None = None, cors_allow_origins: str | None = None,
                    cors_allow_origins_regex: str | None = None, *, listen: str = "127.0.0.1",
                    allowed_hosts: str | None = None, share: bool = False, ngrok: bool = False,
-                   live_hosts: Callable[[], str] | None = None, allow_hint: str = ALLOWED_HOSTS_ENV) -> "ApiPolicy":
+                   live_hosts: Callable[[], str] | None = None, allow_hint: str = ALLOWED_HOSTS_ENV) -> ApiPolicy:
         """From the WebUI's command-line flags (the same spelling, the same splitting on ','), our flag's
         `allowed_hosts` and the REBASIN_ALLOWED_HOSTS environment variable."""
         origins = tuple(o for o in (cors_allow_origins or "").split(",") if o)

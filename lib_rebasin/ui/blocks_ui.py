@@ -1,4 +1,4 @@
-"""The tab's block-weight (MBW) controls and method-parameter controls, and the curve they draw.
+"""The tab's block-weight (MBW) controls and the curve they draw.
 
 A preset dropdown, the 26 values as editable text and as sliders grouped IN / MID / OUT, and a small SVG plot of
 the curve (plain inline SVG in a gr.HTML: the same in gradio 3.41 and 4.x, no plotting library). The rendering
@@ -8,12 +8,12 @@ helpers are plain functions (unit-tested without gradio); gradio is only touched
 from __future__ import annotations
 
 import html
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from ..block_presets import PRESETS
-from ..blocks import BLOCK_IDS, format_value, parse_blocks
 from ..errors import RebasinError
-from ..methods import ALL_PARAMS, METHODS
+from ..merge.block_presets import PRESETS
+from ..merge.block_weights import BLOCK_IDS, format_value, parse_blocks
 
 CUSTOM = "custom"
 SLIDER_ROWS = (("IN", BLOCK_IDS[1:7]), ("IN", BLOCK_IDS[7:13]), ("MID / BASE", ("M00", "BASE")),
@@ -96,53 +96,13 @@ def build_block_controls(gr: Any, c: dict[str, Any], d_alpha: float) -> None:
         for group, ids in SLIDER_ROWS:
             with gr.Row(elem_classes=["rebasin-block-row"]):
                 for block in ids:
+                    what = "text encoder, VAE" if block == "BASE" else "middle"
                     s = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=float(d_alpha),
-                                  label=f"{block}" if group != "MID / BASE" else f"{block} ({'text encoder, VAE' if block == 'BASE' else 'middle'})",
+                                  label=f"{block}" if group != "MID / BASE" else f"{block} ({what})",
                                   elem_id=f"rebasin_block_{block}")
                     c[f"block_{block}"] = s
         # sliders in BLOCK_IDS order, whatever order the rows are laid out in
         c["block_sliders"] = [c[f"block_{b}"] for b in BLOCK_IDS]
-
-
-def build_param_controls(gr: Any, c: dict[str, Any], d_method: str) -> None:
-    """One control per method parameter (methods.py), shown only for the methods that use it; plus alignment."""
-    with gr.Row(elem_id="rebasin_method_params"):
-        for name, p in ALL_PARAMS.items():
-            users = [m for m in METHODS.values() if p in m.params]
-            step = 0.01
-            c[f"param_{name}"] = gr.Slider(minimum=p.low + (step if p.low_open else 0.0), maximum=p.high, step=step,
-                                           value=p.default, label=f"{p.label} ({', '.join(m.label for m in users)})",
-                                           elem_id=f"rebasin_param_{name}",
-                                           visible=any(m.name == d_method for m in users))
-        c["param_seed"] = gr.Number(value=0, precision=0, label="Seed (DARE's drop masks)",
-                                    elem_id="rebasin_param_seed", visible=METHODS[d_method].random)
-        c["align"] = gr.Checkbox(value=False, label="Re-basin align B (and C) to A first",
-                                 elem_id="rebasin_align", visible=_can_align(d_method))
-
-
-def _can_align(method: str) -> bool:
-    return method in METHODS and method not in ("rebasin", "legacy")
-
-
-def param_visibility(method: str) -> list[dict[str, Any]]:
-    """Visibility of each parameter control (ALL_PARAMS order), then the seed, then the align checkbox."""
-    info = METHODS.get(method)
-    own = {p.name for p in info.params} if info else set()
-    return ([{"visible": name in own} for name in ALL_PARAMS]
-            + [{"visible": bool(info and info.random)}, {"visible": _can_align(method)}])
-
-
-def analysis_visibility(method: str, align: Any, matching: Any, repair: Any) -> list[dict[str, Any]]:
-    """Visibility of the matching radio, the activation prompts slider and the REPAIR checkbox, by the core's own
-    rules (options.py): matching chooses how re-basin aligns, so it shows where the merge aligns (MergeOptions.aligned:
-    the rebasin method, or another with align); REPAIR for the methods it restores (REPAIRABLE); the prompts
-    wherever activation matching or REPAIR will use them."""
-    from ..options import REPAIRABLE, MergeOptions
-
-    aligned = method in METHODS and MergeOptions(method=method, align=bool(align) and _can_align(method)).aligned
-    repairable = method in REPAIRABLE
-    prompts = (aligned and matching == "activations") or (repairable and bool(repair))
-    return [{"visible": aligned}, {"visible": prompts}, {"visible": repairable}]
 
 
 def on_preset(name: str, text: str) -> tuple[Any, ...]:

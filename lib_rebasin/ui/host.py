@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
@@ -254,6 +255,10 @@ class BaseHost:
         """VAE files the host knows (its VAE folder), for "bake in VAE"; none by default."""
         return []
 
+    def ready_upscalers(self) -> set[str] | None:
+        """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
+        return None
+
 
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
@@ -273,9 +278,6 @@ def scan_vaes(*folders: str | os.PathLike[str]) -> list[CheckpointEntry]:
                 continue
             out.setdefault(p.name, CheckpointEntry(p.name, p))
     return sorted(out.values(), key=lambda e: e.title.lower())
-    def ready_upscalers(self) -> set[str] | None:
-        """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
-        return None
 
 
 def scan_checkpoints(folder: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> list[CheckpointEntry]:

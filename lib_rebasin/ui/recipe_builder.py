@@ -1,6 +1,6 @@
 """The tab's recipe builder as pure functions on the recipe text (gradio-free, unit-tested without a browser).
 
-The builder's state is the canonical TOML text of `lib_rebasin.recipe` (one source of truth). Every button turns
+The builder's state is the canonical TOML text of `lib_rebasin.recipe.run` (one source of truth). Every button turns
 (text, form values) into new text through `parse_recipe` and `Recipe.to_toml`, so whatever the builder makes is a
 recipe the core accepts, and every refusal (a step that would use a later result, an unknown model, a bad value)
 is the core's own message. A recipe being built may have no steps yet; `load` accepts that, `apply_text` (the
@@ -15,59 +15,64 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import RebasinError
-from ..parsing import parse_toml
+from ..io.parsing import parse_toml
+from ..methods import ALL_PARAMS, METHODS
+from ..options import OPTIONS, MergeOptions
+from ..recipe.run import ModelRef, Recipe, RecipeError, Step, parse_recipe, recipe_from_checkpoint, step_options
 from .host import CheckpointEntry
+from .recipe_refs import (
+    MODEL_PREFIX,
+    STEP_PREFIX,
+    entry_for_model,
+    find_entry,
+    model_key,
+    ref_for,
+    ref_label,
+    rel_file,
+)
 
-STEP_PREFIX = "[step] "
-MODEL_PREFIX = "[model] "
 _PLACEHOLDER = "__rebasin_builder__"
-DEFAULT_SETTINGS = {"precision": "fp16", "device": "cpu", "seed": 0}
+DEFAULT_SETTINGS = {name: OPTIONS[name].default for name in ("precision", "device", "seed")}
 
-
-def _recipe_mod():
-    from .. import recipe  # imported late, like service._core()
-
-    return recipe
 
 
 @dataclass
 class StepForm:
     """The step editor's values. a/b/c are dropdown values: checkpoint titles, "[step] X" or "[model] X"."""
 
-    method: str = "rebasin"
+    method: str = OPTIONS["method"].default
     a: str | None = None
     b: str | None = None
     c: str | None = None
-    alpha: float = 0.5
-    iterations: int = 1
-    parts: tuple[str, ...] = ("unet", "te", "vae")
+    alpha: float = OPTIONS["alpha"].default
+    iterations: int = OPTIONS["iterations"].default
+    parts: tuple[str, ...] = OPTIONS["parts"].default
     name: str = ""
 
 
 # -- text <-> Recipe -----------------------------------------------------------------------------------------------
 
-def load(text: str | None, source: str = "recipe") -> Any:
+def load(text: str | None, source: str = "recipe") -> Recipe:
     """Parse builder text; blank text or a recipe without steps gives a Recipe with no steps."""
-    rm = _recipe_mod()
     text = text or ""
     if not text.strip():
-        return rm.Recipe(name="my_recipe", defaults=dict(DEFAULT_SETTINGS))
-    data = parse_toml(text, lambda why: rm.RecipeError(f"{source}: {why}"))
+        return Recipe(name="my_recipe", defaults=dict(DEFAULT_SETTINGS))
+    data = parse_toml(text, lambda why: RecipeError(f"{source}: {why}"))
     if data.get("step"):
-        return rm.parse_recipe(text, source)
+        return parse_recipe(text, source)
     # No steps yet: parse with a throw-away model and step appended (line numbers of the text stay the same).
     extra = (f'\n[models.{_PLACEHOLDER}]\nfile = "{_PLACEHOLDER}"\n[[step]]\nname = "{_PLACEHOLDER}_step"\n'
              f'a = "{_PLACEHOLDER}"\nb = "{_PLACEHOLDER}"\nc = "{_PLACEHOLDER}"\n')
-    recipe = rm.parse_recipe(text + extra, source)
+    recipe = parse_recipe(text + extra, source)
     recipe.models.pop(_PLACEHOLDER, None)
     recipe.steps = []
     return recipe
 
 
-def dump(recipe: Any) -> str:
+def dump(recipe: Recipe) -> str:
     return recipe.to_toml()
 
 
@@ -75,103 +80,20 @@ def apply_text(text: str) -> str:
     """The user's own text (the "Apply text" button): the core's strict parse, then the canonical text."""
     if not (text or "").strip():
         raise RebasinError("The recipe text is empty; add a step or load a recipe first.")
-    return dump(_recipe_mod().parse_recipe(text, "recipe"))
+    return dump(parse_recipe(text, "recipe"))
 
 
-def _check(recipe: Any) -> str:
+def _check(recipe: Recipe) -> str:
     """Canonical text of an edited recipe, re-checked by the core (refuses forward references and the like)."""
     _prune_models(recipe)
     text = dump(recipe)
     return dump(load(text))
 
 
-def _prune_models(recipe: Any) -> None:
+def _prune_models(recipe: Recipe) -> None:
     used = {r for s in recipe.steps for r in (s.a, s.b, s.c) if r is not None} | {recipe.bake_vae}
     for name in [m for m in recipe.models if m not in used]:
         recipe.models.pop(name)
-
-
-# -- model references ----------------------------------------------------------------------------------------------
-
-def _rel_file(entry: CheckpointEntry, models_dir: Path | None) -> str:
-    if models_dir is not None:
-        try:
-            return entry.path.resolve().relative_to(Path(models_dir).resolve()).as_posix()
-        except ValueError:
-            return entry.path.name  # outside the checkpoint folder (another --ckpt-dir): the tab finds it by name
-    return entry.path.name
-
-
-def _model_key(stem: str, taken: Iterable[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "model"
-    if base[0].isdigit():
-        base = "m_" + base
-    taken = set(taken)
-    key, n = base, 2
-    while key in taken:
-        key, n = f"{base}_{n}", n + 1
-    return key
-
-
-def _find_entry(ref: str, entries: list[CheckpointEntry]) -> CheckpointEntry | None:
-    stripped = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", ref)
-    for test in (lambda e: e.title == ref, lambda e: re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", e.title) == stripped):
-        hits = [e for e in entries if test(e)]
-        if hits:
-            return hits[0]
-    return None
-
-
-def _entry_for_model(ref: Any, entries: list[CheckpointEntry], models_dir: Path | None) -> CheckpointEntry | None:
-    if not ref.file:
-        return None
-    for e in entries:
-        if _rel_file(e, models_dir) == ref.file or str(e.path) == ref.file:
-            return e
-    for e in entries:
-        if e.path.name == Path(ref.file).name:
-            return e
-    return None
-
-
-def _ref_for(choice: str | None, slot: str, recipe: Any, index: int, entries: list[CheckpointEntry],
-             models_dir: Path | None) -> str | None:
-    """A dropdown value -> the recipe name it stands for (adding a [models] entry for a checkpoint)."""
-    if choice is None or not str(choice).strip():
-        return None
-    choice = str(choice).strip()
-    if choice.startswith(STEP_PREFIX):
-        name = choice[len(STEP_PREFIX):]
-        earlier = [s.name for s in recipe.steps[:index]]
-        if name not in earlier:
-            raise RebasinError(f"Model {slot}: step '{name}' is not an earlier step; a step can only use the "
-                               f"results of the steps above it.")
-        return name
-    if choice.startswith(MODEL_PREFIX):
-        name = choice[len(MODEL_PREFIX):]
-        if name not in recipe.models:
-            raise RebasinError(f"Model {slot}: '{name}' is not a model of this recipe.")
-        return name
-    entry = _find_entry(choice, entries)
-    if entry is None:
-        raise RebasinError(f"Model {slot} '{choice}' is not in the checkpoint list; press refresh and pick it again.")
-    rel = _rel_file(entry, models_dir)
-    for m in recipe.models.values():
-        if m.file == rel:
-            return m.name
-    key = _model_key(entry.path.stem, set(recipe.models) | {s.name for s in recipe.steps})
-    recipe.models[key] = _recipe_mod().ModelRef(key, file=rel)
-    return key
-
-
-def ref_label(ref: str | None, recipe: Any, entries: list[CheckpointEntry], models_dir: Path | None) -> str | None:
-    """The dropdown value that shows recipe name `ref`."""
-    if ref is None:
-        return None
-    if ref in recipe.models:
-        e = _entry_for_model(recipe.models[ref], entries, models_dir)
-        return e.title if e is not None else MODEL_PREFIX + ref
-    return STEP_PREFIX + ref
 
 
 def ref_choices(text: str, index: int | None, entries: list[CheckpointEntry], models_dir: Path | None = None
@@ -180,17 +102,15 @@ def ref_choices(text: str, index: int | None, entries: list[CheckpointEntry], mo
     recipe = load(text)
     n = len(recipe.steps) if index is None else max(0, min(index, len(recipe.steps)))
     out = [STEP_PREFIX + s.name for s in recipe.steps[:n]]
-    out += [MODEL_PREFIX + m.name for m in recipe.models.values() if _entry_for_model(m, entries, models_dir) is None]
+    out += [MODEL_PREFIX + m.name for m in recipe.models.values() if entry_for_model(m, entries, models_dir) is None]
     return out + [e.title for e in entries]
 
 
 # -- builder operations (each: text in, canonical text out; RebasinError = refused, text unchanged) --------------
 
-def _options(recipe: Any, form: StepForm, base: Any = None) -> Any:
-    from ..merge import MergeOptions
-
+def _options(recipe: Recipe, form: StepForm, base: MergeOptions | None = None) -> MergeOptions:
     d = recipe.defaults
-    parts = tuple(p for p in ("unet", "te", "vae") if p in set(form.parts or ()))
+    parts = tuple(p for p in OPTIONS["parts"].choices if p in set(form.parts or ()))
     if not parts:
         raise RebasinError("Pick at least one part to merge (UNet, text encoder or VAE).")
     try:
@@ -199,23 +119,19 @@ def _options(recipe: Any, form: StepForm, base: Any = None) -> Any:
     except (TypeError, ValueError):
         raise RebasinError("Alpha and iterations must be numbers.") from None
     opts = MergeOptions(method=form.method, alpha=alpha, iterations=iterations, parts=parts,
-                        device=str(d.get("device", base.device if base else "cpu")),
-                        precision=str(d.get("precision", base.precision if base else "fp16")),
-                        seed=int(d.get("seed", base.seed if base else 0)),
-                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", 100)),
-                        tolerance=float(base.tolerance if base else d.get("tolerance", MergeOptions.tolerance)))
+                        device=str(d.get("device", base.device if base else OPTIONS["device"].default)),
+                        precision=str(d.get("precision", base.precision if base else OPTIONS["precision"].default)),
+                        seed=int(d.get("seed", base.seed if base else OPTIONS["seed"].default)),
+                        max_sweeps=int(base.max_sweeps if base else d.get("max_sweeps", OPTIONS["max_sweeps"].default)),
+                        tolerance=float(base.tolerance if base else d.get("tolerance", OPTIONS["tolerance"].default)))
     opts = _with_extras(opts, d, base)
     opts.validate()
     return opts
 
 
-def _with_extras(opts: Any, defaults: dict[str, Any], base: Any) -> Any:
+def _with_extras(opts: MergeOptions, defaults: dict[str, Any], base: MergeOptions | None) -> MergeOptions:
     """Keep what the form has no field for (block weights, alignment, activation matching, REPAIR, method
     parameters): an edited step keeps its own, a new step gets the recipe's defaults."""
-    from dataclasses import replace
-
-    from ..methods import ALL_PARAMS
-
     kept = ("blocks", "align", "matching", "activation_samples", "repair", *ALL_PARAMS)
     names = ("blocks_preset", *kept)
     if base is not None:
@@ -223,25 +139,22 @@ def _with_extras(opts: Any, defaults: dict[str, Any], base: Any) -> Any:
     given = {k: defaults[k] for k in kept if k in defaults}
     if not given:
         return opts
-    extras = _recipe_mod().step_options({**given, "alpha": opts.alpha})
+    extras = step_options({**given, "alpha": opts.alpha})
     return replace(opts, **{n: getattr(extras, n) for n in names})
 
 
-def _step_from_form(recipe: Any, form: StepForm, index: int, entries: list[CheckpointEntry],
-                    models_dir: Path | None, base: Any = None) -> Any:
-    from ..merge import METHODS
-
-    rm = _recipe_mod()
+def _step_from_form(recipe: Recipe, form: StepForm, index: int, entries: list[CheckpointEntry],
+                    models_dir: Path | None, base: Step | None = None) -> Step:
     if form.method not in METHODS:
         raise RebasinError(f"Unknown merge method '{form.method}'; choose one of {', '.join(METHODS)}.")
     opts = _options(recipe, form, base.options if base else None)
-    a = _ref_for(form.a, "A", recipe, index, entries, models_dir)
-    b = _ref_for(form.b, "B", recipe, index, entries, models_dir)
+    a = ref_for(form.a, "A", recipe, index, entries, models_dir)
+    b = ref_for(form.b, "B", recipe, index, entries, models_dir)
     if a is None or b is None:
         raise RebasinError("Pick model A and model B (an installed checkpoint or an earlier step).")
     c = None
     if METHODS[form.method].needs_c:
-        c = _ref_for(form.c, "C", recipe, index, entries, models_dir)
+        c = ref_for(form.c, "C", recipe, index, entries, models_dir)
         if c is None:
             raise RebasinError(f"{METHODS[form.method].label} needs model C.")
     if len({a, b} | ({c} if c else set())) < (3 if c else 2):
@@ -257,7 +170,7 @@ def _step_from_form(recipe: Any, form: StepForm, index: int, entries: list[Check
         raise RebasinError(f"Step name '{name}': use letters, digits, '_', '-' or '.'.")
     if name in taken:
         raise RebasinError(f"The name '{name}' is already used by a model or another step.")
-    return rm.Step(name, opts, a, b, c)
+    return Step(name, opts, a, b, c)
 
 
 def add_step(text: str, form: StepForm, entries: list[CheckpointEntry], models_dir: Path | None = None) -> str:
@@ -267,7 +180,7 @@ def add_step(text: str, form: StepForm, entries: list[CheckpointEntry], models_d
     return _check(recipe)
 
 
-def _index(recipe: Any, index: Any) -> int:
+def _index(recipe: Recipe, index: Any) -> int:
     try:
         i = int(index)
     except (TypeError, ValueError):
@@ -318,7 +231,7 @@ def set_settings(text: str, name: str | None = None, precision: str | None = Non
     recipe = load(text)
     if name is not None and str(name).strip():
         recipe.name = str(name).strip()
-    new = {k: v for k, v in (("precision", precision), ("device", device)) if v}
+    new: dict[str, Any] = {k: v for k, v in (("precision", precision), ("device", device)) if v}
     if seed is not None and str(seed).strip() != "":
         try:
             new["seed"] = int(float(seed))
@@ -359,15 +272,15 @@ def set_bake_vae(text: str, choice: str | None, vaes: list[CheckpointEntry], ent
     if not choice or choice == NO_VAE:
         recipe.bake_vae = None
     else:
-        entry = _find_entry(choice, vaes) or _find_entry(choice, entries)
+        entry = find_entry(choice, vaes) or find_entry(choice, entries)
         if entry is None:
             raise RebasinError(f"VAE to bake in '{choice}' is neither in the VAE list nor a checkpoint; press refresh "
                                "and pick it again.")
-        file = _rel_file(entry, models_dir) if entry in entries else entry.path.name
+        file = rel_file(entry, models_dir) if entry in entries else entry.path.name
         name = next((n for n, m in recipe.models.items() if m.file in (file, entry.path.name)), None)
         if name is None:
-            name = _model_key(entry.path.stem, recipe.models)
-            recipe.models[name] = _recipe_mod().ModelRef(name, file=file)
+            name = model_key(entry.path.stem, recipe.models)
+            recipe.models[name] = ModelRef(name, file=file)
         recipe.bake_vae = name
     if recipe.steps:
         return _check(recipe)  # also drops the model of a VAE no longer baked in
@@ -437,8 +350,6 @@ def recipe_markdown(text: str) -> str:
         return f"(the text does not parse: {e})"
     if not recipe.steps:
         return "*No steps yet: pick models and settings below and press **Add step**.*"
-    from ..merge import METHODS
-
     def show(ref: str | None) -> str:
         if ref in recipe.models:
             m = recipe.models[ref]
@@ -449,15 +360,14 @@ def recipe_markdown(text: str) -> str:
              + (f", with the VAE of {show(recipe.bake_vae)} baked in." if recipe.bake_vae else ".")]
     for i, s in enumerate(recipe.steps):
         o = s.options
-        label = getattr(METHODS.get(o.method), "label", o.method)
+        label = METHODS[o.method].label
         ins = f"A = {show(s.a)}, B = {show(s.b)}" + (f", C = {show(s.c)}" if s.c else "")
-        extra = f", {o.iterations} iteration(s)" if o.method in ("rebasin", "legacy") else ""
+        extra = f", {o.iterations} iteration(s)" if METHODS[o.method].iterates else ""
         lines.append(f"{i + 1}. **{s.name}**: {label}, alpha {o.alpha:g}{extra}, parts {'+'.join(o.parts)}; {ins}")
     return "\n".join(lines)
 
 
 def from_checkpoint(path: str | Path) -> str:
     """The recipe stored in a checkpoint's metadata, as canonical builder text (RecipeError if it has none)."""
-    rm = _recipe_mod()
-    text = rm.recipe_from_checkpoint(path)
-    return dump(rm.parse_recipe(text, Path(path).name))
+    text = recipe_from_checkpoint(path)
+    return dump(parse_recipe(text, Path(path).name))

@@ -19,8 +19,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import RebasinError
 from ..signals import sigterm_as_interrupt
@@ -60,7 +61,7 @@ class StandaloneHost(BaseHost):
         return out
 
     def remember_hashes(self, paths: list[Path]) -> None:
-        from ..checkpoint import file_sha256  # inputs were hashed during the merge: remembered, not re-read
+        from ..io.checkpoint import file_sha256  # inputs were hashed during the merge: remembered, not re-read
 
         for p in paths:
             st = Path(p).stat()
@@ -100,11 +101,11 @@ class StandaloneHost(BaseHost):
 def create_app(models_dir: str | os.PathLike[str], devices: list[str] | None = None) -> tuple[Any, Any, Any]:
     """(blocks, service, host) for the standalone app; the caller launches `blocks`."""
     from .service import MergeService
-    from .tab import TAB_CSS, build_tab
+    from .tab import build_tab, tab_css
 
     host = StandaloneHost(models_dir, devices)
     service = MergeService(host)
-    ui = build_tab(host, service, title="Re-Basin", css=TAB_CSS)
+    ui = build_tab(host, service, title="Re-Basin", css=tab_css())
     return ui.blocks, service, host
 
 

@@ -1,0 +1,208 @@
+"""Activation matching (Ainsworth et al. 2023, the paper's other method): align B to A by how its units *behave*.
+
+Both models see the same inputs; a unit of B is matched to the unit of A whose activations it correlates with
+best, one assignment per permutation group, under the group's legal (GroupNorm) structure. Unlike weight
+matching, groups do not depend on each other (both models run unpermuted), so there is no coordinate ascent.
+
+A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
+(conv/linear weights, axis 0); where such a layer adds into a residual stream, its site is the stream after the
+addition. `activation_matching` runs both models on the same inputs with the core's own
+forward pass (`sd1/forward.py`, inputs from `sd1/activation_inputs.py`), takes each site's channel window (`Slot.offset`,
+`Slot.length`) and feeds it, batch by batch, to `Correlation` with the units it carries (`Slot.start`: an attention
+group's q/k sites carry its first half, its v sites the second). The permutation it returns is applied with
+`permute.permute_tensor` like any other. Only UNet and text-encoder groups have a forward pass here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..errors import RebasinError
+from ..sd1 import activation_inputs as inputs
+from ..sd1 import forward
+from ..sd1.arch import SD1Config
+from ..sd1.forward import Layers, TensorGetter, channels_last
+from ..sd1.spec import ArchSpec, Group, Slot, part_of
+from .assignment import row_argmax_certificate, solve
+from .permute import Perms
+
+
+def sites(spec: ArchSpec, group: Group) -> list[Slot]:
+    """The layer outputs that carry `group`'s units: its slots on the output axis of a >= 2-D weight."""
+    return [s for s in group.slots if s.axis == 0 and len(spec.shapes[s.key]) >= 2]
+
+
+class Correlation:
+    """Running Pearson correlation between A's and B's units at one group, averaged over its sites.
+
+    Each site is standardised on its own (the branch outputs of one residual stream have different scales),
+    then the sites' correlation matrices are averaged, weighted by their sample counts. A site may carry a window
+    of the group's units (`start`); each entry averages the sites that see it, and entries no site sees (across
+    the two halves of an attention group, which no legal permutation uses) stay 0. Sums are taken around the
+    first batch's means, so that fp32 sums (half the memory of fp64: full-size SD 1.5 has 5 GB of fp64 sums) do
+    not lose the covariance to cancellation."""
+
+    def __init__(self, n: int, dtype: torch.dtype = torch.float64) -> None:
+        self.n = n
+        self.dtype = dtype
+        self.stats: dict[int, list] = {}
+        self.starts: dict[int, int] = {}
+
+    def update(self, site: int, a: torch.Tensor, b: torch.Tensor, start: int = 0) -> None:
+        """a, b: (samples, m) activations of the same inputs at site `site`, units [start, start + m)."""
+        m = a.shape[-1]
+        assert start + m <= self.n and self.starts.setdefault(site, start) == start, (site, start, m)
+        a, b = a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype)
+        s = self.stats.get(site)
+        if s is None:
+            s = self.stats[site] = [a.mean(0), b.mean(0), 0, 0, 0, 0, 0, 0]
+        a, b = a - s[0], b - s[1]
+        upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b, a.shape[0]]
+        s[2:] = [x + y for x, y in zip(s[2:], upd)]
+
+    def value(self) -> torch.Tensor:
+        total = torch.zeros(self.n, self.n, dtype=torch.float64)
+        count = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for site, stats in self.stats.items():
+            sa, sb, saa, sbb, sab = (x.double().cpu() for x in stats[2:7])
+            m = stats[7]
+            ma, mb = sa / m, sb / m  # means of the shifted values: covariance and deviations ignore the shift
+            cov = sab / m - torch.outer(ma, mb)
+            std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
+            std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
+            lo, hi = self.starts[site], self.starts[site] + len(sa)
+            total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
+            count[lo:hi, lo:hi] += m
+        return total / count.clamp_min(1)
+
+
+def match(groups: Iterable[Group], correlations: dict[str, Correlation],
+          on_group: Callable[[int, int, str], None] | None = None) -> Perms:
+    """The legal permutation of each group (with collected activations) maximising the summed correlation."""
+    perms: Perms = {}
+    groups = list(groups)
+    for i, g in enumerate(groups):
+        if on_group is not None:
+            on_group(i, len(groups), g.name)
+        corr = correlations.get(g.name)
+        if corr is None or not corr.stats:
+            continue
+        value = corr.value()
+        # A legal row-argmax is the optimum (no solve needed): the rule for same-base and planted pairs.
+        best = row_argmax_certificate(value, g.structure)
+        perms[g.name] = best if best is not None else torch.from_numpy(solve(value.numpy(), g.structure))
+    return perms
+
+
+# -- running both models ---------------------------------------------------------------------------------------
+Progress = Callable[[float, str], None]  # (fraction of the matching done, what runs now)
+# The share of activation matching's progress for the assignments after the forward passes: the forward passes of
+# both models take most of the time, the assignments of every group the rest.
+_ASSIGN_SHARE = 0.3
+
+
+def needs_forward(spec: ArchSpec, groups: Iterable[Group]) -> tuple[bool, bool]:
+    """Whether the text encoder / the UNet must run to observe these groups' sites."""
+    keys = [s.key for g in groups for s in sites(spec, g)]
+    return any(part_of(k) == "te" for k in keys), any(part_of(k) == "unet" for k in keys)
+
+
+def check_supported(a: SD1Config, b: SD1Config) -> None:
+    forward.check_plain_unets(a, b, "Activation matching", "Use matching = weights for it.")
+
+
+@torch.no_grad()
+def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+                        samples: int, seed: int, device: torch.device = torch.device("cpu"),
+                        progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> Perms:
+    """Permutations of B onto A from their activations on the same inputs (`activation_inputs`)."""
+    groups = [g for g in groups if sites(spec, g)]
+    corr = correlations(spec, groups, get_a, get_b, samples=samples, seed=seed, device=device, progress=progress,
+                        latent_size=latent_size)
+
+    def on_group(i: int, n: int, name: str) -> None:
+        if progress is not None:
+            progress(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+
+    return match(groups, corr, on_group)
+
+
+@torch.no_grad()
+def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+                 samples: int, seed: int, device: torch.device = torch.device("cpu"),
+                 progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> dict[str, Correlation]:
+    """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the
+    quality benchmark's `where` reads them to show how well units correspond).
+
+    Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one
+    micro-batch (one prompt with its empty prompt) are held until B's same layer has run; B's are folded into the
+    correlations as they appear, so memory is one micro-batch of A's activations plus the correlation sums."""
+    groups = [g for g in groups if sites(spec, g)]
+    c = spec.config
+    need_unet = needs_forward(spec, groups)[1]  # the text encoder always runs: it makes the UNets' contexts
+    # layer -> [(group, site index, channel offset, window length, first unit carried)]
+    wanted: dict[str, list[tuple[str, int, int, int, int]]] = {}
+    for g in groups:
+        for i, s in enumerate(sites(spec, g)):
+            wanted.setdefault(s.key.removesuffix(".weight"), []).append((g.name, i, s.offset, s.length, s.start))
+    corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
+    held: dict[str, torch.Tensor] = {}
+
+    def hold(name: str, out: torch.Tensor) -> None:
+        if name in wanted:
+            held[name] = out
+
+    def fold(name: str, out: torch.Tensor) -> None:
+        if name not in wanted:
+            return
+        fa, fb = channels_last(held.pop(name)), channels_last(out)
+        if not (torch.isfinite(fa).all() and torch.isfinite(fb).all()):
+            raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
+                               "cannot be activation matched (use matching = weights).")
+        for group, site, off, n, start in wanted[name]:
+            corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
+
+    # Residual streams are observed after each writer's addition (forward.Layers' streams mode): on the quality
+    # benchmark's wider pairs, matching the stream sums instead of the writers' own outputs lowered the barrier
+    # (benchmarks/quality/RESULTS.md).
+    layers_a = Layers(get_a, hold, device, streams=True)
+    layers_b = Layers(get_b, fold, device, streams=True)
+    gen = torch.Generator().manual_seed(seed)
+    ids = inputs.prompts(c, samples, gen).to(device)
+    steps = len(inputs.TIMESTEPS) * samples if need_unet else 0
+    if progress is not None:
+        progress(0.0, "activation matching: text encoder")
+    # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
+    ctx_a = forward.text_encoder(c, layers_a, ids)
+    ctx_b = forward.text_encoder(c, layers_b, ids)
+    if need_unet:
+        _denoise(c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
+                 progress, steps + 1)
+    return corr
+
+
+def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor],
+             x: torch.Tensor, progress: Progress | None, total: int) -> None:
+    """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
+    one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
+    samples = x.shape[0]
+    ts = inputs.TIMESTEPS
+    done = 1
+
+    def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        eps = torch.empty_like(x)
+        for i in range(samples):
+            if progress is not None:
+                progress((1 - _ASSIGN_SHARE) * done / total,
+                         f"activation matching: t={t} ({k + 1}/{len(ts)}), prompt {i + 1}/{samples}")
+            xi = x[i:i + 1].expand(2, -1, -1, -1)
+            tt = torch.full((2,), t, dtype=torch.long, device=x.device)
+            eps[i] = inputs.guided(forward.unet(c, layers_a, xi, tt, torch.stack([ctx[0][i], ctx[0][-1]])), 1)[0]
+            forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
+            done += 1
+        return eps
+
+    inputs.ddim_trajectory(c, x, guided_eps)

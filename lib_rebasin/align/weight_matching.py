@@ -1,0 +1,355 @@
+"""Git Re-Basin weight matching (Ainsworth et al. 2023, Algorithm 2) over an `ArchSpec`.
+
+Find permutations pi of model B's groups maximising sum_k <A_k, pi(B)_k> over all permuted tensors. The problem is
+NP-hard jointly, so coordinate ascent: visit the groups in a seeded random order; for one group, with every other
+group fixed, the objective is linear in that group's permutation, so its best value is one linear assignment on
+
+    C[i, j] = sum over the group's slots of <row i of A, row j of B with its other axes already permuted>.
+
+A sweep that improves nothing ends the search (or `max_sweeps`). Cost matrices are accumulated in fp32 on the
+chosen device; the assignment runs on the CPU in float64 (see `align/assignment.py`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import Cancelled
+from ..sd1.spec import ArchSpec, Group, Slot, Structure
+from .assignment import row_argmax_certificate, solve
+from .permute import Perms, axis_index, is_identity, is_legal
+
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class GroupReport:
+    name: str
+    part: str
+    kind: str
+    size: int
+    moved: int = 0          # units whose final position differs from the identity
+    gain: float = 0.0       # objective gain of the group's last accepted update
+    solves: int = 0         # assignment problems solved
+    certified: int = 0      # visits where row-argmax proved optimality and no solve ran
+    screened: int = 0       # ... of which proved from the bf16 estimate and its error bound alone
+
+
+@dataclass
+class MatchResult:
+    perms: Perms
+    sweeps: int
+    converged: bool
+    groups: list[GroupReport]
+    seconds: float = 0.0
+
+    @property
+    def solves(self) -> int:
+        return sum(g.solves for g in self.groups)
+
+    @property
+    def certified(self) -> int:
+        return sum(g.certified for g in self.groups)
+
+    def moved_by_part(self) -> dict[str, tuple[int, int]]:
+        """part -> (units moved, units in matched groups)."""
+        out: dict[str, tuple[int, int]] = {}
+        for g in self.groups:
+            m, n = out.get(g.part, (0, 0))
+            out[g.part] = (m + g.moved, n + g.size)
+        return out
+
+
+@dataclass
+class MatchProgress:
+    sweep: int
+    index: int              # groups done in this sweep
+    total: int              # groups per sweep
+    group: str
+    changed_this_sweep: int
+
+
+@dataclass
+class _Tensors:
+    """The tensors matching reads, on the compute device in their stored dtype, fetched once (`keep`) or on
+    every visit.
+
+    Slices are widened to fp32 only when a cost matrix needs them, so no fp32 copy of a whole model is held. A
+    checkpoint file on the CPU is better re-read than kept: a read is a copy from the page cache, small next to
+    the cost matrix it feeds, while keeping both models would hold their whole size in memory.
+    """
+
+    get: TensorGetter
+    device: torch.device
+    keep: bool = True
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, key: str) -> torch.Tensor:
+        t = self.cache.get(key)
+        if t is None:
+            t = self.get(key).to(self.device)
+            if self.keep:
+                self.cache[key] = t
+        return t
+
+
+def _rows(t: torch.Tensor, axis: int, offset: int, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The window [offset, offset+n) of `axis`, as an (n, rest) matrix of `dtype`."""
+    return t.narrow(axis, offset, n).to(dtype).movedim(axis, 0).reshape(n, -1)
+
+
+def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, perms: Perms,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = slot.length
+    w = t.narrow(slot.axis, slot.offset, n).to(dtype)
+    for axis in spec.axes[slot.key]:
+        if axis == slot.axis:
+            continue
+        idx = axis_index(spec, slot.key, axis, perms)
+        if idx is not None:
+            w = w.index_select(axis, idx.to(w.device))
+    return w.movedim(slot.axis, 0).reshape(n, -1)
+
+
+def empty_cost(group: Group, device: torch.device) -> torch.Tensor:
+    """A zero cost matrix, except -inf where no legal permutation can go: between the two halves (q/k, v/o) of an
+    attention group, so that row-argmax and the certificates stay inside each half."""
+    n = group.size
+    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    if group.structure.shared_blocks:
+        C[:n // 2, n // 2:] = float("-inf")
+        C[n // 2:, :n // 2] = float("-inf")
+    return C
+
+
+def _window(M: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """The block of a group's matrix that one slot's units fill (the whole matrix but for attention halves)."""
+    return M[slot.start:slot.start + slot.length, slot.start:slot.start + slot.length]
+
+
+def cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
+                device: torch.device) -> torch.Tensor:
+    """C[i, j] = similarity of A's unit i and B's unit j, with every other group at its current permutation.
+
+    `perms` only needs the groups that are not the identity (an absent group is not re-indexed)."""
+    C = empty_cost(group, device)
+    for slot in group.slots:
+        a = _rows(get_a(slot.key), slot.axis, slot.offset, slot.length)
+        b = _other_axes_permuted(spec, slot, get_b(slot.key), perms)
+        _window(C, slot).addmm_(a, b.T)
+    return C
+
+
+# Rounding-error bound of a bf16 GEMM with fp32 accumulation and a bf16 result, per slot s with inner size m:
+#   |out_s - exact_s| <= u |out_s| / (1 - u) + (2u + u^2 + m * 2^-24 (1 + u)^2) * sum_k |a_k b_k|,   u = 2^-8,
+# and sum_k |a_k b_k| <= |a| |b| (Cauchy-Schwarz). Constants are rounded up and the total gets a 25% margin.
+_BF16_OUT = 0.0040
+_BF16_IN = 0.0080
+_FP32_ACC = 6.1e-8
+_MARGIN = 1.25
+
+
+def screened_cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fast bf16 estimate of the cost matrix and a rigorous bound on its error (both fp32).
+
+    bf16 GEMMs run several times faster than fp32 on CPUs with AMX / AVX512-BF16 and on GPUs. The estimate is only
+    used to *certify* that row-argmax is the optimum (see `certified_argmax`); anything it cannot certify is
+    recomputed exactly, so the result never depends on bf16 rounding.
+    """
+    n = group.size
+    C = empty_cost(group, device)
+    E = torch.zeros(n, n, dtype=torch.float32, device=device)
+    for slot in group.slots:
+        a = _rows(get_a(slot.key), slot.axis, slot.offset, slot.length, torch.bfloat16)
+        b = _other_axes_permuted(spec, slot, get_b(slot.key), perms, torch.bfloat16)
+        out = (a @ b.T).float()
+        _window(C, slot).add_(out)
+        e = _window(E, slot)
+        e.add_(out.abs(), alpha=_BF16_OUT)
+        # Row norms of the rounded rows (accumulated in fp32, result rounded to bf16) are within a factor
+        # (1 +- 2u) of the exact ones: inside the margin.
+        e.addr_(a.norm(dim=1).float(), b.norm(dim=1).float(), alpha=_BF16_IN + a.shape[1] * _FP32_ACC)
+    return C, E.mul_(_MARGIN)
+
+
+def certified_argmax(C: torch.Tensor, E: torch.Tensor, structure: Structure) -> torch.Tensor | None:
+    """Row-argmax of the true matrix, if the bound |C - true| <= E proves it and it is a legal permutation."""
+    best = C.argmax(dim=1)
+    rows = torch.arange(C.shape[0], device=C.device)
+    lower = C[rows, best] - E[rows, best]
+    upper = C + E
+    upper[rows, best] = float("-inf")
+    if not bool((lower > upper.max(dim=1).values).all()):
+        return None
+    return best if is_legal(structure, best) else None
+
+
+# Screened visits after which a screen that failed on most of them is switched off for the rest of the search.
+_SCREEN_PROBE = 16
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 GEMMs are much faster than fp32 here: CUDA, or a CPU with AMX-BF16 / AVX512-BF16."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
+    """group -> the matched groups whose cost matrices read its permutation (they share a tensor, other axis)."""
+    names = {g.name for g in groups}
+    on_key: dict[str, list[tuple[int, str]]] = {}
+    for g in groups:
+        for s in g.slots:
+            on_key.setdefault(s.key, []).append((s.axis, g.name))
+    out: dict[str, set[str]] = {g.name: set() for g in groups}
+    for key, members in on_key.items():
+        for axis, name in members:
+            for other_axis in spec.axes[key]:
+                if other_axis == axis:
+                    continue
+                for dep, *_ in spec.axes[key][other_axis]:
+                    if dep in names:
+                        # `name` reads `dep`'s permutation on the other axis, so a change of dep dirties name.
+                        out[dep].add(name)
+    return out
+
+
+def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+                    seed: int = 0, max_sweeps: int = 100, device: str | torch.device = "cpu",
+                    init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
+                    cancel: Callable[[], bool] | None = None, certificate: bool = True,
+                    skip_unchanged: bool = True, screen: bool | None = None,
+                    tolerance: float = 0.0, after_visit: Callable[[], None] | None = None,
+                    keep: tuple[bool, bool] = (True, True)) -> MatchResult:
+    """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
+
+    `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
+    of a group whose cost matrix cannot have changed). They never change the result; turning them off gives the
+    plain algorithm, which the tests compare against. `screen` (default: where bf16 is fast) first tries to certify
+    row-argmax from a bf16 cost matrix with a rigorous error bound, and computes the exact fp32 matrix only when
+    that fails; a group whose screen failed goes straight to fp32 afterwards.
+
+    `tolerance` > 0 also stops once a sweep gains less than that fraction of what the first sweep gained (the
+    objective changes by exactly the accepted groups' gains). 0, the default, is the paper's rule: stop only when a
+    sweep improves nothing. Independent models gain most of the objective in 2-3 sweeps and then crawl for tens.
+
+    `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
+    `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `_Tensors`).
+    """
+    start = time.perf_counter()
+    dev = torch.device(device)
+    groups = list(groups)
+    ta, tb = _Tensors(get_a, dev, keep[0]), _Tensors(get_b, dev, keep[1])
+    perms: Perms = {g.name: torch.arange(g.size) for g in groups}
+    for name, p in (init or {}).items():
+        if name in perms:
+            perms[name] = p.clone().cpu()
+    # Only non-identity permutations are applied when building cost matrices: identity re-indexing is a copy.
+    moved: Perms = {k: p for k, p in perms.items() if not is_identity(p)}
+    use_screen = bf16_is_fast(dev) if screen is None else screen
+    unscreenable: set[str] = set()
+    screen_tries = screen_wins = 0
+    reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
+    affects = _dependents(spec, groups)
+    dirty = {g.name for g in groups}
+    rng = random.Random(seed)
+    sweeps, converged, first_gain = 0, False, 0.0
+    while sweeps < max_sweeps:
+        order = groups[:]
+        rng.shuffle(order)
+        changed = 0
+        sweep_gain = 0.0
+        for i, g in enumerate(order):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            if skip_unchanged and g.name not in dirty:
+                # Nothing this group's cost matrix reads has changed since its last visit, so its current
+                # permutation is still optimal: skipping the visit is exact, not a heuristic.
+                if progress is not None:
+                    progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+                continue
+            dirty.discard(g.name)
+            rep = reports[g.name]
+            current = perms[g.name].to(dev)
+            rows = torch.arange(g.size, device=dev)
+            if certificate and use_screen and g.name not in unscreenable:
+                C_est, E = screened_cost_matrix(spec, g, ta, tb, moved, dev)
+                best = certified_argmax(C_est, E, g.structure)
+                screen_tries += 1
+                if best is None and screen_tries >= _SCREEN_PROBE and screen_wins < screen_tries // 2:
+                    # Mostly failing (unrelated models): the fp32 matrix is needed anyway, so stop paying for
+                    # the estimate. Only speed depends on this; the result never does.
+                    use_screen = False
+                if best is not None:
+                    screen_wins += 1
+                    rep.certified += 1
+                    rep.screened += 1
+                    if not torch.equal(best, current):
+                        # Certified optimal and different, hence strictly better than the current permutation.
+                        perms[g.name] = best.cpu()
+                        _set_moved(moved, g.name, perms[g.name])
+                        rep.gain = float((C_est[rows, best] - C_est.diagonal()).double().sum())
+                        sweep_gain += float((C_est[rows, best] - C_est[rows, current]).double().sum())
+                        changed += 1
+                        dirty |= affects[g.name]
+                    if after_visit is not None:
+                        after_visit()
+                    if progress is not None:
+                        progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+                    continue
+                unscreenable.add(g.name)
+            C = cost_matrix(spec, g, ta, tb, moved, dev)
+            old = float(C[rows, current].double().sum())
+            best = row_argmax_certificate(C, g.structure) if certificate else None
+            if best is not None:
+                rep.certified += 1
+            else:
+                best = torch.from_numpy(solve(C.double().cpu().numpy(), g.structure)).to(dev)
+                rep.solves += 1
+            new = float(C[rows, best].double().sum())
+            # Accept only a real improvement: ties keep the current permutation, so the search cannot cycle.
+            if new > old + 1e-7 * max(abs(old), 1e-12) and not torch.equal(best, current):
+                perms[g.name] = best.cpu()
+                _set_moved(moved, g.name, perms[g.name])
+                rep.gain = new - float(C.diagonal().double().sum())
+                sweep_gain += new - old
+                changed += 1
+                dirty |= affects[g.name]
+            if after_visit is not None:
+                after_visit()
+            if progress is not None:
+                progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+        sweeps += 1
+        if changed == 0:
+            converged = True
+            break
+        if sweeps == 1:
+            first_gain = sweep_gain
+        elif tolerance > 0 and sweep_gain < tolerance * first_gain:
+            converged = True  # within the requested tolerance (reported as such by the caller's options)
+            break
+    for g in groups:
+        p = perms[g.name]
+        reports[g.name].moved = int((p != torch.arange(g.size)).sum())
+    return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start)
+
+
+def _set_moved(moved: Perms, name: str, perm: torch.Tensor) -> None:
+    if is_identity(perm):
+        moved.pop(name, None)
+    else:
+        moved[name] = perm

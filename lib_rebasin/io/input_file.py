@@ -1,0 +1,165 @@
+"""An input file: its path checked before anything else, read by checked positional reads, and hashed.
+
+Reads are positional reads into fresh buffers, not a memory map, on purpose: a mapped file that is truncated or
+rewritten while it is read kills the process with SIGBUS (and with it the whole WebUI); a read returns short
+instead, and every read checks the open file against what was opened, so a changed input becomes an
+`InputChangedError`. The sha256 recorded for an input is the hash of the open file (the same inode the tensors
+came from), so a file replaced by rename during a merge cannot give the output the new file's hash.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import CheckpointReadError, InputChangedError
+
+
+def check_input_path(path: str | os.PathLike[str]) -> str:
+    """An input path that can be opened, or a CheckpointReadError that says why not (before any other work)."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\0" in text:
+        raise CheckpointReadError(f"The model path {text!r} contains a NUL byte; no file can have that name.")
+    try:
+        st = os.stat(text)
+    except OSError as e:
+        raise CheckpointReadError(_missing_reason(text, e)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointReadError(f"{text} is a folder, not a checkpoint file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointReadError(f"{text} is not a regular file (a device, pipe or socket), not a checkpoint.")
+    return text
+
+
+def _missing_reason(text: str, e: OSError) -> str:
+    """Why `text` cannot be opened, in words: a symlink loop, a dangling symlink, or simply not there."""
+    if e.errno == errno.ELOOP:
+        return f"{text} is a symbolic link loop (it points back to itself); fix or remove the link."
+    if os.path.islink(text):
+        return f"{text} is a symbolic link to {os.readlink(text)}, which does not exist; fix or remove the link."
+    if e.errno == errno.ENAMETOOLONG:
+        return f"The path {text[:80]}... is too long for this system."
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"File not found: {text}"
+    return f"Cannot read {text}: {e.strerror or e}."
+
+
+class FileSource:
+    """An open input file read by positional reads, and the identity (size, modification time) it had when opened.
+
+    Every read is checked: a short read (the file was truncated) or a changed size or modification time (it was
+    rewritten in place) raises InputChangedError instead of handing out bytes of another version of the file. A
+    file replaced by rename is not an error: this descriptor still reads, consistently, the version it opened.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "rb")
+        self.identity = _identity(os.fstat(self.file.fileno()))
+        self._lock = threading.Lock()  # only for systems without pread (one shared file position)
+        self._sha256: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.identity[2]
+
+    def verify(self) -> None:
+        if _identity(os.fstat(self.file.fileno())) != self.identity:
+            raise InputChangedError(self.path)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with the file's bytes at `offset`; raise InputChangedError if the file no longer has them."""
+        view = buf.cast("B") if buf.format != "B" else buf
+        done = 0
+        try:
+            while done < len(view):
+                n = self._read_at(offset + done, view[done:])
+                if n == 0:  # end of file before the end of the data: truncated since it was opened
+                    raise InputChangedError(self.path)
+                done += n
+        except OSError as e:
+            raise CheckpointReadError(f"{self.path.name}: read error ({e.strerror or e}).") from None
+        self.verify()
+
+    def read_bytes(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        buf = bytearray(n)
+        if n:
+            self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def sha256(self, progress: HashProgress | None = None) -> str:
+        """sha256 of the whole opened file (as the WebUI shows it), remembered per file version. `progress(done,
+        total)` is called as it goes (see `_hash_open_file`)."""
+        if self._sha256 is None:
+            self._sha256 = _hash_open_file(self, progress)
+        self.verify()
+        return self._sha256
+
+    def close(self) -> None:
+        self.file.close()
+
+    if hasattr(os, "preadv"):
+        def _read_at(self, offset: int, view: memoryview) -> int:
+            return os.preadv(self.file.fileno(), [view], offset)  # no shared file position; releases the GIL
+    else:  # Windows: no positional read
+        def _read_at(self, offset: int, view: memoryview) -> int:
+            with self._lock:
+                self.file.seek(offset)
+                return self.file.readinto(view) or 0
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: device, inode, size and modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_SHA256_CACHE: dict[tuple[int, int, int, int], str] = {}
+
+
+# Called with (bytes hashed, file size) while a file is hashed; what it raises (Cancelled) stops the hashing.
+HashProgress = Callable[[int, int], None]
+# How often hashing reports: a few times a second at the speed of a disk, so a cancel is seen promptly.
+HASH_REPORT_BYTES = 64 << 20
+
+
+def file_sha256(path: str | os.PathLike[str], progress: HashProgress | None = None) -> str:
+    """sha256 of the whole file, as the WebUI shows it (the short hash is its first 10 hex digits).
+
+    Remembered per file version (device, inode, size, modification time), so a recipe that pins its inputs and
+    the merge that records them, or the same inputs merged again in the WebUI, read a 2 GB file once.
+    """
+    src = FileSource(Path(path))
+    try:
+        return _hash_open_file(src, progress)
+    finally:
+        src.close()
+
+
+def _hash_open_file(src: FileSource, progress: HashProgress | None = None) -> str:
+    cached = _SHA256_CACHE.get(src.identity)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    offset = reported = 0
+    if progress is not None:
+        progress(0, src.size)
+    while offset < src.size:
+        n = min(len(buf), src.size - offset)
+        src.read_into(offset, view[:n])  # raises if the file changes while it is hashed
+        h.update(view[:n])
+        offset += n
+        if progress is not None and offset - reported >= HASH_REPORT_BYTES:
+            reported = offset
+            progress(offset, src.size)
+    _SHA256_CACHE[src.identity] = digest = h.hexdigest()
+    return digest

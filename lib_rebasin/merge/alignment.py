@@ -1,0 +1,104 @@
+"""Finding B's permutation onto a reference for one merge: weight matching, or activation matching for the UNet
+and text encoder, with the merge's progress and a record of what moved in its diagnostics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..align.permute import Perms, is_identity
+from ..align.weight_matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
+from ..io.finite import Model, guard_getter
+from ..io.model_input import ModelInput
+from ..options import MergeOptions
+from ..progress import Reporter
+from ..sd1.spec import ArchSpec
+from .blend import shared_window
+from .diagnostics import Diagnostics
+from .stages import ACTIVATIONS_SHARE, sweep_progress
+
+
+def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
+          opts: MergeOptions, device: torch.device, init: Perms | None,
+          on_progress: Callable[[MatchProgress], None], ref_is_file: bool, checked: list[Model],
+          report: Reporter | None = None) -> MatchResult:
+    """B's permutation onto `get_ref` over the groups of `parts`, by the options' matching."""
+    # Each tensor matching reads is checked once as it is fetched: a NaN would make the assignment fail.
+    get_ref = guard_getter(get_ref, checked[0], opts.allow_nonfinite)
+    get_b = guard_getter(get_b, checked[1], opts.allow_nonfinite)
+    groups = spec.groups_in(parts)
+    if opts.matching == "activations":
+        return _match_activations(spec, groups, get_ref, get_b, opts, device, on_progress, report)
+    # On the CPU, checkpoint files are re-read on each visit rather than held (both models' size in memory); a
+    # running merge is computed, so it is kept. On a GPU everything matching reads is kept there.
+    on_cpu = device.type == "cpu"
+    keep = (not (on_cpu and ref_is_file), not on_cpu)
+    return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=device,
+                           init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
+
+
+def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_b: TensorGetter,
+                       opts: MergeOptions, device: torch.device, on_progress: Callable[[MatchProgress], None],
+                       report: Reporter | None) -> MatchResult:
+    """UNet and text-encoder groups by activation matching; VAE groups (no forward pass here, and no tensor
+    shared with the other parts) by weight matching, exactly as weight matching alone would align them."""
+    from ..align.activation_matching import activation_matching
+
+    start = time.perf_counter()
+    by_activations = [g for g in groups if g.part != "vae"]
+    by_weights = [g for g in groups if g.part == "vae"]
+    share = ACTIVATIONS_SHARE if by_weights else 1.0
+
+    def progress(fraction: float, message: str) -> None:
+        if report is not None:
+            with report.part(0.0, share):
+                report("matching", fraction, message)
+
+    def vae_progress(p: MatchProgress) -> None:
+        if report is None:
+            on_progress(p)
+            return
+        with report.part(share, 1.0):
+            on_progress(p)
+
+    perms = activation_matching(spec, by_activations, get_ref, get_b, samples=opts.activation_samples,
+                                seed=opts.seed, device=device, progress=progress)
+    reports = [GroupReport(g.name, g.part, g.kind, g.size, moved=int((perms[g.name] != torch.arange(g.size)).sum()))
+               for g in by_activations if g.name in perms]
+    sweeps, converged = 0, True
+    if by_weights:
+        vae = weight_matching(spec, by_weights, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps,
+                              device=device, progress=vae_progress, tolerance=opts.tolerance,
+                              keep=(device.type != "cpu",) * 2)
+        perms.update(vae.perms)
+        reports += vae.groups
+        sweeps, converged = vae.sweeps, vae.converged
+    return MatchResult(perms, sweeps, converged, reports, time.perf_counter() - start)
+
+
+def align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+               get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
+               diag: Diagnostics, checked: list[Model]) -> Perms:
+    """Re-basin alignment of B onto A for any method: one weight-matching run; C later gets B's permutation.
+
+    C is normally the base B was tuned from, so it lives in B's basin: permuting it with B's permutation keeps
+    B - C a true task vector, now in A's coordinates (matching C on its own would scramble that difference)."""
+    result = match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None,
+                   sweep_progress(report), ref_is_file=True, checked=checked, report=report)
+    diag.matched = True
+    diag.match_steps = 1
+    diag.sweeps.append(result.sweeps)
+    diag.solves += result.solves
+    diag.certified += result.certified
+    diag.converged = result.converged
+    record_moves(diag, result)
+    return {k: p for k, p in result.perms.items() if not is_identity(p)}
+
+
+def record_moves(diag: Diagnostics, result: MatchResult) -> None:
+    """How many units each part moved, and the groups that moved most (by share of their units)."""
+    diag.moved = {p: [m, n] for p, (m, n) in result.moved_by_part().items()}
+    moved = sorted((g for g in result.groups if g.moved), key=lambda g: -g.moved / g.size)
+    diag.top_groups = [(g.name, g.moved, g.size) for g in moved[:10]]
