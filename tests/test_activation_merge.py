@@ -27,9 +27,9 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def test_planted_permutation_is_undone_by_activation_matching(models: dict[str, Path], tmp_path: Path) -> None:
     """B is A's base fine-tune with every group shuffled; at alpha 1 re-basin by activations gives back the
     unshuffled fine-tune bit for bit (UNet and text encoder by activations, the VAE by weights)."""
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
+    plain = cached_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
     res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors", replace(ACT, alpha=1.0))
     out, ref = _load(res.output), _load(plain)
     wrong = [k for k in ref if not torch.equal(out[k], ref[k])]
@@ -75,10 +75,10 @@ def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
 
 
 def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    inpaint = make_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
-                              precision="fp32")
+    inpaint = cached_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
+                                precision="fp32")
     with pytest.raises(RebasinError, match="plain SD 1.x UNets; model A is SD 1.x inpainting"):
         merge_checkpoints(inpaint, models["a"], tmp_path / "o.safetensors", ACT)
     assert not (tmp_path / "o.safetensors").exists()

@@ -20,6 +20,8 @@ import pytest
 
 from test_api_http import ATTACK, STANDIN_SERVER, Server, _fingerprint, _free_port
 
+pytestmark = pytest.mark.ui
+
 pytest.importorskip("gradio")
 
 
@@ -48,12 +50,12 @@ def raw(port: int, method: str, path: str, host: str, origin: str | None = None,
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("Stable-diffusion")
-    make_checkpoint(d / "alpha.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(d / "beta.safetensors", "mini", seed=2, base_seed=0)
-    make_checkpoint(d / "victim.safetensors", "mini", seed=3, base_seed=0)
+    cached_checkpoint(d / "alpha.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(d / "beta.safetensors", "tiny", seed=2, base_seed=0)
+    cached_checkpoint(d / "victim.safetensors", "tiny", seed=3, base_seed=0)
     return d
 
 

@@ -26,6 +26,8 @@ import pytest
 
 pytest.importorskip("gradio")
 
+pytestmark = pytest.mark.ui
+
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN_SERVER = ROOT / "tests" / "webui_standin" / "webui.py"
 EVIL = "http://evil.example"
@@ -94,12 +96,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("Stable-diffusion")
-    make_checkpoint(d / "alpha.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(d / "beta.safetensors", "mini", seed=2, base_seed=0)
-    make_checkpoint(d / "victim.safetensors", "mini", seed=3, base_seed=0)  # the checkpoint an attack targets
+    cached_checkpoint(d / "alpha.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(d / "beta.safetensors", "tiny", seed=2, base_seed=0)
+    cached_checkpoint(d / "victim.safetensors", "tiny", seed=3, base_seed=0)  # the checkpoint an attack targets
     return d
 
 

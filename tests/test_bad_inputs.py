@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
-from lib_rebasin.sd1.synthetic import make_checkpoint
+from model_cache import cached_checkpoint, place
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -53,8 +52,8 @@ def assert_refused(r: subprocess.CompletedProcess, folder: Path, before: list[st
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two fp16 mini fine-tunes of one base, and defective copies of B."""
     d = tmp_path_factory.mktemp("bad-inputs")
-    a = make_checkpoint(d / "a.safetensors", "mini", seed=11, base_seed=1)
-    b = make_checkpoint(d / "b.safetensors", "mini", seed=12, base_seed=1)
+    a = cached_checkpoint(d / "a.safetensors", "tiny", seed=11, base_seed=1)
+    b = cached_checkpoint(d / "b.safetensors", "tiny", seed=12, base_seed=1)
     with open_checkpoint(b) as ck:
         sd = {k: ck.get(k).clone() for k in ck.keys()}
     nan = dict(sd)
@@ -106,7 +105,7 @@ def test_add_difference_alpha_that_overflows_is_refused(pair: dict, out: Path) -
 
 def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, out: Path) -> None:
     """Finite fp32 inputs whose difference, scaled, exceeds fp16's range: refused, not written as Inf."""
-    a = make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, precision="fp32")
+    a = cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, precision="fp32")
     with open_checkpoint(a) as ck:
         sd = {k: ck.get(k).clone() for k in ck.keys()}
     big = dict(sd)
@@ -300,7 +299,7 @@ def test_disk_filling_up_during_the_merge_is_one_line(pair: dict, tmpfs) -> None
     """ENOSPC for real: the folder has room at preflight, and is filled up while weight matching runs."""
     folder = tmpfs("160m")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    independent = make_checkpoint(pair["dir"] / "independent.safetensors", "mini", seed=3, overwrite=True)
+    independent = cached_checkpoint(pair["dir"] / "independent.safetensors", "tiny", seed=3)
     proc = subprocess.Popen([sys.executable, "-m", "lib_rebasin", "merge", str(pair["a"]), str(independent), "-o",
                              str(folder / "m.safetensors")], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
@@ -363,7 +362,7 @@ def test_wrong_types_in_a_recipe_name_the_step_and_field(pair: dict, out: Path, 
 def test_recipe_models_stay_inside_models_dir(pair: dict, tmp_path: Path, out: Path, file: str) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    shutil.copy(pair["b"], models / "b.safetensors")
+    place(pair["b"], models / "b.safetensors")
     (models / "link.safetensors").symlink_to(pair["a"])  # escapes through a symbolic link
     recipe = tmp_path / "r.toml"
     recipe.write_text(STEP.replace('"a.safetensors"', f'"{file}"'))
@@ -377,7 +376,7 @@ def test_a_link_the_user_put_in_the_models_dir_is_followed(pair: dict, tmp_path:
     WebUI follows such links too), so it is read like the file it points to."""
     models = tmp_path / "models"
     models.mkdir()
-    shutil.copy(pair["b"], models / "b.safetensors")
+    place(pair["b"], models / "b.safetensors")
     (models / "link.safetensors").symlink_to(pair["a"])
     recipe = tmp_path / "r.toml"
     recipe.write_text(STEP.replace('"a.safetensors"', '"link.safetensors"'))
@@ -506,7 +505,7 @@ def test_the_tab_shows_the_same_one_line_errors(pair: dict, tmp_path: Path) -> N
     folder = tmp_path / "models"
     folder.mkdir()
     for name in ("a", "nan", "int"):
-        shutil.copy(pair[name], folder / pair[name].name)
+        place(pair[name], folder / pair[name].name)
     svc = MergeService(StandaloneHost(folder, devices=["cpu"]))
     before = listing(folder)
     with pytest.raises(RebasinError, match="model.diffusion_model.out.2.weight"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.ui, pytest.mark.browser]
 
 CHROMIUM = os.environ.get("REBASIN_CHROMIUM", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +48,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     _requirements()
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     models = tmp_path_factory.mktemp("models")
-    make_checkpoint(models / "anime_style.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(models / "photo_style.safetensors", "mini", seed=2, base_seed=0)
+    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT) + os.pathsep +

@@ -9,13 +9,13 @@ wrapper of `place_output` (or of the writer's final-metadata call). The HTTP API
 from __future__ import annotations
 
 import hashlib
-import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from model_cache import place
 from test_io_safety import Paused
 
 from lib_rebasin.merge import run as merge
@@ -50,13 +50,19 @@ alpha = 0.4
 """
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is when a job's output is committed, not the spec."""
+    return tiny_models
+
+
 @pytest.fixture
 def folder(tmp_path: Path, models: dict[str, Path]) -> Path:
     """A models folder of our own: the outputs are written next to the inputs, as in the WebUI."""
     folder = tmp_path / "models"
     folder.mkdir()
     for name, src in (("a", "a"), ("b", "finetune"), ("other", "independent")):
-        shutil.copy(models[src], folder / f"{name}.safetensors")
+        place(models[src], folder / f"{name}.safetensors")
     (folder / "r.toml").write_text(RECIPE)
     return folder
 

@@ -10,13 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.sd1.arch import MINI, detect
+from lib_rebasin.sd1.arch import MINI, TINY, detect
 from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict, write_safetensors
 from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,
                                 UnsupportedModelError)
 from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.sd1.spec import build_spec
 from lib_rebasin.sd1.synthetic import synthetic_tensor
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is reading and writing files, not the spec."""
+    return tiny_models
 
 
 def _mini_state(seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -135,11 +141,9 @@ def test_mismatched_shapes_are_refused(tmp_path: Path) -> None:
         merge_checkpoints(a, b, tmp_path / "out.safetensors", MergeOptions(method="weighted_sum"))
     # A full-size text encoder with a mini UNet is not an SD layout either; a different-width SD 1.x is
     # readable but cannot be blended with A.
-    from dataclasses import replace
+    from model_cache import cached_checkpoint
 
-    from lib_rebasin.sd1.synthetic import make_checkpoint
-
-    wide = make_checkpoint(tmp_path / "wide.safetensors", replace(MINI, model_channels=128), seed=3)
+    wide = cached_checkpoint(tmp_path / "wide.safetensors", "tiny", seed=3)
     with pytest.raises(IncompatibleModelsError, match="different shapes"):
         merge_checkpoints(a, wide, tmp_path / "out.safetensors", MergeOptions(method="weighted_sum"))
     _no_stray_files(tmp_path, {"a.safetensors", "b.safetensors", "wide.safetensors"})
@@ -183,10 +187,11 @@ def test_same_model_twice_is_refused(models: dict[str, Path], tmp_path: Path) ->
 def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str) -> None:
     from dataclasses import replace
 
-    from lib_rebasin.io.describe import inspect_checkpoint
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    path = make_checkpoint(tmp_path / "m.safetensors", replace(MINI, unet_in_channels=channels), seed=1)
+    from lib_rebasin.io.describe import inspect_checkpoint
+
+    path = cached_checkpoint(tmp_path / "m.safetensors", replace(TINY, unet_in_channels=channels), seed=1)
     info = inspect_checkpoint(path)
     assert info.supported and info.arch.startswith(variant + " (reduced width") and info.n_keys == 1143
 

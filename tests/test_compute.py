@@ -15,6 +15,12 @@ from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.progress import ProgressEvent
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is thread counts, not the spec."""
+    return tiny_models
+
+
 @pytest.mark.skipif(usable_cpus() < 2, reason="with one CPU the host's single thread is already ours")
 def test_a_merge_runs_with_a_cpu_left_free_and_restores_the_hosts_threads(models: dict[str, Path],
                                                                            tmp_path: Path) -> None:

@@ -21,6 +21,12 @@ DEEP = 100_000  # far past Python's recursion limit
 NEAR = 900      # parseable by json / tomllib, too deep to print or re-encode safely
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is metadata and recipe parsing, not the spec."""
+    return tiny_models
+
+
 def _limit_memory() -> None:
     """A CLI that tried to parse a 100,000-part dotted key would need tens of GB (tomllib is quadratic in it):
     cap the child at 2 GiB so that such a regression fails fast instead of taking the machine down."""

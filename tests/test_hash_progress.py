@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cache import cached_checkpoint
 
 import lib_rebasin.recipe.run as recipe_mod
 from lib_rebasin.io.checkpoint import DTYPE_NAMES, open_checkpoint
 from lib_rebasin.errors import Cancelled, CheckpointReadError
 from lib_rebasin.merge.run import MergeOptions, ProgressEvent, merge_checkpoints
 from lib_rebasin.recipe.run import parse_recipe, resolve_models
-from lib_rebasin.sd1.synthetic import make_checkpoint
 
 HOLES = 32 * 10**9
 
@@ -49,8 +49,8 @@ def with_holes(src: Path, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("hashing")
-    a = make_checkpoint(d / "a.safetensors", "mini", seed=1, base_seed=0)
-    b = make_checkpoint(d / "b.safetensors", "mini", seed=2, base_seed=0)
+    a = cached_checkpoint(d / "a.safetensors", "tiny", seed=1, base_seed=0)
+    b = cached_checkpoint(d / "b.safetensors", "tiny", seed=2, base_seed=0)
     huge = with_holes(b, d / "b_huge.safetensors")
     junk = d / "holes.safetensors"
     with open(junk, "wb") as f:

@@ -28,6 +28,12 @@ OUR_TEMP = re.compile(r"^\..+\.rebasin-[0-9a-f]{8}-\d+-\d+-[0-9a-f]{6}\.tmp$")
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inspects the writer through /proc")
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is how a merge treats its files, not the spec."""
+    return tiny_models
+
+
 class Paused:
     """The CLI in a subprocess, held at the `n`-th progress report of `stage` until `resume()`."""
 

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_a_recipe_run_twice_returns_to_its_starting_memory(tmp_path):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     for i, name in enumerate(("one", "two", "three"), 1):
-        make_checkpoint(tmp_path / f"{name}.safetensors", "mini", seed=i, base_seed=1)
+        cached_checkpoint(tmp_path / f"{name}.safetensors", "mini", seed=i, base_seed=1)
     size = (tmp_path / "one.safetensors").stat().st_size
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(tmp_path)], env=env, check=False,

@@ -52,9 +52,9 @@ def test_weighted_sum_and_add_difference_formulas(models: dict[str, Path], tmp_p
 def test_planted_permutation_is_recovered(models: dict[str, Path], tmp_path: Path) -> None:
     """B is a fine-tune of A's base with every group shuffled: re-basin at alpha 1 must undo the shuffle,
     i.e. give back that fine-tune in A's basis (compare with an unshuffled copy)."""
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
+    plain = cached_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
     res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
                             MergeOptions(alpha=1.0, **FP32))
     out, ref = _load(res.output), _load(plain)
@@ -153,12 +153,12 @@ def test_iterations_realign_and_warm_start(models: dict[str, Path], tmp_path: Pa
 
 
 def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     extra = {"model_ema.decay": torch.tensor(0.9999), "embedding_manager.embedder.x": torch.randn(3),
              "cond_stage_model.logit_scale": torch.tensor(4.6), "lora_te_text_model_x.alpha": torch.tensor(8.0)}
-    a = make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, extra=extra, precision="fp32")
-    b = make_checkpoint(tmp_path / "b.safetensors", "mini", seed=2, extra={"only_in_b": torch.ones(2)})
+    a = cached_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, extra=extra, precision="fp32")
+    b = cached_checkpoint(tmp_path / "b.safetensors", "mini", seed=2, extra={"only_in_b": torch.ones(2)})
     res = merge_checkpoints(a, b, tmp_path / "o.safetensors", MergeOptions(method="weighted_sum"))
     out = _load(res.output)
     for k, v in extra.items():
@@ -195,10 +195,10 @@ def test_parts_not_merged_keep_a(models: dict[str, Path], tmp_path: Path) -> Non
 def test_inpainting_a_with_plain_b(tmp_path: Path, models: dict[str, Path]) -> None:
     from dataclasses import replace
 
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    inp = make_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
-                          precision="fp32")
+    inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
+                            precision="fp32")
     res = merge_checkpoints(inp, models["finetune"], tmp_path / "o.safetensors", MergeOptions(alpha=0.5, **FP32))
     out, a, b = _load(res.output), _load(inp), _load(models["finetune"])
     k = "model.diffusion_model.input_blocks.0.0.weight"

@@ -111,10 +111,10 @@ def test_registry_parameters_are_merge_options_with_the_same_defaults() -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    return make_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors", "mini", seed=0, base_seed=1,
-                           delta=0.0, precision="fp32")
+    return cached_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors", "mini", seed=0, base_seed=1,
+                             delta=0.0, precision="fp32")
 
 
 def test_train_difference_with_b_equal_c_returns_a_file(models: dict[str, Path], tmp_path: Path) -> None:
@@ -247,10 +247,10 @@ def test_inpainting_a_with_a_delta_method_keeps_its_extra_channels(models: dict[
                                                                    tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    inp = make_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
-                          precision="fp32")
+    inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
+                            precision="fp32")
     out = _load(merge_checkpoints(inp, models["finetune"], tmp_path / "o.safetensors",
                                   MergeOptions(method="train_difference", alpha=0.5, **FP32), c=base).output)
     a, b, c = _load(inp), _load(models["finetune"]), _load(base)

@@ -14,6 +14,12 @@ from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
 from lib_rebasin.progress import ProgressEvent, Reporter
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is progress reporting, not the spec."""
+    return tiny_models
+
+
 def test_nested_parts_fill_their_share_and_never_go_back() -> None:
     now = [0.0]
     seen: list[ProgressEvent] = []

@@ -27,6 +27,12 @@ WS = MergeOptions(method="weighted_sum")
 STEP = '[models]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\na = "a"\nb = "b"\nmethod = "weighted_sum"\n'
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is argument checking, not the spec."""
+    return tiny_models
+
+
 class Files:
     """The real inputs of one test: A and B, an output name in an empty folder, a recipe over A and B."""
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from model_cache import place
 
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
@@ -52,10 +52,16 @@ alpha = 0.2
 """
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Tiny models in place of the mini ones: what is tested is recipes, not the spec."""
+    return tiny_models
+
+
 @pytest.fixture()
 def folder(models: dict[str, Path], tmp_path: Path) -> Path:
     for name in ("a", "finetune", "independent"):
-        shutil.copy(models[name], tmp_path / models[name].name)
+        place(models[name], tmp_path / models[name].name)
     return tmp_path
 
 

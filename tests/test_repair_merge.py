@@ -74,9 +74,9 @@ def _aligned_b(models: dict[str, Path], opts: MergeOptions, b: dict[str, torch.T
 def test_nothing_to_repair_leaves_the_merge_alone(models: dict[str, Path], tmp_path: Path) -> None:
     """B is a planted permutation of A's fine-tune: re-basin undoes it, the merge at alpha 1 *is* that fine-tune,
     its statistics are already the target and REPAIR changes no weight: scales exactly 1, shifts exactly 0."""
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    plain = make_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
+    plain = cached_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
     res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
                             replace(REPAIR, method="rebasin", alpha=1.0, tolerance=0.0))
     out, ref = _load(res.output), _load(plain)
@@ -105,10 +105,10 @@ def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
 
 
 def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    inpaint = make_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
-                              precision="fp32")
+    inpaint = cached_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
+                                precision="fp32")
     with pytest.raises(RebasinError, match="REPAIR runs plain SD 1.x UNets; model A is SD 1.x inpainting"):
         merge_checkpoints(inpaint, models["a"], tmp_path / "o.safetensors", REPAIR)
     assert not (tmp_path / "o.safetensors").exists()

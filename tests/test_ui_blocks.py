@@ -17,6 +17,8 @@ from lib_rebasin.ui import blocks_ui as bui
 
 from gradio_events import fn_for
 
+pytestmark = pytest.mark.ui
+
 
 def test_block_handlers_and_curve() -> None:
     out = bui.on_preset("GRAD_V", "")
@@ -37,13 +39,14 @@ def test_block_handlers_and_curve() -> None:
 
 
 def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
+    from model_cache import cached_checkpoint
+
     from lib_rebasin.recipe.run import parse_recipe
-    from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.standalone import StandaloneHost
 
     for i, name in enumerate(("one", "two", "base"), 1):
-        make_checkpoint(tmp_path / f"{name}.safetensors", "mini", seed=i, base_seed=1)
+        cached_checkpoint(tmp_path / f"{name}.safetensors", "tiny", seed=i, base_seed=1)
     host = StandaloneHost(tmp_path, devices=["cpu"])
     e = host.list_checkpoints()
     text = rb.add_step("", rb.StepForm("ties", "one.safetensors", "two.safetensors", "base.safetensors", alpha=0.5,
@@ -68,12 +71,12 @@ _fn_for = fn_for
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("ckpts")
-    make_checkpoint(d / "one.safetensors", "mini", seed=1, base_seed=1)
-    make_checkpoint(d / "two.safetensors", "mini", seed=2, base_seed=1)
-    make_checkpoint(d / "base.safetensors", "mini", seed=0, base_seed=1, delta=0.0)
+    cached_checkpoint(d / "one.safetensors", "tiny", seed=1, base_seed=1)
+    cached_checkpoint(d / "two.safetensors", "tiny", seed=2, base_seed=1)
+    cached_checkpoint(d / "base.safetensors", "tiny", seed=0, base_seed=1, delta=0.0)
     return d
 
 

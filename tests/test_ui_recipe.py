@@ -17,11 +17,11 @@ from lib_rebasin.ui.standalone import StandaloneHost
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("recipe_models")
     for i, name in enumerate(("one", "two", "three"), 1):
-        make_checkpoint(d / f"{name}.safetensors", "mini", seed=i, base_seed=1)
+        cached_checkpoint(d / f"{name}.safetensors", "tiny", seed=i, base_seed=1)
     return d
 
 

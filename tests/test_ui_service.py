@@ -113,11 +113,11 @@ def test_eta_format():
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("models")
-    make_checkpoint(d / "one.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(d / "two.safetensors", "mini", seed=2, base_seed=0)
+    cached_checkpoint(d / "one.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(d / "two.safetensors", "tiny", seed=2, base_seed=0)
     return d
 
 

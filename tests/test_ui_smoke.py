@@ -11,6 +11,8 @@ from gradio_events import fn_for
 
 gr = pytest.importorskip("gradio")
 
+pytestmark = pytest.mark.ui
+
 
 def test_gradio_is_a_supported_version():
     major, minor = (int(x) for x in gr.__version__.split(".")[:2])
@@ -18,11 +20,12 @@ def test_gradio_is_a_supported_version():
 
 
 def test_tab_builds_and_standalone_launches(tmp_path):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
+
     from lib_rebasin.ui.standalone import launch
     from lib_rebasin.ui.tab import js_kwargs
 
-    make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, base_seed=0)
+    cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, base_seed=0)
     assert list(js_kwargs("() => 0")) == (["js"] if int(gr.__version__.split(".")[0]) >= 4 else ["_js"])
     import socket
 
@@ -49,14 +52,15 @@ _fn_for = fn_for
 
 
 def test_recipe_section_builds_runs_and_loads_back(tmp_path):
+    from model_cache import cached_checkpoint
+
     from lib_rebasin.recipe.run import parse_recipe
-    from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
 
     for i, n in enumerate(("one", "two", "three"), 1):
-        make_checkpoint(tmp_path / f"{n}.safetensors", "mini", seed=i, base_seed=1)
+        cached_checkpoint(tmp_path / f"{n}.safetensors", "tiny", seed=i, base_seed=1)
     host = StandaloneHost(tmp_path, devices=["cpu"])
     ui = build_tab(host, MergeService(host))
     method = ui["recipe_method"].value
@@ -135,9 +139,9 @@ def test_standalone_app_stops_on_sigterm_with_one_line(tmp_path):
     import sys
     from pathlib import Path
 
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
-    make_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, base_seed=0)
+    cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, base_seed=0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -169,13 +173,14 @@ def _load_fn(blocks):
 
 
 def _builder(tmp_path):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
+
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
 
     for i, n in enumerate(("one", "two", "three"), 1):
-        make_checkpoint(tmp_path / f"{n}.safetensors", "mini", seed=i, base_seed=1)
+        cached_checkpoint(tmp_path / f"{n}.safetensors", "tiny", seed=i, base_seed=1)
     host = StandaloneHost(tmp_path, devices=["cpu"])
     service = MergeService(host)
     return host, service, build_tab(host, service)

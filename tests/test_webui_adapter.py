@@ -18,6 +18,8 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
+pytestmark = pytest.mark.ui
+
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
 GR4 = int(gr.__version__.split(".")[0]) >= 4
@@ -31,11 +33,11 @@ def _drop_standin_modules():
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("Stable-diffusion")
-    make_checkpoint(d / "alpha.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(d / "beta.safetensors", "mini", seed=2, base_seed=0)
+    cached_checkpoint(d / "alpha.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(d / "beta.safetensors", "tiny", seed=2, base_seed=0)
     (d / "sub").mkdir()
     # Not a Stable Diffusion model at all: refused by preflight.
     import torch
@@ -420,7 +422,7 @@ def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path,
     """A merge whose name contains an input's file name that is listed first ("fcore_F1F2" next to "F2", "zz_F1"
     next to "F1"): one load selects the merged file for the next generation, the option and config.json keep it,
     and the host's dropdown shows one of its own entries (Forge lists bare names, A1111 "name [hash]")."""
-    from lib_rebasin.sd1.synthetic import make_checkpoint
+    from model_cache import cached_checkpoint
     from modules import sd_models, shared
 
     if flavour == "forge":
@@ -428,7 +430,7 @@ def test_load_selects_exactly_the_merged_file_whatever_its_name(webui, tmp_path,
     folder = tmp_path / "models"
     folder.mkdir()
     for i, name in enumerate(inputs):
-        make_checkpoint(folder / f"{name}.safetensors", "mini", seed=i + 1, base_seed=0)
+        cached_checkpoint(folder / f"{name}.safetensors", "tiny", seed=i + 1, base_seed=0)
     sd_models.model_path = str(folder)
     webui.shared.opts.data["rebasin_output_dir"] = ""  # into the checkpoint folder, listed after the inputs
     sd_models.list_models()

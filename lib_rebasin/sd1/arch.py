@@ -58,6 +58,11 @@ SD15 = SD1Config()
 # decoder concatenations still straddle group boundaries, so it exercises every rule of the full-size spec.
 MINI = replace(SD15, model_channels=64, te_width=96, te_mlp=384, te_vocab=1000, vae_channels=64)
 
+# The smallest model with the exact SD 1.5 key layout, for tests of files, the UI, the API and recipes, where the
+# spec is not what is under test: widths at the detector's minimum (one channel per GroupNorm group at the first
+# level), and channel multipliers that still change at the same levels as SD 1.5's, so the same shortcut convs exist.
+TINY = replace(MINI, model_channels=32, channel_mult=(1, 2, 3, 3), te_width=48, te_mlp=192, vae_channels=32)
+
 
 def _first(keys: Sequence[str], n: int = 3) -> str:
     return ", ".join(sorted(keys)[:n])

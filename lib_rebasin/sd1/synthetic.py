@@ -17,10 +17,10 @@ import torch
 from ..arguments import check_arguments
 from ..io.output_file import write_safetensors
 from ..io.precisions import PRECISIONS
-from .arch import MINI, SD15, SD1Config
+from .arch import MINI, SD15, TINY, SD1Config
 from .spec import SCHEDULE_BUFFERS, build_spec
 
-SCALES = {"mini": MINI, "full": SD15}
+SCALES = {"tiny": TINY, "mini": MINI, "full": SD15}
 
 
 def _generator(seed: int, key: str) -> torch.Generator:

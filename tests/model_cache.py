@@ -1,0 +1,204 @@
+"""Synthetic checkpoints for tests, made once and kept in an on-disk cache across test runs.
+
+A test asks for a model with the arguments it would give `make_checkpoint` (or `make_shuffled_finetune`) plus the
+path it wants the file at. The first request makes the file in the cache; every request then hard-links it to
+that path (a copy where the cache is on another file system), so a whole run holds each model once however many
+tests use it. A test that damages its inputs (truncates, rewrites in place) asks for `writable=True` and gets its
+own copy: a hard link shares the cached bytes, and a test runs as root in CI, where file modes protect nothing.
+
+The cache never serves a stale model: a file's name is a hash of the generator's arguments, of the source of every
+lib_rebasin module the generator imports (so any change to what makes the bytes makes a new name), and of the
+torch and safetensors versions (whose random streams and format write the bytes). A cached file whose size or
+modification time no longer matches what was recorded when it was made (a test wrote into a hard link) is made
+again. Files made from other source are removed once unused for two days. The cache lives in
+$LIB_REBASIN_TEST_CACHE, else $XDG_CACHE_HOME/lib_rebasin-tests, else ~/.cache/lib_rebasin-tests; a fresh checkout
+with an empty cache makes each model once, on first use.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_ENV = "LIB_REBASIN_TEST_CACHE"
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lib_rebasin-tests"
+
+
+def _module_file(package_root: Path, dotted: str) -> Path | None:
+    """The file of a lib_rebasin module given its dotted name (None: not a module of the package)."""
+    parts = dotted.split(".")
+    if parts[0] != package_root.name:
+        return None
+    base = package_root.parent.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path, package_root: Path) -> set[Path]:
+    """The package's files that `path` imports anywhere in its body (function-level imports included)."""
+    rel = path.relative_to(package_root.parent).with_suffix("")
+    module = list(rel.parts[:-1]) if rel.name == "__init__" else list(rel.parts)
+    package = module if path.name == "__init__.py" else module[:-1]
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            names = [prefix] + [f"{prefix}.{a.name}" for a in node.names]  # `from . import x`: x may be a module
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # a package's __init__ runs before its module
+                f = _module_file(package_root, ".".join(parts[:i]))
+                if f is not None:
+                    found.add(f)
+    return found
+
+
+@cache
+def source_fingerprint(function: Callable[..., Any]) -> str:
+    """A hash of the source of `function`'s module and of every package module it imports, transitively."""
+    import safetensors
+
+    start = Path(function.__code__.co_filename).resolve()
+    package_root = start.parent
+    while (package_root.parent / "__init__.py").is_file():
+        package_root = package_root.parent
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo.extend(_imports(f, package_root) - seen)
+    h = hashlib.sha256(f"torch {torch.__version__} safetensors {safetensors.__version__}".encode())
+    for f in sorted(seen):
+        h.update(str(f.relative_to(package_root.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _argument_text(value: Any) -> Any:
+    """JSON-able form of a generator argument; tensors (the `extra` keys) by dtype, shape and bytes."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        return [str(t.dtype), list(t.shape), digest]
+    if isinstance(value, dict):
+        return {str(k): _argument_text(v) for k, v in sorted(value.items())}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)  # an SD1Config: a frozen dataclass, whose repr lists every field
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+# Files made from another version of the source are removed once unused this long: other checkouts sharing the
+# cache (worktrees, branches) keep theirs while they run, and the cache does not grow with every edit.
+STALE_AFTER_S = 2 * 24 * 3600
+
+
+def _prune(folder: Path, generator_name: str, source: str) -> None:
+    """Remove the generator's files made from other source, last made or used over STALE_AFTER_S ago."""
+    now = time.time()
+    for stamp in folder.glob(f"{generator_name}-*.stamp"):
+        if stamp.name.startswith(f"{generator_name}-{source}-"):
+            continue
+        try:
+            if now - stamp.stat().st_mtime > STALE_AFTER_S:
+                stamp.with_suffix(".safetensors").unlink(missing_ok=True)
+                stamp.unlink(missing_ok=True)
+        except OSError:
+            pass  # another run removed it first
+
+
+def _cached(generator: Callable[..., Path], kwargs: dict[str, Any]) -> Path:
+    """The cache's file for `generator(**kwargs)`, made first if missing or damaged."""
+    source = source_fingerprint(generator)[:16]
+    arguments = json.dumps(_argument_text(kwargs), sort_keys=True)
+    folder = cache_dir()
+    path = folder / f"{generator.__name__}-{source}-{hashlib.sha256(arguments.encode()).hexdigest()[:16]}.safetensors"
+    stamp = path.with_suffix(".stamp")
+    try:
+        if stamp.read_text() == _stamp(path):
+            os.utime(stamp)  # used: not pruned (the model's own times stay as recorded)
+            return path
+    except OSError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    _prune(folder, generator.__name__, source)
+    # Made under a private name in the cache's folder, then renamed: a concurrent run (another checkout, the UI
+    # environments) sees either no file or a whole one, and two runs making the same file write the same bytes.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".making-") as tmp:
+        made = generator(Path(tmp) / path.name, **kwargs)
+        made.chmod(0o444)
+        new_stamp = _stamp(made)
+        os.replace(made, path)
+    stamp_tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    stamp_tmp.write_text(new_stamp)
+    os.replace(stamp_tmp, stamp)
+    return path
+
+
+def place(source: Path, path: str | os.PathLike[str], writable: bool = False) -> Path:
+    """Put `source` at `path`: a hard link (a copy across file systems), or an own copy when `writable`."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() or dest.is_symlink():
+        dest.unlink()
+    if writable:
+        shutil.copyfile(source, dest)
+        return dest
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+        dest.chmod(0o444)
+    return dest
+
+
+def cached_checkpoint(path: str | os.PathLike[str], config: Any = "mini", seed: int = 0,
+                      base_seed: int | None = None, delta: float = 0.05, precision: str = "fp16",
+                      extra: dict[str, torch.Tensor] | None = None, writable: bool = False) -> Path:
+    """`make_checkpoint(path, ...)` from the cache (same arguments and defaults); see the module docstring."""
+    from lib_rebasin.sd1.synthetic import make_checkpoint
+
+    kwargs = {"config": config, "seed": seed, "base_seed": base_seed, "delta": delta, "precision": precision}
+    if extra:
+        kwargs["extra"] = extra
+    return place(_cached(make_checkpoint, kwargs), path, writable)
+
+
+def cached_shuffled_finetune(path: str | os.PathLike[str], base_seed: int, seed: int, perm_seed: int,
+                             precision: str = "fp16", writable: bool = False) -> Path:
+    """`make_shuffled_finetune(path, ...)` from the cache (same arguments and defaults)."""
+    from lib_rebasin.demo import make_shuffled_finetune
+
+    kwargs = {"base_seed": base_seed, "seed": seed, "perm_seed": perm_seed, "precision": precision}
+    return place(_cached(make_shuffled_finetune, kwargs), path, writable)
