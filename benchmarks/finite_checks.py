@@ -50,7 +50,7 @@ def main() -> None:
     _timed(diagnostics, "accumulate", dots)
     import lib_rebasin.merge.output as merge_output
 
-    merge_output.accumulate = diagnostics.accumulate  # merge_output.py imported the name before it was wrapped
+    merge_output.accumulate = diagnostics.accumulate  # merge/output.py imported the name before it was wrapped
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp)

@@ -199,8 +199,8 @@ def _recipe_command(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     if not args.file or not args.output:
-        raise RebasinError("usage: recipe FILE.toml -o OUT.safetensors [--models-dir DIR] [--vae-dir DIR], or recipe --from "
-                           "CKPT")
+        raise RebasinError("usage: recipe FILE.toml -o OUT.safetensors [--models-dir DIR] [--vae-dir DIR], "
+                           "or recipe --from CKPT")
     recipe = load_recipe(args.file)
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.file).resolve().parent
     bar = None if args.quiet else ProgressBar()

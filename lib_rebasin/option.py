@@ -142,7 +142,7 @@ class Option:
         return out
 
 
-def _num(v: float | None) -> str:
+def _num(v: int | float | None) -> str:
     if isinstance(v, int) and abs(v) >= 10**15 and (v + 1) & v == 0:
         return f"2**{(v + 1).bit_length() - 1} - 1"   # 2**63 - 1: the seed's bound, as people write it
     return f"{v:g}" if isinstance(v, float) else str(v)

@@ -96,7 +96,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "again (blending shrinks them)", applies=lambda m: m.repairable, inapplicable="refuse",
            refusal="REPAIR restores the statistics of an interpolation of two models; {label} is not one (use it "
                    "with {users}).", widget="checkbox", group="advanced", recorded_when=lambda o: o.repair),
-    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11, see merge/block_weights.py); None = alpha everywhere.
+    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11, see merge/block_weights.py);
+    # None = alpha everywhere.
     Option("blocks", tuple, None, "Block weights",
            "block weights of B: 26 comma-separated values BASE,IN00..IN11,M00,OUT00..OUT11, 25 (UNet only; "
            "BASE = alpha), or a preset name such as GRAD_V", applies=lambda m: m.block_weights,

@@ -323,7 +323,8 @@ def on_ui_settings():
     add = shared.opts.add_option
     options = {
         "rebasin_default_method": shared.OptionInfo(
-            OPTIONS["method"].default, "Default merge method", gr.Radio, {"choices": _method_choices()}, section=section),
+            OPTIONS["method"].default, "Default merge method", gr.Radio, {"choices": _method_choices()},
+            section=section),
         "rebasin_default_iterations": shared.OptionInfo(
             1, "Default iterations (re-basin and legacy)", gr.Slider,
             {"minimum": OPTIONS["iterations"].low, "maximum": OPTIONS["iterations"].high, "step": 1},
@@ -332,7 +333,8 @@ def on_ui_settings():
             "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
             gr.Radio, {"choices": [("Auto", "auto"), ("CPU", "cpu"), ("GPU", "gpu")]}, section=section),
         "rebasin_default_precision": shared.OptionInfo(
-            OPTIONS["precision"].default, "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)}, section=section),
+            OPTIONS["precision"].default, "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)},
+            section=section),
         "rebasin_output_dir": shared.OptionInfo(
             "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
         ALLOWED_HOSTS_OPTION: shared.OptionInfo(

@@ -176,7 +176,7 @@ class Reference:
     te: CLIPTextModel
 
     @classmethod
-    def build(cls, c: SD1Config, parts: tuple[str, ...] = ("unet", "te", "vae")) -> "Reference":
+    def build(cls, c: SD1Config, parts: tuple[str, ...] = ("unet", "te", "vae")) -> Reference:
         with torch.device("meta"):
             unet = UNet2DConditionModel(**unet_config(c)) if "unet" in parts else None
             vae = AutoencoderKL(**vae_config(c)) if "vae" in parts else None

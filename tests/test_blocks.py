@@ -51,7 +51,7 @@ def _expected_block(key: str) -> str:
 
 def test_every_sd15_key_maps_to_its_block() -> None:
     spec = build_spec(SD15)
-    counts = {b: 0 for b in BLOCK_IDS}
+    counts = dict.fromkeys(BLOCK_IDS, 0)
     for key in spec.shapes:
         if part_of(key) == "other":
             assert block_of(key) is None, key

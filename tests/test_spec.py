@@ -18,7 +18,7 @@ SHARED_KEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd1-ldm
 def test_full_layout_has_the_sd15_key_count_and_sizes() -> None:
     spec = build_spec(SD15)
     assert len(spec.shapes) == 1143
-    params = {p: 0 for p in ("unet", "te", "vae", "other")}
+    params = dict.fromkeys(("unet", "te", "vae", "other"), 0)
     for k, s in spec.shapes.items():
         params[part_of(k)] += math.prod(s)
     assert params["unet"] == 859_520_964

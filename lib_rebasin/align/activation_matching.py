@@ -6,8 +6,8 @@ matching, groups do not depend on each other (both models run unpermuted), so th
 
 A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
 (conv/linear weights, axis 0); where such a layer adds into a residual stream, its site is the stream after the
-addition. `activation_matching` runs both models on the same inputs with the core's own
-forward pass (`sd1/forward.py`, inputs from `sd1/activation_inputs.py`), takes each site's channel window (`Slot.offset`,
+addition. `activation_matching` runs both models on the same inputs with the core's own forward pass
+(`sd1/forward.py`, inputs from `sd1/activation_inputs.py`), takes each site's channel window (`Slot.offset`,
 `Slot.length`) and feeds it, batch by batch, to `Correlation` with the units it carries (`Slot.start`: an attention
 group's q/k sites carry its first half, its v sites the second). The permutation it returns is applied with
 `permute.permute_tensor` like any other. Only UNet and text-encoder groups have a forward pass here.
@@ -60,7 +60,7 @@ class Correlation:
             s = self.stats[site] = [a.mean(0), b.mean(0), 0, 0, 0, 0, 0, 0]
         a, b = a - s[0], b - s[1]
         upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b, a.shape[0]]
-        s[2:] = [x + y for x, y in zip(s[2:], upd)]
+        s[2:] = [x + y for x, y in zip(s[2:], upd, strict=True)]
 
     def value(self) -> torch.Tensor:
         total = torch.zeros(self.n, self.n, dtype=torch.float64)

@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,10 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         return list(self.infos)
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys, in the file's order (as `keys()`, without the copy)."""
+        return iter(self.infos)
 
     def __contains__(self, key: str) -> bool:
         return key in self.infos

@@ -49,6 +49,6 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
         return CheckpointInfo(p, "unknown", False, str(e).removeprefix("Model file "), size_bytes=size)
     with model.ckpt as ck:
         dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in ck.infos.values())
-        parts = Counter(map(part_of, ck.keys()))  # a Checkpoint has keys() but no __iter__
+        parts = Counter(map(part_of, ck))
         return CheckpointInfo(p, model.config.describe(), True, None, dtypes.most_common(1)[0][0], len(ck),
                               size, dict(sorted(parts.items())), sorted(ck.metadata))

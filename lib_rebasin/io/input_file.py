@@ -20,8 +20,10 @@ from pathlib import Path
 from ..errors import CheckpointReadError, InputChangedError
 
 
-def check_input_path(path: str | os.PathLike[str]) -> str:
-    """An input path that can be opened, or a CheckpointReadError that says why not (before any other work)."""
+def check_input_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """An input path that can be opened, or a CheckpointReadError that says why not (before any other work).
+
+    A bytes path (which Python's own file functions accept) is decoded as the file system does."""
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
@@ -61,7 +63,7 @@ class FileSource:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = open(path, "rb")
+        self.file = open(path, "rb")  # noqa: SIM115 -- held for the object's life; close() closes it
         self.identity = _identity(os.fstat(self.file.fileno()))
         self._lock = threading.Lock()  # only for systems without pread (one shared file position)
         self._sha256: str | None = None

@@ -19,8 +19,9 @@ from .safetensors_format import DTYPE_NAMES, header_bytes
 from .tempfiles import TEMP_NAME_EXTRA, open_temp_output, place_output, probe_writable, sweep_stale_temp_files
 
 
-def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Validate an output path before any work starts; returns it as a Path."""
+def check_output_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], overwrite: bool = False) -> Path:
+    """Validate an output path before any work starts; returns it as a Path (a bytes path decoded as the file
+    system does)."""
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)

@@ -26,7 +26,7 @@ from .vae_bake import BakedVAE
 def merged_keys(A: ModelInput, parts: tuple[str, ...]) -> set[str]:
     """The keys of A the merge computes: the floating-point model weights of the merged parts. position_ids are
     indices even when an old merge stored them as floats: always A's, never blended."""
-    return {k for k in A.ckpt.keys() if k in A.spec.shapes and part_of(k) in parts
+    return {k for k in A.ckpt if k in A.spec.shapes and part_of(k) in parts
             and not k.endswith("position_ids") and A.ckpt.infos[k].dtype.is_floating_point}
 
 
@@ -48,7 +48,7 @@ class OutputTensors:
             keys = keys + [k for k in spec.shapes if k in vae_keys and k not in A.ckpt.infos]
         diag.copied_from_a = sum(1 for k in keys if k not in merged
                                  and not (baked is not None and k in spec.shapes and part_of(k) == "vae"))
-        diag.dropped_from_b = sum(1 for k in B.ckpt.keys() if k not in A.ckpt.infos)
+        diag.dropped_from_b = sum(1 for k in B.ckpt if k not in A.ckpt.infos)
         diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels
 
         # A baked VAE's keys that A lacks come after A's own.

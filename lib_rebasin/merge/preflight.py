@@ -110,7 +110,7 @@ def output_entries(A: ModelInput, out_dtype: torch.dtype) -> list[tuple[str, tup
     stored in A."""
     spec = A.spec
     entries = []
-    for k in A.ckpt.keys():
+    for k in A.ckpt:
         info = A.ckpt.infos[k]
         model_weight = k in spec.shapes and part_of(k) in PARTS and info.dtype.is_floating_point
         entries.append((k, info.shape, out_dtype if model_weight else info.dtype))

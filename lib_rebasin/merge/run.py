@@ -11,9 +11,9 @@ evaluated key by key while the output is streamed to disk:
                      B is re-aligned to the running merge at each step, warm-started from the previous permutation.
 
 A plan runs in stages, each in its own module: the inputs (`merge/preflight.py`), the alignment and the blend
-(`merge/alignment.py`, `merge/iterated_rebasin.py`, `merge/method_blend.py`), REPAIR (`merge/repair_step.py`), the inputs' hashes and the
-metadata (`merge/metadata.py`), and the output tensors (`merge/output.py`); the progress bar's share of each stage
-is `merge/stages.py`.
+(`merge/alignment.py`, `merge/iterated_rebasin.py`, `merge/method_blend.py`), REPAIR (`merge/repair_step.py`), the
+inputs' hashes and the metadata (`merge/metadata.py`), and the output tensors (`merge/output.py`); the progress bar's
+share of each stage is `merge/stages.py`.
 """
 
 from __future__ import annotations

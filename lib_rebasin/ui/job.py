@@ -55,7 +55,7 @@ class PreparedRecipe:
 def format_eta(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
         return ""
-    s = int(round(seconds))
+    s = round(seconds)
     if s >= 3600:
         return f"{s // 3600}h {s % 3600 // 60:02d}m"
     if s >= 60:

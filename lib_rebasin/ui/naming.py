@@ -20,7 +20,8 @@ def output_path_for(name: str, folder: Path, default_stem: str) -> Path:
     name = clipped(name or "")  # the messages below quote it
     if not raw:
         raw = default_stem
-    if raw in (".", "..") or ".." in raw.replace("\\", "/").split("/") or os.path.isabs(raw) or "/" in raw or "\\" in raw:
+    if (raw in (".", "..") or ".." in raw.replace("\\", "/").split("/") or os.path.isabs(raw)
+            or "/" in raw or "\\" in raw):
         raise RebasinError(f"Output name '{name}' points outside the checkpoint folder; give a plain file name "
                            f"without '/', '\\' or '..'.")
     if _BAD_CHARS.search(raw):

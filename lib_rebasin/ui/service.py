@@ -209,8 +209,8 @@ class MergeService:
         devices = self.host.device_choices()
         for s in recipe.steps:
             if s.options.device not in devices:
-                raise recipe_core.RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not available "
-                                     f"here; choose one of {', '.join(devices)}.")
+                raise recipe_core.RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not "
+                                     f"available here; choose one of {', '.join(devices)}.")
         for name, path in inputs.items():  # cheap header reads: architecture and parts, before any work
             if name != recipe.bake_vae or any(name in (s.a, s.b, s.c) for s in recipe.steps):
                 open_model(path, name).close()
@@ -301,6 +301,7 @@ class MergeService:
             job.status, job.stage, job.message = "running", "loading", "Starting..."
             device = next((d for d in p.devices if d != "cpu"), "cpu")  # a recipe may mix cpu and GPU steps
             self.host.prepare_device(device)
+            chain = result = None  # exactly one is set below: the recipe's chain or the single merge's result
             try:
                 if isinstance(p, PreparedRecipe):
                     chain = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
@@ -328,11 +329,11 @@ class MergeService:
                 import traceback
 
                 traceback.print_exc()
-            if isinstance(p, PreparedRecipe):
+            if chain is not None:
                 job.summary = [str(x) for x in chain.summary_lines()]
                 job.diagnostics = {"steps": [{"name": n, **d.to_dict()} for n, d in chain.steps]}
                 job.seconds = time.time() - job.started
-            else:
+            elif result is not None:
                 try:
                     job.summary = [str(x) for x in result.diagnostics.summary_lines()]
                 except Exception as e:  # diagnostics are a report, never a reason to fail a saved merge
