@@ -108,12 +108,12 @@ def sign_elected_mean(taus: list[Tensor], weights: list[float]) -> Tensor:
     """TIES' elect + disjoint merge: per entry, the sign of the weighted sum wins; the result is the weighted mean
     of the task vectors that have that sign (zero where none does)."""
     total = torch.zeros_like(taus[0])
-    for w, t in zip(weights, taus):
+    for w, t in zip(weights, taus, strict=True):
         total.add_(t, alpha=w)
     sign = torch.sign(total)
     num = torch.zeros_like(total)
     den = torch.zeros_like(total)
-    for w, t in zip(weights, taus):
+    for w, t in zip(weights, taus, strict=True):
         agree = (torch.sign(t) == sign) & (t != 0)
         num += torch.where(agree, w * t, torch.zeros_like(t))
         den += agree.to(t.dtype) * w
@@ -214,7 +214,7 @@ def median_coefficients(gram: list[list[float]], weights: list[float], iteration
 
     for j in range(n):
         dist = [math.sqrt(max(between(i, i, j), 0.0)) for i in range(n)]
-        own = sum(w for w, d in zip(weights, dist) if d == 0.0)
+        own = sum(w for w, d in zip(weights, dist, strict=True) if d == 0.0)
         far = [i for i in range(n) if dist[i] > 0.0 and weights[i] > 0.0]
         pull2 = sum(weights[i] * weights[k] * between(i, k, j) / (dist[i] * dist[k]) for i in far for k in far)
         if own > 0.0 and own * own > pull2:
@@ -222,14 +222,14 @@ def median_coefficients(gram: list[list[float]], weights: list[float], iteration
     lam = [w / total for w in weights]
     for _ in range(iterations):
         g = [sum(gram[j][k] * lam[k] for k in range(n)) for j in range(n)]
-        q = sum(lj * gj for lj, gj in zip(lam, g))
+        q = sum(lj * gj for lj, gj in zip(lam, g, strict=True))
         d = [math.sqrt(max(q - 2 * g[j] + gram[j][j], 0.0)) for j in range(n)]
-        scale = sum(w * dj for w, dj in zip(weights, d)) / total
+        scale = sum(w * dj for w, dj in zip(weights, d, strict=True)) / total
         if scale == 0.0:
             break
-        v = [w / max(dj, 1e-12 * scale) for w, dj in zip(weights, d)]
+        v = [w / max(dj, 1e-12 * scale) for w, dj in zip(weights, d, strict=True)]
         new = [vj / sum(v) for vj in v]
-        step = [x - y for x, y in zip(new, lam)]
+        step = [x - y for x, y in zip(new, lam, strict=True)]
         moved2 = sum(step[i] * gram[i][k] * step[k] for i in range(n) for k in range(n))
         lam = new
         if moved2 <= (1e-9 * scale) ** 2:
@@ -248,7 +248,7 @@ def weighted_geometric_median(points: list[Tensor], weights: list[float]) -> Ten
     gram = [[_dot(x, y) for y in points] for x in points]
     lam = median_coefficients(gram, weights)
     out = points[0] * lam[0]
-    for li, x in zip(lam[1:], points[1:]):
+    for li, x in zip(lam[1:], points[1:], strict=True):
         out.add_(x, alpha=li)
     return out
 
