@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_command(args: argparse.Namespace) -> int:
-    from .recipe.run import load_recipe, recipe_from_checkpoint, run_recipe
+    from .recipe.from_output import recipe_from_checkpoint
+    from .recipe.parse import load_recipe
+    from .recipe.run import run_recipe
 
     if args.from_checkpoint:
         text = recipe_from_checkpoint(args.from_checkpoint)

@@ -189,7 +189,8 @@ alpha = 0.5
 
 
 def test_a_recipe_merges_and_records_one_version_of_an_input_replaced_midway(inputs: dict[str, Path]) -> None:
-    from lib_rebasin.recipe.run import parse_recipe, run_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
+    from lib_rebasin.recipe.run import run_recipe
 
     folder = inputs["a"].parent
     (folder / "r.toml").write_text(TWO_STEPS)

@@ -14,7 +14,10 @@ from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
 from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
-from lib_rebasin.recipe.run import RecipeError, load_recipe, parse_recipe, recipe_from_checkpoint, run_recipe
+from lib_rebasin.recipe.format import RecipeError
+from lib_rebasin.recipe.parse import load_recipe, parse_recipe
+from lib_rebasin.recipe.from_output import recipe_from_checkpoint
+from lib_rebasin.recipe.run import run_recipe
 
 CHAIN = """
 [recipe]

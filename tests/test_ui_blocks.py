@@ -36,7 +36,7 @@ def test_block_handlers_and_curve() -> None:
 
 
 def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.standalone import StandaloneHost
@@ -248,7 +248,7 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     pytest.importorskip("gradio")
     import torch
 
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.recipe.run import RecipeError, parse_recipe
+from lib_rebasin.recipe.format import RecipeError
+from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.ui import recipe_builder as rb
 from lib_rebasin.ui.service import MergeRequest, MergeService, RecipeRequest
 from lib_rebasin.ui.standalone import StandaloneHost

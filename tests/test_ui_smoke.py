@@ -49,7 +49,7 @@ _fn_for = fn_for
 
 
 def test_recipe_section_builds_runs_and_loads_back(tmp_path):
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.sd1.synthetic import make_checkpoint
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
@@ -184,7 +184,7 @@ def _builder(tmp_path):
 def test_second_add_step_gets_a_new_name(tmp_path):
     """The events as the page runs them: Add, then the step selector's change fills the form (name "step1"),
     then Add again with that form: a second step "step2", not a refusal."""
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
 
     _host, _service, ui = _builder(tmp_path)
     add = _fn_for(ui.blocks, ui["recipe_add"])

@@ -711,7 +711,7 @@ def test_extension_js_defines_only_prefixed_globals():
 def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tmp_path, models_dir):
     """A 2-step recipe from the tab's builder, run by the WebUI host: models found in the host's checkpoint
     lists (not the output folder), the host's queue and progress, then its lists rescanned."""
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.service import RecipeRequest
 

@@ -18,7 +18,9 @@ from ..errors import Cancelled, CheckpointReadError, FieldError, RebasinError
 from ..merge.run import merge_checkpoints, preflight
 from ..methods import METHODS
 from ..progress import ProgressEvent
-from ..recipe import run as recipe_core
+from ..recipe.format import ModelRef, RecipeError
+from ..recipe.parse import parse_recipe
+from ..recipe.run import run_recipe
 from .host import CheckpointEntry, Host
 from .job import Job, Prepared, PreparedRecipe, format_eta
 from .naming import _same_file, default_output_stem, output_path_for
@@ -184,12 +186,12 @@ class MergeService:
 
         if not (req.text or "").strip():
             raise RebasinError("The recipe is empty; add a step or load a recipe first.")
-        recipe = recipe_core.parse_recipe(req.text, "recipe")
+        recipe = parse_recipe(req.text, "recipe")
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
         entries = self.checkpoints()
-        pinned: dict[str, recipe_core.ModelRef] = {}
+        pinned: dict[str, ModelRef] = {}
         inputs: dict[str, Path] = {}
         for name, ref in recipe.models.items():
             # The VAE to bake in is looked for in the host's VAE list first, then among the checkpoints.
@@ -201,7 +203,7 @@ class MergeService:
             if entry is None:
                 what = f"file {ref.file}" if ref.file else f"a file with sha256 {ref.sha256}"
                 where = "VAEs or checkpoints" if vaes or name == recipe.bake_vae else "checkpoints"
-                raise recipe_core.RecipeError(f"line {ref.line}: model '{name}': {what} is not among the installed "
+                raise RecipeError(f"line {ref.line}: model '{name}': {what} is not among the installed "
                                      f"{where}; put it in {folder} and press refresh, or fix the recipe.")
             pinned[name] = replace(ref, file=str(entry.path.resolve()))
             inputs[name] = entry.path
@@ -209,7 +211,7 @@ class MergeService:
         devices = self.host.device_choices()
         for s in recipe.steps:
             if s.options.device not in devices:
-                raise recipe_core.RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not available "
+                raise RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not available "
                                      f"here; choose one of {', '.join(devices)}.")
         for name, path in inputs.items():  # cheap header reads: architecture and parts, before any work
             if name != recipe.bake_vae or any(name in (s.a, s.b, s.c) for s in recipe.steps):
@@ -303,7 +305,7 @@ class MergeService:
             self.host.prepare_device(device)
             try:
                 if isinstance(p, PreparedRecipe):
-                    chain = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
+                    chain = run_recipe(p.recipe, p.models_dir, p.output,
                                                    overwrite=p.request.overwrite, progress=progress,
                                                    cancel=cancelled,
                                                    extra_metadata={"lib_rebasin_host": self.host.name},
