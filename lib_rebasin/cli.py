@@ -14,10 +14,11 @@ from typing import Any, TextIO
 
 from .errors import Cancelled, RebasinError
 from .merge.block_weights import parse_blocks
-from .merge.run import MergeResult, ProgressEvent, merge_checkpoints
+from .merge.run import MergeResult, merge_checkpoints
 from .methods import METHODS
 from .option import Option
 from .options import OPTIONS, MergeOptions, users_of
+from .progress import ProgressEvent
 from .signals import commit_reached, interrupts_until_commit, late_signals
 
 

@@ -17,7 +17,8 @@ from lib_rebasin.merge.block_weights import BLOCK_IDS, MAPPING_VERSION, block_of
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.recipe.run import run_recipe
 from lib_rebasin.sd1.spec import build_spec, part_of

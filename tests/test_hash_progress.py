@@ -16,9 +16,12 @@ import pytest
 import torch
 
 import lib_rebasin.recipe.resolve as resolve_mod
-from lib_rebasin.io.checkpoint import DTYPE_NAMES, open_checkpoint
+from lib_rebasin.io.safetensors_format import DTYPE_NAMES
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, CheckpointReadError
-from lib_rebasin.merge.run import MergeOptions, ProgressEvent, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.progress import ProgressEvent
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.recipe.resolve import resolve_models
 from lib_rebasin.sd1.synthetic import make_checkpoint

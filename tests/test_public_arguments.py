@@ -25,7 +25,10 @@ from lib_rebasin.sd1 import synthetic
 from lib_rebasin.merge.blend import telescoping_schedule
 from lib_rebasin.merge.block_weights import parse_blocks
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge.run import MergeOptions, Reporter, merge_checkpoints, merge_in_memory, preflight
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.progress import Reporter
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.merge.preflight import preflight
 
 WS = MergeOptions(method="weighted_sum")
 STEP = '[models]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\na = "a"\nb = "b"\nmethod = "weighted_sum"\n'

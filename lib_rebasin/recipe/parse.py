@@ -174,6 +174,7 @@ def _unsafe_name(file: str) -> str | None:
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and check a recipe file; its folder is also searched for models named by sha256."""
     check_arguments("load_recipe", path=path)
     p = Path(path)
     try:

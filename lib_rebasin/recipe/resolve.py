@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..arguments import check_arguments
 from ..errors import CheckpointReadError
-from ..io.checkpoint import check_header, file_sha256
+from ..io.checkpoint import check_header
+from ..io.input_file import file_sha256
 from ..progress import Reporter
 from .format import ModelRef, Recipe, RecipeError
 from .provenance import hash_progress

@@ -21,17 +21,13 @@ from .. import __version__
 from ..arguments import check_arguments
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.model_input import legacy_hash, open_model, same_file
+from ..io.output_file import check_free_space, check_output_path, output_bytes
 from ..io.parsing import json_or_none
-from ..merge.diagnostics import stored_diagnostics
-from ..merge.run import (
-    CancelCheck,
-    Diagnostics,
-    MergeResult,
-    ProgressCallback,
-    Reporter,
-    merge_checkpoints,
-    merge_in_memory,
-)
+from ..io.precisions import PRECISIONS
+from ..merge.diagnostics import Diagnostics, stored_diagnostics
+from ..merge.preflight import output_entries
+from ..merge.run import MergeResult, merge_checkpoints, merge_in_memory
+from ..progress import CancelCheck, ProgressCallback, Reporter
 from ..sd1.spec import part_of
 from .format import ModelRef, Recipe
 from .provenance import hash_progress
@@ -61,8 +57,6 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
     `confine`: model names must resolve inside `models_dir` (see `resolve_models`); `vae_dir`: where the VAE to
     bake in is looked for first. The last step's commit (`merge_checkpoints`, `on_commit`) is the recipe's only
     one: earlier steps stay in memory, so a cancel before it leaves no file and one after it changes nothing."""
-    from ..io.checkpoint import check_output_path
-
     check_arguments("run_recipe", ("vae_dir",), recipe=recipe, models_dir=models_dir, output=output,
                     overwrite=overwrite, progress=progress, cancel=cancel, extra_metadata=extra_metadata,
                     confine=confine, vae_dir=vae_dir)
@@ -94,9 +88,6 @@ def _open_inputs(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], out_path: Path,
                 overwrite: bool, progress: ProgressCallback | None, cancel: CancelCheck | None,
                 extra_metadata: dict[str, str] | None, on_commit: Callable[[Path], None] | None) -> RecipeResult:
-    from ..io.checkpoint import PRECISIONS, check_free_space, output_bytes
-    from ..merge.run import output_entries
-
     # Check every step's inputs from the headers before any work (architectures, shapes, parts).
     for step in recipe.steps:
         for slot in ("a", "b", "c"):
