@@ -98,7 +98,8 @@ OURS = {
 
 def run_ours(case: str, a: str, b: str, out_dir: Path, device: str) -> dict[str, Any]:
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+    from lib_rebasin.options import MergeOptions
+    from lib_rebasin.merge.run import merge_checkpoints
 
     kw = OURS[case]
     opts = MergeOptions(alpha=0.5, parts=("unet", "te"), device=device, precision="fp16", **kw)

@@ -42,7 +42,8 @@ def main() -> None:
 
     from lib_rebasin.merge import diagnostics
     from lib_rebasin.io import finite
-    from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+    from lib_rebasin.options import MergeOptions
+    from lib_rebasin.merge.run import merge_checkpoints
     from lib_rebasin.sd1.synthetic import make_checkpoint
 
     checks, dots = [0.0], [0.0]

@@ -129,7 +129,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "output": _path, "path": _path, "folder": _path, "models_dir": _path,
     "vae_dir": _optional(_path),
     "options": _instance(".options.MergeOptions", "a MergeOptions (from lib_rebasin.options import MergeOptions)"),
-    "recipe": _instance(".recipe.run.Recipe", "a Recipe (from load_recipe() or parse_recipe())"),
+    "recipe": _instance(".recipe.format.Recipe", "a Recipe (from load_recipe() or parse_recipe())"),
     "report": _optional(_instance(".progress.Reporter", "a Reporter")),
     "overwrite": _bool, "confine": _bool, "tool_dot": _bool,
     "progress": _optional(_callable), "cancel": _optional(_callable), "metadata_hook": _optional(_callable),

@@ -14,10 +14,11 @@ from typing import Any, TextIO
 
 from .errors import Cancelled, RebasinError
 from .merge.block_weights import parse_blocks
-from .merge.run import MergeResult, ProgressEvent, merge_checkpoints
+from .merge.run import MergeResult, merge_checkpoints
 from .methods import METHODS
 from .option import Option
 from .options import OPTIONS, MergeOptions, users_of
+from .progress import ProgressEvent
 from .signals import commit_reached, interrupts_until_commit, late_signals
 
 
@@ -185,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_command(args: argparse.Namespace) -> int:
-    from .recipe.run import load_recipe, recipe_from_checkpoint, run_recipe
+    from .recipe.from_output import recipe_from_checkpoint
+    from .recipe.parse import load_recipe
+    from .recipe.run import run_recipe
 
     if args.from_checkpoint:
         text = recipe_from_checkpoint(args.from_checkpoint)

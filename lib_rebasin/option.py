@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .arguments import is_finite_number, shown
+from .arguments import is_finite_number
+from .messages import shown
 
 if TYPE_CHECKING:
     from .methods import MethodInfo

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .arguments import shown
 from .errors import ArgumentError, FieldError
-from .io.checkpoint import PRECISIONS
+from .io.precisions import PRECISIONS
 from .merge.block_weights import check_values
-from .methods import ALL_PARAMS, METHODS, MethodInfo, Param  # noqa: F401  (MethodInfo, Param: re-exported)
+from .messages import shown
+from .methods import ALL_PARAMS, METHODS, MethodInfo
 from .option import Option
 from .sd1.spec import PARTS
 

@@ -28,7 +28,7 @@ from lib_rebasin.options import OPTIONS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
-from lib_rebasin.ui.service import PRECISION_CHOICES, MergeService  # noqa: E402
+from lib_rebasin.ui.service import MergeService
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
 
 try:
@@ -106,7 +106,7 @@ class WebUIHost(BaseHost):
             from modules import hashes
         except ImportError:  # SD.Next and other hosts without it
             return
-        from lib_rebasin.io.checkpoint import file_sha256
+        from lib_rebasin.io.input_file import file_sha256
 
         cache = hashes.cache("hashes")
         for path in paths:
@@ -333,8 +333,8 @@ def on_ui_settings():
             "auto", "Default device (auto = GPU when it has enough VRAM and no --lowvram/--medvram, else CPU)",
             gr.Radio, {"choices": [("Auto", "auto"), ("CPU", "cpu"), ("GPU", "gpu")]}, section=section),
         "rebasin_default_precision": shared.OptionInfo(
-            OPTIONS["precision"].default, "Default save precision", gr.Radio, {"choices": list(PRECISION_CHOICES)},
-            section=section),
+            OPTIONS["precision"].default, "Default save precision", gr.Radio,
+            {"choices": list(OPTIONS["precision"].choices)}, section=section),
         "rebasin_output_dir": shared.OptionInfo(
             "", "Output folder for merges (empty = the WebUI checkpoint folder)", gr.Textbox, section=section),
         ALLOWED_HOSTS_OPTION: shared.OptionInfo(

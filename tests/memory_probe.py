@@ -33,7 +33,8 @@ def rss() -> int:
 
 def main(folder: Path) -> None:
     from lib_rebasin.ui import recipe_builder as rb
-    from lib_rebasin.ui.service import MergeService, RecipeRequest
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.request import RecipeRequest
     from lib_rebasin.ui.standalone import StandaloneHost
 
     torch.set_num_threads(1)

@@ -14,7 +14,8 @@ from lib_rebasin.sd1.arch import MINI
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 
 ACT = MergeOptions(matching="activations", activation_samples=1, precision="fp32")
 

@@ -228,7 +228,7 @@ def _merge_to_done(server, body: dict, limit_s: float = 120) -> dict:
 def test_same_origin_merge_runs_and_then_has_a_hash(server, models):
     _merge_to_done(server, {"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
                             "method": "weighted_sum", "output_name": f"api_{server.kind}"})
-    from lib_rebasin.io.checkpoint import file_sha256
+    from lib_rebasin.io.input_file import file_sha256
 
     out = models / f"api_{server.kind}.safetensors"
     listed = {c["name"]: c for c in server.request("GET", "/rebasin/v1/checkpoints")[1]}

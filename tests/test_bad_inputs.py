@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.io.output_file import save_state_dict
 from model_cache import cached_checkpoint, place
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def test_nul_byte_in_a_recipe_path(pair: dict, out: Path) -> None:
 
 
 def test_nul_byte_in_a_path_through_the_python_api(tmp_path: Path) -> None:
-    from lib_rebasin.io.checkpoint import check_output_path
+    from lib_rebasin.io.output_file import check_output_path
     from lib_rebasin.errors import CheckpointReadError, OutputError
 
     with pytest.raises(CheckpointReadError, match="NUL byte"):
@@ -449,7 +450,7 @@ def test_repair_where_it_does_not_apply_is_one_line_and_no_file(pair: dict, out:
 ])
 def test_merge_options_name_the_field_of_the_wrong_type(field: str, value: object) -> None:
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.merge.run import MergeOptions
+    from lib_rebasin.options import MergeOptions
 
     with pytest.raises(RebasinError, match=field):
         MergeOptions(**{field: value}).validate()
@@ -457,7 +458,7 @@ def test_merge_options_name_the_field_of_the_wrong_type(field: str, value: objec
 
 def test_add_difference_alpha_bounds() -> None:
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.merge.run import MergeOptions
+    from lib_rebasin.options import MergeOptions
 
     MergeOptions(method="add_difference", alpha=-10.0).validate()
     MergeOptions(method="add_difference", alpha=2).validate()
@@ -499,7 +500,8 @@ def test_the_tab_shows_the_same_one_line_errors(pair: dict, tmp_path: Path) -> N
     """The tab (and the HTTP API, which goes through the same service): refused in validation where the headers
     tell (integer weights), or as the job's one-line error (NaN weights); nothing written either way."""
     from lib_rebasin.errors import RebasinError
-    from lib_rebasin.ui.service import MergeRequest, MergeService
+    from lib_rebasin.ui.request import MergeRequest
+    from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
 
     folder = tmp_path / "models"

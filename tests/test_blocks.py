@@ -17,8 +17,10 @@ from lib_rebasin.merge.block_weights import BLOCK_IDS, MAPPING_VERSION, block_of
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
-from lib_rebasin.recipe.run import parse_recipe, run_recipe
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.recipe.parse import parse_recipe
+from lib_rebasin.recipe.run import run_recipe
 from lib_rebasin.sd1.spec import build_spec, part_of
 from test_spec import SHARED_KEYS
 
@@ -264,7 +266,7 @@ alpha = 0.75
 
 
 def test_recipe_from_a_single_merge_keeps_blocks_and_params(models: dict[str, Path], tmp_path: Path) -> None:
-    from lib_rebasin.recipe.run import recipe_from_checkpoint
+    from lib_rebasin.recipe.from_output import recipe_from_checkpoint
 
     out = merge_checkpoints(models["a"], models["finetune"], tmp_path / "t.safetensors",
                             MergeOptions(method="ties", ties_density=0.3, blocks=PRESETS["RING10_3"],

@@ -20,8 +20,10 @@ from test_io_safety import Paused
 
 from lib_rebasin.merge import run as merge
 from lib_rebasin.io import output_file
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
-from lib_rebasin.ui.service import MergeRequest, MergeService, RecipeRequest
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.ui.request import MergeRequest, RecipeRequest
+from lib_rebasin.ui.service import MergeService
 from lib_rebasin.ui.standalone import StandaloneHost, stop_jobs
 
 RECIPE = """

@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lib_rebasin.sd1.arch import MINI, TINY, detect
-from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict, write_safetensors
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.io.output_file import save_state_dict, write_safetensors
 from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,
                                 UnsupportedModelError)
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.sd1.spec import build_spec
 from lib_rebasin.sd1.synthetic import synthetic_tensor
 
@@ -199,7 +201,7 @@ def test_sd1_variants_are_recognised(tmp_path: Path, channels: int, variant: str
 def test_file_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
     import hashlib
 
-    from lib_rebasin.io.checkpoint import file_sha256
+    from lib_rebasin.io.input_file import file_sha256
 
     path = tmp_path / "m.bin"
     path.write_bytes(b"first")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lib_rebasin.compute import merge_threads, usable_cpus
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.progress import ProgressEvent
 
 

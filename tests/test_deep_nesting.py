@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.io.parsing import MAX_DEPTH
 from test_bad_inputs import STEP, assert_refused, cli, listing
 

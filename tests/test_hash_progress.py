@@ -16,11 +16,15 @@ import pytest
 import torch
 from model_cache import cached_checkpoint
 
-import lib_rebasin.recipe.run as recipe_mod
-from lib_rebasin.io.checkpoint import DTYPE_NAMES, open_checkpoint
+import lib_rebasin.recipe.resolve as resolve_mod
+from lib_rebasin.io.safetensors_format import DTYPE_NAMES
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, CheckpointReadError
-from lib_rebasin.merge.run import MergeOptions, ProgressEvent, merge_checkpoints
-from lib_rebasin.recipe.run import parse_recipe, resolve_models
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.progress import ProgressEvent
+from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.recipe.parse import parse_recipe
+from lib_rebasin.recipe.resolve import resolve_models
 
 HOLES = 32 * 10**9
 
@@ -95,13 +99,13 @@ def test_recipe_search_by_hash_never_hashes_a_file_that_is_no_checkpoint(models:
         (folder / f"{name}.safetensors").write_bytes(models[name].read_bytes())
     (folder / "0_holes.safetensors").symlink_to(models["junk"])  # sorts first: searched first
     hashed: list[str] = []
-    real = recipe_mod.file_sha256
+    real = resolve_mod.file_sha256
 
     def spy(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         hashed.append(Path(path).name)
         return "0" * 64 if "holes" in Path(path).name else real(path, *args, **kwargs)  # (32 GB not read)
 
-    monkeypatch.setattr(recipe_mod, "file_sha256", spy)
+    monkeypatch.setattr(resolve_mod, "file_sha256", spy)
     want = hashlib.sha256(models["b"].read_bytes()).hexdigest()
     recipe = parse_recipe(f'[models]\na = "a.safetensors"\nb = {{ sha256 = "{want}" }}\n\n[[step]]\nname = "m"\n'
                           'method = "weighted_sum"\na = "a"\nb = "b"\n')

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.io.checkpoint import check_output_path, open_checkpoint
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.io.output_file import check_output_path
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 PAUSED = Path(__file__).resolve().parent / "paused_cli.py"
@@ -195,7 +197,8 @@ alpha = 0.5
 
 
 def test_a_recipe_merges_and_records_one_version_of_an_input_replaced_midway(inputs: dict[str, Path]) -> None:
-    from lib_rebasin.recipe.run import parse_recipe, run_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
+    from lib_rebasin.recipe.run import run_recipe
 
     folder = inputs["a"].parent
     (folder / "r.toml").write_text(TWO_STEPS)
@@ -296,7 +299,8 @@ def test_stopping_the_standalone_app_cancels_its_running_merge(inputs: dict[str,
     """What Ctrl-C / SIGTERM of the standalone app runs (`stop_jobs`): the merge is cancelled, nothing written."""
     import time
 
-    from lib_rebasin.ui.service import MergeRequest, MergeService
+    from lib_rebasin.ui.request import MergeRequest
+    from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost, stop_jobs
 
     folder = inputs["a"].parent

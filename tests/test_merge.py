@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from lib_rebasin.sd1.arch import MINI
-from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
 from lib_rebasin.align.weight_matching import weight_matching
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints, telescoping_schedule
-from lib_rebasin.align.permute import is_legal, permute_tensor, random_perms
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.blend import telescoping_schedule
+from lib_rebasin.align.permute import is_legal, permute_tensor
 from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
@@ -167,7 +170,6 @@ def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
 
 
 def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
-    from lib_rebasin.io.checkpoint import save_state_dict
 
     pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     states = []
@@ -224,7 +226,7 @@ def test_cancel_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_metadata_is_in_the_webui_shape(models: dict[str, Path], tmp_path: Path) -> None:
-    from lib_rebasin.io.checkpoint import file_sha256
+    from lib_rebasin.io.input_file import file_sha256
 
     res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions())
     with open_checkpoint(res.output) as ck:

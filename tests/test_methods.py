@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from lib_rebasin.sd1.arch import MINI
-from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.methods import (METHODS, add_difference, dare, dare_drop, dare_ties, key_generator, ties,
                                  train_difference, trim_top)
 from lib_rebasin.align.permute import permute_tensor, random_perms

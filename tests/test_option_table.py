@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from lib_rebasin.recipe import run as recipe_mod
 from lib_rebasin.cli import _options, build_parser
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.methods import METHODS
 from lib_rebasin.option import Option
 from lib_rebasin.options import OPTIONS, MergeOptions, options_for
+from lib_rebasin.recipe.format import ModelRef, Recipe, Step, step_options
+from lib_rebasin.recipe.from_output import _single_merge_recipe
+from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.recipe.provenance import recorded_options
 from lib_rebasin.ui.request import MergeRequest, method_listing
 
@@ -67,7 +69,7 @@ def _settings(method: str, name: str) -> dict[str, Any]:
 
 
 def _merge_options(settings: dict[str, Any]) -> MergeOptions:
-    return recipe_mod.step_options(settings)  # block weights as text, like every interface gives them
+    return step_options(settings)  # block weights as text, like every interface gives them
 
 
 def _cli_args(settings: dict[str, Any]) -> list[str]:
@@ -105,10 +107,10 @@ def test_option_reaches_every_interface(method: str, name: str) -> None:
     assert _options(args, args.method) == expected
 
     # recipe: written and parsed back, the options it records are the same
-    step = recipe_mod.Step("s", expected, "a", "b", "c" if METHODS[method].needs_c else None)
-    models = {k: recipe_mod.ModelRef(k, f"{k}.safetensors") for k in ("a", "b", "c")}
-    text = recipe_mod.Recipe(name="r", models=models, steps=[step]).to_toml()
-    parsed = recipe_mod.parse_recipe(text).steps[0].options
+    step = Step("s", expected, "a", "b", "c" if METHODS[method].needs_c else None)
+    models = {k: ModelRef(k, f"{k}.safetensors") for k in ("a", "b", "c")}
+    text = Recipe(name="r", models=models, steps=[step]).to_toml()
+    parsed = parse_recipe(text).steps[0].options
     assert recorded_options(parsed) == recorded_options(expected), text
     if OPTIONS[name].recorded(expected):
         assert f"\n{name} = " in text
@@ -116,7 +118,7 @@ def test_option_reaches_every_interface(method: str, name: str) -> None:
     # provenance: recorded in an output's metadata (JSON) and read back as a recipe by `recipe --from`
     record = json.loads(json.dumps({**recorded_options(expected), "models": {"A": "a.safetensors",
                                                                             "B": "b.safetensors", "C": "c"}}))
-    from_output = recipe_mod.parse_recipe(recipe_mod._single_merge_recipe("out", record, {})).steps[0].options
+    from_output = parse_recipe(_single_merge_recipe("out", record, {})).steps[0].options
     assert recorded_options(from_output) == recorded_options(expected)
 
     # HTTP request: the JSON body, as a client sends it
@@ -172,7 +174,7 @@ def test_one_limit_per_option_everywhere():
             if ok:
                 MergeOptions(**settings).validate()
                 MergeRequest.from_dict(json.loads(body))
-                recipe_mod.parse_recipe(f'[models]\na = "a.safetensors"\nb = "b.safetensors"\nc = "c.safetensors"\n'
+                parse_recipe(f'[models]\na = "a.safetensors"\nb = "b.safetensors"\nc = "c.safetensors"\n'
                                         f'[[step]]\nmethod = "{method}"\na = "a"\nb = "b"\nc = "c"\n'
                                         f"{opt.name} = {value}\n")
             else:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.progress import ProgressEvent, Reporter
 
 

@@ -16,12 +16,19 @@ import pytest
 from lib_rebasin import demo
 from lib_rebasin.io import describe as inspect
 from lib_rebasin.merge import legacy
-from lib_rebasin.recipe import run as recipe
+from lib_rebasin.recipe.format import step_options
+from lib_rebasin.recipe.from_output import recipe_from_checkpoint
+from lib_rebasin.recipe.parse import load_recipe, parse_recipe
+from lib_rebasin.recipe.resolve import resolve_models
+from lib_rebasin.recipe.run import run_recipe
 from lib_rebasin.sd1 import synthetic
 from lib_rebasin.merge.blend import telescoping_schedule
 from lib_rebasin.merge.block_weights import parse_blocks
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.merge.run import MergeOptions, Reporter, merge_checkpoints, merge_in_memory, preflight
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.progress import Reporter
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.merge.preflight import preflight
 
 WS = MergeOptions(method="weighted_sum")
 STEP = '[models]\na = "a.safetensors"\nb = "b.safetensors"\n[[step]]\na = "a"\nb = "b"\nmethod = "weighted_sum"\n'
@@ -42,7 +49,7 @@ class Files:
         self.out_dir = tmp / "out"
         self.out_dir.mkdir()
         self.out = self.out_dir / "m.safetensors"
-        self.recipe = recipe.parse_recipe(STEP.replace("b.safetensors", self.b.name), "r.toml")
+        self.recipe = parse_recipe(STEP.replace("b.safetensors", self.b.name), "r.toml")
         self.file = tmp / "a_file.txt"
         self.file.write_text("not a folder")
 
@@ -95,23 +102,23 @@ CASES: dict[str, tuple[Call, str]] = {
     "MergeOptions device gpu": (lambda f: merge_checkpoints(f.a, f.b, f.out, MergeOptions(device="cudax")),
                                 "device"),
     # recipes
-    "parse_recipe None": (lambda f: recipe.parse_recipe(None), "text"),
-    "parse_recipe bytes": (lambda f: recipe.parse_recipe(STEP.encode()), "text"),
-    "parse_recipe source int": (lambda f: recipe.parse_recipe(STEP, 5), "source"),
-    "load_recipe None": (lambda f: recipe.load_recipe(None), "path"),
-    "load_recipe folder": (lambda f: recipe.load_recipe(f.models), "Cannot read recipe"),
-    "step_options None": (lambda f: recipe.step_options(None), "settings"),
-    "step_options misspelt": (lambda f: recipe.step_options({"alpah": 0.5}), "alpah"),
-    "run_recipe recipe None": (lambda f: recipe.run_recipe(None, f.models, f.out), "recipe"),
-    "run_recipe recipe text": (lambda f: recipe.run_recipe(STEP, f.models, f.out), "recipe"),
-    "run_recipe models_dir None": (lambda f: recipe.run_recipe(f.recipe, None, f.out), "models_dir"),
-    "run_recipe output None": (lambda f: recipe.run_recipe(f.recipe, f.models, None), "output"),
-    "run_recipe overwrite str": (lambda f: recipe.run_recipe(f.recipe, f.models, f.out, overwrite="yes"),
+    "parse_recipe None": (lambda f: parse_recipe(None), "text"),
+    "parse_recipe bytes": (lambda f: parse_recipe(STEP.encode()), "text"),
+    "parse_recipe source int": (lambda f: parse_recipe(STEP, 5), "source"),
+    "load_recipe None": (lambda f: load_recipe(None), "path"),
+    "load_recipe folder": (lambda f: load_recipe(f.models), "Cannot read recipe"),
+    "step_options None": (lambda f: step_options(None), "settings"),
+    "step_options misspelt": (lambda f: step_options({"alpah": 0.5}), "alpah"),
+    "run_recipe recipe None": (lambda f: run_recipe(None, f.models, f.out), "recipe"),
+    "run_recipe recipe text": (lambda f: run_recipe(STEP, f.models, f.out), "recipe"),
+    "run_recipe models_dir None": (lambda f: run_recipe(f.recipe, None, f.out), "models_dir"),
+    "run_recipe output None": (lambda f: run_recipe(f.recipe, f.models, None), "output"),
+    "run_recipe overwrite str": (lambda f: run_recipe(f.recipe, f.models, f.out, overwrite="yes"),
                                  "overwrite"),
-    "run_recipe progress int": (lambda f: recipe.run_recipe(f.recipe, f.models, f.out, progress=1), "progress"),
-    "resolve_models models_dir int": (lambda f: recipe.resolve_models(f.recipe, 5), "models_dir"),
-    "recipe_from_checkpoint None": (lambda f: recipe.recipe_from_checkpoint(None), "path"),
-    "recipe_from_checkpoint missing": (lambda f: recipe.recipe_from_checkpoint(f.models / "nope.safetensors"),
+    "run_recipe progress int": (lambda f: run_recipe(f.recipe, f.models, f.out, progress=1), "progress"),
+    "resolve_models models_dir int": (lambda f: resolve_models(f.recipe, 5), "models_dir"),
+    "recipe_from_checkpoint None": (lambda f: recipe_from_checkpoint(None), "path"),
+    "recipe_from_checkpoint missing": (lambda f: recipe_from_checkpoint(f.models / "nope.safetensors"),
                                        "nope.safetensors"),
     # inspect, the synthetic models, the demo, block weights, legacy mode
     "inspect_checkpoint None": (lambda f: inspect.inspect_checkpoint(None), "path"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lib_rebasin
 from lib_rebasin.links import DOCS, MERGE_QUALITY
-from lib_rebasin.ui.tab import result_markdown
+from lib_rebasin.ui.tab.rendering import result_markdown
 
 EXTENSION = Path(lib_rebasin.__file__).resolve().parents[1]
 

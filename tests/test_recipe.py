@@ -13,8 +13,12 @@ from model_cache import place
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
-from lib_rebasin.recipe.run import RecipeError, load_recipe, parse_recipe, recipe_from_checkpoint, run_recipe
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.recipe.format import RecipeError
+from lib_rebasin.recipe.parse import load_recipe, parse_recipe
+from lib_rebasin.recipe.from_output import recipe_from_checkpoint
+from lib_rebasin.recipe.run import run_recipe
 
 CHAIN = """
 [recipe]
@@ -177,7 +181,7 @@ alpha = 0.5
 def _vae_file(models: dict[str, Path], where: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    from lib_rebasin.io.checkpoint import save_state_dict
+    from lib_rebasin.io.output_file import save_state_dict
 
     donor = load_file(str(models["independent"]))
     vae = {k[len("first_stage_model."):]: v for k, v in donor.items() if k.startswith("first_stage_model.")}
@@ -236,7 +240,7 @@ def test_recipe_bake_vae_errors_name_the_line_and_write_nothing(models: dict[str
     # a "VAE" that is not one (a UNet-only file): refused before any work, no output
     from safetensors.torch import load_file
 
-    from lib_rebasin.io.checkpoint import save_state_dict
+    from lib_rebasin.io.output_file import save_state_dict
 
     donor = load_file(str(models["independent"]))
     save_state_dict(folder / "donor.vae.safetensors",

@@ -14,7 +14,8 @@ from lib_rebasin.align import repair
 from lib_rebasin.sd1.arch import MINI
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints, merge_in_memory
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.sd1.spec import build_spec
 
 REPAIR = MergeOptions(method="weighted_sum", repair=True, activation_samples=2, precision="fp32")

@@ -41,7 +41,7 @@ def test_block_handlers_and_curve() -> None:
 def test_recipe_builder_keeps_block_weights_and_params(tmp_path) -> None:
     from model_cache import cached_checkpoint
 
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.ui import recipe_builder as rb
     from lib_rebasin.ui.standalone import StandaloneHost
 
@@ -208,7 +208,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
 
 def _donor_vae(folder):
     """base.safetensors' VAE saved as a standalone VAE file in the folder's VAE/ (the host's VAE list)."""
-    from lib_rebasin.io.checkpoint import save_state_dict
+    from lib_rebasin.io.output_file import save_state_dict
 
     with open_checkpoint(folder / "base.safetensors") as ck:
         donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
@@ -252,7 +252,7 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     pytest.importorskip("gradio")
     import torch
 
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.recipe.run import RecipeError, parse_recipe
+from lib_rebasin.recipe.format import RecipeError
+from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.ui import recipe_builder as rb
-from lib_rebasin.ui.service import MergeRequest, MergeService, RecipeRequest
+from lib_rebasin.ui.request import MergeRequest, RecipeRequest
+from lib_rebasin.ui.service import MergeService
 from lib_rebasin.ui.standalone import StandaloneHost
 
 
@@ -194,7 +196,7 @@ def test_recipe_validation_before_any_work(host):
     with pytest.raises(RebasinError, match="overwrite one of the recipe's models"):
         svc.prepare_recipe(RecipeRequest(text, output_name="one", overwrite=True))
     # a model pinned by hash only is found among the installed checkpoints
-    from lib_rebasin.io.checkpoint import file_sha256
+    from lib_rebasin.io.input_file import file_sha256
 
     sha = file_sha256(host.output_dir() / "three.safetensors")
     p = svc.prepare_recipe(RecipeRequest(text.replace('{ file = "three.safetensors" }', f'{{ sha256 = "{sha[:10]}" }}')))
@@ -254,7 +256,8 @@ def test_a_recipe_bakes_a_vae_from_the_hosts_vae_folder(folder):
     it before any work, bakes it in, and the recipe keeps it through the builder's edits."""
     import torch
 
-    from lib_rebasin.io.checkpoint import open_checkpoint, save_state_dict
+    from lib_rebasin.io.checkpoint import open_checkpoint
+    from lib_rebasin.io.output_file import save_state_dict
 
     with open_checkpoint(folder / "three.safetensors") as ck:
         donor = {k[len("first_stage_model."):]: ck.get(k).clone() for k in ck.keys()
@@ -290,19 +293,19 @@ def test_a_recipe_bakes_a_vae_from_the_hosts_vae_folder(folder):
 def test_tab_recipe_search_by_hash_never_hashes_a_listed_file_that_is_no_checkpoint(host, folder, monkeypatch):
     """The tab's lookup of a model pinned by sha256 reads headers first, as the core's does: a listed file of
     holes (a sparse 32 GB `.safetensors` that is no checkpoint) is never read whole."""
-    import lib_rebasin.io.checkpoint as ck
+    import lib_rebasin.io.input_file as input_file
 
     junk = folder / "0_holes.safetensors"  # sorts first: searched first
     with open(junk, "wb") as f:
         f.truncate(32 * 10**9)
     hashed: list[str] = []
-    real = ck.file_sha256
+    real = input_file.file_sha256
 
     def spy(path, *args, **kwargs):
         hashed.append(Path(path).name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(ck, "file_sha256", spy)
+    monkeypatch.setattr(input_file, "file_sha256", spy)  # looked up there when the tab hashes
     try:
         host.refresh_checkpoints()
         assert "0_holes.safetensors" in [e.name for e in host.list_checkpoints()]

@@ -13,7 +13,10 @@ import pytest
 
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.ui.host import HIRES_PRESETS, hires_values, pick_upscaler, scan_checkpoints
-from lib_rebasin.ui.service import MergeRequest, MergeService, format_eta, output_path_for
+from lib_rebasin.ui.request import MergeRequest
+from lib_rebasin.ui.service import MergeService
+from lib_rebasin.ui.job import format_eta
+from lib_rebasin.ui.naming import output_path_for
 from lib_rebasin.ui.standalone import StandaloneHost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +77,7 @@ def test_request_from_json_is_strict():
 def test_wrong_types_and_ranges_name_the_field_in_a_short_message(body, field):
     import json
 
-    from lib_rebasin.ui.service import FieldError
+    from lib_rebasin.errors import FieldError
 
     with pytest.raises(FieldError) as e:
         MergeRequest.from_dict(json.loads(body))

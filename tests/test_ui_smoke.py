@@ -23,7 +23,7 @@ def test_tab_builds_and_standalone_launches(tmp_path):
     from model_cache import cached_checkpoint
 
     from lib_rebasin.ui.standalone import launch
-    from lib_rebasin.ui.tab import js_kwargs
+    from lib_rebasin.ui.tab.compat import js_kwargs
 
     cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, base_seed=0)
     assert list(js_kwargs("() => 0")) == (["js"] if int(gr.__version__.split(".")[0]) >= 4 else ["_js"])
@@ -54,7 +54,7 @@ _fn_for = fn_for
 def test_recipe_section_builds_runs_and_loads_back(tmp_path):
     from model_cache import cached_checkpoint
 
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
     from lib_rebasin.ui.tab import build_tab
@@ -189,7 +189,7 @@ def _builder(tmp_path):
 def test_second_add_step_gets_a_new_name(tmp_path):
     """The events as the page runs them: Add, then the step selector's change fills the form (name "step1"),
     then Add again with that form: a second step "step2", not a refusal."""
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
 
     _host, _service, ui = _builder(tmp_path)
     add = _fn_for(ui.blocks, ui["recipe_add"])
@@ -227,7 +227,7 @@ def test_iterations_and_tolerance_show_only_for_methods_that_use_them(tmp_path):
 
 
 def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp_path):
-    from lib_rebasin.ui.service import MergeRequest
+    from lib_rebasin.ui.request import MergeRequest
 
     host, service, ui = _builder(tmp_path)
     resume = _load_fn(ui.blocks)
@@ -241,7 +241,7 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
         assert "rebasin-progress" in first[1] and first[5]["interactive"] is False
         # the reloaded page's Model A / B are empty: the status line names what runs
         assert "A one.safetensors, B two.safetensors · " in first[1], first[1]
-    from lib_rebasin.ui.tab import job_inputs
+    from lib_rebasin.ui.tab.rendering import job_inputs
 
     assert job_inputs({"recipe": "chain", "models": {"a": "one.safetensors", "b": "two.safetensors",
                                                     "c": "one.safetensors"}}) == \
@@ -261,7 +261,7 @@ def test_reloaded_page_follows_the_running_job_and_stop_leaves_nothing_stale(tmp
 
 def test_stop_once_the_output_is_committed_says_it_is_too_late(tmp_path, monkeypatch):
     from lib_rebasin.io import output_file
-    from lib_rebasin.ui.service import MergeRequest
+    from lib_rebasin.ui.request import MergeRequest
 
     host, service, ui = _builder(tmp_path)
     stop = _fn_for(ui.blocks, ui["stop"])
@@ -280,14 +280,14 @@ def test_stop_once_the_output_is_committed_says_it_is_too_late(tmp_path, monkeyp
 
 
 def test_one_eta_where_the_host_draws_its_own_bar():
-    from lib_rebasin.ui.service import Job
+    from lib_rebasin.ui.job import Job
 
     job = Job("task(x)", prepared=None, status="running", fraction=0.5, message="matching", eta_s=75)
     assert "ETA 1m 15s" in job.status_line() and "ETA" not in job.status_line(eta=False)
 
 
 def test_recipe_step_buttons_never_wrap():
-    from lib_rebasin.ui.tab import tab_css
+    from lib_rebasin.ui.tab.rendering import tab_css
 
     assert "#rebasin_recipe_step_buttons button { white-space: nowrap;" in tab_css()
 

@@ -260,7 +260,7 @@ def test_refresh_button_rescans_and_updates_all_dropdowns(webui):
 # -- validation -------------------------------------------------------------------------------------------------
 
 def _request(**kw):
-    from lib_rebasin.ui.service import MergeRequest
+    from lib_rebasin.ui.request import MergeRequest
 
     base = dict(model_a="alpha.safetensors", model_b="beta.safetensors", method="rebasin", alpha=0.5,
                 iterations=1, device="cpu", precision="fp16", output_name="merged")
@@ -325,7 +325,7 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert "merged_one.safetensors" in result
     assert load_btn.get("interactive") is True and merge_btn.get("interactive") is True
     # the host's hash cache got the inputs' and the output's sha256: titled "name [shorthash]" like the host's own
-    from lib_rebasin.io.checkpoint import file_sha256
+    from lib_rebasin.io.input_file import file_sha256
 
     short = file_sha256(out)[:10]
     merged_title = f"merged_one.safetensors [{short}]"
@@ -667,7 +667,7 @@ def test_api_merge_progress_result_and_load(webui, tmp_path):
     r = client.post("/rebasin/v1/load", json={"job_id": job_id})
     assert r.status_code == 200 and r.json()["loaded"].startswith("via_api.safetensors [")
     listed = {c["name"]: c for c in client.get("/rebasin/v1/checkpoints").json()}
-    from lib_rebasin.io.checkpoint import file_sha256
+    from lib_rebasin.io.input_file import file_sha256
 
     assert listed["via_api.safetensors"]["sha256"] == file_sha256(j["output"])
 
@@ -713,9 +713,9 @@ def test_extension_js_defines_only_prefixed_globals():
 def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tmp_path, models_dir):
     """A 2-step recipe from the tab's builder, run by the WebUI host: models found in the host's checkpoint
     lists (not the output folder), the host's queue and progress, then its lists rescanned."""
-    from lib_rebasin.recipe.run import parse_recipe
+    from lib_rebasin.recipe.parse import parse_recipe
     from lib_rebasin.ui import recipe_builder as rb
-    from lib_rebasin.ui.service import RecipeRequest
+    from lib_rebasin.ui.request import RecipeRequest
 
     _build_ui(webui, with_txt2img=False)
     entries = webui.SERVICE.checkpoints()

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.merge.run import MergeOptions, merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.merge.run import merge_checkpoints
 
 from .method_lines import Method
 

@@ -21,44 +21,10 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointReadError
-from .input_file import FileSource, HashProgress, check_input_path, file_sha256
-from .output_file import (
-    FULL_DISK_ERRNOS,
-    check_free_space,
-    check_output_path,
-    format_bytes,
-    output_bytes,
-    save_state_dict,
-    write_safetensors,
-)
+from .input_file import FileSource, HashProgress, check_input_path
 from .pickle_checkpoint import load_pickle_tensors, refuse_pickle_kind
-from .precisions import PRECISIONS
-from .safetensors_format import DTYPE_NAMES, SAFETENSORS_MAX_HEADER, read_safetensors_header
+from .safetensors_format import SAFETENSORS_MAX_HEADER, read_safetensors_header
 from .torch_file_sizes import check_sizes
-
-# Names defined elsewhere that callers import from here (recipes, options, the UI, the tests).
-__all__ = [
-    "DTYPE_NAMES",
-    "FULL_DISK_ERRNOS",
-    "PICKLE_SUFFIXES",
-    "PRECISIONS",
-    "Checkpoint",
-    "FileSource",
-    "HashProgress",
-    "TensorInfo",
-    "canonical_key",
-    "check_free_space",
-    "check_header",
-    "check_input_path",
-    "check_output_path",
-    "file_sha256",
-    "format_bytes",
-    "memory_checkpoint",
-    "open_checkpoint",
-    "output_bytes",
-    "save_state_dict",
-    "write_safetensors",
-]
 
 _OLD_TE = "cond_stage_model.transformer."
 _NEW_TE = "cond_stage_model.transformer.text_model."

@@ -21,8 +21,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..arguments import check_arguments, is_finite_number, shown
+from ..arguments import check_arguments, is_finite_number
 from ..errors import FieldError
+from ..messages import shown
 from .block_presets import ALIASES, PRESETS
 
 BLOCK_IDS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))

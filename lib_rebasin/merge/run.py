@@ -34,41 +34,18 @@ from ..io.checkpoint import Checkpoint, memory_checkpoint
 from ..io.finite import Model
 from ..io.model_input import Source
 from ..io.output_file import FULL_DISK_ERRNOS, format_bytes, write_safetensors
-from ..methods import METHODS
 from ..options import MergeOptions
-from ..progress import CancelCheck, ProgressCallback, ProgressEvent, Reporter
+from ..progress import CancelCheck, ProgressCallback, Reporter
 from .alignment import align_once
-from .blend import telescoping_schedule
 from .diagnostics import Diagnostics
 from .iterated_rebasin import iterated_rebasin
 from .metadata import MetadataHook, begin_diagnostics, hashed_provenance, output_metadata
 from .method_blend import legacy_blend, method_blend
 from .output import OutputTensors, merged_keys
-from .preflight import Prepared, output_entries, preflight
+from .preflight import Prepared, preflight
 from .repair_step import Corrections, repair_corrections
 from .stages import HEADERS_READ, merge_bar
 from .vae_bake import BakedVAE
-
-# Besides its own names, imported from here by callers (the CLI, recipes, the UI, the tests, the benchmarks) though
-# defined elsewhere: METHODS (methods.py), MergeOptions (options.py), the progress types (progress.py),
-# Diagnostics (merge/diagnostics.py), Prepared, preflight and output_entries (merge/preflight.py), telescoping_schedule
-# (merge/blend.py).
-__all__ = [
-    "METHODS",
-    "CancelCheck",
-    "Diagnostics",
-    "MergeOptions",
-    "MergeResult",
-    "Prepared",
-    "ProgressCallback",
-    "ProgressEvent",
-    "Reporter",
-    "merge_checkpoints",
-    "merge_in_memory",
-    "output_entries",
-    "preflight",
-    "telescoping_schedule",
-]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..options import OPTIONS, MergeOptions
 from ..progress import Reporter
 
 if TYPE_CHECKING:
-    from ..merge.run import Prepared
+    from ..merge.preflight import Prepared
 
 # The permutation groups a re-basin merge searches over. 2: whole attention heads reorder; one-channel GroupNorms
 # constrain nothing; GroupNorm blocks move inside straddled intervals (the same inputs now give other merges).

@@ -32,9 +32,10 @@ from typing import Any
 
 from ..errors import FieldError, RebasinError
 from ..io.parsing import parse_json
+from ..messages import shown
 from .api_policy import ApiPolicy
 from .host import CheckpointEntry
-from .request import MAX_TEXT, MergeRequest, field_of, method_listing, shown
+from .request import MAX_TEXT, MergeRequest, field_of, method_listing
 from .service import MergeService
 
 PREFIX = "/rebasin/v1"
@@ -117,7 +118,7 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return answer(e)
         job = service.jobs.get(job_id)
         if job is None:
-            return JSONResponse({"detail": f"No merge job {shown(job_id)}."}, status_code=404)
+            return JSONResponse({"detail": f"No merge job {shown(job_id, 60)}."}, status_code=404)
         return JSONResponse(job.to_dict())
 
     async def cancel_job(job_id: str, request: Request):
@@ -127,7 +128,7 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return answer(e)
         job = service.cancel(job_id)
         if job is None:
-            return JSONResponse({"detail": f"No merge job {shown(job_id)}."}, status_code=404)
+            return JSONResponse({"detail": f"No merge job {shown(job_id, 60)}."}, status_code=404)
         too_late = job.too_late_to_cancel()
         if too_late:
             return JSONResponse({"detail": too_late, "job": job.to_dict()}, status_code=409)
@@ -144,11 +145,11 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             value = body.get(key)
             if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
                 raise FieldError(key, f"Field '{key}' must be a string of at most {MAX_TEXT} characters, got "
-                                      f"{shown(value)}.")
+                                      f"{shown(value, 60)}.")
         if body.get("job_id"):
             job = service.jobs.get(body["job_id"])
             if job is None or job.output is None:
-                raise RebasinError(f"Merge job {shown(body['job_id'])} has no saved result to load.")
+                raise RebasinError(f"Merge job {shown(body['job_id'], 60)} has no saved result to load.")
             return Path(job.output)
         if body.get("path"):
             with field_of("path"):

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..options import MergeOptions
+from ..recipe.format import Recipe
 from ..recipe.provenance import recorded_options
-from ..recipe.run import Recipe
 from .host import CheckpointEntry
 from .request import MergeRequest, RecipeRequest
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from ..errors import RebasinError
+from ..messages import clipped
 from .host import CheckpointEntry
-from .request import clipped
 
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -17,7 +17,7 @@ _BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 def output_path_for(name: str, folder: Path, default_stem: str) -> Path:
     """A safe file name inside `folder`: refuses separators, '..', reserved or odd characters; adds .safetensors."""
     raw = (name or "").strip()
-    name = clipped(name or "")  # the messages below quote it
+    name = clipped(name or "", 60)  # the messages below quote it
     if not raw:
         raw = default_stem
     if (raw in (".", "..") or ".." in raw.replace("\\", "/").split("/") or os.path.isabs(raw)
@@ -62,9 +62,3 @@ def default_output_stem(a: CheckpointEntry, b: CheckpointEntry, method: str, alp
         stem += "_" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") if name else "mbw")
     return stem.replace(" ", "_")
 
-
-def _same_file(p: Path, q: Path) -> bool:
-    try:
-        return p.resolve() == q.resolve() or os.path.samefile(p, q)
-    except OSError:
-        return False

@@ -1,6 +1,6 @@
 """The tab's recipe builder as pure functions on the recipe text (gradio-free, unit-tested without a browser).
 
-The builder's state is the canonical TOML text of `lib_rebasin.recipe.run` (one source of truth). Every button turns
+The builder's state is the canonical TOML text of `lib_rebasin.recipe.format` (one source of truth). Every button turns
 (text, form values) into new text through `parse_recipe` and `Recipe.to_toml`, so whatever the builder makes is a
 recipe the core accepts, and every refusal (a step that would use a later result, an unknown model, a bad value)
 is the core's own message. A recipe being built may have no steps yet; `load` accepts that, `apply_text` (the
@@ -21,7 +21,9 @@ from ..errors import RebasinError
 from ..io.parsing import parse_toml
 from ..methods import ALL_PARAMS, METHODS
 from ..options import OPTIONS, MergeOptions
-from ..recipe.run import ModelRef, Recipe, RecipeError, Step, parse_recipe, recipe_from_checkpoint, step_options
+from ..recipe.format import ModelRef, Recipe, RecipeError, Step, step_options
+from ..recipe.from_output import recipe_from_checkpoint
+from ..recipe.parse import parse_recipe
 from .host import CheckpointEntry
 from .recipe_refs import (
     MODEL_PREFIX,

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import RebasinError
-from ..recipe.run import ModelRef, Recipe
+from ..recipe.format import ModelRef, Recipe
 from .host import CheckpointEntry
 
 STEP_PREFIX = "[step] "

@@ -14,17 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import arguments
 from ..errors import FieldError, RebasinError
-from ..io.checkpoint import PRECISIONS
 from ..merge.block_weights import BlockWeights, check_values, parse_blocks
+from ..messages import shown
 from ..methods import METHODS, MethodInfo
 from ..option import Option
 from ..options import OPTIONS, MergeOptions, options_for
 from ..sd1.spec import PARTS
 
-PART_LABELS = {"unet": "UNet", "te": "Text encoder", "vae": "VAE"}
-PRECISION_CHOICES = tuple(PRECISIONS)
 MAX_TEXT = 512  # characters in a name field
 
 # The request's own fields (not merge options): name, type, default. `blocks` is text here (a preset name or the
@@ -38,15 +35,6 @@ REQUEST_TAIL: tuple[tuple[str, type, Any], ...] = (
 # The options a request sets (block weights come as text, their preset name is derived).
 REQUEST_OPTIONS = [o for o in OPTIONS.values() if o.user_input and o.name != "blocks"]
 
-
-def shown(value: Any, limit: int = 60) -> str:
-    """A value for an error message, cut short: a message never echoes a large field back."""
-    text = arguments.shown(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def clipped(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager
@@ -62,26 +50,26 @@ def field_of(name: str) -> Iterator[None]:
 
 def _number(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise FieldError(name, f"Field '{name}' must be a number, got {shown(v)}.")
+        raise FieldError(name, f"Field '{name}' must be a number, got {shown(v, 60)}.")
     try:
         f = float(v)
     except OverflowError:  # a huge JSON integer
         f = math.inf
     if not math.isfinite(f):
-        raise FieldError(name, f"Field '{name}' must be a finite number, got {shown(v)}.")
+        raise FieldError(name, f"Field '{name}' must be a finite number, got {shown(v, 60)}.")
     return f
 
 
 def _integer(name: str, v: Any) -> int:
     f = _number(name, v)
     if f != int(f):
-        raise FieldError(name, f"Field '{name}' must be a whole number, got {shown(v)}.")
+        raise FieldError(name, f"Field '{name}' must be a whole number, got {shown(v, 60)}.")
     return int(f)
 
 
 def _text(name: str, v: Any) -> str:
     if not isinstance(v, str):
-        raise FieldError(name, f"Field '{name}' must be a string, got {shown(v)}.")
+        raise FieldError(name, f"Field '{name}' must be a string, got {shown(v, 60)}.")
     if len(v) > MAX_TEXT:
         raise FieldError(name, f"Field '{name}' is too long ({len(v)} characters; at most {MAX_TEXT}).")
     return v
@@ -92,7 +80,8 @@ def _choices(opt: Option, v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [p.strip() for p in v.split(",") if p.strip()]
     if not isinstance(v, list) or not all(isinstance(p, str) for p in v) or len(v) > len(opt.choices):
-        raise FieldError(opt.name, f"Field '{opt.name}' must be a list of {', '.join(opt.choices)}; got {shown(v)}.")
+        raise FieldError(opt.name, f"Field '{opt.name}' must be a list of {', '.join(opt.choices)}; "
+                                   f"got {shown(v, 60)}.")
     return tuple(v)
 
 
@@ -104,7 +93,7 @@ def _json_value(name: str, kind: type, v: Any, opt: Option | None = None) -> Any
         return _integer(name, v)
     if kind is bool:
         if not isinstance(v, bool):
-            raise FieldError(name, f"Field '{name}' must be true or false, got {shown(v)}.")
+            raise FieldError(name, f"Field '{name}' must be true or false, got {shown(v, 60)}.")
         return v
     if kind is tuple and opt is not None:
         return _choices(opt, v)

@@ -15,30 +15,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import Cancelled, CheckpointReadError, FieldError, RebasinError
-from ..merge.run import merge_checkpoints, preflight
+from ..io.model_input import same_file
+from ..merge.preflight import preflight
+from ..merge.run import merge_checkpoints
+from ..messages import shown
 from ..methods import METHODS
 from ..progress import ProgressEvent
-from ..recipe import run as recipe_core
+from ..recipe.format import ModelRef, RecipeError
+from ..recipe.parse import parse_recipe
+from ..recipe.run import run_recipe
 from .host import CheckpointEntry, Host
-from .job import Job, Prepared, PreparedRecipe, format_eta
-from .naming import _same_file, default_output_stem, output_path_for
+from .job import Job, Prepared, PreparedRecipe
+from .naming import default_output_stem, output_path_for
 from .request import (
-    MAX_TEXT,
-    PART_LABELS,
-    PARTS,
-    PRECISION_CHOICES,
     MergeRequest,
     RecipeRequest,
     field_of,
-    method_listing,
-    method_table,
-    shown,
 )
-
-# Re-exported: the tab, the WebUI adapter and the tests import these from here.
-__all__ = ["MAX_TEXT", "PARTS", "PART_LABELS", "PRECISION_CHOICES", "FieldError", "Job", "MergeRequest", "MergeService",
-           "Prepared", "PreparedRecipe", "RecipeRequest", "default_output_stem", "field_of", "format_eta",
-           "method_listing", "method_table", "output_path_for", "shown"]
 
 
 class MergeService:
@@ -71,7 +64,7 @@ class MergeService:
             hits = [e for e in entries if test(e)]
             if hits:
                 return hits[0]
-        raise RebasinError(f"{label} {shown(ref)} is not in the checkpoint list; press refresh and pick it again.")
+        raise RebasinError(f"{label} {shown(ref, 60)} is not in the checkpoint list; press refresh and pick it again.")
 
     def suggest_output_name(self, a: str | None, b: str | None, method: str, alpha: float, blocks: str = "") -> str:
         """The name an empty output field gives (models, method, alpha, block preset), or "" until A and B are set."""
@@ -108,7 +101,7 @@ class MergeService:
     def prepare(self, req: MergeRequest) -> Prepared:
         devices = self.host.device_choices()  # first: the host's list says more than "no CUDA GPU"
         if req.device not in devices:
-            raise FieldError("device", f"Device {shown(req.device)} is not available here; choose one of "
+            raise FieldError("device", f"Device {shown(req.device, 60)} is not available here; choose one of "
                                        f"{', '.join(devices)}.")
         opts = req.options()  # every option by the table, and their combinations (FieldErrors naming the field)
         info = METHODS[opts.method]
@@ -116,14 +109,14 @@ class MergeService:
             a = self.resolve(req.model_a, "Model A")
         with field_of("model_b"):
             b = self.resolve(req.model_b, "Model B")
-        if _same_file(a.path, b.path):
+        if same_file(a.path, b.path):
             raise RebasinError(f"Model A and Model B are the same file ({a.path.name}); pick two different models.")
         c = None
         if info.needs_c:
             with field_of("model_c"):
                 c = self.resolve(req.model_c, "Model C")
             for other, lab in ((a, "Model A"), (b, "Model B")):
-                if _same_file(c.path, other.path):
+                if same_file(c.path, other.path):
                     raise RebasinError(f"Model C is the same file as {lab} ({c.path.name}); {info.label} needs a "
                                        "third, different model.")
         folder = Path(self.host.output_dir())
@@ -135,7 +128,7 @@ class MergeService:
         if out.exists() and not req.overwrite:
             raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
                                f"name.")
-        if any(_same_file(out, e.path) for e in (a, b, c) if e is not None):
+        if any(same_file(out, e.path) for e in (a, b, c) if e is not None):
             raise RebasinError(f"The output {out.name} would overwrite one of the input models; choose another name.")
         checked = preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
         vae = None
@@ -184,12 +177,12 @@ class MergeService:
 
         if not (req.text or "").strip():
             raise RebasinError("The recipe is empty; add a step or load a recipe first.")
-        recipe = recipe_core.parse_recipe(req.text, "recipe")
+        recipe = parse_recipe(req.text, "recipe")
         folder = Path(self.host.output_dir())
         if not folder.is_dir():
             raise RebasinError(f"The output folder {folder} does not exist; create it or change it in Settings.")
         entries = self.checkpoints()
-        pinned: dict[str, recipe_core.ModelRef] = {}
+        pinned: dict[str, ModelRef] = {}
         inputs: dict[str, Path] = {}
         for name, ref in recipe.models.items():
             # The VAE to bake in is looked for in the host's VAE list first, then among the checkpoints.
@@ -201,7 +194,7 @@ class MergeService:
             if entry is None:
                 what = f"file {ref.file}" if ref.file else f"a file with sha256 {ref.sha256}"
                 where = "VAEs or checkpoints" if vaes or name == recipe.bake_vae else "checkpoints"
-                raise recipe_core.RecipeError(f"line {ref.line}: model '{name}': {what} is not among the installed "
+                raise RecipeError(f"line {ref.line}: model '{name}': {what} is not among the installed "
                                      f"{where}; put it in {folder} and press refresh, or fix the recipe.")
             pinned[name] = replace(ref, file=str(entry.path.resolve()))
             inputs[name] = entry.path
@@ -209,7 +202,7 @@ class MergeService:
         devices = self.host.device_choices()
         for s in recipe.steps:
             if s.options.device not in devices:
-                raise recipe_core.RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not "
+                raise RecipeError(f"line {s.line}: step '{s.name}': device '{s.options.device}' is not "
                                      f"available here; choose one of {', '.join(devices)}.")
         for name, path in inputs.items():  # cheap header reads: architecture and parts, before any work
             if name != recipe.bake_vae or any(name in (s.a, s.b, s.c) for s in recipe.steps):
@@ -227,13 +220,14 @@ class MergeService:
         if out.exists() and not req.overwrite:
             raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
                                f"name.")
-        if any(_same_file(out, path) for path in inputs.values()):
+        if any(same_file(out, path) for path in inputs.values()):
             raise RebasinError(f"The output {out.name} would overwrite one of the recipe's models; choose another "
                                f"name.")
         return PreparedRecipe(req, recipe, folder, inputs, out)
 
     def _entry_by_hash(self, sha: str, entries: list[CheckpointEntry]) -> CheckpointEntry | None:
-        from ..io.checkpoint import check_header, file_sha256
+        from ..io.checkpoint import check_header
+        from ..io.input_file import file_sha256
 
         cache = self._hashes
         for e in entries:
@@ -304,7 +298,7 @@ class MergeService:
             chain = result = None  # exactly one is set below: the recipe's chain or the single merge's result
             try:
                 if isinstance(p, PreparedRecipe):
-                    chain = recipe_core.run_recipe(p.recipe, p.models_dir, p.output,
+                    chain = run_recipe(p.recipe, p.models_dir, p.output,
                                                    overwrite=p.request.overwrite, progress=progress,
                                                    cancel=cancelled,
                                                    extra_metadata={"lib_rebasin_host": self.host.name},

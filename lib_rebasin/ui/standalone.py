@@ -61,7 +61,7 @@ class StandaloneHost(BaseHost):
         return out
 
     def remember_hashes(self, paths: list[Path]) -> None:
-        from ..io.checkpoint import file_sha256  # inputs were hashed during the merge: remembered, not re-read
+        from ..io.input_file import file_sha256  # inputs were hashed during the merge: remembered, not re-read
 
         for p in paths:
             st = Path(p).stat()
@@ -101,7 +101,8 @@ class StandaloneHost(BaseHost):
 def create_app(models_dir: str | os.PathLike[str], devices: list[str] | None = None) -> tuple[Any, Any, Any]:
     """(blocks, service, host) for the standalone app; the caller launches `blocks`."""
     from .service import MergeService
-    from .tab import build_tab, tab_css
+    from .tab import build_tab
+    from .tab.rendering import tab_css
 
     host = StandaloneHost(models_dir, devices)
     service = MergeService(host)
@@ -116,7 +117,7 @@ def launch(models_dir: str | os.PathLike[str], port: int = DEFAULT_PORT, server_
     The HTTP API is mounted only with `api` (the WebUI's --api), behind `api_auth` when given. Every route answers
     only to the names ApiPolicy allows, `allowed_hosts` (and REBASIN_ALLOWED_HOSTS) among them."""
     from .api import guard_hosts, register_api
-    from .tab import gradio_major
+    from .tab.compat import gradio_major
 
     policy = ApiPolicy.from_flags(api_auth, listen=server_name, allowed_hosts=allowed_hosts, allow_hint=ALLOW_HINT)
     check_port_free(server_name, port)

@@ -12,19 +12,12 @@ from typing import Any
 
 from ..host import Host
 from ..service import MergeService
-from .compat import NOT_IN_UI_CONFIG, gradio_major, js_kwargs
+from .compat import NOT_IN_UI_CONFIG
 from .context import Defaults, TabContext
-from .hires import preset_summary, preset_updates, wire_hires_presets
+from .hires import wire_hires_presets
 from .layout import build_layout
 from .merge_events import wire_merge_events
 from .recipe_events import wire_recipe_events
-from .rendering import (
-    error_html,
-    job_inputs,
-    progress_html,
-    result_markdown,
-    tab_css,
-)
 
 # Components that start from Settings -> Re-Basin (see NOT_IN_UI_CONFIG).
 FROM_SETTINGS = ("method", "iterations", "device", "precision", "tolerance", "recipe_method", "recipe_iterations",
@@ -67,17 +60,3 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
         setattr(ctx.c[key], NOT_IN_UI_CONFIG, True)
     return TabUI(blocks, ctx.c)
 
-
-__all__ = [
-    "TabUI",
-    "build_tab",
-    "error_html",
-    "gradio_major",
-    "job_inputs",
-    "js_kwargs",
-    "preset_summary",
-    "preset_updates",
-    "progress_html",
-    "result_markdown",
-    "tab_css",
-]

@@ -9,10 +9,13 @@ from typing import Any
 
 from ...methods import METHODS, MethodInfo
 from ...options import MATCHINGS, OPTIONS
+from ...sd1.spec import PART_NAMES
 from ..host import Host
 from ..recipe_builder import NO_VAE
-from ..request import PART_LABELS, PRECISION_CHOICES
 from ..service import MergeService
+
+# The Parts checkboxes show the parts' names, capitalised as labels are.
+PART_LABELS = {part: name[0].upper() + name[1:] for part, name in PART_NAMES.items()}
 
 
 def method_label(key: str) -> str:
@@ -59,7 +62,7 @@ class Defaults:
         return cls(method=given["method"] if given.get("method") in METHODS else next(iter(METHODS)),
                    devices=devices,
                    device=given["device"] if given.get("device") in devices else host.default_device(),
-                   precision=(given["precision"] if given.get("precision") in PRECISION_CHOICES
+                   precision=(given["precision"] if given.get("precision") in OPTIONS["precision"].choices
                               else OPTIONS["precision"].default),
                    iterations=int(given.get("iterations") or 1), alpha=float(given.get("alpha", 0.5)),
                    tolerance_percent=100 * float(given.get("tolerance", OPTIONS["tolerance"].default)))

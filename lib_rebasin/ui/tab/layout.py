@@ -10,7 +10,6 @@ from ...methods import METHODS
 from ...options import OPTIONS
 from .. import blocks_ui, recipe_builder
 from ..host import HIRES_ADVICE, HIRES_PRESETS
-from ..request import PRECISION_CHOICES
 from . import controls
 from .context import Defaults, method_label, part_labels
 from .rendering import md_escape
@@ -88,7 +87,7 @@ def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_
     controls.build_advanced_controls(gr, c, d.method)
     with gr.Row():
         c["device"] = gr.Dropdown(choices=d.devices, value=d.device, label="Device", elem_id="rebasin_device")
-        c["precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d.precision, label="Save precision",
+        c["precision"] = gr.Radio(choices=list(OPTIONS["precision"].choices), value=d.precision, label="Save precision",
                                   elem_id="rebasin_precision")
     with gr.Row(elem_classes=["rebasin-model-row"]):
         c["bake_vae"] = gr.Dropdown(choices=vae_choices, value=recipe_builder.NO_VAE,
@@ -117,7 +116,7 @@ def _recipe_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae
     with gr.Row():
         c["recipe_device"] = gr.Dropdown(choices=d.devices, value=d.device, label="Device (all steps)",
                                          elem_id="rebasin_recipe_device")
-        c["recipe_precision"] = gr.Radio(choices=list(PRECISION_CHOICES), value=d.precision,
+        c["recipe_precision"] = gr.Radio(choices=list(OPTIONS["precision"].choices), value=d.precision,
                                          label="Precision (all steps)", elem_id="rebasin_recipe_precision")
     with gr.Row(elem_classes=["rebasin-model-row"]):
         c["recipe_bake_vae"] = gr.Dropdown(choices=vae_choices, value=recipe_builder.NO_VAE,

@@ -12,11 +12,12 @@ from ...methods import ALL_PARAMS
 from ...options import MATCHINGS, OPTIONS
 from .. import blocks_ui
 from ..job import Job
+from ..recipe_builder import NO_VAE
 from ..request import MergeRequest
 from ..service import MergeService
 from . import controls
 from .compat import JS_SELECT_CHECKPOINT, js_kwargs, js_start, keep, update
-from .context import NO_VAE, TabContext, method_key, method_of, part_keys
+from .context import TabContext, method_key, method_of, part_keys
 from .fields import Fields
 from .layout import method_help
 from .rendering import error_html, job_inputs, md_escape, progress_html, result_markdown
