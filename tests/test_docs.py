@@ -67,3 +67,31 @@ def test_ci_runs_the_readmes_test_command_verbatim() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     command = next(line for line in readme.splitlines() if line.startswith("pip install") and "pytest" in line)
     assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def _user_options() -> list:
+    from lib_rebasin.options import OPTIONS
+
+    return [o for o in OPTIONS.values() if o.user_input]
+
+
+def test_every_option_and_method_is_documented() -> None:
+    """The option table and the method registry make the CLI, recipes and the API; the pages that list them by hand
+    must keep up (a new option or method fails here until its docs say it exists)."""
+    from lib_rebasin.methods import METHODS
+
+    pages = {name: (ROOT / "docs" / name).read_text(encoding="utf-8") for name in
+             ("cli.md", "http-api.md", "recipes.md", "methods.md")}
+    missing = []
+    for option in _user_options():
+        if option.cli and option.flag not in pages["cli.md"]:
+            missing.append(f"cli.md: {option.flag}")
+        for page in ("http-api.md", "recipes.md"):
+            if f"`{option.name}`" not in pages[page] and not re.search(rf"\b{option.name}\b", pages[page]):
+                missing.append(f"{page}: {option.name}")
+    for method in METHODS:
+        if f"`{method}`" not in pages["methods.md"]:
+            missing.append(f"methods.md: {method}")
+        if f"`{method}`" not in pages["cli.md"]:
+            missing.append(f"cli.md: {method}")
+    assert not missing, "undocumented: " + ", ".join(missing)
