@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from lib_rebasin.sd1.arch import SD15
+from lib_rebasin.sd1.config import SD15
 from lib_rebasin.align.assignment import lap, solve
 from lib_rebasin.align.weight_matching import cost_matrix
 from lib_rebasin.sd1.spec import build_spec

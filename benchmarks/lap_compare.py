@@ -131,7 +131,7 @@ def real(data: Path, repeat: int, table: list[dict[str, Any]], block_table: list
     import torch
 
     from lib_rebasin.align import assignment
-    from lib_rebasin.sd1.arch import SD15
+    from lib_rebasin.sd1.config import SD15
     from lib_rebasin.io.checkpoint import open_checkpoint
     from lib_rebasin.align.weight_matching import cost_matrix
     from lib_rebasin.sd1.spec import build_spec

@@ -117,7 +117,7 @@ def _precision(v: Any) -> str | None:
 
 
 def _config(v: Any) -> str | None:
-    from .sd1.arch import SD1Config
+    from .sd1.config import SD1Config
     from .sd1.synthetic import SCALES
 
     ok = isinstance(v, SD1Config) or (isinstance(v, str) and v in SCALES)

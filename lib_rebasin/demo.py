@@ -18,7 +18,7 @@ from .io.output_file import save_state_dict
 from .io.precisions import PRECISIONS
 from .merge.run import merge_checkpoints
 from .options import MergeOptions
-from .sd1.arch import MINI
+from .sd1.config import MINI
 from .sd1.spec import build_spec
 from .sd1.synthetic import make_checkpoint, synthetic_tensor
 

@@ -27,7 +27,7 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lib_rebasin.sd1.arch import SD1Config  # noqa: E402  (hyper-parameters only, no layout knowledge)
+from lib_rebasin.sd1.config import SD1Config  # noqa: E402  (hyper-parameters only, no layout knowledge)
 
 PREFIXES = {
     "unet": "model.diffusion_model.",

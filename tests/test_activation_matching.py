@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lib_rebasin.align import activation_matching as am
-from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.sd1.config import MINI
 from lib_rebasin.align.permute import inverse, is_legal, random_legal_perm
 from lib_rebasin.sd1.spec import build_spec
 

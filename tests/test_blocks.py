@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lib_rebasin.sd1.arch import SD15
+from lib_rebasin.sd1.config import SD15
 from lib_rebasin.merge.block_presets import ALIASES, PRESETS
 from lib_rebasin.merge.block_weights import BLOCK_IDS, MAPPING_VERSION, block_of, parse_blocks
 from lib_rebasin.io.checkpoint import open_checkpoint

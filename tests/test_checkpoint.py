@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.sd1.arch import MINI, TINY, detect
+from lib_rebasin.sd1.config import MINI, TINY, detect
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict, write_safetensors
 from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,

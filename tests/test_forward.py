@@ -9,7 +9,7 @@ import torch
 
 from lib_rebasin.align import activation_matching as am
 from lib_rebasin.sd1 import forward
-from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.sd1.config import MINI
 from lib_rebasin.sd1.spec import TE, UNET, build_spec
 from lib_rebasin.sd1.synthetic import synthetic_tensor
 

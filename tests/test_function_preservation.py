@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.arch import MINI, SD15, SD1Config
+from lib_rebasin.sd1.config import MINI, SD15, SD1Config
 from lib_rebasin.align.permute import is_legal, random_legal_perm, random_perms, permute_tensor
 from lib_rebasin.sd1.spec import ArchSpec, Structure, build_spec
 from lib_rebasin.sd1.synthetic import synthetic_tensor

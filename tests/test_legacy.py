@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.sd1.config import MINI
 from lib_rebasin.io.precisions import PRECISIONS
 from lib_rebasin.merge.legacy import (
     SPECIAL_KEYS, alpha_schedule, legacy_action, legacy_special_tensors, legacy_weighted_sum,

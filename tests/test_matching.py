@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.sd1.config import MINI
 from lib_rebasin.align.assignment import row_argmax_certificate, solve
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.align.weight_matching import weight_matching

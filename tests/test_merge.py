@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.arch import MINI
+from lib_rebasin.sd1.config import MINI
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_rebasin.sd1.arch import MINI, SD15
+from lib_rebasin.sd1.config import MINI, SD15
 from lib_rebasin.sd1.spec import Structure, build_spec, part_of
 
 SHARED_KEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd1-ldm-keys.yaml"

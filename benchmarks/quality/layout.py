@@ -27,7 +27,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lib_rebasin.sd1.arch import SD15, SD1Config  # noqa: E402
+from lib_rebasin.sd1.config import SD15, SD1Config  # noqa: E402
 from lib_rebasin.sd1.spec import build_spec, part_of  # noqa: E402
 from lib_rebasin.sd1.synthetic import random_tensor  # noqa: E402
 

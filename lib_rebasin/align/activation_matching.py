@@ -22,7 +22,7 @@ import torch
 from ..errors import RebasinError
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
-from ..sd1.arch import SD1Config
+from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
 from ..sd1.spec import ArchSpec, Group, Slot, part_of
 from .assignment import row_argmax_certificate, solve

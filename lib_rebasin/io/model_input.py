@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Union
 
 from ..errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
-from ..sd1.arch import SD1Config, check_layout, detect
+from ..sd1.config import SD1Config, check_layout, detect
 from ..sd1.spec import ArchSpec, build_spec, part_of
 from .checkpoint import Checkpoint, open_checkpoint
 from .input_file import HashProgress

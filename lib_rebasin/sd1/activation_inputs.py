@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .arch import SD1Config
+from .config import SD1Config
 
 TIMESTEPS = (999, 799, 599, 399, 199)
 GUIDANCE = 7.5

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RebasinError
-from .arch import SD1Config
+from .config import SD1Config
 from .spec import TE, UNET
 
 TensorGetter = Callable[[str], torch.Tensor]

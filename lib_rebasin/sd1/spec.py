@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
-from .arch import SD1Config
+from .config import SD1Config
 
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."

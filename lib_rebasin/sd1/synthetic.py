@@ -17,7 +17,7 @@ import torch
 from ..arguments import check_arguments
 from ..io.output_file import write_safetensors
 from ..io.precisions import PRECISIONS
-from .arch import MINI, SD15, TINY, SD1Config
+from .config import MINI, SD15, TINY, SD1Config
 from .spec import SCHEDULE_BUFFERS, build_spec
 
 SCALES = {"tiny": TINY, "mini": MINI, "full": SD15}

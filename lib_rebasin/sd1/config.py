@@ -1,4 +1,5 @@
-"""Recognise what a checkpoint is from its keys and shapes.
+"""The SD 1.x hyper-parameters (`SD1Config`: full size and the reduced test scales), and recognising a checkpoint
+from its keys and shapes.
 
 Only the SD 1.x family is supported (plain, 9-channel inpainting, 8-channel instruct-pix2pix). Its hyper-parameters
 are read off the tensor shapes, so reduced-width copies with the same key layout (the project's synthetic test
