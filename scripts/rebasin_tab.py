@@ -123,7 +123,7 @@ class WebUIHost(BaseHost):
             info.register()
 
     @property
-    def page_selects_checkpoint(self):
+    def page_selects_checkpoint(self) -> bool:
         """Whether the tab should also ask the page's selectCheckpoint() to show the loaded model: only where the
         host's checkpoint dropdown was not captured (so the adapter cannot update it), and never in Forge, whose
         #change_checkpoint handler passes the name through sd_models.match_checkpoint_to_name, which takes the

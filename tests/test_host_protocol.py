@@ -88,8 +88,14 @@ def host_problems(cls: type, proto: type = Host) -> list[str]:
     for name in attributes:
         if not hasattr(cls, name):
             problems.append(f"no attribute {name!r}")
-        elif isinstance(hints.get(name), type) and not isinstance(getattr(cls, name), hints[name]):
-            problems.append(f"{name} is {type(getattr(cls, name)).__name__}, the protocol {hints[name].__name__}")
+        elif isinstance(hints.get(name), type):
+            value = inspect.getattr_static(cls, name)
+            if isinstance(value, property):  # read on an instance: the getter's declared type must match
+                returns = typing.get_type_hints(value.fget).get("return") if value.fget else None
+                if returns is not None and returns is not hints[name]:
+                    problems.append(f"{name} returns {returns}, the protocol {hints[name].__name__}")
+            elif not isinstance(value, hints[name]):
+                problems.append(f"{name} is {type(value).__name__}, the protocol {hints[name].__name__}")
     for name in methods:
         impl = inspect.getattr_static(cls, name, None)
         if impl is None:
@@ -101,7 +107,7 @@ def host_problems(cls: type, proto: type = Host) -> list[str]:
 
 def test_protocol_members_are_all_seen():
     methods, attributes = protocol_members(Host)
-    assert attributes == ["name"]
+    assert attributes == ["name", "shows_eta", "page_selects_checkpoint"]
     assert {"list_checkpoints", "run_job", "load_checkpoint", "ready_upscalers", "list_vaes"} <= set(methods)
     assert len(methods) == len(set(methods)) >= 19
 

@@ -122,6 +122,8 @@ def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: s
 @runtime_checkable
 class Host(Protocol):
     name: str
+    shows_eta: bool                # the host draws its own progress bar with an ETA (the tab then shows none)
+    page_selects_checkpoint: bool  # the page's own checkpoint selector must be told about a loaded model
 
     def list_checkpoints(self) -> list[CheckpointEntry]: ...
     def refresh_checkpoints(self) -> None: ...

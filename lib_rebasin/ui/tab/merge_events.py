@@ -117,7 +117,7 @@ def lists_after_save(ctx: TabContext, *values: str | None) -> list[Any]:
 
 def shows_eta(ctx: TabContext, task_id: str | None) -> bool:
     """Whether our status line shows an ETA: not where the host draws its own bar (with one) for this job."""
-    return not (task_id and getattr(ctx.host, "shows_eta", False))
+    return not (task_id and ctx.host.shows_eta)
 
 
 def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
@@ -225,7 +225,7 @@ def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
             return f"Could not load: {e}", "", ""
         except Exception as e:
             return f"Could not load the merged model ({type(e).__name__}: {e}).", "", ""
-        page = title if getattr(host, "page_selects_checkpoint", False) else ""
+        page = title if host.page_selects_checkpoint else ""
         return f"Loaded **{md_escape(title)}** for txt2img and img2img.", title, page
 
     c["load_event"] = c["load"].click(fn=do_load, inputs=[c["result_path"]],
