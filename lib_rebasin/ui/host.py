@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..options import OPTIONS
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
@@ -147,11 +149,8 @@ class Host(Protocol):
 
 
 DEFAULTS: dict[str, Any] = {
-    "method": "rebasin",
-    "alpha": 0.5,
-    "iterations": 1,
+    **{name: OPTIONS[name].default for name in ("method", "alpha", "iterations", "precision")},
     "device": "",  # "" = the host's default_device()
-    "precision": "fp16",
     "output_dir": "",  # "" = the host's checkpoint folder
 }
 
