@@ -281,7 +281,8 @@ DENSITY = Param("ties_density", float, 0.0, 1.0, 0.2, "TIES density (kept fracti
                 low_open=True)
 SCALE = Param("ties_scale", float, 0.0, 4.0, 1.0, "TIES scale", "factor on the merged task vector added to C")
 DROP = Param("dare_p", float, 0.0, 0.99, 0.9, "DARE drop probability",
-             "probability of dropping each delta entry (survivors are rescaled by 1/(1-p))")
+             "probability of dropping each delta entry, survivors rescaled by 1/(1-p) (DELLA: the mean drop rate, "
+             "each survivor rescaled by its own keep probability)")
 DELLA_EPS = Param("della_eps", float, -1.0, 1.0, 0.1, "DELLA window (eps)",
                   "spread of the drop probability by magnitude rank within each row: the largest entry is dropped "
                   "with probability dare_p - eps/2, the smallest with dare_p + eps/2 (clipped to [0, 1]); 0 is DARE, "
