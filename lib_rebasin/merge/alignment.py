@@ -10,10 +10,12 @@ import torch
 
 from ..align.permute import Perms, is_identity
 from ..align.weight_matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
+from ..device_budget import activations_need, budget_for, matching_need
 from ..io.finite import Model, guard_getter
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
 from ..progress import Reporter
+from ..sd1.activation_inputs import LATENT_SIZE
 from ..sd1.spec import ArchSpec
 from .blend import shared_window
 from .diagnostics import Diagnostics
@@ -32,11 +34,19 @@ def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: 
     if opts.matching == "activations":
         return _match_activations(spec, groups, get_ref, get_b, opts, device, on_progress, report)
     # On the CPU, checkpoint files are re-read on each visit rather than held (both models' size in memory); a
-    # running merge is computed, so it is kept. On a GPU everything matching reads is kept there.
-    on_cpu = device.type == "cpu"
-    keep = (not (on_cpu and ref_is_file), not on_cpu)
-    return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=device,
-                           init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
+    # running merge is computed, so it is kept. On a GPU everything matching reads is kept there if it fits, else
+    # re-read like on the CPU; if not even the largest visit fits, matching runs on the CPU (device_budget.py).
+    budget = budget_for(device, report)
+    kept_need, visit_need = matching_need(spec, groups)
+    keep_on_device = budget.fits(kept_need)
+
+    def run(dev: torch.device) -> MatchResult:
+        on_cpu = dev.type == "cpu"
+        keep = (not (on_cpu and ref_is_file), not on_cpu) if on_cpu or keep_on_device else (False, False)
+        return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=dev,
+                               init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
+
+    return budget.run("weight matching", visit_need, run)
 
 
 def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_b: TensorGetter,
@@ -63,15 +73,19 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
         with report.part(share, 1.0):
             on_progress(p)
 
-    perms = activation_matching(spec, by_activations, get_ref, get_b, samples=opts.activation_samples,
-                                seed=opts.seed, device=device, progress=progress)
+    perms = budget_for(device, report).run(
+        "activation matching", activations_need(spec, by_activations, LATENT_SIZE),
+        lambda dev: activation_matching(spec, by_activations, get_ref, get_b, samples=opts.activation_samples,
+                                        seed=opts.seed, device=dev, progress=progress))
     reports = [GroupReport(g.name, g.part, g.kind, g.size, moved=int((perms[g.name] != torch.arange(g.size)).sum()))
                for g in by_activations if g.name in perms]
     sweeps, converged = 0, True
     if by_weights:
-        vae = weight_matching(spec, by_weights, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps,
-                              device=device, progress=vae_progress, tolerance=opts.tolerance,
-                              keep=(device.type != "cpu",) * 2)
+        vae = budget_for(device, report).run(
+            "weight matching", matching_need(spec, by_weights)[0],
+            lambda dev: weight_matching(spec, by_weights, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps,
+                                        device=dev, progress=vae_progress, tolerance=opts.tolerance,
+                                        keep=(dev.type != "cpu",) * 2))
         perms.update(vae.perms)
         reports += vae.groups
         sweeps, converged = vae.sweeps, vae.converged

@@ -27,16 +27,18 @@ class Blend:
     def __init__(self, spec: ArchSpec, terms: list[Term], device: torch.device) -> None:
         self.spec, self.terms, self.device = spec, terms, device
 
-    def __call__(self, key: str,
-                 observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None) -> torch.Tensor:
-        """The blended fp32 value of `key`; `observe` sees the (weight, permuted fp32 source) terms first."""
-        values = [(t.weight, permute_tensor(self.spec, key, t.get(key).to(self.device, torch.float32), t.perms))
+    def __call__(self, key: str, observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+        """The blended fp32 value of `key`; `observe` sees the (weight, permuted fp32 source) terms first.
+        `device` overrides the blend's own for this key (device_budget.py's fallback)."""
+        device = device or self.device
+        values = [(t.weight, permute_tensor(self.spec, key, t.get(key).to(device, torch.float32), t.perms))
                   for t in self.terms]
         if observe is not None:
             observe(values)
         shape = values[0][1].shape
         if all(v.shape == shape for _, v in values):
-            out = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            out = torch.zeros(shape, dtype=torch.float32, device=device)
             for w, v in values:
                 out.add_(v, alpha=w)
             return out
@@ -107,9 +109,9 @@ class BlockBlend:
             self.blends[alpha] = self.blend_for(alpha)
         return self.blends[alpha]
 
-    def __call__(self, key: str,
-                 observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None) -> torch.Tensor:
-        return self.for_key(key)(key, observe)
+    def __call__(self, key: str, observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+        return self.for_key(key)(key, observe, device)
 
 
 class KeyFunctionBlend:
@@ -123,10 +125,11 @@ class KeyFunctionBlend:
         self.gets = (get_a, get_b, get_c)
         self.alpha_of, self.params, self.seed = alpha_of, params, seed
 
-    def __call__(self, key: str, observe: object = None) -> torch.Tensor:
+    def __call__(self, key: str, observe: object = None, device: torch.device | None = None) -> torch.Tensor:
         from ..methods import key_generator
 
-        vals = [None if g is None else permute_tensor(self.spec, key, g(key).to(self.device, torch.float32),
+        device = device or self.device
+        vals = [None if g is None else permute_tensor(self.spec, key, g(key).to(device, torch.float32),
                                                       {} if i == 0 else self.perms)
                 for i, g in enumerate(self.gets)]
         a, b, c = vals

@@ -11,12 +11,13 @@ import torch
 
 from ..align.permute import Perms, axis_index
 from ..align.weight_matching import TensorGetter
+from ..device_budget import blend_need, budget_for
 from ..io.finite import Model, OutputGuard
 from ..io.model_input import ModelInput
 from ..io.precisions import PRECISIONS
 from ..progress import Reporter
 from ..sd1.spec import part_of
-from .blend import Blend, BlockBlend
+from .blend import Blend, BlockBlend, KeyFunctionBlend
 from .diagnostics import Diagnostics, accumulate, accumulate_objective
 from .preflight import Prepared, output_entries
 from .repair_step import Corrections, corrected
@@ -57,6 +58,7 @@ class OutputTensors:
         self._spec, self._A, self._get_b = spec, A, get_b
         self._blend, self._merged, self._perms, self._repaired = blend, merged, perms, repaired
         self._baked, self._checked, self._report = baked, checked, report
+        self._budget = budget_for(opts.device, report)
         self._guard = OutputGuard(checked, opts.allow_nonfinite, opts.precision)
         self._dtypes = {k: d for k, _, d in self.entries}
         self._sizes = {k: max(1, math.prod(s)) for k, s, _ in self.entries}
@@ -93,11 +95,35 @@ class OutputTensors:
         return corrected(self._repaired, key, t.to("cpu")).to(self._dtypes[key])
 
     def _value(self, key: str) -> torch.Tensor:
-        spec, blend, get_b, perms = self._spec, self._blend, self._get_b, self._perms
-        if not (self.measure and spec.axes.get(key)):
+        """The merged value, computed on the merge's device or, where that has too little free memory for this
+        key, on the CPU (device_budget.py); the objective is counted once, from the attempt that succeeded."""
+        blend = self._blend
+        if not isinstance(blend, (Blend, BlockBlend, KeyFunctionBlend)):
+            # The legacy tool's blend (its six special tensors, else a Blend on the merge's device).
+            if self.measure and self._spec.axes.get(key):
+                accumulate_objective(self._objective[part_of(key)], self._spec, key, self._A.ckpt.get,
+                                     self._get_b, self._perms)
             return self._finish(key, blend(key))
-        acc = self._objective[part_of(key)]
         key_blend = blend.for_key(key) if isinstance(blend, BlockBlend) else blend
+        terms = len(key_blend.terms) if isinstance(key_blend, Blend) else 3
+        found: list[float] = []
+
+        def attempt(dev: torch.device) -> torch.Tensor:
+            found[:] = [0.0, 0.0, 0.0, 0.0]
+            return self._blended(key, key_blend, dev, found)
+
+        t = self._budget.run("blend", blend_need(self._spec.shapes.get(key, ()), terms), attempt)
+        if self.measure and self._spec.axes.get(key):
+            acc = self._objective[part_of(key)]
+            for i, v in enumerate(found):
+                acc[i] += v
+        return self._finish(key, t)
+
+    def _blended(self, key: str, key_blend: Blend | KeyFunctionBlend, dev: torch.device,
+                 acc: list[float]) -> torch.Tensor:
+        spec, get_b, perms = self._spec, self._get_b, self._perms
+        if not (self.measure and spec.axes.get(key)):
+            return key_blend(key, device=dev)
         if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
             # (1-a) A + a pi(B): reuse the fp32 A and pi(B) the blend computes anyway.
             def observe(values: list[tuple[float, torch.Tensor]]) -> None:
@@ -106,6 +132,6 @@ class OutputTensors:
                 b = get_b(key).to(pb.device, torch.float32) if moved else pb
                 accumulate(acc, a, b, pb)
 
-            return self._finish(key, key_blend(key, observe))
+            return key_blend(key, observe, dev)
         accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, perms)
-        return self._finish(key, blend(key))
+        return key_blend(key, device=dev)

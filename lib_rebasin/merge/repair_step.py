@@ -9,9 +9,11 @@ import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.repair import corrections, fold_bias, fold_weight
+from ..device_budget import budget_for, forward_need
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
 from ..progress import Reporter
+from ..sd1.activation_inputs import LATENT_SIZE
 from ..sd1.spec import ArchSpec
 from .diagnostics import Diagnostics
 
@@ -30,8 +32,11 @@ def repair_corrections(spec: ArchSpec, A: ModelInput, B: ModelInput, opts: Merge
     def get_merge(key: str) -> torch.Tensor:
         return blend(key) if key in merged_keys else A.ckpt.get(key)
 
-    out = corrections(spec, A.ckpt.get, get_b_aligned, get_merge, opts.alpha_of, samples=opts.activation_samples,
-                      seed=opts.seed, device=device, progress=lambda f, m: report("repair", f, m))
+    out = budget_for(device, report).run(
+        "REPAIR", forward_need(spec, LATENT_SIZE),
+        lambda dev: corrections(spec, A.ckpt.get, get_b_aligned, get_merge, opts.alpha_of,
+                                samples=opts.activation_samples, seed=opts.seed, device=dev,
+                                progress=lambda f, m: report("repair", f, m)))
     scales = torch.cat([s for s, _ in out.values()])
     diag.repaired_layers = len(out)
     diag.repair_samples = opts.activation_samples
