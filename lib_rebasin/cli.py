@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from .device_budget import NOTICE_STAGE
 from .errors import Cancelled, RebasinError
 from .merge.block_weights import parse_blocks
 from .merge.run import MergeResult, merge_checkpoints
@@ -33,6 +34,10 @@ class ProgressBar:
 
     def __call__(self, ev: ProgressEvent) -> None:
         now = time.monotonic()
+        if ev.stage == NOTICE_STAGE:  # a notice (device_budget.py's CPU fallback) gets a line of its own, always
+            self.stream.write(f"{chr(10) if self.tty else ''}note: {ev.message}\n")
+            self.stream.flush()
+            return
         if self.tty:
             if now - self.last_print < 0.1 and ev.fraction < 1:
                 return

@@ -10,7 +10,7 @@ import torch
 
 from ..align.permute import Perms, is_identity
 from ..align.weight_matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
-from ..device_budget import activations_need, budget_for, matching_need
+from ..device_budget import activations_need, budget_for, matching_keep, matching_need
 from ..io.finite import Model, guard_getter
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
@@ -33,18 +33,15 @@ def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: 
     groups = spec.groups_in(parts)
     if opts.matching == "activations":
         return _match_activations(spec, groups, get_ref, get_b, opts, device, on_progress, report)
-    # On the CPU, checkpoint files are re-read on each visit rather than held (both models' size in memory); a
-    # running merge is computed, so it is kept. On a GPU everything matching reads is kept there if it fits, else
-    # re-read like on the CPU; if not even the largest visit fits, matching runs on the CPU (device_budget.py).
+    # What matching keeps on its device, and where it runs when a GPU's free memory is short: device_budget.py.
     budget = budget_for(device, report)
     kept_need, visit_need = matching_need(spec, groups)
-    keep_on_device = budget.fits(kept_need)
+    fits = budget.fits(kept_need)
 
     def run(dev: torch.device) -> MatchResult:
-        on_cpu = dev.type == "cpu"
-        keep = (not (on_cpu and ref_is_file), not on_cpu) if on_cpu or keep_on_device else (False, False)
         return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=dev,
-                               init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
+                               init=init, progress=on_progress, tolerance=opts.tolerance,
+                               keep=matching_keep(dev, ref_is_file, fits))
 
     return budget.run("weight matching", visit_need, run)
 
