@@ -20,9 +20,9 @@ from lib_rebasin.options import MergeOptions
 from lib_rebasin.recipe.parse import parse_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks` is no package
-from benchmarks.gpu_check import cases, parity  # noqa: E402
-from benchmarks.gpu_check.__main__ import main  # noqa: E402
-from benchmarks.gpu_check.cases import CASES, MODELS, options_of  # noqa: E402
+from benchmarks.gpu_check import cases, parity
+from benchmarks.gpu_check.__main__ import main
+from benchmarks.gpu_check.cases import CASES, MODELS, options_of
 
 
 @pytest.fixture(scope="module")
