@@ -179,3 +179,41 @@ def test_the_cli_prints_a_notice_on_a_line_of_its_own() -> None:
     bar(ProgressEvent(0.2, "matching", "sweep 1"))
     bar(ProgressEvent(0.2, db.NOTICE_STAGE, "blend needs about 1 GiB, 10 MiB free on cuda: computed on the CPU"))
     assert "note: blend needs about 1 GiB" in stream.getvalue().splitlines()[-1]
+
+
+@pytest.mark.parametrize("free", [2**40, 1024], ids=["fits", "short"])
+def test_each_heavy_step_computes_on_the_device_its_budget_chose(tiny_models: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """`cpu:0` stands for the GPU (a CPU device that compares unequal to the fallback `cpu`): every step must be
+    handed the device its budget placed it on, never a device of its own."""
+    from lib_rebasin.align import activation_matching as am
+    from lib_rebasin.merge import repair_step
+
+    stand_for_gpu = torch.device("cpu", 0)
+    seen: dict[str, set[torch.device]] = {}
+
+    def spy(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            seen.setdefault(name, set()).add(torch.device(kwargs["device"]))  # type: ignore[arg-type]
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(am, "activation_matching", spy("activations", am.activation_matching))
+    monkeypatch.setattr(alignment, "weight_matching", spy("weights", alignment.weight_matching))
+    monkeypatch.setattr(repair_step, "corrections", spy("repair", repair_step.corrections))
+    blend_devices: set[torch.device] = set()
+    real_blend = Blend.__call__
+
+    def blend_spy(self: Blend, key: str, observe: object = None, device: torch.device | None = None) -> torch.Tensor:
+        blend_devices.add(torch.device(device or self.device))
+        return real_blend(self, key, observe, device)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Blend, "__call__", blend_spy)
+    opts = MergeOptions(precision="fp32", matching="activations", activation_samples=1, repair=True)
+    with override_budget(lambda device, notify: DeviceBudget(stand_for_gpu, notify, free_bytes=lambda: free)):
+        merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors", opts)
+    expected = stand_for_gpu if free > 2**30 else CPU
+    assert seen == {"activations": {expected}, "weights": {expected}, "repair": {expected}}  # weights: the VAE
+    # REPAIR reads the merge through the blend on the merge's own device; the written keys follow the budget
+    assert expected in blend_devices
