@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the Markdown table (a folder: <card>_<date>.md in it); default: $OUT if set, else "
                         "benchmarks/gpu_results/")
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="only these cases")
-    p.add_argument("--time-limit", type=float, default=420.0,
+    p.add_argument("--time-limit", type=float, default=380.0,
                    help="seconds after which the remaining runs are skipped (the table says which)")
     p.add_argument("--workers", type=int, default=4, help="processes making the full-size inputs")
     return p
