@@ -8,7 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_webui_adapter import _become_forge, _build_ui, _calls, _fn_for, models_dir, webui  # noqa: F401
+from test_webui_adapter import (  # noqa: F401 - fixtures
+    _AsgiClient,
+    _become_forge,
+    _build_ui,
+    _calls,
+    _fn_for,
+    models_dir,
+    webui,
+)
 
 from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.ui.request import MergeRequest
@@ -210,7 +218,10 @@ def test_tab_buttons_load_and_save(webui, tmp_path):
     frames = list(fn(values))
     last = dict(zip(dep["outputs"], frames[-1]))
     out = {name: last[ui[name]._id] for name in ("unsaved_status", "loaded_title", "page_checkpoint", "result")}
-    assert LABEL in out["unsaved_status"] and out["loaded_title"] == LABEL and out["page_checkpoint"] == LABEL
+    assert LABEL in out["unsaved_status"] and out["loaded_title"] == LABEL
+    assert out["page_checkpoint"] == ""  # the host's dropdown was captured: the adapter shows the label in it
+    shown = webui.select_in_checkpoint_dropdown(out["loaded_title"])
+    assert shown["value"] == LABEL and LABEL in shown["choices"]
     assert "Loaded without saving" in out["result"]
     save_fn, save_dep = _fn_for(ui.blocks, ui["save_unsaved"])
     status = dict(zip(save_dep["outputs"], save_fn("", False)))
@@ -220,13 +231,11 @@ def test_tab_buttons_load_and_save(webui, tmp_path):
 
 def test_api_merge_load_loaded_and_save(webui, tmp_path):
     from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    from lib_rebasin.ui.api import register_api
+    from modules import script_callbacks
 
     app = FastAPI()
-    register_api(app, webui.SERVICE)
-    client = TestClient(app)
+    script_callbacks.app_started_callback(None, app)
+    client = _AsgiClient(app)
     assert client.get("/rebasin/v1/loaded").json() == {"unsaved": None}
     r = client.post("/rebasin/v1/save-loaded", json={})
     assert r.status_code == 400 and "No unsaved merge" in r.json()["detail"]
