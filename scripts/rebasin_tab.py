@@ -156,6 +156,9 @@ class WebUIHost(BaseHost):
         next generation's reload finds it loaded and reads nothing from disk. Runs inside the queue lock."""
         _keep_unsaved_listed()
         previous = self._unsaved
+        current = getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None)
+        if current is not None and not str(getattr(current, "filename", "")).endswith(UNSAVED_SUFFIX):
+            self.last_file_info = current
         info = _unsaved_info(label)
         info.register()
         self._unsaved = _Unsaved(info, state_dict, on_replaced)
