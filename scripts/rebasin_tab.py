@@ -28,7 +28,7 @@ from lib_rebasin.options import OPTIONS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
-from lib_rebasin.ui.service import MergeService
+from lib_rebasin.ui.service import MergeService  # noqa: E402
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
 
 try:

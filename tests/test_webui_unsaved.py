@@ -8,20 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_webui_adapter import (  # noqa: F401 - fixtures
-    _AsgiClient,
-    _become_forge,
-    _build_ui,
-    _calls,
-    _fn_for,
-    models_dir,
-    webui,
-)
+import test_webui_adapter as adapter_tests
+from test_webui_adapter import _AsgiClient, _become_forge, _build_ui, _calls, _fn_for
 
 from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.ui.request import MergeRequest
 
 pytestmark = pytest.mark.ui
+
+models_dir, webui = adapter_tests.models_dir, adapter_tests.webui  # the adapter's fixtures
 
 LABEL = "alpha + beta, re-basin, alpha 0.35, unsaved"
 
@@ -210,13 +205,13 @@ def test_the_standalone_host_has_no_generator():
 
 
 def test_tab_buttons_load_and_save(webui, tmp_path):
-    ui_tabs, _comps, _dd, _demo = _build_ui(webui)
+    _build_ui(webui)
     ui = webui.TAB
     assert ui["merge_load"].interactive is not False
     fn, dep = _fn_for(ui.blocks, ui["merge_load"])
     values = ui.values(model_a="alpha.safetensors", model_b="beta.safetensors", alpha=0.35, device="cpu")
     frames = list(fn(values))
-    last = dict(zip(dep["outputs"], frames[-1]))
+    last = dict(zip(dep["outputs"], frames[-1], strict=True))
     out = {name: last[ui[name]._id] for name in ("unsaved_status", "loaded_title", "page_checkpoint", "result")}
     assert LABEL in out["unsaved_status"] and out["loaded_title"] == LABEL
     assert out["page_checkpoint"] == ""  # the host's dropdown was captured: the adapter shows the label in it
@@ -224,7 +219,7 @@ def test_tab_buttons_load_and_save(webui, tmp_path):
     assert shown["value"] == LABEL and LABEL in shown["choices"]
     assert "Loaded without saving" in out["result"]
     save_fn, save_dep = _fn_for(ui.blocks, ui["save_unsaved"])
-    status = dict(zip(save_dep["outputs"], save_fn("", False)))
+    status = dict(zip(save_dep["outputs"], save_fn("", False), strict=True))
     assert "Saved" in status[ui["load_status"]._id]
     assert (tmp_path / "alpha_beta_rebasin_0.35.safetensors").exists()
 
