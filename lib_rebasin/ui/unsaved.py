@@ -59,6 +59,9 @@ class UnsavedSlot:
         held, self.current = self.current, None
         if held is not None:
             held.held.release()
+            from ..memory import release_memory
+
+            release_memory()  # the merged tensors' pages back to the system, not kept in the allocator's heap
 
     def _replaced(self, which: list[Unsaved]) -> Callable[[], None]:
         def replaced() -> None:
