@@ -23,7 +23,7 @@ def unsaved_markdown(cur: Unsaved | None) -> str:
     if cur is None:
         return ""
     return (f"**Loaded, not saved:** {md_escape(cur.label)}. txt2img and img2img use it now; "
-            f"**Save this merge** writes `{md_escape(cur.prepared.output.name)}` (or the output name you type).")
+            f"**Save this merge** writes {md_escape(cur.prepared.output.name)} (or the output name you type).")
 
 
 def wire_unsaved_events(ctx: TabContext, blocks: Any) -> None:
