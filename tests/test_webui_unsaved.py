@@ -248,3 +248,18 @@ def test_api_merge_load_loaded_and_save(webui, tmp_path):
     assert (tmp_path / "api_saved.safetensors").read_bytes() == _direct(webui, tmp_path)
     r = client.post("/rebasin/v1/merge-load", json={"model_b": "beta.safetensors", "device": "cpu"})
     assert r.status_code in (400, 422) and "Model A" in r.json()["detail"]
+
+
+def test_stop_keeps_the_model_loaded_before(webui):
+    from modules import sd_models, shared
+
+    shared.opts.set("sd_model_checkpoint", "alpha.safetensors")
+    before = sd_models.model_data.sd_model
+    req = MergeRequest(model_a="alpha.safetensors", model_b="beta.safetensors", method="rebasin", alpha=0.35,
+                       device="cpu")
+    job = webui.SERVICE.submit_load(req)
+    webui.SERVICE.cancel(job.id)
+    assert job.wait(120)
+    assert job.status == "cancelled" and job.status_line() == "Stopped: the model loaded before is kept."
+    assert sd_models.model_data.sd_model is before and before.device != "meta"
+    assert webui.SERVICE.unsaved.current is None and not _calls("sd_models.load_model")
