@@ -28,7 +28,7 @@ from lib_rebasin.options import OPTIONS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
-from lib_rebasin.ui.service import MergeService
+from lib_rebasin.ui.service import MergeService  # noqa: E402
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
 
 try:
@@ -62,6 +62,8 @@ class WebUIHost(BaseHost):
         self.targets = {}
         self.checkpoint_dropdown = None
         self._parked_model = None
+        self._unsaved = None  # the unsaved merge loaded into the host's model: _Unsaved, or None
+        self.last_file_info = None
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def list_checkpoints(self):
@@ -129,6 +131,87 @@ class WebUIHost(BaseHost):
         #change_checkpoint handler passes the name through sd_models.match_checkpoint_to_name, which takes the
         first registered title contained in it ("F2.safetensors" for "fcore_F1F2.safetensors")."""
         return self.checkpoint_dropdown is None and not _is_forge()
+
+    def page_name_for(self, title):
+        """Also in Forge where its #change_checkpoint handler (match_checkpoint_to_name) maps `title` to the very
+        checkpoint it names, as for an unsaved merge's label (no registered title is contained in it)."""
+        if self.checkpoint_dropdown is not None or not title:
+            return ""
+        if not _is_forge():
+            return title
+        wanted = sd_models.checkpoint_aliases.get(title)
+        try:
+            got = sd_models.get_closet_checkpoint_match(sd_models.match_checkpoint_to_name(title))
+        except Exception:
+            return ""
+        return title if wanted is not None and got is wanted else ""
+
+    # -- an unsaved merge in the host's model ("Merge & load (no file)") -------------------------------------
+    loads_in_memory = True
+
+    def load_state_dict(self, state_dict, label, on_replaced):
+        """The host's own path for a state dict already in memory: A1111's load_model(info, already_loaded_state_dict)
+        with a checkpoint info that names no file (never read, never hashed); Forge's forge_model_reload, whose
+        reader is given the dict for that name. The info is registered and selected in sd_model_checkpoint, so the
+        next generation's reload finds it loaded and reads nothing from disk. Runs inside the queue lock."""
+        _keep_unsaved_listed()
+        previous = self._unsaved
+        current = getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None)
+        if current is not None and not str(getattr(current, "filename", "")).endswith(UNSAVED_SUFFIX):
+            self.last_file_info = current
+        info = _unsaved_info(label)
+        info.register()
+        self._unsaved = _Unsaved(info, state_dict, on_replaced)
+        try:
+            if _is_forge():
+                _forge_load(info)
+            else:
+                _a1111_load(info, state_dict)
+        except Exception as e:
+            traceback.print_exc()
+            self._unsaved = previous
+            _unregister(info)
+            back = _restore_after_failed_load(previous)
+            raise RebasinError(f"The WebUI could not load the merge ({type(e).__name__}: {str(e)[:200]}); {back}") \
+                from None
+        if previous is not None:  # replaced by this one (its callback saw our info, not another checkpoint)
+            _unregister(previous.info)
+            previous.forget()
+        return _dropdown_value(info)
+
+    def model_loaded(self, sd_model):
+        """script_callbacks.on_model_loaded: another checkpoint took the unsaved merge's place: let it go."""
+        held = self._unsaved
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        if info is not None and not str(getattr(info, "filename", "")).endswith(UNSAVED_SUFFIX):
+            self.last_file_info = info  # what a failed load of an unsaved merge falls back to
+        if held is not None and getattr(sd_model, "sd_checkpoint_info", None) is not held.info:
+            self._unsaved = None
+            _unregister(held.info)
+            held.forget()
+
+    def adopt_saved(self, path):
+        """The loaded model now is the file just saved (the same bytes): its info, hash and title, no reload."""
+        held, model = self._unsaved, getattr(sd_models.model_data, "sd_model", None)
+        info = self._info_for(path)
+        if held is None or info is None or getattr(model, "sd_checkpoint_info", None) is not held.info:
+            return self.load_checkpoint(path)
+        self._unsaved = None
+        _unregister(held.info)
+        shorthash = info.calculate_shorthash()  # from the hash cache remember_hashes filled: the file is not read
+        model.sd_checkpoint_info = info
+        model.sd_model_hash = shorthash
+        if _is_forge():
+            model.filename = info.filename
+            value = self.load_checkpoint(path)  # the option and Forge's loading parameters: lazy, nothing loads
+            sd_models.model_data.forge_hash = str(sd_models.model_data.forge_loading_parameters)
+        else:
+            model.sd_model_checkpoint = info.filename
+            shared.opts.data["sd_checkpoint_hash"] = info.sha256
+            value = _dropdown_value(info)
+            _persist_checkpoint(value)  # its onchange reload finds this file loaded already
+        held.forget(notify=False)
+        return value
 
     def load_checkpoint(self, path):
         """Select exactly the file at `path` for generation; returns the value the host's own checkpoint dropdown
@@ -282,6 +365,137 @@ class WebUIHost(BaseHost):
             if path is None or (not str(path).startswith(("http://", "https://")) and os.path.exists(str(path))):
                 ready.add(u.name)
         return ready
+
+
+class _Unsaved:
+    def __init__(self, info, state_dict, on_replaced):
+        self.info, self.state_dict, self.on_replaced = info, state_dict, on_replaced
+
+    def forget(self, notify=True):
+        """Drop every reference the adapter and the host's caches keep to its tensors; tell the service."""
+        self.state_dict = None
+        loaded = getattr(sd_models, "checkpoints_loaded", None)  # the host's RAM cache (sd_checkpoint_cache > 0)
+        if loaded is not None:
+            loaded.pop(self.info, None)
+        if notify:
+            try:
+                self.on_replaced()
+            except Exception:
+                traceback.print_exc()
+
+
+UNSAVED_SUFFIX = ".unsaved"  # never a checkpoint's suffix: no host lists, hashes or reads such a name
+
+
+def _unsaved_info(label):
+    """A CheckpointInfo titled `label` for a merge that has no file: its filename (in the checkpoint folder, so it
+    is unique there and no sidecar .yaml/.vae is found) does not exist, no hash is known or computed, and the
+    infotext's "Model" is the label."""
+    info = sd_models.CheckpointInfo(os.path.join(sd_models.model_path, label + UNSAVED_SUFFIX))
+    for field in ("name", "name_for_extra", "model_name", "title", "short_title"):
+        setattr(info, field, label)
+    info.ids = [label]
+    info.sha256 = info.shorthash = None
+    info.metadata = {}
+    info.calculate_shorthash = lambda: None  # the host's loaders call it: nothing to hash
+    return info
+
+
+def _unregister(info):
+    if sd_models.checkpoints_list.get(info.title) is info:
+        del sd_models.checkpoints_list[info.title]
+    for key, value in list(sd_models.checkpoint_aliases.items()):
+        if value is info:
+            del sd_models.checkpoint_aliases[key]
+
+
+def _keep_unsaved_listed():
+    """The host's list_models() clears the registry (any refresh button, a save): register the loaded unsaved
+    merge again afterwards, or the next generation would fall back to a file. Installed once; a no-op while
+    nothing unsaved is loaded."""
+    original = sd_models.list_models
+    if getattr(original, "_rebasin_keeps_unsaved", False):
+        return
+
+    def list_models(*args, **kwargs):
+        result = original(*args, **kwargs)
+        held = HOST._unsaved
+        if held is not None:
+            held.info.register()
+        return result
+
+    list_models._rebasin_keeps_unsaved = True
+    sd_models.list_models = list_models
+
+
+def _a1111_load(info, state_dict):
+    """sd_models.load_model sends the current model to the meta device and builds the new one from the dict."""
+    current = getattr(sd_models.model_data, "sd_model", None)
+    loaded = getattr(sd_models.model_data, "loaded_sd_models", None)
+    if current is not None and loaded is not None and current in loaded:
+        # left in that list on the meta device, it would be "reused" by the next checkpoint switch (sd_models
+        # reuse_model_from_already_loaded) and fail with "Cannot copy out of meta tensor"
+        loaded.remove(current)
+    sd_models.load_model(checkpoint_info=info, already_loaded_state_dict=dict(state_dict))
+
+
+def _forge_load(info):
+    """Forge loads what sd_model_checkpoint selects, through its reader, which gives the unsaved dict for its name."""
+    from modules_forge import main_entry
+
+    _forge_reads_unsaved()
+    shared.opts.data["sd_model_checkpoint"] = info.title  # not saved to config.json: no file stands behind it
+    main_entry.refresh_model_loading_parameters()
+    sd_models.forge_model_reload()  # now, in our job, so a failure is reported here and not at the next generation
+
+
+def _forge_reads_unsaved():
+    import backend.loader as loader
+
+    original = loader.load_torch_file
+    if getattr(original, "_rebasin_reads_unsaved", False):
+        return
+
+    def load_torch_file(ckpt, *args, **kwargs):
+        held = HOST._unsaved
+        if held is not None and held.state_dict is not None and isinstance(ckpt, str) and ckpt == held.info.filename:
+            return dict(held.state_dict)  # a copy: the loader pops and renames keys
+        return original(ckpt, *args, **kwargs)
+
+    load_torch_file._rebasin_reads_unsaved = True
+    loader.load_torch_file = load_torch_file
+
+
+def _restore_after_failed_load(previous):
+    """After a failed load: the model that was loaded before (A1111 moved it to the meta device; Forge reloads it
+    at the next generation): the previous unsaved merge while its tensors are still held, else the last checkpoint
+    file loaded. Returns what the user is told."""
+    try:
+        if previous is not None and previous.state_dict:
+            info = previous.info
+            HOST._unsaved = previous
+            info.register()
+        else:
+            if previous is not None:
+                _unregister(previous.info)
+                HOST._unsaved = None
+            info = HOST.last_file_info or sd_models.select_checkpoint()
+        shared.opts.data["sd_model_checkpoint"] = info.title
+        if _is_forge():
+            from modules_forge import main_entry
+
+            main_entry.refresh_model_loading_parameters()
+            sd_models.model_data.forge_hash = ""
+            return f"{info.title} is loaded again at the next generation."
+        model = getattr(sd_models.model_data, "sd_model", None)
+        if model is None or getattr(model, "sd_checkpoint_info", None) is not info:
+            sd_models.model_data.sd_model = None
+            state_dict = dict(previous.state_dict) if HOST._unsaved is previous and previous else None
+            sd_models.load_model(checkpoint_info=info, already_loaded_state_dict=state_dict)
+        return f"{info.title} is loaded again."
+    except Exception as e:
+        traceback.print_exc()
+        return f"reloading the model before failed too ({type(e).__name__}); pick a checkpoint."
 
 
 def _dropdown_value(info):
@@ -445,6 +659,10 @@ def api_policy():
         allow_hint=ALLOW_HINT)
 
 
+def on_model_loaded(sd_model):
+    HOST.model_loaded(sd_model)
+
+
 def on_app_started(demo, app):
     if api_enabled():
         register_api(app, SERVICE, api_policy())
@@ -454,3 +672,4 @@ script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_after_component(on_after_component)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_model_loaded(on_model_loaded)

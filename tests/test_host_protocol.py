@@ -107,7 +107,7 @@ def host_problems(cls: type, proto: type = Host) -> list[str]:
 
 def test_protocol_members_are_all_seen():
     methods, attributes = protocol_members(Host)
-    assert attributes == ["name", "shows_eta", "page_selects_checkpoint"]
+    assert attributes == ["name", "shows_eta", "page_selects_checkpoint", "loads_in_memory"]
     assert {"list_checkpoints", "run_job", "load_checkpoint", "ready_upscalers", "list_vaes"} <= set(methods)
     assert len(methods) == len(set(methods)) >= 19
 

@@ -143,7 +143,8 @@ def _fn_for(blocks, component, event="click"):
 def test_registers_callbacks_without_name_kwarg(webui):
     kinds = [c[0] for c in _calls("script_callbacks.on_")]
     assert sorted(kinds) == sorted(["script_callbacks.on_ui_settings", "script_callbacks.on_after_component",
-                                    "script_callbacks.on_ui_tabs", "script_callbacks.on_app_started"])
+                                    "script_callbacks.on_ui_tabs", "script_callbacks.on_app_started",
+                                    "script_callbacks.on_model_loaded"])
 
 
 def test_tab_registration_and_settings(webui):
@@ -408,7 +409,8 @@ def _press_load(ui, demo, path):
         shown = upd["value"]
         ui_settings.checkpoint_dropdown_changed(shown)
     hooks = [d for d in _deps(ui.blocks) if "selectCheckpoint" in str(d.get("js") or d.get("_js") or "")]
-    assert len(hooks) == 1
+    # Load merged model, Merge & load (no file) and Save this merge: each tells the page the same component's name
+    assert len(hooks) == 3 and {tuple(h["inputs"]) for h in hooks} == {(ui["page_checkpoint"]._id,)}
     for comp_id in hooks[0]["inputs"]:
         if values.get(comp_id):
             shown = ui_settings.change_checkpoint(values[comp_id])

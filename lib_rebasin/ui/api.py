@@ -4,6 +4,11 @@
     GET  /rebasin/v1/jobs/{job_id}   progress, and when finished the output and diagnostics
     POST /rebasin/v1/jobs/{job_id}/cancel   -> the job; 409 once its output is committed (too late: it ends done)
     POST /rebasin/v1/load            {"job_id"} or {"path"} -> makes a finished merge the active checkpoint
+    POST /rebasin/v1/merge-load      the /merge body -> 202 job ("kind": "load"): merged in memory and loaded into
+                                     the host's generator without a file (the WebUI only; 400 elsewhere)
+    GET  /rebasin/v1/loaded          {"unsaved": the unsaved merge loaded now (label, title, save_as), or null}
+    POST /rebasin/v1/save-loaded     {"output_name"?, "overwrite"?} -> writes the loaded unsaved merge (the bytes
+                                     /merge writes), which then is the loaded checkpoint
     GET  /rebasin/v1/checkpoints     the host's checkpoints: title, name and (when the host knows it) hash
     GET  /rebasin/v1/methods         every method, its flags and its options' declarations (type, default, bounds
                                      or choices for that method, label, help): the option table, for clients
@@ -111,6 +116,43 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return answer(e)
         return JSONResponse(job.to_dict(), status_code=202)
 
+    async def merge_load(request: Request):
+        try:
+            req = MergeRequest.from_dict(await json_body(request))
+            job = service.submit_load(req)
+        except (_Refused, RebasinError) as e:
+            return answer(e)
+        return JSONResponse(job.to_dict(), status_code=202)
+
+    def loaded(request: Request):
+        try:
+            check_origin(request)
+        except _Refused as e:
+            return answer(e)
+        cur = service.unsaved.current
+        return JSONResponse({"unsaved": cur.to_dict() if cur is not None else None})
+
+    async def save_loaded(request: Request):
+        try:
+            body = await json_body(request)
+            body = {} if body is None else body
+            if not isinstance(body, dict):
+                raise FieldError("body", "The request body must be a JSON object ('output_name', 'overwrite').")
+            unknown = sorted(set(body) - {"output_name", "overwrite"})
+            if unknown:
+                raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give 'output_name' "
+                                                       "and/or 'overwrite'.")
+            name, overwrite = body.get("output_name") or "", body.get("overwrite", False)
+            if not isinstance(name, str) or len(name) > MAX_TEXT:
+                raise FieldError("output_name", f"Field 'output_name' must be a string of at most {MAX_TEXT} "
+                                                f"characters, got {shown(name, 60)}.")
+            if not isinstance(overwrite, bool):
+                raise FieldError("overwrite", f"Field 'overwrite' must be true or false, got {shown(overwrite, 40)}.")
+            path, title = service.save_unsaved(name, overwrite)
+        except (_Refused, RebasinError) as e:
+            return answer(e)
+        return JSONResponse({"output_name": path.name, "loaded": title})
+
     def get_job(job_id: str, request: Request):
         try:
             check_origin(request)
@@ -184,7 +226,9 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
     for path, fn, method in ((f"{prefix}/merge", merge, "POST"), (f"{prefix}/jobs/{{job_id}}", get_job, "GET"),
                              (f"{prefix}/jobs/{{job_id}}/cancel", cancel_job, "POST"),
                              (f"{prefix}/load", load, "POST"), (f"{prefix}/checkpoints", checkpoints, "GET"),
-                             (f"{prefix}/methods", methods, "GET")):
+                             (f"{prefix}/methods", methods, "GET"),
+                             (f"{prefix}/merge-load", merge_load, "POST"), (f"{prefix}/loaded", loaded, "GET"),
+                             (f"{prefix}/save-loaded", save_loaded, "POST")):
         app.add_api_route(path, fn, methods=[method], dependencies=list(dependencies))
 
 

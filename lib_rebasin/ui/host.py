@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import RebasinError
 from ..options import OPTIONS
 
+NO_GENERATOR = ("This program has no image generator to load a merge into; use Merge to save it as a file (or run "
+                "the tab inside AUTOMATIC1111 or Forge).")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
@@ -126,6 +129,7 @@ class Host(Protocol):
     name: str
     shows_eta: bool                # the host draws its own progress bar with an ETA (the tab then shows none)
     page_selects_checkpoint: bool  # the page's own checkpoint selector must be told about a loaded model
+    loads_in_memory: bool          # the host has an image generator that can take an unsaved merge
 
     def list_checkpoints(self) -> list[CheckpointEntry]: ...
     def refresh_checkpoints(self) -> None: ...
@@ -133,6 +137,9 @@ class Host(Protocol):
     def after_save(self, path: Path) -> None: ...
     def remember_hashes(self, paths: list[Path]) -> None: ...
     def load_checkpoint(self, path: Path) -> str: ...
+    def load_state_dict(self, state_dict: dict[str, Any], label: str, on_replaced: Callable[[], None]) -> str: ...
+    def adopt_saved(self, path: Path) -> str: ...
+    def page_name_for(self, title: str) -> str: ...
     def run_job(self, job_id: str, work: Callable[[], None]) -> None: ...
     def discard_job(self, job_id: str) -> None: ...
     def report_progress(self, fraction: float, text: str) -> None: ...
@@ -188,6 +195,8 @@ class BaseHost:
     # True where, after load_checkpoint, the tab should also call the page's selectCheckpoint(title) (the WebUI's
     # JavaScript) to show the loaded model; False where the host needs no such call or it would pick another file.
     page_selects_checkpoint = False
+    # True where load_state_dict puts a merge made in memory into the host's image generator.
+    loads_in_memory = False
     # A GPU merge keeps two fp32 UNets and the matching buffers on the device: about 8 GiB for SD 1.5.
     min_gpu_bytes = 8 * 1024**3
 
@@ -211,6 +220,24 @@ class BaseHost:
 
     def load_checkpoint(self, path: Path) -> str:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any], label: str, on_replaced: Callable[[], None]) -> str:
+        """Put a merge made in memory into the host's image generator for its next generations, shown as `label`
+        (its models, method and alpha, marked unsaved); returns the title the host shows for it. `state_dict` is
+        the caller's: the host hands its loaders a copy of the dict and keeps no other reference to the tensors
+        after `on_replaced()`, which it calls once another model takes its place. On failure: RebasinError, and
+        the model loaded before still works."""
+        raise RebasinError(NO_GENERATOR)
+
+    def page_name_for(self, title: str) -> str:
+        """The name to give the page's selectCheckpoint() for a model just loaded under `title`, or "" where the
+        page must not be told (see page_selects_checkpoint)."""
+        return title if self.page_selects_checkpoint else ""
+
+    def adopt_saved(self, path: Path) -> str:
+        """The unsaved merge loaded by load_state_dict was just saved, byte for byte, to `path`: from now on the
+        loaded model is that file (listed, hashed, loadable), without reading it again. Returns its title."""
+        return self.load_checkpoint(path)
 
     def run_job(self, job_id: str, work: Callable[[], None]) -> None:
         self._interrupted.clear()

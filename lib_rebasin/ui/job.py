@@ -24,6 +24,9 @@ class Prepared:
     output: Path
     options: MergeOptions
     bake_vae: CheckpointEntry | None = None
+    # True: "Merge & load (no file)": merged in memory and put into the host's generator; `output` is then only
+    # the name "Save this merge" offers.
+    load: bool = False
 
     @property
     def devices(self) -> list[str]:
@@ -82,8 +85,13 @@ class Job:
     # Set at the output's commit (`merge_checkpoints`'s on_commit): the file is being put in place, the merge has
     # succeeded and a cancel is refused as too late. Set and read under the service's lock.
     committed: bool = False
+    loaded: str | None = None  # a load job's result: the title the host shows for the unsaved merge
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def is_load(self) -> bool:
+        return isinstance(self.prepared, Prepared) and self.prepared.load
 
     @property
     def finished_flag(self) -> bool:
@@ -101,12 +109,17 @@ class Job:
             return f"Too late to cancel: the merge is done; {name} was saved."
         return f"Too late to cancel: {name} is being saved; the merge ends done."
 
+    def status_line_cancelled(self) -> str:
+        return "Stopped: the model loaded before is kept." if self.is_load else "Stopped: no file was written."
+
     def status_line(self, eta: bool = True) -> str:
         """One line for the tab and the API; `eta=False` where the host's own progress bar shows one."""
+        if self.status == "done" and self.loaded is not None:
+            return f"Done in {self.seconds or 0:.1f}s: loaded {self.loaded} (not saved)."
         if self.status == "done":
             return f"Done in {self.seconds or 0:.1f}s: saved {self.output.name if self.output else ''}."
         if self.status == "cancelled":
-            return "Stopped: no file was written."
+            return self.status_line_cancelled()
         if self.status == "failed":
             return f"Failed: {self.error}"
         left = format_eta(self.eta_s) if eta else ""
@@ -121,6 +134,7 @@ class Job:
             "output_name": self.output.name if self.output else self.prepared.output.name,
             "summary": list(self.summary), "diagnostics": self.diagnostics, "error": self.error,
             "seconds": self.seconds, "finished": self.finished_flag,
-            "kind": "recipe" if isinstance(self.prepared, PreparedRecipe) else "merge",
+            "kind": "recipe" if isinstance(self.prepared, PreparedRecipe) else "load" if self.is_load else "merge",
+            "loaded": self.loaded,
             "request": self.prepared.request_dict(),
         }

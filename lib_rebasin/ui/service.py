@@ -32,6 +32,7 @@ from .request import (
     RecipeRequest,
     field_of,
 )
+from .unsaved import UnsavedSlot
 
 
 class MergeService:
@@ -43,6 +44,7 @@ class MergeService:
         self._keep = keep
         self._lock = threading.Lock()
         self._hashes: dict[tuple[str, int, int], str] = {}  # sha256 by (path, size, mtime): recipes pin models by hash
+        self.unsaved = UnsavedSlot(host)  # the one "Merge & load (no file)" result the host may hold
 
     # -- lookups ------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointEntry]:
@@ -98,7 +100,9 @@ class MergeService:
         return next(reversed(self.jobs.values()), None) if self.jobs else None
 
     # -- validation -----------------------------------------------------------------------------------------
-    def prepare(self, req: MergeRequest) -> Prepared:
+    def prepare(self, req: MergeRequest, load: bool = False) -> Prepared:
+        """`load`: for "Merge & load (no file)"; the output name is then only what "Save this merge" offers, and
+        whether it exists is checked when saving."""
         devices = self.host.device_choices()  # first: the host's list says more than "no CUDA GPU"
         if req.device not in devices:
             raise FieldError("device", f"Device {shown(req.device, 60)} is not available here; choose one of "
@@ -125,12 +129,12 @@ class MergeService:
         with field_of("output_name"):
             out = output_path_for(req.output_name, folder, default_output_stem(a, b, req.method, req.alpha,
                                                                                req.blocks))
-        if out.exists() and not req.overwrite:
+        if out.exists() and not req.overwrite and not load:
             raise RebasinError(f"A checkpoint named {out.name} already exists in {folder}; choose another output "
                                f"name.")
         if any(same_file(out, e.path) for e in (a, b, c) if e is not None):
             raise RebasinError(f"The output {out.name} would overwrite one of the input models; choose another name.")
-        checked = preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite)
+        checked = preflight(a.path, b.path, out, opts, c=c.path if c else None, overwrite=req.overwrite or load)
         vae = None
         try:
             if req.bake_vae and req.bake_vae.strip() and req.bake_vae != "None":
@@ -142,7 +146,7 @@ class MergeService:
         finally:
             checked.close()  # preflight hands back the opened inputs; only validating here
         req.parts = opts.parts
-        return Prepared(req, a, b, c, out, opts, vae)
+        return Prepared(req, a, b, c, out, opts, vae, load=load)
 
     # -- running --------------------------------------------------------------------------------------------
     def start(self, prepared: Prepared | PreparedRecipe, job_id: str | None = None) -> Job:
@@ -151,6 +155,8 @@ class MergeService:
             busy = self.running()
             if busy is not None:
                 raise RebasinError("A merge is already running; wait for it to finish or press Stop.")
+            if self.unsaved.saving:
+                raise RebasinError("The unsaved merge is being saved; wait for it to finish.")
             job = Job(job_id, prepared)
             self.jobs[job_id] = job
             while len(self.jobs) > self._keep:
@@ -167,6 +173,26 @@ class MergeService:
             if job_id:
                 self.host.discard_job(job_id)
             raise
+
+    def submit_load(self, req: MergeRequest, job_id: str | None = None) -> Job:
+        """"Merge & load (no file)": prepare + start a job that merges in memory and loads the result into the
+        host's generator instead of writing a file."""
+        try:
+            if not self.host.loads_in_memory:
+                from .host import NO_GENERATOR
+
+                raise RebasinError(NO_GENERATOR)
+            return self.start(self.prepare(req, load=True), job_id)
+        except Exception:
+            if job_id:
+                self.host.discard_job(job_id)
+            raise
+
+    def save_unsaved(self, output_name: str = "", overwrite: bool = False) -> tuple[Path, str]:
+        """"Save this merge": the loaded unsaved merge to a file (the direct merge's bytes); returns (path, title)."""
+        if self.running() is not None:
+            raise RebasinError("A merge is running; save the loaded merge once it has finished.")
+        return self.unsaved.save(Path(self.host.output_dir()), output_name or "", bool(overwrite))
 
     # -- recipes ------------------------------------------------------------------------------------------------
     def prepare_recipe(self, req: RecipeRequest) -> PreparedRecipe:
@@ -297,6 +323,10 @@ class MergeService:
             self.host.prepare_device(device)
             chain = result = None  # exactly one is set below: the recipe's chain or the single merge's result
             try:
+                if isinstance(p, Prepared) and p.load:
+                    self.unsaved.run(job, p, progress, cancelled)
+                    job.seconds = time.time() - job.started
+                    return
                 if isinstance(p, PreparedRecipe):
                     chain = run_recipe(p.recipe, p.models_dir, p.output,
                                                    overwrite=p.request.overwrite, progress=progress,
@@ -341,12 +371,12 @@ class MergeService:
 
         try:
             self.host.run_job(job.id, work)
-            if job.output is None:  # the host refused to run it (for example interrupted while queued)
+            if job.output is None and job.loaded is None:  # the host refused to run it (e.g. interrupted, queued)
                 raise Cancelled()
             job.status, job.fraction, job.stage = "done", 1.0, "done"
-            job.message = "Saved."
+            job.message = "Loaded (not saved)." if job.loaded is not None else "Saved."
         except Cancelled:
-            job.status, job.stage, job.message = "cancelled", "cancelled", "Stopped: no file was written."
+            job.status, job.stage, job.message = "cancelled", "cancelled", job.status_line_cancelled()
         except RebasinError as e:
             job.status, job.stage, job.error = "failed", "failed", str(e)
             job.message = job.error

@@ -18,6 +18,7 @@ from .hires import wire_hires_presets
 from .layout import build_layout
 from .merge_events import wire_merge_events
 from .recipe_events import wire_recipe_events
+from .unsaved_events import wire_unsaved_events
 
 # Components that start from Settings -> Re-Basin (see NOT_IN_UI_CONFIG).
 FROM_SETTINGS = ("method", "iterations", "device", "precision", "tolerance", "recipe_method", "recipe_iterations",
@@ -52,8 +53,10 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
     blocks_kw = {"css": css} if css else {}
     with gr.Blocks(analytics_enabled=False, title=title, **blocks_kw) as blocks:
         ctx = TabContext(host, service, {})
-        ctx.c.update(build_layout(gr, Defaults.of(host), title, ctx.titles(), ctx.vae_choices()))
+        ctx.c.update(build_layout(gr, Defaults.of(host), title, ctx.titles(), ctx.vae_choices(),
+                                  in_memory=host.loads_in_memory))
         wire_merge_events(ctx, blocks)
+        wire_unsaved_events(ctx, blocks)
         wire_recipe_events(ctx)
         wire_hires_presets(ctx.c, host)
     for key in FROM_SETTINGS:

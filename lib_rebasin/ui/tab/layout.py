@@ -25,20 +25,27 @@ RECIPE_HELP = ("Build a chain of merges (like DunkMash: several re-basin merges,
                "installed checkpoints or **earlier steps** (`[step] name`). The text box is the recipe itself: "
                "edit it and press **Apply text**, or use the buttons.")
 
+UNSAVED_HELP = ("**Merge & load (no file)** merges in memory and loads the result for txt2img / img2img at once; "
+                "nothing is written until you press **Save this merge** (the same file Merge would have written). "
+                "Picking another checkpoint discards it.")
+NO_GENERATOR_HELP = ("*Merge & load (no file) needs the WebUI's image generator; this program has none: use "
+                     "Merge to save the merge as a file.*")
+
 
 def method_help(key: str) -> str:
     return md_escape(METHODS[key].help) if key in METHODS else ""
 
 
-def build_layout(gr: Any, d: Defaults, title: str, titles: list[str], vae_choices: list[str]) -> dict[str, Any]:
-    """Every component of the tab by name."""
+def build_layout(gr: Any, d: Defaults, title: str, titles: list[str], vae_choices: list[str],
+                 in_memory: bool = True) -> dict[str, Any]:
+    """Every component of the tab by name; `in_memory`: the host can load a merge without saving it."""
     c: dict[str, Any] = {}
     with gr.Row(elem_id="rebasin_main_row"):
         with gr.Column(elem_id="rebasin_inputs"):
             gr.HTML(f"<h2 class='rebasin-title'>{html.escape(title)} merge</h2>"
                     "<p class='rebasin-lead'>Align model B's neurons to model A (weight matching), then "
                     "interpolate. The result is saved as a new checkpoint.</p>")
-            _merge_form(gr, c, d, titles, vae_choices)
+            _merge_form(gr, c, d, titles, vae_choices, in_memory)
             with gr.Accordion("Recipe: a chain of merges in one run", open=False, elem_id="rebasin_recipe"):
                 _recipe_form(gr, c, d, titles, vae_choices)
         with gr.Column(elem_id="rebasin_outputs"):
@@ -46,7 +53,8 @@ def build_layout(gr: Any, d: Defaults, title: str, titles: list[str], vae_choice
     return c
 
 
-def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_choices: list[str]) -> None:
+def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_choices: list[str],
+                in_memory: bool = True) -> None:
     for key, label in MODEL_LABELS.items():
         with gr.Row(elem_id=f"rebasin_model_{key}_row", elem_classes=["rebasin-model-row"]):
             shown = key != "c" or METHODS[d.method].needs_c
@@ -101,7 +109,10 @@ def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_
         c["overwrite"] = gr.Checkbox(value=False, label="Overwrite if it exists", elem_id="rebasin_overwrite")
     with gr.Row(elem_id="rebasin_buttons"):
         c["merge"] = gr.Button("Merge", variant="primary", elem_id="rebasin_merge")
+        c["merge_load"] = gr.Button("Merge & load (no file)", elem_id="rebasin_merge_load", interactive=in_memory)
         c["stop"] = gr.Button("Stop", elem_id="rebasin_stop")
+    c["merge_load_help"] = gr.Markdown(UNSAVED_HELP if in_memory else NO_GENERATOR_HELP,
+                                       elem_id="rebasin_merge_load_help")
     c["task_id"] = gr.Textbox(value="", visible=False, elem_id="rebasin_task_id")
 
 
@@ -180,6 +191,9 @@ def _outputs(gr: Any, c: dict[str, Any]) -> None:
     with gr.Row():
         c["load"] = gr.Button("Load merged model", elem_id="rebasin_load", interactive=False)
     c["load_status"] = gr.Markdown("", elem_id="rebasin_load_status")
+    c["unsaved_status"] = gr.Markdown("", elem_id="rebasin_unsaved_status")
+    with gr.Row():
+        c["save_unsaved"] = gr.Button("Save this merge", elem_id="rebasin_save_unsaved", interactive=False)
     c["loaded_title"] = gr.Textbox(value="", visible=False, elem_id="rebasin_loaded_title")
     # the name for the page's selectCheckpoint(), "" where the host adapter shows the model itself
     c["page_checkpoint"] = gr.Textbox(value="", visible=False, elem_id="rebasin_page_checkpoint")

@@ -225,7 +225,7 @@ def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
             return f"Could not load: {e}", "", ""
         except Exception as e:
             return f"Could not load the merged model ({type(e).__name__}: {e}).", "", ""
-        page = title if host.page_selects_checkpoint else ""
+        page = host.page_name_for(title)
         return f"Loaded **{md_escape(title)}** for txt2img and img2img.", title, page
 
     c["load_event"] = c["load"].click(fn=do_load, inputs=[c["result_path"]],

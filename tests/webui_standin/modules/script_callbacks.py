@@ -55,3 +55,8 @@ def after_component_callback(component, **kwargs):
 def app_started_callback(demo, app):
     for fn in callbacks["app_started"]:
         fn(demo, app)
+
+
+def model_loaded_callback(sd_model):
+    for fn in callbacks["model_loaded"]:
+        fn(sd_model)

@@ -109,7 +109,36 @@ class FakeModel:
         self.device = "cpu"
 
 
-model_data = SimpleNamespace(sd_model=None)
+model_data = SimpleNamespace(sd_model=None, loaded_sd_models=[])
+checkpoints_loaded: dict = {}  # the RAM cache of state dicts (sd_checkpoint_cache > 0)
+LOAD_FAILS = []  # tests put an exception here: the next load_model raises it after trashing the current model
+
+
+def load_model(checkpoint_info=None, already_loaded_state_dict=None):
+    """Like the host's: the current model goes to the meta device (send_model_to_trash) and stays in
+    loaded_sd_models; the new one is built from the dict (LoadStateDictOnMeta pops its keys), hashed through
+    calculate_shorthash, its title written to sd_model_checkpoint; then the model_loaded callbacks."""
+    from . import script_callbacks
+
+    info = checkpoint_info or select_checkpoint()
+    record("sd_models.load_model", info.title, already_loaded_state_dict is not None)
+    if model_data.sd_model is not None:
+        model_data.sd_model.device = "meta"
+        model_data.sd_model = None
+    if LOAD_FAILS:
+        raise LOAD_FAILS.pop()
+    if already_loaded_state_dict is None:
+        from safetensors.torch import load_file
+
+        already_loaded_state_dict = load_file(info.filename)
+    model = FakeModel(info)
+    model.sd_model_hash = info.calculate_shorthash()
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    model.weights = {k: already_loaded_state_dict.pop(k).clone() for k in list(already_loaded_state_dict)}
+    model_data.sd_model = model
+    model_data.loaded_sd_models.insert(0, model)
+    script_callbacks.model_loaded_callback(model)
+    return model
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
@@ -120,6 +149,9 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
     record("sd_models.reload_model_weights", info.title if info else None)
     info.calculate_shorthash()  # the host hashes what it loads (get_checkpoint_state_dict)
     model_data.sd_model = FakeModel(info)
+    from . import script_callbacks
+
+    script_callbacks.model_loaded_callback(model_data.sd_model)
     return model_data.sd_model
 
 
