@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import MINI, TINY
+from lib_rebasin.sd1.config import TINY
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled, RebasinError

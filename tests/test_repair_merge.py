@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib_rebasin.align import repair
-from lib_rebasin.sd1.config import MINI, TINY
+from lib_rebasin.sd1.config import TINY
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, RebasinError
 from lib_rebasin.options import MergeOptions
