@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import MINI
+from lib_rebasin.sd1.config import TINY
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled, RebasinError
@@ -47,16 +47,16 @@ def _meta(path: Path) -> dict[str, str]:
         return dict(ck.metadata)
 
 
-def test_same_seed_same_bytes_and_block_weights_compose(models: dict[str, Path], tmp_path: Path) -> None:
+def test_same_seed_same_bytes_and_block_weights_compose(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     opts = replace(ACT, parts=("unet", "te"), blocks=(0.5,) * 13 + (0.25,) * 13)
-    one = merge_checkpoints(models["a"], models["independent"], tmp_path / "1.safetensors", opts)
-    two = merge_checkpoints(models["a"], models["independent"], tmp_path / "2.safetensors", opts)
+    one = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "1.safetensors", opts)
+    two = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "2.safetensors", opts)
     assert one.output.read_bytes() == two.output.read_bytes()
     assert one.diagnostics.moved["unet"][0] > 0 and one.diagnostics.blocks == list(opts.blocks)
 
 
-def test_align_for_another_method(models: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+def test_align_for_another_method(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
                             replace(ACT, method="weighted_sum", align=True, parts=("te",)))
     assert res.diagnostics.matching == "activations" and res.diagnostics.moved["te"][0] > 0
 
@@ -75,46 +75,48 @@ def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     from model_cache import cached_checkpoint
 
-    inpaint = cached_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
+    inpaint = cached_checkpoint(tmp_path / "inpaint.safetensors", replace(TINY, unet_in_channels=9), seed=3,
                                 precision="fp32")
     with pytest.raises(RebasinError, match="plain SD 1.x UNets; model A is SD 1.x inpainting"):
-        merge_checkpoints(inpaint, models["a"], tmp_path / "o.safetensors", ACT)
+        merge_checkpoints(inpaint, tiny_models["a"], tmp_path / "o.safetensors", ACT)
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_cancel_during_activation_matching_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
+def test_cancel_during_activation_matching_leaves_no_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     seen: list[str] = []
 
     def cancel() -> bool:
         return any("activation matching: t=" in m for m in seen)
 
     with pytest.raises(Cancelled):
-        merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors", ACT,
+        merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors", ACT,
                           progress=lambda e: seen.append(e.message), cancel=cancel)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_matching_activations(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_matching_activations(tiny_models: dict[str, Path], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "o.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["independent"]), "-o", str(out), "--parts", "te",
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["independent"]), "-o", str(out), "--parts", "te",
                      "--matching", "activations", "--activation-samples", "2", "--seed", "3", "-q"]) == 0
     assert "Activation matching: " in capsys.readouterr().out
     recipe = json.loads(_meta(out)["lib_rebasin"])["recipe"]
     assert (recipe["matching"], recipe["activation_samples"], recipe["seed"]) == ("activations", 2, 3)
-    assert cli_main(["merge", str(models["a"]), str(models["independent"]), "-o", str(tmp_path / "x.safetensors"),
-                     "--method", "weighted_sum", "--matching", "activations", "-q"]) == 2
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["independent"]), "-o",
+                     str(tmp_path / "x.safetensors"), "--method", "weighted_sum", "--matching", "activations",
+                     "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: matching = activations") and len(err.splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_iterations_rematch_by_activations_at_every_step(models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterations_rematch_by_activations_at_every_step(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The closed form that skips iteration steps is a property of weight matching's fixed point; activations are
     not linear in the weights, so every step is matched against the running merge."""
-    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
                             replace(ACT, iterations=3, parts=("te",)))
     assert res.diagnostics.match_steps == 3 and res.diagnostics.closed_form_steps == 0
 

@@ -1,18 +1,22 @@
 """Every class of bad input ends the real CLI with exit status 2, one `error:` line, no traceback and no file.
 
-Each test runs `python -m lib_rebasin` in a subprocess on real files (synthetic SD-1.5-layout checkpoints with
-one defect each), lists the output folder before and after (hidden files included), and checks the one line.
+Each test runs the CLI on real files (synthetic SD-1.5-layout checkpoints with one defect each), lists the output
+folder before and after (hidden files included), and checks the one line. The CLI runs in this process
+(`lib_rebasin.cli.main`, what `python -m lib_rebasin` calls, with its stdout, stderr, progress bar and warnings
+captured) except where the process itself is under test: a thread count, a resource limit, a disk filling up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import pickle
 import resource
 import subprocess
 import sys
 import tarfile
-import io
-import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,10 +31,46 @@ KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
 
 def cli(*args: str | Path, cwd: Path, threads: int = 1, preexec=None, timeout: float = 600,
-        stderr_lines: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return subprocess.run([sys.executable, "-m", "lib_rebasin", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+        in_process: bool = True) -> subprocess.CompletedProcess:
+    """`python -m lib_rebasin ARGS` run in `cwd`: in this process unless the process is what is tested (another
+    thread count, a `preexec` that limits it, or `in_process=False`)."""
+    if not in_process or threads != 1 or preexec is not None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads)}
+        return subprocess.run([sys.executable, "-m", "lib_rebasin", *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+    return _cli_here([str(a) for a in args], cwd)
+
+
+# What a fresh interpreter shows (Python's default warning filters): a warning the CLI let through would be one
+# more stderr line in a real run, so it is one here too.
+_IGNORED_BY_PYTHON = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _cli_here(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    from lib_rebasin import cli as cli_module
+
+    out, err = io.StringIO(), io.StringIO()
+    bar_defaults = cli_module.ProgressBar.__init__.__defaults__
+    assert bar_defaults is not None
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for category in _IGNORED_BY_PYTHON:
+            warnings.filterwarnings("ignore", category=category)
+        # The progress bar's stream defaults to the sys.stderr of import time: point it at this run's stderr.
+        cli_module.ProgressBar.__init__.__defaults__ = (err, *bar_defaults[1:])
+        try:
+            code = cli_module.main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        finally:
+            cli_module.ProgressBar.__init__.__defaults__ = bar_defaults
+    for w in caught:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    return subprocess.CompletedProcess(["python", "-m", "lib_rebasin", *argv], code, out.getvalue(), err.getvalue())
 
 
 def listing(folder: Path) -> list[str]:

@@ -127,11 +127,11 @@ def _distinct_blocks() -> tuple[float, ...]:
     return tuple(round(0.02 + i * 0.035, 4) for i in range(26))
 
 
-def test_each_key_gets_its_blocks_alpha(models: dict[str, Path], tmp_path: Path) -> None:
+def test_each_key_gets_its_blocks_alpha(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     blocks = _distinct_blocks()
-    a, b = _load(models["a"]), _load(models["finetune"])
+    a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
     for method in ("weighted_sum", "rebasin"):
-        out = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / f"{method}.safetensors",
+        out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / f"{method}.safetensors",
                                       MergeOptions(method=method, blocks=blocks, **FP32)).output)
         for k in a:
             block = block_of(k)
@@ -142,12 +142,13 @@ def test_each_key_gets_its_blocks_alpha(models: dict[str, Path], tmp_path: Path)
             torch.testing.assert_close(out[k], (1 - w) * a[k] + w * b[k], rtol=0, atol=1e-6, msg=f"{method} {k}")
 
 
-def test_all_a_gives_a_and_all_b_gives_b(models: dict[str, Path], tmp_path: Path) -> None:
-    a, b = _load(models["a"]), _load(models["finetune"])
+def test_all_a_gives_a_and_all_b_gives_b(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
     for preset, want in (("ALL_A", a), ("ALL_B", b)):
         bw = parse_blocks(preset, 0.5)
         for method in ("weighted_sum", "rebasin"):
-            out = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / f"{preset}{method}.safetensors",
+            out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"],
+                                          tmp_path / f"{preset}{method}.safetensors",
                                           MergeOptions(method=method, blocks=bw.values, blocks_preset=bw.preset,
                                                        **FP32)).output)
             merged = [k for k in a if block_of(k) is not None and a[k].is_floating_point()
@@ -167,11 +168,11 @@ def test_uniform_blocks_equal_plain_alpha_bit_for_bit(models: dict[str, Path], t
         assert flat.diagnostics.closed_form_steps == plain.diagnostics.closed_form_steps
 
 
-def test_iterated_rebasin_telescopes_per_block(models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterated_rebasin_telescopes_per_block(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """A same-base pair: every permutation is the identity, so N iterations give each block exactly its weight."""
     blocks = _distinct_blocks()
-    a, b = _load(models["a"]), _load(models["finetune"])
-    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "it.safetensors",
+    a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
+    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "it.safetensors",
                             MergeOptions(method="rebasin", iterations=4, blocks=blocks, **FP32))
     out = _load(res.output)
     assert res.diagnostics.match_steps == 4 and res.diagnostics.closed_form_steps == 0  # non-uniform: no shortcut
@@ -183,11 +184,11 @@ def test_iterated_rebasin_telescopes_per_block(models: dict[str, Path], tmp_path
         torch.testing.assert_close(out[k], (1 - w) * a[k] + w * b[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_blocks_with_a_delta_method(models: dict[str, Path], tmp_path: Path) -> None:
-    c = models["independent"]
-    a, b, cc = _load(models["a"]), _load(models["finetune"]), _load(c)
+def test_blocks_with_a_delta_method(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    c = tiny_models["independent"]
+    a, b, cc = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(c)
     blocks = _distinct_blocks()
-    out = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "ad.safetensors",
+    out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ad.safetensors",
                                   MergeOptions(method="train_difference", blocks=blocks, **FP32), c=c).output)
     from lib_rebasin.methods import key_generator, train_difference
 
@@ -199,10 +200,10 @@ def test_blocks_with_a_delta_method(models: dict[str, Path], tmp_path: Path) -> 
                                    rtol=0, atol=1e-6)
 
 
-def test_cli_blocks_metadata_and_errors(models: dict[str, Path], tmp_path: Path,
+def test_cli_blocks_metadata_and_errors(tiny_models: dict[str, Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--method", "weighted_sum",
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--method", "weighted_sum",
                      "--blocks", "GRAD_V", "-o", str(out), "-q"]) == 0
     assert "Block weights (BASE, IN00-IN11, M00, OUT00-OUT11): GRAD_V = 0, 1, 0.9166666667" in capsys.readouterr().out
     with open_checkpoint(out) as ck:
@@ -214,16 +215,16 @@ def test_cli_blocks_metadata_and_errors(models: dict[str, Path], tmp_path: Path,
     assert webui["blocks"] == list(PRESETS["GRAD_V"]) and webui["mbw"] is True
     assert webui["weights_alpha"] == list(PRESETS["GRAD_V"][1:]) and webui["base_alpha"] == 0.0
     bad = tmp_path / "bad.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--blocks", "1,2,3", "-o", str(bad),
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--blocks", "1,2,3", "-o", str(bad),
                      "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Block weights need 26 values" in err and not bad.exists()
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--method", "legacy", "--blocks", "GRAD_V",
-                     "-o", str(bad), "-q"]) == 2
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--method", "legacy", "--blocks",
+                     "GRAD_V", "-o", str(bad), "-q"]) == 2
     assert "no block weights" in capsys.readouterr().err and not bad.exists()
 
 
-def test_recipe_blocks_per_step_and_default(models: dict[str, Path], tmp_path: Path) -> None:
+def test_recipe_blocks_per_step_and_default(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     text = f"""
 [recipe]
 name = "blocks"
@@ -231,9 +232,9 @@ precision = "fp32"
 blocks = "OUT12"
 
 [models]
-a = "{models['a'].name}"
-b = "{models['finetune'].name}"
-c = "{models['independent'].name}"
+a = "{tiny_models['a'].name}"
+b = "{tiny_models['finetune'].name}"
+c = "{tiny_models['independent'].name}"
 
 [[step]]
 name = "one"
@@ -257,7 +258,7 @@ alpha = 0.75
     assert two.options.blocks == (0.75,) + (0.25,) * 25 and two.options.ties_density == 0.5
     again = parse_recipe(recipe.to_toml())
     assert [s.options for s in again.steps] == [s.options for s in recipe.steps]
-    res = run_recipe(recipe, models["a"].parent, tmp_path / "r.safetensors")
+    res = run_recipe(recipe, tiny_models["a"].parent, tmp_path / "r.safetensors")
     stored = json.loads(res.metadata["lib_rebasin"])["recipe_toml"]
     assert 'blocks = "OUT12"' in stored and "ties_density = 0.5" in stored
     bad = text.replace('blocks = "OUT12"', 'blocks = "WRAP99"')
@@ -265,23 +266,23 @@ alpha = 0.75
         parse_recipe(bad)
 
 
-def test_recipe_from_a_single_merge_keeps_blocks_and_params(models: dict[str, Path], tmp_path: Path) -> None:
+def test_recipe_from_a_single_merge_keeps_blocks_and_params(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     from lib_rebasin.recipe.from_output import recipe_from_checkpoint
 
-    out = merge_checkpoints(models["a"], models["finetune"], tmp_path / "t.safetensors",
+    out = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "t.safetensors",
                             MergeOptions(method="ties", ties_density=0.3, blocks=PRESETS["RING10_3"],
                                          blocks_preset="RING10_3", parts=("te",), **FP32),
-                            c=models["independent"]).output
+                            c=tiny_models["independent"]).output
     step = parse_recipe(recipe_from_checkpoint(out)).steps[0]
     assert step.options.method == "ties" and step.options.ties_density == 0.3
     assert step.options.blocks == PRESETS["RING10_3"] and step.options.blocks_preset == "RING10_3"
 
 
-def test_iterated_rebasin_with_blocks_on_the_unet_only(models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterated_rebasin_with_blocks_on_the_unet_only(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """BASE's weight differs from every UNet weight and the text encoder is not merged: still one value per key."""
     blocks = (0.9,) + (0.25,) * 25
-    a, b = _load(models["a"]), _load(models["finetune"])
-    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "u.safetensors",
+    a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
+    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "u.safetensors",
                             MergeOptions(method="rebasin", iterations=2, blocks=blocks, parts=("unet",), **FP32))
     out = _load(res.output)
     k = "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"

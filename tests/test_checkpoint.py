@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.sd1.config import MINI, TINY, detect
+from lib_rebasin.sd1.config import TINY, detect
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict, write_safetensors
 from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,
@@ -27,11 +28,12 @@ def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
     return tiny_models
 
 
-def _mini_state(seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    spec = build_spec(MINI)
+def _tiny_state(seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A state dict with SD 1.5's keys at the tiny scale (the layout is what these tests read)."""
+    spec = build_spec(TINY)
     out = {}
     for k, shape in spec.shapes.items():
-        t = synthetic_tensor(k, shape, seed, None, 0.0, MINI.timesteps)
+        t = synthetic_tensor(k, shape, seed, None, 0.0, TINY.timesteps)
         out[k] = t if not t.is_floating_point() else t.to(dtype)
     return out
 
@@ -60,7 +62,7 @@ def test_reads_files_written_by_the_safetensors_library(tmp_path: Path) -> None:
 
 
 def test_pickle_with_nested_state_dict_old_text_encoder_keys_and_ema(tmp_path: Path) -> None:
-    sd = _mini_state()
+    sd = _tiny_state()
     old = {}
     for k, v in sd.items():
         old[k.replace("transformer.text_model.", "transformer.")] = v
@@ -69,7 +71,7 @@ def test_pickle_with_nested_state_dict_old_text_encoder_keys_and_ema(tmp_path: P
     torch.save({"state_dict": old, "global_step": 10}, path)
     with open_checkpoint(path) as ck:
         assert set(sd) <= set(ck.keys()) and "model_ema.decay" in ck
-        assert detect(ck.shapes()) == MINI
+        assert detect(ck.shapes()) == TINY
 
 
 def test_unsafe_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_unsupported_architectures_are_named(keys: dict, message: str) -> None:
 
 
 def test_sdxl_shaped_file_is_refused_by_merge(tmp_path: Path) -> None:
-    a = save_state_dict(tmp_path / "a.safetensors", _mini_state(1))
+    a = save_state_dict(tmp_path / "a.safetensors", _tiny_state(1))
     xl = save_state_dict(tmp_path / "xl.safetensors", {
         "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(8),
         "model.diffusion_model.label_emb.0.0.weight": torch.ones(8, 8)})
@@ -134,18 +136,17 @@ def test_sdxl_shaped_file_is_refused_by_merge(tmp_path: Path) -> None:
 
 
 def test_mismatched_shapes_are_refused(tmp_path: Path) -> None:
-    a = save_state_dict(tmp_path / "a.safetensors", _mini_state(1))
-    sd = _mini_state(2)
+    a = save_state_dict(tmp_path / "a.safetensors", _tiny_state(1))
+    sd = _tiny_state(2)
     k = "model.diffusion_model.middle_block.1.proj_in.weight"
     sd[k] = torch.zeros(7, 7, 1, 1)
     b = save_state_dict(tmp_path / "b.safetensors", sd)
     with pytest.raises(UnsupportedModelError, match="unexpected shapes"):
         merge_checkpoints(a, b, tmp_path / "out.safetensors", MergeOptions(method="weighted_sum"))
-    # A full-size text encoder with a mini UNet is not an SD layout either; a different-width SD 1.x is
-    # readable but cannot be blended with A.
+    # A different-width SD 1.x is readable but cannot be blended with A.
     from model_cache import cached_checkpoint
 
-    wide = cached_checkpoint(tmp_path / "wide.safetensors", "tiny", seed=3)
+    wide = cached_checkpoint(tmp_path / "wide.safetensors", replace(TINY, te_width=96, te_mlp=384), seed=3)
     with pytest.raises(IncompatibleModelsError, match="different shapes"):
         merge_checkpoints(a, wide, tmp_path / "out.safetensors", MergeOptions(method="weighted_sum"))
     _no_stray_files(tmp_path, {"a.safetensors", "b.safetensors", "wide.safetensors"})

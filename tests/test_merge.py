@@ -1,4 +1,7 @@
-"""Merge identities, matching behaviour, copy-through rules, cancellation and the CLI."""
+"""Merge identities, matching behaviour, copy-through rules, cancellation and the CLI.
+
+What the spec decides (a planted permutation undone, legal permutations, the function kept, how far a pair moves)
+runs on the mini models; formulas, copied keys, metadata, cancellation and the CLI on the tiny ones."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import MINI
+from lib_rebasin.sd1.config import MINI, TINY
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main
@@ -28,22 +31,22 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         return {k: ck.get(k).clone() for k in ck.keys()}
 
 
-def test_alpha_zero_is_model_a(models: dict[str, Path], tmp_path: Path) -> None:
+def test_alpha_zero_is_model_a(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     for method in ("weighted_sum", "rebasin"):
-        out = merge_checkpoints(models["a"], models["independent"], tmp_path / f"{method}.safetensors",
+        out = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / f"{method}.safetensors",
                                 MergeOptions(method=method, alpha=0.0, max_sweeps=1, parts=("te",), **FP32)).output
-        a, m = _load(models["a"]), _load(out)
+        a, m = _load(tiny_models["a"]), _load(out)
         assert a.keys() == m.keys()
         assert all(torch.equal(a[k], m[k]) for k in a), method
 
 
-def test_weighted_sum_and_add_difference_formulas(models: dict[str, Path], tmp_path: Path) -> None:
-    a, b, c = (_load(models[k]) for k in ("a", "finetune", "independent"))
-    ws = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "ws.safetensors",
+def test_weighted_sum_and_add_difference_formulas(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    a, b, c = (_load(tiny_models[k]) for k in ("a", "finetune", "independent"))
+    ws = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ws.safetensors",
                                  MergeOptions(method="weighted_sum", alpha=0.3, **FP32)).output)
-    ad = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "ad.safetensors",
+    ad = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ad.safetensors",
                                  MergeOptions(method="add_difference", alpha=0.2, **FP32),
-                                 c=models["independent"]).output)
+                                 c=tiny_models["independent"]).output)
     k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
     torch.testing.assert_close(ws[k], 0.7 * a[k] + 0.3 * b[k])
     torch.testing.assert_close(ad[k], a[k] + 0.2 * (b[k] - c[k]))
@@ -122,24 +125,24 @@ def test_independent_pair_moves_far_more_than_same_base(models: dict[str, Path])
     assert moved["finetune"] == 0.0 and moved["independent"] > 0.5, moved
 
 
-def test_same_base_pair_is_certified_without_solving(models: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions(**FP32))
+def test_same_base_pair_is_certified_without_solving(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "o.safetensors", MergeOptions(**FP32))
     d = res.diagnostics
     assert d.solves == 0 and d.sweeps == [1] and all(m == 0 for m, _ in d.moved.values())
     assert any("share a basin" in line for line in d.summary_lines())
 
 
-def test_iterations_telescope_and_match_explicit_steps(models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterations_telescope_and_match_explicit_steps(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     alpha, n = 0.4, 6
     steps = telescoping_schedule(alpha, n)
     weight_b = 0.0
     for s in steps:
         weight_b = (1 - s) * weight_b + s
     assert weight_b == pytest.approx(alpha, abs=1e-12)
-    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors",
+    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "o.safetensors",
                             MergeOptions(alpha=alpha, iterations=n, **FP32))
     assert res.diagnostics.closed_form_steps == n - 1
-    a, b, out = _load(models["a"]), _load(models["finetune"]), _load(res.output)
+    a, b, out = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(res.output)
     k = "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"
     explicit = a[k].double()
     for s in steps:  # what running every step would give (identity permutation throughout)
@@ -147,8 +150,8 @@ def test_iterations_telescope_and_match_explicit_steps(models: dict[str, Path], 
     torch.testing.assert_close(out[k].double(), explicit, atol=1e-6, rtol=1e-6)
 
 
-def test_iterations_realign_and_warm_start(models: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+def test_iterations_realign_and_warm_start(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
                             MergeOptions(alpha=0.5, iterations=3, parts=("te",), max_sweeps=50, tolerance=0.0,
                                          **FP32))
     d = res.diagnostics
@@ -160,8 +163,8 @@ def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
 
     extra = {"model_ema.decay": torch.tensor(0.9999), "embedding_manager.embedder.x": torch.randn(3),
              "cond_stage_model.logit_scale": torch.tensor(4.6), "lora_te_text_model_x.alpha": torch.tensor(8.0)}
-    a = cached_checkpoint(tmp_path / "a.safetensors", "mini", seed=1, extra=extra, precision="fp32")
-    b = cached_checkpoint(tmp_path / "b.safetensors", "mini", seed=2, extra={"only_in_b": torch.ones(2)})
+    a = cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, extra=extra, precision="fp32")
+    b = cached_checkpoint(tmp_path / "b.safetensors", "tiny", seed=2, extra={"only_in_b": torch.ones(2)})
     res = merge_checkpoints(a, b, tmp_path / "o.safetensors", MergeOptions(method="weighted_sum"))
     out = _load(res.output)
     for k, v in extra.items():
@@ -177,7 +180,7 @@ def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
         from lib_rebasin.sd1.spec import build_spec
         from lib_rebasin.sd1.synthetic import synthetic_tensor
 
-        spec = build_spec(MINI)
+        spec = build_spec(TINY)
         sd = {k: synthetic_tensor(k, s, seed, None, 0.0, 1000) for k, s in spec.shapes.items()}
         sd[pid] = sd[pid].float() + (0.3 if seed == 2 else 0.0)  # an old merge's float, slightly-off ids
         states.append(save_state_dict(tmp_path / f"m{seed}.safetensors", sd))
@@ -186,31 +189,31 @@ def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
     assert torch.equal(out[pid], _load(states[0])[pid])
 
 
-def test_parts_not_merged_keep_a(models: dict[str, Path], tmp_path: Path) -> None:
-    out = _load(merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+def test_parts_not_merged_keep_a(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    out = _load(merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
                                   MergeOptions(method="weighted_sum", parts=("unet",), **FP32)).output)
-    a = _load(models["a"])
+    a = _load(tiny_models["a"])
     assert all(torch.equal(out[k], a[k]) for k in a if not k.startswith("model.diffusion_model."))
     assert not torch.equal(out["model.diffusion_model.out.2.weight"], a["model.diffusion_model.out.2.weight"])
 
 
-def test_inpainting_a_with_plain_b(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_inpainting_a_with_plain_b(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     from dataclasses import replace
 
     from model_cache import cached_checkpoint
 
-    inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
+    inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(TINY, unet_in_channels=9), seed=11, base_seed=1,
                             precision="fp32")
-    res = merge_checkpoints(inp, models["finetune"], tmp_path / "o.safetensors", MergeOptions(alpha=0.5, **FP32))
-    out, a, b = _load(res.output), _load(inp), _load(models["finetune"])
+    res = merge_checkpoints(inp, tiny_models["finetune"], tmp_path / "o.safetensors", MergeOptions(alpha=0.5, **FP32))
+    out, a, b = _load(res.output), _load(inp), _load(tiny_models["finetune"])
     k = "model.diffusion_model.input_blocks.0.0.weight"
     assert out[k].shape[1] == 9 and torch.equal(out[k][:, 4:], a[k][:, 4:])
     torch.testing.assert_close(out[k][:, :4], 0.5 * a[k][:, :4] + 0.5 * b[k])
     with pytest.raises(Exception, match="slot A"):
-        merge_checkpoints(models["finetune"], inp, tmp_path / "o2.safetensors", MergeOptions(**FP32))
+        merge_checkpoints(tiny_models["finetune"], inp, tmp_path / "o2.safetensors", MergeOptions(**FP32))
 
 
-def test_cancel_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
+def test_cancel_leaves_no_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     calls = {"n": 0}
 
     def cancel() -> bool:
@@ -219,51 +222,53 @@ def test_cancel_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
 
     for method in ("rebasin", "weighted_sum"):
         with pytest.raises(Cancelled):
-            merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+            merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
                               MergeOptions(method=method), cancel=cancel)
         calls["n"] = 0
     assert list(tmp_path.iterdir()) == []
 
 
-def test_metadata_is_in_the_webui_shape(models: dict[str, Path], tmp_path: Path) -> None:
+def test_metadata_is_in_the_webui_shape(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     from lib_rebasin.io.input_file import file_sha256
 
-    res = merge_checkpoints(models["a"], models["finetune"], tmp_path / "o.safetensors", MergeOptions())
+    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "o.safetensors", MergeOptions())
     with open_checkpoint(res.output) as ck:
         meta = ck.metadata
     recipe = json.loads(meta["sd_merge_recipe"])
-    assert recipe["type"] == "lib_rebasin" and recipe["primary_model_hash"] == file_sha256(models["a"])
+    assert recipe["type"] == "lib_rebasin" and recipe["primary_model_hash"] == file_sha256(tiny_models["a"])
     mm = json.loads(meta["sd_merge_models"])
-    assert set(mm) == {file_sha256(models["a"]), file_sha256(models["finetune"])}
+    assert set(mm) == {file_sha256(tiny_models["a"]), file_sha256(tiny_models["finetune"])}
     assert all({"name", "legacy_hash", "sd_merge_recipe"} <= set(v) for v in mm.values())
     ours = json.loads(meta["lib_rebasin"])
     assert ours["diagnostics"]["objective"]["unet"][0] > 0  # measured while writing, stored in the header
 
 
-def test_cli_merge_inspect_and_errors(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_merge_inspect_and_errors(tiny_models: dict[str, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "o.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(out), "--alpha", "0.25", "-q"]) == 0
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "-o", str(out), "--alpha", "0.25",
+                     "-q"]) == 0
     text = capsys.readouterr().out
     assert "Wrote" in text and "units moved" in text and out.exists()
     assert cli_main(["inspect", str(out)]) == 0
     assert "SD 1.x" in capsys.readouterr().out
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(out), "-q"]) == 2
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "already exists" in err and len(err.splitlines()) == 1
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
-    assert cli_main(["merge", str(models["a"]), str(bad), "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2
+    assert cli_main(["merge", str(tiny_models["a"]), str(bad), "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2
     assert not (tmp_path / "x.safetensors").exists()
-    assert cli_main(["add-difference", str(models["a"]), str(models["finetune"]), str(models["independent"]),
-                     "-o", str(tmp_path / "ad.safetensors"), "-q"]) == 0
+    assert cli_main(["add-difference", str(tiny_models["a"]), str(tiny_models["finetune"]),
+                     str(tiny_models["independent"]), "-o", str(tmp_path / "ad.safetensors"), "-q"]) == 0
 
 
-def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(models: dict[str, Path], tmp_path: Path) -> None:
+def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     from lib_rebasin.merge.legacy import SPECIAL_KEYS, legacy_special_tensors
 
-    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
+    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
                             MergeOptions(method="legacy", alpha=0.3, iterations=20, **FP32))
-    out, a, b = _load(res.output), _load(models["a"]), _load(models["independent"])
+    out, a, b = _load(res.output), _load(tiny_models["a"]), _load(tiny_models["independent"])
     special = legacy_special_tensors(a.__getitem__, b.__getitem__, 0.3, 20)
     for k in SPECIAL_KEYS:
         assert torch.equal(out[k], special[k]), k
@@ -272,13 +277,14 @@ def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(models: dict[st
     assert any("not a function-preserving re-basin" in line for line in res.diagnostics.summary_lines())
 
 
-def test_cli_repair_reaches_the_options_and_is_recorded(models: dict[str, Path], tmp_path: Path,
+def test_cli_repair_reaches_the_options_and_is_recorded(tiny_models: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     """--repair travels into MergeOptions and both recipes in the metadata, with the prompt count it runs on;
     a merge without it records neither key (its metadata keeps the bytes it always had)."""
     out = tmp_path / "r.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(out), "--method", "weighted_sum",
-                     "--parts", "unet", "--repair", "--activation-samples", "1", "--seed", "3", "-q"]) == 0
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "-o", str(out), "--method",
+                     "weighted_sum", "--parts", "unet", "--repair", "--activation-samples", "1", "--seed", "3",
+                     "-q"]) == 0
     assert "Wrote" in capsys.readouterr().out
     with open_checkpoint(out) as ck:
         meta = ck.metadata
@@ -286,7 +292,7 @@ def test_cli_repair_reaches_the_options_and_is_recorded(models: dict[str, Path],
     for recipe in (ours, webui):
         assert (recipe["repair"], recipe["activation_samples"], recipe["seed"]) == (True, 1, 3), recipe
     plain = tmp_path / "p.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "-o", str(plain), "--method",
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "-o", str(plain), "--method",
                      "weighted_sum", "--parts", "unet", "--activation-samples", "1", "-q"]) == 0
     with open_checkpoint(plain) as ck:
         meta = ck.metadata

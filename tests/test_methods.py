@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import MINI
+from lib_rebasin.sd1.config import MINI, TINY
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main
@@ -111,40 +111,52 @@ def test_registry_parameters_are_merge_options_with_the_same_defaults() -> None:
 
 # -- through merge_checkpoints and the CLI ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _base(tmp_path_factory: pytest.TempPathFactory, scale: str) -> Path:
+    """The models' common base (their fine-tuning delta at zero): model C of the delta methods."""
     from model_cache import cached_checkpoint
 
-    return cached_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors", "mini", seed=0, base_seed=1,
+    return cached_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors", scale, seed=0, base_seed=1,
                              delta=0.0, precision="fp32")
 
 
-def test_train_difference_with_b_equal_c_returns_a_file(models: dict[str, Path], tmp_path: Path) -> None:
-    c = shutil.copy(models["finetune"], tmp_path / "c.safetensors")
-    out = merge_checkpoints(models["a"], models["finetune"], tmp_path / "td.safetensors",
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """C beside `tiny_models`: the formulas, seeds, files and CLI need no more than SD 1.5's keys."""
+    return _base(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="module")
+def mini_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """C beside `models`, for the alignment test (the spec at work)."""
+    return _base(tmp_path_factory, "mini")
+
+
+def test_train_difference_with_b_equal_c_returns_a_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    c = shutil.copy(tiny_models["finetune"], tmp_path / "c.safetensors")
+    out = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "td.safetensors",
                             MergeOptions(method="train_difference", alpha=1.0, **FP32), c=c).output
-    a, m = _load(models["a"]), _load(out)
+    a, m = _load(tiny_models["a"]), _load(out)
     assert all(torch.equal(a[k], m[k]) for k in a)
 
 
-def test_every_method_runs_by_name_with_params(models: dict[str, Path], base: Path, tmp_path: Path) -> None:
-    a, b, c = _load(models["a"]), _load(models["finetune"]), _load(base)
+def test_every_method_runs_by_name_with_params(tiny_models: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    a, b, c = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(base)
     params = {"ties_density": 0.3, "ties_scale": 0.9, "dare_p": 0.5}
     for name, info in METHODS.items():
         if info.fn is None or name == "rebasin":
             continue
         opts = MergeOptions(method=name, alpha=0.4, seed=3, **{k: v for k, v in params.items()
                                                                   if any(p.name == k for p in info.params)}, **FP32)
-        out = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / f"{name}.safetensors", opts,
+        out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / f"{name}.safetensors", opts,
                                       c=base if info.needs_c else None).output)
         expected = info.fn(a[UNET_KEY], b[UNET_KEY], c[UNET_KEY] if info.needs_c else None, 0.4,
                            opts.method_params(), key_generator(3, UNET_KEY))
         torch.testing.assert_close(out[UNET_KEY], expected, rtol=0, atol=2e-6, msg=name)
 
 
-def test_dare_same_seed_same_bytes_other_seed_differs(models: dict[str, Path], base: Path, tmp_path: Path) -> None:
+def test_dare_same_seed_same_bytes_other_seed_differs(tiny_models: dict[str, Path], base: Path, tmp_path: Path) -> None:
     def run(name: str, seed: int) -> Path:
-        return merge_checkpoints(models["a"], models["finetune"], tmp_path / name,
+        return merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / name,
                                  MergeOptions(method="dare", alpha=0.5, dare_p=0.5, seed=seed, **FP32),
                                  c=base).output
 
@@ -158,20 +170,20 @@ def test_dare_same_seed_same_bytes_other_seed_differs(models: dict[str, Path], b
     assert not torch.equal(w0[UNET_KEY], w1[UNET_KEY])
 
 
-def test_dare_at_p_zero_equals_add_difference_file(models: dict[str, Path], base: Path, tmp_path: Path) -> None:
-    ad = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "ad.safetensors",
+def test_dare_at_p_zero_equals_add_difference_file(tiny_models: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    ad = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ad.safetensors",
                                  MergeOptions(method="add_difference", alpha=0.6, **FP32), c=base).output)
-    dr = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / "dr.safetensors",
+    dr = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "dr.safetensors",
                                  MergeOptions(method="dare", alpha=0.6, dare_p=0.0, **FP32), c=base).output)
     for k in ad:
         torch.testing.assert_close(dr[k], ad[k], rtol=0, atol=1e-6)
 
 
-def test_alignment_permutes_b_and_c_together(models: dict[str, Path], base: Path, tmp_path: Path) -> None:
+def test_alignment_permutes_b_and_c_together(models: dict[str, Path], mini_base: Path, tmp_path: Path) -> None:
     """B and C shuffled by one permutation: aligned TIES / add difference equals the unshuffled merge."""
     spec = build_spec(MINI)
     perms = random_perms(spec.groups.values(), 5)
-    fine, plain_base = _load(models["finetune"]), _load(base)
+    fine, plain_base = _load(models["finetune"]), _load(mini_base)
 
     def shuffled(sd: dict[str, torch.Tensor], name: str) -> Path:
         return save_state_dict(tmp_path / name, {k: permute_tensor(spec, k, t, perms) if t.is_floating_point() and
@@ -180,7 +192,7 @@ def test_alignment_permutes_b_and_c_together(models: dict[str, Path], base: Path
     sb, sc = shuffled(fine, "sb.safetensors"), shuffled(plain_base, "sc.safetensors")
     for method in ("add_difference", "ties"):
         ref = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / f"ref_{method}.safetensors",
-                                      MergeOptions(method=method, alpha=0.5, **FP32), c=base).output)
+                                      MergeOptions(method=method, alpha=0.5, **FP32), c=mini_base).output)
         res = merge_checkpoints(models["a"], sb, tmp_path / f"al_{method}.safetensors",
                                 MergeOptions(method=method, alpha=0.5, align=True, **FP32), c=sc)
         out = _load(res.output)
@@ -189,42 +201,42 @@ def test_alignment_permutes_b_and_c_together(models: dict[str, Path], base: Path
             torch.testing.assert_close(out[k], ref[k], rtol=0, atol=1e-5, msg=f"{method} {k}")
 
 
-def test_cli_runs_a_method_with_c_and_params(models: dict[str, Path], base: Path, tmp_path: Path,
+def test_cli_runs_a_method_with_c_and_params(tiny_models: dict[str, Path], base: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli_ties.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), str(base), "--method", "ties",
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), str(base), "--method", "ties",
                      "--ties-density", "0.5", "--ties-scale", "0.8", "--precision", "fp32", "-o", str(out),
                      "-q"]) == 0
-    a, b, c = _load(models["a"]), _load(models["finetune"]), _load(base)
+    a, b, c = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(base)
     expected = ties(a[UNET_KEY], b[UNET_KEY], c[UNET_KEY], 0.5, {"ties_density": 0.5, "ties_scale": 0.8},
                     key_generator(0, UNET_KEY))
     torch.testing.assert_close(_load(out)[UNET_KEY], expected, rtol=0, atol=2e-6)
     assert "TIES" in capsys.readouterr().out
     # a method that needs C, without C: one line, no file
     missing = tmp_path / "missing.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--method", "dare", "-o", str(missing),
-                     "-q"]) == 2
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--method", "dare", "-o",
+                     str(missing), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: DARE needs a model C." and not missing.exists()
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), str(base), "--method", "ties",
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), str(base), "--method", "ties",
                      "--ties-density", "2", "-o", str(missing), "-q"]) == 2
     assert "ties_density must be in (0, 1]" in capsys.readouterr().err and not missing.exists()
 
 
 # -- baking a VAE ----------------------------------------------------------------------------------------------
 
-def test_bake_vae_from_a_vae_file_or_a_checkpoint(models: dict[str, Path], tmp_path: Path,
+def test_bake_vae_from_a_vae_file_or_a_checkpoint(tiny_models: dict[str, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     import json
 
-    donor = _load(models["independent"])
+    donor = _load(tiny_models["independent"])
     vae_file = save_state_dict(tmp_path / "donor.vae.safetensors",
                                {k[len("first_stage_model."):]: v for k, v in donor.items()
                                 if k.startswith("first_stage_model.")}, {})
-    a, b = _load(models["a"]), _load(models["finetune"])
-    for source in (vae_file, models["independent"]):
+    a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
+    for source in (vae_file, tiny_models["independent"]):
         out = tmp_path / f"baked_{source.stem}.safetensors"
-        assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--method", "weighted_sum",
+        assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--method", "weighted_sum",
                          "--precision", "fp32", "--bake-vae", str(source), "-o", str(out), "-q"]) == 0
         m = _load(out)
         vae = [k for k in m if k.startswith("first_stage_model.")]
@@ -239,23 +251,23 @@ def test_bake_vae_from_a_vae_file_or_a_checkpoint(models: dict[str, Path], tmp_p
     unet_only = save_state_dict(tmp_path / "unet_only.safetensors",
                                 {k: v for k, v in donor.items() if k.startswith("model.diffusion_model.")}, {})
     bad = tmp_path / "bad.safetensors"
-    assert cli_main(["merge", str(models["a"]), str(models["finetune"]), "--bake-vae", str(unet_only),
+    assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--bake-vae", str(unet_only),
                      "-o", str(bad), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unet_only.safetensors is not an SD 1.x VAE" in err and not bad.exists()
 
 
-def test_inpainting_a_with_a_delta_method_keeps_its_extra_channels(models: dict[str, Path], base: Path,
+def test_inpainting_a_with_a_delta_method_keeps_its_extra_channels(tiny_models: dict[str, Path], base: Path,
                                                                    tmp_path: Path) -> None:
     from dataclasses import replace
 
     from model_cache import cached_checkpoint
 
-    inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(MINI, unet_in_channels=9), seed=11, base_seed=1,
+    inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(TINY, unet_in_channels=9), seed=11, base_seed=1,
                             precision="fp32")
-    out = _load(merge_checkpoints(inp, models["finetune"], tmp_path / "o.safetensors",
+    out = _load(merge_checkpoints(inp, tiny_models["finetune"], tmp_path / "o.safetensors",
                                   MergeOptions(method="train_difference", alpha=0.5, **FP32), c=base).output)
-    a, b, c = _load(inp), _load(models["finetune"]), _load(base)
+    a, b, c = _load(inp), _load(tiny_models["finetune"]), _load(base)
     k = "model.diffusion_model.input_blocks.0.0.weight"
     assert out[k].shape[1] == 9 and torch.equal(out[k][:, 4:], a[k][:, 4:])
     torch.testing.assert_close(out[k][:, :4], train_difference(a[k][:, :4], b[k], c[k], 0.5, {},

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib_rebasin.align import repair
-from lib_rebasin.sd1.config import MINI
+from lib_rebasin.sd1.config import TINY
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, RebasinError
 from lib_rebasin.options import MergeOptions
@@ -27,7 +27,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _stats(sd: dict[str, torch.Tensor], cal: repair.Calibration) -> dict[str, repair.Stats]:
-    return repair.site_stats(MINI, sd.__getitem__, cal, repair.sites(build_spec(MINI)), torch.device("cpu"))
+    return repair.site_stats(TINY, sd.__getitem__, cal, repair.sites(build_spec(TINY)), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("opts", [
@@ -35,17 +35,17 @@ def _stats(sd: dict[str, torch.Tensor], cal: repair.Calibration) -> dict[str, re
     # block weights: each block's own alpha is its target's; re-basin: B's statistics after its permutation
     replace(REPAIR, method="rebasin", blocks=(0.5,) * 13 + (0.2,) * 13),
 ], ids=["weighted_sum", "rebasin_blocks"])
-def test_written_merge_has_the_parents_interpolated_statistics(models: dict[str, Path], tmp_path: Path,
+def test_written_merge_has_the_parents_interpolated_statistics(tiny_models: dict[str, Path], tmp_path: Path,
                                                               opts: MergeOptions) -> None:
     """Run A, aligned B and the *written file* on the calibration inputs: at every corrected layer the file's
     per-channel mean and std are the interpolation of the parents' (without REPAIR they have collapsed)."""
-    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors", opts)
-    plain = merge_checkpoints(models["a"], models["independent"], tmp_path / "plain.safetensors",
+    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors", opts)
+    plain = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "plain.safetensors",
                               replace(opts, repair=False))
-    spec = build_spec(MINI)
-    a = _load(models["a"])
-    b_aligned = _aligned_b(models, opts, _load(models["independent"]))
-    cal = repair.calibration(MINI, a.__getitem__, opts.activation_samples, opts.seed, torch.device("cpu"))
+    spec = build_spec(TINY)
+    a = _load(tiny_models["a"])
+    b_aligned = _aligned_b(tiny_models, opts, _load(tiny_models["independent"]))
+    cal = repair.calibration(TINY, a.__getitem__, opts.activation_samples, opts.seed, torch.device("cpu"))
     sa, sb = _stats(a, cal), _stats(b_aligned, cal)
     got, before = _stats(_load(res.output), cal), _stats(_load(plain.output), cal)
     names = repair.sites(spec)
@@ -86,10 +86,10 @@ def test_nothing_to_repair_leaves_the_merge_alone(models: dict[str, Path], tmp_p
     assert res.diagnostics.repaired_layers == 124 and res.diagnostics.repair_scale == [1.0, 1.0, 1.0]
 
 
-def test_same_options_same_bytes(models: dict[str, Path], tmp_path: Path) -> None:
+def test_same_options_same_bytes(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     opts = replace(REPAIR, parts=("unet", "te"), precision="fp16")
-    one = merge_checkpoints(models["a"], models["independent"], tmp_path / "1.safetensors", opts)
-    two = merge_checkpoints(models["a"], models["independent"], tmp_path / "2.safetensors", opts)
+    one = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "1.safetensors", opts)
+    two = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "2.safetensors", opts)
     assert one.output.read_bytes() == two.output.read_bytes()
 
 
@@ -105,17 +105,17 @@ def test_bad_options_are_refused_in_one_line(change: dict, words: str) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_inpainting_model_is_refused_before_any_work(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     from model_cache import cached_checkpoint
 
-    inpaint = cached_checkpoint(tmp_path / "inpaint.safetensors", replace(MINI, unet_in_channels=9), seed=3,
+    inpaint = cached_checkpoint(tmp_path / "inpaint.safetensors", replace(TINY, unet_in_channels=9), seed=3,
                                 precision="fp32")
     with pytest.raises(RebasinError, match="REPAIR runs plain SD 1.x UNets; model A is SD 1.x inpainting"):
-        merge_checkpoints(inpaint, models["a"], tmp_path / "o.safetensors", REPAIR)
+        merge_checkpoints(inpaint, tiny_models["a"], tmp_path / "o.safetensors", REPAIR)
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_cancel_during_repair_leaves_no_file(models: dict[str, Path], tmp_path: Path) -> None:
+def test_cancel_during_repair_leaves_no_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     seen: list[str] = []
 
     def cancel() -> bool:  # inside a statistics pass, not between two: a full-size pass takes minutes
@@ -124,7 +124,7 @@ def test_cancel_during_repair_leaves_no_file(models: dict[str, Path], tmp_path: 
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(Cancelled):
-        merge_checkpoints(models["a"], models["independent"], out / "o.safetensors", REPAIR,
+        merge_checkpoints(tiny_models["a"], tiny_models["independent"], out / "o.safetensors", REPAIR,
                           progress=lambda e: seen.append(e.message), cancel=cancel)
     assert list(out.iterdir()) == []
     assert not any(m.startswith("REPAIR: statistics of model B (4/") for m in seen)
