@@ -84,20 +84,35 @@ def sweep_options(options: MergeOptions, alphas: Sequence[float]) -> list[MergeO
     return out
 
 
-def sweep_outputs(template: str | os.PathLike[str], alphas: Sequence[float], overwrite: bool = False) -> list[Path]:
-    """Each candidate's output path from `template` (`{alpha}` required when there is more than one value),
-    each checked as a single merge's output is; a FieldError on `output` otherwise."""
-    text = os.fspath(template)
+Outputs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def output_names(template: str, alphas: Sequence[float], field: str = "output") -> list[str]:
+    """Each candidate's name from `template` (`{alpha}` required when there is more than one value); a
+    FieldError on `field` otherwise."""
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-        names = [text.format(**{FIELD: _Shown(a)}) for a in alphas]
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        names = [template.format(**{FIELD: _Shown(a)}) for a in alphas]
     except (ValueError, KeyError, IndexError, AttributeError) as e:
-        raise FieldError("output", f"The output name {shown(text, 80)} is not a template with {{{FIELD}}} as its only "
-                                   f"field ({e}); write braces in a name as {{{{ and }}}}.") from None
+        raise FieldError(field, f"The output name {shown(template, 80)} is not a template with {{{FIELD}}} as its "
+                                f"only field ({e}); write braces in a name as {{{{ and }}}}.") from None
     if len(alphas) > 1 and fields != {FIELD}:
-        raise FieldError("output", f"The output name {shown(text, 80)} must contain {{{FIELD}}} (e.g. "
-                                   f"AB_{{{FIELD}}}.safetensors) so that each of the {len(alphas)} candidates gets "
-                                   "its own file.")
+        raise FieldError(field, f"The output name {shown(template, 80)} must contain {{{FIELD}}} (e.g. "
+                                f"AB_{{{FIELD}}}.safetensors) so that each of the {len(alphas)} candidates gets "
+                                "its own file.")
+    return names
+
+
+def sweep_outputs(output: Outputs, alphas: Sequence[float], overwrite: bool = False) -> list[Path]:
+    """Each candidate's output path, from a template or given one per alpha, each checked as a single merge's
+    output is; a FieldError on `output` for a name that does not give every candidate its own file."""
+    if isinstance(output, (str, os.PathLike)):
+        names: Sequence[str | os.PathLike[str]] = output_names(os.fspath(output), alphas)
+    else:
+        names = list(output)
+        if len(names) != len(alphas):
+            raise FieldError("output", f"A sweep of {len(alphas)} alpha values needs as many outputs, got "
+                                       f"{len(names)}.")
     paths = [check_output_path(n, overwrite) for n in names]
     resolved = [p.resolve() for p in paths]
     for i, p in enumerate(resolved):
@@ -149,7 +164,7 @@ def _stopped(e: RebasinError, done: list[Path]) -> RebasinError:
     return e
 
 
-def sweep_checkpoints(a: Source, b: Source, output: str | os.PathLike[str], options: MergeOptions,
+def sweep_checkpoints(a: Source, b: Source, output: Outputs, options: MergeOptions,
                       alphas: Sequence[float], c: Source | None = None, overwrite: bool = False,
                       progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
                       extra_metadata: dict[str, str] | None = None,
@@ -157,13 +172,16 @@ def sweep_checkpoints(a: Source, b: Source, output: str | os.PathLike[str], opti
                       on_commit: Callable[[Path], None] | None = None,
                       on_written: Callable[[MergeResult], None] | None = None,
                       first: FirstMatch | None = None) -> list[MergeResult]:
-    """One file per alpha, named by the template `output` ("AB_{alpha}.safetensors"); each holds exactly the
+    """One file per alpha, named by the template `output` ("AB_{alpha}.safetensors", or a list of one path per
+    alpha); each holds exactly the
     tensors and metadata `merge_checkpoints(a, b, <name>, replace(options, alpha=value), ...)` writes. B is matched
     onto A once (`first` counts it). `on_commit(path)` runs at each file's commit, as in `merge_checkpoints`, and
     `on_written(result)` once that file is in place, before the next candidate starts.
     Raises RebasinError before any work for a bad value or name; a cancel leaves the finished files only."""
-    check_arguments("sweep_checkpoints", a=a, b=b, output=output, options=options, c=c, overwrite=overwrite,
+    check_arguments("sweep_checkpoints", a=a, b=b, options=options, c=c, overwrite=overwrite,
                     progress=progress, cancel=cancel, extra_metadata=extra_metadata, bake_vae=bake_vae)
+    for path in output if isinstance(output, (list, tuple)) else [output]:
+        check_arguments("sweep_checkpoints", output=path)
     candidates = sweep_options(options, alphas)
     outputs = sweep_outputs(output, alphas, overwrite)
     report = Reporter(progress, None)  # cancels are checked by each candidate's own reporter and between them
@@ -215,7 +233,7 @@ def sweep_in_memory(a: Source, b: Source, options: MergeOptions, alphas: Sequenc
     is exhausted or closed. `name` may contain {alpha}."""
     check_arguments("sweep_in_memory", a=a, b=b, options=options, c=c, report=report, name=name)
     candidates = sweep_options(options, alphas)
-    names = [name.format(**{FIELD: _Shown(x)}) if "{" in name else name for x in alphas]
+    names = output_names(name, alphas, "name") if "{" in name else [name] * len(alphas)
     return _in_memory(a, b, candidates, c, report or Reporter(None, None), names, first or FirstMatch())
 
 
