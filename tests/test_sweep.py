@@ -11,7 +11,6 @@ import torch
 import lib_rebasin.align.weight_matching as weight_matching_module
 import lib_rebasin.merge.alignment as alignment_module
 from lib_rebasin.errors import Cancelled, FieldError, OutputError, RebasinError
-from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.merge.sweep import sweep_checkpoints, sweep_in_memory
 from lib_rebasin.options import MergeOptions
@@ -83,7 +82,7 @@ def test_in_memory_generator(models, tmp_path, match_runs):
         single, _ = merge_in_memory(models["a"], models["independent"], MergeOptions(method="rebasin",
                                                                                      precision="fp32", alpha=alpha))
         assert ckpt.keys() == single.keys()
-        assert all(torch.equal(ckpt.get(k), single.get(k)) for k in ckpt.keys())
+        assert all(torch.equal(ckpt.get(k), single.get(k)) for k in ckpt)
         assert ckpt.metadata == single.metadata
         assert diag.alpha == alpha
         seen.append(alpha)
