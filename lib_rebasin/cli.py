@@ -250,15 +250,23 @@ def _recipe_command(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.file)
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.file).resolve().parent
     bar = None if args.quiet else ProgressBar()
+
+    def written(result: MergeResult) -> None:  # a sweep's file (the last step's alpha is a list)
+        commit_done()
+        print(f"Wrote {result.output}")
+
     try:
         result = run_recipe(recipe, models_dir, args.output, overwrite=args.overwrite, progress=bar,
-                            vae_dir=Path(args.vae_dir) if args.vae_dir else None, on_commit=commit_reached)
+                            cancel=lambda: bool(late_signals()),
+                            vae_dir=Path(args.vae_dir) if args.vae_dir else None, on_commit=commit_reached,
+                            on_written=written)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:
         if bar is not None and bar.tty:
             bar.finish()
-    print(f"Wrote {result.output}")
+    if not result.outputs:
+        print(f"Wrote {result.output}")
     for line in result.summary_lines():
         print(f"  {line}")
     _note_late_signals(result.output)

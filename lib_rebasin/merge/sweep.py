@@ -32,6 +32,7 @@ from ..options import OPTIONS, MergeOptions
 from ..progress import CancelCheck, ProgressCallback, Reporter
 from .diagnostics import Diagnostics
 from .first_match import FirstMatch
+from .metadata import MetadataHook
 from .preflight import Prepared, output_entries, preflight
 from .run import MergeResult, _plan, write_plan
 from .stages import HEADERS_READ, merge_bar
@@ -129,7 +130,11 @@ def _check_outputs_apart(prep: Prepared, outputs: list[Path]) -> None:
         for m in (prep.a, prep.b, prep.c):
             if m is not None and not m.in_memory and out.exists() and same_file(m.path, out):
                 raise RebasinError(f"The output {out.name} would overwrite an input model; choose another name.")
-    size = output_bytes(output_entries(prep.a, PRECISIONS[prep.options.precision]))
+    check_room(outputs, output_bytes(output_entries(prep.a, PRECISIONS[prep.options.precision])))
+
+
+def check_room(outputs: list[Path], size: int) -> None:
+    """Every output's folder has room for all the files of `size` bytes it gets (OutputError otherwise)."""
     folders: dict[Path, list[Path]] = {}
     for out in outputs:
         folders.setdefault(out.parent.resolve(), []).append(out)
@@ -171,15 +176,18 @@ def sweep_checkpoints(a: Source, b: Source, output: Outputs, options: MergeOptio
                       bake_vae: str | os.PathLike[str] | Checkpoint | None = None,
                       on_commit: Callable[[Path], None] | None = None,
                       on_written: Callable[[MergeResult], None] | None = None,
+                      metadata_hook: MetadataHook | None = None,
                       first: FirstMatch | None = None) -> list[MergeResult]:
     """One file per alpha, named by the template `output` ("AB_{alpha}.safetensors", or a list of one path per
     alpha); each holds exactly the
     tensors and metadata `merge_checkpoints(a, b, <name>, replace(options, alpha=value), ...)` writes. B is matched
     onto A once (`first` counts it). `on_commit(path)` runs at each file's commit, as in `merge_checkpoints`, and
-    `on_written(result)` once that file is in place, before the next candidate starts.
+    `on_written(result)` once that file is in place, before the next candidate starts; `metadata_hook(diag)` as
+    in `merge_checkpoints` (`diag.alpha` says which candidate).
     Raises RebasinError before any work for a bad value or name; a cancel leaves the finished files only."""
     check_arguments("sweep_checkpoints", a=a, b=b, options=options, c=c, overwrite=overwrite,
-                    progress=progress, cancel=cancel, extra_metadata=extra_metadata, bake_vae=bake_vae)
+                    progress=progress, cancel=cancel, extra_metadata=extra_metadata, bake_vae=bake_vae,
+                    metadata_hook=metadata_hook)
     for path in output if isinstance(output, (list, tuple)) else [output]:
         check_arguments("sweep_checkpoints", output=path)
     candidates = sweep_options(options, alphas)
@@ -207,7 +215,7 @@ def sweep_checkpoints(a: Source, b: Source, output: Outputs, options: MergeOptio
             sub = Reporter(report.relay(*shares[k], _step_name(opts.alpha, k, len(candidates))), cancel)
             one = replace(prep, options=opts, output=out)
             with merge_compute():
-                plan = _plan(one, sub, extra_metadata or {}, None, baked, first)
+                plan = _plan(one, sub, extra_metadata or {}, metadata_hook, baked, first)
                 results.append(write_plan(one, plan, sub, on_commit))
             done.append(results[-1].output)
             if on_written is not None:
