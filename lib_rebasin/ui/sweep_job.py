@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, FieldError, RebasinError
+from ..io.model_input import open_model
+from ..io.output_file import output_bytes
+from ..io.precisions import PRECISIONS
+from ..merge.preflight import output_entries
 from ..merge.run import MergeResult
-from ..merge.sweep import alpha_label, output_names, sweep_checkpoints, sweep_options
+from ..merge.sweep import alpha_label, check_room, output_names, sweep_checkpoints, sweep_options
 from ..messages import shown
 from .job import Job, Prepared
 from .request import MergeRequest, _number
@@ -89,6 +93,12 @@ def prepare_sweep(service: MergeService, req: MergeRequest, alphas: list[float])
             raise FieldError("output_name", f"alpha {alpha_label(alphas[outputs.index(out)])} and "
                                             f"{alpha_label(alphas[i])} give the same output name {out.name}; use a "
                                             "format such as {alpha:.3f}.")
+    first = candidates[0]
+    a = open_model(first.a.path, "A")
+    try:  # room for every file, before the job starts (the core checks again before any work)
+        check_room(outputs, output_bytes(output_entries(a, PRECISIONS[first.options.precision])))
+    finally:
+        a.close()
     return PreparedSweep(req, alphas, candidates)
 
 
