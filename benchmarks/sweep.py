@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                     t = _timed(lambda: sweep_checkpoints(a, b, out / "sweep_{alpha}.safetensors", options, alphas,
                                                          overwrite=True))
                     swept.append(t)
+                for f in out.glob("*.safetensors"):  # full-size outputs are 2 GB each: keep none around
+                    f.unlink()
                 print(f"round {r + 1} {kind:6s} wall {t[0]:8.1f} s  cpu {t[1]:8.1f} s  load "
                       f"{os.getloadavg()[0]:.1f}", flush=True)
     for i, what in enumerate(("wall", "cpu")):
