@@ -42,11 +42,11 @@ def api(tmp_path: Path, tiny_models: dict[str, Path]):
     app = FastAPI()
     register_api(app, service)
 
-    def call(method: str, path: str, body=None):
+    def call(method: str, path: str, body=None, headers=None, content=None):
         async def one():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:7860") as c:
-                return await c.request(method, "/rebasin/v1" + path, json=body)
+                return await c.request(method, "/rebasin/v1" + path, json=body, headers=headers, content=content)
 
         return asyncio.run(one())
 
@@ -108,3 +108,14 @@ def test_sweep_cancel_keeps_the_finished_files(api):
     assert [Path(p).name for p in j["outputs"]] == ["c_0.3.safetensors"]
     assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "b.safetensors", "c_0.3.safetensors"]
     assert "kept the finished file(s) c_0.3.safetensors" in j["status_line"]
+
+
+def test_sweep_route_has_the_merge_routes_guards(api):
+    """Another site's page, or a body that is not JSON, starts nothing (the same checks as POST /merge)."""
+    call, _, folder, _, service = api
+    body = {**BODY, "alpha": [0.3, 0.6], "output_name": "g_{alpha}"}
+    r = call("POST", "/sweep", body, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "another site" in r.json()["detail"]
+    r = call("POST", "/sweep", content=b'{"alpha": [0.3]}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "b.safetensors"] and not service.jobs
