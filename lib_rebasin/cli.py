@@ -69,7 +69,7 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
             values[opt.name] = value
     options = MergeOptions(**values)
     if args.blocks is not None:
-        bw = parse_blocks(args.blocks, args.alpha)
+        bw = parse_blocks(args.blocks, options.alpha)
         options = options.with_blocks(bw.values, bw.preset)
     return options
 

@@ -169,3 +169,23 @@ def test_cli_sweep(models, tmp_path, capsys):
     assert cli_main(["merge", a, b, "--alpha", "0.3,0.6", "-o", str(tmp_path / "same.safetensors")]) == 2
     assert "must contain {alpha}" in capsys.readouterr().err
     assert not list(tmp_path.glob("e_*")) and not (tmp_path / "same.safetensors").exists()
+
+
+def test_cli_alpha_with_block_weights(models, tmp_path, capsys):
+    """--alpha is text now (a list makes a sweep): with 25 block weights BASE is still the one alpha given."""
+    import json
+
+    from lib_rebasin.cli import main as cli_main
+    from lib_rebasin.io.checkpoint import open_checkpoint
+
+    a, b = str(models["a"]), str(models["independent"])
+    out = tmp_path / "blocks.safetensors"
+    blocks = ",".join(["0.5"] * 25)
+    assert cli_main(["merge", a, b, "--method", "weighted_sum", "--alpha", "0.3", "--blocks", blocks, "-o", str(out),
+                     "-q"]) == 0
+    with open_checkpoint(out) as ck:
+        assert json.loads(ck.metadata["lib_rebasin"])["recipe"]["blocks"][0] == 0.3
+    assert cli_main(["merge", a, b, "--method", "weighted_sum", "--alpha", "0.3,0.4", "--blocks", blocks, "-o",
+                     str(tmp_path / "b_{alpha}.safetensors"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with block weights each block has its own weight" in err

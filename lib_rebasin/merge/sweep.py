@@ -179,10 +179,10 @@ def sweep_checkpoints(a: Source, b: Source, output: Outputs, options: MergeOptio
                       metadata_hook: MetadataHook | None = None,
                       first: FirstMatch | None = None) -> list[MergeResult]:
     """One file per alpha, named by the template `output` ("AB_{alpha}.safetensors", or a list of one path per
-    alpha); each holds exactly the tensors and metadata `merge_checkpoints(a, b, <name>, replace(options,
-    alpha=value), ...)` writes. B is matched onto A once (`first` counts it). `on_commit(path)` runs at each file's commit, as in `merge_checkpoints`, and
-    `on_written(result)` once that file is in place, before the next candidate starts; `metadata_hook(diag)` as
-    in `merge_checkpoints` (`diag.alpha` says which candidate).
+    alpha); each holds exactly the tensors and metadata that `merge_checkpoints(a, b, <name>, replace(options,
+    alpha=value), ...)` writes. B is matched onto A once (`first` counts it). `on_commit(path)` runs at each file's
+    commit, as in `merge_checkpoints`, and `on_written(result)` once that file is in place, before the next
+    candidate starts; `metadata_hook(diag)` as in `merge_checkpoints` (`diag.alpha` says which candidate).
     Raises RebasinError before any work for a bad value or name; a cancel leaves the finished files only."""
     check_arguments("sweep_checkpoints", a=a, b=b, options=options, c=c, overwrite=overwrite,
                     progress=progress, cancel=cancel, extra_metadata=extra_metadata, bake_vae=bake_vae,
