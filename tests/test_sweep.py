@@ -189,3 +189,22 @@ def test_cli_alpha_with_block_weights(models, tmp_path, capsys):
                      str(tmp_path / "b_{alpha}.safetensors"), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "with block weights each block has its own weight" in err
+
+
+@pytest.mark.skipif(__import__("sys").platform == "win32", reason="POSIX signals")
+def test_cli_signal_at_a_commit_keeps_that_file_and_stops_the_sweep(models, tmp_path):
+    """SIGTERM while the first file is being put in place: it is kept and reported, the second value never starts,
+    and the one error line names the kept file (the CLI's interrupts resume after each file, signals.py)."""
+    import signal
+
+    from test_io_safety import Paused
+
+    run = Paused("placed", 1, ["merge", str(models["a"]), str(models["independent"]), "--method", "weighted_sum",
+                               "--alpha", "0.3,0.6", "-o", str(tmp_path / "s_{alpha}.safetensors"), "-q"])
+    run.proc.send_signal(signal.SIGTERM)
+    rc, out, err = run.resume()
+    assert rc == 2, (rc, out, err)
+    assert f"Wrote {tmp_path / 's_0.3.safetensors'}" in out
+    assert err.splitlines() == ["error: Cancelled; kept the 1 finished file(s) s_0.3.safetensors; no partial file "
+                                "was written."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_0.3.safetensors"]
