@@ -20,7 +20,7 @@ from .methods import METHODS
 from .option import Option
 from .options import OPTIONS, MergeOptions, users_of
 from .progress import ProgressEvent
-from .signals import commit_reached, interrupts_until_commit, late_signals
+from .signals import commit_done, commit_reached, interrupts_until_commit, late_signals
 
 
 class ProgressBar:
@@ -68,13 +68,23 @@ def _options(args: argparse.Namespace, method: str) -> MergeOptions:
         value = getattr(args, opt.name, None)
         if opt.kind is tuple and isinstance(value, str):  # --parts unet,te
             value = tuple(p.strip() for p in value.split(",") if p.strip())
+        if opt.sweep and isinstance(value, str):  # --alpha 0.25,0.5: the first here, all in _swept
+            value = _swept(args, opt)[0]
         if value is not None and opt.name != "blocks":
             values[opt.name] = value
     options = MergeOptions(**values)
     if args.blocks is not None:
-        bw = parse_blocks(args.blocks, args.alpha)
+        bw = parse_blocks(args.blocks, options.alpha)
         options = options.with_blocks(bw.values, bw.preset)
     return options
+
+
+def _swept(args: argparse.Namespace, opt: Option) -> list[Any]:
+    """The values of a flag that takes a comma-separated list (a sweep, merge/sweep.py)."""
+    from .merge.sweep import parse_alphas
+
+    value = getattr(args, opt.name)
+    return parse_alphas(value) if isinstance(value, str) else [value]
 
 
 def _print_result(result: MergeResult) -> None:
@@ -93,6 +103,11 @@ def _note_late_signals(output: Path) -> None:
 
 
 def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> int:
+    from .merge.sweep import is_sweep
+
+    alphas = _swept(args, OPTIONS["alpha"])
+    if is_sweep(alphas, args.output):
+        return _run_sweep(args, method, alphas, c)
     bar = None if args.quiet else ProgressBar()
     try:
         result = merge_checkpoints(args.model_a, args.model_b, args.output, _options(args, method), c=c,
@@ -104,6 +119,31 @@ def _run_merge(args: argparse.Namespace, method: str, c: str | None = None) -> i
         if bar is not None and bar.tty:
             bar.finish()
     _print_result(result)
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, method: str, alphas: list[Any], c: str | None) -> int:
+    """--alpha 0.25,0.5,0.75 -o "AB_{alpha}.safetensors": one file per value, B matched onto A once."""
+    from .merge.sweep import sweep_checkpoints
+
+    bar = None if args.quiet else ProgressBar()
+
+    def written(result: MergeResult) -> None:
+        commit_done()  # the next candidate can be stopped again; a signal during this commit stops it first
+        if bar is not None and bar.tty:
+            bar.finish()
+        print(f"Wrote {result.output}")
+        for line in result.diagnostics.summary_lines():
+            print(f"  {line}")
+
+    try:
+        results = sweep_checkpoints(args.model_a, args.model_b, args.output, _options(args, method), alphas, c=c,
+                                    overwrite=args.overwrite, progress=bar, cancel=lambda: bool(late_signals()),
+                                    bake_vae=args.bake_vae, on_commit=commit_reached, on_written=written)
+    finally:
+        if bar is not None and bar.tty:
+            bar.finish()
+    _note_late_signals(results[-1].output)
     return 0
 
 
@@ -138,6 +178,9 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict[str, Any], fixed: tu
         help_text = _option_help(opt, default)
         if opt.kind is bool:
             p.add_argument(opt.flag, dest=opt.name, action="store_true", help=help_text)
+        elif opt.sweep:  # one value, or a comma-separated list for a sweep (one output per value)
+            p.add_argument(opt.flag, dest=opt.name, default=default, help=help_text + "; a comma-separated list "
+                           "makes a sweep: one output per value, -o naming each with {" + opt.name + "}")
         elif opt.kind is tuple:  # several choices (--parts unet,te); block weights are text, parsed with alpha
             p.add_argument(opt.flag, dest=opt.name, default=None if default is None else ",".join(default),
                            help=help_text)
@@ -212,15 +255,23 @@ def _recipe_command(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.file)
     models_dir = Path(args.models_dir) if args.models_dir else Path(args.file).resolve().parent
     bar = None if args.quiet else ProgressBar()
+
+    def written(result: MergeResult) -> None:  # a sweep's file (the last step's alpha is a list)
+        commit_done()
+        print(f"Wrote {result.output}")
+
     try:
         result = run_recipe(recipe, models_dir, args.output, overwrite=args.overwrite, progress=bar,
-                            vae_dir=Path(args.vae_dir) if args.vae_dir else None, on_commit=commit_reached)
+                            cancel=lambda: bool(late_signals()),
+                            vae_dir=Path(args.vae_dir) if args.vae_dir else None, on_commit=commit_reached,
+                            on_written=written)
     except KeyboardInterrupt:
         raise Cancelled() from None
     finally:
         if bar is not None and bar.tty:
             bar.finish()
-    print(f"Wrote {result.output}")
+    if not result.outputs:
+        print(f"Wrote {result.output}")
     for line in result.summary_lines():
         print(f"  {line}")
     _note_late_signals(result.output)

@@ -62,6 +62,9 @@ class Option:
     # Bounds that depend on the method (alpha: [0, 1] for an interpolation, wider for a factor on a difference);
     # `low` / `high` are then the widest.
     method_bounds: Callable[[MethodInfo], tuple[float, float]] | None = None
+    # A list of values asks for a sweep (merge/sweep.py): one output per value, the rest of the merge shared. It
+    # stays one value in MergeOptions; the CLI flag, a recipe's final step and the API's sweep route take a list.
+    sweep: bool = False
 
     @property
     def flag(self) -> str:

@@ -49,7 +49,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("alpha", float, 0.5, "Alpha (weight of B)", "weight of model B", low=-MAX_DIFFERENCE_ALPHA,
            high=MAX_DIFFERENCE_ALPHA, applies=lambda m: m.uses_alpha, widget="slider", step=0.01,
            webui_name="multiplier", method_bounds=lambda m: (0.0, 1.0) if m.alpha_bounded else
-           (-MAX_DIFFERENCE_ALPHA, MAX_DIFFERENCE_ALPHA)),
+           (-MAX_DIFFERENCE_ALPHA, MAX_DIFFERENCE_ALPHA), sweep=True),
     Option("iterations", int, 1, "Iterations",
            "step alpha over N merges, re-aligning B to the running merge each step (legacy: the old tool's "
            "iterations)", low=1, high=10_000, applies=lambda m: m.iterates),

@@ -77,6 +77,13 @@ def commit_reached(output: object = None) -> None:
     _committed = True
 
 
+def commit_done(result: object = None) -> None:
+    """The committed file is in place and more work follows (a sweep's next candidate): signals interrupt again.
+    One that came during the commit stays in `late_signals`, for the next candidate to stop at."""
+    global _committed
+    _committed = False
+
+
 def late_signals() -> list[str]:
     """The signals that came after the commit, as a user would name them (e.g. ["Ctrl-C"])."""
     names = {signal.SIGINT: "Ctrl-C", getattr(signal, "SIGTERM", None): "SIGTERM"}

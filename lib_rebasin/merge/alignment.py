@@ -19,6 +19,7 @@ from ..sd1.activation_inputs import LATENT_SIZE
 from ..sd1.spec import ArchSpec
 from .blend import shared_window
 from .diagnostics import Diagnostics
+from .first_match import FirstMatch, first_match
 from .stages import ACTIVATIONS_SHARE, sweep_progress
 
 
@@ -91,13 +92,15 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
 
 def align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
-               diag: Diagnostics, checked: list[Model]) -> Perms:
-    """Re-basin alignment of B onto A for any method: one weight-matching run; C later gets B's permutation.
+               diag: Diagnostics, checked: list[Model], first: FirstMatch | None = None) -> Perms:
+    """Re-basin alignment of B onto A for any method: one weight-matching run (shared through `first` by a sweep's
+    candidates); C later gets B's permutation.
 
     C is normally the base B was tuned from, so it lives in B's basin: permuting it with B's permutation keeps
     B - C a true task vector, now in A's coordinates (matching C on its own would scramble that difference)."""
-    result = match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device, None,
-                   sweep_progress(report), ref_is_file=True, checked=checked, report=report)
+    result = first_match(first, lambda: match(spec, parts, shared_window(get_a, get_b_like), get_b, opts, device,
+                                              None, sweep_progress(report), ref_is_file=True, checked=checked,
+                                              report=report))
     diag.matched = True
     diag.match_steps = 1
     diag.sweeps.append(result.sweeps)

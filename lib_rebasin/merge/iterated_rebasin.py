@@ -8,6 +8,8 @@ into one closed-form blend that is exactly what running them would give.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..align.permute import Perms, is_identity
@@ -20,14 +22,17 @@ from ..sd1.spec import ArchSpec, part_of
 from .alignment import match, record_moves
 from .blend import Blend, BlockBlend, Term, merge_equal_terms, shared_window, telescoping_schedule
 from .diagnostics import Diagnostics
+from .first_match import FirstMatch, first_match
 from .method_blend import alpha_lookup
 from .stages import sweep_progress
 
 
 def iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                      get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
-                     diag: Diagnostics, checked: list[Model]) -> tuple[Blend | BlockBlend, Perms]:
-    """(1-a)A + a pi(B), or its iterations form; returns the final blend and the last permutation.
+                     diag: Diagnostics, checked: list[Model],
+                     first: FirstMatch | None = None) -> tuple[Blend | BlockBlend, Perms]:
+    """(1-a)A + a pi(B), or its iterations form; returns the final blend and the last permutation. Step 1's match
+    (against A itself) comes through `first`, which a sweep's candidates share.
 
     Why the closed form is exact: suppose step x re-matches the running merge M against B and returns the
     permutation pi it was warm-started from, with the search converged (no group can improve). The next running
@@ -56,9 +61,10 @@ def iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter
             # Step 1 matches against A itself; later steps against the running merge (cached fp32 inside
             # matching). Matching compares shared windows only (an inpainting A's extra input channels have no
             # partner in B).
-            result = match(spec, parts, shared_window(get_a, get_b_like) if x == 0 else
-                           shared_window(running, get_b_like), get_b, opts, device, perms,
-                           sweep_progress(report), ref_is_file=x == 0, checked=checked, report=report)
+            compute = partial(match, spec, parts, shared_window(get_a, get_b_like) if x == 0 else
+                              shared_window(running, get_b_like), get_b, opts, device, perms,
+                              sweep_progress(report), ref_is_file=x == 0, checked=checked, report=report)
+            result = first_match(first, compute) if x == 0 else compute()
         diag.match_steps += 1
         diag.sweeps.append(result.sweeps)
         diag.solves += result.solves

@@ -38,6 +38,7 @@ from ..options import MergeOptions
 from ..progress import CancelCheck, ProgressCallback, Reporter
 from .alignment import align_once
 from .diagnostics import Diagnostics
+from .first_match import FirstMatch
 from .iterated_rebasin import iterated_rebasin
 from .metadata import MetadataHook, begin_diagnostics, hashed_provenance, output_metadata
 from .method_blend import legacy_blend, method_blend
@@ -90,35 +91,40 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
 
             baked = open_vae(bake_vae, prep.a.spec)
         plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
-        assert prep.output is not None
-        output = prep.output
-
-        written: dict[str, str] = {}
-
-        def final_metadata() -> dict[str, str]:
-            # After the last tensor was read and before the file is put in place: the recorded hashes are of
-            # the bytes merged only if no input changed since it was opened. Measured once: nothing that can
-            # fail (an input changed since, a cancel) runs after the commit.
-            prep.verify_unchanged()
-            written.update(plan.metadata())
-            _commit(report, on_commit, output)
-            return written
-
-        try:
-            out = write_safetensors(prep.output, plan.entries, plan.produce, plan.metadata(),
-                                    overwrite=prep.overwrite, finalize_metadata=final_metadata)
-        except OSError as e:
-            if e.errno not in FULL_DISK_ERRNOS:
-                raise
-            raise _full_disk(prep.output, e) from None
-        report("writing", 1.0, "done")
-        return MergeResult(out, plan.diagnostics, written, plan.diagnostics.seconds)
+        return write_plan(prep, plan, report, on_commit)
     except InputChangedError as e:
         raise prep.changed_error(e) from None
     finally:
         prep.close()
         if baked is not None:
             baked.close()
+
+
+def write_plan(prep: Prepared, plan: _Plan, report: Reporter,
+               on_commit: Callable[[Path], None] | None) -> MergeResult:
+    """Stream a plan's tensors into `prep.output`, atomically, with the commit `merge_checkpoints` describes."""
+    assert prep.output is not None
+    output = prep.output
+    written: dict[str, str] = {}
+
+    def final_metadata() -> dict[str, str]:
+        # After the last tensor was read and before the file is put in place: the recorded hashes are of
+        # the bytes merged only if no input changed since it was opened. Measured once: nothing that can
+        # fail (an input changed since, a cancel) runs after the commit.
+        prep.verify_unchanged()
+        written.update(plan.metadata())
+        _commit(report, on_commit, output)
+        return written
+
+    try:
+        out = write_safetensors(output, plan.entries, plan.produce, plan.metadata(),
+                                overwrite=prep.overwrite, finalize_metadata=final_metadata)
+    except OSError as e:
+        if e.errno not in FULL_DISK_ERRNOS:
+            raise
+        raise _full_disk(output, e) from None
+    report("writing", 1.0, "done")
+    return MergeResult(out, plan.diagnostics, written, plan.diagnostics.seconds)
 
 
 def _commit(report: Reporter, on_commit: Callable[[Path], None] | None, output: Path) -> None:
@@ -168,8 +174,9 @@ class _Plan:
 
 
 def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str], metadata_hook: MetadataHook | None,
-          baked: BakedVAE | None = None) -> _Plan:
-    """Match (if needed) and return how to produce every output key, in A's key order."""
+          baked: BakedVAE | None = None, first: FirstMatch | None = None) -> _Plan:
+    """Match (if needed) and return how to produce every output key, in A's key order. `first` shares the match of
+    B onto A itself between plans that differ only in alpha (a sweep, `merge/sweep.py`)."""
     start = time.perf_counter()
     opts = prep.options
     A, B = prep.a, prep.b
@@ -184,11 +191,13 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str], meta
     report.stage(HEADERS_READ, bar.matched)
     blend: Callable[[str], torch.Tensor]
     if opts.method == "rebasin":
-        blend, perms = iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag, checked[:2])
+        blend, perms = iterated_rebasin(spec, parts, get_a, get_b, B, opts, device, report, diag, checked[:2],
+                                       first)
     elif opts.method == "legacy":
         blend, perms = legacy_blend(spec, get_a, get_b, opts, device, report, checked[:2]), {}
     else:
-        perms = align_once(spec, parts, get_a, get_b, B, opts, device, report, diag, checked[:2]) if opts.align else {}
+        perms = align_once(spec, parts, get_a, get_b, B, opts, device, report, diag, checked[:2],
+                           first) if opts.align else {}
         blend = method_blend(spec, prep, opts, perms, device)
 
     merged = merged_keys(A, parts)

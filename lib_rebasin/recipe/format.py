@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class Step:
     b: str
     c: str | None = None
     line: int = 0
+    # The last step only: alpha as a list, a sweep (merge/sweep.py) writing one output per value from the earlier
+    # steps' results, computed once; `options.alpha` is the first value.
+    alphas: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -109,8 +112,18 @@ class Recipe:
                       f"a = {toml_string(s.a)}", f"b = {toml_string(s.b)}"]
             if s.c is not None:
                 lines.append(f"c = {toml_string(s.c)}")
-            lines += _option_lines(s.options)
+            swept = f"alpha = {_v([float(x) for x in s.alphas])}" if s.alphas is not None else None
+            lines += [swept if swept and line.startswith("alpha =") else line for line in _option_lines(s.options)]
         return "\n".join(lines) + "\n"
+
+    def candidates(self) -> list[Recipe]:
+        """One recipe per value of the last step's alpha list (itself when it has none): each is what a sweep's
+        output records, and re-runs to that output alone."""
+        last = self.steps[-1]
+        if last.alphas is None:
+            return [self]
+        return [replace(self, steps=[*self.steps[:-1], replace(last, options=replace(last.options, **{"alpha": a}),
+                                                                  alphas=None)]) for a in last.alphas]
 
 
 def _option_lines(o: MergeOptions) -> list[str]:

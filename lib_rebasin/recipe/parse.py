@@ -10,6 +10,7 @@ from typing import Any
 from ..arguments import check_arguments
 from ..errors import RebasinError
 from ..io.parsing import MAX_TOML_CHARS, parse_toml
+from ..merge.sweep import sweep_options
 from ..methods import METHODS
 from ..options import MergeOptions
 from ..sd1.spec import PARTS
@@ -120,10 +121,21 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         if name in known:
             raise fail(line, f"the name '{name}' is already used by a model or an earlier step.")
         settings = {**recipe.defaults, **{k: v for k, v in raw.items() if k in MergeOptions.__dataclass_fields__}}
+        alphas = settings.get("alpha") if isinstance(settings.get("alpha"), list) else None
+        if alphas is not None:
+            at = key_lines.get((i, "alpha"), line) if "alpha" in raw else 0
+            if "alpha" not in raw or i < len(steps) - 1:
+                raise fail(at, f"step '{name}': alpha is a list (a sweep) only in the last step, which writes one "
+                               "output per value (-o with {alpha}); an earlier step's single result feeds the next.")
+            if not alphas:
+                raise fail(at, f"step '{name}': alpha = [] lists no value; give one or more.")
+            settings["alpha"] = alphas[0]
         parts = settings.get("parts", PARTS)
         try:
             options = step_options({**settings, "parts": tuple(parts) if isinstance(parts, list) else parts})
             options.validate()
+            if alphas is not None:
+                sweep_options(options, alphas)
         except RebasinError as e:
             field_name = str(e).split(" ", 1)[0]
             # a message starts with its key ("seed must ..."), or with the key's name in capitals ("REPAIR ...")
@@ -149,7 +161,8 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
             raise fail(line, f"step '{name}' needs both a and b.")
         if METHODS[options.method].needs_c and "c" not in refs:
             raise fail(line, f"step '{name}': {METHODS[options.method].label} needs c.")
-        recipe.steps.append(Step(name, options, refs["a"], refs["b"], refs.get("c"), line))
+        recipe.steps.append(Step(name, options, refs["a"], refs["b"], refs.get("c"), line,
+                                 tuple(float(a) for a in alphas) if alphas is not None else None))
         known.add(name)
     return recipe
 

@@ -14,22 +14,23 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
 from ..arguments import check_arguments
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.model_input import legacy_hash, open_model, same_file
-from ..io.output_file import check_free_space, check_output_path, output_bytes
+from ..io.output_file import check_output_path, output_bytes
 from ..io.parsing import json_or_none
 from ..io.precisions import PRECISIONS
 from ..merge.diagnostics import Diagnostics, stored_diagnostics
 from ..merge.preflight import output_entries
 from ..merge.run import MergeResult, merge_checkpoints, merge_in_memory
+from ..merge.sweep import check_room, is_sweep, sweep_checkpoints, sweep_outputs
 from ..progress import CancelCheck, ProgressCallback, Reporter
 from ..sd1.spec import part_of
-from .format import ModelRef, Recipe
+from .format import ModelRef, Recipe, Step
 from .provenance import hash_progress
 from .resolve import resolve_models
 
@@ -39,6 +40,9 @@ class RecipeResult:
     output: Path
     steps: list[tuple[str, Diagnostics]]
     metadata: dict[str, str]
+    # A sweep's last step (alpha a list): every file written, in the order of the values (`output` is the last),
+    # and each one's result.
+    outputs: list[MergeResult] = field(default_factory=list)
 
     def summary_lines(self) -> list[str]:
         out = []
@@ -51,8 +55,13 @@ class RecipeResult:
 def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str], overwrite: bool = False,
                progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
                extra_metadata: dict[str, str] | None = None, confine: bool = True,
-               vae_dir: Path | None = None, on_commit: Callable[[Path], None] | None = None) -> RecipeResult:
+               vae_dir: Path | None = None, on_commit: Callable[[Path], None] | None = None,
+               on_written: Callable[[MergeResult], None] | None = None) -> RecipeResult:
     """Run every step; only the last one is written (atomically). Raises RebasinError; no file then.
+
+    A last step whose alpha is a list is a sweep (merge/sweep.py): `output` is then a template with {alpha}, the
+    earlier steps run once, and each value's file records (and re-runs to) the recipe with that one value;
+    `on_written(result)` follows each file.
 
     `confine`: model names must resolve inside `models_dir` (see `resolve_models`); `vae_dir`: where the VAE to
     bake in is looked for first. The last step's commit (`merge_checkpoints`, `on_commit`) is the recipe's only
@@ -60,13 +69,19 @@ def run_recipe(recipe: Recipe, models_dir: Path, output: str | os.PathLike[str],
     check_arguments("run_recipe", ("vae_dir",), recipe=recipe, models_dir=models_dir, output=output,
                     overwrite=overwrite, progress=progress, cancel=cancel, extra_metadata=extra_metadata,
                     confine=confine, vae_dir=vae_dir)
-    out_path = check_output_path(output, overwrite)
+    last = recipe.steps[-1]
+    alphas = last.alphas or ((last.options.alpha,) if is_sweep([last.options.alpha], output) else None)
+    outputs = sweep_outputs(output, alphas, overwrite) if alphas is not None else [check_output_path(output,
+                                                                                                      overwrite)]
+    if alphas is not None:
+        recipe = replace(recipe, steps=[*recipe.steps[:-1], replace(last, alphas=tuple(alphas))])
     paths = resolve_models(recipe, models_dir, confine, vae_dir, Reporter(progress, cancel))
     # Every input is read, and hashed, through one open file for the whole chain: an input replaced meanwhile
     # cannot get its new hash recorded for the old bytes, nor give two steps two different versions.
     opened = _open_inputs(paths)
     try:
-        return _run_opened(recipe, paths, opened, out_path, overwrite, progress, cancel, extra_metadata, on_commit)
+        return _run_opened(recipe, paths, opened, outputs, overwrite, progress, cancel, extra_metadata, on_commit,
+                           on_written)
     finally:
         for ck in set(opened.values()):
             ck.close()
@@ -85,9 +100,10 @@ def _open_inputs(paths: dict[str, Path]) -> dict[str, Checkpoint]:
     return opened
 
 
-def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], out_path: Path,
+def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], outputs: list[Path],
                 overwrite: bool, progress: ProgressCallback | None, cancel: CancelCheck | None,
-                extra_metadata: dict[str, str] | None, on_commit: Callable[[Path], None] | None) -> RecipeResult:
+                extra_metadata: dict[str, str] | None, on_commit: Callable[[Path], None] | None,
+                on_written: Callable[[MergeResult], None] | None) -> RecipeResult:
     # Check every step's inputs from the headers before any work (architectures, shapes, parts).
     for step in recipe.steps:
         for slot in ("a", "b", "c"):
@@ -106,7 +122,7 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
             # A baked VAE's keys that A lacks are added to the output, in the output's precision.
             baked_extra = sum(out_dtype.itemsize * math.prod(s) for k, s in first.spec.shapes.items()
                               if part_of(k) == "vae" and k not in first.ckpt.infos)
-        check_free_space(out_path, baked_extra + output_bytes(output_entries(first, out_dtype)))
+        check_room(outputs, baked_extra + output_bytes(output_entries(first, out_dtype)))
     finally:
         first.close()
 
@@ -133,11 +149,14 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
                                          report=Reporter(step_progress, cancel), name=step.name)
             results[step.name] = ckpt
             done.append((step.name, diag))
+        elif step.alphas is not None:
+            return _sweep_step(canonical, step, a_src, b_src, c_src, outputs, overwrite, step_progress, cancel,
+                               extra_metadata, on_commit, on_written, paths, opened, inputs, done)
         else:
             def metadata_hook(diag: Diagnostics, name: str = step.name) -> dict[str, str]:
                 return _recipe_metadata(canonical, paths, opened, inputs, [*done, (name, diag)])
 
-            res: MergeResult = merge_checkpoints(a_src, b_src, out_path, step.options, c=c_src,
+            res: MergeResult = merge_checkpoints(a_src, b_src, outputs[0], step.options, c=c_src,
                                                  overwrite=overwrite, progress=step_progress, cancel=cancel,
                                                  extra_metadata=extra_metadata, metadata_hook=metadata_hook,
                                                  bake_vae=(opened[recipe.bake_vae] if recipe.bake_vae is not None
@@ -147,6 +166,27 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
         for name in [r for r, last in last_use.items() if last <= i and r in results]:
             results.pop(name).close()  # no later step needs it: free the memory now
     raise AssertionError("unreachable")
+
+
+def _sweep_step(canonical: Recipe, step: Step, a_src: Checkpoint, b_src: Checkpoint, c_src: Checkpoint | None,
+                outputs: list[Path], overwrite: bool, progress: ProgressCallback, cancel: CancelCheck | None,
+                extra_metadata: dict[str, str] | None, on_commit: Callable[[Path], None] | None,
+                on_written: Callable[[MergeResult], None] | None, paths: dict[str, Path],
+                opened: dict[str, Checkpoint], inputs: dict[str, dict[str, str | None]],
+                done: list[tuple[str, Diagnostics]]) -> RecipeResult:
+    """The last step at each of its alphas: each file records the recipe with that one value."""
+    assert step.alphas is not None
+    recipes = dict(zip(step.alphas, canonical.candidates(), strict=True))
+
+    def metadata_hook(diag: Diagnostics) -> dict[str, str]:
+        return _recipe_metadata(recipes[diag.alpha], paths, opened, inputs, [*done, (step.name, diag)])
+
+    results = sweep_checkpoints(a_src, b_src, outputs, step.options, step.alphas, c=c_src, overwrite=overwrite,
+                                progress=progress, cancel=cancel, extra_metadata=extra_metadata,
+                                bake_vae=(opened[canonical.bake_vae] if canonical.bake_vae is not None else None),
+                                on_commit=on_commit, on_written=on_written, metadata_hook=metadata_hook)
+    return RecipeResult(results[-1].output, [*done, (step.name, results[-1].diagnostics)], results[-1].metadata,
+                        results)
 
 
 def _canonical(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint], report: Reporter) -> Recipe:

@@ -1,6 +1,8 @@
 """HTTP API for scripted merges, mounted on the host's FastAPI app (the WebUI's, or the standalone gradio app's).
 
     POST /rebasin/v1/merge           JSON MergeRequest fields -> 202 {"job_id", ...}
+    POST /rebasin/v1/sweep           the same, with "alpha" a list and "output_name" a template with {alpha}:
+                                     one file per value, B matched onto A once (ui/sweep_job.py) -> 202 the job
     GET  /rebasin/v1/jobs/{job_id}   progress, and when finished the output and diagnostics
     POST /rebasin/v1/jobs/{job_id}/cancel   -> the job; 409 once its output is committed (too late: it ends done)
     POST /rebasin/v1/load            {"job_id"} or {"path"} -> makes a finished merge the active checkpoint
@@ -124,6 +126,15 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return answer(e)
         return JSONResponse(job.to_dict(), status_code=202)
 
+    async def sweep(request: Request):
+        from .sweep_job import submit_sweep
+
+        try:
+            job = submit_sweep(service, await json_body(request))
+        except (_Refused, RebasinError) as e:
+            return answer(e)
+        return JSONResponse(job.to_dict(), status_code=202)
+
     def loaded(request: Request):
         try:
             check_origin(request)
@@ -223,7 +234,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return answer(e)
         return JSONResponse({"methods": method_listing()})
 
-    for path, fn, method in ((f"{prefix}/merge", merge, "POST"), (f"{prefix}/jobs/{{job_id}}", get_job, "GET"),
+    for path, fn, method in ((f"{prefix}/merge", merge, "POST"), (f"{prefix}/sweep", sweep, "POST"),
+                             (f"{prefix}/jobs/{{job_id}}", get_job, "GET"),
                              (f"{prefix}/jobs/{{job_id}}/cancel", cancel_job, "POST"),
                              (f"{prefix}/load", load, "POST"), (f"{prefix}/checkpoints", checkpoints, "GET"),
                              (f"{prefix}/methods", methods, "GET"),
