@@ -43,6 +43,7 @@ MIN_COLUMNS = 256
 # models: the full matrix is needed anyway).
 PROBE = 16
 _U = 2.0 ** -24  # unit roundoff of fp32
+_ROW_BLOCK = 256
 
 
 class _Slot:
@@ -95,7 +96,6 @@ def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: Tens
     gamma = inner * _U / (1 - inner * _U)
     eps = 4 * gamma + 32 * _U
     na, nb = _norms(slots, n, 0, device, eps)
-    rows = torch.arange(n, device=device)
     lower = diag - eps * na * nb[cur]
     for stage in range(1, len(SHARES) + 1):
         if stage > 1:
@@ -104,11 +104,23 @@ def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: Tens
                     a, b = sl.chunk(stage - 1)
                     window(P, slot).addmm_(a, b.T)
         ra, rb = _norms(slots, n, stage, device, eps)
-        upper = P.clone().addr_(ra.float(), rb.float()).addr_(na.float(), nb.float(), alpha=eps)
-        upper[rows, cur] = float("-inf")
-        if bool((lower > upper.max(dim=1).values.double()).all()):
+        if bool((lower > _best_other(P, cur, ra, rb, na, nb, eps)).all()):
             return True
     return False
+
+
+def _best_other(P: torch.Tensor, cur: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, na: torch.Tensor,
+                nb: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per row, the largest upper bound P[i, j] + |a_R,i| |b_R,j| + eps |a_i| |b_j| over columns j != cur(i), a
+    block of rows at a time (no second matrix of P's size)."""
+    out = torch.empty(P.shape[0], dtype=torch.float64, device=P.device)
+    rb, nb = rb.float(), nb.float()
+    for lo in range(0, P.shape[0], _ROW_BLOCK):
+        hi = min(lo + _ROW_BLOCK, P.shape[0])
+        upper = P[lo:hi].clone().addr_(ra[lo:hi].float(), rb).addr_(na[lo:hi].float(), nb, alpha=eps)
+        upper[torch.arange(hi - lo, device=P.device), cur[lo:hi]] = float("-inf")
+        out[lo:hi] = upper.max(dim=1).values
+    return out
 
 
 def _norms(slots: list[_Slot], n: int, first: int, device: torch.device, eps: float
