@@ -56,10 +56,11 @@ def release_memory() -> bool:
     return True
 
 
-# glibc's mallopt parameters, and the values its dynamic thresholds settle at once a process has freed a large
-# block (they rise to the largest freed block up to 32 MiB; trimming at twice that), which a merge restores.
+# glibc's mallopt parameters, and its initial thresholds, which a merge restores (fixed from then on: glibc lets
+# them rise on its own only until a program sets them). Keeping larger ones after a merge left freed memory that a
+# returning host counts as its own.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_SETTLED_MMAP, _SETTLED_TRIM = 32 << 20, 64 << 20
+_INITIAL_MMAP, _INITIAL_TRIM = 128 << 10, 128 << 10
 # During a merge: blocks up to this size come from the heap, and freed heap memory is kept for reuse.
 _MERGE_MMAP, _MERGE_TRIM = 1 << 30, (1 << 31) - 1
 _depth = 0
@@ -77,8 +78,8 @@ def reused_heap() -> Iterator[None]:
     A merge makes and frees a few buffers per tensor, most of them larger than glibc's threshold for mapping
     blocks of their own; each such block is fresh pages from the system, faulted in and zeroed one page at a time,
     which costs more than the arithmetic done on it. Raising the thresholds keeps those blocks in the heap, where
-    the next tensor's buffer reuses them. Afterwards the thresholds go back to where glibc's own settle and the free
-    heap is returned to the system (`malloc_trim`). Nothing changes where the C library is not glibc, or where the
+    the next tensor's buffer reuses them. Afterwards the thresholds go back to glibc's initial ones and the free heap is
+    returned to the system (`malloc_trim`). Nothing changes where the C library is not glibc, or where the
     process was started with its own malloc settings."""
     global _depth
     trim = _malloc_trim()
@@ -96,8 +97,8 @@ def reused_heap() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-        _mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP)
-        _mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM)
+        _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
+        _mallopt(_M_TRIM_THRESHOLD, _INITIAL_TRIM)
         trim(0)
 
 
