@@ -1,4 +1,5 @@
-"""Giving a finished job's memory back to the system, so a long-running host returns to its size before the job.
+"""Giving a finished job's memory back to the system, so a long-running host returns to its size before the job;
+and, while a merge runs, reusing the memory it frees instead of asking the system for fresh pages.
 
 A merge frees every tensor it made, but the C allocator keeps freed heap memory for reuse: a recipe holds a whole
 intermediate model as hundreds of tensors next to short-lived read buffers, and once all are freed the heap is
@@ -11,16 +12,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _trim: Callable[[int], int] | None = None
+_mallopt: Callable[[int, int], int] | None = None
 _looked_up = False
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    global _trim, _looked_up
+    global _trim, _mallopt, _looked_up
     if not _looked_up:
         _looked_up = True
         if sys.platform.startswith("linux"):
@@ -28,9 +37,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
                 fn = libc.malloc_trim  # glibc only (musl has none): AttributeError below
                 fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-                _trim = fn
+                opt = libc.mallopt
+                opt.argtypes, opt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                _trim, _mallopt = fn, opt
             except (OSError, AttributeError):
-                _trim = None
+                _trim = _mallopt = None
     return _trim
 
 
@@ -43,3 +54,59 @@ def release_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+# glibc's mallopt parameters, and its initial thresholds, which a merge restores (fixed from then on: glibc lets
+# them rise on its own only until a program sets them). Keeping larger ones after a merge left freed memory that a
+# returning host counts as its own.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_INITIAL_MMAP, _INITIAL_TRIM = 128 << 10, 128 << 10
+# During a merge: blocks up to this size come from the heap, and freed heap memory is kept for reuse.
+_MERGE_MMAP, _MERGE_TRIM = 1 << 30, (1 << 31) - 1
+_depth = 0
+
+
+def _user_tuned() -> bool:
+    """The process was started with its own malloc settings: those are kept."""
+    return any(k.startswith("MALLOC_") for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+@contextmanager
+def reused_heap() -> Iterator[None]:
+    """Within the block, freed memory is reused instead of returned to the system and asked for again.
+
+    A merge makes and frees a few buffers per tensor, most of them larger than glibc's threshold for mapping
+    blocks of their own; each such block is fresh pages from the system, faulted in and zeroed one page at a time,
+    which costs more than the arithmetic done on it. Raising the thresholds keeps those blocks in the heap, where
+    the next tensor's buffer reuses them. Afterwards the thresholds go back to glibc's initial ones and the free heap is
+    returned to the system (`malloc_trim`). Nothing changes where the C library is not glibc, or where the
+    process was started with its own malloc settings."""
+    global _depth
+    trim = _malloc_trim()
+    if _mallopt is None or trim is None or _user_tuned() or _depth:
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    _depth += 1
+    _mallopt(_M_MMAP_THRESHOLD, _MERGE_MMAP)
+    _mallopt(_M_TRIM_THRESHOLD, _MERGE_TRIM)
+    try:
+        yield
+    finally:
+        _depth -= 1
+        _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
+        _mallopt(_M_TRIM_THRESHOLD, _INITIAL_TRIM)
+        trim(0)
+
+
+def with_reused_heap(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run inside `reused_heap()`."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with reused_heap():
+            return fn(*args, **kwargs)
+
+    return wrapper

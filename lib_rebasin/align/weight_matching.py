@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Cancelled
-from ..sd1.spec import ArchSpec, Group, Slot, Structure
+from ..sd1.spec import ArchSpec, Group, Structure
 from .assignment import row_argmax_certificate, solve
-from .permute import Perms, axis_index, is_identity, is_legal
+from .cost import cost_matrix, empty_cost, other_axes_permuted, unit_rows, window
+from .partial_certificate import PROBE, prove_current
+from .permute import Perms, is_identity, is_legal
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -98,53 +100,6 @@ class _Tensors:
         return t
 
 
-def _rows(t: torch.Tensor, axis: int, offset: int, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The window [offset, offset+n) of `axis`, as an (n, rest) matrix of `dtype`."""
-    return t.narrow(axis, offset, n).to(dtype).movedim(axis, 0).reshape(n, -1)
-
-
-def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, perms: Perms,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    n = slot.length
-    w = t.narrow(slot.axis, slot.offset, n).to(dtype)
-    for axis in spec.axes[slot.key]:
-        if axis == slot.axis:
-            continue
-        idx = axis_index(spec, slot.key, axis, perms)
-        if idx is not None:
-            w = w.index_select(axis, idx.to(w.device))
-    return w.movedim(slot.axis, 0).reshape(n, -1)
-
-
-def empty_cost(group: Group, device: torch.device) -> torch.Tensor:
-    """A zero cost matrix, except -inf where no legal permutation can go: between the two halves (q/k, v/o) of an
-    attention group, so that row-argmax and the certificates stay inside each half."""
-    n = group.size
-    C = torch.zeros(n, n, dtype=torch.float32, device=device)
-    if group.structure.shared_blocks:
-        C[:n // 2, n // 2:] = float("-inf")
-        C[n // 2:, :n // 2] = float("-inf")
-    return C
-
-
-def _window(M: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """The block of a group's matrix that one slot's units fill (the whole matrix but for attention halves)."""
-    return M[slot.start:slot.start + slot.length, slot.start:slot.start + slot.length]
-
-
-def cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
-                device: torch.device) -> torch.Tensor:
-    """C[i, j] = similarity of A's unit i and B's unit j, with every other group at its current permutation.
-
-    `perms` only needs the groups that are not the identity (an absent group is not re-indexed)."""
-    C = empty_cost(group, device)
-    for slot in group.slots:
-        a = _rows(get_a(slot.key), slot.axis, slot.offset, slot.length)
-        b = _other_axes_permuted(spec, slot, get_b(slot.key), perms)
-        _window(C, slot).addmm_(a, b.T)
-    return C
-
-
 # Rounding-error bound of a bf16 GEMM with fp32 accumulation and a bf16 result, per slot s with inner size m:
 #   |out_s - exact_s| <= u |out_s| / (1 - u) + (2u + u^2 + m * 2^-24 (1 + u)^2) * sum_k |a_k b_k|,   u = 2^-8,
 # and sum_k |a_k b_k| <= |a| |b| (Cauchy-Schwarz). Constants are rounded up and the total gets a 25% margin.
@@ -166,11 +121,11 @@ def screened_cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_
     C = empty_cost(group, device)
     E = torch.zeros(n, n, dtype=torch.float32, device=device)
     for slot in group.slots:
-        a = _rows(get_a(slot.key), slot.axis, slot.offset, slot.length, torch.bfloat16)
-        b = _other_axes_permuted(spec, slot, get_b(slot.key), perms, torch.bfloat16)
+        a = unit_rows(get_a(slot.key), slot.axis, slot.offset, slot.length, torch.bfloat16)
+        b = other_axes_permuted(spec, slot, get_b(slot.key), perms, torch.bfloat16)
         out = (a @ b.T).float()
-        _window(C, slot).add_(out)
-        e = _window(E, slot)
+        window(C, slot).add_(out)
+        e = window(E, slot)
         e.add_(out.abs(), alpha=_BF16_OUT)
         # Row norms of the rounded rows (accumulated in fp32, result rounded to bf16) are within a factor
         # (1 +- 2u) of the exact ones: inside the margin.
@@ -234,14 +189,16 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,
                     skip_unchanged: bool = True, screen: bool | None = None,
                     tolerance: float = 0.0, after_visit: Callable[[], None] | None = None,
-                    keep: tuple[bool, bool] = (True, True)) -> MatchResult:
+                    keep: tuple[bool, bool] = (True, True), partial: bool = True) -> MatchResult:
     """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
 
     `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
     of a group whose cost matrix cannot have changed). They never change the result; turning them off gives the
     plain algorithm, which the tests compare against. `screen` (default: where bf16 is fast) first tries to certify
     row-argmax from a bf16 cost matrix with a rigorous error bound, and computes the exact fp32 matrix only when
-    that fails; a group whose screen failed goes straight to fp32 afterwards.
+    that fails; a group whose screen failed goes straight to fp32 afterwards. `partial` (with `certificate`) first
+    tries to prove the current permutation optimal from part of the cost matrix (`align/partial_certificate.py`);
+    like the other shortcuts it never changes the result.
 
     `tolerance` > 0 also stops once a sweep gains less than that fraction of what the first sweep gained (the
     objective changes by exactly the accepted groups' gains). 0, the default, is the paper's rule: stop only when a
@@ -263,6 +220,8 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
     use_screen = bf16_is_fast(dev) if screen is None else screen
     unscreenable: set[str] = set()
     screen_tries = screen_wins = 0
+    use_partial = partial
+    partial_tries = partial_wins = 0
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
     dirty = {g.name for g in groups}
@@ -286,6 +245,21 @@ def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter
             rep = reports[g.name]
             current = perms[g.name].to(dev)
             rows = torch.arange(g.size, device=dev)
+            if certificate and use_partial:
+                # Most visits of same-base pairs find the current permutation optimal: prove that from a share of
+                # the cost matrix's arithmetic; the full path below would compute the same outcome.
+                proved = prove_current(spec, g, ta, tb, moved, current, dev)
+                partial_tries += 1
+                partial_wins += proved
+                if not proved and partial_tries >= PROBE and partial_wins < partial_tries // 2:
+                    use_partial = False  # mostly failing (unrelated models): only speed depends on this
+                if proved:
+                    rep.certified += 1
+                    if after_visit is not None:
+                        after_visit()
+                    if progress is not None:
+                        progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+                    continue
             if certificate and use_screen and g.name not in unscreenable:
                 C_est, E = screened_cost_matrix(spec, g, ta, tb, moved, dev)
                 best = certified_argmax(C_est, E, g.structure)

@@ -34,6 +34,7 @@ from ..io.checkpoint import Checkpoint, memory_checkpoint
 from ..io.finite import Model
 from ..io.model_input import Source
 from ..io.output_file import FULL_DISK_ERRNOS, format_bytes, write_safetensors
+from ..memory import with_reused_heap
 from ..options import MergeOptions
 from ..progress import CancelCheck, ProgressCallback, Reporter
 from .alignment import align_once
@@ -58,6 +59,7 @@ class MergeResult:
 
 
 @with_merge_compute
+@with_reused_heap
 def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       options: MergeOptions = MergeOptions(), c: Source | None = None,
                       overwrite: bool = False, progress: ProgressCallback | None = None,
@@ -136,6 +138,7 @@ def _commit(report: Reporter, on_commit: Callable[[Path], None] | None, output: 
 
 
 @with_merge_compute
+@with_reused_heap
 def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
                     report: Reporter | None = None, name: str = "merged") -> tuple[Checkpoint, Diagnostics]:
     """The same merge, kept in memory (a recipe's intermediate step): the tensors are exactly those
