@@ -15,28 +15,27 @@ the `text_time` embedding's inputs.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (  # noqa: E402
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from reference import _no_meta, _own_storage, _storage, convert_vae, vae_config
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lib_rebasin.sdxl.config import SDXLConfig  # noqa: E402  (hyper-parameters only, no layout knowledge)
-from reference import _no_meta, _own_storage, _storage, convert_vae, vae_config  # noqa: E402
+from lib_rebasin.sdxl.config import SDXLConfig
 
 UNET = "model.diffusion_model."
 CLIP_L = "conditioner.embedders.0.transformer."
 CLIP_G = "conditioner.embedders.1.model."
 VAE = "first_stage_model."
-PREFIXES = {"unet": (UNET,), "te": (CLIP_L, CLIP_G), "vae": (VAE,)}
 TIME_IDS = 6  # original size, crop offset, target size: two values each
 
 

@@ -25,16 +25,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from reference import rel_max_error
+from sdxl_reference import SDXLInputs, SDXLReference, make_inputs
+from test_function_preservation import head_order, with_axes
 
 from lib_rebasin.align.permute import is_legal, permute_tensor, random_legal_perm, random_perms
 from lib_rebasin.archspec import ArchSpec, Segment, Structure
 from lib_rebasin.sdxl.config import MINI, SDXLConfig
 from lib_rebasin.sdxl.spec import build_spec
 from lib_rebasin.sdxl.synthetic import synthetic_tensor
-
-from reference import rel_max_error
-from sdxl_reference import SDXLInputs, SDXLReference, make_inputs
-from test_function_preservation import head_order, with_axes
 
 TOL = 1e-4
 BROKEN = 10 * TOL

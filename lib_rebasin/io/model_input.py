@@ -16,6 +16,7 @@ from typing import Union
 from ..errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
 from ..sd1.config import SD1Config, check_layout, detect
 from ..sd1.spec import ArchSpec, build_spec, part_of
+from ..sdxl import config as sdxl
 from .checkpoint import Checkpoint, open_checkpoint
 from .input_file import HashProgress
 from .parsing import json_or_none
@@ -71,6 +72,8 @@ def open_model(path: Source, label: str) -> ModelInput:
         ckpt, owned = open_checkpoint(path), True
     try:
         shapes = ckpt.shapes()
+        if sdxl.is_sdxl(shapes):
+            refuse_sdxl(shapes)
         config = detect(shapes)
         has_vae = any(part_of(k) == "vae" for k in shapes)
         check_layout(config, shapes, has_vae=has_vae)
@@ -81,6 +84,15 @@ def open_model(path: Source, label: str) -> ModelInput:
         raise type(e)(f"Model {label} ({ckpt.path.name}): {e}") from None
     parts = {"unet", "te"} | ({"vae"} if has_vae else set())
     return ModelInput(label, ckpt, config, parts, owned)
+
+
+def refuse_sdxl(shapes: dict[str, tuple[int, ...]]) -> None:
+    """An SDXL file is recognised (and its layout checked) but cannot be merged yet: say so in one line, before
+    any work, whichever slot it is in and whatever the other models are."""
+    config = sdxl.detect(shapes)
+    sdxl.check_layout(config, shapes, has_vae=any(k.startswith(sdxl.VAE) for k in shapes))
+    raise UnsupportedModelError(f"This is an {config.describe()} checkpoint: recognised, but SDXL cannot be merged "
+                                "yet (SD 1.x only).")
 
 
 def check_float_weights(ckpt: Checkpoint, spec: ArchSpec) -> None:
