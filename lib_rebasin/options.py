@@ -26,7 +26,7 @@ from .merge.block_weights import check_values
 from .messages import shown
 from .methods import ALL_PARAMS, METHODS, MethodInfo
 from .option import Option
-from .sd1.spec import PARTS
+from .parts import PARTS
 
 MATCHINGS = ("weights", "activations")
 # Each sample is one prompt denoised over several timesteps, four UNet passes per step (two models, with and

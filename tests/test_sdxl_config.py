@@ -17,9 +17,10 @@ from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.describe import inspect_checkpoint
 from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.options import MergeOptions
+from lib_rebasin.parts import UNET, part_of
 from lib_rebasin.sd1.config import detect as sd1_detect
-from lib_rebasin.sdxl.config import CLIP_G, CLIP_L, MINI, SDXL_BASE, UNET, check_layout, detect
-from lib_rebasin.sdxl.spec import OPTIONAL, build_spec, part_of
+from lib_rebasin.sdxl.config import CLIP_G, CLIP_L, MINI, SDXL_BASE, check_layout, detect
+from lib_rebasin.sdxl.spec import OPTIONAL, build_spec
 from lib_rebasin.sdxl.synthetic import make_checkpoint
 
 # A model for file tests: SDXL's topology at the smallest widths the detector accepts, so files stay small.
@@ -160,3 +161,16 @@ def test_sd15_with_sdxl_is_refused_in_one_line_before_any_work(tmp_path: Path, t
     assert message.startswith(f"Model {label} (xl.safetensors): This is an SDXL (reduced width")
     assert "SDXL cannot be merged yet" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["xl.safetensors"]
+
+
+def test_part_of_knows_both_architectures() -> None:
+    """One `part_of` for SD 1.x and SDXL: every spec key lands in the part its walker put it in (both SDXL text
+    encoders are the text encoder), and markers and unknown keys are 'other'."""
+    from lib_rebasin.sd1.config import MINI as SD1_MINI
+    from lib_rebasin.sd1.spec import build_spec as build_sd1_spec
+
+    for spec in (build_spec(MINI), build_sd1_spec(SD1_MINI)):
+        for key in spec.shapes:
+            assert part_of(key) == spec.part_of_key[key], key
+    assert {part_of(k) for k in build_spec(MINI).shapes if k.startswith("conditioner.embedders.")} == {"te"}
+    assert part_of("v_pred") == part_of("edm_vpred.sigma_min") == part_of("model_ema.decay") == "other"

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
+from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
 from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
-from ..sd1.spec import ArchSpec, Group, Slot, part_of
 from .assignment import row_argmax_certificate, solve
 from .permute import Perms
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..sd1.spec import ArchSpec, Group, Structure
+from ..archspec import ArchSpec, Group, Structure
 
 Perms = dict[str, torch.Tensor]
 

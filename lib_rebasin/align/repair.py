@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..archspec import ArchSpec
 from ..errors import RebasinError
+from ..parts import UNET, part_of
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
 from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
-from ..sd1.spec import UNET, ArchSpec, part_of
 
 EPS = 1e-6
 

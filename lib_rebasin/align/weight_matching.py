@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..archspec import ArchSpec, Group, Slot, Structure
 from ..errors import Cancelled
-from ..sd1.spec import ArchSpec, Group, Slot, Structure
 from .assignment import row_argmax_certificate, solve
 from .permute import Perms, axis_index, is_identity, is_legal
 

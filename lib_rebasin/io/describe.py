@@ -9,9 +9,8 @@ from pathlib import Path
 
 from ..arguments import check_arguments
 from ..errors import RebasinError
-from ..sd1.spec import part_of
+from ..parts import part_of
 from ..sdxl import config as sdxl
-from ..sdxl import spec as sdxl_spec
 from .checkpoint import open_checkpoint
 from .model_input import open_model
 
@@ -72,7 +71,7 @@ def _describe_sdxl(info: CheckpointInfo) -> None:
                 info.arch = "SDXL (unrecognised layout)"
             dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in ck.infos.values())
             info.dtype, info.n_keys = dtypes.most_common(1)[0][0], len(ck)
-            info.parts = dict(sorted(Counter(map(sdxl_spec.part_of, ck)).items()))
+            info.parts = dict(sorted(Counter(map(part_of, ck)).items()))
             info.metadata_keys = sorted(ck.metadata)
     except RebasinError:
         return

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
+from ..archspec import ArchSpec
 from ..errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
+from ..parts import part_of
 from ..sd1.config import SD1Config, check_layout, detect
-from ..sd1.spec import ArchSpec, build_spec, part_of
+from ..sd1.spec import build_spec
 from ..sdxl import config as sdxl
 from .checkpoint import Checkpoint, open_checkpoint
 from .input_file import HashProgress

@@ -10,11 +10,11 @@ import torch
 
 from ..align.permute import Perms, is_identity
 from ..align.weight_matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
+from ..archspec import ArchSpec
 from ..io.finite import Model, guard_getter
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
 from ..progress import Reporter
-from ..sd1.spec import ArchSpec
 from .blend import shared_window
 from .diagnostics import Diagnostics
 from .stages import ACTIVATIONS_SHARE, sweep_progress

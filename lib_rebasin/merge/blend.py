@@ -9,9 +9,9 @@ import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..arguments import check_arguments
 from ..io.model_input import ModelInput
-from ..sd1.spec import ArchSpec
 
 
 @dataclass

@@ -9,8 +9,9 @@ import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..methods import METHODS
-from ..sd1.spec import PART_NAMES, ArchSpec
+from ..parts import PART_NAMES
 
 
 @dataclass

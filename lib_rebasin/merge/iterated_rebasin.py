@@ -12,11 +12,12 @@ import torch
 
 from ..align.permute import Perms, is_identity
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..io.finite import Model
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
+from ..parts import part_of
 from ..progress import Reporter
-from ..sd1.spec import ArchSpec, part_of
 from .alignment import match, record_moves
 from .blend import Blend, BlockBlend, Term, merge_equal_terms, shared_window, telescoping_schedule
 from .diagnostics import Diagnostics

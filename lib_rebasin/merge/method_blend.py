@@ -9,11 +9,11 @@ import torch
 
 from ..align.permute import Perms
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..io.finite import Model, guard_getter
 from ..methods import METHODS
 from ..options import MergeOptions
 from ..progress import Reporter
-from ..sd1.spec import ArchSpec
 from .blend import Blend, BlockBlend, KeyFunctionBlend, Term
 from .preflight import Prepared
 

@@ -19,7 +19,7 @@ from ..io.output_file import check_free_space, check_output_path, output_bytes
 from ..io.precisions import PRECISIONS
 from ..methods import METHODS
 from ..options import MergeOptions
-from ..sd1.spec import PARTS, part_of
+from ..parts import PARTS, part_of
 
 
 @dataclass

@@ -9,10 +9,10 @@ import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.repair import corrections, fold_bias, fold_weight
+from ..archspec import ArchSpec
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
 from ..progress import Reporter
-from ..sd1.spec import ArchSpec
 from .diagnostics import Diagnostics
 
 # {layer (a key without ".weight"/".bias"): (scale, shift)} per output channel.

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..archspec import ArchSpec
 from ..errors import RebasinError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.finite import Model
 from ..io.input_file import HashProgress
-from ..sd1.spec import VAE, ArchSpec
+from ..parts import VAE
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
 

@@ -12,7 +12,7 @@ from ..errors import RebasinError
 from ..io.parsing import MAX_TOML_CHARS, parse_toml
 from ..methods import METHODS
 from ..options import MergeOptions
-from ..sd1.spec import PARTS
+from ..parts import PARTS
 from .format import (
     MODEL_KEYS,
     RECIPE_KEYS,

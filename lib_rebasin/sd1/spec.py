@@ -26,21 +26,11 @@ Function preservation rules encoded here:
 
 from __future__ import annotations
 
-from ..archspec import ArchSpec as _ArchSpec
-from ..archspec import Group, Layout, Segment, Slot, SpecWalker, Structure, layout_width
+from ..archspec import ArchSpec, Layout, SpecWalker, layout_width
+from ..parts import UNET, VAE
 from .config import SD1Config
 
-# The spec types are architecture-independent (`lib_rebasin/archspec.py`); re-exported here for the SD 1.x code.
-__all__ = ["ArchSpec", "Group", "Layout", "Segment", "Slot", "Structure", "build_spec", "part_of"]
-ArchSpec = _ArchSpec[SD1Config]
-
-UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."
-VAE = "first_stage_model."
-# The parts of a model a merge can take, in checkpoint order, and their names in a sentence (capitalise the first
-# letter to start a label with one).
-PARTS = ("unet", "te", "vae")
-PART_NAMES = {"unet": "UNet", "te": "text encoder", "vae": "VAE"}
 
 SCHEDULE_BUFFERS = (
     "alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
@@ -131,7 +121,7 @@ class _Walker(SpecWalker):
         return self.clip_text(TE, "te", c.te_width, c.te_layers, c.te_heads, c.te_mlp, c.te_vocab, c.te_positions)
 
 
-def build_spec(config: SD1Config) -> ArchSpec:
+def build_spec(config: SD1Config) -> ArchSpec[SD1Config]:
     """Walk the architecture once; return its key layout and permutation groups."""
     w = _Walker(config)
     context = w.text_encoder()
@@ -142,13 +132,3 @@ def build_spec(config: SD1Config) -> ArchSpec:
         w.tensor(name, (config.timesteps,))
     return w.spec(config)
 
-
-def part_of(key: str) -> str:
-    """Which model part a checkpoint key belongs to ('other' for buffers and unknown keys)."""
-    if key.startswith(UNET):
-        return "unet"
-    if key.startswith("cond_stage_model."):
-        return "te"
-    if key.startswith(VAE):
-        return "vae"
-    return "other"

@@ -13,11 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ..errors import UnsupportedModelError
+from ..parts import UNET, VAE
 
-UNET = "model.diffusion_model."
 CLIP_L = "conditioner.embedders.0.transformer.text_model."
 CLIP_G = "conditioner.embedders.1.model."
-VAE = "first_stage_model."
 
 
 @dataclass(frozen=True)
@@ -198,7 +197,8 @@ def _check_widths(c: SDXLConfig, shapes: Mapping[str, Sequence[int]]) -> None:
 def check_layout(config: SDXLConfig, shapes: Mapping[str, Sequence[int]], has_vae: bool = True) -> None:
     """Raise UnsupportedModelError unless every key of the config's layout is present with the right shape
     (the keys community files often leave out are optional)."""
-    from .spec import OPTIONAL, build_spec, part_of
+    from ..parts import part_of
+    from .spec import OPTIONAL, build_spec
 
     expected = build_spec(config).shapes
     missing = [k for k in expected if k not in shapes and k not in OPTIONAL

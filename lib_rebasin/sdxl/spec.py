@@ -20,7 +20,8 @@ both GEGLU halves on one permutation). What SDXL adds:
 from __future__ import annotations
 
 from ..archspec import ArchSpec, Layout, SpecWalker, layout_width
-from .config import CLIP_G, CLIP_L, UNET, VAE, SDXLConfig
+from ..parts import UNET, VAE
+from .config import CLIP_G, CLIP_L, SDXLConfig
 
 # Keys SDXL files often lack (the encoders' final norms and pooled projection, kept by full saves and dropped by
 # clip-skip-pruned ones; position_ids is a buffer some savers skip): accepted when absent.
@@ -132,13 +133,3 @@ def build_spec(config: SDXLConfig) -> ArchSpec[SDXLConfig]:
     w.vae(VAE, config.vae_channels, config.vae_mult, config.vae_res_blocks, config.vae_z)
     return w.spec(config)
 
-
-def part_of(key: str) -> str:
-    """Which model part an SDXL checkpoint key belongs to ('other' for markers, buffers and unknown keys)."""
-    if key.startswith(UNET):
-        return "unet"
-    if key.startswith("conditioner.embedders."):
-        return "te"
-    if key.startswith(VAE):
-        return "vae"
-    return "other"

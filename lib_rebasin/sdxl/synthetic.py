@@ -16,7 +16,7 @@ from ..arguments import check_arguments
 from ..errors import ArgumentError
 from ..io.output_file import write_safetensors
 from ..io.precisions import PRECISIONS
-from ..sd1.synthetic import _generator, random_tensor
+from ..synthetic_weights import key_seeded_generator, random_tensor
 from .config import MINI, SDXL_BASE, SDXLConfig
 from .spec import build_spec
 
@@ -27,9 +27,9 @@ _OPEN_CLIP_NORMS = (".ln_1.weight", ".ln_2.weight", "ln_final.weight")
 
 
 def sdxl_random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """A plausible random fp32 value for one SDXL key (see `sd1.synthetic.random_tensor`)."""
+    """A plausible random fp32 value for one SDXL key (see `synthetic_weights.random_tensor`)."""
     if key.endswith(_OPEN_CLIP_NORMS):
-        return 1 + 0.1 * torch.randn(shape, generator=_generator(seed, key))
+        return 1 + 0.1 * torch.randn(shape, generator=key_seeded_generator(seed, key))
     if key.endswith("logit_scale"):
         return torch.full(shape, math.log(100.0))  # CLIP's trained temperature; unused by SDXL's forward pass
     return random_tensor(key, shape, seed)
@@ -42,7 +42,7 @@ def synthetic_tensor(key: str, shape: tuple[int, ...], seed: int, base_seed: int
     if base_seed is None:
         return sdxl_random_tensor(key, shape, seed)
     base = sdxl_random_tensor(key, shape, base_seed)
-    noise = torch.randn(shape, generator=_generator(seed, key))
+    noise = torch.randn(shape, generator=key_seeded_generator(seed, key))
     return base + delta * base.std(unbiased=False).clamp_min(1e-3) * noise
 
 
