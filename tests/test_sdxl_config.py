@@ -12,7 +12,7 @@ import pytest
 import torch
 from model_cache import _cached, place
 
-from lib_rebasin.errors import UnsupportedModelError
+from lib_rebasin.errors import IncompatibleModelsError, UnsupportedModelError
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.describe import inspect_checkpoint
 from lib_rebasin.merge.run import merge_checkpoints
@@ -141,7 +141,7 @@ def test_synthetic_file_round_trip(tmp_path: Path) -> None:
 def test_inspect_names_sdxl(tmp_path: Path) -> None:
     info = inspect_checkpoint(_sdxl_file(tmp_path / "xl.safetensors"))
     assert info.arch == "SDXL (reduced width: UNet 64, text encoders 128 + 192, VAE 32)"
-    assert not info.supported and "SDXL cannot be merged yet" in info.error
+    assert info.supported and info.error is None
     assert info.parts == {"te": 197 - 10 * 16 + 390 - 30 * 12, "unet": len([k for k in build_spec(FILE_SCALE).shapes
                                                                         if k.startswith(UNET)]), "vae": 248}
     inpaint = inspect_checkpoint(_sdxl_file(tmp_path / "inpaint.safetensors", replace(FILE_SCALE, unet_in_channels=9)))
@@ -154,12 +154,11 @@ def test_sd15_with_sdxl_is_refused_in_one_line_before_any_work(tmp_path: Path, t
     xl = _sdxl_file(tmp_path / "xl.safetensors")
     a, b = (xl, tiny_models["a"]) if xl_slot == "a" else (tiny_models["a"], xl)
     label = xl_slot.upper()
-    with pytest.raises(UnsupportedModelError) as e:
+    with pytest.raises(IncompatibleModelsError) as e:
         merge_checkpoints(a, b, tmp_path / "out.safetensors", MergeOptions(method="weighted_sum"))
-    message = str(e.value)
-    assert "\n" not in message
-    assert message.startswith(f"Model {label} (xl.safetensors): This is an SDXL (reduced width")
-    assert "SDXL cannot be merged yet" in message
+    arch = {"A": "SDXL", "B": "SD 1.x"} if label == "A" else {"A": "SD 1.x", "B": "SDXL"}
+    assert str(e.value) == (f"Model A is {arch['A']} but model B is {arch['B']}; models of different "
+                            "architectures cannot be merged.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["xl.safetensors"]
 
 

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ def _rows(t: torch.Tensor, axis: int, offset: int, n: int, dtype: torch.dtype = 
     return t.narrow(axis, offset, n).to(dtype).movedim(axis, 0).reshape(n, -1)
 
 
-def _other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, perms: Perms,
+def _other_axes_permuted(spec: ArchSpec[Any], slot: Slot, t: torch.Tensor, perms: Perms,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n = slot.length
     w = t.narrow(slot.axis, slot.offset, n).to(dtype)
@@ -132,7 +133,7 @@ def _window(M: torch.Tensor, slot: Slot) -> torch.Tensor:
     return M[slot.start:slot.start + slot.length, slot.start:slot.start + slot.length]
 
 
-def cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
+def cost_matrix(spec: ArchSpec[Any], group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
                 device: torch.device) -> torch.Tensor:
     """C[i, j] = similarity of A's unit i and B's unit j, with every other group at its current permutation.
 
@@ -154,7 +155,7 @@ _FP32_ACC = 6.1e-8
 _MARGIN = 1.25
 
 
-def screened_cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
+def screened_cost_matrix(spec: ArchSpec[Any], group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A fast bf16 estimate of the cost matrix and a rigorous bound on its error (both fp32).
 
@@ -208,7 +209,7 @@ def bf16_is_fast(device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
+def _dependents(spec: ArchSpec[Any], groups: list[Group]) -> dict[str, set[str]]:
     """group -> the matched groups whose cost matrices read its permutation (they share a tensor, other axis)."""
     names = {g.name for g in groups}
     on_key: dict[str, list[tuple[int, str]]] = {}
@@ -228,7 +229,7 @@ def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
     return out
 
 
-def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                     seed: int = 0, max_sweeps: int = 100, device: str | torch.device = "cpu",
                     init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,

@@ -59,7 +59,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
 
 
 def _describe_sdxl(info: CheckpointInfo) -> None:
-    """Name an SDXL file that cannot be merged (yet), with its keys and parts, instead of 'unknown'."""
+    """Name an SDXL file whose layout is refused (a refiner, a damaged file), with its keys and parts, instead of
+    'unknown'."""
     try:
         with open_checkpoint(info.path) as ck:
             shapes = ck.shapes()

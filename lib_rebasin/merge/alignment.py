@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from .diagnostics import Diagnostics
 from .stages import ACTIVATIONS_SHARE, sweep_progress
 
 
-def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
+def match(spec: ArchSpec[Any], parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
           opts: MergeOptions, device: torch.device, init: Perms | None,
           on_progress: Callable[[MatchProgress], None], ref_is_file: bool, checked: list[Model],
           report: Reporter | None = None) -> MatchResult:
@@ -39,7 +40,7 @@ def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: 
                            init=init, progress=on_progress, tolerance=opts.tolerance, keep=keep)
 
 
-def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_b: TensorGetter,
+def _match_activations(spec: ArchSpec[Any], groups: list, get_ref: TensorGetter, get_b: TensorGetter,
                        opts: MergeOptions, device: torch.device, on_progress: Callable[[MatchProgress], None],
                        report: Reporter | None) -> MatchResult:
     """UNet and text-encoder groups by activation matching; VAE groups (no forward pass here, and no tensor
@@ -78,7 +79,7 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
     return MatchResult(perms, sweeps, converged, reports, time.perf_counter() - start)
 
 
-def align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+def align_once(spec: ArchSpec[Any], parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
                diag: Diagnostics, checked: list[Model]) -> Perms:
     """Re-basin alignment of B onto A for any method: one weight-matching run; C later gets B's permutation.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -134,7 +135,7 @@ class Diagnostics:
 
 
 
-def accumulate_objective(acc: list[float], spec: ArchSpec, key: str, get_a: TensorGetter, get_b: TensorGetter,
+def accumulate_objective(acc: list[float], spec: ArchSpec[Any], key: str, get_a: TensorGetter, get_b: TensorGetter,
                           perms: Perms) -> None:
     """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 of one key (fp32 dot products, float64 running sums)."""
     a = get_a(key).float()

@@ -8,6 +8,8 @@ into one closed-form blend that is exactly what running them would give.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..align.permute import Perms, is_identity
@@ -25,7 +27,7 @@ from .method_blend import alpha_lookup
 from .stages import sweep_progress
 
 
-def iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+def iterated_rebasin(spec: ArchSpec[Any], parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                      get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
                      diag: Diagnostics, checked: list[Model]) -> tuple[Blend | BlockBlend, Perms]:
     """(1-a)A + a pi(B), or its iterations form; returns the final blend and the last permutation.
@@ -89,7 +91,7 @@ def iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter
     return _tracks_blend(spec, tracks, opts, device, merge=True), perms
 
 
-def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
+def _alphas_in(spec: ArchSpec[Any], parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
     """The distinct weights of B over every key of the spec (just alpha without block weights). All keys, not only
     the merged parts': a group's cost can read keys of another part (the text encoder's residual stream feeds the
     UNet's cross-attention), and the running merge must have a value for each."""
@@ -98,7 +100,7 @@ def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> li
     return sorted({opts.alpha_of(k) for k in spec.shapes if part_of(k) != "other"})
 
 
-def _tracks_blend(spec: ArchSpec, tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,
+def _tracks_blend(spec: ArchSpec[Any], tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,
                   merge: bool) -> Blend | BlockBlend:
     def blend_for(al: float) -> Blend:
         terms = tracks[al]

@@ -20,6 +20,7 @@ from ..io.precisions import PRECISIONS
 from ..methods import METHODS
 from ..options import MergeOptions
 from ..parts import PARTS, part_of
+from .legacy import check_supported as legacy_supported
 
 
 @dataclass
@@ -86,6 +87,8 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
         if not parts:
             raise RebasinError("Model A has none of the chosen parts.")
         check_compatible(ma, mb, parts)
+        if options.method == "legacy":
+            legacy_supported(ma.config)
         if options.matching == "activations":
             from ..align.activation_matching import check_supported
 

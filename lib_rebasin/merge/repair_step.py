@@ -4,6 +4,7 @@ folded into the merged tensors as they are produced (the statistics and the fold
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from .diagnostics import Diagnostics
 Corrections = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def repair_corrections(spec: ArchSpec, A: ModelInput, B: ModelInput, opts: MergeOptions,
+def repair_corrections(spec: ArchSpec[Any], A: ModelInput, B: ModelInput, opts: MergeOptions,
                        blend: Callable[[str], torch.Tensor], merged_keys: set[str], perms: Perms,
                        device: torch.device, report: Reporter, diag: Diagnostics) -> Corrections:
     """REPAIR's per-channel corrections of the merge, measured on the models as they will be written: A, B with

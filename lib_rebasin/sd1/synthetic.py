@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..arguments import check_arguments
+from ..errors import ArgumentError
 from ..io.output_file import write_safetensors
 from ..io.precisions import PRECISIONS
 from ..synthetic_weights import key_seeded_generator, random_tensor
@@ -63,6 +64,10 @@ def make_checkpoint(path: str | Path, config: SD1Config | str = "mini", seed: in
     """
     check_arguments("make_checkpoint", ("base_seed",), path=path, config=config, seed=seed, base_seed=base_seed,
                     delta=delta, precision=precision, overwrite=overwrite, extra=extra)
+    given: object = config  # `check_arguments` accepts any architecture's config
+    if not (isinstance(given, SD1Config) or (isinstance(given, str) and given in SCALES)):
+        raise ArgumentError(f"make_checkpoint: config must be an SD1Config or one of "
+                            f"{', '.join(map(repr, SCALES))}, got {config!r}.")
     cfg = SCALES[config] if isinstance(config, str) else config
     spec = build_spec(cfg)
     dtype = PRECISIONS[precision]
