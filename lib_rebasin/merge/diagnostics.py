@@ -35,7 +35,7 @@ class Diagnostics:
     dropped_from_b: int = 0
     kept_a_extra_channels: bool = False
     seconds: float = 0.0
-    blocks: list[float] | None = None                        # 26 block weights of B, if used
+    blocks: list[float] | None = None                        # block weights of B (26, or 20 for SDXL), if used
     blocks_preset: str | None = None
     aligned: bool = False                                    # re-basin alignment before another method
     baked_vae: str | None = None                             # file whose VAE was baked into the output

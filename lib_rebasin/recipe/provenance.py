@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..io.model_input import legacy_hash, merge_history
 from ..io.parsing import json_or_none
-from ..merge.block_weights import MAPPING_VERSION
+from ..merge.block_weights import convention_for
 from ..options import OPTIONS, MergeOptions
 from ..progress import Reporter
 
@@ -44,7 +44,7 @@ def recorded_options(o: MergeOptions) -> dict[str, object]:
             value = getattr(o, opt.name)
             out[opt.name] = list(value) if isinstance(value, tuple) else value
     if o.blocks is not None:
-        out["block_mapping"] = MAPPING_VERSION
+        out["block_mapping"] = convention_for(tuple(o.blocks)).version
     return out
 
 
