@@ -84,6 +84,8 @@ def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path], tmp_path
         assert seen == set(SDXL.ids)
         recipe = json.loads(out.metadata["sd_merge_recipe"])
     assert recipe["block_mapping"] == "sdxl-mbw-1" and recipe["blocks"] == list(VALUES)
+    assert any(line.startswith("Block weights (BASE, IN00-IN08, M00, OUT00-OUT08): 0, 0.05, ")
+               for line in res.diagnostics.summary_lines())
 
 
 @pytest.mark.parametrize("blocks, message", [

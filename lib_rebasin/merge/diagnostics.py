@@ -63,10 +63,11 @@ class Diagnostics:
                  + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
         if self.blocks is not None:
-            from .block_weights import BlockWeights
+            from .block_weights import BlockWeights, convention_for
 
             bw = BlockWeights(tuple(self.blocks), self.blocks_preset)
-            lines.append("Block weights (BASE, IN00-IN11, M00, OUT00-OUT11): "
+            ids = convention_for(bw.values).ids
+            lines.append(f"Block weights (BASE, IN00-{ids[len(ids) // 2 - 1]}, M00, OUT00-{ids[-1]}): "
                          + (f"{bw.preset} = " if bw.preset else "") + bw.text().replace(",", ", ") + ".")
         if self.aligned:
             lines.append("B (and C, with B's permutation) were re-basin aligned to A before the method ran.")
