@@ -119,9 +119,12 @@ def _precision(v: Any) -> str | None:
 def _config(v: Any) -> str | None:
     from .sd1.config import SD1Config
     from .sd1.synthetic import SCALES
+    from .sdxl.config import SDXLConfig
+    from .sdxl.synthetic import SCALES as SDXL_SCALES
 
-    ok = isinstance(v, SD1Config) or (isinstance(v, str) and v in SCALES)
-    return None if ok else f"an SD1Config or one of {', '.join(map(repr, SCALES))}"
+    names = dict.fromkeys([*SCALES, *SDXL_SCALES])  # a scale name's architecture is the generator's
+    ok = isinstance(v, (SD1Config, SDXLConfig)) or (isinstance(v, str) and v in names)
+    return None if ok else f"an SD1Config, an SDXLConfig or one of {', '.join(map(repr, names))}"
 
 
 _RULES: dict[str, Callable[[Any], str | None]] = {

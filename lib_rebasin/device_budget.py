@@ -30,8 +30,8 @@ from typing import TypeVar
 
 import torch
 
+from .archspec import ArchSpec, Group
 from .progress import Reporter
-from .sd1.spec import ArchSpec, Group
 
 R = TypeVar("R")
 Notify = Callable[[str], None]

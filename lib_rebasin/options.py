@@ -26,7 +26,7 @@ from .merge.block_weights import check_values
 from .messages import shown
 from .methods import ALL_PARAMS, METHODS, MethodInfo
 from .option import Option
-from .sd1.spec import PARTS
+from .parts import PARTS
 
 MATCHINGS = ("weights", "activations")
 # Each sample is one prompt denoised over several timesteps, four UNet passes per step (two models, with and
@@ -96,11 +96,12 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "again (blending shrinks them)", applies=lambda m: m.repairable, inapplicable="refuse",
            refusal="REPAIR restores the statistics of an interpolation of two models; {label} is not one (use it "
                    "with {users}).", widget="checkbox", group="advanced", recorded_when=lambda o: o.repair),
-    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11, see merge/block_weights.py);
-    # None = alpha everywhere.
+    # Block weights: 26 weights of B (BASE, IN00..IN11, M00, OUT00..OUT11) or 20 for SDXL (see
+    # merge/block_weights.py); None = alpha everywhere.
     Option("blocks", tuple, None, "Block weights",
            "block weights of B: 26 comma-separated values BASE,IN00..IN11,M00,OUT00..OUT11, 25 (UNet only; "
-           "BASE = alpha), or a preset name such as GRAD_V", applies=lambda m: m.block_weights,
+           "BASE = alpha), 20 for SDXL (BASE,IN00..IN08,M00,OUT00..OUT08), or a preset name such as GRAD_V",
+           applies=lambda m: m.block_weights,
            inapplicable="refuse", refusal="{label} reproduces a tool that had no block weights; use weighted_sum "
            "or rebasin with block weights.", optional=True, widget="text",
            recorded_when=lambda o: o.blocks is not None),

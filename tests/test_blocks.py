@@ -10,19 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_spec import SHARED_KEYS
 
-from lib_rebasin.sd1.config import SD15
-from lib_rebasin.merge.block_presets import ALIASES, PRESETS
-from lib_rebasin.merge.block_weights import BLOCK_IDS, MAPPING_VERSION, block_of, parse_blocks
-from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.options import MergeOptions
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.merge.block_presets import ALIASES, PRESETS
+from lib_rebasin.merge.block_weights import BLOCK_IDS, MAPPING_VERSION, block_of, parse_blocks
 from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.parts import part_of
 from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.recipe.run import run_recipe
-from lib_rebasin.sd1.spec import build_spec, part_of
-from test_spec import SHARED_KEYS
+from lib_rebasin.sd1.config import SD15
+from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
 

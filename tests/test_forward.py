@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import Reference, make_inputs, rel_max_error
 
 from lib_rebasin.align import activation_matching as am
+from lib_rebasin.parts import UNET
 from lib_rebasin.sd1 import forward
 from lib_rebasin.sd1.config import MINI
-from lib_rebasin.sd1.spec import TE, UNET, build_spec
+from lib_rebasin.sd1.spec import TE, build_spec
 from lib_rebasin.sd1.synthetic import synthetic_tensor
-
-from reference import Reference, make_inputs, rel_max_error
 
 TOL = 1e-5
 

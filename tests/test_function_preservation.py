@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lib_rebasin.sd1.config import MINI, SD15, SD1Config
-from lib_rebasin.align.permute import is_legal, random_legal_perm, random_perms, permute_tensor
-from lib_rebasin.sd1.spec import ArchSpec, Structure, build_spec
-from lib_rebasin.sd1.synthetic import synthetic_tensor
-
 from reference import Inputs, Reference, make_inputs, rel_max_error
+
+from lib_rebasin.align.permute import is_legal, permute_tensor, random_legal_perm, random_perms
+from lib_rebasin.archspec import ArchSpec, Structure
+from lib_rebasin.sd1.config import MINI, SD15, SD1Config
+from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.sd1.synthetic import synthetic_tensor
 
 TOL = 1e-4
 # A negative control must miss the tolerance by far (legal permutations stay near 1e-6), not by noise.

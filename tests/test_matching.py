@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import MINI
 from lib_rebasin.align.assignment import row_argmax_certificate, solve
-from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.align.weight_matching import weight_matching
 from lib_rebasin.align.permute import inverse, is_identity, is_legal, permute_tensor, random_legal_perm
-from lib_rebasin.sd1.spec import Structure, build_spec
+from lib_rebasin.align.weight_matching import weight_matching
+from lib_rebasin.archspec import Structure
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.sd1.config import MINI
+from lib_rebasin.sd1.spec import build_spec
 
 
 @pytest.mark.parametrize("structure", [
@@ -152,7 +153,7 @@ def test_partial_certificate_proves_the_same_base_identity(models: dict[str, Pat
 def test_partial_certificate_is_sound_on_random_matrices() -> None:
     """Wherever the proof holds, the exact (float64) row-argmax is the current permutation."""
     from lib_rebasin.align.partial_certificate import prove_current
-    from lib_rebasin.sd1.spec import Group, Slot
+    from lib_rebasin.archspec import Group, Slot
 
     gen = torch.Generator().manual_seed(0)
     proven = 0

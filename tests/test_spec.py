@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from lib_rebasin.archspec import Structure
+from lib_rebasin.parts import part_of
 from lib_rebasin.sd1.config import MINI, SD15
-from lib_rebasin.sd1.spec import Structure, build_spec, part_of
+from lib_rebasin.sd1.spec import build_spec
 
 SHARED_KEYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sd1-ldm-keys.yaml"
 

@@ -12,13 +12,22 @@ from collections import defaultdict
 import torch
 
 from lib_rebasin.align import activation_matching as am
-from lib_rebasin.sd1.forward import channels_last
 from lib_rebasin.align.permute import Perms
-from lib_rebasin.sd1.spec import ArchSpec, build_spec
+from lib_rebasin.archspec import ArchSpec
+from lib_rebasin.sd1.forward import channels_last
+from lib_rebasin.sd1.spec import build_spec
 
 from . import data, diffusion
-from .layout import NULL_CLASS, TE_PREFIX, UNET_PREFIX, class_tokens, load_unet, sd_config, \
-    text_encoder_from_ldm, unet_key_map
+from .layout import (
+    NULL_CLASS,
+    TE_PREFIX,
+    UNET_PREFIX,
+    class_tokens,
+    load_unet,
+    sd_config,
+    text_encoder_from_ldm,
+    unet_key_map,
+)
 
 MATCH_TIMESTEPS = (100, 300, 500, 700, 900)
 

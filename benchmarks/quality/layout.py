@@ -27,9 +27,10 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+from lib_rebasin.parts import part_of  # noqa: E402
 from lib_rebasin.sd1.config import SD15, SD1Config  # noqa: E402
-from lib_rebasin.sd1.spec import build_spec, part_of  # noqa: E402
-from lib_rebasin.sd1.synthetic import random_tensor  # noqa: E402
+from lib_rebasin.sd1.spec import build_spec  # noqa: E402
+from lib_rebasin.synthetic_weights import random_tensor  # noqa: E402
 
 UNET_PREFIX = "model.diffusion_model."
 TE_PREFIX = "cond_stage_model.transformer.text_model."

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from lib_rebasin.align.activation_matching import correlations, match
 from lib_rebasin.align.assignment import lap, solve
-from lib_rebasin.sd1.spec import Group, Structure, build_spec
+from lib_rebasin.archspec import Group, Structure
+from lib_rebasin.sd1.spec import build_spec
 
 from .activations import permuted_copy
 from .evaluate import Model, eval_set, heldout_loss

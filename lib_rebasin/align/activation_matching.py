@@ -16,20 +16,23 @@ group's q/k sites carry its first half, its v sites the second). The permutation
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
+from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
+from ..io.model_input import ModelConfig, architecture_of
+from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
 from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
-from ..sd1.spec import ArchSpec, Group, Slot, part_of
 from .assignment import row_argmax_certificate, solve
 from .permute import Perms
 
 
-def sites(spec: ArchSpec, group: Group) -> list[Slot]:
+def sites(spec: ArchSpec[Any], group: Group) -> list[Slot]:
     """The layer outputs that carry `group`'s units: its slots on the output axis of a >= 2-D weight."""
     return [s for s in group.slots if s.axis == 0 and len(spec.shapes[s.key]) >= 2]
 
@@ -103,18 +106,24 @@ Progress = Callable[[float, str], None]  # (fraction of the matching done, what 
 _ASSIGN_SHARE = 0.3
 
 
-def needs_forward(spec: ArchSpec, groups: Iterable[Group]) -> tuple[bool, bool]:
+def needs_forward(spec: ArchSpec[Any], groups: Iterable[Group]) -> tuple[bool, bool]:
     """Whether the text encoder / the UNet must run to observe these groups' sites."""
     keys = [s.key for g in groups for s in sites(spec, g)]
     return any(part_of(k) == "te" for k in keys), any(part_of(k) == "unet" for k in keys)
 
 
-def check_supported(a: SD1Config, b: SD1Config) -> None:
-    forward.check_plain_unets(a, b, "Activation matching", "Use matching = weights for it.")
+def check_supported(a: ModelConfig, b: ModelConfig) -> None:
+    if isinstance(a, SD1Config) and isinstance(b, SD1Config):
+        forward.check_plain_unets(a, b, "Activation matching", "Use matching = weights for it.")
+        return
+    # Never approximated with the SD 1.x forward pass on another architecture.
+    label, other = ("A", a) if not isinstance(a, SD1Config) else ("B", b)
+    raise RebasinError(f"Activation matching runs the SD 1.x forward pass and is not available for "
+                       f"{architecture_of(other)} (model {label}). Use matching = weights for it.")
 
 
 @torch.no_grad()
-def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                         samples: int, seed: int, device: torch.device = torch.device("cpu"),
                         progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> Perms:
     """Permutations of B onto A from their activations on the same inputs (`activation_inputs`)."""
@@ -130,7 +139,7 @@ def activation_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGe
 
 
 @torch.no_grad()
-def correlations(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                  samples: int, seed: int, device: torch.device = torch.device("cpu"),
                  progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> dict[str, Correlation]:
     """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..sd1.spec import Structure
+from ..archspec import Structure
 from .permute import is_legal
 
 

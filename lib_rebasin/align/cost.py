@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sd1.spec import ArchSpec, Group, Slot
+from ..archspec import ArchSpec, Group, Slot
 from .permute import Perms, axis_index
 
 TensorGetter = Callable[[str], torch.Tensor]

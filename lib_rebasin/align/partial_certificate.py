@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sd1.spec import ArchSpec, Group
+from ..archspec import ArchSpec, Group
 from .cost import empty_cost, other_axes_permuted, unit_rows, window
 from .permute import Perms
 

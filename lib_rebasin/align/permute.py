@@ -7,15 +7,16 @@ A permutation of a group is a 1-D LongTensor `perm` with `new[i] = old[perm[i]]`
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from ..sd1.spec import ArchSpec, Group, Structure
+from ..archspec import ArchSpec, Group, Structure
 
 Perms = dict[str, torch.Tensor]
 
 
-def axis_index(spec: ArchSpec, key: str, axis: int, perms: Perms) -> torch.Tensor | None:
+def axis_index(spec: ArchSpec[Any], key: str, axis: int, perms: Perms) -> torch.Tensor | None:
     """The full index vector for one axis of `key`, or None when that axis is not permuted."""
     layout = spec.axes.get(key, {}).get(axis)
     if not layout or not any(name in perms for name, *_ in layout):
@@ -31,7 +32,7 @@ def axis_index(spec: ArchSpec, key: str, axis: int, perms: Perms) -> torch.Tenso
     return torch.cat(pieces)
 
 
-def permute_tensor(spec: ArchSpec, key: str, tensor: torch.Tensor, perms: Perms) -> torch.Tensor:
+def permute_tensor(spec: ArchSpec[Any], key: str, tensor: torch.Tensor, perms: Perms) -> torch.Tensor:
     """Return `tensor` (the value of `key`) with every permuted axis re-indexed; unchanged if none is."""
     for axis in spec.axes.get(key, {}):
         idx = axis_index(spec, key, axis, perms)

@@ -25,15 +25,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..archspec import ArchSpec
 from ..errors import RebasinError
+from ..io.model_input import ModelConfig, architecture_of
+from ..parts import UNET, part_of
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
 from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
-from ..sd1.spec import UNET, ArchSpec, part_of
 
 EPS = 1e-6
 
@@ -117,7 +120,7 @@ SITE = re.compile(r"(^input_blocks\.0\.0|\.out_layers\.3|\.skip_connection|\.pro
                   r"\.ff\.net\.2|\.op|\.\d+\.conv|^out\.2)$")
 
 
-def sites(spec: ArchSpec) -> list[str]:
+def sites(spec: ArchSpec[Any]) -> list[str]:
     """The layers (checkpoint keys without `.weight`) REPAIR corrects, in the spec's key order."""
     out = []
     for key in spec.shapes:
@@ -128,8 +131,14 @@ def sites(spec: ArchSpec) -> list[str]:
     return out
 
 
-def check_supported(a: SD1Config, b: SD1Config) -> None:
-    forward.check_plain_unets(a, b, "REPAIR", "Merge it without REPAIR.")
+def check_supported(a: ModelConfig, b: ModelConfig) -> None:
+    if isinstance(a, SD1Config) and isinstance(b, SD1Config):
+        forward.check_plain_unets(a, b, "REPAIR", "Merge it without REPAIR.")
+        return
+    # Never approximated with the SD 1.x forward pass on another architecture.
+    label, other = ("A", a) if not isinstance(a, SD1Config) else ("B", b)
+    raise RebasinError(f"REPAIR runs the SD 1.x forward pass and is not available for {architecture_of(other)} "
+                       f"(model {label}). Merge it without REPAIR.")
 
 
 @dataclass(frozen=True)
@@ -213,7 +222,7 @@ Progress = Callable[[float, str], None]
 _PASS = 0.25
 
 
-def corrections(spec: ArchSpec, get_a: TensorGetter, get_b_aligned: TensorGetter, get_merge: TensorGetter,
+def corrections(spec: ArchSpec[Any], get_a: TensorGetter, get_b_aligned: TensorGetter, get_merge: TensorGetter,
                 alpha_of: Callable[[str], float], *, samples: int, seed: int,
                 device: torch.device = torch.device("cpu"), progress: Progress | None = None,
                 latent_size: int = inputs.LATENT_SIZE) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -16,11 +16,12 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..archspec import ArchSpec, Group, Structure
 from ..errors import Cancelled
-from ..sd1.spec import ArchSpec, Group, Structure
 from .assignment import row_argmax_certificate, solve
 from .cost import cost_matrix, empty_cost, other_axes_permuted, unit_rows, window
 from .partial_certificate import PROBE, prove_current
@@ -109,7 +110,7 @@ _FP32_ACC = 6.1e-8
 _MARGIN = 1.25
 
 
-def screened_cost_matrix(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
+def screened_cost_matrix(spec: ArchSpec[Any], group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A fast bf16 estimate of the cost matrix and a rigorous bound on its error (both fp32).
 
@@ -163,7 +164,7 @@ def bf16_is_fast(device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
+def _dependents(spec: ArchSpec[Any], groups: list[Group]) -> dict[str, set[str]]:
     """group -> the matched groups whose cost matrices read its permutation (they share a tensor, other axis)."""
     names = {g.name for g in groups}
     on_key: dict[str, list[tuple[int, str]]] = {}
@@ -183,7 +184,7 @@ def _dependents(spec: ArchSpec, groups: list[Group]) -> dict[str, set[str]]:
     return out
 
 
-def weight_matching(spec: ArchSpec, groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
+def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                     seed: int = 0, max_sweeps: int = 100, device: str | torch.device = "cpu",
                     init: Perms | None = None, progress: Callable[[MatchProgress], None] | None = None,
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,

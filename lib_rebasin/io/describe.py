@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..arguments import check_arguments
 from ..errors import RebasinError
-from ..sd1.spec import part_of
+from ..parts import part_of
+from ..sdxl import config as sdxl
+from .checkpoint import open_checkpoint
 from .model_input import open_model
 
 
@@ -46,9 +48,31 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     try:
         model = open_model(p, "file")
     except RebasinError as e:
-        return CheckpointInfo(p, "unknown", False, str(e).removeprefix("Model file "), size_bytes=size)
+        info = CheckpointInfo(p, "unknown", False, str(e).removeprefix("Model file "), size_bytes=size)
+        _describe_sdxl(info)
+        return info
     with model.ckpt as ck:
         dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in ck.infos.values())
         parts = Counter(map(part_of, ck))
         return CheckpointInfo(p, model.config.describe(), True, None, dtypes.most_common(1)[0][0], len(ck),
                               size, dict(sorted(parts.items())), sorted(ck.metadata))
+
+
+def _describe_sdxl(info: CheckpointInfo) -> None:
+    """Name an SDXL file whose layout is refused (a refiner, a damaged file), with its keys and parts, instead of
+    'unknown'."""
+    try:
+        with open_checkpoint(info.path) as ck:
+            shapes = ck.shapes()
+            if not sdxl.is_sdxl(shapes):
+                return
+            try:
+                info.arch = sdxl.detect(shapes).describe()
+            except RebasinError:
+                info.arch = "SDXL (unrecognised layout)"
+            dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in ck.infos.values())
+            info.dtype, info.n_keys = dtypes.most_common(1)[0][0], len(ck)
+            info.parts = dict(sorted(Counter(map(part_of, ck)).items()))
+            info.metadata_keys = sorted(ck.metadata)
+    except RebasinError:
+        return

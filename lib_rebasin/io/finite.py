@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ..errors import NonFiniteWeightsError
-from ..sd1.spec import part_of
+from ..parts import part_of
 
 TensorGetter = Callable[[str], torch.Tensor]
 

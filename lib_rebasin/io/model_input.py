@@ -11,23 +11,37 @@ import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
+from ..archspec import ArchSpec
 from ..errors import IncompatibleModelsError, RebasinError, UnsupportedModelError
-from ..sd1.config import SD1Config, check_layout, detect
-from ..sd1.spec import ArchSpec, build_spec, part_of
+from ..parts import part_of
+from ..sd1 import config as sd1
+from ..sd1 import spec as sd1_spec
+from ..sd1.config import SD1Config
+from ..sdxl import config as sdxl
+from ..sdxl import spec as sdxl_spec
+from ..sdxl.config import SDXLConfig
 from .checkpoint import Checkpoint, open_checkpoint
 from .input_file import HashProgress
 from .parsing import json_or_none
 
-_SPECS: dict[SD1Config, ArchSpec] = {}
+# The config of any architecture a merge takes; its type is the architecture (`architecture_of`).
+ModelConfig = SD1Config | SDXLConfig
+_SPECS: dict[ModelConfig, ArchSpec[Any]] = {}
 
 
-def spec_for(config: SD1Config) -> ArchSpec:
-    """The permutation spec of a config (built once per process)."""
+def spec_for(config: ModelConfig) -> ArchSpec[Any]:
+    """The permutation spec of a config, from its architecture's walker (built once per process)."""
     if config not in _SPECS:
-        _SPECS[config] = build_spec(config)
+        _SPECS[config] = (sdxl_spec.build_spec(config) if isinstance(config, SDXLConfig)
+                          else sd1_spec.build_spec(config))
     return _SPECS[config]
+
+
+def architecture_of(config: ModelConfig) -> str:
+    """The architecture's name in a sentence and in metadata: "SD 1.x" or "SDXL"."""
+    return "SDXL" if isinstance(config, SDXLConfig) else "SD 1.x"
 
 
 # A model given to a merge: a file path, or an already open (possibly in-memory) checkpoint.
@@ -38,7 +52,7 @@ Source = Union[str, "os.PathLike[str]", Checkpoint]
 class ModelInput:
     label: str            # "A", "B", "C"
     ckpt: Checkpoint
-    config: SD1Config
+    config: ModelConfig
     parts: set[str] = field(default_factory=set)
     owned: bool = True    # opened here (closed with the merge) or handed in by the caller
 
@@ -60,8 +74,12 @@ class ModelInput:
             self.ckpt.close()
 
     @property
-    def spec(self) -> ArchSpec:
+    def spec(self) -> ArchSpec[Any]:
         return spec_for(self.config)
+
+    @property
+    def architecture(self) -> str:
+        return architecture_of(self.config)
 
 
 def open_model(path: Source, label: str) -> ModelInput:
@@ -71,9 +89,14 @@ def open_model(path: Source, label: str) -> ModelInput:
         ckpt, owned = open_checkpoint(path), True
     try:
         shapes = ckpt.shapes()
-        config = detect(shapes)
         has_vae = any(part_of(k) == "vae" for k in shapes)
-        check_layout(config, shapes, has_vae=has_vae)
+        config: ModelConfig
+        if sdxl.is_sdxl(shapes):
+            config = sdxl.detect(shapes)
+            sdxl.check_layout(config, shapes, has_vae=has_vae)
+        else:
+            config = sd1.detect(shapes)
+            sd1.check_layout(config, shapes, has_vae=has_vae)
         check_float_weights(ckpt, spec_for(config))
     except RebasinError as e:
         if owned:
@@ -83,7 +106,7 @@ def open_model(path: Source, label: str) -> ModelInput:
     return ModelInput(label, ckpt, config, parts, owned)
 
 
-def check_float_weights(ckpt: Checkpoint, spec: ArchSpec) -> None:
+def check_float_weights(ckpt: Checkpoint, spec: ArchSpec[Any]) -> None:
     """Refuse integer or bool tensors where the SD layout has weights (headers only): they cannot be blended, and
     copying them would put integers where every host expects floats."""
     bad = [k for k, info in ckpt.infos.items()
@@ -119,8 +142,12 @@ def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...
     plain B), handled like the WebUI's merger: the extra input channels keep A's weights.
     """
     fa, fb = first.config, other.config
+    if type(fa) is not type(fb):
+        raise IncompatibleModelsError(
+            f"Model {first.label} is {architecture_of(fa)} but model {other.label} is {architecture_of(fb)}; "
+            "models of different architectures cannot be merged.")
     if "vae" not in parts or "vae" not in first.parts or "vae" not in other.parts:
-        # A model without a VAE gets SD 1.5's VAE width from `detect`; with no VAE to blend, it cannot differ.
+        # A model without a VAE gets the default VAE width from `detect`; with no VAE to blend, it cannot differ.
         fb = replace(fb, vae_channels=fa.vae_channels, vae_mult=fa.vae_mult, vae_res_blocks=fa.vae_res_blocks,
                      vae_z=fa.vae_z)
     if fa != fb:

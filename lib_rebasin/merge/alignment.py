@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..align.permute import Perms, is_identity
 from ..align.weight_matching import GroupReport, MatchProgress, MatchResult, TensorGetter, weight_matching
+from ..archspec import ArchSpec
 from ..device_budget import activations_need, budget_for, matching_keep, matching_need
 from ..io.finite import Model, guard_getter
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
 from ..progress import Reporter
 from ..sd1.activation_inputs import LATENT_SIZE
-from ..sd1.spec import ArchSpec
 from .blend import shared_window
 from .diagnostics import Diagnostics
 from .first_match import FirstMatch, first_match
 from .stages import ACTIVATIONS_SHARE, sweep_progress
 
 
-def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
+def match(spec: ArchSpec[Any], parts: tuple[str, ...], get_ref: TensorGetter, get_b: TensorGetter,
           opts: MergeOptions, device: torch.device, init: Perms | None,
           on_progress: Callable[[MatchProgress], None], ref_is_file: bool, checked: list[Model],
           report: Reporter | None = None) -> MatchResult:
@@ -47,7 +48,7 @@ def match(spec: ArchSpec, parts: tuple[str, ...], get_ref: TensorGetter, get_b: 
     return budget.run("weight matching", visit_need, run)
 
 
-def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_b: TensorGetter,
+def _match_activations(spec: ArchSpec[Any], groups: list, get_ref: TensorGetter, get_b: TensorGetter,
                        opts: MergeOptions, device: torch.device, on_progress: Callable[[MatchProgress], None],
                        report: Reporter | None) -> MatchResult:
     """UNet and text-encoder groups by activation matching; VAE groups (no forward pass here, and no tensor
@@ -90,7 +91,7 @@ def _match_activations(spec: ArchSpec, groups: list, get_ref: TensorGetter, get_
     return MatchResult(perms, sweeps, converged, reports, time.perf_counter() - start)
 
 
-def align_once(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+def align_once(spec: ArchSpec[Any], parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
                diag: Diagnostics, checked: list[Model], first: FirstMatch | None = None) -> Perms:
     """Re-basin alignment of B onto A for any method: one weight-matching run (shared through `first` by a sweep's

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..arguments import check_arguments
 from ..io.model_input import ModelInput
-from ..sd1.spec import ArchSpec
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Term:
 class Blend:
     """A lazily evaluated linear combination sum_i w_i * perm_i(model_i), in fp32, key by key."""
 
-    def __init__(self, spec: ArchSpec, terms: list[Term], device: torch.device) -> None:
+    def __init__(self, spec: ArchSpec[Any], terms: list[Term], device: torch.device) -> None:
         self.spec, self.terms, self.device = spec, terms, device
 
     def __call__(self, key: str, observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None,
@@ -118,7 +119,7 @@ class KeyFunctionBlend:
     """A non-linear method: its per-key function (methods.py) over the fp32 A, B, C of each key, B and C permuted
     by `perms` (re-basin alignment), with the key's alpha and its own seeded generator."""
 
-    def __init__(self, spec: ArchSpec, fn: Callable[..., torch.Tensor], get_a: TensorGetter, get_b: TensorGetter,
+    def __init__(self, spec: ArchSpec[Any], fn: Callable[..., torch.Tensor], get_a: TensorGetter, get_b: TensorGetter,
                  get_c: TensorGetter | None, perms: Perms, alpha_of: Callable[[str], float],
                  params: dict[str, object], seed: int, device: torch.device) -> None:
         self.spec, self.fn, self.perms, self.device = spec, fn, perms, device

@@ -1,4 +1,5 @@
-"""Block weights (MBW): a per-block alpha, in the 26-value convention every SD 1.x merge tab uses.
+"""Block weights (MBW): a per-block alpha, in the 26-value convention every SD 1.x merge tab uses and the 20-value
+one SDXL mixers use.
 
 The string is `BASE,IN00,...,IN11,M00,OUT00,...,OUT11`, each value model B's weight in that block. kohya / bbc-mc's
 original form has the 25 UNet values only, plus a separate base alpha: 25 values are accepted and BASE is then the
@@ -13,6 +14,14 @@ Which block a key belongs to is written down once, as data (`RULES`), and applie
 - `out.*` (the final GroupNorm and conv) follows OUT11 (all of bbc-mc, sd-meh, SuperMerger, sd-mecha);
 - the text encoder follows BASE, and so does the VAE (bbc-mc, sd-meh and SuperMerger's weighted sum do the same;
   Model Mixer keeps A's VAE). `--parts` still decides whether the VAE is merged at all.
+
+SDXL (`SDXL`, recorded as `sdxl-mbw-1`): 20 values `BASE,IN00..IN08,M00,OUT00..OUT08`, the blocks of SuperMerger's
+XL list, the civitai SDXL block guides and sd-mecha's `sdxl-supermerger_blocks`. Its key mapping follows sd-mecha's
+`convert_sdxl_blocks_to_sgm`: `time_embed.*` and `label_emb.*` follow BASE (they come before the input blocks),
+`out.*` follows OUT08, both text encoders follow BASE; the VAE follows BASE too, as in our SD 1.x convention (sd-mecha
+gives it a 21st `VAE` value). The named presets are curves over SD 1.x's 26 blocks; SDXL has fewer blocks at other
+depths, so no preset is carried over: a preset given for an SDXL pair is refused in one line. The count tells the
+conventions apart, and a merge refuses a count that is not its architecture's before any work.
 """
 
 from __future__ import annotations
@@ -20,39 +29,91 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..arguments import check_arguments, is_finite_number
 from ..errors import FieldError
 from ..messages import shown
 from .block_presets import ALIASES, PRESETS
 
-BLOCK_IDS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
-MAPPING_VERSION = "sd1-mbw-1"
 
-# (key pattern, block). The first match wins; `{n}` is the block's number in the key.
-RULES: tuple[tuple[str, str], ...] = (
-    (r"model\.diffusion_model\.time_embed\.", "IN00"),
-    (r"model\.diffusion_model\.input_blocks\.(?P<n>\d+)\.", "IN{n:02d}"),
-    (r"model\.diffusion_model\.middle_block\.", "M00"),
-    (r"model\.diffusion_model\.output_blocks\.(?P<n>\d+)\.", "OUT{n:02d}"),
-    (r"model\.diffusion_model\.out\.", "OUT11"),
+def _block_ids(blocks: int) -> tuple[str, ...]:
+    return ("BASE", *(f"IN{i:02d}" for i in range(blocks)), "M00", *(f"OUT{i:02d}" for i in range(blocks)))
+
+
+@dataclass(frozen=True)
+class BlockConvention:
+    """One architecture's block list and which block each key follows: (key pattern, block) rules, the first match
+    winning, `{n}` the block's number in the key."""
+
+    architecture: str
+    ids: tuple[str, ...]
+    rules: tuple[tuple[str, str], ...]
+    version: str                        # recorded in the output's metadata
+
+    @cached_property
+    def _compiled(self) -> tuple[tuple[re.Pattern[str], str], ...]:
+        return tuple((re.compile(p), b) for p, b in self.rules)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {b: i for i, b in enumerate(self.ids)}
+
+    def block_of(self, key: str) -> str | None:
+        """The block a checkpoint key's weight comes from, or None for keys outside the model (buffers, EMA)."""
+        for pattern, block in self._compiled:
+            m = pattern.match(key)
+            if m:
+                name = block.format(n=int(m.group("n"))) if "n" in pattern.groupindex else block
+                return name if name in self.index else None
+        return None
+
+    def listing(self) -> str:
+        return f"{self.ids[0]},{self.ids[1]}..{self.ids[len(self.ids) // 2 - 1]},M00,OUT00..{self.ids[-1]}"
+
+
+_UNET = r"model\.diffusion_model\."
+SD1 = BlockConvention("SD 1.x", _block_ids(12), (
+    (_UNET + r"time_embed\.", "IN00"),
+    (_UNET + r"input_blocks\.(?P<n>\d+)\.", "IN{n:02d}"),
+    (_UNET + r"middle_block\.", "M00"),
+    (_UNET + r"output_blocks\.(?P<n>\d+)\.", "OUT{n:02d}"),
+    (_UNET + r"out\.", "OUT11"),
     (r"cond_stage_model\.", "BASE"),
     (r"first_stage_model\.", "BASE"),
-)
-_COMPILED = tuple((re.compile(p), b) for p, b in RULES)
+), "sd1-mbw-1")
+SDXL = BlockConvention("SDXL", _block_ids(9), (
+    (_UNET + r"(time_embed|label_emb)\.", "BASE"),
+    (_UNET + r"input_blocks\.(?P<n>\d+)\.", "IN{n:02d}"),
+    (_UNET + r"middle_block\.", "M00"),
+    (_UNET + r"output_blocks\.(?P<n>\d+)\.", "OUT{n:02d}"),
+    (_UNET + r"out\.", "OUT08"),
+    (r"conditioner\.embedders\.", "BASE"),
+    (r"first_stage_model\.", "BASE"),
+), "sdxl-mbw-1")
+CONVENTIONS = {c.architecture: c for c in (SD1, SDXL)}
+_BY_COUNT = {len(c.ids): c for c in (SD1, SDXL)}
+
+# The SD 1.x convention under its long-standing names.
+BLOCK_IDS, RULES, MAPPING_VERSION, BLOCK_INDEX = SD1.ids, SD1.rules, SD1.version, SD1.index
+block_of = SD1.block_of
 
 
-def block_of(key: str) -> str | None:
-    """The block a checkpoint key's weight comes from, or None for keys outside the model (buffers, EMA)."""
-    for pattern, block in _COMPILED:
-        m = pattern.match(key)
-        if m:
-            name = block.format(n=int(m.group("n"))) if "n" in pattern.groupindex else block
-            return name if name in BLOCK_INDEX else None
-    return None
+def convention_for(values: tuple[float, ...]) -> BlockConvention:
+    """The convention a list of block weights is in (told apart by its count, checked by `check_values`)."""
+    return _BY_COUNT[len(values)]
 
 
-BLOCK_INDEX = {b: i for i, b in enumerate(BLOCK_IDS)}
+def check_architecture(architecture: str, values: tuple[float, ...], preset: str | None) -> None:
+    """Refuse, in one line, block weights that are not in the merged architecture's convention."""
+    want = CONVENTIONS[architecture]
+    if preset is not None and want is not SD1:
+        raise FieldError("blocks", f"Block-weight presets such as {preset} are curves over SD 1.x's 26 blocks and "
+                                   f"have no {architecture} meaning; give {len(want.ids)} values "
+                                   f"({want.listing()}).")
+    if len(values) != len(want.ids):
+        raise FieldError("blocks", f"Block weights for {architecture} need {len(want.ids)} values "
+                                   f"({want.listing()}); got {len(values)}.")
 
 
 def preset_name(name: str) -> str | None:
@@ -65,12 +126,13 @@ def preset_name(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class BlockWeights:
-    values: tuple[float, ...]          # 26 weights of B, in BLOCK_IDS order
+    values: tuple[float, ...]          # weights of B in a convention's block order (26: SD 1.x, 20: SDXL)
     preset: str | None = None          # the preset they came from, if any
 
     def alpha_of(self, key: str, default: float) -> float:
-        block = block_of(key)
-        return default if block is None else self.values[BLOCK_INDEX[block]]
+        convention = convention_for(self.values)
+        block = convention.block_of(key)
+        return default if block is None else self.values[convention.index[block]]
 
     def text(self) -> str:
         return ",".join(format_value(v) for v in self.values)
@@ -84,7 +146,8 @@ def format_value(v: float) -> str:
 
 
 def parse_blocks(text: str, alpha: float) -> BlockWeights:
-    """26 values, 25 UNet values (then BASE = alpha), or a preset name; else a one-line FieldError on `blocks`."""
+    """26 values, 25 UNet values (then BASE = alpha), 20 (SDXL) or a preset name; else a one-line FieldError on
+    `blocks`."""
     check_arguments("parse_blocks", text=text)
     raw = text.strip()
     if not raw:
@@ -100,21 +163,22 @@ def parse_blocks(text: str, alpha: float) -> BlockWeights:
     for i, p in enumerate(parts):
         if not _is_number(p):
             raise FieldError("blocks", f"Block weight {i + 1} ('{p}') is not a number; give 26 comma-separated "
-                                       "values (BASE,IN00..IN11,M00,OUT00..OUT11), 25, or a preset name.")
+                                       "values (BASE,IN00..IN11,M00,OUT00..OUT11), 25, 20 for SDXL, or a preset "
+                                       "name.")
         values.append(float(p))
     if len(values) == 25:
         check_arguments("parse_blocks", alpha=alpha)  # only 25 values use it, as BASE
         values = [float(alpha), *values]
-    if len(values) != 26:
+    if len(values) not in _BY_COUNT:
         raise FieldError("blocks", f"Block weights need 26 values (BASE,IN00..IN11,M00,OUT00..OUT11) or 25 (UNet "
-                                   f"only, BASE = alpha); got {len(values)}.")
+                                   f"only, BASE = alpha), or 20 for SDXL ({SDXL.listing()}); got {len(values)}.")
     return BlockWeights(tuple(values))
 
 
 def check_values(values: tuple[float, ...], bounded: bool) -> None:
-    if len(values) != 26:
-        raise FieldError("blocks", f"Block weights need 26 values, got {len(values)}.")
-    for block, v in zip(BLOCK_IDS, values, strict=True):
+    if len(values) not in _BY_COUNT:
+        raise FieldError("blocks", f"Block weights need 26 values (SD 1.x) or 20 (SDXL), got {len(values)}.")
+    for block, v in zip(convention_for(values).ids, values, strict=True):
         if not is_finite_number(v):
             raise FieldError("blocks", f"Block weight {block} must be a finite number, got {shown(v)}.")
         if bounded and not 0.0 <= v <= 1.0:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..methods import METHODS
-from ..sd1.spec import PART_NAMES, ArchSpec
+from ..parts import PART_NAMES
 
 
 @dataclass
@@ -33,7 +35,7 @@ class Diagnostics:
     dropped_from_b: int = 0
     kept_a_extra_channels: bool = False
     seconds: float = 0.0
-    blocks: list[float] | None = None                        # 26 block weights of B, if used
+    blocks: list[float] | None = None                        # block weights of B (26, or 20 for SDXL), if used
     blocks_preset: str | None = None
     aligned: bool = False                                    # re-basin alignment before another method
     baked_vae: str | None = None                             # file whose VAE was baked into the output
@@ -61,10 +63,11 @@ class Diagnostics:
                  + (f", {self.iterations} iterations" if iterated else "")
                  + f"; parts: {', '.join(PART_NAMES[p] for p in self.parts)}."]
         if self.blocks is not None:
-            from .block_weights import BlockWeights
+            from .block_weights import BlockWeights, convention_for
 
             bw = BlockWeights(tuple(self.blocks), self.blocks_preset)
-            lines.append("Block weights (BASE, IN00-IN11, M00, OUT00-OUT11): "
+            ids = convention_for(bw.values).ids
+            lines.append(f"Block weights (BASE, IN00-{ids[len(ids) // 2 - 1]}, M00, OUT00-{ids[-1]}): "
                          + (f"{bw.preset} = " if bw.preset else "") + bw.text().replace(",", ", ") + ".")
         if self.aligned:
             lines.append("B (and C, with B's permutation) were re-basin aligned to A before the method ran.")
@@ -133,7 +136,7 @@ class Diagnostics:
 
 
 
-def accumulate_objective(acc: list[float], spec: ArchSpec, key: str, get_a: TensorGetter, get_b: TensorGetter,
+def accumulate_objective(acc: list[float], spec: ArchSpec[Any], key: str, get_a: TensorGetter, get_b: TensorGetter,
                           perms: Perms) -> None:
     """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 of one key (fp32 dot products, float64 running sums)."""
     a = get_a(key).float()

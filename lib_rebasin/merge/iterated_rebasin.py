@@ -9,16 +9,18 @@ into one closed-form blend that is exactly what running them would give.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 
 from ..align.permute import Perms, is_identity
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..io.finite import Model
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
+from ..parts import part_of
 from ..progress import Reporter
-from ..sd1.spec import ArchSpec, part_of
 from .alignment import match, record_moves
 from .blend import Blend, BlockBlend, Term, merge_equal_terms, shared_window, telescoping_schedule
 from .diagnostics import Diagnostics
@@ -27,7 +29,7 @@ from .method_blend import alpha_lookup
 from .stages import sweep_progress
 
 
-def iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
+def iterated_rebasin(spec: ArchSpec[Any], parts: tuple[str, ...], get_a: TensorGetter, get_b: TensorGetter,
                      get_b_like: ModelInput, opts: MergeOptions, device: torch.device, report: Reporter,
                      diag: Diagnostics, checked: list[Model],
                      first: FirstMatch | None = None) -> tuple[Blend | BlockBlend, Perms]:
@@ -94,7 +96,7 @@ def iterated_rebasin(spec: ArchSpec, parts: tuple[str, ...], get_a: TensorGetter
     return _tracks_blend(spec, tracks, opts, device, merge=True), perms
 
 
-def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
+def _alphas_in(spec: ArchSpec[Any], parts: tuple[str, ...], opts: MergeOptions) -> list[float]:
     """The distinct weights of B over every key of the spec (just alpha without block weights). All keys, not only
     the merged parts': a group's cost can read keys of another part (the text encoder's residual stream feeds the
     UNet's cross-attention), and the running merge must have a value for each."""
@@ -103,7 +105,7 @@ def _alphas_in(spec: ArchSpec, parts: tuple[str, ...], opts: MergeOptions) -> li
     return sorted({opts.alpha_of(k) for k in spec.shapes if part_of(k) != "other"})
 
 
-def _tracks_blend(spec: ArchSpec, tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,
+def _tracks_blend(spec: ArchSpec[Any], tracks: dict[float, list[Term]], opts: MergeOptions, device: torch.device,
                   merge: bool) -> Blend | BlockBlend:
     def blend_for(al: float) -> Blend:
         terms = tracks[al]

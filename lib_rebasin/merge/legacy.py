@@ -63,6 +63,8 @@ from scipy.optimize import linear_sum_assignment
 
 from ..arguments import check_arguments
 from ..errors import IncompatibleModelsError, RebasinError
+from ..io.model_input import ModelConfig, architecture_of
+from ..sd1.config import SD1Config
 
 # (weight key, bias key) of the three GroupNorms the tool re-matches: UNet `out.0` (P_bg324 in its spec),
 # VAE `encoder.norm_out` (P_bg337) and `decoder.norm_out` (P_bg358).
@@ -77,6 +79,14 @@ _POOL = ThreadPoolExecutor(max_workers=min(len(SPECIAL_GROUPS), os.cpu_count() o
 
 Action = Literal["special", "weighted_sum", "copy_a", "drop"]
 Getter = Callable[[str], torch.Tensor]
+
+
+def check_supported(config: ModelConfig) -> None:
+    """The tool this mode reproduces merges SD 1.x only: for another architecture there is nothing to be
+    compatible with, so it is refused rather than run on a layout the tool never saw."""
+    if not isinstance(config, SD1Config):
+        raise RebasinError(f"Legacy mode reproduces an SD 1.x-only tool and is not available for "
+                           f"{architecture_of(config)}; use weighted sum with matching = weights instead.")
 
 
 def alpha_schedule(alpha: float, iterations: int) -> list[float]:

@@ -10,7 +10,7 @@ from .. import __version__
 from ..methods import METHODS
 from ..options import MergeOptions
 from ..progress import Reporter
-from ..recipe.provenance import SPEC_VERSION, hash_progress, provenance_metadata, recipe_of
+from ..recipe.provenance import architecture_fields, hash_progress, provenance_metadata, recipe_of
 from .diagnostics import Diagnostics, stored_diagnostics
 from .preflight import Prepared
 from .vae_bake import BakedVAE
@@ -53,7 +53,7 @@ def output_metadata(prep: Prepared, parts: tuple[str, ...], provenance: dict[str
     re-runs the merge, and the diagnostics without wall time, so the same inputs give the same bytes), then
     whatever `metadata_hook(diag)` replaces."""
     stored = stored_diagnostics(diag)
-    meta = {**provenance, "lib_rebasin": json.dumps({"version": __version__, "spec": SPEC_VERSION,
+    meta = {**provenance, "lib_rebasin": json.dumps({"version": __version__, **architecture_fields(prep),
                                                       "recipe": {**recipe_of(prep, parts),
                                                                  **({"bake_vae": baked_record}
                                                                     if baked_record else {})},

@@ -4,21 +4,22 @@ function, and the legacy tool's result; with block weights, each key at its own 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..align.permute import Perms
 from ..align.weight_matching import TensorGetter
+from ..archspec import ArchSpec
 from ..io.finite import Model, guard_getter
 from ..methods import METHODS
 from ..options import MergeOptions
 from ..progress import Reporter
-from ..sd1.spec import ArchSpec
 from .blend import Blend, BlockBlend, KeyFunctionBlend, Term
 from .preflight import Prepared
 
 
-def method_blend(spec: ArchSpec, prep: Prepared, opts: MergeOptions, perms: Perms,
+def method_blend(spec: ArchSpec[Any], prep: Prepared, opts: MergeOptions, perms: Perms,
                  device: torch.device) -> Callable[[str], torch.Tensor]:
     """How a registry method produces each key: its exact linear blend when it has one, else its function."""
     info = METHODS[opts.method]
@@ -51,7 +52,7 @@ def alpha_lookup(opts: MergeOptions) -> Callable[[str], float]:
     return alpha_of
 
 
-def legacy_blend(spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, opts: MergeOptions,
+def legacy_blend(spec: ArchSpec[Any], get_a: TensorGetter, get_b: TensorGetter, opts: MergeOptions,
                  device: torch.device, report: Reporter, checked: list[Model]) -> Callable[[str], torch.Tensor]:
     """T0b1maru/re-basin_merger's result (see merge/legacy.py): a weighted sum, except six GroupNorm vectors that the
     tool re-matches every iteration; those are iterated exactly (they are tiny), everything else is one blend."""

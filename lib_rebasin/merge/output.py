@@ -15,8 +15,8 @@ from ..device_budget import blend_need, budget_for
 from ..io.finite import Model, OutputGuard
 from ..io.model_input import ModelInput
 from ..io.precisions import PRECISIONS
+from ..parts import part_of
 from ..progress import Reporter
-from ..sd1.spec import part_of
 from .blend import Blend, BlockBlend, KeyFunctionBlend
 from .diagnostics import Diagnostics, accumulate, accumulate_objective
 from .preflight import Prepared, output_entries

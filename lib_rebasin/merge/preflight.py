@@ -19,7 +19,9 @@ from ..io.output_file import check_free_space, check_output_path, output_bytes
 from ..io.precisions import PRECISIONS
 from ..methods import METHODS
 from ..options import MergeOptions
-from ..sd1.spec import PARTS, part_of
+from ..parts import PARTS, part_of
+from .block_weights import check_architecture as check_block_architecture
+from .legacy import check_supported as legacy_supported
 
 
 @dataclass
@@ -86,6 +88,10 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
         if not parts:
             raise RebasinError("Model A has none of the chosen parts.")
         check_compatible(ma, mb, parts)
+        if options.method == "legacy":
+            legacy_supported(ma.config)
+        if options.blocks is not None:
+            check_block_architecture(ma.architecture, tuple(options.blocks), options.blocks_preset)
         if options.matching == "activations":
             from ..align.activation_matching import check_supported
 

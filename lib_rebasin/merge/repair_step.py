@@ -4,24 +4,25 @@ folded into the merged tensors as they are produced (the statistics and the fold
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..align.permute import Perms, permute_tensor
 from ..align.repair import corrections, fold_bias, fold_weight
+from ..archspec import ArchSpec
 from ..device_budget import budget_for, forward_need
 from ..io.model_input import ModelInput
 from ..options import MergeOptions
 from ..progress import Reporter
 from ..sd1.activation_inputs import LATENT_SIZE
-from ..sd1.spec import ArchSpec
 from .diagnostics import Diagnostics
 
 # {layer (a key without ".weight"/".bias"): (scale, shift)} per output channel.
 Corrections = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def repair_corrections(spec: ArchSpec, A: ModelInput, B: ModelInput, opts: MergeOptions,
+def repair_corrections(spec: ArchSpec[Any], A: ModelInput, B: ModelInput, opts: MergeOptions,
                        blend: Callable[[str], torch.Tensor], merged_keys: set[str], perms: Perms,
                        device: torch.device, report: Reporter, diag: Diagnostics) -> Corrections:
     """REPAIR's per-channel corrections of the merge, measured on the models as they will be written: A, B with

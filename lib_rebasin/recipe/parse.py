@@ -13,7 +13,7 @@ from ..io.parsing import MAX_TOML_CHARS, parse_toml
 from ..merge.sweep import sweep_options
 from ..methods import METHODS
 from ..options import MergeOptions
-from ..sd1.spec import PARTS
+from ..parts import PARTS
 from .format import (
     MODEL_KEYS,
     RECIPE_KEYS,

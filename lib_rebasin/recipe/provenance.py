@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..io.model_input import legacy_hash, merge_history
 from ..io.parsing import json_or_none
-from ..merge.block_weights import MAPPING_VERSION
+from ..merge.block_weights import convention_for
 from ..options import OPTIONS, MergeOptions
 from ..progress import Reporter
 
@@ -24,6 +24,15 @@ if TYPE_CHECKING:
 # The permutation groups a re-basin merge searches over. 2: whole attention heads reorder; one-channel GroupNorms
 # constrain nothing; GroupNorm blocks move inside straddled intervals (the same inputs now give other merges).
 SPEC_VERSION = "sd1-walk-2"
+# The spec version per architecture. An SD 1.x output names no architecture (every file made before SDXL could be
+# merged is SD 1.x, and its bytes stay as they were); any other names it.
+SPEC_VERSIONS = {"SD 1.x": SPEC_VERSION, "SDXL": "sdxl-walk-1"}
+
+
+def architecture_fields(prep: Prepared) -> dict[str, str]:
+    """The spec version of the merged architecture, and its name unless it is SD 1.x."""
+    arch = prep.a.architecture
+    return {"spec": SPEC_VERSIONS[arch], **({} if arch == "SD 1.x" else {"architecture": arch})}
 
 
 def recorded_options(o: MergeOptions) -> dict[str, object]:
@@ -35,7 +44,7 @@ def recorded_options(o: MergeOptions) -> dict[str, object]:
             value = getattr(o, opt.name)
             out[opt.name] = list(value) if isinstance(value, tuple) else value
     if o.blocks is not None:
-        out["block_mapping"] = MAPPING_VERSION
+        out["block_mapping"] = convention_for(tuple(o.blocks)).version
     return out
 
 
@@ -75,7 +84,7 @@ def provenance_metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str,
     o = prep.options
     # A1111's recipe: the same options under its names where it has them (OPTIONS' webui_name).
     webui = {(OPTIONS[k].webui_name if k in OPTIONS else "") or k: v for k, v in recorded_options(o).items()}
-    recipe = {"type": "lib_rebasin", "version": __version__, "spec": SPEC_VERSION,
+    recipe = {"type": "lib_rebasin", "version": __version__, **architecture_fields(prep),
               "primary_model_hash": hashes["A"], "secondary_model_hash": hashes["B"],
               "tertiary_model_hash": hashes.get("C"), **webui, "parts": list(parts),
               "save_as_half": o.precision == "fp16", **webui_block_fields(o),

@@ -28,8 +28,8 @@ from ..merge.diagnostics import Diagnostics, stored_diagnostics
 from ..merge.preflight import output_entries
 from ..merge.run import MergeResult, merge_checkpoints, merge_in_memory
 from ..merge.sweep import check_room, is_sweep, sweep_checkpoints, sweep_outputs
+from ..parts import part_of
 from ..progress import CancelCheck, ProgressCallback, Reporter
-from ..sd1.spec import part_of
 from .format import ModelRef, Recipe, Step
 from .provenance import hash_progress
 from .resolve import resolve_models

@@ -145,7 +145,8 @@ def detect(shapes: Mapping[str, Sequence[int]]) -> SD1Config:
 
 def check_layout(config: SD1Config, shapes: Mapping[str, Sequence[int]], has_vae: bool = True) -> None:
     """Raise UnsupportedModelError unless every key of the config's layout is present with the right shape."""
-    from .spec import build_spec, part_of
+    from ..parts import part_of
+    from .spec import build_spec
 
     expected = build_spec(config).shapes
     optional = {"cond_stage_model.transformer.text_model.embeddings.position_ids"}

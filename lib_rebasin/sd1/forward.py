@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RebasinError
+from ..parts import UNET
 from .config import SD1Config
-from .spec import TE, UNET
+from .spec import TE
 
 TensorGetter = Callable[[str], torch.Tensor]
 # An observer may return a tensor to use in place of the layer's output (REPAIR corrects the merge as it runs).

@@ -8,23 +8,19 @@ which is what same-base community models look like to weight matching.
 
 from __future__ import annotations
 
-import math
-import zlib
 from pathlib import Path
 
 import torch
 
 from ..arguments import check_arguments
+from ..errors import ArgumentError
 from ..io.output_file import write_safetensors
 from ..io.precisions import PRECISIONS
+from ..synthetic_weights import key_seeded_generator, random_tensor
 from .config import MINI, SD15, TINY, SD1Config
 from .spec import SCHEDULE_BUFFERS, build_spec
 
 SCALES = {"tiny": TINY, "mini": MINI, "full": SD15}
-
-
-def _generator(seed: int, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
 
 
 def _schedule(name: str, timesteps: int) -> torch.Tensor:
@@ -44,21 +40,6 @@ def _schedule(name: str, timesteps: int) -> torch.Tensor:
     return values[name].float()
 
 
-def random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """A plausible random fp32 value for one SD key: norm gains near 1, small biases, 1/sqrt(fan_in) weights."""
-    g = _generator(seed, key)
-    name = key.rsplit(".", 1)[-1]
-    is_norm = any(s in key for s in ("norm", "layer_norm", "in_layers.0.", "out_layers.0.", ".out.0."))
-    if is_norm and name == "weight":
-        return 1 + 0.1 * torch.randn(shape, generator=g)
-    if name == "bias" or len(shape) == 1:
-        return 0.05 * torch.randn(shape, generator=g)
-    if "embedding" in key:
-        return 0.1 * torch.randn(shape, generator=g)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=g) / math.sqrt(fan_in)
-
-
 def synthetic_tensor(key: str, shape: tuple[int, ...], seed: int, base_seed: int | None, delta: float,
                      timesteps: int) -> torch.Tensor:
     if key in SCHEDULE_BUFFERS:
@@ -68,7 +49,8 @@ def synthetic_tensor(key: str, shape: tuple[int, ...], seed: int, base_seed: int
     if base_seed is None:
         return random_tensor(key, shape, seed)
     base = random_tensor(key, shape, base_seed)
-    return base + delta * base.std(unbiased=False).clamp_min(1e-3) * torch.randn(shape, generator=_generator(seed, key))
+    noise = torch.randn(shape, generator=key_seeded_generator(seed, key))
+    return base + delta * base.std(unbiased=False).clamp_min(1e-3) * noise
 
 
 def make_checkpoint(path: str | Path, config: SD1Config | str = "mini", seed: int = 0, base_seed: int | None = None,
@@ -82,6 +64,10 @@ def make_checkpoint(path: str | Path, config: SD1Config | str = "mini", seed: in
     """
     check_arguments("make_checkpoint", ("base_seed",), path=path, config=config, seed=seed, base_seed=base_seed,
                     delta=delta, precision=precision, overwrite=overwrite, extra=extra)
+    given: object = config  # `check_arguments` accepts any architecture's config
+    if not (isinstance(given, SD1Config) or (isinstance(given, str) and given in SCALES)):
+        raise ArgumentError(f"make_checkpoint: config must be an SD1Config or one of "
+                            f"{', '.join(map(repr, SCALES))}, got {config!r}.")
     cfg = SCALES[config] if isinstance(config, str) else config
     spec = build_spec(cfg)
     dtype = PRECISIONS[precision]

@@ -119,6 +119,8 @@ def on_text(text: str, alpha: float) -> tuple[Any, ...]:
         bw = parse_blocks(text or "", float(alpha))
     except RebasinError as e:
         return (*([None] * 26), curve_html(None, error=str(e)), None)
+    if len(bw.values) != len(BLOCK_IDS):  # SDXL's 20 values: the sliders and the plot are SD 1.x's 26 blocks
+        return (*([None] * 26), curve_html(None), None)
     name = bw.preset or matching_preset(bw.values)
     return (*bw.values, curve_html(bw.values, "" if name == CUSTOM else name), name)
 

@@ -20,7 +20,7 @@ from ..messages import shown
 from ..methods import METHODS, MethodInfo
 from ..option import Option
 from ..options import OPTIONS, MergeOptions, options_for
-from ..sd1.spec import PARTS
+from ..parts import PARTS
 
 MAX_TEXT = 512  # characters in a name field
 

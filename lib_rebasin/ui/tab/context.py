@@ -9,7 +9,7 @@ from typing import Any
 
 from ...methods import METHODS, MethodInfo
 from ...options import MATCHINGS, OPTIONS
-from ...sd1.spec import PART_NAMES
+from ...parts import PART_NAMES
 from ..host import Host
 from ..recipe_builder import NO_VAE
 from ..service import MergeService
