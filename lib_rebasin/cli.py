@@ -26,9 +26,10 @@ from .signals import commit_done, commit_reached, interrupts_until_commit, late_
 class ProgressBar:
     """A one-line progress bar on a terminal; occasional plain lines when piped (logs stay readable)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.stream, self.width = stream, width
-        self.tty = stream.isatty()
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        # None: the sys.stderr of the moment, not of import time (a redirected stderr is honoured).
+        self.stream, self.width = stream if stream is not None else sys.stderr, width
+        self.tty = self.stream.isatty()
         self.last_print = 0.0
         self.last_stage = ""
 

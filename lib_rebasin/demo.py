@@ -18,21 +18,24 @@ from .io.output_file import save_state_dict
 from .io.precisions import PRECISIONS
 from .merge.run import merge_checkpoints
 from .options import MergeOptions
-from .sd1.config import MINI
+from .sd1.config import SD1Config
 from .sd1.spec import build_spec
-from .sd1.synthetic import make_checkpoint, synthetic_tensor
+from .sd1.synthetic import SCALES, make_checkpoint, synthetic_tensor
 
 
-def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int, precision: str = "fp16") -> Path:
-    """A fine-tune of base `base_seed` with every permutation group randomly (legally) shuffled."""
+def make_shuffled_finetune(path: Path, base_seed: int, seed: int, perm_seed: int, precision: str = "fp16",
+                           config: SD1Config | str = "mini") -> Path:
+    """A fine-tune of base `base_seed` (at scale `config`, as `make_checkpoint`'s) with every permutation group
+    randomly (legally) shuffled."""
     check_arguments("make_shuffled_finetune", path=path, base_seed=base_seed, seed=seed, perm_seed=perm_seed,
-                    precision=precision)
-    spec = build_spec(MINI)
+                    precision=precision, config=config)
+    cfg = SCALES[config] if isinstance(config, str) else config
+    spec = build_spec(cfg)
     perms = random_perms(spec.groups.values(), perm_seed)
     dtype = PRECISIONS[precision]
     tensors = {}
     for key, shape in spec.shapes.items():
-        t = synthetic_tensor(key, shape, seed, base_seed, 0.05, MINI.timesteps)
+        t = synthetic_tensor(key, shape, seed, base_seed, 0.05, cfg.timesteps)
         tensors[key] = t if not t.is_floating_point() else permute_tensor(spec, key, t, perms).to(dtype)
     return save_state_dict(path, tensors, {"lib_rebasin_synthetic": "shuffled fine-tune (demo)"}, overwrite=True)
 

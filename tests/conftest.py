@@ -35,14 +35,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same three models at the tiny scale (SD 1.5's keys, small shapes): for tests of files, the UI, the API
+    """The same four models at the tiny scale (SD 1.5's keys, small shapes): for tests of files, the UI, the API
     and recipes, where the spec is not what is tested. A module uses them in place of `models` by overriding that
     fixture with `tiny_models`. Hard links into the model cache, like `models`."""
-    from model_cache import cached_checkpoint
+    from model_cache import cached_checkpoint, cached_shuffled_finetune
 
     d = tmp_path_factory.mktemp("tiny_models")
     return {
         "a": cached_checkpoint(d / "a.safetensors", "tiny", seed=11, base_seed=1, precision="fp32"),
         "finetune": cached_checkpoint(d / "finetune.safetensors", "tiny", seed=12, base_seed=1, precision="fp32"),
         "independent": cached_checkpoint(d / "independent.safetensors", "tiny", seed=2, precision="fp32"),
+        "shuffled": cached_shuffled_finetune(d / "shuffled.safetensors", base_seed=1, seed=11, perm_seed=5,
+                                             precision="fp32", config="tiny"),
     }

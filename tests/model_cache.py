@@ -196,9 +196,9 @@ def cached_checkpoint(path: str | os.PathLike[str], config: Any = "mini", seed: 
 
 
 def cached_shuffled_finetune(path: str | os.PathLike[str], base_seed: int, seed: int, perm_seed: int,
-                             precision: str = "fp16", writable: bool = False) -> Path:
+                             precision: str = "fp16", config: Any = "mini", writable: bool = False) -> Path:
     """`make_shuffled_finetune(path, ...)` from the cache (same arguments and defaults)."""
     from lib_rebasin.demo import make_shuffled_finetune
 
-    kwargs = {"base_seed": base_seed, "seed": seed, "perm_seed": perm_seed, "precision": precision}
+    kwargs = {"base_seed": base_seed, "seed": seed, "perm_seed": perm_seed, "precision": precision, "config": config}
     return place(_cached(make_shuffled_finetune, kwargs), path, writable)

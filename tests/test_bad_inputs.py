@@ -51,23 +51,17 @@ def _cli_here(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     from lib_rebasin import cli as cli_module
 
     out, err = io.StringIO(), io.StringIO()
-    bar_defaults = cli_module.ProgressBar.__init__.__defaults__
-    assert bar_defaults is not None
     with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         for category in _IGNORED_BY_PYTHON:
             warnings.filterwarnings("ignore", category=category)
-        # The progress bar's stream defaults to the sys.stderr of import time: point it at this run's stderr.
-        cli_module.ProgressBar.__init__.__defaults__ = (err, *bar_defaults[1:])
         try:
             code = cli_module.main(argv)
         except SystemExit as e:  # argparse's usage errors
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
-        finally:
-            cli_module.ProgressBar.__init__.__defaults__ = bar_defaults
     for w in caught:
         err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return subprocess.CompletedProcess(["python", "-m", "lib_rebasin", *argv], code, out.getvalue(), err.getvalue())

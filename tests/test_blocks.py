@@ -157,7 +157,8 @@ def test_all_a_gives_a_and_all_b_gives_b(tiny_models: dict[str, Path], tmp_path:
             assert merged and all(torch.equal(out[k], want[k]) for k in merged), (preset, method)
 
 
-def test_uniform_blocks_equal_plain_alpha_bit_for_bit(models: dict[str, Path], tmp_path: Path) -> None:
+def test_uniform_blocks_equal_plain_alpha_bit_for_bit(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    models = tiny_models
     for method, iterations in (("weighted_sum", 1), ("rebasin", 3)):
         plain = merge_checkpoints(models["a"], models["shuffled"], tmp_path / f"p{method}.safetensors",
                                   MergeOptions(method=method, alpha=0.3, iterations=iterations, **FP32))

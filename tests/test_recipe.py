@@ -227,8 +227,9 @@ def test_recipe_bakes_a_vae_from_the_vae_folder_and_replays_it(models: dict[str,
     again.write_text(replay)
     out2 = tmp_path / "out" / "replayed.safetensors"
     assert cli_main(["recipe", str(again), "-o", str(out2), "--models-dir", str(folder), "-q"]) == 0
-    assert load_file(str(out2)).keys() == merged.keys()
-    assert all(torch.equal(load_file(str(out2))[k], merged[k]) for k in merged)
+    replayed = load_file(str(out2))
+    assert replayed.keys() == merged.keys()
+    assert all(torch.equal(replayed[k], merged[k]) for k in merged)
 
 
 def test_recipe_bake_vae_errors_name_the_line_and_write_nothing(models: dict[str, Path], folder: Path,

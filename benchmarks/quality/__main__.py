@@ -1,4 +1,4 @@
-"""python -m benchmarks.quality [--quick] [--out DIR] [--data DIR] [--threads N]"""
+"""python -m benchmarks.quality [--quick | --profile NAME] [--out DIR] [--data DIR] [--threads N]"""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
         ": merge quality of every method on small SD-1.x-layout diffusion models trained here"))
     ap.add_argument("--quick", action="store_true",
                     help="train a few steps and check the controls (exit status 1 if one fails)")
+    ap.add_argument("--profile", choices=("full", "quick", "smoke"), default=None,
+                    help="the profile to run (default full, or quick with --quick); smoke is the test suite's "
+                         "quick mode: the same checks, shorter training and sampling")
     ap.add_argument("--data", type=Path, default=Path("bench_data/quality"),
                     help="cache of trained models (default ./bench_data/quality, git-ignored)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default DATA/results-PROFILE)")
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write
     from .run import run
 
-    profile = PROFILES["quick" if args.quick else "full"]
+    profile = PROFILES[args.profile or ("quick" if args.quick else "full")]
     sections = tuple(s for s in args.sections.split(",") if s)
     bad_names = [s for s in sections if s not in SECTIONS]
     if bad_names:

@@ -81,13 +81,14 @@ def classifier():
 
 
 @torch.no_grad()
-def samples(model: Model, per_class: int, batch: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def samples(model: Model, per_class: int, batch: int = 100,
+            steps: int = DDIM_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (10*per_class, 1, 8, 8), labels); the same seeds for every model."""
     labels = torch.arange(10).repeat_interleave(per_class)
     out = []
     for i in range(0, len(labels), batch):
         lat = diffusion.ddim_sample(model.eps, labels[i:i + batch], NULL_CLASS, seed=SAMPLE_SEED + i,
-                                    steps=DDIM_STEPS, guidance=GUIDANCE)
+                                    steps=steps, guidance=GUIDANCE)
         out.append(data.decode(lat))
     return torch.cat(out), labels
 

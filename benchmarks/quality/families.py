@@ -1,4 +1,4 @@
-"""The model families the benchmark merges, and the two profiles (full, quick) that size them.
+"""The model families the benchmark merges, and the profiles (full, quick, smoke) that size them.
 
 - independent pair: two models from different inits and batch orders, trained on every class;
 - same-base family: one base trained on every class, then two fine-tunes that each learn something different
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .evaluate import DDIM_STEPS
 from .train import TrainConfig
 
 LOW, HIGH = tuple(range(5)), tuple(range(5, 10))
@@ -28,6 +29,7 @@ class Profile:
     eval_images: int
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     methods: tuple[str, ...] | None = None  # labels from method_lines.METHOD_LIST; None = every method
+    ddim_steps: int = DDIM_STEPS            # DDIM steps of each skill sample
 
 
 # Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured
@@ -46,10 +48,13 @@ FULL = Profile("full", batch=32, widths=(32, 64, 96), independent_steps={32: 160
 QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milestones=(), base_steps=16,
                 finetune_steps=6, skill_width=32, samples_per_class=1, eval_images=8,
                 alphas=(0.0, 0.5, 1.0), methods=("weighted sum", "re-basin"))
-PROFILES = {p.name: p for p in (FULL, QUICK)}
+# The test suite's run of quick mode: the same sections and checks, with skills sampled in a few DDIM steps
+# (the controls do not sample) and shorter training; its skills say nothing about the methods.
+SMOKE = replace(QUICK, name="smoke", base_steps=8, finetune_steps=3, independent_steps={32: 8}, ddim_steps=3)
+PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
 # Activation matching's inputs: this many training images, each at 5 timesteps (16 already recover a planted
-# permutation exactly; quick mode only runs that control).
-MATCH_IMAGES = {"full": 64, "quick": 16}
+# permutation exactly, and so do smoke's 4; quick mode only runs that control).
+MATCH_IMAGES = {"full": 64, "quick": 16, "smoke": 4}
 
 
 # Width 96 at 1e-3 diverged (one parent's held-out loss 0.83 after 100 steps, measured 2026-12-01); 5e-4 trains.

@@ -14,7 +14,7 @@ import torch
 
 from .controls import planted_permutation, same_base_identity
 from .export import single_file
-from .evaluate import EvalSet, Model, classifier, eval_set, heldout_loss, samples, skills
+from .evaluate import DDIM_STEPS, EvalSet, Model, classifier, eval_set, heldout_loss, samples, skills
 from .families import LR_BY_WIDTH, MATCH_IMAGES, SWEEP_EXTRA_STEPS, Profile, independent_pair, same_base_family, \
     sweep_lengths
 from .merging import merge
@@ -35,11 +35,11 @@ def machine() -> dict:
             "load_average_start": os.getloadavg()[0]}
 
 
-def _parent(width: int, t: Trained, es: EvalSet, per_class: int) -> dict:
+def _parent(width: int, t: Trained, es: EvalSet, per_class: int, ddim_steps: int = DDIM_STEPS) -> dict:
     model = Model(width, load_ldm(t))
     out = {"config": t.config.describe(), "loss": heldout_loss(model, es), "record": t.record}
     if per_class:
-        images, labels = samples(model, per_class)
+        images, labels = samples(model, per_class, steps=ddim_steps)
         out["skills"] = skills(images, labels)
         out["sample_grid"] = grid(images, labels)
     return out
@@ -56,13 +56,14 @@ def grid(images: torch.Tensor, labels: torch.Tensor) -> list[list[list[float]]]:
 
 def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, methods: list[Method],
                    alphas: tuple[float, ...], es: EvalSet, per_class: int, work: Path, log,
-                   match_images: int = 64, cache: "SectionCache | None" = None, part: str = "") -> dict:
+                   match_images: int = 64, cache: "SectionCache | None" = None, part: str = "",
+                   ddim_steps: int = DDIM_STEPS) -> dict:
     """The parents, then each method's curve over alpha (and skills at 0.5), a method's result reused from
     `cache` (under `part`, the section's name) when that method was measured before."""
-    family = {"parents": {"A": _parent(width, a, es, per_class), "B": _parent(width, b, es, per_class)},
-              "methods": {}}
+    family = {"parents": {"A": _parent(width, a, es, per_class, ddim_steps),
+                          "B": _parent(width, b, es, per_class, ddim_steps)}, "methods": {}}
     if base is not None:
-        family["parents"]["base"] = _parent(width, base, es, per_class)
+        family["parents"]["base"] = _parent(width, base, es, per_class, ddim_steps)
     for m in methods:
         if m.needs_base and base is None:
             continue
@@ -82,7 +83,7 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
                 row["loss_at_half"] = loss
                 row["diagnostics"] = merged.summary
                 if per_class:
-                    images, labels = samples(model, per_class)
+                    images, labels = samples(model, per_class, steps=ddim_steps)
                     row["skills"] = skills(images, labels)
                     row["sample_grid"] = grid(images, labels)
         c = row["curve"]
@@ -184,6 +185,8 @@ class SectionCache:
         # (those only key the sweep's rows, which are also named by their models' keys).
         profile = {k: v for k, v in asdict(p).items() if k not in ("widths", "independent_steps", "milestones")}
         profile["skill_steps"] = p.independent_steps.get(p.skill_width)
+        if p.ddim_steps == DDIM_STEPS:  # the keys of the profiles measured before it was a field stay valid
+            del profile["ddim_steps"]
         self.base = {"profile": profile, "version": RESULTS_VERSION}
         ident = {**self.base, "methods": [m.ident for m in methods], "sweep_methods": [m.ident for m in SWEEP_METHODS]}
         self.key = _digest(ident)
@@ -258,12 +261,12 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
     def independent_family() -> dict:
         a, b = independent()
         return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log,
-                                            MATCH_IMAGES[p.name], cache, "independent")}
+                                            MATCH_IMAGES[p.name], cache, "independent", p.ddim_steps)}
 
     def same_base_family_() -> dict:
         base, low, high = same_base()
         return {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es, p.samples_per_class,
-                                             work, log, MATCH_IMAGES[p.name], cache, "same_base")}
+                                             work, log, MATCH_IMAGES[p.name], cache, "same_base", p.ddim_steps)}
 
     compute = {"controls": controls, "independent": independent_family, "same_base": same_base_family_,
                "sweep": lambda: {"rows": sweep(p, root, es, work, log, cache, may_train),

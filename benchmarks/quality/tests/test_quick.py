@@ -1,6 +1,7 @@
-"""The merge-quality benchmark's quick mode, run as a user runs it: it trains tiny SD-1.x-layout diffusion models,
-merges them through the real merge API and checks the controls (a planted permutation is undone exactly, with
-zero barrier; fine-tunes of one base give a re-basin merge bit-identical to the weighted sum)."""
+"""The merge-quality benchmark's quick mode, run as a user runs it (in its smoke profile: the same sections and
+checks with fewer training and sampling steps): it trains tiny SD-1.x-layout diffusion models, merges them
+through the real merge API and checks the controls (a planted permutation is undone exactly, with zero barrier;
+fine-tunes of one base give a re-basin merge bit-identical to the weighted sum)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[3]  # the repository: `python -m benchma
 
 def test_quick_benchmark_controls(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--data", str(tmp_path / "data"),
-                           "--out", str(tmp_path / "out")], check=False, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--profile", "smoke", "--data",
+                           str(tmp_path / "data"), "--out", str(tmp_path / "out")], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -50,8 +51,9 @@ def test_quick_benchmark_controls(tmp_path: Path) -> None:
     # revision changes its key), a rerun measures the parents again but reuses both methods' results unchanged.
     for f in (tmp_path / "data" / "sections").glob("independent-*.json"):
         f.unlink()
-    again = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--data", str(tmp_path / "data"),
-                            "--out", str(tmp_path / "again"), "--sections", "independent", "--no-train"],
+    again = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--profile", "smoke", "--data",
+                            str(tmp_path / "data"), "--out", str(tmp_path / "again"), "--sections", "independent",
+                            "--no-train"],
                            check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("reusing its result") == 2, again.stdout[-3000:]
