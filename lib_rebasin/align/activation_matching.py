@@ -22,13 +22,14 @@ import torch
 
 from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
-from ..io.model_input import ModelConfig, architecture_of
+from ..io.model_input import ModelConfig
 from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
 from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
 from .assignment import row_argmax_certificate, solve
+from .forward_support import check_forward_supported
 from .permute import Perms
 
 
@@ -113,13 +114,7 @@ def needs_forward(spec: ArchSpec[Any], groups: Iterable[Group]) -> tuple[bool, b
 
 
 def check_supported(a: ModelConfig, b: ModelConfig) -> None:
-    if isinstance(a, SD1Config) and isinstance(b, SD1Config):
-        forward.check_plain_unets(a, b, "Activation matching", "Use matching = weights for it.")
-        return
-    # Never approximated with the SD 1.x forward pass on another architecture.
-    label, other = ("A", a) if not isinstance(a, SD1Config) else ("B", b)
-    raise RebasinError(f"Activation matching runs the SD 1.x forward pass and is not available for "
-                       f"{architecture_of(other)} (model {label}). Use matching = weights for it.")
+    check_forward_supported(a, b, "Activation matching", "Use matching = weights for it.")
 
 
 @torch.no_grad()

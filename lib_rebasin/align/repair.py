@@ -31,12 +31,13 @@ import torch
 
 from ..archspec import ArchSpec
 from ..errors import RebasinError
-from ..io.model_input import ModelConfig, architecture_of
+from ..io.model_input import ModelConfig
 from ..parts import UNET, part_of
 from ..sd1 import activation_inputs as inputs
 from ..sd1 import forward
 from ..sd1.config import SD1Config
 from ..sd1.forward import Layers, TensorGetter, channels_last
+from .forward_support import check_forward_supported
 
 EPS = 1e-6
 
@@ -132,13 +133,7 @@ def sites(spec: ArchSpec[Any]) -> list[str]:
 
 
 def check_supported(a: ModelConfig, b: ModelConfig) -> None:
-    if isinstance(a, SD1Config) and isinstance(b, SD1Config):
-        forward.check_plain_unets(a, b, "REPAIR", "Merge it without REPAIR.")
-        return
-    # Never approximated with the SD 1.x forward pass on another architecture.
-    label, other = ("A", a) if not isinstance(a, SD1Config) else ("B", b)
-    raise RebasinError(f"REPAIR runs the SD 1.x forward pass and is not available for {architecture_of(other)} "
-                       f"(model {label}). Merge it without REPAIR.")
+    check_forward_supported(a, b, "REPAIR", "Merge it without REPAIR.")
 
 
 @dataclass(frozen=True)
