@@ -125,8 +125,12 @@ def convert_unet(c: SDXLConfig, ldm: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def _strip_position_ids(model: torch.nn.Module, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fit_to(model: torch.nn.Module, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The converter's keys -> the installed transformers' keys (transformers >= 5's CLIPTextModel has no
+    `text_model.` prefix; `position_ids` is a non-persistent buffer there and must equal arange)."""
     want = set(model.state_dict())
+    if not any(k.startswith("text_model.") for k in want):
+        out = {k.removeprefix("text_model."): v for k, v in out.items()}
     for k in [k for k in out if k.endswith("embeddings.position_ids") and k not in want]:
         pid = out.pop(k)
         assert torch.equal(pid.reshape(-1).long(), torch.arange(pid.numel())), "position_ids is not arange"
@@ -137,7 +141,7 @@ def convert_clip_l(model: CLIPTextModel, ldm: Mapping[str, torch.Tensor]) -> dic
     part = {k: v for k, v in ldm.items() if k.startswith(CLIP_L)}
     out = convert_ldm_clip_checkpoint(part)
     _check_consumed(CLIP_L, ldm, out)
-    return _strip_position_ids(model, out)
+    return _fit_to(model, out)
 
 
 def convert_clip_g(model: CLIPTextModelWithProjection, ldm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,15 +149,16 @@ def convert_clip_g(model: CLIPTextModelWithProjection, ldm: Mapping[str, torch.T
     transposed `text_projection`): they are checked by value. `logit_scale` has no place in a text model."""
     part = {k: v for k, v in ldm.items() if k.startswith(CLIP_G)}
     out = convert_open_clip_checkpoint(model, part, prefix=CLIP_G)
+    layers = "text_model.encoder.layers" if any(k.startswith("text_model.") for k in out) else "encoder.layers"
     copied = {f"{CLIP_G}text_projection": out["text_projection.weight"].T}
     for k in part:
         if k.endswith((".in_proj_weight", ".in_proj_bias")):
             i = k.split("resblocks.")[1].split(".")[0]
             kind = "weight" if k.endswith("weight") else "bias"
-            copied[k] = torch.cat([out[f"text_model.encoder.layers.{i}.self_attn.{n}_proj.{kind}"]
+            copied[k] = torch.cat([out[f"{layers}.{i}.self_attn.{n}_proj.{kind}"]
                                    for n in ("q", "k", "v")])
     _check_consumed(CLIP_G, ldm, out, copied, ignored=(f"{CLIP_G}logit_scale",))
-    return _strip_position_ids(model, out)
+    return _fit_to(model, out)
 
 
 # -- models ------------------------------------------------------------------------------------------------------
