@@ -34,6 +34,7 @@ of both gradio 3.41 and 4.x hosts.
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class in the route signatures
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from .api_policy import ApiPolicy
 from .host import CheckpointEntry
 from .request import MAX_TEXT, MergeRequest, field_of, method_listing
 from .service import MergeService
+from .sweep_job import submit_sweep
 
 PREFIX = "/rebasin/v1"
 
@@ -110,30 +112,22 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             return None
         return parse_json(bytes(body), lambda why: _Refused(400, f"The request body must be valid JSON; it is {why}."))
 
-    async def merge(request: Request):
+    async def submitted(request: Request, submit: Callable[[Any], Any]):
+        """A route that starts a job: the JSON body handed to `submit`; 202 with the job, or the refusal."""
         try:
-            req = MergeRequest.from_dict(await json_body(request))
-            job = service.submit(req)
+            job = submit(await json_body(request))
         except (_Refused, RebasinError) as e:
             return answer(e)
         return JSONResponse(job.to_dict(), status_code=202)
+
+    async def merge(request: Request):
+        return await submitted(request, lambda body: service.submit(MergeRequest.from_dict(body)))
 
     async def merge_load(request: Request):
-        try:
-            req = MergeRequest.from_dict(await json_body(request))
-            job = service.submit_load(req)
-        except (_Refused, RebasinError) as e:
-            return answer(e)
-        return JSONResponse(job.to_dict(), status_code=202)
+        return await submitted(request, lambda body: service.submit_load(MergeRequest.from_dict(body)))
 
     async def sweep(request: Request):
-        from .sweep_job import submit_sweep
-
-        try:
-            job = submit_sweep(service, await json_body(request))
-        except (_Refused, RebasinError) as e:
-            return answer(e)
-        return JSONResponse(job.to_dict(), status_code=202)
+        return await submitted(request, lambda body: submit_sweep(service, body))
 
     def loaded(request: Request):
         try:
