@@ -17,14 +17,13 @@ from typing import Any
 import torch
 
 from ..compute import with_merge_compute
-from ..errors import InputChangedError
 from ..io.model_input import Source
 from ..io.output_file import FULL_DISK_ERRNOS, write_safetensors
 from ..options import MergeOptions
 from ..progress import Reporter
 from .diagnostics import Diagnostics
 from .preflight import preflight
-from .run import _full_disk, _plan
+from .run import _full_disk, _plan, opened_inputs
 from .stages import HEADERS_READ
 
 
@@ -58,24 +57,13 @@ def merge_held(a: Source, b: Source, options: MergeOptions, c: Source | None = N
     report.stage(0.0, HEADERS_READ)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, None, options, c)
-    baked = None
-    try:
-        if bake_vae is not None:
-            from .vae_bake import open_vae
-
-            baked = open_vae(bake_vae, prep.a.spec)
+    with opened_inputs(prep, bake_vae) as baked:
         plan = _plan(prep, report, dict(extra_metadata or {}), None, baked)
         header = plan.metadata()  # at the point merge_checkpoints asks for it, before any tensor
         tensors = {key: plan.produce(key) for key, _, _ in plan.entries}
         prep.verify_unchanged()
         metadata = plan.metadata()
         report.check()
-    except InputChangedError as e:
-        raise prep.changed_error(e) from None
-    finally:
-        prep.close()
-        if baked is not None:
-            baked.close()
     report("writing", 1.0, "kept in memory")
     return HeldMerge(tensors, list(plan.entries), dict(header), dict(metadata), plan.diagnostics)
 

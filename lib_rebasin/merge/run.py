@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from .output import OutputTensors, merged_keys
 from .preflight import Prepared, preflight
 from .repair_step import Corrections, repair_corrections
 from .stages import HEADERS_READ, merge_bar
-from .vae_bake import BakedVAE
+from .vae_bake import BakedVAE, open_vae
 
 
 @dataclass
@@ -86,14 +87,21 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
     report.stage(0.0, HEADERS_READ)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, output, options, c, overwrite)
+    with opened_inputs(prep, bake_vae) as baked:
+        plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
+        return write_plan(prep, plan, report, on_commit)
+
+
+@contextmanager
+def opened_inputs(prep: Prepared, bake_vae: str | os.PathLike[str] | Checkpoint | None = None
+                  ) -> Iterator[BakedVAE | None]:
+    """A checked merge's inputs and the VAE to bake (opened here), for the merge's body: an input that changed on
+    disk meanwhile becomes the merge's one-line error, and everything is closed after, whatever happens."""
     baked = None
     try:
         if bake_vae is not None:
-            from .vae_bake import open_vae
-
             baked = open_vae(bake_vae, prep.a.spec)
-        plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
-        return write_plan(prep, plan, report, on_commit)
+        yield baked
     except InputChangedError as e:
         raise prep.changed_error(e) from None
     finally:
@@ -146,15 +154,11 @@ def merge_in_memory(a: Source, b: Source, options: MergeOptions, c: Source | Non
     check_arguments("merge_in_memory", a=a, b=b, options=options, c=c, report=report, name=name)
     report = report or Reporter(None, None)
     prep = preflight(a, b, None, options, c)
-    try:
+    with opened_inputs(prep):
         plan = _plan(prep, report, {}, None)
         tensors = {key: plan.produce(key) for key, _, _ in plan.entries}
         prep.verify_unchanged()
         metadata = plan.metadata()
-    except InputChangedError as e:
-        raise prep.changed_error(e) from None
-    finally:
-        prep.close()
     return memory_checkpoint(tensors, metadata, name), plan.diagnostics
 
 

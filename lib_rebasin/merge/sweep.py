@@ -34,7 +34,7 @@ from .diagnostics import Diagnostics
 from .first_match import FirstMatch
 from .metadata import MetadataHook
 from .preflight import Prepared, output_entries, preflight
-from .run import MergeResult, _plan, write_plan
+from .run import MergeResult, _plan, opened_inputs, write_plan
 from .stages import HEADERS_READ, merge_bar
 
 # The field of the template (`AB_{alpha}.safetensors`); `{alpha:.2f}` formats it, `{alpha}` is the shortest form.
@@ -248,7 +248,7 @@ def _in_memory(a: Source, b: Source, candidates: list[MergeOptions], c: Source |
                names: list[str], first: FirstMatch) -> Iterator[tuple[float, Checkpoint, Diagnostics]]:
     with merge_compute():
         prep = preflight(a, b, None, candidates[0], c)
-    try:
+    with opened_inputs(prep):
         shares = _shares(candidates[0], len(candidates), shared=True)
         for k, opts in enumerate(candidates):
             sub = Reporter(report.relay(*shares[k], _step_name(opts.alpha, k, len(candidates))), report.cancel)
@@ -259,10 +259,6 @@ def _in_memory(a: Source, b: Source, candidates: list[MergeOptions], c: Source |
                 prep.verify_unchanged()
                 metadata = plan.metadata()
             yield opts.alpha, memory_checkpoint(tensors, metadata, names[k]), plan.diagnostics
-    except InputChangedError as e:
-        raise prep.changed_error(e) from None
-    finally:
-        prep.close()
 
 
 def parse_alphas(text: str) -> list[float]:
