@@ -27,6 +27,7 @@ from lib_rebasin.methods import METHODS  # noqa: E402
 from lib_rebasin.options import OPTIONS  # noqa: E402
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.api_policy import ALLOWED_HOSTS_ENV, ApiPolicy, listen_address  # noqa: E402
+from lib_rebasin.ui.generation import GENERATION_FIELDS  # noqa: E402
 from lib_rebasin.ui.host import DEFAULTS, HIRES_ELEM_IDS, BaseHost, CheckpointEntry  # noqa: E402
 from lib_rebasin.ui.service import MergeService  # noqa: E402
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
@@ -40,6 +41,7 @@ TAB_TITLE = "Re-Basin"
 TAB_ID = "rebasin"
 SECTION = ("rebasin", "Re-Basin")
 _ID_TO_KEY = {v: k for k, v in HIRES_ELEM_IDS.items()}
+_GEN_ID_TO_KEY = {f.elem_id: f.name for f in GENERATION_FIELDS}
 _PROGRESS_STEPS = 1000
 
 
@@ -64,6 +66,8 @@ class WebUIHost(BaseHost):
         self._parked_model = None
         self._unsaved = None  # the unsaved merge loaded into the host's model: _Unsaved, or None
         self.last_file_info = None
+        self.generation_targets = {}  # txt2img's components by GenerationSettings field (the compare grid reads them)
+        self._last_processing = None  # the last compare picture's processing: its grid's file name patterns use it
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def list_checkpoints(self):
@@ -352,6 +356,68 @@ class WebUIHost(BaseHost):
     def hires_targets(self):
         return dict(self.targets)
 
+    # -- generation: the compare grid ---------------------------------------------------------------------------
+    def loaded_checkpoint(self):
+        """The file the generator uses now: the loaded model's (A1111), the selected one (Forge loads it lazily);
+        None for an unsaved merge or nothing."""
+        info = getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None)
+        if info is None or _is_forge():
+            info = sd_models.checkpoint_aliases.get(shared.opts.data.get("sd_model_checkpoint")) or info
+        if info is None or str(getattr(info, "filename", "")).endswith(UNSAVED_SUFFIX):
+            return None
+        return Path(info.filename)
+
+    def txt2img_inputs(self):
+        return dict(self.generation_targets)
+
+    def generate(self, settings, label):
+        """One txt2img picture through the host's own processing (hires fix, sampler, infotext), inside our
+        job's queue lock; nothing saved (the grid is). The infotext names the candidate."""
+        from modules import processing
+
+        from lib_rebasin.ui.generation import GeneratedImage
+
+        opts = shared.opts.data
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=getattr(shared, "sd_model", None),
+            outpath_samples=opts.get("outdir_samples") or opts.get("outdir_txt2img_samples"),
+            outpath_grids=opts.get("outdir_grids") or opts.get("outdir_txt2img_grids"),
+            prompt=settings.prompt, negative_prompt=settings.negative_prompt, seed=settings.seed,
+            sampler_name=settings.sampler_name or None, steps=settings.steps, cfg_scale=settings.cfg_scale,
+            width=settings.width, height=settings.height, batch_size=1, n_iter=1,
+            enable_hr=settings.enable_hr, hr_scale=settings.hr_scale, hr_upscaler=settings.hr_upscaler or None,
+            denoising_strength=settings.denoising_strength if settings.enable_hr else None,
+            hr_second_pass_steps=settings.hr_second_pass_steps, do_not_save_samples=True, do_not_save_grid=True)
+        if settings.scheduler:
+            p.scheduler = settings.scheduler
+        p.extra_generation_params["Re-Basin candidate"] = label
+        kept = {k: getattr(shared.state, k, None) for k in ("sampling_steps", "sampling_step", "textinfo")}
+        try:
+            processed = processing.process_images(p)
+        finally:
+            p.close()
+            for key, value in kept.items():  # the sampler sized the bar by its steps; ours counts to 1000
+                setattr(shared.state, key, value)
+        self._last_processing = p
+        if not processed.images:
+            if self.interrupted():
+                return GeneratedImage(None, "")
+            raise RebasinError(f"The WebUI generated no picture for {label}.")
+        return GeneratedImage(processed.images[0], processed.infotexts[0] if processed.infotexts else "")
+
+    def save_grid(self, image, infotext, settings):
+        """Where txt2img saves its grids (outdir_grids, else outdir_txt2img_grids), in the grid format, the
+        infotext as the picture's parameters (images.save_image)."""
+        from modules import images
+
+        opts = shared.opts.data
+        folder = opts.get("outdir_grids") or opts.get("outdir_txt2img_grids") or "outputs/txt2img-grids"
+        fullfn, _txt = images.save_image(image, folder, "grid", settings.seed, settings.prompt,
+                                         opts.get("grid_format", "png"), info=infotext,
+                                         short_filename=not opts.get("grid_extended_filename", False), grid=True,
+                                         p=self._last_processing)
+        return Path(fullfn)
+
     def ready_upscalers(self):
         """Latent modes, plus the upscalers in shared.sd_upscalers whose weights are on disk or that need none.
         The host's ESRGAN / RealESRGAN / SwinIR entries keep a URL in local_data_path until the file is
@@ -624,6 +690,9 @@ def on_after_component(component, **kwargs):
     if not _in_layout(kwargs):
         return
     elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+    gen = _GEN_ID_TO_KEY.get(elem_id)
+    if gen is not None:
+        HOST.generation_targets[gen] = component
     key = _ID_TO_KEY.get(elem_id)
     if key is not None:
         HOST.targets[key] = component

@@ -67,7 +67,8 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
                       cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
                       metadata_hook: Callable[[Diagnostics], dict[str, str]] | None = None,
                       bake_vae: str | os.PathLike[str] | Checkpoint | None = None,
-                      on_commit: Callable[[Path], None] | None = None) -> MergeResult:
+                      on_commit: Callable[[Path], None] | None = None,
+                      first: FirstMatch | None = None) -> MergeResult:
     """Run one merge and write it atomically to `output`. Raises RebasinError (incl. Cancelled); no file then.
 
     `metadata_hook(diagnostics)` may replace metadata entries once the merge is done (recipes store the whole
@@ -78,7 +79,8 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
     cancel check runs, then `on_commit(output)` (it may raise Cancelled: nothing is written then); from its return
     on the file is put in place and the merge has succeeded, so no cancel check raises any more. Only an error
     of the system itself (a full disk at the flush, a name that appeared meanwhile) can still stop it, and then
-    no file has the output's name.
+    no file has the output's name. `first` reuses the match of B onto A another merge of the pair made (a sweep's,
+    a compare grid's candidate saved later): the same bytes, without matching again.
     """
     check_arguments("merge_checkpoints", a=a, b=b, output=output, options=options, c=c, overwrite=overwrite,
                     progress=progress, cancel=cancel, extra_metadata=extra_metadata, metadata_hook=metadata_hook,
@@ -88,7 +90,7 @@ def merge_checkpoints(a: Source, b: Source, output: str | os.PathLike[str],
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, output, options, c, overwrite)
     with opened_inputs(prep, bake_vae) as baked:
-        plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked)
+        plan = _plan(prep, report, extra_metadata or {}, metadata_hook, baked, first)
         return write_plan(prep, plan, report, on_commit)
 
 

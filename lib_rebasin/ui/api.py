@@ -11,6 +11,14 @@
     GET  /rebasin/v1/loaded          {"unsaved": the unsaved merge loaded now (label, title, save_as), or null}
     POST /rebasin/v1/save-loaded     {"output_name"?, "overwrite"?} -> writes the loaded unsaved merge (the bytes
                                      /merge writes), which then is the loaded checkpoint
+    POST /rebasin/v1/compare         the /merge body plus "axis" (alpha | method | blocks), "values" and "generation"
+                                     (txt2img settings): a labelled grid, one picture per candidate with one seed
+                                     (ui/compare.py; the WebUI only) -> 202 job ("kind": "compare"); when done its
+                                     "grid" (the saved file) and "candidates" (value, label, infotext)
+    GET  /rebasin/v1/jobs/{job_id}/grid   the compare grid's picture
+    POST /rebasin/v1/compare/load    {"index", "job_id"?} -> 202 a load job for that candidate (its match reused)
+    POST /rebasin/v1/compare/save    {"index", "job_id"?, "output_name"?, "overwrite"?} -> 202 a merge job writing
+                                     that candidate (the bytes /merge writes)
     GET  /rebasin/v1/checkpoints     the host's checkpoints: title, name and (when the host knows it) hash
     GET  /rebasin/v1/methods         every method, its flags and its options' declarations (type, default, bounds
                                      or choices for that method, label, help): the option table, for clients
@@ -42,6 +50,7 @@ from ..errors import FieldError, RebasinError
 from ..io.parsing import parse_json
 from ..messages import shown
 from .api_policy import ApiPolicy
+from .compare import candidate_of, load_candidate, save_candidate, submit_compare
 from .host import CheckpointEntry
 from .request import MAX_TEXT, MergeRequest, field_of, method_listing
 from .service import MergeService
@@ -128,6 +137,50 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
 
     async def sweep(request: Request):
         return await submitted(request, lambda body: submit_sweep(service, body))
+
+    async def compare(request: Request):
+        return await submitted(request, lambda body: submit_compare(service, body))
+
+    def candidate_body(body: Any, extra: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+        if not isinstance(body, dict):
+            raise FieldError("body", "The request body must be a JSON object with 'index' (and 'job_id').")
+        allowed = ("index", "job_id", *extra)
+        unknown = sorted(set(body) - set(allowed), key=str)
+        if unknown:
+            raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give "
+                                                   f"{', '.join(allowed)}.")
+        for key in ("job_id", "output_name"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
+                raise FieldError(key, f"Field '{key}' must be a string of at most {MAX_TEXT} characters.")
+        if "overwrite" in body and not isinstance(body["overwrite"], bool):
+            raise FieldError("overwrite", "Field 'overwrite' must be true or false.")
+        return candidate_of(service, body.get("job_id"), body.get("index")), body
+
+    async def compare_load(request: Request):
+        def start(body: Any) -> Any:
+            cand, _ = candidate_body(body, ())
+            return load_candidate(service, cand)
+        return await submitted(request, start)
+
+    async def compare_save(request: Request):
+        def start(body: Any) -> Any:
+            cand, b = candidate_body(body, ("output_name", "overwrite"))
+            return save_candidate(service, cand, b.get("output_name") or "", b.get("overwrite", False))
+        return await submitted(request, start)
+
+    def grid(job_id: str, request: Request):
+        from fastapi.responses import FileResponse
+
+        try:
+            check_origin(request)
+        except _Refused as e:
+            return answer(e)
+        job = service.jobs.get(job_id)
+        path = getattr(job, "grid", None)
+        if path is None or not Path(path).is_file():
+            return JSONResponse({"detail": f"Job {shown(job_id, 60)} has no compare grid."}, status_code=404)
+        return FileResponse(str(path))
 
     def loaded(request: Request):
         try:
@@ -234,7 +287,10 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
                              (f"{prefix}/load", load, "POST"), (f"{prefix}/checkpoints", checkpoints, "GET"),
                              (f"{prefix}/methods", methods, "GET"),
                              (f"{prefix}/merge-load", merge_load, "POST"), (f"{prefix}/loaded", loaded, "GET"),
-                             (f"{prefix}/save-loaded", save_loaded, "POST")):
+                             (f"{prefix}/save-loaded", save_loaded, "POST"),
+                             (f"{prefix}/compare", compare, "POST"), (f"{prefix}/compare/load", compare_load, "POST"),
+                             (f"{prefix}/compare/save", compare_save, "POST"),
+                             (f"{prefix}/jobs/{{job_id}}/grid", grid, "GET")):
         app.add_api_route(path, fn, methods=[method], dependencies=list(dependencies))
 
 

@@ -17,9 +17,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import RebasinError
 from ..options import OPTIONS
+from .generation import GeneratedImage, GenerationSettings
 
 NO_GENERATOR = ("This program has no image generator to load a merge into; use Merge to save it as a file (or run "
                 "the tab inside AUTOMATIC1111 or Forge).")
+NO_GENERATOR_COMPARE = ("This program has no image generator, so it cannot draw a compare grid; use the sweep "
+                        "(one file per alpha: POST /rebasin/v1/sweep, or `python -m lib_rebasin merge A B --alpha "
+                        "0.25,0.5,0.75 -o \"AB_{alpha}.safetensors\"`), or run the tab inside AUTOMATIC1111 or Forge.")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
@@ -153,6 +157,10 @@ class Host(Protocol):
     def hires_targets(self) -> dict[str, Any]: ...
     def list_vaes(self) -> list[CheckpointEntry]: ...
     def ready_upscalers(self) -> set[str] | None: ...
+    def loaded_checkpoint(self) -> Path | None: ...
+    def txt2img_inputs(self) -> dict[str, Any]: ...
+    def generate(self, settings: GenerationSettings, label: str) -> GeneratedImage: ...
+    def save_grid(self, image: Any, infotext: str, settings: GenerationSettings) -> Path: ...
 
 
 DEFAULTS: dict[str, Any] = {
@@ -286,6 +294,26 @@ class BaseHost:
     def ready_upscalers(self) -> set[str] | None:
         """Upscaler names that need no download first; None = the host does not say (all are taken as ready)."""
         return None
+
+    # -- generation (the compare grid) -------------------------------------------------------------------------
+    def loaded_checkpoint(self) -> Path | None:
+        """The checkpoint file the host's generator has loaded now (None: none, or an unsaved merge): what a
+        compare grid loads again when it ends."""
+        return None
+
+    def txt2img_inputs(self) -> dict[str, Any]:
+        """txt2img's components by GenerationSettings field name, where the host has them (the tab reads the
+        compare grid's prompt, seed, size, sampler and hires fix from them)."""
+        return {}
+
+    def generate(self, settings: GenerationSettings, label: str) -> GeneratedImage:
+        """One txt2img picture with the model loaded now (`label` names it, for the infotext); runs inside
+        `run_job`. An interrupt stops it early: the caller checks `interrupted()` after."""
+        raise RebasinError(NO_GENERATOR_COMPARE)
+
+    def save_grid(self, image: Any, infotext: str, settings: GenerationSettings) -> Path:
+        """Save a compare grid where the host saves txt2img grids, `infotext` as its parameters; returns the file."""
+        raise RebasinError(NO_GENERATOR_COMPARE)
 
 
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..merge.first_match import FirstMatch
 from ..options import MergeOptions
 from ..recipe.format import Recipe
 from ..recipe.provenance import recorded_options
@@ -27,6 +28,9 @@ class Prepared:
     # True: "Merge & load (no file)": merged in memory and put into the host's generator; `output` is then only
     # the name "Save this merge" offers.
     load: bool = False
+    # The match of B onto A a compare grid made for this pair: loading or saving one of its candidates reuses it
+    # (the same bytes as matching again).
+    first: FirstMatch | None = field(default=None, repr=False, compare=False)
 
     @property
     def devices(self) -> list[str]:

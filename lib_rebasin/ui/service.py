@@ -11,8 +11,10 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import Cancelled, CheckpointReadError, FieldError, RebasinError
 from ..io.model_input import same_file
@@ -33,6 +35,8 @@ from .request import (
     field_of,
 )
 from .unsaved import UnsavedSlot
+
+J = TypeVar("J", bound=Job)
 
 
 class MergeService:
@@ -150,18 +154,20 @@ class MergeService:
 
     # -- running --------------------------------------------------------------------------------------------
     def start(self, prepared: Prepared | PreparedRecipe, job_id: str | None = None) -> Job:
-        job_id = job_id or f"task(rebasin-{uuid.uuid4().hex[:12]})"
+        job = self.register(Job(job_id or new_job_id(), prepared))
+        threading.Thread(target=self._run, args=(job,), name=f"rebasin-{job.id}", daemon=True).start()
+        return job
+
+    def register(self, job: J) -> J:
+        """Add a new job, refused while another one runs (one job at a time, whatever its kind)."""
         with self._lock:
-            busy = self.running()
-            if busy is not None:
+            if self.running() is not None:
                 raise RebasinError("A merge is already running; wait for it to finish or press Stop.")
             if self.unsaved.saving:
                 raise RebasinError("The unsaved merge is being saved; wait for it to finish.")
-            job = Job(job_id, prepared)
-            self.jobs[job_id] = job
+            self.jobs[job.id] = job
             while len(self.jobs) > self._keep:
                 self.jobs.pop(next(iter(self.jobs)))
-        threading.Thread(target=self._run, args=(job,), name=f"rebasin-{job_id}", daemon=True).start()
         return job
 
     def submit(self, req: MergeRequest, job_id: str | None = None) -> Job:
@@ -296,18 +302,72 @@ class MergeService:
             self.host.interrupt()
         return job
 
-    def _run(self, job: Job) -> None:
-        p = job.prepared
-
+    def progress_of(self, job: Job) -> Callable[[ProgressEvent], None]:
+        """The core's progress events into `job` and the host's progress bar (which adds its own ETA)."""
         def progress(ev: ProgressEvent) -> None:
             job.fraction = max(0.0, min(1.0, float(ev.fraction or 0.0)))
             job.stage = ev.stage or job.stage
             job.message = ev.message or job.stage
             job.eta_s = ev.eta_s
-            self.host.report_progress(job.fraction, job.message)  # hosts with a progress bar add their own ETA
+            self.host.report_progress(job.fraction, job.message)
+        return progress
 
-        def cancelled() -> bool:
-            return job._cancel.is_set() or self.host.interrupted()
+    def cancelled_of(self, job: Job) -> Callable[[], bool]:
+        return lambda: job._cancel.is_set() or self.host.interrupted()
+
+    def execute(self, job: Job, work: Callable[[], None], done_message: Callable[[], str],
+                after: Callable[[], None] | None = None) -> None:
+        """Run `work` inside the host's queue and end `job` the one way every kind of job ends: done, cancelled
+        (also when the host never ran it), or failed with one line; then `after()` (whatever ended the job; its
+        errors are printed, never the job's), the memory given back and the job marked finished."""
+        ran: list[bool] = []
+
+        def body() -> None:
+            if job._cancel.is_set():
+                raise Cancelled()
+            job.status, job.stage, job.message = "running", "loading", "Starting..."
+            work()
+            ran.append(True)
+
+        try:
+            self.host.run_job(job.id, body)
+            if not ran:  # the host refused to run it (for example interrupted while queued)
+                raise Cancelled()
+            job.status, job.fraction, job.stage = "done", 1.0, "done"
+            job.message = done_message()
+        except Cancelled:
+            job.status, job.stage = "cancelled", "cancelled"
+            job.message = job.status_line()
+        except RebasinError as e:
+            job.status, job.stage, job.error = "failed", "failed", str(e)
+            job.message = job.error
+        except Exception as e:  # a bug in the core or the host: still tell the user, in one line
+            job.status, job.stage = "failed", "failed"
+            job.error = f"Unexpected error ({type(e).__name__}: {shown(str(e), 200)}); see the console for details."
+            job.message = job.error
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            job.eta_s = None
+            job.finished = time.time()
+            if after is not None:
+                try:
+                    after()
+                except Exception:
+                    import traceback
+
+                    traceback.print_exc()
+            from ..memory import release_memory
+
+            # A stopped or failed merge leaves big tensors in its frames, and a recipe's freed intermediate models
+            # stay in the allocator's heap: give both back, so the host returns to its size before the job.
+            release_memory()
+            job._done.set()
+
+    def _run(self, job: Job) -> None:
+        p = job.prepared
+        progress, cancelled = self.progress_of(job), self.cancelled_of(job)
 
         def commit(output: Path) -> None:
             with self._lock:
@@ -316,9 +376,6 @@ class MergeService:
                 job.committed = True
 
         def work() -> None:
-            if job._cancel.is_set():
-                raise Cancelled()
-            job.status, job.stage, job.message = "running", "loading", "Starting..."
             device = next((d for d in p.devices if d != "cpu"), "cpu")  # a recipe may mix cpu and GPU steps
             self.host.prepare_device(device)
             chain = result = None  # exactly one is set below: the recipe's chain or the single merge's result
@@ -340,7 +397,7 @@ class MergeService:
                         p.a.path, p.b.path, p.output, p.options, c=p.c.path if p.c else None,
                         overwrite=p.request.overwrite, progress=progress, cancel=cancelled,
                         extra_metadata={"lib_rebasin_host": self.host.name}, on_commit=commit,
-                        bake_vae=p.bake_vae.path if p.bake_vae else None)
+                        bake_vae=p.bake_vae.path if p.bake_vae else None, first=p.first)
                     output, inputs = result.output, [e.path for e in (p.a, p.b, p.c) if e is not None]
             finally:
                 self.host.restore_device(device)
@@ -369,30 +426,8 @@ class MergeService:
                 job.seconds = float(result.seconds)
             self.host.after_save(job.output)
 
-        try:
-            self.host.run_job(job.id, work)
-            if job.output is None and job.loaded is None:  # the host refused to run it (e.g. interrupted, queued)
-                raise Cancelled()
-            job.status, job.fraction, job.stage = "done", 1.0, "done"
-            job.message = "Loaded (not saved)." if job.loaded is not None else "Saved."
-        except Cancelled:
-            job.status, job.stage, job.message = "cancelled", "cancelled", job.status_line_cancelled()
-        except RebasinError as e:
-            job.status, job.stage, job.error = "failed", "failed", str(e)
-            job.message = job.error
-        except Exception as e:  # a bug in the core or the host: still tell the user, in one line
-            job.status, job.stage = "failed", "failed"
-            job.error = f"Unexpected error ({type(e).__name__}: {e}); see the console for details."
-            job.message = job.error
-            import traceback
+        self.execute(job, work, lambda: "Loaded (not saved)." if job.loaded is not None else "Saved.")
 
-            traceback.print_exc()
-        finally:
-            job.eta_s = None
-            job.finished = time.time()
-            from ..memory import release_memory
 
-            # A stopped or failed merge leaves big tensors in its frames, and a recipe's freed intermediate models
-            # stay in the allocator's heap: give both back, so the host returns to its size before the job.
-            release_memory()
-            job._done.set()
+def new_job_id() -> str:
+    return f"task(rebasin-{uuid.uuid4().hex[:12]})"

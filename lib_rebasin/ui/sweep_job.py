@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, FieldError, RebasinError
+from ..errors import Cancelled, FieldError
 from ..io.model_input import open_model
 from ..io.output_file import output_bytes
 from ..io.precisions import PRECISIONS
 from ..merge.preflight import output_entries
 from ..merge.run import MergeResult
 from ..merge.sweep import alpha_label, check_room, output_names, sweep_checkpoints, sweep_options
-from ..messages import shown
 from .job import Job, Prepared
 from .request import MergeRequest, _number
-from .service import MergeService
+from .service import MergeService, new_job_id
 
 
 @dataclass
@@ -105,31 +103,15 @@ def prepare_sweep(service: MergeService, req: MergeRequest, alphas: list[float])
 def submit_sweep(service: MergeService, body: Any, job_id: str | None = None) -> SweepJob:
     req, alphas = sweep_request(body)
     prepared = prepare_sweep(service, req, alphas)
-    job_id = job_id or f"task(rebasin-{uuid.uuid4().hex[:12]})"
-    with service._lock:
-        if service.running() is not None:
-            raise RebasinError("A merge is already running; wait for it to finish or press Stop.")
-        job = SweepJob(job_id, prepared)  # type: ignore[arg-type]  # a Job whose prepared is a sweep
-        service.jobs[job_id] = job
-        while len(service.jobs) > service._keep:
-            service.jobs.pop(next(iter(service.jobs)))
-    threading.Thread(target=_run, args=(service, job, prepared), name=f"rebasin-{job_id}", daemon=True).start()
+    job = service.register(SweepJob(job_id or new_job_id(), prepared))  # type: ignore[arg-type]  # a sweep
+    threading.Thread(target=_run, args=(service, job, prepared), name=f"rebasin-{job.id}", daemon=True).start()
     return job
 
 
 def _run(service: MergeService, job: SweepJob, p: PreparedSweep) -> None:
     host = service.host
     first = p.candidates[0]
-
-    def progress(ev: Any) -> None:
-        job.fraction = max(0.0, min(1.0, float(ev.fraction or 0.0)))
-        job.stage = ev.stage or job.stage
-        job.message = ev.message or job.stage
-        job.eta_s = ev.eta_s
-        host.report_progress(job.fraction, job.message)
-
-    def cancelled() -> bool:
-        return job._cancel.is_set() or host.interrupted()
+    cancelled = service.cancelled_of(job)
 
     def commit(output: Path) -> None:
         with service._lock:  # against service.cancel: a cancel is either seen here or refused as too late
@@ -141,14 +123,11 @@ def _run(service: MergeService, job: SweepJob, p: PreparedSweep) -> None:
         job.outputs.append(Path(result.output))
 
     def work() -> None:
-        if job._cancel.is_set():
-            raise Cancelled()
-        job.status, job.stage, job.message = "running", "loading", "Starting..."
         host.prepare_device(first.request.device)
         try:
             results = sweep_checkpoints(
                 first.a.path, first.b.path, [c.output for c in p.candidates], first.options, p.alphas,
-                c=first.c.path if first.c else None, overwrite=p.request.overwrite, progress=progress,
+                c=first.c.path if first.c else None, overwrite=p.request.overwrite, progress=service.progress_of(job),
                 cancel=cancelled, extra_metadata={"lib_rebasin_host": host.name}, on_commit=commit,
                 on_written=written, bake_vae=first.bake_vae.path if first.bake_vae else None)
         finally:
@@ -158,38 +137,12 @@ def _run(service: MergeService, job: SweepJob, p: PreparedSweep) -> None:
         job.diagnostics = {"candidates": [{"output": r.output.name, **r.diagnostics.to_dict()} for r in results]}
         job.seconds = time.time() - job.started
 
-    try:
-        host.run_job(job.id, work)
-        if job.output is None:  # the host refused to run it (for example interrupted while queued)
-            raise Cancelled()
-        job.status, job.fraction, job.stage, job.message = "done", 1.0, "done", "Saved."
-    except Cancelled:
-        job.status, job.stage = "cancelled", "cancelled"
-        job.message = job.status_line()
-    except RebasinError as e:
-        job.status, job.stage, job.error = "failed", "failed", str(e)
-        job.message = job.error
-    except Exception as e:  # a bug in the core or the host: still tell the user, in one line
-        job.status, job.stage = "failed", "failed"
-        job.error = f"Unexpected error ({type(e).__name__}: {shown(str(e), 200)}); see the console for details."
-        job.message = job.error
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        job.eta_s = None
-        job.finished = time.time()
+    def register_files() -> None:
+        """The files that exist, whatever ended the job, are the host's checkpoints now."""
         inputs = [e.path for e in (first.a, first.b, first.c) if e is not None]
-        try:  # the files that exist, whatever ended the job, are the host's checkpoints now
-            if job.outputs:
-                host.remember_hashes([*job.outputs, *inputs])
-            for out in job.outputs:
-                host.after_save(out)
-        except Exception:  # a hash cache or a list refresh is never a reason to fail saved files
-            import traceback
+        if job.outputs:
+            host.remember_hashes([*job.outputs, *inputs])
+        for out in job.outputs:
+            host.after_save(out)
 
-            traceback.print_exc()
-        from ..memory import release_memory
-
-        release_memory()
-        job._done.set()
+    service.execute(job, work, lambda: "Saved.", after=register_files)

@@ -69,6 +69,22 @@ class UnsavedSlot:
                 self.release()
         return replaced
 
+    def detach(self) -> Unsaved | None:
+        """Take the held merge out of the slot without releasing it (a compare grid loads its candidates in its
+        place, then `reattach`es it)."""
+        cur, self.current = self.current, None
+        return cur
+
+    def reattach(self, cur: Unsaved) -> None:
+        """Load a detached merge into the host again and hold it as before."""
+        try:
+            cur.title = self.host.load_state_dict(cur.held.tensors, cur.label, self._replaced([cur]))
+        except BaseException:
+            cur.held.release()
+            raise
+        self.release()
+        self.current = cur
+
     def run(self, job: Job, p: Prepared, progress: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:
         """The work of a load job, inside the host's queue: merge in memory, then load into the host."""
         if not self.host.loads_in_memory:
@@ -79,7 +95,7 @@ class UnsavedSlot:
         report = Reporter(progress, cancelled)
         held = merge_held(p.a.path, p.b.path, p.options, c=p.c.path if p.c else None, report=report,
                           extra_metadata={"lib_rebasin_host": self.host.name},
-                          bake_vae=p.bake_vae.path if p.bake_vae else None)
+                          bake_vae=p.bake_vae.path if p.bake_vae else None, first=p.first)
         try:
             report.check()  # a Stop during the merge keeps the model loaded before
             label = unsaved_label(p)

@@ -149,6 +149,10 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
     record("sd_models.reload_model_weights", info.title if info else None)
     info.calculate_shorthash()  # the host hashes what it loads (get_checkpoint_state_dict)
     model_data.sd_model = FakeModel(info)
+    if os.path.isfile(info.filename):  # the weights, as the host reads them (processing draws from them)
+        from safetensors.torch import load_file
+
+        model_data.sd_model.weights = load_file(info.filename)
     from . import script_callbacks
 
     script_callbacks.model_loaded_callback(model_data.sd_model)
