@@ -244,6 +244,44 @@ def test_bad_input_is_one_line_and_the_model_keeps_working(webui, tmp_path, kw, 
     assert processing.process_images(p).images
 
 
+def test_the_tab_compares_with_txt2img_settings_then_loads_and_saves_a_candidate(webui, tmp_path):
+    from PIL import Image
+    from test_webui_adapter import _build_ui, _fn_for
+
+    grids = _grids_dir(tmp_path, webui)
+    _load_file(webui)
+    _tabs, comps, _dd, _demo = _build_ui(webui)
+    ui = webui.TAB
+    assert set(webui.HOST.txt2img_inputs()) >= {"prompt", "seed", "width", "height", "steps", "sampler_name",
+                                                "enable_hr", "hr_scale", "hr_upscaler", "denoising_strength",
+                                                "hr_second_pass_steps"}
+    fn, dep = _fn_for(ui.blocks, ui["compare_run"])
+    values = ui.values(model_a="alpha.safetensors", model_b="beta.safetensors", device="cpu",
+                       compare_values="0.25, 0.75")
+    values.update({comps["prompt"]: "a red barn", comps["seed"]: 77.0, comps["width"]: 64, comps["height"]: 64,
+                   comps["sampling_steps"]: 2, comps["sampler"]: "DPM++ 2M", comps["enable"]: True,
+                   comps["scale"]: 2.0, comps["upscaler"]: "Lanczos", comps["denoise"]: 0.5, comps["steps"]: 0})
+    frames = list(fn(values))
+    last = dict(zip(dep["outputs"], frames[-1], strict=True))
+    out = {name: last[ui[name]._id] for name in ("compare_error", "compare_grid", "compare_info", "compare_pick")}
+    assert out["compare_error"] == "", out
+    assert out["compare_grid"].size == (2 * 128, out["compare_grid"].height)
+    assert "Seed: 77" in out["compare_info"] and "Sampler: DPM++ 2M" in out["compare_info"]
+    assert out["compare_pick"]["choices"] in (["1: alpha 0.25", "2: alpha 0.75"],
+                                              [("1: alpha 0.25",) * 2, ("2: alpha 0.75",) * 2])
+    (grid,) = grids.iterdir()
+    with Image.open(grid) as im:
+        assert "a red barn" in im.info["parameters"]
+    load_fn, load_dep = _fn_for(ui.blocks, ui["compare_load"])
+    shown = dict(zip(load_dep["outputs"], list(load_fn("2: alpha 0.75"))[-1], strict=True))
+    assert "alpha 0.75" in shown[ui["unsaved_status"]._id]
+    save_fn, save_dep = _fn_for(ui.blocks, ui["compare_save"])
+    list(save_fn("1: alpha 0.25", "tab_pick", False))
+    assert (tmp_path / "tab_pick.safetensors").read_bytes() == _direct(tmp_path, 0.25, "t.safetensors")
+    bad = dict(zip(dep["outputs"], list(fn({**values, ui["compare_values"]: "0.2, nope"}))[-1], strict=True))
+    assert "is not a number" in bad[ui["compare_error"]._id]
+
+
 def test_standalone_app_has_no_generator_and_offers_the_sweep(tmp_path):
     from lib_rebasin.ui.service import MergeService
     from lib_rebasin.ui.standalone import StandaloneHost
@@ -251,6 +289,10 @@ def test_standalone_app_has_no_generator_and_offers_the_sweep(tmp_path):
     service = MergeService(StandaloneHost(tmp_path))
     with pytest.raises(RebasinError, match="sweep"):
         submit_compare(service, _body())
+    from lib_rebasin.ui.tab import build_tab
+
+    ui = build_tab(StandaloneHost(tmp_path), service)
+    assert "has none" in ui["compare_help"].value and ui["compare_sweep"].visible and not ui["compare_run"].visible
 
 
 def test_api_compare_job_grid_and_candidate_routes(webui, tmp_path):

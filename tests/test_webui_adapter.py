@@ -103,6 +103,13 @@ def _build_ui(webui, with_txt2img=True):
             comps["denoise"] = gr.Slider(0, 1, step=0.01, value=0.7, elem_id="txt2img_denoising_strength")
             comps["scale"] = gr.Slider(1, 4, step=0.05, value=2.0, elem_id="txt2img_hr_scale")
             comps["prompt"] = gr.Textbox("a castle", elem_id="txt2img_prompt")
+            # what the compare grid reads besides (modules/processing_scripts/seed.py, sampler.py, ui.py)
+            comps["seed"] = gr.Number(-1, precision=0, elem_id="txt2img_seed")
+            comps["width"] = gr.Slider(64, 2048, step=8, value=512, elem_id="txt2img_width")
+            comps["height"] = gr.Slider(64, 2048, step=8, value=512, elem_id="txt2img_height")
+            comps["sampling_steps"] = gr.Slider(1, 150, step=1, value=20, elem_id="txt2img_steps")
+            comps["sampler"] = gr.Dropdown(choices=["Euler a", "DPM++ 2M"], value="Euler a",
+                                           elem_id="txt2img_sampling")
             for c in comps.values():
                 script_callbacks.after_component_callback(c, elem_id=c.elem_id)
     tabs = script_callbacks.ui_tabs_callback()

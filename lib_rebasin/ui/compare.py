@@ -182,11 +182,22 @@ def prepare_compare(service: MergeService, req: MergeRequest, axis: str, values:
 
 
 def submit_compare(service: MergeService, body: Any, job_id: str | None = None) -> CompareJob:
-    """Check and start a compare grid job (one job at a time, as every merge)."""
+    """Check and start a compare grid job from an API body."""
+    try:
+        req, axis, values, settings = compare_request(body)
+    except Exception:
+        if job_id:
+            service.host.discard_job(job_id)
+        raise
+    return start_compare(service, req, axis, values, settings, job_id)
+
+
+def start_compare(service: MergeService, req: MergeRequest, axis: str, values: list[Any],
+                  settings: GenerationSettings, job_id: str | None = None) -> CompareJob:
+    """Check every candidate and the grid, then run the job (one job at a time, as every merge)."""
     from .compare_run import run_compare
 
     try:
-        req, axis, values, settings = compare_request(body)
         prepared = prepare_compare(service, req, axis, values, settings)
         job = service.register(CompareJob(job_id or new_job_id(), prepared))  # type: ignore[arg-type]
     except Exception:

@@ -102,6 +102,11 @@ def prepare_sweep(service: MergeService, req: MergeRequest, alphas: list[float])
 
 def submit_sweep(service: MergeService, body: Any, job_id: str | None = None) -> SweepJob:
     req, alphas = sweep_request(body)
+    return start_sweep(service, req, alphas, job_id)
+
+
+def start_sweep(service: MergeService, req: MergeRequest, alphas: list[float], job_id: str | None = None) -> SweepJob:
+    """Check every candidate (prepare_sweep), then run the sweep as the service's one job."""
     prepared = prepare_sweep(service, req, alphas)
     job = service.register(SweepJob(job_id or new_job_id(), prepared))  # type: ignore[arg-type]  # a sweep
     threading.Thread(target=_run, args=(service, job, prepared), name=f"rebasin-{job.id}", daemon=True).start()

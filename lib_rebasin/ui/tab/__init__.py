@@ -1,8 +1,9 @@
 """The Re-Basin tab as a gradio Blocks, built against a `Host`.
 
-layout.py builds the components, merge_events.py / recipe_events.py / hires.py wire them, rendering.py draws
-what a job shows; an event with several inputs reads them by name (fields.py). Only the gradio subset that runs
-on both 3.41 and 4.x is used (compat.py); gradio is imported inside `build_tab` only.
+layout.py builds the components, merge_events.py / unsaved_events.py / compare_events.py / recipe_events.py /
+hires.py wire them, rendering.py draws what a job shows; an event with several inputs reads them by name
+(fields.py). Only the gradio subset that runs on both 3.41 and 4.x is used (compat.py); gradio is imported inside
+`build_tab` only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from ..host import Host
 from ..service import MergeService
+from .compare_events import wire_compare_events
 from .compat import NOT_IN_UI_CONFIG
 from .context import Defaults, TabContext
 from .hires import wire_hires_presets
@@ -57,6 +59,7 @@ def build_tab(host: Host, service: MergeService | None = None, *, title: str = "
                                   in_memory=host.loads_in_memory))
         wire_merge_events(ctx, blocks)
         wire_unsaved_events(ctx, blocks)
+        wire_compare_events(ctx)
         wire_recipe_events(ctx)
         wire_hires_presets(ctx.c, host)
     for key in FROM_SETTINGS:

@@ -31,6 +31,16 @@ UNSAVED_HELP = ("**Merge & load (no file)** merges in memory and loads the resul
 NO_GENERATOR_HELP = ("*Merge & load (no file) needs the WebUI's image generator; this program has none: use "
                      "Merge to save the merge as a file.*")
 
+COMPARE_HELP = ("Pick A and B (C where the method needs it) and the method above, then the values of **one** axis. "
+                "Each candidate is merged in memory (re-basin matches the pair **once** for every alpha), loaded, "
+                "and drawn with txt2img's prompt, negative prompt, seed, size, steps, sampler and hires fix as they "
+                "are; the grid is saved where txt2img saves grids. Stop gives back the model loaded before. Then "
+                "**Load** or **Save** the candidate you like (the same file Merge writes).")
+NO_GENERATOR_COMPARE_HELP = ("*A compare grid needs the WebUI's image generator; this program has none. The sweep "
+                             "below saves one file per alpha value instead (B matched onto A once); load them in "
+                             "your generator to compare.*")
+AXIS_LABELS = {"alpha": "Alpha values", "method": "Methods", "blocks": "Block-weight presets"}
+
 
 def method_help(key: str) -> str:
     return md_escape(METHODS[key].help) if key in METHODS else ""
@@ -46,6 +56,9 @@ def build_layout(gr: Any, d: Defaults, title: str, titles: list[str], vae_choice
                     "<p class='rebasin-lead'>Align model B's neurons to model A (weight matching), then "
                     "interpolate. The result is saved as a new checkpoint.</p>")
             _merge_form(gr, c, d, titles, vae_choices, in_memory)
+            with gr.Accordion("Compare: a grid over one axis (same prompt and seed)", open=False,
+                              elem_id="rebasin_compare"):
+                _compare_form(gr, c, in_memory)
             with gr.Accordion("Recipe: a chain of merges in one run", open=False, elem_id="rebasin_recipe"):
                 _recipe_form(gr, c, d, titles, vae_choices)
         with gr.Column(elem_id="rebasin_outputs"):
@@ -114,6 +127,35 @@ def _merge_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_
     c["merge_load_help"] = gr.Markdown(UNSAVED_HELP if in_memory else NO_GENERATOR_HELP,
                                        elem_id="rebasin_merge_load_help")
     c["task_id"] = gr.Textbox(value="", visible=False, elem_id="rebasin_task_id")
+
+
+def _compare_form(gr: Any, c: dict[str, Any], in_memory: bool) -> None:
+    """The compare grid (WebUI) or, without a generator, the sweep (one file per alpha) in its place."""
+    c["compare_help"] = gr.Markdown(COMPARE_HELP if in_memory else NO_GENERATOR_COMPARE_HELP,
+                                    elem_id="rebasin_compare_help")
+    with gr.Row():
+        c["compare_axis"] = gr.Radio(choices=list(AXIS_LABELS.values()), value=AXIS_LABELS["alpha"],
+                                     label="Vary", elem_id="rebasin_compare_axis", visible=in_memory)
+        c["compare_values"] = gr.Textbox(value="0.2, 0.35, 0.5, 0.65, 0.8", max_lines=1,
+                                         label="Values (comma-separated: alphas, method names, or block presets)",
+                                         elem_id="rebasin_compare_values")
+    with gr.Row(elem_id="rebasin_compare_buttons"):
+        c["compare_run"] = gr.Button("Compare", variant="primary", elem_id="rebasin_compare_run", visible=in_memory)
+        c["compare_sweep"] = gr.Button("Sweep: save one file per alpha", elem_id="rebasin_compare_sweep",
+                                       visible=not in_memory)
+        c["compare_stop"] = gr.Button("Stop", elem_id="rebasin_compare_stop")
+    c["compare_error"] = gr.HTML("", elem_id="rebasin_compare_error")
+    c["compare_status"] = gr.HTML("", elem_id="rebasin_compare_status")
+    c["compare_grid"] = gr.Image(value=None, label="Grid", type="pil", interactive=False,
+                                 elem_id="rebasin_compare_grid", visible=in_memory)
+    c["compare_info"] = gr.Markdown("", elem_id="rebasin_compare_info")
+    with gr.Row(elem_id="rebasin_compare_pick_row", visible=in_memory):
+        c["compare_pick"] = gr.Dropdown(choices=[], value=None, label="Candidate", elem_id="rebasin_compare_pick")
+        c["compare_save_name"] = gr.Textbox(value="", max_lines=1, label="Save as (empty = the usual name)",
+                                            elem_id="rebasin_compare_save_name")
+    with gr.Row(elem_id="rebasin_compare_pick_buttons", visible=in_memory):
+        c["compare_load"] = gr.Button("Load this candidate", elem_id="rebasin_compare_load", interactive=False)
+        c["compare_save"] = gr.Button("Save this candidate", elem_id="rebasin_compare_save", interactive=False)
 
 
 def _recipe_form(gr: Any, c: dict[str, Any], d: Defaults, titles: list[str], vae_choices: list[str]) -> None:
