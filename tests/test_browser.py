@@ -2,7 +2,9 @@
 
 Picks two small synthetic checkpoints, refuses a bad input with its reason, runs a re-basin merge, watches the
 progress finish, checks the file and the diagnostics, loads the result, and saves screenshots into the test's
-tmp folder (also into $REBASIN_SCREENSHOT_DIR when set, for CI artifacts). Run with: pytest -m browser
+tmp folder (also into $REBASIN_SCREENSHOT_DIR when set, for CI artifacts). The compare section runs against the
+WebUI stand-in server (tests/webui_standin/webui.py, with its txt2img tab); the standalone app shows the sweep in
+its place. Run with: pytest -m browser
 """
 
 from __future__ import annotations
@@ -55,24 +57,10 @@ def app(tmp_path_factory):
     cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT) + os.pathsep +
-           os.environ.get("PYTHONPATH", ""), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models),
-                                 "--port", str(port)], cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = _serve([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models), "--port",
+                   str(port)], log)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"standalone app did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    _wait_up(proc, url, log)
     yield url, models
     proc.terminate()
     try:
@@ -81,18 +69,78 @@ def app(tmp_path_factory):
         proc.kill()
 
 
-@pytest.fixture()
-def page(app):
+def _serve(cmd, log, env_extra=None):
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT) + os.pathsep +
+           os.environ.get("PYTHONPATH", ""), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+           **(env_extra or {})}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_up(proc, url, log):
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def webui_app(tmp_path_factory):
+    """The WebUI stand-in server (A1111's startup order, a txt2img tab, the extension's tab), two tiny models."""
+    _requirements()
+    from model_cache import cached_checkpoint
+
+    models = tmp_path_factory.mktemp("webui_models")
+    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
+    data = tmp_path_factory.mktemp("webui_data")
+    port = _free_port()
+    log = data / "server.log"
+    proc = _serve([sys.executable, str(ROOT / "tests" / "webui_standin" / "webui.py"), "--models-dir", str(models),
+                   "--data-dir", str(data), "--port", str(port)], log, {"OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    _wait_up(proc, url, log)
+    yield url, models, data
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _open(url):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1300})
         pg.set_default_timeout(30_000)
-        pg.goto(app[0])
-        pg.wait_for_selector("#rebasin_merge", state="visible")
+        pg.goto(url)
         yield pg
         browser.close()
+
+
+@pytest.fixture()
+def page(app):
+    for pg in _open(app[0]):
+        pg.wait_for_selector("#rebasin_merge", state="visible")
+        yield pg
+
+
+@pytest.fixture()
+def webui_page(webui_app):
+    for pg in _open(webui_app[0]):
+        pg.click("button:has-text('Re-Basin')")  # the extension's tab, after txt2img
+        pg.wait_for_selector("#rebasin_merge", state="visible")
+        yield pg
 
 
 def _shot(page, tmp_path, name):
@@ -181,3 +229,49 @@ def test_recipe_step_buttons_stay_on_one_line(page):
     box = down.bounding_box()
     up = page.locator("#rebasin_recipe_up").first.bounding_box()
     assert abs(box["height"] - up["height"]) < 1 and box["height"] < 3 * line  # one line, like its neighbour
+
+
+def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, tmp_path):
+    page = webui_page
+    _url, models, data = webui_app
+    _pick(page, "rebasin_model_a", "anime_style.safetensors")
+    _pick(page, "rebasin_model_b", "photo_style.safetensors")
+    page.click("#rebasin_compare")  # open the accordion
+    values = page.locator("#rebasin_compare_values input, #rebasin_compare_values textarea").first
+    values.wait_for(state="visible")
+    assert "txt2img" in page.locator("#rebasin_compare_help").inner_text()
+    values.fill("0.2, x")
+    page.click("#rebasin_compare_run")
+    page.wait_for_function(
+        "() => (document.querySelector('#rebasin_compare_error')||{}).innerText?.includes('is not a number')")
+    values.fill("0.3, 0.7")
+    values.press("Tab")
+    page.click("#rebasin_compare_run")
+    page.wait_for_selector("#rebasin_compare_status .rebasin-done", timeout=600_000)
+    status = page.locator("#rebasin_compare_status .rebasin-status-line").inner_text()
+    assert "a grid of 2 candidates" in status and "seed 42" in status
+    page.locator("#rebasin_compare_grid img").first.wait_for(state="visible")
+    grids = list((data / "outputs" / "txt2img-grids").glob("*.png"))
+    assert len(grids) == 1
+    from PIL import Image
+
+    with Image.open(grids[0]) as im:
+        assert im.width == 2 * 64 and "a lighthouse" in im.info["parameters"]
+    assert "alpha 0.7" in page.locator("#rebasin_compare_info").inner_text()
+    _shot(page, tmp_path, "rebasin_compare_grid.png")
+    _pick(page, "rebasin_compare_pick", "2: alpha 0.7")
+    name = page.locator("#rebasin_compare_save_name input, #rebasin_compare_save_name textarea").first
+    name.fill("browser_pick")
+    name.press("Tab")
+    page.click("#rebasin_compare_save")
+    page.wait_for_function(
+        "() => (document.querySelector('#rebasin_compare_status')||{}).innerText?.includes('browser_pick')",
+        timeout=300_000)
+    assert (models / "browser_pick.safetensors").is_file()
+
+
+def test_standalone_compare_section_offers_the_sweep(page):
+    page.click("#rebasin_compare")
+    page.locator("#rebasin_compare_sweep").first.wait_for(state="visible")
+    assert "has none" in page.locator("#rebasin_compare_help").inner_text()
+    assert page.locator("#rebasin_compare_run").count() == 0 or not page.locator("#rebasin_compare_run").is_visible()

@@ -416,8 +416,9 @@ def _press_load(ui, demo, path):
         shown = upd["value"]
         ui_settings.checkpoint_dropdown_changed(shown)
     hooks = [d for d in _deps(ui.blocks) if "selectCheckpoint" in str(d.get("js") or d.get("_js") or "")]
-    # Load merged model, Merge & load (no file) and Save this merge: each tells the page the same component's name
-    assert len(hooks) == 3 and {tuple(h["inputs"]) for h in hooks} == {(ui["page_checkpoint"]._id,)}
+    # Load merged model, Merge & load (no file), Save this merge and the compare grid's Load this candidate: each
+    # tells the page the same component's name
+    assert len(hooks) == 4 and {tuple(h["inputs"]) for h in hooks} == {(ui["page_checkpoint"]._id,)}
     for comp_id in hooks[0]["inputs"]:
         if values.get(comp_id):
             shown = ui_settings.change_checkpoint(values[comp_id])

@@ -122,6 +122,21 @@ def main(argv=None):
 
     import gradio as gr
 
+    # txt2img first, as the host builds it before the extensions' tabs: the components the compare grid reads
+    # (modules/ui.py, ui_toprow.py, processing_scripts/seed.py and sampler.py), each through the after_component hook
+    data_dir = Path(args.data_dir or Path(args.models_dir).resolve().parent)
+    shared.opts.data.setdefault("outdir_txt2img_grids", str(data_dir / "outputs" / "txt2img-grids"))
+    with gr.Blocks(analytics_enabled=False) as txt2img:
+        for make, elem_id in ((lambda: gr.Textbox("a lighthouse", label="Prompt"), "txt2img_prompt"),
+                              (lambda: gr.Textbox("", label="Negative prompt"), "txt2img_neg_prompt"),
+                              (lambda: gr.Dropdown(["Euler a", "DPM++ 2M"], value="Euler a"), "txt2img_sampling"),
+                              (lambda: gr.Slider(1, 150, step=1, value=4, label="Steps"), "txt2img_steps"),
+                              (lambda: gr.Slider(64, 2048, step=8, value=64, label="Width"), "txt2img_width"),
+                              (lambda: gr.Slider(64, 2048, step=8, value=64, label="Height"), "txt2img_height"),
+                              (lambda: gr.Number(42, precision=0, label="Seed"), "txt2img_seed")):
+            component = make()
+            component.elem_id = elem_id
+            script_callbacks.after_component_callback(component, elem_id=elem_id)
     tabs = script_callbacks.ui_tabs_callback()
     with gr.Blocks(analytics_enabled=False) as demo:
         dd = gr.Dropdown(choices=sd_models.checkpoint_tiles(), elem_id="setting_sd_model_checkpoint",
@@ -129,6 +144,8 @@ def main(argv=None):
         script_callbacks.after_component_callback(dd, elem_id="setting_sd_model_checkpoint",
                                                   label="Stable Diffusion checkpoint")
         with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                txt2img.render()
             for blocks, title, elem_id in tabs:
                 with gr.Tab(title, id=elem_id, elem_id=f"tab_{elem_id}"):
                     blocks.render()
