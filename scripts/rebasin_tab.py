@@ -390,6 +390,10 @@ class WebUIHost(BaseHost):
             hr_second_pass_steps=settings.hr_second_pass_steps, do_not_save_samples=True, do_not_save_grid=True)
         if settings.scheduler:
             p.scheduler = settings.scheduler
+        if hasattr(p, "hr_additional_modules"):  # Forge: its txt2img passes these; the dataclass defaults break it
+            if p.hr_additional_modules is None:  # (processing.py: 'Use same choices' not in None)
+                p.hr_additional_modules = ["Use same choices"]
+            p.hr_cfg = settings.cfg_scale  # its default 1.0 would run the hires pass without guidance
         p.extra_generation_params["Re-Basin candidate"] = label
         kept = {k: getattr(shared.state, k, None) for k in ("sampling_steps", "sampling_step", "textinfo")}
         try:

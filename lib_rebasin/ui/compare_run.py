@@ -47,7 +47,9 @@ def run_compare(service: MergeService, job: CompareJob) -> None:
         finally:
             host.restore_device(p.request.device)
             kept: Unsaved | None = before["unsaved"]
-            if kept is not None:  # inside the queue, before anyone generates with a candidate
+            if kept is not None and not before["loaded"]:  # the host's model never changed: it is held as before
+                service.unsaved.current = kept
+            elif kept is not None:  # inside the queue, before anyone generates with a candidate
                 job.message = "Loading the unsaved merge loaded before again..."
                 host.report_progress(1.0, job.message)
                 service.unsaved.reattach(kept)
