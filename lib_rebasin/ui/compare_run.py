@@ -17,6 +17,7 @@ from ..merge.held import merge_held
 from ..progress import Reporter
 from .compare import CompareJob
 from .compare_grid import labelled_grid
+from .job_runner import cancelled_of, execute, progress_of
 from .service import MergeService
 from .unsaved import Unsaved
 
@@ -35,7 +36,7 @@ def run_compare(service: MergeService, job: CompareJob) -> None:
     host = service.host
     p = job.compare
     n = len(p.candidates)
-    progress, cancelled = service.progress_of(job), service.cancelled_of(job)
+    progress, cancelled = progress_of(host, job), cancelled_of(host, job)
     before: dict[str, Any] = {"file": None, "unsaved": None, "loaded": False}
 
     def work() -> None:
@@ -113,7 +114,7 @@ def run_compare(service: MergeService, job: CompareJob) -> None:
         elif before["loaded"] and before["unsaved"] is None:
             job.restored = "The last candidate stays loaded (no model was loaded before)."
 
-    service.execute(job, work, lambda: "Grid saved.", after=restore_file)
+    execute(host, job, work, lambda: "Grid saved.", after=restore_file)
 
 
 def _nothing() -> None:

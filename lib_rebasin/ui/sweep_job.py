@@ -22,6 +22,7 @@ from ..merge.preflight import output_entries
 from ..merge.run import MergeResult
 from ..merge.sweep import alpha_label, check_room, output_names, sweep_checkpoints, sweep_options
 from .job import Job, Prepared
+from .job_runner import cancelled_of, execute, progress_of
 from .request import MergeRequest, _number
 from .service import MergeService, new_job_id
 
@@ -116,7 +117,7 @@ def start_sweep(service: MergeService, req: MergeRequest, alphas: list[float], j
 def _run(service: MergeService, job: SweepJob, p: PreparedSweep) -> None:
     host = service.host
     first = p.candidates[0]
-    cancelled = service.cancelled_of(job)
+    cancelled = cancelled_of(host, job)
 
     def commit(output: Path) -> None:
         with service._lock:  # against service.cancel: a cancel is either seen here or refused as too late
@@ -132,7 +133,7 @@ def _run(service: MergeService, job: SweepJob, p: PreparedSweep) -> None:
         try:
             results = sweep_checkpoints(
                 first.a.path, first.b.path, [c.output for c in p.candidates], first.options, p.alphas,
-                c=first.c.path if first.c else None, overwrite=p.request.overwrite, progress=service.progress_of(job),
+                c=first.c.path if first.c else None, overwrite=p.request.overwrite, progress=progress_of(host, job),
                 cancel=cancelled, extra_metadata={"lib_rebasin_host": host.name}, on_commit=commit,
                 on_written=written, bake_vae=first.bake_vae.path if first.bake_vae else None)
         finally:
@@ -150,4 +151,4 @@ def _run(service: MergeService, job: SweepJob, p: PreparedSweep) -> None:
         for out in job.outputs:
             host.after_save(out)
 
-    service.execute(job, work, lambda: "Saved.", after=register_files)
+    execute(host, job, work, lambda: "Saved.", after=register_files)
