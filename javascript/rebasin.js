@@ -1,11 +1,11 @@
 // Re-Basin extension: client-side hooks. Every global here starts with rebasin_ (all extension JS shares one
 // namespace). The tab calls these through guarded inline hooks, so it still works where this file is not loaded.
 
-// Merge / Run recipe: give the job a WebUI task id (the event's input at taskIndex) and show the host's own
-// progress bar above our panel.
-function rebasin_start_merge(taskIndex, args) {
+// Merge / Run recipe / Compare: give the job a WebUI task id (the event's input at taskIndex) and show the host's
+// own progress bar above our panel (anchorId: the element it goes in, the merge's by default).
+function rebasin_start_merge(taskIndex, args, anchorId) {
     var id = (typeof randomId === 'function') ? randomId() : 'task(rebasin-' + Math.random().toString(36).slice(2, 12) + ')';
-    var anchor = gradioApp().getElementById('rebasin_progress_anchor');
+    var anchor = gradioApp().getElementById(anchorId || 'rebasin_progress_anchor');
     if (anchor && typeof requestProgress === 'function') {
         requestProgress(id, anchor, null, function() {});
     }

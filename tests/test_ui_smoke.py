@@ -292,7 +292,7 @@ def test_recipe_step_buttons_never_wrap():
     assert "#rebasin_recipe_step_buttons button { white-space: nowrap;" in tab_css()
 
 
-@pytest.mark.parametrize("button", ["merge", "recipe_run"])
+@pytest.mark.parametrize("button", ["merge", "recipe_run", "compare_run"])
 def test_start_hook_writes_the_task_id_into_the_task_id_input(tmp_path, button):
     """Merge and Run recipe read their inputs by name (gradio passes a set of inputs as one dict, ordered by
     component id); javascript/rebasin.js must put the WebUI task id at task_id's place among the values it gets."""
@@ -308,7 +308,7 @@ def test_start_hook_writes_the_task_id_into_the_task_id_input(tmp_path, button):
             if ui[button]._id in [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]]]
     assert len(deps) == 1
     js = deps[0].get("js") or deps[0].get("_js")
-    position = int(re.search(r"rebasin_start_merge\((\d+), args\)", js).group(1))
+    position = int(re.search(r"rebasin_start_merge\((\d+), args[,)]", js).group(1))
     assert deps[0]["inputs"][position] == ui["task_id"]._id
 
 

@@ -119,8 +119,9 @@ def wire_compare_events(ctx: TabContext) -> None:
                 yield (err, frame, keep(), keep(), keep(), update(interactive=False), update(interactive=False),
                        update(interactive=True))
 
+    hook = js_start(form.position("task_id"), "rebasin_compare_progress_anchor")
     c["compare_event"] = c["compare_run"].click(fn=run, inputs=form.inputs, outputs=outputs, show_progress=False,
-                                                **js_kwargs(js_start(form.position("task_id"))))
+                                                **js_kwargs(hook))
 
     def stop() -> str:
         job = service.cancel()

@@ -39,11 +39,11 @@ NOT_IN_UI_CONFIG = "do_not_save_to_config"
 # JS hooks. Each is inline and guarded, so the tab works where javascript/rebasin.js is not loaded (standalone).
 
 
-def js_start(task_position: int) -> str:
-    """The Merge / Run recipe hook: javascript/rebasin.js gives the job a WebUI task id (at `task_position` of the
-    event's inputs) and attaches the host's progress bar to it."""
+def js_start(task_position: int, anchor: str = "rebasin_progress_anchor") -> str:
+    """The Merge / Run recipe / Compare hook: javascript/rebasin.js gives the job a WebUI task id (at
+    `task_position` of the event's inputs) and attaches the host's progress bar to it, in the element `anchor`."""
     return (f"(...args) => {{ if (typeof rebasin_start_merge === 'function') {{ "
-            f"return rebasin_start_merge({int(task_position)}, args); }} return args; }}")
+            f"return rebasin_start_merge({int(task_position)}, args, '{anchor}'); }} return args; }}")
 
 
 JS_SELECT_CHECKPOINT = ("(title) => { if (title && typeof selectCheckpoint === 'function') { selectCheckpoint(title); }"

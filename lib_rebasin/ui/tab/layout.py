@@ -145,6 +145,7 @@ def _compare_form(gr: Any, c: dict[str, Any], in_memory: bool) -> None:
                                        visible=not in_memory)
         c["compare_stop"] = gr.Button("Stop", elem_id="rebasin_compare_stop")
     c["compare_error"] = gr.HTML("", elem_id="rebasin_compare_error")
+    c["compare_progress_anchor"] = gr.HTML("", elem_id="rebasin_compare_progress_anchor")
     c["compare_status"] = gr.HTML("", elem_id="rebasin_compare_status")
     c["compare_grid"] = gr.Image(value=None, label="Grid", type="pil", interactive=False,
                                  elem_id="rebasin_compare_grid", visible=in_memory)
