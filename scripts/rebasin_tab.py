@@ -386,7 +386,7 @@ class WebUIHost(BaseHost):
             sampler_name=settings.sampler_name or None, steps=settings.steps, cfg_scale=settings.cfg_scale,
             width=settings.width, height=settings.height, batch_size=1, n_iter=1,
             enable_hr=settings.enable_hr, hr_scale=settings.hr_scale, hr_upscaler=settings.hr_upscaler or None,
-            denoising_strength=settings.denoising_strength if settings.enable_hr else None,
+            denoising_strength=settings.denoising_strength,
             hr_second_pass_steps=settings.hr_second_pass_steps, do_not_save_samples=True, do_not_save_grid=True)
         if settings.scheduler:
             p.scheduler = settings.scheduler
