@@ -275,7 +275,7 @@ def test_the_tab_compares_with_txt2img_settings_then_loads_and_saves_a_candidate
     load_fn, load_dep = _fn_for(ui.blocks, ui["compare_load"])
     shown = dict(zip(load_dep["outputs"], list(load_fn("2: alpha 0.75"))[-1], strict=True))
     assert "alpha 0.75" in shown[ui["unsaved_status"]._id]
-    save_fn, save_dep = _fn_for(ui.blocks, ui["compare_save"])
+    save_fn, _save_dep = _fn_for(ui.blocks, ui["compare_save"])
     list(save_fn("1: alpha 0.25", "tab_pick", False))
     assert (tmp_path / "tab_pick.safetensors").read_bytes() == _direct(tmp_path, 0.25, "t.safetensors")
     bad = dict(zip(dep["outputs"], list(fn({**values, ui["compare_values"]: "0.2, nope"}))[-1], strict=True))
