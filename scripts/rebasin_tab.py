@@ -420,7 +420,7 @@ class WebUIHost(BaseHost):
                                          opts.get("grid_format", "png"), info=infotext,
                                          short_filename=not opts.get("grid_extended_filename", False), grid=True,
                                          p=self._last_processing)
-        return Path(fullfn)
+        return Path(fullfn).resolve()  # the host saves relative to its own folder; callers elsewhere need it whole
 
     def ready_upscalers(self):
         """Latent modes, plus the upscalers in shared.sd_upscalers whose weights are on disk or that need none.
