@@ -33,9 +33,16 @@ from .forward_support import check_forward_supported
 from .permute import Perms
 
 
+def layer_of(key: str) -> str:
+    """The layer a weight key belongs to, as the forward pass names its output (OpenCLIP's fused `in_proj_weight`
+    is layer `in_proj`)."""
+    return key.removesuffix(".weight").removesuffix("_weight")
+
+
 def sites(spec: ArchSpec[Any], group: Group) -> list[Slot]:
-    """The layer outputs that carry `group`'s units: its slots on the output axis of a >= 2-D weight."""
-    return [s for s in group.slots if s.axis == 0 and len(spec.shapes[s.key]) >= 2]
+    """The layer outputs that carry `group`'s units: its slots on the output axis of a >= 2-D layer weight (not
+    CLIP-G's `text_projection`, stored input axis first)."""
+    return [s for s in group.slots if s.axis == 0 and len(spec.shapes[s.key]) >= 2 and s.key.endswith("weight")]
 
 
 class Correlation:
@@ -150,7 +157,7 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     wanted: dict[str, list[tuple[str, int, int, int, int]]] = {}
     for g in groups:
         for i, s in enumerate(sites(spec, g)):
-            wanted.setdefault(s.key.removesuffix(".weight"), []).append((g.name, i, s.offset, s.length, s.start))
+            wanted.setdefault(layer_of(s.key), []).append((g.name, i, s.offset, s.length, s.start))
     corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
     held: dict[str, torch.Tensor] = {}
 
