@@ -6,8 +6,9 @@ matching, groups do not depend on each other (both models run unpermuted), so th
 
 A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
 (conv/linear weights, axis 0); where such a layer adds into a residual stream, its site is the stream after the
-addition. `activation_matching` runs both models on the same inputs with the core's own forward pass
-(`sd1/forward.py`, inputs from `sd1/activation_inputs.py`), takes each site's channel window (`Slot.offset`,
+addition. `activation_matching` runs both models on the same inputs with the core's own forward pass of their
+architecture (`sd1/forward.py` or `sdxl/forward.py`, inputs from `sd1/activation_inputs.py` and
+`sdxl/activation_inputs.py`; `forward_support.forward_of` picks them), takes each site's channel window (`Slot.offset`,
 `Slot.length`) and feeds it, batch by batch, to `Correlation` with the units it carries (`Slot.start`: an attention
 group's q/k sites carry its first half, its v sites the second). The permutation it returns is applied with
 `permute.permute_tensor` like any other. Only UNet and text-encoder groups have a forward pass here.
@@ -22,14 +23,12 @@ import torch
 
 from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
+from ..forward_layers import Layers, TensorGetter, channels_last
 from ..io.model_input import ModelConfig
 from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
-from ..sd1 import forward
-from ..sd1.config import SD1Config
-from ..sd1.forward import Layers, TensorGetter, channels_last
 from .assignment import row_argmax_certificate, solve
-from .forward_support import check_forward_supported
+from .forward_support import ArchForward, check_forward_supported, forward_of
 from .permute import Perms
 
 
@@ -152,6 +151,7 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     correlations as they appear, so memory is one micro-batch of A's activations plus the correlation sums."""
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
+    fwd = forward_of(c)
     need_unet = needs_forward(spec, groups)[1]  # the text encoder always runs: it makes the UNets' contexts
     # layer -> [(group, site index, channel offset, window length, first unit carried)]
     wanted: dict[str, list[tuple[str, int, int, int, int]]] = {}
@@ -181,20 +181,20 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     layers_a = Layers(get_a, hold, device, streams=True)
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)
-    ids = inputs.prompts(c, samples, gen).to(device)
+    ids = fwd.prompts(c, samples, gen).to(device)
     steps = len(inputs.TIMESTEPS) * samples if need_unet else 0
     if progress is not None:
         progress(0.0, "activation matching: text encoder")
     # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
-    ctx_a = forward.text_encoder(c, layers_a, ids)
-    ctx_b = forward.text_encoder(c, layers_b, ids)
+    ctx_a = fwd.text_encoder(c, layers_a, ids)
+    ctx_b = fwd.text_encoder(c, layers_b, ids)
     if need_unet:
-        _denoise(c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
+        _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
                  progress, steps + 1)
     return corr
 
 
-def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor],
+def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: tuple[Any, Any],
              x: torch.Tensor, progress: Progress | None, total: int) -> None:
     """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
     one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
@@ -211,8 +211,8 @@ def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.
                          f"activation matching: t={t} ({k + 1}/{len(ts)}), prompt {i + 1}/{samples}")
             xi = x[i:i + 1].expand(2, -1, -1, -1)
             tt = torch.full((2,), t, dtype=torch.long, device=x.device)
-            eps[i] = inputs.guided(forward.unet(c, layers_a, xi, tt, torch.stack([ctx[0][i], ctx[0][-1]])), 1)[0]
-            forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
+            eps[i] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][[i, -1]]), 1)[0]  # the prompt, the empty one
+            fwd.unet(c, layers_b, xi, tt, ctx[1][[i, -1]])
             done += 1
         return eps
 
