@@ -14,6 +14,7 @@ from sdxl_reference import SDXLReference, make_inputs
 
 from lib_rebasin.align import activation_matching as am
 from lib_rebasin.align import repair
+from lib_rebasin.errors import RebasinError
 from lib_rebasin.forward_layers import Layers
 from lib_rebasin.parts import UNET
 from lib_rebasin.sdxl import forward
@@ -151,3 +152,12 @@ def test_size_conditioning_reaches_the_unet(mini) -> None:
     other = replace(cond, sizes=cond.sizes / 2)
     assert not torch.allclose(forward.unet(MINI, layers, x.latent, x.t, cond),
                               forward.unet(MINI, layers, x.latent, x.t, other))
+
+
+def test_a_pruned_file_is_refused_in_one_line(mini) -> None:
+    """A file without CLIP-G's optional `text_projection` (or `ln_final`) cannot give the UNet its pooled vector."""
+    _, sd, _ = mini
+    pruned = {k: v for k, v in sd.items() if k != f"{CLIP_G}text_projection"}
+    with pytest.raises(RebasinError, match=r"^This SDXL model has no '.*text_projection' \(a pruned file\)") as err:
+        forward.text_encoder(MINI, Layers(pruned.__getitem__), make_inputs(MINI).ids)
+    assert "\n" not in str(err.value)

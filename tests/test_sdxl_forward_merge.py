@@ -136,3 +136,17 @@ def test_sdxl_inpainting_is_refused_in_one_line(xl: dict[str, Path], tmp_path: P
                                            r"\(9 input channels\)\. ") as err:
         merge_checkpoints(xl["inpainting1"], xl["inpainting2"], tmp_path / "o.safetensors", MergeOptions(**options))
     assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
+
+
+def test_a_file_without_the_pooled_projection_is_refused_in_one_line(xl: dict[str, Path], tmp_path: Path) -> None:
+    """`text_projection` is optional in SDXL files (weight matching merges without it); the forward pass needs it
+    for the UNet's pooled conditioning, so activation matching stops in one line and writes nothing."""
+    pruned = {}
+    for name in ("a", "independent"):
+        sd = {k: v for k, v in _load(xl[name]).items() if not k.endswith("text_projection")}
+        pruned[name] = save_state_dict(tmp_path / f"{name}_pruned.safetensors", sd)
+    out = tmp_path / "out" / "o.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(RebasinError, match=r"^This SDXL model has no '.*text_projection' \(a pruned file\)") as err:
+        merge_checkpoints(pruned["a"], pruned["independent"], out, ACT)
+    assert "\n" not in str(err.value) and not any(out.parent.iterdir())

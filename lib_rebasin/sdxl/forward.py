@@ -31,6 +31,8 @@ from ..forward_layers import Layers, resblock, spatial_transformer, timestep_emb
 from ..parts import UNET
 from .config import CLIP_G, CLIP_L, SDXLConfig
 
+# Keys SDXL files may leave out (sdxl/spec.py's OPTIONAL) that the pooled conditioning needs.
+POOLED_KEYS = (f"{CLIP_G}ln_final.weight", f"{CLIP_G}ln_final.bias", f"{CLIP_G}text_projection")
 SIZE_VALUES = 6  # original height and width, crop top and left, target height and width
 # The size/crop values the data-free passes condition on: a 1024 x 1024 image, uncropped, what SDXL generates at.
 SIZE_CONDITIONING = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)
@@ -101,6 +103,12 @@ def pooled(L: Layers, last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def text_encoder(c: SDXLConfig, L: Layers, ids: torch.Tensor) -> Conditioning:
     """Token ids -> the UNet's conditioning. `ids` is (batch, positions), the same ids for both encoders, or
     (batch, 2, positions): CLIP-L's then CLIP-G's (the WebUI pads them differently)."""
+    for key in POOLED_KEYS:  # before any work: a pruned file cannot give the UNet its pooled conditioning
+        try:
+            L.get(key)
+        except KeyError:
+            raise RebasinError(f"This SDXL model has no '{key}' (a pruned file); the SDXL forward pass that activation "
+                               "matching and REPAIR run needs CLIP-G's final norm and projection.") from None
     ids_l, ids_g = (ids[:, 0], ids[:, 1]) if ids.dim() == 3 else (ids, ids)
     context_l, _ = clip_l(c, L, ids_l)
     context_g, last_g = clip_g(c, L, ids_g)
