@@ -161,3 +161,25 @@ def test_a_pruned_file_is_refused_in_one_line(mini) -> None:
     with pytest.raises(RebasinError, match=r"^This SDXL model has no '.*text_projection' \(a pruned file\)") as err:
         forward.text_encoder(MINI, Layers(pruned.__getitem__), make_inputs(MINI).ids)
     assert "\n" not in str(err.value)
+
+
+def test_matching_in_several_passes_gives_the_same_permutations(mini) -> None:
+    """Correlation sums that do not fit one pass (full-size SDXL's) are collected in further passes over the same
+    seeded inputs: the permutations are exactly those of one pass (the text encoders' groups, to keep it quick)."""
+    spec, sd, _ = mini
+    b = {k: synthetic_tensor(k, s, 4) for k, s in spec.shapes.items()}
+    groups = [g for g in spec.groups.values() if g.part == "te"]
+    budget = 8 << 20
+    assert len(am.passes(spec, [g for g in groups if am.sites(spec, g)], budget)) == 3
+    seen: list[str] = []
+
+    def run(per_pass: int, progress=None):
+        return am.activation_matching(spec, groups, sd.__getitem__, b.__getitem__, samples=1, seed=0, latent_size=8,
+                                      sums_per_pass=per_pass, progress=progress)
+
+    one = run(am.SUMS_PER_PASS)
+    three = run(budget, lambda f, m: seen.append(f"{f:.3f} {m}"))
+    assert one.keys() == three.keys() and len(one) == len([g for g in groups if am.sites(spec, g)])
+    assert all(torch.equal(one[k], three[k]) for k in one)
+    fractions = [float(s.split()[0]) for s in seen]
+    assert fractions == sorted(fractions) and fractions[-1] < 1 and seen[-1].endswith("(pass 3/3)")

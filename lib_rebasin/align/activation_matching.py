@@ -123,20 +123,55 @@ def check_supported(a: ModelConfig, b: ModelConfig) -> None:
     check_forward_supported(a, b, "Activation matching", "Use matching = weights for it.")
 
 
+# The correlation sums one pass over the models holds: groups past it are matched in further passes over the same
+# seeded inputs, which give the same activations, so the permutations are those of a single pass. Full-size SD 1.5's
+# sums fit in one pass; full-size SDXL's (each of its 70 GEGLU hidden groups alone has two 5120 x 5120 sums) take
+# several.
+SUMS_PER_PASS = 4 << 30
+
+
+def sums_bytes(spec: ArchSpec[Any], group: Group) -> int:
+    """The memory of a group's correlation sums (`Correlation`, fp32): a units-by-units matrix per site."""
+    return sum((s.length * s.length + 4 * s.length) * 4 for s in sites(spec, group))
+
+
+def passes(spec: ArchSpec[Any], groups: Iterable[Group], budget: int = SUMS_PER_PASS) -> list[list[Group]]:
+    """`groups` in order, split into runs whose correlation sums fit `budget` (a larger group gets a pass alone)."""
+    out: list[list[Group]] = [[]]
+    used = 0
+    for g in groups:
+        n = sums_bytes(spec, g)
+        if out[-1] and used + n > budget:
+            out.append([])
+            used = 0
+        out[-1].append(g)
+        used += n
+    return out
+
+
 @torch.no_grad()
 def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                         samples: int, seed: int, device: torch.device = torch.device("cpu"),
-                        progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> Perms:
+                        progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE,
+                        sums_per_pass: int = SUMS_PER_PASS) -> Perms:
     """Permutations of B onto A from their activations on the same inputs (`activation_inputs`)."""
-    groups = [g for g in groups if sites(spec, g)]
-    corr = correlations(spec, groups, get_a, get_b, samples=samples, seed=seed, device=device, progress=progress,
-                        latent_size=latent_size)
+    runs = passes(spec, [g for g in groups if sites(spec, g)], sums_per_pass)
+    perms: Perms = {}
+    for k, run in enumerate(runs):
+        def step(fraction: float, message: str, k: int = k) -> None:
+            if progress is not None:
+                progress((k + fraction) / len(runs), message if len(runs) == 1 else f"{message} (pass {k + 1}/"
+                                                                                  f"{len(runs)})")
 
-    def on_group(i: int, n: int, name: str) -> None:
-        if progress is not None:
-            progress(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+        corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
+                            progress=step if progress is not None else None, latent_size=latent_size)
 
-    return match(groups, corr, on_group)
+        def on_group(i: int, n: int, name: str) -> None:
+            step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+
+        perms.update(match(run, corr, on_group))
+        del corr
+    return perms
 
 
 @torch.no_grad()
