@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .parts import UNET
+
 TensorGetter = Callable[[str], torch.Tensor]
 # An observer may return a tensor to use in place of the layer's output (REPAIR corrects the merge as it runs).
 Observer = Callable[[str, torch.Tensor], "torch.Tensor | None"]
@@ -137,3 +139,46 @@ def spatial_transformer(L: Layers, p: str, x: torch.Tensor, context: torch.Tenso
         h = L.linear(f"{p}.proj_out", h, residual=tokens(x))
         return h.reshape(b, hh, ww, ch).permute(0, 3, 1, 2)
     return L.conv(f"{p}.proj_out", h.reshape(b, hh, ww, ch).permute(0, 3, 1, 2), residual=x)
+
+
+# (prefix, input, level) -> the level's spatial transformer applied to the input
+Transformer = Callable[[str, torch.Tensor, int], torch.Tensor]
+
+
+def unet_body(L: Layers, x: torch.Tensor, emb: torch.Tensor, channel_mult: tuple[int, ...], num_res_blocks: int,
+              groups: int, attends: Callable[[int], bool], transformer: Transformer) -> torch.Tensor:
+    """LDM's UNet from conv_in to conv_out, given the time embedding `emb`: ResBlocks per level (a transformer after
+    each at the levels that `attends`), downsamplers, the middle block (whose transformer is the last level's), and
+    the decoder concatenating the encoder's outputs."""
+    P = UNET
+    h = L.conv(f"{P}input_blocks.0.0", x)
+    skips = [h]
+    idx = 1
+    for level in range(len(channel_mult)):
+        for _ in range(num_res_blocks):
+            p = f"{P}input_blocks.{idx}"
+            h = resblock(L, f"{p}.0", h, emb, groups)
+            if attends(level):
+                h = transformer(f"{p}.1", h, level)
+            skips.append(h)
+            idx += 1
+        if level != len(channel_mult) - 1:
+            h = L.conv(f"{P}input_blocks.{idx}.0.op", h, stride=2)
+            skips.append(h)
+            idx += 1
+    h = resblock(L, f"{P}middle_block.0", h, emb, groups)
+    h = transformer(f"{P}middle_block.1", h, len(channel_mult) - 1)
+    h = resblock(L, f"{P}middle_block.2", h, emb, groups)
+    idx = 0
+    for level in reversed(range(len(channel_mult))):
+        for i in range(num_res_blocks + 1):
+            p = f"{P}output_blocks.{idx}"
+            h = resblock(L, f"{p}.0", torch.cat([h, skips.pop()], dim=1), emb, groups)
+            sub = 1
+            if attends(level):
+                h = transformer(f"{p}.1", h, level)
+                sub = 2
+            if level and i == num_res_blocks:
+                h = L.conv(f"{p}.{sub}.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            idx += 1
+    return L.conv(f"{P}out.2", F.silu(L.group_norm(f"{P}out.0", h, groups)))

@@ -23,9 +23,9 @@ from ..forward_layers import (
     Observer,
     TensorGetter,
     channels_last,
-    resblock,
     spatial_transformer,
     timestep_embedding,
+    unet_body,
 )
 from ..parts import UNET
 from .config import SD1Config
@@ -67,34 +67,6 @@ def unet(c: SD1Config, L: Layers, x: torch.Tensor, t: torch.Tensor, context: tor
     P = UNET
     emb = L.linear(f"{P}time_embed.2", F.silu(L.linear(f"{P}time_embed.0",
                                                       timestep_embedding(t, c.model_channels))))
-    h = L.conv(f"{P}input_blocks.0.0", x)
-    skips = [h]
-    idx = 1
-    for level in range(len(c.channel_mult)):
-        for _ in range(c.num_res_blocks):
-            p = f"{P}input_blocks.{idx}"
-            h = resblock(L, f"{p}.0", h, emb, c.gn_groups)
-            if level in c.attention_levels:
-                h = spatial_transformer(L, f"{p}.1", h, context, c.unet_heads, c.gn_groups)
-            skips.append(h)
-            idx += 1
-        if level != len(c.channel_mult) - 1:
-            h = L.conv(f"{P}input_blocks.{idx}.0.op", h, stride=2)
-            skips.append(h)
-            idx += 1
-    h = resblock(L, f"{P}middle_block.0", h, emb, c.gn_groups)
-    h = spatial_transformer(L, f"{P}middle_block.1", h, context, c.unet_heads, c.gn_groups)
-    h = resblock(L, f"{P}middle_block.2", h, emb, c.gn_groups)
-    idx = 0
-    for level in reversed(range(len(c.channel_mult))):
-        for i in range(c.num_res_blocks + 1):
-            p = f"{P}output_blocks.{idx}"
-            h = resblock(L, f"{p}.0", torch.cat([h, skips.pop()], dim=1), emb, c.gn_groups)
-            sub = 1
-            if level in c.attention_levels:
-                h = spatial_transformer(L, f"{p}.1", h, context, c.unet_heads, c.gn_groups)
-                sub = 2
-            if level and i == c.num_res_blocks:
-                h = L.conv(f"{p}.{sub}.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"))
-            idx += 1
-    return L.conv(f"{P}out.2", F.silu(L.group_norm(f"{P}out.0", h, c.gn_groups)))
+    return unet_body(L, x, emb, c.channel_mult, c.num_res_blocks, c.gn_groups,
+                     lambda level: level in c.attention_levels,
+                     lambda p, h, _: spatial_transformer(L, p, h, context, c.unet_heads, c.gn_groups))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RebasinError
-from ..forward_layers import Layers, resblock, spatial_transformer, timestep_embedding
+from ..forward_layers import Layers, spatial_transformer, timestep_embedding, unet_body
 from ..parts import UNET
 from .config import CLIP_G, CLIP_L, SDXLConfig
 
@@ -128,43 +128,12 @@ def adm_input(c: SDXLConfig, cond: Conditioning) -> torch.Tensor:
 def unet(c: SDXLConfig, L: Layers, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """The predicted noise for latents x (batch, in_channels, h, w) at timesteps t (batch,) under `cond`."""
     P = UNET
-    g = c.gn_groups
     emb = L.linear(f"{P}time_embed.2", F.silu(L.linear(f"{P}time_embed.0", timestep_embedding(t, c.model_channels))))
     emb = L.linear(f"{P}label_emb.0.2", F.silu(L.linear(f"{P}label_emb.0.0", adm_input(c, cond))), residual=emb)
-    context = cond.context
 
     def transformer(p: str, h: torch.Tensor, level: int) -> torch.Tensor:
-        return spatial_transformer(L, p, h, context, c.heads(h.shape[1]), g, c.transformer_depth[level], linear=True)
+        return spatial_transformer(L, p, h, cond.context, c.heads(h.shape[1]), c.gn_groups, c.transformer_depth[level],
+                                   linear=True)
 
-    h = L.conv(f"{P}input_blocks.0.0", x)
-    skips = [h]
-    idx = 1
-    last = len(c.channel_mult) - 1
-    for level in range(len(c.channel_mult)):
-        for _ in range(c.num_res_blocks):
-            p = f"{P}input_blocks.{idx}"
-            h = resblock(L, f"{p}.0", h, emb, g)
-            if c.transformer_depth[level]:
-                h = transformer(f"{p}.1", h, level)
-            skips.append(h)
-            idx += 1
-        if level != last:
-            h = L.conv(f"{P}input_blocks.{idx}.0.op", h, stride=2)
-            skips.append(h)
-            idx += 1
-    h = resblock(L, f"{P}middle_block.0", h, emb, g)
-    h = transformer(f"{P}middle_block.1", h, last)
-    h = resblock(L, f"{P}middle_block.2", h, emb, g)
-    idx = 0
-    for level in reversed(range(len(c.channel_mult))):
-        for i in range(c.num_res_blocks + 1):
-            p = f"{P}output_blocks.{idx}"
-            h = resblock(L, f"{p}.0", torch.cat([h, skips.pop()], dim=1), emb, g)
-            sub = 1
-            if c.transformer_depth[level]:
-                h = transformer(f"{p}.1", h, level)
-                sub = 2
-            if level and i == c.num_res_blocks:
-                h = L.conv(f"{p}.{sub}.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"))
-            idx += 1
-    return L.conv(f"{P}out.2", F.silu(L.group_norm(f"{P}out.0", h, g)))
+    return unet_body(L, x, emb, c.channel_mult, c.num_res_blocks, c.gn_groups,
+                     lambda level: bool(c.transformer_depth[level]), transformer)
