@@ -9,7 +9,7 @@ live here, so the merge code reads one `ArchSpec` whatever the architecture.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Generic, NamedTuple, TypeVar
@@ -213,6 +213,55 @@ class SpecWalker:
             self.conv(f"{p}.skip_connection", out, x, k=1)
         self.conv(f"{p}.out_layers.3", out, inner)
         return out
+
+    def unet_body(self, P: str, mc: int, channel_mult: tuple[int, ...], num_res_blocks: int, in_channels: int,
+                  out_channels: int, emb: Layout, attends: Callable[[int], bool],
+                  transformer: Callable[[str, Layout, str, int], None]) -> None:
+        """LDM's UNet from conv_in to conv_out, given the time embedding's `emb` stream: ResBlocks per level (a
+        transformer, `transformer(prefix, stream, name, level)`, after each at the levels that `attends`),
+        downsamplers, the middle block (its transformer is the last level's) and the decoder, whose concatenations
+        join the encoder's streams."""
+        h = self.group("unet.input_blocks.0", mc, "residual")
+        self.conv(f"{P}input_blocks.0.0", h, self.fixed(in_channels))
+        skips = [h]
+        idx = 1
+        last = len(channel_mult) - 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                p = f"{P}input_blocks.{idx}"
+                h = self.resblock(f"{p}.0", h, mult * mc, f"unet.input_blocks.{idx}", emb)
+                if attends(level):
+                    transformer(f"{p}.1", h, f"unet.input_blocks.{idx}.transformer", level)
+                skips.append(h)
+                idx += 1
+            if level != last:
+                out = self.group(f"unet.input_blocks.{idx}", layout_width(h), "residual")
+                self.conv(f"{P}input_blocks.{idx}.0.op", out, h)
+                h = out
+                skips.append(h)
+                idx += 1
+
+        h = self.resblock(f"{P}middle_block.0", h, layout_width(h), "unet.middle_block.0", emb)
+        transformer(f"{P}middle_block.1", h, "unet.middle_block.1.transformer", last)
+        h = self.resblock(f"{P}middle_block.2", h, layout_width(h), "unet.middle_block.2", emb)
+
+        idx = 0
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                p = f"{P}output_blocks.{idx}"
+                x = h + skips.pop()  # torch.cat([h, skip], dim=1)
+                h = self.resblock(f"{p}.0", x, mult * mc, f"unet.output_blocks.{idx}", emb)
+                sub = 1
+                if attends(level):
+                    transformer(f"{p}.1", h, f"unet.output_blocks.{idx}.transformer", level)
+                    sub = 2
+                if level and i == num_res_blocks:
+                    out = self.group(f"unet.output_blocks.{idx}.upsample", layout_width(h), "residual")
+                    self.conv(f"{p}.{sub}.conv", out, h)
+                    h = out
+                idx += 1
+        self.norm(f"{P}out.0", h, self.gn_groups)
+        self.conv(f"{P}out.2", self.fixed(out_channels), h)
 
     def attention(self, p: str, name: str, x: Layout, context: Layout, heads: int, bias_qkv: bool,
                   out_bias: bool = True, qkv_names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out.0"),

@@ -6,8 +6,9 @@ matching, groups do not depend on each other (both models run unpermuted), so th
 
 A group's *sites* are the outputs of the layers whose weights the group permutes along their output axis
 (conv/linear weights, axis 0); where such a layer adds into a residual stream, its site is the stream after the
-addition. `activation_matching` runs both models on the same inputs with the core's own forward pass
-(`sd1/forward.py`, inputs from `sd1/activation_inputs.py`), takes each site's channel window (`Slot.offset`,
+addition. `activation_matching` runs both models on the same inputs with the core's own forward pass of their
+architecture (`sd1/forward.py` or `sdxl/forward.py`, inputs from `sd1/activation_inputs.py` and
+`sdxl/activation_inputs.py`; `forward_support.forward_of` picks them), takes each site's channel window (`Slot.offset`,
 `Slot.length`) and feeds it, batch by batch, to `Correlation` with the units it carries (`Slot.start`: an attention
 group's q/k sites carry its first half, its v sites the second). The permutation it returns is applied with
 `permute.permute_tensor` like any other. Only UNet and text-encoder groups have a forward pass here.
@@ -22,20 +23,25 @@ import torch
 
 from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
+from ..forward_layers import Layers, TensorGetter, channels_last
 from ..io.model_input import ModelConfig
 from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
-from ..sd1 import forward
-from ..sd1.config import SD1Config
-from ..sd1.forward import Layers, TensorGetter, channels_last
 from .assignment import row_argmax_certificate, solve
-from .forward_support import check_forward_supported
+from .forward_support import ArchForward, check_forward_supported, forward_of
 from .permute import Perms
 
 
+def layer_of(key: str) -> str:
+    """The layer a weight key belongs to, as the forward pass names its output (OpenCLIP's fused `in_proj_weight`
+    is layer `in_proj`)."""
+    return key.removesuffix(".weight").removesuffix("_weight")
+
+
 def sites(spec: ArchSpec[Any], group: Group) -> list[Slot]:
-    """The layer outputs that carry `group`'s units: its slots on the output axis of a >= 2-D weight."""
-    return [s for s in group.slots if s.axis == 0 and len(spec.shapes[s.key]) >= 2]
+    """The layer outputs that carry `group`'s units: its slots on the output axis of a >= 2-D layer weight (not
+    CLIP-G's `text_projection`, stored input axis first)."""
+    return [s for s in group.slots if s.axis == 0 and len(spec.shapes[s.key]) >= 2 and s.key.endswith("weight")]
 
 
 class Correlation:
@@ -117,20 +123,55 @@ def check_supported(a: ModelConfig, b: ModelConfig) -> None:
     check_forward_supported(a, b, "Activation matching", "Use matching = weights for it.")
 
 
+# The correlation sums one pass over the models holds: groups past it are matched in further passes over the same
+# seeded inputs, which give the same activations, so the permutations are those of a single pass. Full-size SD 1.5's
+# sums fit in one pass; full-size SDXL's (each of its 70 GEGLU hidden groups alone has two 5120 x 5120 sums) take
+# several.
+SUMS_PER_PASS = 4 << 30
+
+
+def sums_bytes(spec: ArchSpec[Any], group: Group) -> int:
+    """The memory of a group's correlation sums (`Correlation`, fp32): a units-by-units matrix per site."""
+    return sum((s.length * s.length + 4 * s.length) * 4 for s in sites(spec, group))
+
+
+def passes(spec: ArchSpec[Any], groups: Iterable[Group], budget: int = SUMS_PER_PASS) -> list[list[Group]]:
+    """`groups` in order, split into runs whose correlation sums fit `budget` (a larger group gets a pass alone)."""
+    out: list[list[Group]] = [[]]
+    used = 0
+    for g in groups:
+        n = sums_bytes(spec, g)
+        if out[-1] and used + n > budget:
+            out.append([])
+            used = 0
+        out[-1].append(g)
+        used += n
+    return out
+
+
 @torch.no_grad()
 def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                         samples: int, seed: int, device: torch.device = torch.device("cpu"),
-                        progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> Perms:
+                        progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE,
+                        sums_per_pass: int = SUMS_PER_PASS) -> Perms:
     """Permutations of B onto A from their activations on the same inputs (`activation_inputs`)."""
-    groups = [g for g in groups if sites(spec, g)]
-    corr = correlations(spec, groups, get_a, get_b, samples=samples, seed=seed, device=device, progress=progress,
-                        latent_size=latent_size)
+    runs = passes(spec, [g for g in groups if sites(spec, g)], sums_per_pass)
+    perms: Perms = {}
+    for k, run in enumerate(runs):
+        def step(fraction: float, message: str, k: int = k) -> None:
+            if progress is not None:
+                progress((k + fraction) / len(runs), message if len(runs) == 1 else f"{message} (pass {k + 1}/"
+                                                                                  f"{len(runs)})")
 
-    def on_group(i: int, n: int, name: str) -> None:
-        if progress is not None:
-            progress(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+        corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
+                            progress=step if progress is not None else None, latent_size=latent_size)
 
-    return match(groups, corr, on_group)
+        def on_group(i: int, n: int, name: str) -> None:
+            step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
+
+        perms.update(match(run, corr, on_group))
+        del corr
+    return perms
 
 
 @torch.no_grad()
@@ -145,12 +186,13 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     correlations as they appear, so memory is one micro-batch of A's activations plus the correlation sums."""
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
+    fwd = forward_of(c)
     need_unet = needs_forward(spec, groups)[1]  # the text encoder always runs: it makes the UNets' contexts
     # layer -> [(group, site index, channel offset, window length, first unit carried)]
     wanted: dict[str, list[tuple[str, int, int, int, int]]] = {}
     for g in groups:
         for i, s in enumerate(sites(spec, g)):
-            wanted.setdefault(s.key.removesuffix(".weight"), []).append((g.name, i, s.offset, s.length, s.start))
+            wanted.setdefault(layer_of(s.key), []).append((g.name, i, s.offset, s.length, s.start))
     corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
     held: dict[str, torch.Tensor] = {}
 
@@ -174,20 +216,20 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     layers_a = Layers(get_a, hold, device, streams=True)
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)
-    ids = inputs.prompts(c, samples, gen).to(device)
+    ids = fwd.prompts(c, samples, gen).to(device)
     steps = len(inputs.TIMESTEPS) * samples if need_unet else 0
     if progress is not None:
         progress(0.0, "activation matching: text encoder")
     # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
-    ctx_a = forward.text_encoder(c, layers_a, ids)
-    ctx_b = forward.text_encoder(c, layers_b, ids)
+    ctx_a = fwd.text_encoder(c, layers_a, ids)
+    ctx_b = fwd.text_encoder(c, layers_b, ids)
     if need_unet:
-        _denoise(c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
+        _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
                  progress, steps + 1)
     return corr
 
 
-def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.Tensor, torch.Tensor],
+def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: tuple[Any, Any],
              x: torch.Tensor, progress: Progress | None, total: int) -> None:
     """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
     one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
@@ -204,8 +246,8 @@ def _denoise(c: SD1Config, layers_a: Layers, layers_b: Layers, ctx: tuple[torch.
                          f"activation matching: t={t} ({k + 1}/{len(ts)}), prompt {i + 1}/{samples}")
             xi = x[i:i + 1].expand(2, -1, -1, -1)
             tt = torch.full((2,), t, dtype=torch.long, device=x.device)
-            eps[i] = inputs.guided(forward.unet(c, layers_a, xi, tt, torch.stack([ctx[0][i], ctx[0][-1]])), 1)[0]
-            forward.unet(c, layers_b, xi, tt, torch.stack([ctx[1][i], ctx[1][-1]]))
+            eps[i] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][[i, -1]]), 1)[0]  # the prompt, the empty one
+            fwd.unet(c, layers_b, xi, tt, ctx[1][[i, -1]])
             done += 1
         return eps
 

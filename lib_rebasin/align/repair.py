@@ -12,11 +12,12 @@ maps each channel c of a chosen layer's output in the merge M back to the interp
 and bias, so the result is an ordinary checkpoint.
 
 `corrections` is the merge option (`MergeOptions.repair`): it runs A, aligned B and the merge with the core's own
-forward pass (`sd1/forward.py`) on the inputs activation matching uses (`sd1/activation_inputs.py`: seeded prompts, A's
-DDIM trajectory), and corrects the UNet's residual writers (`SITE`). The merge runs once over the whole
-calibration set as one batch, correcting each site as it is reached, so every site's statistics already include
-the upstream corrections (what the paper's "reset" BatchNorm layers compute). `Stats`, `correction` and `fold` are
-also used on their own by the benchmark lever (benchmarks/quality/repair.py).
+forward pass of their architecture (`sd1/forward.py`, `sdxl/forward.py`) on the inputs activation matching uses
+(`sd1/activation_inputs.py`, `sdxl/activation_inputs.py`: seeded prompts, A's DDIM trajectory), and corrects the
+UNet's residual writers (`SITE`). The merge runs once over the whole calibration set as one batch, correcting each
+site as it is reached, so every site's statistics already include the upstream corrections (what the paper's
+"reset" BatchNorm layers compute). `Stats`, `correction` and `fold` are also used on their own by the benchmark
+lever (benchmarks/quality/repair.py).
 Measured on the quality benchmark (benchmarks/quality/LEVERS.md, RESULTS.md): it depends on width and alignment.
 """
 
@@ -31,13 +32,11 @@ import torch
 
 from ..archspec import ArchSpec
 from ..errors import RebasinError
+from ..forward_layers import Layers, TensorGetter, channels_last
 from ..io.model_input import ModelConfig
 from ..parts import UNET, part_of
 from ..sd1 import activation_inputs as inputs
-from ..sd1 import forward
-from ..sd1.config import SD1Config
-from ..sd1.forward import Layers, TensorGetter, channels_last
-from .forward_support import check_forward_supported
+from .forward_support import check_forward_supported, forward_of
 
 EPS = 1e-6
 
@@ -139,23 +138,24 @@ def check_supported(a: ModelConfig, b: ModelConfig) -> None:
 @dataclass(frozen=True)
 class Calibration:
     """What all three models see: the prompts, and each input's latent x_t, timestep and prompt row."""
-    ids: torch.Tensor       # (samples + 1, positions): seeded prompts, then the empty prompt
+    ids: torch.Tensor       # (samples + 1, ...): seeded prompts' ids, then the empty prompt's
     x: torch.Tensor         # (inputs, channels, h, w)
     t: torch.Tensor         # (inputs,)
     prompt: torch.Tensor    # (inputs,) row of `ids` each input is conditioned on
 
 
 @torch.no_grad()
-def calibration(c: SD1Config, get_a: TensorGetter, samples: int, seed: int, device: torch.device,
+def calibration(c: ModelConfig, get_a: TensorGetter, samples: int, seed: int, device: torch.device,
                 latent_size: int = inputs.LATENT_SIZE,
                 on_step: Callable[[int, int], None] | None = None) -> Calibration:
     """Activation matching's inputs (the same seed gives the same prompts and starting noise): model A's DDIM
     trajectory under classifier-free guidance; every step's x_t once with its prompt, once with the empty one."""
     gen = torch.Generator().manual_seed(seed)
-    ids = inputs.prompts(c, samples, gen).to(device)
+    fwd = forward_of(c)
+    ids = fwd.prompts(c, samples, gen).to(device)
     x = inputs.noise(c, samples, gen, latent_size).to(device)
     layers = Layers(get_a, None, device)
-    ctx = forward.text_encoder(c, layers, ids)
+    ctx = fwd.text_encoder(c, layers, ids)
     rows = torch.cat([torch.arange(samples), torch.full((samples,), samples)]).to(device)
     xs, ts = [], []
 
@@ -167,7 +167,7 @@ def calibration(c: SD1Config, get_a: TensorGetter, samples: int, seed: int, devi
         tt = torch.full((2 * samples,), t, dtype=torch.long, device=device)
         xs.append(xx)
         ts.append(tt)
-        return inputs.guided(forward.unet(c, layers, xx, tt, ctx[rows]), samples)
+        return inputs.guided(fwd.unet(c, layers, xx, tt, ctx[rows]), samples)
 
     inputs.ddim_trajectory(c, x, guided_eps)
     n = len(inputs.TIMESTEPS)
@@ -178,7 +178,7 @@ Correct = Callable[[str, Stats], tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def site_stats(c: SD1Config, get: TensorGetter, cal: Calibration, names: list[str], device: torch.device,
+def site_stats(c: ModelConfig, get: TensorGetter, cal: Calibration, names: list[str], device: torch.device,
                correct: Correct | None = None, on_site: Callable[[int, int], None] | None = None
                ) -> dict[str, Stats]:
     """Each site's output statistics over the whole calibration set (one batch), the model conditioned on its
@@ -205,9 +205,9 @@ def site_stats(c: SD1Config, get: TensorGetter, cal: Calibration, names: list[st
         shape = (1, -1, 1, 1) if out.dim() == 4 else (1,) * (out.dim() - 1) + (-1,)
         return out * scale.to(out).view(shape) + shift.to(out).view(shape)
 
+    fwd = forward_of(c)
     layers = Layers(get, observe, device)
-    ctx = forward.text_encoder(c, layers, cal.ids)
-    forward.unet(c, layers, cal.x, cal.t, ctx[cal.prompt])
+    fwd.unet(c, layers, cal.x, cal.t, fwd.text_encoder(c, layers, cal.ids)[cal.prompt])
     return stats
 
 

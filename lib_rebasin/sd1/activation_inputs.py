@@ -15,6 +15,7 @@ it generates:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -27,6 +28,16 @@ GUIDANCE = 7.5
 # made the statistics worse (8x8 against 16x16: benchmarks/quality/RESULTS.md, "latent side").
 LATENT_SIZE = 16
 PROMPT_TOKENS = (5, 20)
+
+
+class Latents(Protocol):
+    """What the latents and the schedule depend on (SD 1.x and SDXL share this schedule and these latents)."""
+
+    @property
+    def unet_out_channels(self) -> int: ...
+
+    @property
+    def timesteps(self) -> int: ...
 
 
 def special_tokens(c: SD1Config) -> tuple[int, int]:
@@ -46,13 +57,14 @@ def prompts(c: SD1Config, n: int, generator: torch.Generator) -> torch.Tensor:
     return ids
 
 
-def alphas_cumprod(c: SD1Config) -> torch.Tensor:
-    """SD 1.x's training schedule (scaled linear betas 0.00085..0.012), which every SD 1.x model shares."""
+def alphas_cumprod(c: Latents) -> torch.Tensor:
+    """SD 1.x's training schedule (scaled linear betas 0.00085..0.012), which every SD 1.x and SDXL model
+    shares."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, c.timesteps, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0)
 
 
-def noise(c: SD1Config, n: int, generator: torch.Generator, size: int = LATENT_SIZE) -> torch.Tensor:
+def noise(c: Latents, n: int, generator: torch.Generator, size: int = LATENT_SIZE) -> torch.Tensor:
     return torch.randn(n, c.unet_out_channels, size, size, generator=generator)
 
 
@@ -74,7 +86,7 @@ def guided(eps: torch.Tensor, n: int) -> torch.Tensor:
 GuidedEps = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
-def ddim_trajectory(c: SD1Config, x: torch.Tensor, guided_eps: GuidedEps) -> torch.Tensor:
+def ddim_trajectory(c: Latents, x: torch.Tensor, guided_eps: GuidedEps) -> torch.Tensor:
     """Model A's DDIM trajectory from the noise `x` over TIMESTEPS, as a sampler runs it: at each step,
     `guided_eps(k, t, x_t)` runs the models on x_t (with the prompt and the empty one) and returns A's guided
     prediction; returns the last step's predicted x_0."""

@@ -73,46 +73,9 @@ class _Walker(SpecWalker):
         emb = self.group("unet.time_embed.emb", temb, "time_emb")
         self.linear(f"{P}time_embed.2", emb, hid)
 
-        h = self.group("unet.input_blocks.0", mc, "residual")
-        self.conv(f"{P}input_blocks.0.0", h, self.fixed(c.unet_in_channels))
-        skips = [h]
-        idx = 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                p = f"{P}input_blocks.{idx}"
-                h = self.resblock(f"{p}.0", h, mult * mc, f"unet.input_blocks.{idx}", emb)
-                if level in c.attention_levels:
-                    self.spatial_transformer(f"{p}.1", h, f"unet.input_blocks.{idx}.transformer", context)
-                skips.append(h)
-                idx += 1
-            if level != len(c.channel_mult) - 1:
-                out = self.group(f"unet.input_blocks.{idx}", layout_width(h), "residual")
-                self.conv(f"{P}input_blocks.{idx}.0.op", out, h)
-                h = out
-                skips.append(h)
-                idx += 1
-
-        h = self.resblock(f"{P}middle_block.0", h, layout_width(h), "unet.middle_block.0", emb)
-        self.spatial_transformer(f"{P}middle_block.1", h, "unet.middle_block.1.transformer", context)
-        h = self.resblock(f"{P}middle_block.2", h, layout_width(h), "unet.middle_block.2", emb)
-
-        idx = 0
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
-                p = f"{P}output_blocks.{idx}"
-                x = h + skips.pop()  # torch.cat([h, skip], dim=1)
-                h = self.resblock(f"{p}.0", x, mult * mc, f"unet.output_blocks.{idx}", emb)
-                sub = 1
-                if level in c.attention_levels:
-                    self.spatial_transformer(f"{p}.1", h, f"unet.output_blocks.{idx}.transformer", context)
-                    sub = 2
-                if level and i == c.num_res_blocks:
-                    out = self.group(f"unet.output_blocks.{idx}.upsample", layout_width(h), "residual")
-                    self.conv(f"{p}.{sub}.conv", out, h)
-                    h = out
-                idx += 1
-        self.norm(f"{P}out.0", h, c.gn_groups)
-        self.conv(f"{P}out.2", self.fixed(c.unet_out_channels), h)
+        self.unet_body(P, mc, c.channel_mult, c.num_res_blocks, c.unet_in_channels, c.unet_out_channels, emb,
+                       lambda level: level in c.attention_levels,
+                       lambda p, h, name, _: self.spatial_transformer(p, h, name, context))
 
     # -- text encoder and VAE -----------------------------------------------------------------------------------
     def text_encoder(self) -> Layout:

@@ -68,50 +68,10 @@ class _Walker(SpecWalker):
         self.linear(f"{P}label_emb.0.0", label, self.fixed(c.adm_channels))
         self.linear(f"{P}label_emb.0.2", emb, label)  # added to the time embedding: the same `emb` stream
 
-        h = self.group("unet.input_blocks.0", mc, "residual")
-        self.conv(f"{P}input_blocks.0.0", h, self.fixed(c.unet_in_channels))
-        skips = [h]
-        idx = 1
-        last = len(c.channel_mult) - 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                p = f"{P}input_blocks.{idx}"
-                h = self.resblock(f"{p}.0", h, mult * mc, f"unet.input_blocks.{idx}", emb)
-                if c.transformer_depth[level]:
-                    self.spatial_transformer(f"{p}.1", h, f"unet.input_blocks.{idx}.transformer", context,
-                                             c.transformer_depth[level])
-                skips.append(h)
-                idx += 1
-            if level != last:
-                out = self.group(f"unet.input_blocks.{idx}", layout_width(h), "residual")
-                self.conv(f"{P}input_blocks.{idx}.0.op", out, h)
-                h = out
-                skips.append(h)
-                idx += 1
-
-        h = self.resblock(f"{P}middle_block.0", h, layout_width(h), "unet.middle_block.0", emb)
-        self.spatial_transformer(f"{P}middle_block.1", h, "unet.middle_block.1.transformer", context,
-                                 c.transformer_depth[last])
-        h = self.resblock(f"{P}middle_block.2", h, layout_width(h), "unet.middle_block.2", emb)
-
-        idx = 0
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
-                p = f"{P}output_blocks.{idx}"
-                x = h + skips.pop()  # torch.cat([h, skip], dim=1)
-                h = self.resblock(f"{p}.0", x, mult * mc, f"unet.output_blocks.{idx}", emb)
-                sub = 1
-                if c.transformer_depth[level]:
-                    self.spatial_transformer(f"{p}.1", h, f"unet.output_blocks.{idx}.transformer", context,
-                                             c.transformer_depth[level])
-                    sub = 2
-                if level and i == c.num_res_blocks:
-                    out = self.group(f"unet.output_blocks.{idx}.upsample", layout_width(h), "residual")
-                    self.conv(f"{p}.{sub}.conv", out, h)
-                    h = out
-                idx += 1
-        self.norm(f"{P}out.0", h, c.gn_groups)
-        self.conv(f"{P}out.2", self.fixed(c.unet_out_channels), h)
+        self.unet_body(P, mc, c.channel_mult, c.num_res_blocks, c.unet_in_channels, c.unet_out_channels, emb,
+                       lambda level: bool(c.transformer_depth[level]),
+                       lambda p, h, name, level: self.spatial_transformer(p, h, name, context,
+                                                                          c.transformer_depth[level]))
 
     def text_encoders(self) -> Layout:
         """Both encoders; returns the UNet's context layout: CLIP-L's stream, then CLIP-G's."""

@@ -1,0 +1,185 @@
+"""The core's host-free SDXL forward pass (lib_rebasin.sdxl.forward) equals diffusers' UNet2DConditionModel
+(`text_time`) and transformers' CLIPTextModel / CLIPTextModelWithProjection (tests/sdxl_reference.py, loaded through
+diffusers' own single-file converters), at the reduced MINI scale, and reports every activation site activation
+matching and REPAIR read."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from reference import rel_max_error
+from sdxl_reference import SDXLReference, make_inputs
+
+from lib_rebasin.align import activation_matching as am
+from lib_rebasin.align import repair
+from lib_rebasin.errors import RebasinError
+from lib_rebasin.forward_layers import Layers
+from lib_rebasin.parts import UNET
+from lib_rebasin.sdxl import forward
+from lib_rebasin.sdxl.config import CLIP_G, CLIP_L, MINI
+from lib_rebasin.sdxl.spec import build_spec
+from lib_rebasin.sdxl.synthetic import synthetic_tensor
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mini():
+    spec = build_spec(MINI)
+    sd = {k: synthetic_tensor(k, s, 3) for k, s in spec.shapes.items()}
+    ref = SDXLReference.build(MINI, ("unet", "te"))
+    ref.load(sd, ("unet", "te"))
+    return spec, sd, ref
+
+
+def test_text_encoders_equal_transformers(mini) -> None:
+    """Both encoders' penultimate hidden states (the context), CLIP-G's pooled projection, and each encoder's final
+    normalised hidden state (so every layer, the last ones included, is checked)."""
+    _, sd, ref = mini
+    ids = make_inputs(MINI).ids
+    layers = Layers(sd.__getitem__)
+    want = ref.text(ids)
+    cond = forward.text_encoder(MINI, layers, ids)
+    assert rel_max_error(want["context"], cond.context) < TOL
+    assert rel_max_error(want["pooled"], cond.pooled) < TOL
+    _, last_l = forward.clip_l(MINI, layers, ids)
+    assert rel_max_error(want["clip_l_last"], layers.layer_norm(f"{CLIP_L}final_layer_norm", last_l)) < TOL
+    assert rel_max_error(want["clip_g_last"], forward.clip_g(MINI, layers, ids)[1]) < TOL
+
+
+def test_per_encoder_ids(mini) -> None:
+    """(batch, 2, positions) ids give each encoder its own row (the WebUI pads CLIP-G with 0, CLIP-L with EOS)."""
+    _, sd, ref = mini
+    ids = make_inputs(MINI).ids
+    ids_g = ids.clone()
+    ids_g[:, -20:] = 0
+    layers = Layers(sd.__getitem__)
+    both = forward.text_encoder(MINI, layers, torch.stack([ids, ids_g], dim=1))
+    ref_g = ref.text(ids_g)
+    assert rel_max_error(ref.text(ids)["context"][..., :MINI.clip_l_width], both.context[..., :MINI.clip_l_width]) < TOL
+    assert rel_max_error(ref_g["context"][..., MINI.clip_l_width:], both.context[..., MINI.clip_l_width:]) < TOL
+    assert rel_max_error(ref_g["pooled"], both.pooled) < TOL
+
+
+def test_unet_equals_diffusers(mini) -> None:
+    _, sd, ref = mini
+    x = make_inputs(MINI, latent_size=16)
+    time_ids = x.time_ids * torch.tensor([[1.0, 0.75, 1.0, 1.0, 1.0, 0.5]]) + torch.tensor([[0, 0, 32.0, 8.0, 0, 0]])
+    ours = forward.unet(MINI, Layers(sd.__getitem__), x.latent, x.t, forward.Conditioning(x.context, x.pooled,
+                                                                                          time_ids))
+    assert rel_max_error(ref.eps(x.latent, x.t, x.context, x.pooled, time_ids), ours) < TOL
+
+
+def test_text_to_unet_equals_reference(mini) -> None:
+    _, sd, ref = mini
+    x = make_inputs(MINI, latent_size=8)
+    layers = Layers(sd.__getitem__)
+    cond = forward.text_encoder(MINI, layers, x.ids)
+    assert torch.equal(cond.sizes, x.time_ids)  # the data-free size conditioning is the reference inputs'
+    ours = forward.unet(MINI, layers, x.latent, x.t, cond)
+    assert rel_max_error(ref.end_to_end(x.latent, x.t, x.ids, x.time_ids), ours) < TOL
+
+
+def test_rows_of_a_conditioning(mini) -> None:
+    _, sd, _ = mini
+    cond = forward.text_encoder(MINI, Layers(sd.__getitem__), make_inputs(MINI, batch=3).ids)
+    two = cond[[2, 0]]
+    assert torch.equal(two.context, cond.context[[2, 0]]) and torch.equal(two.pooled, cond.pooled[[2, 0]])
+    assert torch.equal(two.sizes, cond.sizes[[2, 0]])
+
+
+def _observed(sd, streams: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    outs: dict[str, torch.Tensor] = {}
+    layers = Layers(sd.__getitem__, lambda name, out: outs.__setitem__(name, out.clone()), streams=streams)
+    x = make_inputs(MINI, latent_size=8)
+    eps = forward.unet(MINI, layers, x.latent, x.t, forward.text_encoder(MINI, layers, x.ids))
+    return outs, eps
+
+
+def test_every_activation_site_is_observed(mini) -> None:
+    """Each UNet and text-encoder group's activation-matching sites (CLIP-G's fused `in_proj` included) are layer
+    outputs the forward pass reports, as wide as the spec's weight; every REPAIR site is reported."""
+    spec, sd, _ = mini
+    outs, _ = _observed(sd)
+    width = {k: v.shape[1 if v.dim() == 4 else -1] for k, v in outs.items()}
+    kinds = set()
+    for g in spec.groups.values():
+        if g.part == "vae":
+            continue
+        for s in am.sites(spec, g):
+            layer = am.layer_of(s.key)
+            assert layer in width, (g.name, layer)
+            assert width[layer] == spec.shapes[s.key][0]
+            kinds.add(g.kind)
+    assert {"residual", "attention", "mlp_hidden", "label_hidden", "ff_hidden", "transformer_inner"} <= kinds
+    assert f"{CLIP_G}transformer.resblocks.0.attn.in_proj" in width
+    assert not [s for g in spec.groups.values() for s in am.sites(spec, g) if s.key.endswith("text_projection")]
+    names = repair.sites(spec)
+    assert names and set(names) <= set(width)
+    assert any(n.endswith("proj_in") for n in names)
+
+
+def test_streams_mode_observes_each_residual_sum(mini) -> None:
+    """With streams=True a residual writer reports the stream after its addition: `label_emb`'s output joins the
+    time embedding's `emb`, a linear proj_out adds to its transformer's input, CLIP-G's attention output to its
+    stream; the model computes exactly the same thing."""
+    _, sd, _ = mini
+    writers, eps_w = _observed(sd)
+    streams, eps_s = _observed(sd, streams=True)
+    assert torch.equal(eps_w, eps_s)
+    assert torch.allclose(streams[f"{UNET}label_emb.0.2"],
+                          writers[f"{UNET}label_emb.0.2"] + writers[f"{UNET}time_embed.2"], atol=1e-6)
+    p = f"{UNET}input_blocks.4.1"  # the first transformer (level 1)
+    x = streams[f"{UNET}input_blocks.4.0.out_layers.3"]  # what the transformer adds to (no skip conv: a sum)
+    b, ch, hh, ww = x.shape
+    assert torch.allclose(streams[f"{p}.proj_out"], writers[f"{p}.proj_out"]
+                          + x.permute(0, 2, 3, 1).reshape(b, hh * ww, ch), atol=1e-5)
+    g0, g1 = (f"{CLIP_G}transformer.resblocks.{i}" for i in (0, 1))
+    assert torch.allclose(streams[f"{g1}.attn.out_proj"], writers[f"{g1}.attn.out_proj"]
+                          + streams[f"{g0}.mlp.c_proj"], atol=1e-5)
+    for k in (f"{g0}.attn.in_proj", f"{UNET}label_emb.0.0", f"{p}.proj_in"):
+        assert torch.equal(streams[k], writers[k]), k
+
+
+def test_size_conditioning_reaches_the_unet(mini) -> None:
+    """The size/crop values change the prediction (the ADM path is live, not dropped)."""
+    _, sd, _ = mini
+    x = make_inputs(MINI, latent_size=8)
+    layers = Layers(sd.__getitem__)
+    cond = forward.text_encoder(MINI, layers, x.ids)
+    other = replace(cond, sizes=cond.sizes / 2)
+    assert not torch.allclose(forward.unet(MINI, layers, x.latent, x.t, cond),
+                              forward.unet(MINI, layers, x.latent, x.t, other))
+
+
+def test_a_pruned_file_is_refused_in_one_line(mini) -> None:
+    """A file without CLIP-G's optional `text_projection` (or `ln_final`) cannot give the UNet its pooled vector."""
+    _, sd, _ = mini
+    pruned = {k: v for k, v in sd.items() if k != f"{CLIP_G}text_projection"}
+    with pytest.raises(RebasinError, match=r"^This SDXL model has no '.*text_projection' \(a pruned file\)") as err:
+        forward.text_encoder(MINI, Layers(pruned.__getitem__), make_inputs(MINI).ids)
+    assert "\n" not in str(err.value)
+
+
+def test_matching_in_several_passes_gives_the_same_permutations(mini) -> None:
+    """Correlation sums that do not fit one pass (full-size SDXL's) are collected in further passes over the same
+    seeded inputs: the permutations are exactly those of one pass (the text encoders' groups, to keep it quick)."""
+    spec, sd, _ = mini
+    b = {k: synthetic_tensor(k, s, 4) for k, s in spec.shapes.items()}
+    groups = [g for g in spec.groups.values() if g.part == "te"]
+    budget = 8 << 20
+    assert len(am.passes(spec, [g for g in groups if am.sites(spec, g)], budget)) == 3
+    seen: list[str] = []
+
+    def run(per_pass: int, progress=None):
+        return am.activation_matching(spec, groups, sd.__getitem__, b.__getitem__, samples=1, seed=0, latent_size=8,
+                                      sums_per_pass=per_pass, progress=progress)
+
+    one = run(am.SUMS_PER_PASS)
+    three = run(budget, lambda f, m: seen.append(f"{f:.3f} {m}"))
+    assert one.keys() == three.keys() and len(one) == len([g for g in groups if am.sites(spec, g)])
+    assert all(torch.equal(one[k], three[k]) for k in one)
+    fractions = [float(s.split()[0]) for s in seen]
+    assert fractions == sorted(fractions) and fractions[-1] < 1 and seen[-1].endswith("(pass 3/3)")
