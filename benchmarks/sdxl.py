@@ -2,13 +2,14 @@
 same-base re-basin against the weighted sum alternated in one run, and an independent pair's weight matching.
 
     python -m benchmarks.sdxl X1.safetensors X2.safetensors --out-dir DIR [--pairs 1]
-        [--base C.safetensors --methods add_difference ties dare] [--independent X3.safetensors]
+        [--base C.safetensors --methods add_difference ties dare] [--independent X3.safetensors [--max-sweeps N]]
 
 Each merge runs `merge_checkpoints` with default options (UNet, both text encoders and the VAE; alpha 0.5; fp16
 output) in a fresh process; its user + system CPU time and peak RSS come from wait4() on that process, so the
 figures include start-up and imports. Order: `--pairs` times re-basin then weighted sum of A and B (alternated,
 so both see the same machine load), then each of `--methods` once with C = `--base` (the three-input methods),
-then re-basin of A and `--independent` once. The worker also reports the CPU seconds of each stage of the merge
+then re-basin of A and `--independent` once (with `--max-sweeps` as its option, if given: a bounded measurement
+where the default stopping rule would run longer). The worker also reports the CPU seconds of each stage of the merge
 (loading, hashing, matching, writing, from the progress events) and the matching's sweeps. The output's sha256 is
 taken by this parent process after the worker exits (not counted), then the output is deleted.
 """
@@ -29,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def worker(method: str, a: str, b: str, c: str | None, out: str, result: str) -> None:
+def worker(method: str, a: str, b: str, c: str | None, out: str, result: str, max_sweeps: int | None) -> None:
     from lib_rebasin.merge.run import merge_checkpoints
     from lib_rebasin.options import MergeOptions
 
@@ -45,7 +46,8 @@ def worker(method: str, a: str, b: str, c: str | None, out: str, result: str) ->
             current[:] = [ev.stage, now]
 
     t0, w0 = clock(), time.perf_counter()
-    res = merge_checkpoints(a, b, out, MergeOptions(method=method, alpha=0.5, precision="fp16"), c=c,
+    extra = {} if max_sweeps is None else {"max_sweeps": max_sweeps}
+    res = merge_checkpoints(a, b, out, MergeOptions(method=method, alpha=0.5, precision="fp16", **extra), c=c,
                             overwrite=True, progress=progress)
     total, wall = clock() - t0, time.perf_counter() - w0
     progress(type("End", (), {"stage": "end"})())
@@ -63,13 +65,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_one(label: str, method: str, a: str, b: str, c: str | None, out_dir: Path) -> dict[str, Any]:
+def run_one(label: str, method: str, a: str, b: str, c: str | None, out_dir: Path,
+            max_sweeps: int | None = None) -> dict[str, Any]:
     result = out_dir / f"{method}.json"
     out = out_dir / f"{method}.safetensors"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, __file__, a, b, "--out-dir", str(out_dir), "--worker", method]
     if c:
         cmd += ["--base", c]
+    if max_sweeps is not None:
+        cmd += ["--max-sweeps", str(max_sweeps)]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=out_dir, env=env)
@@ -99,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="C for the three-input methods")
     p.add_argument("--methods", nargs="*", default=[], help="three-input methods to run once each with C = --base")
     p.add_argument("--independent", default=None, help="a model of another base: re-basin A with it once")
+    p.add_argument("--max-sweeps", type=int, default=None, help="the independent re-basin's max_sweeps option")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     ns.out_dir.mkdir(parents=True, exist_ok=True)
     if ns.worker:
         worker(ns.worker, ns.a, ns.b, ns.base, str(ns.out_dir / f"{ns.worker}.safetensors"),
-               str(ns.out_dir / f"{ns.worker}.json"))
+               str(ns.out_dir / f"{ns.worker}.json"), ns.max_sweeps)
         return 0
     if ns.methods and not ns.base:
         p.error("--methods needs --base")
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in ns.methods:
         runs.append(run_one("same-base, C", method, ns.a, ns.b, ns.base, ns.out_dir))
     if ns.independent:
-        runs.append(run_one("independent", "rebasin", ns.a, ns.independent, None, ns.out_dir))
+        runs.append(run_one("independent", "rebasin", ns.a, ns.independent, None, ns.out_dir, ns.max_sweeps))
     pair = [r for r in runs if r["label"].startswith("same-base ")]
     if pair:
         def mean(m: str, k: str) -> float:
