@@ -16,11 +16,20 @@ Outputs compared (batch of 2, fixed seeds):
 Negative controls show the check has teeth: a GroupNorm group split, a concatenation straddle ignored, q/k rows
 moved across heads (UNet, CLIP-L, CLIP-G's fused in_proj), a head order that differs between q/k and v/o, and a
 text encoder's stream left uncoupled from its slice of the UNet's context must each break the function.
+
+At full SDXL size (opt-in: `pytest -m full`) two fp32 copies of the model do not fit in 24 GB (the UNet alone is
+10 GB), so the check runs part by part with one model in memory at a time: its outputs are taken, the model is
+freed, and the permuted model is regenerated key by key from the same seeds. The UNet part also permutes both text
+encoders' residual streams (their slices of the UNet's context, fed in permuted order); with the text part's
+equivariant conditioning that gives the end-to-end invariance the small-scale `te_to_unet` output checks whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import resource
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -31,7 +40,7 @@ from test_function_preservation import head_order, with_axes
 
 from lib_rebasin.align.permute import is_legal, permute_tensor, random_legal_perm, random_perms
 from lib_rebasin.archspec import ArchSpec, Segment, Structure
-from lib_rebasin.sdxl.config import MINI, SDXLConfig
+from lib_rebasin.sdxl.config import MINI, SDXL_BASE, SDXLConfig
 from lib_rebasin.sdxl.spec import build_spec
 from lib_rebasin.sdxl.synthetic import synthetic_tensor
 
@@ -281,3 +290,62 @@ def test_geglu_halves_permuted_apart_is_detected(mini: Case) -> None:
              {a: lay for a, lay in mini.spec.axes[f"{key}.{s}"].items() if a != 0} for s in ("weight", "bias")}
     perm = torch.randperm(g.size, generator=torch.Generator().manual_seed(5))
     _broken(mini, {name: perm}, with_axes(mini.spec, edits), outputs=("unet",))
+
+
+# -- full SDXL size (opt-in: pytest -m full) ---------------------------------------------------------------------
+FULL_PARTS = {"unet": (("unet",), ("unet",)), "te": (("te",), ("clip_l", "clip_g", "conditioning")),
+              "vae": (("vae",), ("vae_encode", "vae_decode"))}
+
+
+def lean_outputs(config: SDXLConfig, spec: ArchSpec, parts: tuple[str, ...], inputs: SDXLInputs,
+                 perms: dict[str, torch.Tensor], outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The outputs of the (permuted) model, built from the seed-0 synthetic weights key by key; nothing of the
+    model is kept after the call."""
+    ref = SDXLReference.build(config, parts)
+    ref.load({k: permute_tensor(spec, k, synthetic_tensor(k, s, 0), perms) for k, s in spec.shapes.items()
+              if spec.part_of_key[k] in parts}, parts)
+    out = run_outputs(ref, inputs, perms, outputs)
+    del ref
+    gc.collect()
+    return out
+
+
+def check_part_by_part(config: SDXLConfig, which: str) -> None:
+    start = time.perf_counter()
+    parts, outputs = FULL_PARTS[which]
+    spec = build_spec(config)
+    groups = [g for g in spec.groups.values() if g.part in parts]
+    perms = random_perms(groups, seed=7)
+    if which == "unet":
+        perms |= random_perms([spec.groups[L], spec.groups[G]], seed=8)
+    for name, p in perms.items():
+        assert is_legal(spec.groups[name].structure, p), name
+    moved = sum(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    assert moved >= 0.9 * len(perms), f"only {moved}/{len(perms)} groups actually permuted"
+    assert_heads_reordered(groups, perms)
+    inputs = make_inputs(config)
+    out_a = lean_outputs(config, spec, parts, inputs, {}, outputs)
+    out_b = lean_outputs(config, spec, parts, inputs, perms, outputs)
+    case = Case(config, spec, {}, SDXLReference(config, None, None, None, None), inputs, out_a)
+    errs = {}
+    for name in outputs:
+        assert torch.isfinite(out_b[name]).all() and out_a[name].abs().max() > 0, name
+        errs[name] = rel_max_error(expected(case, name, perms), out_b[name])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    label = "full" if config.is_full_size else "mini"
+    print(f"[{label}/{which}] {len(perms)} groups, {time.perf_counter() - start:.1f}s, peak RSS {rss:.1f} GiB, "
+          "rel. max errors: " + ", ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    bad = {k: v for k, v in errs.items() if v > TOL}
+    assert not bad, f"{label}/{which}: function not preserved (rel. max error > {TOL}): {bad}"
+
+
+@pytest.mark.parametrize("which", list(FULL_PARTS))
+def test_part_by_part_check_at_small_scale(which: str) -> None:
+    """The full-size check's own path (one model at a time, regenerated from seeds), run at the MINI scale."""
+    check_part_by_part(MINI, which)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("which", list(FULL_PARTS))
+def test_full_size_random_legal_permutations_preserve_function(which: str) -> None:
+    check_part_by_part(SDXL_BASE, which)
