@@ -172,3 +172,30 @@ def test_partial_certificate_is_sound_on_random_matrices() -> None:
             exact = a.double() @ b.double().T
             assert torch.equal(exact.argmax(dim=1), cur)
     assert proven > 20
+
+
+def test_partial_certificate_rows_proven_at_different_shares_are_sound() -> None:
+    """Rows of unequal norms need different shares of the columns (the rows still open get the next share only);
+    wherever the proof holds, the exact (float64) row-argmax is the current permutation, and it fails whenever a
+    row's true best column is another."""
+    from lib_rebasin.align.partial_certificate import prove_current
+    from lib_rebasin.archspec import Group, Slot
+
+    gen = torch.Generator().manual_seed(1)
+    proven = refuted = 0
+    for trial in range(24):
+        n, m = 48, 4096
+        base = torch.randn(n, m, generator=gen) * (1 + 0.3 * torch.rand(n, 1, generator=gen))
+        a = base + 0.08 * torch.randn(n, m, generator=gen)
+        b = base + 0.08 * torch.randn(n, m, generator=gen)
+        if trial % 3 == 0:
+            b[[3, 7]] = b[[7, 3]]  # rows 3 and 7 of A now have their best partner elsewhere
+        g = Group("g", n, "unet", "free", [Slot("w", 0, 0, 0, n)])
+        spec = type("Spec", (), {"axes": {"w": {0: [("g", 0, 0, n)]}}})()
+        cur = torch.arange(n)
+        ok = prove_current(spec, g, {"w": a}.__getitem__, {"w": b}.__getitem__, {}, cur, torch.device("cpu"))
+        exact_is_cur = torch.equal((a.double() @ b.double().T).argmax(dim=1), cur)
+        assert exact_is_cur or not ok
+        proven += ok
+        refuted += not exact_is_cur
+    assert proven >= 12 and refuted == 8

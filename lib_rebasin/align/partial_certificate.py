@@ -57,9 +57,19 @@ class _Slot:
         self.sq_a: list[torch.Tensor] = []
         self.sq_b: list[torch.Tensor] = []
 
-    def chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked(self, c: int) -> torch.Tensor:
+        """Chunk `c` of the columns in fp32, A's and B's rows side by side: (rows, 2, chunk length)."""
         lo, hi = self.cuts[c], self.cuts[c + 1]
-        return self.a[:, lo:hi].float(), self.b[:, lo:hi].float()
+        out = torch.empty(self.a.shape[0], 2, hi - lo, dtype=torch.float32, device=self.a.device)
+        out[:, 0].copy_(self.a[:, lo:hi])
+        out[:, 1].copy_(self.b[:, lo:hi])
+        return out
+
+    def chunk(self, c: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk `c` of the columns in fp32: A's rows (those of `rows` only, if given) and all of B's."""
+        lo, hi = self.cuts[c], self.cuts[c + 1]
+        a = self.a[:, lo:hi] if rows is None else self.a[rows, lo:hi]
+        return a.float(), self.b[:, lo:hi].float()
 
 
 def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
@@ -71,55 +81,70 @@ def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: Tens
     diag = torch.zeros(n, dtype=torch.float64, device=device)  # C[i, cur(i)], all columns
     cur = current.to(device)
     slots: list[_Slot] = []
-    inner = 0
+    longest = additions = 0
     for slot in group.slots:
         ta, tb = get_a(slot.key), get_b(slot.key)
         sl = _Slot(slot.start, unit_rows(ta, slot.axis, slot.offset, slot.length, ta.dtype),
                    other_axes_permuted(spec, slot, tb, perms, tb.dtype))
         slots.append(sl)
-        inner += sl.a.shape[1] + len(sl.cuts)
+        longest = max(longest, sl.a.shape[1])
+        additions += len(sl.cuts)
         # The current partner of each row, where it lies inside this slot's window (else the slot adds nothing).
         local = cur[sl.lo:sl.hi] - sl.lo
         inside = (local >= 0) & (local < slot.length)
         same = _is_range(local)
         for c in range(len(sl.cuts) - 1):
-            a, b = sl.chunk(c)
-            sl.sq_a.append(_squared_norms(a))
-            sl.sq_b.append(_squared_norms(b))
-            partner = b if same else b.index_select(0, local.clamp(0, slot.length - 1))
-            diag[sl.lo:sl.hi] += torch.einsum("ij,ij->i", a, partner).double() * inside
+            # A's and B's rows side by side in fp32: one batched product gives both squared norms and the
+            # current pair's value of every row (three fp32 inner products each, no separate passes).
+            ab = sl.stacked(c)
+            a, b = ab[:, 0], ab[:, 1]
+            gram = torch.bmm(ab, ab.transpose(1, 2))
+            sl.sq_a.append(gram[:, 0, 0].double())
+            sl.sq_b.append(gram[:, 1, 1].double())
+            pair = gram[:, 0, 1] if same else torch.einsum(
+                "ij,ij->i", a, b.index_select(0, local.clamp(0, slot.length - 1)))
+            diag[sl.lo:sl.hi] += pair.double() * inside
             if c == 0:
                 window(P, slot).addmm_(a, b.T)
-    # gamma_N bounds the error of one fp32 inner product of length N relative to sum |a_k b_k| <= |a_i| |b_j|;
-    # four of them cover this proof's sums and norms and the full fp32 matrix's, on both sides of the comparison,
-    # and 32 u the few fp32 operations that form the upper bounds (each at most 3 |a_i| |b_j|).
+    # gamma_N bounds the error of an fp32 sum of products relative to sum |a_k b_k| <= |a_i| |b_j| when no product
+    # goes through more than N - 1 roundings (one multiplication, then additions): within one slot's product at
+    # most its length (any summation order), then one addition per chunk or slot added into the same entry. Four
+    # of them cover this proof's sums and norms and the full fp32 matrix's, on both sides of the comparison, and
+    # 32 u the few fp32 operations that form the upper bounds (each at most 3 |a_i| |b_j|).
+    inner = longest + additions + 1
     gamma = inner * _U / (1 - inner * _U)
     eps = 4 * gamma + 32 * _U
     na, nb = _norms(slots, n, 0, device, eps)
     lower = diag - eps * na * nb[cur]
+    # The proof is one inequality per row: a row proven at one share stays proven, and the next share's columns
+    # are multiplied out for the rows still open only.
+    pending = torch.arange(n, device=device)
     for stage in range(1, len(SHARES) + 1):
         if stage > 1:
             for sl, slot in zip(slots, group.slots, strict=True):
-                if sl.cuts[stage] > sl.cuts[stage - 1]:
-                    a, b = sl.chunk(stage - 1)
-                    window(P, slot).addmm_(a, b.T)
+                open_rows = pending[(pending >= sl.lo) & (pending < sl.hi)] - sl.lo
+                if sl.cuts[stage] > sl.cuts[stage - 1] and len(open_rows):
+                    a, b = sl.chunk(stage - 1, open_rows)
+                    window(P, slot).index_add_(0, open_rows, a @ b.T)
         ra, rb = _norms(slots, n, stage, device, eps)
-        if bool((lower > _best_other(P, cur, ra, rb, na, nb, eps)).all()):
+        proven = lower[pending] > _best_other(P, pending, cur, ra, rb, na, nb, eps)
+        pending = pending[~proven]
+        if not len(pending):
             return True
     return False
 
 
-def _best_other(P: torch.Tensor, cur: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, na: torch.Tensor,
-                nb: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per row, the largest upper bound P[i, j] + |a_R,i| |b_R,j| + eps |a_i| |b_j| over columns j != cur(i), a
-    block of rows at a time (no second matrix of P's size)."""
-    out = torch.empty(P.shape[0], dtype=torch.float64, device=P.device)
+def _best_other(P: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
+                na: torch.Tensor, nb: torch.Tensor, eps: float) -> torch.Tensor:
+    """For each of `rows`, the largest upper bound P[i, j] + |a_R,i| |b_R,j| + eps |a_i| |b_j| over columns
+    j != cur(i), a block of rows at a time (no second matrix of P's size)."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=P.device)
     rb, nb = rb.float(), nb.float()
-    for lo in range(0, P.shape[0], _ROW_BLOCK):
-        hi = min(lo + _ROW_BLOCK, P.shape[0])
-        upper = P[lo:hi].clone().addr_(ra[lo:hi].float(), rb).addr_(na[lo:hi].float(), nb, alpha=eps)
-        upper[torch.arange(hi - lo, device=P.device), cur[lo:hi]] = float("-inf")
-        out[lo:hi] = upper.max(dim=1).values
+    for lo in range(0, len(rows), _ROW_BLOCK):
+        idx = rows[lo:lo + _ROW_BLOCK]
+        upper = P.index_select(0, idx).addr_(ra[idx].float(), rb).addr_(na[idx].float(), nb, alpha=eps)
+        upper[torch.arange(len(idx), device=P.device), cur[idx]] = float("-inf")
+        out[lo:lo + len(idx)] = upper.max(dim=1).values
     return out
 
 
@@ -133,10 +158,6 @@ def _norms(slots: list[_Slot], n: int, first: int, device: torch.device, eps: fl
             sq[1, sl.lo:sl.hi] += sl.sq_b[c]
     out = sq.sqrt_().mul_(1 + eps)
     return out[0], out[1]
-
-
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=1).double().square()
 
 
 def _is_range(idx: torch.Tensor) -> bool:

@@ -4,7 +4,7 @@ A weighted sum carries a NaN of an input straight into the output, and weight ma
 hold one (the assignment solver fails on a non-finite cost matrix). Scanning every input up front would cost a
 full read of each model, so the checks sit where the data passes anyway:
 
-- every tensor weight matching reads is checked once when it is fetched (`guard_getter`);
+- every tensor weight matching reads is checked when it is first fetched (`guard_getter`);
 - every output tensor, whatever its source (blended, copied from A, or taken from a VAE baked in), is checked
   after its cast to the output dtype (`OutputGuard`, applied once where the merge produces each key), which
   also catches a blend that overflows (a huge alpha, or fp32 values beyond fp16's range). The write is
@@ -77,11 +77,16 @@ class Model:
 
 def guard_getter(get: TensorGetter, model: Model, allow: bool) -> TensorGetter:
     """`get` for weight matching: a non-finite tensor is refused, or with `allow` matched as if it were 0 there
-    (the output still gets the real values: matching only decides the permutation)."""
+    (the output still gets the real values: matching only decides the permutation).
+
+    A key found finite is not checked again when a later visit fetches it: every read checks that the file is
+    still the version opened (io/input_file.py), so it gets the same bytes."""
+    finite: set[str] = set()
 
     def checked(key: str) -> torch.Tensor:
         t = get(key)
-        if all_finite(t):
+        if key in finite or all_finite(t):
+            finite.add(key)
             return t
         if not allow:
             raise model.error_at(key)
