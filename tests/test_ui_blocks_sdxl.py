@@ -178,3 +178,32 @@ def test_http_api_takes_twenty_values_and_presets_for_sdxl(folder: Path) -> None
         assert not (folder / "api_bad.safetensors").exists()
     finally:
         blocks.close()
+
+
+def test_hires_presets_scale_by_model_a_architecture(folder: Path) -> None:
+    """SDXL's first pass is already about 1024 px: the presets upscale it x1.5 (SD 1.x: x2), with the same denoise."""
+    gr = pytest.importorskip("gradio")
+    from lib_rebasin.ui.host import HIRES_PRESETS, hires_values
+    from lib_rebasin.ui.service import MergeService
+    from lib_rebasin.ui.standalone import StandaloneHost
+    from lib_rebasin.ui.tab import build_tab
+
+    assert [hires_values(p, ["Lanczos"], None, None, "SDXL")["scale"] for p in HIRES_PRESETS] == [1.5] * 3
+    assert [hires_values(p, ["Lanczos"], None, None, "SD 1.x")["scale"] for p in HIRES_PRESETS] == [2.0] * 3
+    with gr.Blocks():
+        targets = {"enable": gr.Checkbox(False), "denoise": gr.Slider(0, 1, value=0.7),
+                   "scale": gr.Slider(1, 4, value=2.0), "upscaler": gr.Dropdown(choices=["Latent", "Lanczos"]),
+                   "steps": gr.Slider(0, 150, value=0)}
+
+    class WithTxt2img(StandaloneHost):
+        def hires_targets(self) -> dict:
+            return targets
+
+    host = WithTxt2img(folder, devices=["cpu"])
+    ui = build_tab(host, MergeService(host))
+    apply = _listener(ui.blocks, ui["preset_balanced"], "apply")
+    *updates, note = apply("Latent", "SDXL")
+    assert [u.get("value") for u in updates] == [True, 0.55, 1.5, "Lanczos", 0]
+    assert "upscale x1.5 (model A is SDXL)" in note
+    *updates, note = apply("Latent", "SD 1.x")
+    assert updates[2]["value"] == 2.0 and "upscale x2," in note
