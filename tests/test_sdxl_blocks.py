@@ -1,6 +1,7 @@
 """SDXL block weights: the 20-value convention `BASE,IN00..IN08,M00,OUT00..OUT08`, checked key by key over the full
 SDXL key list against a restatement that splits the key (not the rules' regular expressions); a merge that applies
-them; the refusals of the other architecture's count and of presets, each in one line before any work."""
+them; what a named preset means for SDXL (SuperMerger's `weighttoxl`), key by key and in the metadata; the refusal of
+the other architecture's count in one line before any work."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from lib_rebasin.errors import FieldError
 from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.merge.block_weights import SDXL, BlockWeights, convention_for, parse_blocks
+from lib_rebasin.merge.block_presets import PRESETS
+from lib_rebasin.merge.block_weights import SD1, SDXL, BlockWeights, convention_for, for_architecture, parse_blocks
 from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.sdxl.config import SDXL_BASE
@@ -73,7 +75,7 @@ def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path], tmp_path
     res = merge_checkpoints(a_path, b_path, tmp_path / "o.safetensors", opts)
     with open_checkpoint(a_path) as a, open_checkpoint(b_path) as b, open_checkpoint(res.output) as out:
         seen = set()
-        for key in a.keys():
+        for key in a:
             block = SDXL.block_of(key)
             if block is None or not a.get(key).is_floating_point():
                 continue
@@ -88,18 +90,59 @@ def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path], tmp_path
                for line in res.diagnostics.summary_lines())
 
 
-@pytest.mark.parametrize("blocks, message", [
-    ("0.5," * 25 + "0.5",
-     r"^Block weights for SDXL need 20 values \(BASE,IN00\.\.IN08,M00,OUT00\.\.OUT08\); got 26\.$"),
-    ("GRAD_V", r"^Block-weight presets such as GRAD_V are curves over SD 1\.x's 26 blocks and have no SDXL meaning; "
-               r"give 20 values"),
-])
-def test_sdxl_refuses_other_conventions(blocks: str, message: str, pair: tuple[Path, Path], tmp_path: Path) -> None:
-    bw = parse_blocks(blocks, 0.5)
+def test_sdxl_refuses_twenty_six_values(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    bw = parse_blocks("0.5," * 25 + "0.5", 0.5)
     opts = MergeOptions(method="weighted_sum").with_blocks(bw.values, bw.preset)
-    with pytest.raises(FieldError, match=message) as err:
+    with pytest.raises(FieldError, match=r"^Block weights for SDXL need 20 values \(BASE,IN00\.\.IN08,M00,"
+                                         r"OUT00\.\.OUT08\); got 26\.$") as err:
         merge_checkpoints(*pair, tmp_path / "o.safetensors", opts)
     assert err.value.field == "blocks" and "\n" not in str(err.value) and not any(tmp_path.iterdir())
+
+
+# SuperMerger's conversion of a preset for SDXL, as it is written there (`weighttoxl`, applied to the 25 UNet values
+# after BASE): the first 9 input blocks, then M00 and the first 9 output blocks, then 0 for its VAE slot.
+def _weighttoxl(unet: list[float]) -> list[float]:
+    return unet[:9] + unet[12:22] + [0]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_read_for_sdxl_as_supermerger_does(name: str) -> None:
+    values = PRESETS[name]
+    ours = SDXL.preset_values(name)
+    assert list(ours) == [values[0], *_weighttoxl(list(values[1:]))[:-1]]
+    for block, v in zip(SDXL.ids, ours, strict=True):  # and by name: each block keeps its SD 1.x namesake's value
+        assert v == values[SD1.index[block]], block
+    assert for_architecture("SDXL", values, name) == ours
+    assert for_architecture("SD 1.x", values, name) == values
+
+
+def test_explicit_values_are_never_converted() -> None:
+    with pytest.raises(FieldError, match="need 20 values"):
+        for_architecture("SDXL", PRESETS["GRAD_V"], None)
+    assert for_architecture("SDXL", VALUES, "GRAD_V") == VALUES  # 20 values recorded with their preset's name
+
+
+def test_sdxl_merge_with_a_preset(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """GRAD_V on an SDXL pair: every key gets the weight of its block's SD 1.x namesake, and the output records the
+    preset, its 20 values, the key mapping and the preset's reading."""
+    a_path, b_path = pair
+    bw = parse_blocks("GRAD_V", 0.5)
+    opts = MergeOptions(method="weighted_sum", precision="fp32").with_blocks(bw.values, bw.preset)
+    res = merge_checkpoints(a_path, b_path, tmp_path / "o.safetensors", opts)
+    gradv = PRESETS["GRAD_V"]
+    with open_checkpoint(a_path) as a, open_checkpoint(b_path) as b, open_checkpoint(res.output) as out:
+        for key in a:
+            block = SDXL.block_of(key)
+            if block is None or not a.get(key).is_floating_point():
+                continue
+            w = gradv[SD1.index[block]]
+            torch.testing.assert_close(out.get(key), (1 - w) * a.get(key).float() + w * b.get(key).float(),
+                                       rtol=0, atol=1e-6, msg=key)
+        recipe = json.loads(out.metadata["sd_merge_recipe"])
+        ours = json.loads(out.metadata["lib_rebasin"])
+    for rec in (recipe, ours["recipe"]):
+        assert rec["blocks_preset"] == "GRAD_V" and rec["blocks"] == list(SDXL.preset_values("GRAD_V"))
+        assert rec["block_mapping"] == "sdxl-mbw-1" and rec["blocks_preset_mapping"] == "sdxl-presets-1"
 
 
 def test_sd1_refuses_twenty_values(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -21,13 +21,15 @@ pytestmark = pytest.mark.ui
 
 
 def test_block_handlers_and_curve() -> None:
+    n = bui.SLIDER_COUNT  # both sets: SD 1.x's 26 sliders, then SDXL's 20
     out = bui.on_preset("GRAD_V", "")
-    assert out[0].startswith("0,1,0.9166666667,") and tuple(out[1:27]) == PRESETS["GRAD_V"] and out[28] is True
-    assert "<svg" in out[27] and "GRAD_V" in out[27] and out[27].count("<circle") == 25
+    assert out[0].startswith("0,1,0.9166666667,") and tuple(out[1:27]) == PRESETS["GRAD_V"] and out[n + 2] is True
+    assert out[27:n + 1] == (None,) * 20  # SDXL's sliders are left as they are
+    assert "<svg" in out[n + 1] and "GRAD_V" in out[n + 1] and out[n + 1].count("<circle") == 25
     sliders = bui.on_text("0.5," * 24 + "0.5", 0.2)  # 25 values: BASE = alpha
-    assert sliders[0] == 0.2 and sliders[1:26] == (0.5,) * 25 and sliders[27] == "custom"
+    assert sliders[0] == 0.2 and sliders[1:26] == (0.5,) * 25 and sliders[n + 1] == "custom"
     bad = bui.on_text("1,2", 0.5)
-    assert bad[:26] == (None,) * 26 and "need 26 values" in bad[26] and "rebasin-error" in bad[26]
+    assert bad[:n] == (None,) * n and "need 26 values" in bad[n] and "rebasin-error" in bad[n]
     text, plot, name = bui.on_sliders(*PRESETS["OUT12"])
     assert name == "OUT12" and text == ",".join(["0"] * 14 + ["1"] * 12)
     from lib_rebasin.methods import ALL_PARAMS
@@ -102,9 +104,9 @@ def test_tab_merges_with_a_preset_and_method_params(folder):
     shown = _fn_for(ui.blocks, ui["method"], "change")("TIES")
     assert shown[0]["visible"] is True and shown[3]["visible"] is True and shown[5]["visible"] is False
     # choosing a preset fills the text, the 26 sliders and the plot, and turns block weights on
-    filled = _fn_for(ui.blocks, ui["blocks_preset"], "change")("WRAP08", "")
+    filled = _fn_for(ui.blocks, ui["blocks_preset"], "change")("WRAP08", "", "SD 1.x")
     assert filled[0]["value"].startswith("0,1,1,1,1,0") and filled[2]["value"] == 1 and filled[6]["value"] == 0
-    assert "<svg" in filled[27]["value"] and filled[28]["value"] is True
+    assert "<svg" in filled[-2]["value"] and filled[-1]["value"] is True
     # the output field suggests a name from models, method and preset
     suggest = _fn_for(ui.blocks, ui["model_a"], "change")
     assert "one_two_ties_0.50_WRAP08" in suggest(ui.values(model_a="one.safetensors", model_b="two.safetensors",
@@ -143,7 +145,7 @@ def test_tab_records_the_preset_chosen_in_the_dropdown(folder):
 
     host = StandaloneHost(folder, devices=["cpu"])
     ui = build_tab(host, MergeService(host))
-    text = _fn_for(ui.blocks, ui["blocks_preset"], "change")("GRAD_V", "")[0]["value"]
+    text = _fn_for(ui.blocks, ui["blocks_preset"], "change")("GRAD_V", "", "SD 1.x")[0]["value"]
     assert text[0].isdigit()  # the values, not the name, are what the merge button reads
     run = _fn_for(ui.blocks, ui["merge"])
     frames = list(run(ui.values(task_id="task(p1)", model_a="one.safetensors", model_b="two.safetensors",

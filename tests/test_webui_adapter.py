@@ -581,7 +581,7 @@ def test_hires_presets_set_txt2img_from_python(webui, key, denoise):
     order = ["enable", "denoise", "scale", "upscaler", "steps"]
     assert dep["outputs"][:5] == [comps[k]._id for k in order]
     assert comps["prompt"]._id not in dep["outputs"]  # the prompt is never touched
-    assert dep["inputs"] == [comps["upscaler"]._id]
+    assert dep["inputs"] == [comps["upscaler"]._id, ui["blocks_arch"]._id]  # the scale follows model A's architecture
     *updates, note = fn("Latent")
     values = [u.get("value") for u in updates]
     # a fresh install has R-ESRGAN 4x+ only as a download link: the preset picks one that runs right away

@@ -19,9 +19,13 @@ SDXL (`SDXL`, recorded as `sdxl-mbw-1`): 20 values `BASE,IN00..IN08,M00,OUT00..O
 XL list, the civitai SDXL block guides and sd-mecha's `sdxl-supermerger_blocks`. Its key mapping follows sd-mecha's
 `convert_sdxl_blocks_to_sgm`: `time_embed.*` and `label_emb.*` follow BASE (they come before the input blocks),
 `out.*` follows OUT08, both text encoders follow BASE; the VAE follows BASE too, as in our SD 1.x convention (sd-mecha
-gives it a 21st `VAE` value). The named presets are curves over SD 1.x's 26 blocks; SDXL has fewer blocks at other
-depths, so no preset is carried over: a preset given for an SDXL pair is refused in one line. The count tells the
-conventions apart, and a merge refuses a count that is not its architecture's before any work.
+gives it a 21st `VAE` value). The count tells the conventions apart, and a merge refuses a count that is not its
+architecture's before any work.
+
+A named preset is 26 SD 1.x values; for SDXL it means SuperMerger's reading (`weighttoxl`, which every SDXL merge with
+a preset goes through there): each SDXL block takes the value of the SD 1.x block of the same name, so IN09..IN11 and
+OUT09..OUT11 are dropped. The merge converts the preset once it knows the architecture (`for_architecture`) and
+records that reading as `SDXL.preset_version` beside the preset's name. Explicit values are never converted.
 """
 
 from __future__ import annotations
@@ -50,6 +54,19 @@ class BlockConvention:
     ids: tuple[str, ...]
     rules: tuple[tuple[str, str], ...]
     version: str                        # recorded in the output's metadata
+    # a named preset's 26 SD 1.x values -> this convention's: the blocks of the same name, and how that reading is
+    # recorded (None: the presets are this convention's own values)
+    preset_version: str | None = None
+
+    @cached_property
+    def from_sd1(self) -> tuple[int, ...]:
+        """The index, among SD 1.x's 26 blocks, of the block of the same name as each of ours."""
+        return tuple(SD1_IDS.index(b) for b in self.ids)
+
+    def preset_values(self, preset: str) -> tuple[float, ...]:
+        """A named preset's values in this convention."""
+        values = PRESETS[preset]
+        return tuple(values[i] for i in self.from_sd1)
 
     @cached_property
     def _compiled(self) -> tuple[tuple[re.Pattern[str], str], ...]:
@@ -72,8 +89,9 @@ class BlockConvention:
         return f"{self.ids[0]},{self.ids[1]}..{self.ids[len(self.ids) // 2 - 1]},M00,OUT00..{self.ids[-1]}"
 
 
+SD1_IDS = _block_ids(12)
 _UNET = r"model\.diffusion_model\."
-SD1 = BlockConvention("SD 1.x", _block_ids(12), (
+SD1 = BlockConvention("SD 1.x", SD1_IDS, (
     (_UNET + r"time_embed\.", "IN00"),
     (_UNET + r"input_blocks\.(?P<n>\d+)\.", "IN{n:02d}"),
     (_UNET + r"middle_block\.", "M00"),
@@ -90,7 +108,7 @@ SDXL = BlockConvention("SDXL", _block_ids(9), (
     (_UNET + r"out\.", "OUT08"),
     (r"conditioner\.embedders\.", "BASE"),
     (r"first_stage_model\.", "BASE"),
-), "sdxl-mbw-1")
+), "sdxl-mbw-1", preset_version="sdxl-presets-1")
 CONVENTIONS = {c.architecture: c for c in (SD1, SDXL)}
 _BY_COUNT = {len(c.ids): c for c in (SD1, SDXL)}
 
@@ -104,16 +122,22 @@ def convention_for(values: tuple[float, ...]) -> BlockConvention:
     return _BY_COUNT[len(values)]
 
 
-def check_architecture(architecture: str, values: tuple[float, ...], preset: str | None) -> None:
-    """Refuse, in one line, block weights that are not in the merged architecture's convention."""
+def for_architecture(architecture: str, values: tuple[float, ...], preset: str | None) -> tuple[float, ...]:
+    """Block weights in the merged architecture's convention: a named preset's 26 values read for it (see the
+    module's docstring), anything else as given; a count that is not the architecture's is refused in one line."""
     want = CONVENTIONS[architecture]
-    if preset is not None and want is not SD1:
-        raise FieldError("blocks", f"Block-weight presets such as {preset} are curves over SD 1.x's 26 blocks and "
-                                   f"have no {architecture} meaning; give {len(want.ids)} values "
-                                   f"({want.listing()}).")
+    if preset is not None and preset in PRESETS and want is not SD1 and len(values) == len(SD1.ids):
+        return want.preset_values(preset)
     if len(values) != len(want.ids):
         raise FieldError("blocks", f"Block weights for {architecture} need {len(want.ids)} values "
                                    f"({want.listing()}); got {len(values)}.")
+    return values
+
+
+def preset_reading(values: tuple[float, ...], preset: str | None) -> str | None:
+    """How a preset's name was read for these values' convention (recorded in metadata), None where the preset's
+    values are the convention's own or there is no preset."""
+    return convention_for(values).preset_version if preset is not None else None
 
 
 def preset_name(name: str) -> str | None:

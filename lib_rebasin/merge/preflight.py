@@ -20,7 +20,7 @@ from ..io.precisions import PRECISIONS
 from ..methods import METHODS
 from ..options import MergeOptions
 from ..parts import PARTS, part_of
-from .block_weights import check_architecture as check_block_architecture
+from .block_weights import for_architecture as blocks_for_architecture
 from .legacy import check_supported as legacy_supported
 
 
@@ -90,8 +90,9 @@ def preflight(a: Source, b: Source, output: str | os.PathLike[str] | None, optio
         check_compatible(ma, mb, parts)
         if options.method == "legacy":
             legacy_supported(ma.config)
-        if options.blocks is not None:
-            check_block_architecture(ma.architecture, tuple(options.blocks), options.blocks_preset)
+        if options.blocks is not None:  # a preset's name is read for the architecture here, where it is known
+            options = options.with_blocks(blocks_for_architecture(ma.architecture, tuple(options.blocks),
+                                                                  options.blocks_preset), options.blocks_preset)
         if options.matching == "activations":
             from ..align.activation_matching import check_supported
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..io.model_input import legacy_hash, merge_history
 from ..io.parsing import json_or_none
-from ..merge.block_weights import convention_for
+from ..merge.block_weights import convention_for, preset_reading
 from ..options import OPTIONS, MergeOptions
 from ..progress import Reporter
 
@@ -45,6 +45,9 @@ def recorded_options(o: MergeOptions) -> dict[str, object]:
             out[opt.name] = list(value) if isinstance(value, tuple) else value
     if o.blocks is not None:
         out["block_mapping"] = convention_for(tuple(o.blocks)).version
+        reading = preset_reading(tuple(o.blocks), o.blocks_preset)
+        if reading is not None:  # the preset's 26 SD 1.x values were read for another architecture
+            out["blocks_preset_mapping"] = reading
     return out
 
 

@@ -51,6 +51,12 @@ class HiresPreset:
     scale: float = 2.0
     steps: int = 0  # 0 = the host's "same as the first pass"
     note: str = ""
+    # SDXL's first pass is already about 1024 px (SD 1.x's 512): x1.5, the SDXL guides' usual hires step, keeps
+    # the second pass near 1536 px instead of 2048
+    sdxl_scale: float = 1.5
+
+    def scale_for(self, architecture: str | None) -> float:
+        return self.sdxl_scale if architecture == "SDXL" else self.scale
 
 
 # From the DunkMash model card: hires fix works best with denoise 0.45-0.7; below 0.3 the result looks soft.
@@ -64,7 +70,8 @@ HIRES_ADVICE = (
     "Re-basin merges can come out with soft edges and little detail on small faces. Hires fix helps most with "
     "a denoising strength between **0.45 and 0.7**; **below 0.3 the result stays soft**. To upscale without "
     "changing the composition, use **ControlNet Tile** instead of a high denoise. The presets switch to "
-    "txt2img, turn hires fix on with upscale x2 and an installed upscaler, and leave your prompt alone."
+    "txt2img, turn hires fix on with upscale x2 (x1.5 when model A is SDXL) and an installed upscaler, and leave "
+    "your prompt alone."
 )
 
 # Upscalers tried in this order, among those the host can run right away (weights on disk, or none needed):
@@ -117,12 +124,13 @@ def known_downloads(choices: Any, ready: set[str] | None, chosen: str | None, li
 
 
 def hires_values(preset: HiresPreset, upscaler_choices: Any, current_upscaler: str | None,
-                 ready: set[str] | None = None) -> dict[str, Any]:
-    """The txt2img values one preset sets, keyed like HIRES_ELEM_IDS (None = leave as is)."""
+                 ready: set[str] | None = None, architecture: str | None = None) -> dict[str, Any]:
+    """The txt2img values one preset sets for a model of `architecture`, keyed like HIRES_ELEM_IDS (None = leave
+    as is)."""
     return {
         "enable": True,
         "denoise": preset.denoise,
-        "scale": preset.scale,
+        "scale": preset.scale_for(architecture),
         "upscaler": pick_upscaler(upscaler_choices, current_upscaler, ready),
         "steps": preset.steps,
     }

@@ -131,7 +131,7 @@ class _RequestBehaviour:
                 kw[k] = None
             elif k == "blocks" and isinstance(v, list):
                 if len(v) > 26:
-                    raise FieldError(k, f"Field 'blocks' takes 26 (or 25) values, got {len(v)}.")
+                    raise FieldError(k, f"Field 'blocks' takes 26 (or 25) values, 20 for SDXL, got {len(v)}.")
                 kw[k] = ",".join(repr(_number(k, x)) for x in v)
             else:
                 kw[k] = _json_value(k, kind, v, opt)

@@ -149,7 +149,7 @@ class MergeService:
         finally:
             checked.close()  # preflight hands back the opened inputs; only validating here
         req.parts = opts.parts
-        return Prepared(req, a, b, c, out, opts, vae, load=load)
+        return Prepared(req, a, b, c, out, checked.options, vae, load=load)  # a preset read for the architecture
 
     # -- running --------------------------------------------------------------------------------------------
     def start(self, prepared: Prepared | PreparedRecipe, job_id: str | None = None) -> Job:

@@ -18,10 +18,10 @@ from .rendering import md_escape
 
 
 def preset_updates(preset: HiresPreset, targets: dict[str, Any], current_upscaler: str | None,
-                   ready: set[str] | None = None) -> list[Any]:
+                   ready: set[str] | None = None, architecture: str | None = None) -> list[Any]:
     """gr.update values for the captured txt2img components, in HIRES_ELEM_IDS order (present ones only)."""
     up = targets.get("upscaler")
-    values = hires_values(preset, getattr(up, "choices", None), current_upscaler, ready)
+    values = hires_values(preset, getattr(up, "choices", None), current_upscaler, ready, architecture)
     out = []
     for key in HIRES_ELEM_IDS:
         if key in targets:
@@ -31,9 +31,9 @@ def preset_updates(preset: HiresPreset, targets: dict[str, Any], current_upscale
 
 
 def preset_summary(preset: HiresPreset, targets: dict[str, Any], current_upscaler: str | None,
-                   where: str, ready: set[str] | None = None) -> str:
+                   where: str, ready: set[str] | None = None, architecture: str | None = None) -> str:
     up = targets.get("upscaler")
-    values = hires_values(preset, getattr(up, "choices", None), current_upscaler, ready)
+    values = hires_values(preset, getattr(up, "choices", None), current_upscaler, ready, architecture)
     upscaler = values["upscaler"] or "the current upscaler"
     why = ""
     if values["upscaler"] and ready is not None:
@@ -41,7 +41,8 @@ def preset_summary(preset: HiresPreset, targets: dict[str, Any], current_upscale
         why = " (installed, nothing to download" + (f"; {' and '.join(skipped)} would need a download first"
                                                     if skipped else "") + ")"
     return (f"**{preset.label}** {where}: hires fix on, denoising strength {preset.denoise:.2f}, upscale "
-            f"x{preset.scale:g}, upscaler **{md_escape(upscaler)}**{md_escape(why)}, hires steps "
+            f"x{values['scale']:g}{' (model A is SDXL)' if architecture == 'SDXL' else ''}, upscaler "
+            f"**{md_escape(upscaler)}**{md_escape(why)}, hires steps "
             f"{preset.steps or 'same as first pass'} ({preset.note}). Your prompt is unchanged.")
 
 
@@ -53,13 +54,17 @@ def wire_hires_presets(c: dict[str, Any], host: Host) -> None:
     for p in HIRES_PRESETS:
         button = c[f"preset_{p.key}"]
         if target_keys:
-            def apply(current: str | None = None, _p: HiresPreset = p) -> list[Any]:
-                ready = host.ready_upscalers()  # asked per click: the user may have installed one since
-                return [*preset_updates(_p, targets, current, ready),
-                        preset_summary(_p, targets, current, where, ready)]
-
             upscaler = [targets["upscaler"]] if "upscaler" in targets else []
-            event = button.click(fn=apply, inputs=upscaler,
+
+            def apply(*given: str | None, _p: HiresPreset = p, _n: int = len(upscaler)) -> list[Any]:
+                """`given`: the upscaler where captured, then model A's architecture (the block controls')."""
+                current = given[0] if _n and given else None
+                architecture = given[_n] if len(given) > _n else None
+                ready = host.ready_upscalers()  # asked per click: the user may have installed one since
+                return [*preset_updates(_p, targets, current, ready, architecture),
+                        preset_summary(_p, targets, current, where, ready, architecture)]
+
+            event = button.click(fn=apply, inputs=[*upscaler, c["blocks_arch"]],
                                  outputs=[targets[k] for k in target_keys] + [c["preset_note"]])
             event.then(fn=None, inputs=[], outputs=[], **js_kwargs(JS_SWITCH_TXT2IMG))
         else:

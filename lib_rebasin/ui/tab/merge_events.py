@@ -176,6 +176,7 @@ def wire_merge_events(ctx: TabContext, blocks: Any) -> None:
 
     for name in NAME_FIELDS:
         c[name].change(fn=suggest_name, inputs=naming.inputs, outputs=[c["output_name"]])
+    blocks_ui.wire_block_architecture(c, update, lambda a: blocks_ui.architecture_of_choice(service.resolve, a))
 
     form = Fields(c, MERGE_FIELDS)
     outputs = [c[k] for k in MERGE_OUTPUTS]
