@@ -353,10 +353,12 @@ def test_standalone_on_a_port_in_use_says_so_in_one_line(models):
 def test_cancel_once_the_output_is_committed_is_refused_and_the_job_ends_done(models, tmp_path):
     """The merge's thread is held right after its output got its final name (tests/paused_cli.py, stage "placed",
     running the standalone app): a cancel then is too late (409), and the job ends done with the file."""
+    from model_cache import place
+
     folder = tmp_path / "models"
     folder.mkdir()
     for name in ("alpha.safetensors", "beta.safetensors"):
-        (folder / name).write_bytes((models / name).read_bytes())
+        place(models / name, folder / name)  # a hard link: the merge reads its inputs and writes a new file
     port = _free_port()
     log = tmp_path / "server.log"
     srv = Server([sys.executable, str(ROOT / "tests" / "paused_cli.py"), "placed", "1", "--", "ui", "--models-dir",
