@@ -41,14 +41,15 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, cmd: list[str], port: int, log: Path, stdin: int | None = None) -> None:
+    def __init__(self, cmd: list[str], port: int, log: Path, stdin: int | None = None,
+                 env_extra: dict[str, str] | None = None) -> None:
         self.port, self.log = port, log
         self.base = f"http://127.0.0.1:{port}"
         # one intra-op thread, as conftest.py sets for in-process tests: on a busy 2-core machine two OpenMP threads
         # made a mini REPAIR merge (small forward passes) take 409 s instead of 18 s
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {})}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdin=stdin, stdout=out,
                                          stderr=subprocess.STDOUT)
@@ -119,13 +120,26 @@ def _standin(models, tmp_path_factory, *flags):
                    "--port", str(port), *flags], port, data / "server.log")
 
 
+@pytest.fixture(scope="module")
+def standalone_api(models, tmp_path_factory):
+    """The standalone app with the API switched on, no credentials, its address given as Gradio's environment
+    (GRADIO_SERVER_PORT / GRADIO_SERVER_NAME, no --port): one process for the API tests and the address test."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("standalone") / "server.log"
+    srv = Server([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models), "--api"], port, log,
+                 env_extra={"GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"})
+    srv.kind = "standalone"
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="module", params=["standalone", "webui"])
 def server(request, models, tmp_path_factory):
     """The API switched on, no credentials; the stand-in also allows one extra origin by the host's CORS flag."""
     if request.param == "standalone":
-        srv = _standalone(models, tmp_path_factory, "--api")
-    else:
-        srv = _standin(models, tmp_path_factory, "--api", "--cors-allow-origins", "http://friend.example")
+        yield request.getfixturevalue("standalone_api")
+        return
+    srv = _standin(models, tmp_path_factory, "--api", "--cors-allow-origins", "http://friend.example")
     srv.kind = request.param
     yield srv
     srv.stop()
@@ -310,24 +324,10 @@ def test_routes_exist_only_when_the_host_serves_its_api(kind, flags, present, mo
 
 # -- the standalone app's address ---------------------------------------------------------------------------------
 
-def test_standalone_honours_gradio_server_port_and_name(models, tmp_path):
-    port = _free_port()
-    log = tmp_path / "server.log"
-    env_before = {k: os.environ.get(k) for k in ("GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME")}
-    os.environ.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
-    try:
-        srv = Server([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models), "--api"],
-                     port, log)
-    finally:
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    try:
-        assert srv.request("GET", "/rebasin/v1/checkpoints")[0] == 200
-    finally:
-        srv.stop()
+def test_standalone_honours_gradio_server_port_and_name(standalone_api):
+    """The module's standalone server got its port and name only from the environment (see `standalone_api`)."""
+    assert "--port" not in standalone_api.proc.args
+    assert standalone_api.request("GET", "/rebasin/v1/checkpoints")[0] == 200
 
 
 def test_standalone_on_a_port_in_use_says_so_in_one_line(models):
@@ -353,10 +353,12 @@ def test_standalone_on_a_port_in_use_says_so_in_one_line(models):
 def test_cancel_once_the_output_is_committed_is_refused_and_the_job_ends_done(models, tmp_path):
     """The merge's thread is held right after its output got its final name (tests/paused_cli.py, stage "placed",
     running the standalone app): a cancel then is too late (409), and the job ends done with the file."""
+    from model_cache import place
+
     folder = tmp_path / "models"
     folder.mkdir()
     for name in ("alpha.safetensors", "beta.safetensors"):
-        (folder / name).write_bytes((models / name).read_bytes())
+        place(models / name, folder / name)  # a hard link: the merge reads its inputs and writes a new file
     port = _free_port()
     log = tmp_path / "server.log"
     srv = Server([sys.executable, str(ROOT / "tests" / "paused_cli.py"), "placed", "1", "--", "ui", "--models-dir",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_cache import cached_checkpoint
+from model_cache import cached_checkpoint, place
 
 import lib_rebasin.recipe.resolve as resolve_mod
 from lib_rebasin.io.safetensors_format import DTYPE_NAMES
@@ -96,7 +96,7 @@ def test_recipe_search_by_hash_never_hashes_a_file_that_is_no_checkpoint(models:
     folder = tmp_path / "models"
     folder.mkdir()
     for name in ("a", "b"):
-        (folder / f"{name}.safetensors").write_bytes(models[name].read_bytes())
+        place(models[name], folder / f"{name}.safetensors")
     (folder / "0_holes.safetensors").symlink_to(models["junk"])  # sorts first: searched first
     hashed: list[str] = []
     real = resolve_mod.file_sha256

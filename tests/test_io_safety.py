@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_cache import place
 
 from lib_rebasin.io.output_file import check_output_path
 from lib_rebasin.io.checkpoint import open_checkpoint
@@ -76,14 +77,23 @@ class Paused:
 
 @pytest.fixture
 def inputs(tmp_path: Path, models: dict[str, Path]) -> dict[str, Path]:
-    """Own copies of the inputs (the tests damage them), and an empty output folder."""
+    """The inputs in a folder of the test's own (hard links into the model cache: a test that damages one takes
+    its own copy first, `_own_copy`), and an empty output folder. Renaming a link over another changes no bytes."""
     d = tmp_path / "in"
     d.mkdir()
     (tmp_path / "out").mkdir()
-    return {"a": Path(shutil.copy(models["a"], d / "a.safetensors")),
-            "b": Path(shutil.copy(models["finetune"], d / "b.safetensors")),
-            "other": Path(shutil.copy(models["independent"], d / "other.safetensors")),
+    return {"a": place(models["a"], d / "a.safetensors"),
+            "b": place(models["finetune"], d / "b.safetensors"),
+            "other": place(models["independent"], d / "other.safetensors"),
             "out": tmp_path / "out"}
+
+
+def _own_copy(path: Path) -> Path:
+    """`path` as a file of its own (not a link into the cache), before a test truncates or rewrites it."""
+    copy = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, copy)
+    os.replace(copy, path)  # the link goes; the cache's file keeps its bytes
+    return path
 
 
 def _merge_args(inputs: dict[str, Path], name: str = "o.safetensors", method: str = "weighted_sum") -> list[str]:
@@ -130,6 +140,7 @@ def test_sigterm_while_writing_cancels_cleanly(inputs: dict[str, Path]) -> None:
 @pytest.mark.parametrize("stage, method", [("matching", "rebasin"), ("writing", "weighted_sum")])
 def test_input_truncated_during_a_merge_is_one_line_not_a_crash(inputs: dict[str, Path], stage: str,
                                                                 method: str) -> None:
+    _own_copy(inputs["b"])
     run = Paused(stage, 5, _merge_args(inputs, method=method))
     os.truncate(inputs["b"], inputs["b"].stat().st_size // 3)
     rc, out, err = run.resume()
@@ -140,6 +151,7 @@ def test_input_truncated_during_a_merge_is_one_line_not_a_crash(inputs: dict[str
 
 
 def test_input_rewritten_in_place_during_writing_is_refused(inputs: dict[str, Path]) -> None:
+    _own_copy(inputs["b"])
     run = Paused("writing", 40, _merge_args(inputs))
     size = inputs["b"].stat().st_size
     with open(inputs["b"], "r+b") as f:  # same size, different bytes near the end (tensors not read yet)

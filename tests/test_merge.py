@@ -18,7 +18,7 @@ from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
 from lib_rebasin.align.weight_matching import weight_matching
 from lib_rebasin.options import MergeOptions
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.merge.blend import telescoping_schedule
 from lib_rebasin.align.permute import is_legal, permute_tensor
 from lib_rebasin.sd1.spec import build_spec
@@ -29,6 +29,13 @@ FP32 = dict(precision="fp32")
 def _load(path: Path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as ck:
         return {k: ck.get(k).clone() for k in ck.keys()}
+
+
+def _merged(a: Path, b: Path, options: MergeOptions):
+    """The merge held in memory (its tensors are those `merge_checkpoints` would write) where the file itself is not
+    under test, and its diagnostics."""
+    ckpt, diagnostics = merge_in_memory(a, b, options)
+    return {k: ckpt.get(k) for k in ckpt.keys()}, diagnostics
 
 
 def test_alpha_zero_is_model_a(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -61,50 +68,46 @@ def test_planted_permutation_is_recovered(models: dict[str, Path], tmp_path: Pat
     from model_cache import cached_checkpoint
 
     plain = cached_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
-    res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
-                            MergeOptions(alpha=1.0, **FP32))
-    out, ref = _load(res.output), _load(plain)
+    out, diagnostics = _merged(plain, models["shuffled"], MergeOptions(alpha=1.0, **FP32))
+    ref = _load(plain)
     assert all(torch.equal(out[k], ref[k]) for k in ref)
-    moved = res.diagnostics.moved
+    moved = diagnostics.moved
     assert all(m / n > 0.9 for m, n in moved.values()), moved
-    assert res.diagnostics.converged
+    assert diagnostics.converged
 
 
-def test_parts_unet_reads_the_outputs_text_encoder(models: dict[str, Path], tmp_path: Path) -> None:
+def test_parts_unet_reads_the_outputs_text_encoder(models: dict[str, Path]) -> None:
     """`--parts unet` keeps A's text encoder, so B's cross-attention k/v input columns must be re-indexed into
     A's text-encoder basis: the coupled `te.residual` group is still matched (on the text-encoder weights and those
     columns) and applied to B's UNet only. B here is A with every group shuffled: at alpha 1 the output is A."""
-    res = merge_checkpoints(models["a"], models["shuffled"], tmp_path / "o.safetensors",
-                            MergeOptions(alpha=1.0, parts=("unet",), **FP32))
-    out, a, b = _load(res.output), _load(models["a"]), _load(models["shuffled"])
+    out, diagnostics = _merged(models["a"], models["shuffled"], MergeOptions(alpha=1.0, parts=("unet",), **FP32))
+    a, b = _load(models["a"]), _load(models["shuffled"])
     kv = [k for k in a if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
     assert kv and all(not torch.equal(a[k], b[k]) for k in kv)
     assert all(torch.equal(out[k], a[k]) for k in a), [k for k in a if not torch.equal(out[k], a[k])][:5]
     # The report counts the stream under the text encoder, whose weights themselves were not merged.
-    te_moved, te_units = res.diagnostics.moved["te"]
+    te_moved, te_units = diagnostics.moved["te"]
     assert te_units == MINI.te_width and te_moved > 0.9 * te_units
 
 
-def test_rebasin_at_alpha_one_is_a_legal_permutation_of_b(models: dict[str, Path], tmp_path: Path) -> None:
+def test_rebasin_at_alpha_one_is_a_legal_permutation_of_b(models: dict[str, Path]) -> None:
     spec = build_spec(MINI)
     a, b = _load(models["a"]), _load(models["independent"])
     res = weight_matching(spec, spec.groups_in(["te"]), a.__getitem__, b.__getitem__, max_sweeps=2)
     assert all(is_legal(spec.groups[n].structure, p) for n, p in res.perms.items())
-    out = _load(merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
-                                  MergeOptions(alpha=1.0, parts=("te",), max_sweeps=2, **FP32)).output)
+    out, _ = _merged(models["a"], models["independent"], MergeOptions(alpha=1.0, parts=("te",), max_sweeps=2, **FP32))
     for k in b:
         if k.startswith("cond_stage_model.") and b[k].is_floating_point():
             assert torch.equal(out[k], permute_tensor(spec, k, b[k], res.perms)), k
 
 
-def test_rebasin_at_alpha_one_computes_what_b_computes(models: dict[str, Path], tmp_path: Path) -> None:
+def test_rebasin_at_alpha_one_computes_what_b_computes(models: dict[str, Path]) -> None:
     """Checked with the independent diffusers/transformers forward pass, not with our own code."""
     from reference import Reference, make_inputs, rel_max_error
 
-    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors",
-                            MergeOptions(alpha=1.0, max_sweeps=1, **FP32))
-    assert sum(m for m, _ in res.diagnostics.moved.values()) > 1000
-    out, b = _load(res.output), _load(models["independent"])
+    out, diagnostics = _merged(models["a"], models["independent"], MergeOptions(alpha=1.0, max_sweeps=1, **FP32))
+    assert sum(m for m, _ in diagnostics.moved.values()) > 1000
+    b = _load(models["independent"])
     ref_b, ref_o = Reference.build(MINI), Reference.build(MINI)
     ref_b.load(b)
     ref_o.load(out)

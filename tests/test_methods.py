@@ -15,7 +15,7 @@ from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.options import MergeOptions
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.methods import (METHODS, add_difference, dare, dare_drop, dare_ties, key_generator, ties,
                                  train_difference, trim_top)
 from lib_rebasin.align.permute import permute_tensor, random_perms
@@ -109,6 +109,13 @@ def test_registry_parameters_are_merge_options_with_the_same_defaults() -> None:
         MergeOptions(method="dare", dare_p=1.0).validate()
 
 
+def _merged(a: Path, b: Path, options: MergeOptions, c: Path | None = None):
+    """The merge held in memory (its tensors are those `merge_checkpoints` would write) where the file itself is not
+    under test, and its diagnostics."""
+    ckpt, diagnostics = merge_in_memory(a, b, options, c=c)
+    return {k: ckpt.get(k) for k in ckpt.keys()}, diagnostics
+
+
 # -- through merge_checkpoints and the CLI ---------------------------------------------------------------------
 
 def _base(tmp_path_factory: pytest.TempPathFactory, scale: str) -> Path:
@@ -139,7 +146,7 @@ def test_train_difference_with_b_equal_c_returns_a_file(tiny_models: dict[str, P
     assert all(torch.equal(a[k], m[k]) for k in a)
 
 
-def test_every_method_runs_by_name_with_params(tiny_models: dict[str, Path], base: Path, tmp_path: Path) -> None:
+def test_every_method_runs_by_name_with_params(tiny_models: dict[str, Path], base: Path) -> None:
     a, b, c = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(base)
     params = {"ties_density": 0.3, "ties_scale": 0.9, "dare_p": 0.5}
     for name, info in METHODS.items():
@@ -147,8 +154,7 @@ def test_every_method_runs_by_name_with_params(tiny_models: dict[str, Path], bas
             continue
         opts = MergeOptions(method=name, alpha=0.4, seed=3, **{k: v for k, v in params.items()
                                                                   if any(p.name == k for p in info.params)}, **FP32)
-        out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / f"{name}.safetensors", opts,
-                                      c=base if info.needs_c else None).output)
+        out, _ = _merged(tiny_models["a"], tiny_models["finetune"], opts, c=base if info.needs_c else None)
         expected = info.fn(a[UNET_KEY], b[UNET_KEY], c[UNET_KEY] if info.needs_c else None, 0.4,
                            opts.method_params(), key_generator(3, UNET_KEY))
         torch.testing.assert_close(out[UNET_KEY], expected, rtol=0, atol=2e-6, msg=name)
@@ -170,11 +176,11 @@ def test_dare_same_seed_same_bytes_other_seed_differs(tiny_models: dict[str, Pat
     assert not torch.equal(w0[UNET_KEY], w1[UNET_KEY])
 
 
-def test_dare_at_p_zero_equals_add_difference_file(tiny_models: dict[str, Path], base: Path, tmp_path: Path) -> None:
-    ad = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ad.safetensors",
-                                 MergeOptions(method="add_difference", alpha=0.6, **FP32), c=base).output)
-    dr = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "dr.safetensors",
-                                 MergeOptions(method="dare", alpha=0.6, dare_p=0.0, **FP32), c=base).output)
+def test_dare_at_p_zero_equals_add_difference_file(tiny_models: dict[str, Path], base: Path) -> None:
+    ad, _ = _merged(tiny_models["a"], tiny_models["finetune"], MergeOptions(method="add_difference", alpha=0.6, **FP32),
+                    c=base)
+    dr, _ = _merged(tiny_models["a"], tiny_models["finetune"], MergeOptions(method="dare", alpha=0.6, dare_p=0.0,
+                                                                            **FP32), c=base)
     for k in ad:
         torch.testing.assert_close(dr[k], ad[k], rtol=0, atol=1e-6)
 
@@ -191,12 +197,9 @@ def test_alignment_permutes_b_and_c_together(models: dict[str, Path], mini_base:
 
     sb, sc = shuffled(fine, "sb.safetensors"), shuffled(plain_base, "sc.safetensors")
     for method in ("add_difference", "ties"):
-        ref = _load(merge_checkpoints(models["a"], models["finetune"], tmp_path / f"ref_{method}.safetensors",
-                                      MergeOptions(method=method, alpha=0.5, **FP32), c=mini_base).output)
-        res = merge_checkpoints(models["a"], sb, tmp_path / f"al_{method}.safetensors",
-                                MergeOptions(method=method, alpha=0.5, align=True, **FP32), c=sc)
-        out = _load(res.output)
-        assert res.diagnostics.matched and res.diagnostics.aligned
+        ref, _ = _merged(models["a"], models["finetune"], MergeOptions(method=method, alpha=0.5, **FP32), c=mini_base)
+        out, diagnostics = _merged(models["a"], sb, MergeOptions(method=method, alpha=0.5, align=True, **FP32), c=sc)
+        assert diagnostics.matched and diagnostics.aligned
         for k in ref:
             torch.testing.assert_close(out[k], ref[k], rtol=0, atol=1e-5, msg=f"{method} {k}")
 

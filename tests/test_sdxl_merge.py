@@ -16,7 +16,7 @@ from lib_rebasin.align.permute import permute_tensor, random_perms
 from lib_rebasin.errors import IncompatibleModelsError, RebasinError
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.methods import METHODS, key_generator
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.parts import part_of
@@ -39,6 +39,13 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         return {k: ck.get(k).clone() for k in ck.keys()}
 
 
+def _merged(a: Path, b: Path, options: MergeOptions, c: Path | None = None):
+    """The merge held in memory (its tensors are those `merge_checkpoints` would write) where the file itself is not
+    under test, and its diagnostics."""
+    ckpt, diagnostics = merge_in_memory(a, b, options, c=c)
+    return {k: ckpt.get(k) for k in ckpt.keys()}, diagnostics
+
+
 def _model_keys(sd: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if part_of(k) != "other" and v.is_floating_point()]
 
@@ -47,14 +54,15 @@ def _model_keys(sd: dict[str, torch.Tensor]) -> list[str]:
 def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A, B and C fine-tunes of one base, a copy of B, an independent model, B and C with every group permuted by
     one random legal permutation, and an SD 1.x model."""
-    from model_cache import cached_checkpoint
+    from model_cache import _cached, cached_checkpoint, place
+
+    def cached_xl(name: str, **kwargs) -> Path:  # read-only hard links into the test model cache
+        return place(_cached(make_checkpoint, {"config": "mini", **kwargs}), d / f"{name}.safetensors")
 
     d = tmp_path_factory.mktemp("sdxl_merge")
-    paths = {"a": make_checkpoint(d / "a.safetensors", "mini", seed=1, base_seed=0),
-             "b": make_checkpoint(d / "b.safetensors", "mini", seed=2, base_seed=0),
-             "c": make_checkpoint(d / "c.safetensors", "mini", seed=3, base_seed=0),
-             "independent": make_checkpoint(d / "independent.safetensors", "mini", seed=7)}
-    paths["b_copy"] = Path(shutil.copy(paths["b"], d / "b_copy.safetensors"))
+    paths = {"a": cached_xl("a", seed=1, base_seed=0), "b": cached_xl("b", seed=2, base_seed=0),
+             "c": cached_xl("c", seed=3, base_seed=0), "independent": cached_xl("independent", seed=7)}
+    paths["b_copy"] = Path(shutil.copyfile(paths["b"], d / "b_copy.safetensors"))  # another file, not a link
     spec = build_spec(MINI)
     planted = random_perms(spec.groups.values(), seed=21)
     for name in ("b", "c"):
@@ -65,41 +73,43 @@ def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def test_same_base_rebasin_is_the_weighted_sum_certified(xl: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(xl["a"], xl["b"], tmp_path / "rb.safetensors", MergeOptions(alpha=0.3, **FP32))
-    ws = merge_checkpoints(xl["a"], xl["b"], tmp_path / "ws.safetensors",
-                           MergeOptions(method="weighted_sum", alpha=0.3, **FP32))
-    out, ref = _load(res.output), _load(ws.output)
+@pytest.fixture(scope="module")
+def loaded(xl: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inputs' tensors, each read once for the module (no test changes them)."""
+    return {name: _load(xl[name]) for name in ("a", "b", "c", "b_copy", "independent")}
+
+
+def test_same_base_rebasin_is_the_weighted_sum_certified(xl: dict[str, Path], loaded) -> None:
+    out, d = _merged(xl["a"], xl["b"], MergeOptions(alpha=0.3, **FP32))
+    ref, _ = _merged(xl["a"], xl["b"], MergeOptions(method="weighted_sum", alpha=0.3, **FP32))
     assert out.keys() == ref.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
-    d = res.diagnostics
     assert d.solves == 0 and all(m == 0 for m, _ in d.moved.values()) and set(d.moved) == {"unet", "te", "vae"}
-    a, b = _load(xl["a"]), _load(xl["b"])
+    a, b = loaded["a"], loaded["b"]
     k = PROBES[3]
     torch.testing.assert_close(out[k], 0.7 * a[k].float() + 0.3 * b[k].float())
 
 
-def test_planted_permutation_is_undone_and_iterations_agree(xl: dict[str, Path], tmp_path: Path) -> None:
+def test_planted_permutation_is_undone_and_iterations_agree(xl: dict[str, Path], loaded) -> None:
     """B with every group shuffled merges exactly as B unshuffled: at alpha 1 the output is B, and with
     `iterations` 2 at alpha 0.5 the output equals the unshuffled pair's."""
-    res = merge_checkpoints(xl["a"], xl["b_shuffled"], tmp_path / "one.safetensors", MergeOptions(alpha=1.0, **FP32))
-    out, b = _load(res.output), _load(xl["b"])
+    out, diagnostics = _merged(xl["a"], xl["b_shuffled"], MergeOptions(alpha=1.0, **FP32))
+    b = loaded["b"]
     assert all(torch.equal(out[k], b[k].float()) for k in _model_keys(b))
-    assert all(m / n > 0.9 for m, n in res.diagnostics.moved.values()), res.diagnostics.moved
+    assert all(m / n > 0.9 for m, n in diagnostics.moved.values()), diagnostics.moved
     opts = MergeOptions(alpha=0.5, iterations=2, **FP32)
-    shuffled = _load(merge_checkpoints(xl["a"], xl["b_shuffled"], tmp_path / "s.safetensors", opts).output)
-    plain = _load(merge_checkpoints(xl["a"], xl["b"], tmp_path / "p.safetensors", opts).output)
+    shuffled, _ = _merged(xl["a"], xl["b_shuffled"], opts)
+    plain, _ = _merged(xl["a"], xl["b"], opts)
     assert all(torch.equal(shuffled[k], plain[k]) for k in plain)
 
 
-def test_independent_rebasin_at_alpha_one_computes_what_b_computes(xl: dict[str, Path], tmp_path: Path) -> None:
+def test_independent_rebasin_at_alpha_one_computes_what_b_computes(xl: dict[str, Path], loaded) -> None:
     """Checked with diffusers' UNet2DConditionModel and transformers' CLIP text models, not with our own code."""
     from reference import rel_max_error
     from sdxl_reference import SDXLReference, make_inputs
 
-    res = merge_checkpoints(xl["a"], xl["independent"], tmp_path / "o.safetensors",
-                            MergeOptions(alpha=1.0, max_sweeps=2, **FP32))
-    assert all(m > 0 for m, _ in res.diagnostics.moved.values()), res.diagnostics.moved
-    out, b = _load(res.output), _load(xl["independent"])
+    out, diagnostics = _merged(xl["a"], xl["independent"], MergeOptions(alpha=1.0, max_sweeps=2, **FP32))
+    assert all(m > 0 for m, _ in diagnostics.moved.values()), diagnostics.moved
+    b = loaded["independent"]
     assert any(not torch.equal(out[k], b[k].float()) for k in PROBES)  # B really moved
     ref_b, ref_o = SDXLReference.build(MINI), SDXLReference.build(MINI)
     ref_b.load({k: v.float() if v.is_floating_point() else v for k, v in b.items()})
@@ -112,20 +122,19 @@ def test_independent_rebasin_at_alpha_one_computes_what_b_computes(xl: dict[str,
 
 
 @pytest.mark.parametrize("method", [m for m, info in METHODS.items() if info.fn is not None and m != "rebasin"])
-def test_every_per_key_method_on_sdxl(method: str, xl: dict[str, Path], tmp_path: Path) -> None:
+def test_every_per_key_method_on_sdxl(method: str, xl: dict[str, Path], loaded) -> None:
     """Each method's file merge is its formula on SDXL weights of every part, and its identity holds on every
     weight: alpha 0 gives A for the weighted sum, TIES, DARE + TIES, DELLA and the geometric median; B = C gives A
     for the difference methods."""
     info = METHODS[method]
     difference = method in ("add_difference", "train_difference", "dare")
-    c = xl["b_copy"] if difference else xl["c"]
-    a, b, cc = _load(xl["a"]), _load(xl["b"]), _load(c)
+    c = "b_copy" if difference else "c"
+    a, b, cc = loaded["a"], loaded["b"], loaded[c]
     # At alpha 0 the parameters that keep A whole: no trimming (TIES), no drops (DARE, DELLA).
     identity = {p.name: v for p in info.params for n, v in IDENTITY_PARAMS.items() if p.name == n}
     for alpha in (0.0, 0.4) if not difference else (0.6,):
         opts = MergeOptions(method=method, alpha=alpha, seed=3, **(identity if alpha == 0.0 else {}), **FP32)
-        out = _load(merge_checkpoints(xl["a"], xl["b"], tmp_path / f"{alpha}.safetensors", opts,
-                                      c=c if info.needs_c else None).output)
+        out, _ = _merged(xl["a"], xl["b"], opts, c=xl[c] if info.needs_c else None)
         keys = _model_keys(a)
         assert out.keys() == a.keys()
         for k in PROBES:
@@ -137,14 +146,12 @@ def test_every_per_key_method_on_sdxl(method: str, xl: dict[str, Path], tmp_path
             assert worst <= 2e-6, (method, worst)
 
 
-def test_align_before_a_method_undoes_a_planted_permutation(xl: dict[str, Path], tmp_path: Path) -> None:
+def test_align_before_a_method_undoes_a_planted_permutation(xl: dict[str, Path]) -> None:
     """`--align` re-bases B onto A before the method and moves C with B: add difference of B and C shuffled by one
     permutation equals that of B and C."""
     opts = MergeOptions(method="add_difference", alpha=0.7, align=True, **FP32)
-    got = _load(merge_checkpoints(xl["a"], xl["b_shuffled"], tmp_path / "s.safetensors", opts,
-                                  c=xl["c_shuffled"]).output)
-    plain = _load(merge_checkpoints(xl["a"], xl["b"], tmp_path / "p.safetensors",
-                                    MergeOptions(method="add_difference", alpha=0.7, **FP32), c=xl["c"]).output)
+    got, _ = _merged(xl["a"], xl["b_shuffled"], opts, c=xl["c_shuffled"])
+    plain, _ = _merged(xl["a"], xl["b"], MergeOptions(method="add_difference", alpha=0.7, **FP32), c=xl["c"])
     for k in plain:
         torch.testing.assert_close(got[k], plain[k], rtol=0, atol=1e-6, msg=k)
 
@@ -174,11 +181,11 @@ def test_refusals_in_one_line_before_any_work(options: dict, slots: tuple[str, s
         assert isinstance(err.value, IncompatibleModelsError)
 
 
-def test_bake_vae_into_an_sdxl_merge(xl: dict[str, Path], tmp_path: Path) -> None:
+def test_bake_vae_into_an_sdxl_merge(xl: dict[str, Path], loaded, tmp_path: Path) -> None:
     """The VAE of another SDXL checkpoint is baked in as is; a VAE of other shapes is refused in one line."""
     res = merge_checkpoints(xl["a"], xl["b"], tmp_path / "o.safetensors",
                             MergeOptions(method="weighted_sum", **FP32), bake_vae=xl["independent"])
-    out, donor = _load(res.output), _load(xl["independent"])
+    out, donor = _load(res.output), loaded["independent"]
     vae = [k for k in donor if part_of(k) == "vae"]
     assert vae and all(torch.equal(out[k], donor[k].float()) for k in vae)
     assert res.diagnostics.baked_vae == "independent.safetensors"

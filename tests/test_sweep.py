@@ -11,7 +11,7 @@ import torch
 import lib_rebasin.align.weight_matching as weight_matching_module
 import lib_rebasin.merge.alignment as alignment_module
 from lib_rebasin.errors import Cancelled, FieldError, OutputError, RebasinError
-from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.merge.sweep import sweep_checkpoints, sweep_in_memory
 from lib_rebasin.options import MergeOptions
 
@@ -23,8 +23,7 @@ def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
     return tiny_models
 
 
-@pytest.fixture
-def match_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _counting(patch: pytest.MonkeyPatch) -> list[int]:
     """Counts weight-matching runs (every merge's matching goes through alignment.weight_matching)."""
     calls: list[int] = []
     real = weight_matching_module.weight_matching
@@ -33,15 +32,20 @@ def match_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(alignment_module, "weight_matching", counted)
+    patch.setattr(alignment_module, "weight_matching", counted)
     return calls
 
 
-def _single(models: dict[str, Path], tmp: Path, options: MergeOptions, alpha: float, c: str | None) -> bytes:
+@pytest.fixture
+def match_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return _counting(monkeypatch)
+
+
+def _single(models: dict[str, Path], tmp: Path, options: MergeOptions, alpha: float, c: str | None) -> Path:
     out = tmp / f"single_{alpha}.safetensors"
     merge_checkpoints(models["a"], models["independent"], out, MergeOptions(**{**options.__dict__, "alpha": alpha}),
                       c=models[c] if c else None)
-    return out.read_bytes()
+    return out
 
 
 CASES = {
@@ -52,16 +56,34 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def singles(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`singles(case)`: the single merge's file at each of ALPHAS, made once per case for the module (the sweep
+    tests and the in-memory generator test compare against the same files)."""
+    made: dict[str, dict[float, Path]] = {}
+
+    def get(case: str) -> dict[float, Path]:
+        if case not in made:
+            options, c, _ = CASES[case]
+            tmp = tmp_path_factory.mktemp(f"single_{case}")
+            made[case] = {alpha: _single(models, tmp, options, alpha, c) for alpha in ALPHAS}
+        return made[case]
+
+    return get
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_file_is_the_single_merge_byte_for_byte(models, tmp_path, match_runs, case):
+def test_each_file_is_the_single_merge_byte_for_byte(models, tmp_path, singles, case):
     options, c, matches = CASES[case]
-    results = sweep_checkpoints(models["a"], models["independent"], tmp_path / "AB_{alpha}.safetensors", options,
-                                ALPHAS, c=models[c] if c else None)
+    with pytest.MonkeyPatch.context() as patch:  # the sweep's matches only, not the single merges'
+        match_runs = _counting(patch)
+        results = sweep_checkpoints(models["a"], models["independent"], tmp_path / "AB_{alpha}.safetensors", options,
+                                    ALPHAS, c=models[c] if c else None)
     assert len(match_runs) == matches  # B matched onto A once for all three candidates
     assert [r.output.name for r in results] == [f"AB_{a:g}.safetensors" for a in ALPHAS]
     for alpha, result in zip(ALPHAS, results, strict=True):
         # the whole file: every tensor and the metadata (provenance, recipe, diagnostics)
-        assert result.output.read_bytes() == _single(models, tmp_path, options, alpha, c), alpha
+        assert result.output.read_bytes() == singles(case)[alpha].read_bytes(), alpha
 
 
 def test_iterations_share_the_first_match_only(models, tmp_path, match_runs):
@@ -72,22 +94,28 @@ def test_iterations_share_the_first_match_only(models, tmp_path, match_runs):
     second = sum(r.diagnostics.match_steps - 1 for r in results)
     assert len(match_runs) == 1 + second
     for alpha, result in zip([0.3, 0.6], results, strict=True):
-        assert result.output.read_bytes() == _single(models, tmp_path, options, alpha, None)
+        assert result.output.read_bytes() == _single(models, tmp_path, options, alpha, None).read_bytes()
 
 
-def test_in_memory_generator(models, tmp_path, match_runs):
+def test_in_memory_generator(models, singles, match_runs):
+    """Each candidate held in memory is the single merge at its alpha: the file's tensors and metadata."""
+    from lib_rebasin.io.checkpoint import open_checkpoint
+
     options = MergeOptions(method="rebasin", precision="fp32")
+    assert CASES["rebasin"][:2] == (options, None)  # the singles compared with are this merge's
+    files = singles("rebasin")
+    match_runs.clear()  # the single merges' matches (made here if no test made them before)
+    alphas = [0.25, 0.75]
     seen = []
-    for alpha, ckpt, diag in sweep_in_memory(models["a"], models["independent"], options, [0.2, 0.7]):
-        single, _ = merge_in_memory(models["a"], models["independent"], MergeOptions(method="rebasin",
-                                                                                     precision="fp32", alpha=alpha))
-        assert ckpt.keys() == single.keys()
-        assert all(torch.equal(ckpt.get(k), single.get(k)) for k in ckpt)
-        assert ckpt.metadata == single.metadata
+    for alpha, ckpt, diag in sweep_in_memory(models["a"], models["independent"], options, alphas):
+        with open_checkpoint(files[alpha]) as single:
+            assert ckpt.keys() == single.keys()
+            assert all(torch.equal(ckpt.get(k), single.get(k)) for k in ckpt)
+            assert ckpt.metadata == single.metadata
         assert diag.alpha == alpha
         seen.append(alpha)
-    assert seen == [0.2, 0.7]
-    assert len(match_runs) == 1 + 2  # the sweep's one match, and one per single merge above
+    assert seen == alphas
+    assert len(match_runs) == 1  # the sweep's one match
 
 
 @pytest.mark.parametrize("alphas, template, field, words", [
