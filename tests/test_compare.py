@@ -133,11 +133,25 @@ def test_stop_inside_a_candidate_restores_the_model_before(webui, tmp_path):
             time.sleep(0.3)
             webui.SERVICE.cancel(job.id)
 
+        seen_at_end = []
+
+        def watch_for_the_end():  # what a client polling the job sees the moment it shows its end
+            deadline = time.time() + 300
+            while time.time() < deadline and job.status not in ("done", "cancelled", "failed"):
+                time.sleep(0.01)
+            seen_at_end.append((sd_models.model_data.sd_model.sd_checkpoint_info.title, job.status_line()))
+
         threading.Thread(target=stop_when_generating, daemon=True).start()
+        watcher = threading.Thread(target=watch_for_the_end, daemon=True)
+        watcher.start()
         assert job.wait(300)
+        watcher.join(10)
     finally:
         processing.STEP_SECONDS[0] = 0.0
     assert job.status == "cancelled", job.to_dict()
+    # the file before is loaded again before the job shows it was stopped, and its line says so
+    assert seen_at_end and seen_at_end[0][0].startswith("alpha.safetensors"), seen_at_end
+    assert "loaded again" in seen_at_end[0][1], seen_at_end
     assert job.done == 0 and len(_calls("processing.process_images")) == 1
     assert not grids.exists() or not list(grids.iterdir())  # no grid from a stopped run
     model = sd_models.model_data.sd_model

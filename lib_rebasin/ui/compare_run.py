@@ -99,18 +99,17 @@ def run_compare(service: MergeService, job: CompareJob) -> None:
         job.seconds = time.time() - job.started
 
     def restore_file() -> None:
-        """Outside the queue (a host's checkpoint loading takes the queue itself)."""
+        """Outside the queue (a host's checkpoint loading takes the queue itself), before the job shows its end."""
         path = before["file"]
         if before["unsaved"] is None and path is not None and before["loaded"]:
+            job.message = f"Loading {path.name} again..."
+            host.report_progress(1.0, job.message)
             try:
                 title = host.load_checkpoint(path)
                 job.restored = f"{title} is loaded again."
             except Exception as e:
                 job.restored = f"Loading {path.name} again failed ({type(e).__name__}); pick a checkpoint."
                 raise
-            finally:
-                if job.status == "cancelled":
-                    job.message = job.status_line()
         elif before["loaded"] and before["unsaved"] is None:
             job.restored = "The last candidate stays loaded (no model was loaded before)."
 

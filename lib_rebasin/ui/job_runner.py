@@ -32,8 +32,10 @@ def cancelled_of(host: Host, job: Job) -> Callable[[], bool]:
 def execute(host: Host, job: Job, work: Callable[[], None], done_message: Callable[[], str],
             after: Callable[[], None] | None = None) -> None:
     """Run `work` inside the host's queue and end `job` the one way every kind of job ends: done, cancelled
-    (also when the host never ran it), or failed with one line; then `after()` (whatever ended the job; its
-    errors are printed, never the job's), the memory given back and the job marked finished."""
+    (also when the host never ran it), or failed with one line; `after()` runs first, whatever ended the job (its
+    errors are printed, never the job's), so a client that sees the job end sees everything it does already done
+    (a compare grid's model loaded again, a sweep's files registered); then the memory is given back and the job
+    marked finished."""
     ran: list[bool] = []
 
     def body() -> None:
@@ -44,27 +46,7 @@ def execute(host: Host, job: Job, work: Callable[[], None], done_message: Callab
         ran.append(True)
 
     try:
-        host.run_job(job.id, body)
-        if not ran:  # the host refused to run it (for example interrupted while queued)
-            raise Cancelled()
-        job.status, job.fraction, job.stage = "done", 1.0, "done"
-        job.message = done_message()
-    except Cancelled:
-        job.status, job.stage = "cancelled", "cancelled"
-        job.message = job.status_line()
-    except RebasinError as e:
-        job.status, job.stage, job.error = "failed", "failed", str(e)
-        job.message = job.error
-    except Exception as e:  # a bug in the core or the host: still tell the user, in one line
-        job.status, job.stage = "failed", "failed"
-        job.error = f"Unexpected error ({type(e).__name__}: {shown(str(e), 200)}); see the console for details."
-        job.message = job.error
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        job.eta_s = None
-        job.finished = time.time()
+        status, error = _outcome(host, job, body, ran)
         if after is not None:
             try:
                 after()
@@ -72,9 +54,37 @@ def execute(host: Host, job: Job, work: Callable[[], None], done_message: Callab
                 import traceback
 
                 traceback.print_exc()
+        job.eta_s = None
+        job.finished = time.time()
+        job.status = job.stage = status
+        if status == "done":
+            job.fraction, job.message = 1.0, done_message()
+        elif status == "cancelled":
+            job.message = job.status_line()
+        else:
+            job.error = job.message = error
+    finally:
         from ..memory import release_memory
 
         # A stopped or failed merge leaves big tensors in its frames, and a recipe's freed intermediate models
         # stay in the allocator's heap: give both back, so the host returns to its size before the job.
         release_memory()
         job._done.set()
+
+
+def _outcome(host: Host, job: Job, body: Callable[[], None], ran: list[bool]) -> tuple[str, str]:
+    """How the job's run ended: ("done" | "cancelled" | "failed", the failure's one line)."""
+    try:
+        host.run_job(job.id, body)
+        if not ran:  # the host refused to run it (for example interrupted while queued)
+            raise Cancelled()
+        return "done", ""
+    except Cancelled:
+        return "cancelled", ""
+    except RebasinError as e:
+        return "failed", str(e)
+    except Exception as e:  # a bug in the core or the host: still tell the user, in one line
+        import traceback
+
+        traceback.print_exc()
+        return "failed", f"Unexpected error ({type(e).__name__}: {shown(str(e), 200)}); see the console for details."
