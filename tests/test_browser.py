@@ -239,7 +239,7 @@ def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, 
     page.click("#rebasin_compare")  # open the accordion
     values = page.locator("#rebasin_compare_values input, #rebasin_compare_values textarea").first
     values.wait_for(state="visible")
-    assert "txt2img" in page.locator("#rebasin_compare_help").inner_text()
+    assert "txt2img" in page.locator("#rebasin_compare_help").first.inner_text()
     values.fill("0.2, x")
     page.click("#rebasin_compare_run")
     page.wait_for_function(
@@ -248,7 +248,7 @@ def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, 
     values.press("Tab")
     page.click("#rebasin_compare_run")
     page.wait_for_selector("#rebasin_compare_status .rebasin-done", timeout=600_000)
-    status = page.locator("#rebasin_compare_status .rebasin-status-line").inner_text()
+    status = page.locator("#rebasin_compare_status .rebasin-status-line").first.inner_text()
     assert "a grid of 2 candidates" in status and "seed 42" in status
     page.locator("#rebasin_compare_grid img").first.wait_for(state="visible")
     grids = list((data / "outputs" / "txt2img-grids").glob("*.png"))
@@ -257,7 +257,7 @@ def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, 
 
     with Image.open(grids[0]) as im:
         assert im.width == 2 * 64 and "a lighthouse" in im.info["parameters"]
-    assert "alpha 0.7" in page.locator("#rebasin_compare_info").inner_text()
+    assert "alpha 0.7" in page.locator("#rebasin_compare_info").first.inner_text()
     _shot(page, tmp_path, "rebasin_compare_grid.png")
     _pick(page, "rebasin_compare_pick", "2: alpha 0.7")
     name = page.locator("#rebasin_compare_save_name input, #rebasin_compare_save_name textarea").first
@@ -273,5 +273,5 @@ def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, 
 def test_standalone_compare_section_offers_the_sweep(page):
     page.click("#rebasin_compare")
     page.locator("#rebasin_compare_sweep").first.wait_for(state="visible")
-    assert "has none" in page.locator("#rebasin_compare_help").inner_text()
+    assert "has none" in page.locator("#rebasin_compare_help").first.inner_text()
     assert page.locator("#rebasin_compare_run").count() == 0 or not page.locator("#rebasin_compare_run").is_visible()

@@ -73,3 +73,23 @@ def test_labelled_grid_rows_and_labels():
     assert min(label_area.getdata()) < 128  # the label is drawn (dark text on white)
     one_row = labelled_grid(images[:5], ["a very long label that cannot fit in a cell of 64 pixels"] * 5)
     assert one_row.size == (5 * 64, 48 + band)
+
+
+def test_labelled_grid_with_the_bitmap_font_of_an_old_pillow(monkeypatch):
+    """AUTOMATIC1111 pins a Pillow before 10.1: one Latin-1 bitmap font, which raises on other characters."""
+    from PIL import Image, ImageFont
+
+    real = ImageFont.load_default
+
+    def old_pillow(*args, **kw):
+        if args or kw:
+            raise TypeError("load_default() takes no arguments")
+        return real()
+
+    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
+    images = [Image.new("RGB", (64, 48), c) for c in ("red", "blue")]
+    grid = labelled_grid(images, ["a long label \u2192 that cannot fit in 64 pixels", "alpha 0.5"])
+    band = label_height(64)
+    assert grid.size == (2 * 64, 48 + band)
+    for x in (0, 64):
+        assert min(grid.crop((x, 0, x + 64, band)).convert("L").getdata()) < 128  # both labels drawn

@@ -4,6 +4,7 @@ fits in memory before anything is merged."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import FieldError
@@ -66,14 +67,23 @@ def labelled_grid(images: list[Any], labels: list[str]) -> Any:
     draw = ImageDraw.Draw(grid)
     try:
         font: Any = ImageFont.load_default(size=max(10, band * 2 // 3))
-    except TypeError:  # Pillow before 10.1 has one bitmap size
+        ellipsis = "\u2026"
+        legible: Callable[[str], str] = str
+    except TypeError:  # Pillow before 10.1 (AUTOMATIC1111's): one bitmap font, Latin-1 only
         font = ImageFont.load_default()
+        ellipsis, legible = "...", _latin1
     for i, (im, text) in enumerate(zip(images, labels, strict=True)):
         x, y = (i % cols) * w, (i // cols) * (h + band)
         grid.paste(im.convert("RGB"), (x, y + band))
-        shown_text = text
-        while shown_text and draw.textlength(shown_text, font=font) > w - 4:
-            shown_text = shown_text[:-2] + "\u2026" if len(shown_text) > 2 else ""
+        body = shown_text = legible(text)
+        while body and draw.textlength(shown_text, font=font) > w - 4:
+            body = body[:-1]
+            shown_text = body + ellipsis if body else ""
         tw = draw.textlength(shown_text, font=font)
         draw.text((x + (w - tw) / 2, y + band / 6), shown_text, fill="black", font=font)
     return grid
+
+
+def _latin1(text: str) -> str:
+    """What a Latin-1 bitmap font can draw: other characters become '?' (drawing them would raise)."""
+    return text.encode("latin-1", "replace").decode("latin-1")
