@@ -65,6 +65,16 @@ class _Refused(Exception):
         self.status, self.detail, self.field = status, detail, field
 
 
+
+def object_body(body: Any, allowed: tuple[str, ...], shape: str, give: str) -> dict[str, Any]:
+    """A route's JSON body: an object holding only the fields in `allowed` (else one line naming the first other)."""
+    if not isinstance(body, dict):
+        raise FieldError("body", f"The request body must be a JSON object {shape}.")
+    unknown = sorted(set(body) - set(allowed), key=str)
+    if unknown:
+        raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give {give}.")
+    return body
+
 def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = None, prefix: str = PREFIX) -> None:
     from fastapi import Depends, HTTPException, Request
     from fastapi.responses import JSONResponse
@@ -142,13 +152,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         return await submitted(request, lambda body: submit_compare(service, body))
 
     def candidate_body(body: Any, extra: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
-        if not isinstance(body, dict):
-            raise FieldError("body", "The request body must be a JSON object with 'index' (and 'job_id').")
         allowed = ("index", "job_id", *extra)
-        unknown = sorted(set(body) - set(allowed), key=str)
-        if unknown:
-            raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give "
-                                                   f"{', '.join(allowed)}.")
+        body = object_body(body, allowed, "with 'index' (and 'job_id')", ", ".join(allowed))
         for key in ("job_id", "output_name"):
             value = body.get(key)
             if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
@@ -194,12 +199,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         try:
             body = await json_body(request)
             body = {} if body is None else body
-            if not isinstance(body, dict):
-                raise FieldError("body", "The request body must be a JSON object ('output_name', 'overwrite').")
-            unknown = sorted(set(body) - {"output_name", "overwrite"})
-            if unknown:
-                raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give 'output_name' "
-                                                       "and/or 'overwrite'.")
+            body = object_body(body, ("output_name", "overwrite"), "('output_name', 'overwrite')",
+                               "'output_name' and/or 'overwrite'")
             name, overwrite = body.get("output_name") or "", body.get("overwrite", False)
             if not isinstance(name, str) or len(name) > MAX_TEXT:
                 raise FieldError("output_name", f"Field 'output_name' must be a string of at most {MAX_TEXT} "
@@ -235,12 +236,7 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         return JSONResponse(job.to_dict())
 
     def load_target(body: Any) -> Path:
-        if not isinstance(body, dict):
-            raise FieldError("body", "The request body must be a JSON object with 'job_id' or 'path'.")
-        unknown = sorted(set(body) - {"job_id", "path"})
-        if unknown:
-            raise FieldError(str(unknown[0])[:40], f"Unknown field {shown(unknown[0], 40)}; give 'job_id' or "
-                                                   f"'path'.")
+        body = object_body(body, ("job_id", "path"), "with 'job_id' or 'path'", "'job_id' or 'path'")
         for key in ("job_id", "path"):
             value = body.get(key)
             if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
