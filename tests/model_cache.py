@@ -202,3 +202,14 @@ def cached_shuffled_finetune(path: str | os.PathLike[str], base_seed: int, seed:
 
     kwargs = {"base_seed": base_seed, "seed": seed, "perm_seed": perm_seed, "precision": precision, "config": config}
     return place(_cached(make_shuffled_finetune, kwargs), path, writable)
+
+
+def cached_sdxl_checkpoint(path: str | os.PathLike[str], config: Any = "mini", seed: int = 0,
+                           base_seed: int | None = None, precision: str = "fp16", writable: bool = False) -> Path:
+    """The SDXL `make_checkpoint(path, ...)` (lib_rebasin.sdxl.synthetic) from the cache (same defaults)."""
+    from lib_rebasin.sdxl.synthetic import make_checkpoint
+
+    kwargs: dict[str, Any] = {"config": config, "seed": seed, "base_seed": base_seed}
+    if precision != "fp16":
+        kwargs["precision"] = precision
+    return place(_cached(make_checkpoint, kwargs), path, writable)

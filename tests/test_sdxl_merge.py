@@ -22,7 +22,6 @@ from lib_rebasin.options import MergeOptions
 from lib_rebasin.parts import part_of
 from lib_rebasin.sdxl.config import MINI
 from lib_rebasin.sdxl.spec import build_spec
-from lib_rebasin.sdxl.synthetic import make_checkpoint
 
 FP32 = dict(precision="fp32")
 IDENTITY_PARAMS = {"ties_density": 1.0, "ties_scale": 1.0, "dare_p": 0.0, "della_eps": 0.0}
@@ -54,10 +53,10 @@ def _model_keys(sd: dict[str, torch.Tensor]) -> list[str]:
 def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A, B and C fine-tunes of one base, a copy of B, an independent model, B and C with every group permuted by
     one random legal permutation, and an SD 1.x model."""
-    from model_cache import _cached, cached_checkpoint, place
+    from model_cache import cached_checkpoint, cached_sdxl_checkpoint
 
     def cached_xl(name: str, **kwargs) -> Path:  # read-only hard links into the test model cache
-        return place(_cached(make_checkpoint, {"config": "mini", **kwargs}), d / f"{name}.safetensors")
+        return cached_sdxl_checkpoint(d / f"{name}.safetensors", "mini", **kwargs)
 
     d = tmp_path_factory.mktemp("sdxl_merge")
     paths = {"a": cached_xl("a", seed=1, base_seed=0), "b": cached_xl("b", seed=2, base_seed=0),
