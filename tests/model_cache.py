@@ -25,13 +25,22 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lib_rebasin.sdxl.config import MINI
+
 CACHE_ENV = "LIB_REBASIN_TEST_CACHE"
+
+# An SDXL test scale below lib_rebasin's MINI: the same three UNet levels, attention depths, heads of 64 channels,
+# text encoders and four VAE levels, with the UNet's last level and the VAE's two first levels no wider than the
+# level before. For merging, block weights and the UI on SDXL files; the spec and the forward pass are tested at
+# MINI (test_sdxl_function_preservation.py, test_sdxl_forward_merge.py).
+SDXL_SMALL = replace(MINI, channel_mult=(1, 2, 2), vae_mult=(1, 1, 2, 2))
 
 
 def cache_dir() -> Path:

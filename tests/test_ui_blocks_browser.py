@@ -19,11 +19,11 @@ pytestmark = [pytest.mark.ui, pytest.mark.browser]
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     requirements()
-    from model_cache import cached_checkpoint, cached_sdxl_checkpoint
+    from model_cache import SDXL_SMALL, cached_checkpoint, cached_sdxl_checkpoint
 
     models = tmp_path_factory.mktemp("models")
-    cached_sdxl_checkpoint(models / "xl_one.safetensors", "mini", seed=1, base_seed=0)  # read-only hard links
-    cached_sdxl_checkpoint(models / "xl_two.safetensors", "mini", seed=2, base_seed=0)
+    cached_sdxl_checkpoint(models / "xl_one.safetensors", SDXL_SMALL, seed=1, base_seed=0)  # read-only hard links
+    cached_sdxl_checkpoint(models / "xl_two.safetensors", SDXL_SMALL, seed=2, base_seed=0)
     cached_checkpoint(models / "sd_one.safetensors", "tiny", seed=1, base_seed=0)
     with standalone(models, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url, models

@@ -56,11 +56,11 @@ def test_switching_architecture_switches_the_controls() -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model_cache import cached_checkpoint, cached_sdxl_checkpoint
+    from model_cache import SDXL_SMALL, cached_checkpoint, cached_sdxl_checkpoint
 
     d = tmp_path_factory.mktemp("xl_ckpts")
-    cached_sdxl_checkpoint(d / "xl_one.safetensors", "mini", seed=1, base_seed=0)  # read-only hard links
-    cached_sdxl_checkpoint(d / "xl_two.safetensors", "mini", seed=2, base_seed=0)
+    cached_sdxl_checkpoint(d / "xl_one.safetensors", SDXL_SMALL, seed=1, base_seed=0)  # read-only hard links
+    cached_sdxl_checkpoint(d / "xl_two.safetensors", SDXL_SMALL, seed=2, base_seed=0)
     cached_checkpoint(d / "sd_one.safetensors", "tiny", seed=1, base_seed=1)
     return d
 
