@@ -20,14 +20,20 @@ from browser_app import ROOT, free_port, open_page, pick, requirements, serve, s
 pytestmark = [pytest.mark.ui, pytest.mark.browser]
 
 
+def _two_models(tmp_path_factory, name: str) -> Path:
+    """A models folder with two tiny fine-tunes of one base (read-only hard links into the test model cache)."""
+    from model_cache import cached_checkpoint
+
+    models = tmp_path_factory.mktemp(name)
+    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
+    return models
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     requirements()
-    from model_cache import cached_checkpoint
-
-    models = tmp_path_factory.mktemp("models")
-    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
-    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
+    models = _two_models(tmp_path_factory, "models")
     with standalone(models, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url, models
 
@@ -36,11 +42,7 @@ def app(tmp_path_factory):
 def webui_app(tmp_path_factory):
     """The WebUI stand-in server (A1111's startup order, a txt2img tab, the extension's tab), two tiny models."""
     requirements()
-    from model_cache import cached_checkpoint
-
-    models = tmp_path_factory.mktemp("webui_models")
-    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
-    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
+    models = _two_models(tmp_path_factory, "webui_models")
     data = tmp_path_factory.mktemp("webui_data")
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
