@@ -25,13 +25,22 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lib_rebasin.sdxl.config import MINI
+
 CACHE_ENV = "LIB_REBASIN_TEST_CACHE"
+
+# An SDXL test scale below lib_rebasin's MINI: the same three UNet levels, attention depths, heads of 64 channels,
+# text encoders and four VAE levels, with the UNet's last level and the VAE's two first levels no wider than the
+# level before. For merging, block weights and the UI on SDXL files; the spec and the forward pass are tested at
+# MINI (test_sdxl_function_preservation.py, test_sdxl_forward_merge.py).
+SDXL_SMALL = replace(MINI, channel_mult=(1, 2, 2), vae_mult=(1, 1, 2, 2))
 
 
 def cache_dir() -> Path:
@@ -202,3 +211,14 @@ def cached_shuffled_finetune(path: str | os.PathLike[str], base_seed: int, seed:
 
     kwargs = {"base_seed": base_seed, "seed": seed, "perm_seed": perm_seed, "precision": precision, "config": config}
     return place(_cached(make_shuffled_finetune, kwargs), path, writable)
+
+
+def cached_sdxl_checkpoint(path: str | os.PathLike[str], config: Any = "mini", seed: int = 0,
+                           base_seed: int | None = None, precision: str = "fp16", writable: bool = False) -> Path:
+    """The SDXL `make_checkpoint(path, ...)` (lib_rebasin.sdxl.synthetic) from the cache (same defaults)."""
+    from lib_rebasin.sdxl.synthetic import make_checkpoint
+
+    kwargs: dict[str, Any] = {"config": config, "seed": seed, "base_seed": base_seed}
+    if precision != "fp16":
+        kwargs["precision"] = precision
+    return place(_cached(make_checkpoint, kwargs), path, writable)

@@ -11,133 +11,56 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_app import ROOT, free_port, open_page, pick, requirements, serve, standalone
 
 pytestmark = [pytest.mark.ui, pytest.mark.browser]
 
-CHROMIUM = os.environ.get("REBASIN_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
+def _two_models(tmp_path_factory, name: str) -> Path:
+    """A models folder with two tiny fine-tunes of one base (read-only hard links into the test model cache)."""
+    from model_cache import cached_checkpoint
 
-def _requirements():
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip("playwright (python package) is not installed: pip install playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"chromium is not installed at {CHROMIUM}: apt-get install -y chromium")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        pytest.fail("gradio is not installed, but the browser test needs the standalone app")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    models = tmp_path_factory.mktemp(name)
+    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
+    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
+    return models
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    _requirements()
-    from model_cache import cached_checkpoint
-
-    models = tmp_path_factory.mktemp("models")
-    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
-    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = _serve([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models), "--port",
-                   str(port)], log)
-    url = f"http://127.0.0.1:{port}/"
-    _wait_up(proc, url, log)
-    yield url, models
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _serve(cmd, log, env_extra=None):
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT) + os.pathsep +
-           os.environ.get("PYTHONPATH", ""), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-           **(env_extra or {})}
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_up(proc, url, log):
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    requirements()
+    models = _two_models(tmp_path_factory, "models")
+    with standalone(models, tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url, models
 
 
 @pytest.fixture(scope="module")
 def webui_app(tmp_path_factory):
     """The WebUI stand-in server (A1111's startup order, a txt2img tab, the extension's tab), two tiny models."""
-    _requirements()
-    from model_cache import cached_checkpoint
-
-    models = tmp_path_factory.mktemp("webui_models")
-    cached_checkpoint(models / "anime_style.safetensors", "tiny", seed=1, base_seed=0)
-    cached_checkpoint(models / "photo_style.safetensors", "tiny", seed=2, base_seed=0)
+    requirements()
+    models = _two_models(tmp_path_factory, "webui_models")
     data = tmp_path_factory.mktemp("webui_data")
-    port = _free_port()
-    log = data / "server.log"
-    proc = _serve([sys.executable, str(ROOT / "tests" / "webui_standin" / "webui.py"), "--models-dir", str(models),
-                   "--data-dir", str(data), "--port", str(port)], log, {"OMP_NUM_THREADS": "1"})
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    _wait_up(proc, url, log)
-    yield url, models, data
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _open(url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1300})
-        pg.set_default_timeout(30_000)
-        pg.goto(url)
-        yield pg
-        browser.close()
+    with serve([sys.executable, str(ROOT / "tests" / "webui_standin" / "webui.py"), "--models-dir", str(models),
+                "--data-dir", str(data), "--port", str(port)], url, data / "server.log", {"OMP_NUM_THREADS": "1"}):
+        yield url, models, data
 
 
 @pytest.fixture()
 def page(app):
-    for pg in _open(app[0]):
+    with open_page(app[0]) as pg:
         pg.wait_for_selector("#rebasin_merge", state="visible")
         yield pg
 
 
 @pytest.fixture()
 def webui_page(webui_app):
-    for pg in _open(webui_app[0]):
+    with open_page(webui_app[0]) as pg:
         pg.click("button:has-text('Re-Basin')")  # the extension's tab, after txt2img
         pg.wait_for_selector("#rebasin_merge", state="visible")
         yield pg
@@ -153,18 +76,6 @@ def _shot(page, tmp_path, name):
     return path
 
 
-def _pick(page, elem_id, title):
-    """Choose `title` in a gradio dropdown (3.41 and 4.x both render an input plus an options list)."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(title)
-    option = page.locator("ul.options li", has_text=title).first
-    option.wait_for(state="visible")
-    option.click()
-    page.wait_for_timeout(300)
-    assert box.input_value() == title
-
-
 def _type_name(page, name):
     field = page.locator("#rebasin_output_name input, #rebasin_output_name textarea").first
     field.fill(name)
@@ -172,14 +83,14 @@ def _type_name(page, name):
 
 
 def test_bad_input_shows_its_reason(page, app, tmp_path):
-    _pick(page, "rebasin_model_a", "anime_style.safetensors")
-    _pick(page, "rebasin_model_b", "anime_style.safetensors")
+    pick(page, "rebasin_model_a", "anime_style.safetensors")
+    pick(page, "rebasin_model_b", "anime_style.safetensors")
     _type_name(page, "should_not_exist")
     page.click("#rebasin_merge")
     err = page.locator("#rebasin_error .rebasin-error")
     err.wait_for(state="visible")
     assert "same file" in err.inner_text()
-    _pick(page, "rebasin_model_b", "photo_style.safetensors")
+    pick(page, "rebasin_model_b", "photo_style.safetensors")
     _type_name(page, "../escape")
     page.click("#rebasin_merge")
     page.wait_for_function(
@@ -190,8 +101,8 @@ def test_bad_input_shows_its_reason(page, app, tmp_path):
 
 def test_rebasin_merge_end_to_end(page, app, tmp_path):
     url, models = app
-    _pick(page, "rebasin_model_a", "anime_style.safetensors")
-    _pick(page, "rebasin_model_b", "photo_style.safetensors")
+    pick(page, "rebasin_model_a", "anime_style.safetensors")
+    pick(page, "rebasin_model_b", "photo_style.safetensors")
     _type_name(page, "browser_merge")
     page.click("#rebasin_merge")
     # progress shows up while it runs, then finishes
@@ -213,7 +124,7 @@ def test_rebasin_merge_end_to_end(page, app, tmp_path):
         "() => (document.querySelector('#rebasin_load_status')||{}).innerText?.includes('Loaded')")
     page.click("#rebasin_refresh_a")
     page.wait_for_timeout(1000)
-    _pick(page, "rebasin_model_a", "browser_merge.safetensors")  # the new file is offered after a refresh
+    pick(page, "rebasin_model_a", "browser_merge.safetensors")  # the new file is offered after a refresh
     shot = _shot(page, tmp_path, "rebasin_merge_done.png")
     assert shot.stat().st_size > 10_000
 
@@ -234,8 +145,8 @@ def test_recipe_step_buttons_stay_on_one_line(page):
 def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, tmp_path):
     page = webui_page
     _url, models, data = webui_app
-    _pick(page, "rebasin_model_a", "anime_style.safetensors")
-    _pick(page, "rebasin_model_b", "photo_style.safetensors")
+    pick(page, "rebasin_model_a", "anime_style.safetensors")
+    pick(page, "rebasin_model_b", "photo_style.safetensors")
     page.click("#rebasin_compare")  # open the accordion
     values = page.locator("#rebasin_compare_values input, #rebasin_compare_values textarea").first
     values.wait_for(state="visible")
@@ -259,7 +170,7 @@ def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, 
         assert im.width == 2 * 64 and "a lighthouse" in im.info["parameters"]
     assert "alpha 0.7" in page.locator("#rebasin_compare_info").first.inner_text()
     _shot(page, tmp_path, "rebasin_compare_grid.png")
-    _pick(page, "rebasin_compare_pick", "2: alpha 0.7")
+    pick(page, "rebasin_compare_pick", "2: alpha 0.7")
     name = page.locator("#rebasin_compare_save_name input, #rebasin_compare_save_name textarea").first
     name.fill("browser_pick")
     name.press("Tab")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import test_webui_adapter as adapter_tests
-from test_webui_adapter import _AsgiClient, _calls
+from test_webui_adapter import _calls
 
 from lib_rebasin.errors import FieldError, RebasinError
 from lib_rebasin.merge.run import merge_checkpoints
@@ -310,25 +310,17 @@ def test_standalone_app_has_no_generator_and_offers_the_sweep(tmp_path):
 
 
 def test_api_compare_job_grid_and_candidate_routes(webui, tmp_path):
-    from fastapi import FastAPI
-    from modules import script_callbacks
+    from api_client import webui_api
 
     _grids_dir(tmp_path, webui)
     _load_file(webui)
-    app = FastAPI()
-    script_callbacks.app_started_callback(None, app)
-    client = _AsgiClient(app)
+    client = webui_api()
     r = client.post("/rebasin/v1/compare", json=_body(values=[0.3, "oops"]))
     assert r.status_code == 422 and r.json()["field"] == "values"
     r = client.post("/rebasin/v1/compare", json={**_body(values=[0.3, 0.6]), "generation": None})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    deadline = time.time() + 300
-    while True:
-        j = client.get(f"/rebasin/v1/jobs/{job_id}").json()
-        if j["finished"] or time.time() > deadline:
-            break
-        time.sleep(0.2)
+    j = client.finished(job_id)
     assert j["status"] == "done" and j["kind"] == "compare", j
     assert [c["value"] for c in j["candidates"]] == ["alpha 0.3", "alpha 0.6"]
     assert all("Model: alpha + beta" in c["infotext"] for c in j["candidates"])

@@ -37,14 +37,20 @@ def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
     return tiny_models
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Paused:
     """The CLI in a subprocess, held at the `n`-th progress report of `stage` until `resume()`."""
 
     def __init__(self, stage: str, n: int, args: list[str], named_temp: bool = False) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, str(PAUSED), stage, str(n)] + (["--named-temp"] if named_temp else []) + ["--", *args]
+        # Ctrl-C as a user's terminal sends it, even where this run's own SIGINT is ignored (a shell's background
+        # job ignores it, and a child inherits that).
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=ROOT, env=env)
+                                     text=True, cwd=ROOT, env=env, preexec_fn=_default_sigint)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # blocks until the process is held there (or has ended)
         if not line.startswith("PAUSED"):

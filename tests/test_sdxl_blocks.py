@@ -20,7 +20,6 @@ from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.sdxl.config import SDXL_BASE
 from lib_rebasin.sdxl.spec import build_spec
-from lib_rebasin.sdxl.synthetic import make_checkpoint
 
 VALUES = tuple(round(0.05 * i, 2) for i in range(20))  # a distinct weight per block
 
@@ -65,8 +64,10 @@ def test_parse_accepts_twenty_values() -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("sdxl_blocks")
-    return (make_checkpoint(d / "a.safetensors", "mini", seed=1, base_seed=0),
-            make_checkpoint(d / "b.safetensors", "mini", seed=2, base_seed=0))
+    from model_cache import SDXL_SMALL, cached_sdxl_checkpoint  # read-only hard links into the model cache
+
+    return (cached_sdxl_checkpoint(d / "a.safetensors", SDXL_SMALL, seed=1, base_seed=0),
+            cached_sdxl_checkpoint(d / "b.safetensors", SDXL_SMALL, seed=2, base_seed=0))
 
 
 def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.sdxl.config import MINI
 from lib_rebasin.sdxl.spec import build_spec
-from lib_rebasin.sdxl.synthetic import make_checkpoint
 
 # The default four prompts: `label_emb`'s hidden units see one ADM vector per prompt (and the empty prompt's); with
 # one or two prompts their correlations nearly tie (docs/sdxl.md), and a planted permutation of them is not found.
@@ -39,11 +38,13 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A fine-tune, the same model with every group permuted by one random legal permutation, an independent
     model, and an SDXL inpainting model."""
+    from model_cache import cached_sdxl_checkpoint  # read-only hard links into the test model cache
+
     d = tmp_path_factory.mktemp("sdxl_forward_merge")
-    paths = {"a": make_checkpoint(d / "a.safetensors", "mini", seed=1, base_seed=0, precision="fp32"),
-             "independent": make_checkpoint(d / "independent.safetensors", "mini", seed=7, precision="fp32"),
-             **{f"inpainting{i}": make_checkpoint(d / f"inpainting{i}.safetensors", replace(MINI, unet_in_channels=9),
-                                                  seed=i) for i in (1, 2)}}
+    paths = {"a": cached_sdxl_checkpoint(d / "a.safetensors", "mini", seed=1, base_seed=0, precision="fp32"),
+             "independent": cached_sdxl_checkpoint(d / "independent.safetensors", "mini", seed=7, precision="fp32"),
+             **{f"inpainting{i}": cached_sdxl_checkpoint(d / f"inpainting{i}.safetensors",
+                                                         replace(MINI, unet_in_channels=9), seed=i) for i in (1, 2)}}
     spec = build_spec(MINI)
     planted = random_perms(spec.groups.values(), seed=21)
     shuffled = {k: permute_tensor(spec, k, v, planted) for k, v in _load(paths["a"]).items()}

@@ -1,4 +1,4 @@
-"""Merging SDXL at the reduced MINI scale: weight matching (certified same-base pairs, planted permutations,
+"""Merging SDXL at the test scale SDXL_SMALL (model_cache.py): weight matching (certified same-base pairs, planted permutations,
 iterations), every per-key method, `--align`, function preservation of a re-basin merge against diffusers and
 transformers, the architecture in the metadata, and the refusals (a pair of two architectures, legacy mode;
 activation matching and REPAIR run on SDXL: test_sdxl_forward_merge.py)."""
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cache import SDXL_SMALL
 
 from lib_rebasin.align.permute import permute_tensor, random_perms
 from lib_rebasin.errors import IncompatibleModelsError, RebasinError
@@ -20,9 +21,7 @@ from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.methods import METHODS, key_generator
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.parts import part_of
-from lib_rebasin.sdxl.config import MINI
 from lib_rebasin.sdxl.spec import build_spec
-from lib_rebasin.sdxl.synthetic import make_checkpoint
 
 FP32 = dict(precision="fp32")
 IDENTITY_PARAMS = {"ties_density": 1.0, "ties_scale": 1.0, "dare_p": 0.0, "della_eps": 0.0}
@@ -54,16 +53,16 @@ def _model_keys(sd: dict[str, torch.Tensor]) -> list[str]:
 def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A, B and C fine-tunes of one base, a copy of B, an independent model, B and C with every group permuted by
     one random legal permutation, and an SD 1.x model."""
-    from model_cache import _cached, cached_checkpoint, place
+    from model_cache import cached_checkpoint, cached_sdxl_checkpoint
 
     def cached_xl(name: str, **kwargs) -> Path:  # read-only hard links into the test model cache
-        return place(_cached(make_checkpoint, {"config": "mini", **kwargs}), d / f"{name}.safetensors")
+        return cached_sdxl_checkpoint(d / f"{name}.safetensors", SDXL_SMALL, **kwargs)
 
     d = tmp_path_factory.mktemp("sdxl_merge")
     paths = {"a": cached_xl("a", seed=1, base_seed=0), "b": cached_xl("b", seed=2, base_seed=0),
              "c": cached_xl("c", seed=3, base_seed=0), "independent": cached_xl("independent", seed=7)}
     paths["b_copy"] = Path(shutil.copyfile(paths["b"], d / "b_copy.safetensors"))  # another file, not a link
-    spec = build_spec(MINI)
+    spec = build_spec(SDXL_SMALL)
     planted = random_perms(spec.groups.values(), seed=21)
     for name in ("b", "c"):
         sd = _load(paths[name])
@@ -111,10 +110,10 @@ def test_independent_rebasin_at_alpha_one_computes_what_b_computes(xl: dict[str,
     assert all(m > 0 for m, _ in diagnostics.moved.values()), diagnostics.moved
     b = loaded["independent"]
     assert any(not torch.equal(out[k], b[k].float()) for k in PROBES)  # B really moved
-    ref_b, ref_o = SDXLReference.build(MINI), SDXLReference.build(MINI)
+    ref_b, ref_o = SDXLReference.build(SDXL_SMALL), SDXLReference.build(SDXL_SMALL)
     ref_b.load({k: v.float() if v.is_floating_point() else v for k, v in b.items()})
     ref_o.load(out)
-    x = make_inputs(MINI, latent_size=8, image_size=16, batch=1)
+    x = make_inputs(SDXL_SMALL, latent_size=8, image_size=16, batch=1)
     with torch.no_grad():
         assert rel_max_error(ref_b.end_to_end(x.latent, x.t, x.ids, x.time_ids),
                              ref_o.end_to_end(x.latent, x.t, x.ids, x.time_ids)) < 1e-4

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-from lib_rebasin.merge.block_presets import PRESETS
-from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.ui import blocks_ui as bui
-
 from gradio_events import fn_for
+
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.merge.block_presets import PRESETS
+from lib_rebasin.ui import blocks_ui as bui
 
 pytestmark = pytest.mark.ui
 
@@ -162,50 +157,28 @@ def test_tab_records_the_preset_chosen_in_the_dropdown(folder):
     (folder / "preset_named.safetensors").unlink()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_http_api_takes_blocks_and_method_params(folder):
     pytest.importorskip("gradio")
-    from lib_rebasin.ui.standalone import launch
+    from api_client import finished, post, standalone_api
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    blocks, service, url = launch(folder, port=port, block=False, api=True)  # the API is served only with --api
-    api = url.rstrip("/") + "/rebasin/v1"
-    try:
-        code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
-                                            "blocks": "NOPE"})
+    with standalone_api(folder) as api:
+        code, body = post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
+                                           "blocks": "NOPE"})
         assert code == 422 and body["field"] == "blocks" and "Unknown block-weight preset 'NOPE'" in body["detail"]
-        code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
-                                            "model_c": "base.safetensors", "method": "dare", "dare_p": 1.5})
+        code, body = post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
+                                           "model_c": "base.safetensors", "method": "dare", "dare_p": 1.5})
         assert code == 422 and body["field"] == "dare_p" and "dare_p must be in" in body["detail"]
-        code, body = _post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
-                                            "model_c": "base.safetensors", "method": "dare", "dare_p": 0.5,
-                                            "seed": 4, "blocks": [0.5] * 25, "alpha": 0.25,
-                                            "output_name": "via_api_dare"})
+        code, body = post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
+                                           "model_c": "base.safetensors", "method": "dare", "dare_p": 0.5,
+                                           "seed": 4, "blocks": [0.5] * 25, "alpha": 0.25,
+                                           "output_name": "via_api_dare"})
         assert code == 202, body
-        deadline = time.time() + 300
-        while True:
-            with urllib.request.urlopen(f"{api}/jobs/{body['job_id']}", timeout=30) as r:
-                job = json.loads(r.read())
-            if job["finished"] or time.time() > deadline:
-                break
-            time.sleep(0.2)
+        job = finished(api, body["job_id"])
         assert job["status"] == "done", job
         assert job["request"]["blocks"] == [0.25] + [0.5] * 25 and job["request"]["dare_p"] == 0.5
         meta = _meta(Path(job["output"]))
         webui = json.loads(meta["sd_merge_recipe"])
         assert webui["blocks"] == [0.25] + [0.5] * 25 and webui["base_alpha"] == 0.25 and webui["seed"] == 4
-    finally:
-        blocks.close()
 
 
 def _donor_vae(folder):

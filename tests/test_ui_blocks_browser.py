@@ -6,80 +6,27 @@ Run with: pytest -m browser"""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from browser_app import open_page, pick, requirements, standalone
 
 from lib_rebasin.merge.block_weights import SDXL
 
 pytestmark = [pytest.mark.ui, pytest.mark.browser]
 
-CHROMIUM = os.environ.get("REBASIN_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    pytest.importorskip("playwright.sync_api")
-    pytest.importorskip("gradio")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"chromium is not installed at {CHROMIUM}")
-    import socket
-
-    from model_cache import cached_checkpoint
-
-    from lib_rebasin.sdxl.synthetic import make_checkpoint
+    requirements()
+    from model_cache import SDXL_SMALL, cached_checkpoint, cached_sdxl_checkpoint
 
     models = tmp_path_factory.mktemp("models")
-    make_checkpoint(models / "xl_one.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(models / "xl_two.safetensors", "mini", seed=2, base_seed=0)
+    cached_sdxl_checkpoint(models / "xl_one.safetensors", SDXL_SMALL, seed=1, base_seed=0)  # read-only hard links
+    cached_sdxl_checkpoint(models / "xl_two.safetensors", SDXL_SMALL, seed=2, base_seed=0)
     cached_checkpoint(models / "sd_one.safetensors", "tiny", seed=1, base_seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT) + os.pathsep +
-           os.environ.get("PYTHONPATH", ""), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lib_rebasin.ui.standalone", "--models-dir", str(models),
-                                 "--port", str(port)], cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"standalone app did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url, models
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _pick(page, elem_id, title):
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(title)
-    option = page.locator("ul.options li", has_text=title).first
-    option.wait_for(state="visible")
-    option.click()
-    page.wait_for_timeout(300)
-    assert box.input_value() == title
+    with standalone(models, tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url, models
 
 
 def _shown_sliders(page) -> list[str]:
@@ -95,23 +42,17 @@ def _wait_for_sliders(page, count: int) -> list[str]:
 
 
 def test_sdxl_model_a_switches_the_block_sliders_and_merges_a_preset(app, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     url, models = app
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.set_default_timeout(30_000)
-        page.goto(url)
+    with open_page(url, height=1600) as page:
         page.wait_for_selector("#rebasin_merge", state="visible")
         page.locator("#rebasin_blocks").first.locator("button, .label-wrap").first.click()
         assert len(_wait_for_sliders(page, 26)) == 26  # SD 1.x's set until model A says otherwise
-        _pick(page, "rebasin_model_a", "xl_one.safetensors")
+        pick(page, "rebasin_model_a", "xl_one.safetensors")
         ids = _wait_for_sliders(page, 20)
         assert sorted(ids) == sorted(f"rebasin_block_xl_{b}" for b in SDXL.ids)
         assert "Model A is SDXL" in page.locator("#rebasin_blocks_note").first.inner_text()
         text = page.locator("#rebasin_blocks_text input, #rebasin_blocks_text textarea").first
-        _pick(page, "rebasin_blocks_preset", "GRAD_V")
+        pick(page, "rebasin_blocks_preset", "GRAD_V")
         want = ",".join(f"{v:g}" if v == int(v) else repr(v) for v in SDXL.preset_values("GRAD_V"))
         deadline = time.time() + 30
         while text.input_value() != want and time.time() < deadline:
@@ -127,18 +68,18 @@ def test_sdxl_model_a_switches_the_block_sliders_and_merges_a_preset(app, tmp_pa
         assert alert.inner_text().strip() == ("Model A is SDXL: its block weights are 20 values "
                                               "(BASE,IN00..IN08,M00,OUT00..OUT08); got 26.")
         # back to the preset's values, then the SD 1.x model brings the 26 sliders and GRAD_V's 26 values
-        _pick(page, "rebasin_blocks_preset", "custom")
-        _pick(page, "rebasin_blocks_preset", "GRAD_V")
-        _pick(page, "rebasin_model_a", "sd_one.safetensors")
+        pick(page, "rebasin_blocks_preset", "custom")
+        pick(page, "rebasin_blocks_preset", "GRAD_V")
+        pick(page, "rebasin_model_a", "sd_one.safetensors")
         assert len(_wait_for_sliders(page, 26)) == 26
         deadline = time.time() + 30
         while len(text.input_value().split(",")) != 26 and time.time() < deadline:
             page.wait_for_timeout(200)
         assert text.input_value().startswith("0,1,0.9166666667,")
         # the SDXL pair merged with GRAD_V from the tab
-        _pick(page, "rebasin_model_a", "xl_one.safetensors")
+        pick(page, "rebasin_model_a", "xl_one.safetensors")
         assert len(_wait_for_sliders(page, 20)) == 20
-        _pick(page, "rebasin_model_b", "xl_two.safetensors")
+        pick(page, "rebasin_model_b", "xl_two.safetensors")
         page.locator("#rebasin_method label", has_text="Weighted sum").first.click()
         name = page.locator("#rebasin_output_name input, #rebasin_output_name textarea").first
         name.fill("browser_xl_gradv")
@@ -146,7 +87,6 @@ def test_sdxl_model_a_switches_the_block_sliders_and_merges_a_preset(app, tmp_pa
         page.locator("#rebasin_merge").first.click()
         page.locator("#rebasin_progress .rebasin-done").first.wait_for(state="visible", timeout=300_000)
         page.screenshot(path=str(tmp_path / "sdxl_merged.png"), full_page=True)
-        browser.close()
     from lib_rebasin.io.checkpoint import open_checkpoint
 
     with open_checkpoint(models / "browser_xl_gradv.safetensors") as ck:

@@ -5,10 +5,6 @@ or the API records the 20 values (runs under gradio 3.41 and 4.40: tests/ui_envs
 from __future__ import annotations
 
 import json
-import socket
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -60,13 +56,11 @@ def test_switching_architecture_switches_the_controls() -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model_cache import cached_checkpoint
-
-    from lib_rebasin.sdxl.synthetic import make_checkpoint
+    from model_cache import SDXL_SMALL, cached_checkpoint, cached_sdxl_checkpoint
 
     d = tmp_path_factory.mktemp("xl_ckpts")
-    make_checkpoint(d / "xl_one.safetensors", "mini", seed=1, base_seed=0)
-    make_checkpoint(d / "xl_two.safetensors", "mini", seed=2, base_seed=0)
+    cached_sdxl_checkpoint(d / "xl_one.safetensors", SDXL_SMALL, seed=1, base_seed=0)  # read-only hard links
+    cached_sdxl_checkpoint(d / "xl_two.safetensors", SDXL_SMALL, seed=2, base_seed=0)
     cached_checkpoint(d / "sd_one.safetensors", "tiny", seed=1, base_seed=1)
     return d
 
@@ -125,59 +119,33 @@ def test_tab_shows_sdxl_sliders_for_an_sdxl_model_a_and_merges(folder: Path) -> 
     (folder / "xl_gradv.safetensors").unlink()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def _finished(api: str, job_id: str) -> dict:
-    deadline = time.time() + 300
-    while True:
-        with urllib.request.urlopen(f"{api}/jobs/{job_id}", timeout=30) as r:
-            job = json.loads(r.read())
-        if job["finished"] or time.time() > deadline:
-            return job
-        time.sleep(0.2)
-
-
 def test_http_api_takes_twenty_values_and_presets_for_sdxl(folder: Path) -> None:
     pytest.importorskip("gradio")
-    from lib_rebasin.ui.standalone import launch
+    from api_client import finished, post, standalone_api
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    blocks, _service, url = launch(folder, port=port, block=False, api=True)
-    api = url.rstrip("/") + "/rebasin/v1"
     pair = {"model_a": "xl_one.safetensors", "model_b": "xl_two.safetensors", "method": "weighted_sum",
             "precision": "fp32"}
     values = [round(0.05 * i, 2) for i in range(20)]
-    try:
-        code, body = _post(f"{api}/merge", {**pair, "blocks": [0.5] * 26, "output_name": "api_bad"})
+    with standalone_api(folder) as api:
+        code, body = post(f"{api}/merge", {**pair, "blocks": [0.5] * 26, "output_name": "api_bad"})
         assert code == 422 and body["field"] == "blocks" and "need 20 values" in body["detail"], body
-        code, body = _post(f"{api}/merge", {"model_a": "sd_one.safetensors", "model_b": "xl_two.safetensors",
-                                            "blocks": values})
+        code, body = post(f"{api}/merge", {"model_a": "sd_one.safetensors", "model_b": "xl_two.safetensors",
+                                           "blocks": values})
         assert code == 400 and body["detail"] == ("Model A is SD 1.x but model B is SDXL; models of different "
                                                   "architectures cannot be merged."), body
-        code, body = _post(f"{api}/merge", {**pair, "blocks": values, "output_name": "api_values"})
+        code, body = post(f"{api}/merge", {**pair, "blocks": values, "output_name": "api_values"})
         assert code == 202, body
-        job = _finished(api, body["job_id"])
+        job = finished(api, body["job_id"])
         assert job["status"] == "done" and job["request"]["blocks"] == values, job
         assert _recipe(Path(job["output"]))["blocks"] == values
-        code, body = _post(f"{api}/merge", {**pair, "blocks": "OUT12", "output_name": "api_preset"})
+        code, body = post(f"{api}/merge", {**pair, "blocks": "OUT12", "output_name": "api_preset"})
         assert code == 202, body
-        job = _finished(api, body["job_id"])
+        job = finished(api, body["job_id"])
         assert job["status"] == "done" and job["request"]["blocks"] == list(SDXL.preset_values("OUT12")), job
         recipe = _recipe(Path(job["output"]))
         assert recipe["blocks_preset"] == "OUT12" and recipe["blocks_preset_mapping"] == "sdxl-presets-1"
         assert recipe["blocks"] == [PRESETS["OUT12"][SD1.index[b]] for b in SDXL.ids]
         assert not (folder / "api_bad.safetensors").exists()
-    finally:
-        blocks.close()
 
 
 def test_hires_presets_scale_by_model_a_architecture(folder: Path) -> None:

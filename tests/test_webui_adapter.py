@@ -623,38 +623,10 @@ def test_advice_from_model_card_is_shown(webui):
 
 # -- HTTP API ---------------------------------------------------------------------------------------------------
 
-class _AsgiClient:
-    """Requests straight into the ASGI app (no server, no TestClient: its httpx pairing differs by version)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def _go(self, method, path, **kw):
-        import asyncio
-
-        import httpx
-
-        async def one():
-            transport = httpx.ASGITransport(app=self.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:7860") as c:
-                return await c.request(method, path, **kw)
-
-        return asyncio.run(one())
-
-    def get(self, path):
-        return self._go("GET", path)
-
-    def post(self, path, json=None):
-        return self._go("POST", path, json=json)
-
-
 def test_api_merge_progress_result_and_load(webui, tmp_path):
-    from fastapi import FastAPI
-    from modules import script_callbacks
+    from api_client import webui_api
 
-    app = FastAPI()
-    script_callbacks.app_started_callback(None, app)  # --nowebui passes demo=None
-    client = _AsgiClient(app)
+    client = webui_api()
     r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "alpha.safetensors"})
     assert r.status_code == 400 and "same file" in r.json()["detail"]
     r = client.post("/rebasin/v1/merge", json={"model_a": "alpha.safetensors", "model_b": "beta.safetensors",
@@ -664,12 +636,7 @@ def test_api_merge_progress_result_and_load(webui, tmp_path):
                                                "output_name": "via_api", "iterations": 1, "parts": ["unet", "te", "vae"]})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    deadline = time.time() + 300
-    while True:
-        j = client.get(f"/rebasin/v1/jobs/{job_id}").json()
-        if j["finished"] or time.time() > deadline:
-            break
-        time.sleep(0.2)
+    j = client.finished(job_id)
     assert j["status"] == "done", j
     assert j["output"] == str(tmp_path / "via_api.safetensors") and Path(j["output"]).is_file()
     assert j["fraction"] == 1.0 and isinstance(j["summary"], list)

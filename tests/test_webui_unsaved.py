@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import test_webui_adapter as adapter_tests
-from test_webui_adapter import _AsgiClient, _become_forge, _build_ui, _calls, _fn_for
+from test_webui_adapter import _become_forge, _build_ui, _calls, _fn_for
 
 from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.ui.request import MergeRequest
@@ -225,12 +225,9 @@ def test_tab_buttons_load_and_save(webui, tmp_path):
 
 
 def test_api_merge_load_loaded_and_save(webui, tmp_path):
-    from fastapi import FastAPI
-    from modules import script_callbacks
+    from api_client import webui_api
 
-    app = FastAPI()
-    script_callbacks.app_started_callback(None, app)
-    client = _AsgiClient(app)
+    client = webui_api()
     assert client.get("/rebasin/v1/loaded").json() == {"unsaved": None}
     r = client.post("/rebasin/v1/save-loaded", json={})
     assert r.status_code == 400 and "No unsaved merge" in r.json()["detail"]

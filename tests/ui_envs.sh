@@ -68,10 +68,23 @@ if [ ${#UI_FILES[@]} -eq 0 ]; then
     exit 1
 fi
 
-status=0
+# The two environments run at the same time: their tests mostly wait on servers and the browser, and each runs
+# torch on one thread (conftest.py). Each run's output is shown whole once both have ended. `-o addopts=` drops the
+# core suite's pytest-xdist workers (pyproject.toml): each environment runs its tests in one process.
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
+pids=()
 for env in gradio4 gradio3; do
-    echo "== UI tests under $("$VENVS/$env/bin/python" -c 'import gradio; print("gradio", gradio.__version__)')"
-    "$VENVS/$env/bin/python" -m pytest -p no:cacheprovider -m "ui and not full" -W ignore::DeprecationWarning \
-        "${UI_FILES[@]}" "${PYTEST_ARGS[@]}" || status=$?
+    {
+        echo "== UI tests under $("$VENVS/$env/bin/python" -c 'import gradio; print("gradio", gradio.__version__)')"
+        "$VENVS/$env/bin/python" -m pytest -o addopts= -p no:cacheprovider -m "ui and not full" \
+            -W ignore::DeprecationWarning "${UI_FILES[@]}" "${PYTEST_ARGS[@]}"
+    } > "$LOGS/$env.log" 2>&1 &
+    pids+=($!)
 done
+status=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || status=$?
+done
+cat "$LOGS/gradio4.log" "$LOGS/gradio3.log"
 exit $status

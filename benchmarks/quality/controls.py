@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from .train import Trained
 
 
 def planted_permutation(width: int, a: Trained, es: EvalSet, work: Path, seed: int = 7,
-                        match_images: int = 64) -> dict:
+                        match_images: int = 64, activation_prompts: int = 16) -> dict:
     spec = build_spec(sd_config(width))
     perms = random_perms(spec.groups_in(("unet", "te")), seed)
     a_path = single_file(a)
@@ -44,7 +45,8 @@ def planted_permutation(width: int, a: Trained, es: EvalSet, work: Path, seed: i
         loss_b = heldout_loss(Model(width, ldm_b), es)["mean"]
         rb = merge(a_path, b_path, REBASIN_EXACT, 0.5, work)
         ws = merge(a_path, b_path, WEIGHTED_SUM, 0.5, work)
-        am = merge(a_path, b_path, ACTIVATIONS, 0.5, work, match_images=match_images)
+        activations = replace(ACTIVATIONS, options={**ACTIVATIONS.options, "activation_samples": activation_prompts})
+        am = merge(a_path, b_path, activations, 0.5, work, match_images=match_images)
     finally:
         b_path.unlink(missing_ok=True)
     loss_rb = heldout_loss(Model(width, rb.ldm), es)["mean"]

@@ -30,6 +30,7 @@ class Profile:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     methods: tuple[str, ...] | None = None  # labels from method_lines.METHOD_LIST; None = every method
     ddim_steps: int = DDIM_STEPS            # DDIM steps of each skill sample
+    control_prompts: int = 16               # the planted-permutation control's activation matching prompts
 
 
 # Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured
@@ -49,8 +50,11 @@ QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milest
                 finetune_steps=6, skill_width=32, samples_per_class=1, eval_images=8,
                 alphas=(0.0, 0.5, 1.0), methods=("weighted sum", "re-basin"))
 # The test suite's run of quick mode: the same sections and checks, with skills sampled in a few DDIM steps
-# (the controls do not sample) and shorter training; its skills say nothing about the methods.
-SMOKE = replace(QUICK, name="smoke", base_steps=8, finetune_steps=3, independent_steps={32: 8}, ddim_steps=3)
+# (the controls do not sample) and shorter training; its skills say nothing about the methods. Its planted
+# permutation control runs activation matching on the core's default number of prompts: the control asks for the
+# exact permutation back, which a permuted copy of A gives on any prompts.
+SMOKE = replace(QUICK, name="smoke", base_steps=8, finetune_steps=3, independent_steps={32: 8}, ddim_steps=3,
+                control_prompts=4)
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
 # Activation matching's inputs: this many training images, each at 5 timesteps (16 already recover a planted
 # permutation exactly, and so do smoke's 4; quick mode only runs that control).

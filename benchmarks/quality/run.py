@@ -15,7 +15,7 @@ import torch
 from .controls import planted_permutation, same_base_identity
 from .export import single_file
 from .evaluate import DDIM_STEPS, EvalSet, Model, classifier, eval_set, heldout_loss, samples, skills
-from .families import LR_BY_WIDTH, MATCH_IMAGES, SWEEP_EXTRA_STEPS, Profile, independent_pair, same_base_family, \
+from .families import FULL, LR_BY_WIDTH, MATCH_IMAGES, SWEEP_EXTRA_STEPS, Profile, independent_pair, same_base_family, \
     sweep_lengths
 from .merging import merge
 from .method_lines import METHOD_LIST, SWEEP_METHODS, Method, available
@@ -187,6 +187,8 @@ class SectionCache:
         profile["skill_steps"] = p.independent_steps.get(p.skill_width)
         if p.ddim_steps == DDIM_STEPS:  # the keys of the profiles measured before it was a field stay valid
             del profile["ddim_steps"]
+        if p.control_prompts == FULL.control_prompts:  # likewise
+            del profile["control_prompts"]
         self.base = {"profile": profile, "version": RESULTS_VERSION}
         ident = {**self.base, "methods": [m.ident for m in methods], "sweep_methods": [m.ident for m in SWEEP_METHODS]}
         self.key = _digest(ident)
@@ -255,7 +257,8 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
     def controls() -> dict:
         a, _ = independent()
         _, low, high = same_base()
-        return {"planted_permutation": planted_permutation(w, a, es, work, match_images=MATCH_IMAGES[p.name]),
+        return {"planted_permutation": planted_permutation(w, a, es, work, match_images=MATCH_IMAGES[p.name],
+                                                           activation_prompts=p.control_prompts),
                 "same_base_identity": same_base_identity(low, high, work)}
 
     def independent_family() -> dict:
