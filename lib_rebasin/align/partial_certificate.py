@@ -63,11 +63,11 @@ from .permute import Perms, axis_index
 
 TensorGetter = Callable[[str], torch.Tensor]
 
-# Shares of each slot's inner columns multiplied out, in turn for the rows still open (at least MIN_COLUMNS
-# columns, or all of a small slot). Other units' distances over S against the partner's whole distance: a small
-# share usually does; unrelated models fail at every share.
-SHARES = (256, 64, 16, 4, 2)
-MIN_COLUMNS = 32
+# Shares of each slot's inner columns multiplied out, in turn for the rows still open (at least MIN_COLUMNS columns
+# over the group's slots). Other units' distances over S against the partner's whole distance: a small share
+# usually does; unrelated models fail at every share.
+SHARES = (64, 16, 4, 2)
+MIN_COLUMNS = 128
 # Attempts after which a proof that failed on most of them is switched off for the rest of the search (unrelated
 # models: the full matrix is needed anyway).
 PROBE = 16
@@ -116,10 +116,8 @@ class _Slot:
         self.inner = a[0, 0].numel() if a.dim() > 1 else 1
         cols = a.shape[1] if a.dim() > 1 else 1
         self.m = cols * self.inner
-        lead = [self.m if self.m <= MIN_COLUMNS else min(self.m, max(MIN_COLUMNS, math.ceil(self.m / s)))
-                for s in SHARES]
-        # Whole slices of the first dim after the units', so that a chunk is one slice of the view.
-        self.cuts = [0] + [min(cols, math.ceil(c / self.inner)) for c in lead]
+        self.cols = cols
+        self.cuts = [0]
         self.sq_a, self.diff = stats[0]
         self.e = stats[1]
         self.d_s = torch.zeros(slot.length, dtype=torch.float64, device=a.device)
@@ -145,6 +143,11 @@ class _Slot:
             window(P, self.slot).index_add_(0, rows, a @ b.T)
             self.d_s.index_add_(0, rows, (a - partner.index_select(0, rows)).square_().sum(dim=1).double())
         self.e_s = max(self.e_s, _gamma(a.shape[1]) + 6 * _U)
+
+    def cut(self, fractions: list[float]) -> None:
+        """The columns each stage multiplies out: `fractions` of them (at least one), whole slices of the first
+        dim after the units' so that a chunk is one slice of the view."""
+        self.cuts = [0] + [min(self.cols, math.ceil(math.ceil(f * self.m) / self.inner)) for f in fractions]
 
     def columns(self, stage: int) -> int:
         """Columns multiplied out once `stage` is done."""
@@ -205,6 +208,10 @@ class CurrentProof:
             if sl is None:
                 return False
             slots.append(sl)
+        # Each stage multiplies out the same fraction of every slot's columns, at least MIN_COLUMNS in all.
+        total = sum(sl.m for sl in slots)
+        for sl in slots:
+            sl.cut([max(1 / s, MIN_COLUMNS / total) for s in SHARES])
         # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage.
         g_full = _gamma(max(sl.m for sl in slots) + len(slots) + 1)
 
