@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,17 +122,13 @@ def run_one(lib: Path, method: str, a: str, b: str, out_dir: Path) -> dict[str, 
     # Run as a script from outside any tree, so that `lib` alone decides which lib_rebasin is imported.
     env = {**os.environ, "PYTHONPATH": str(lib)}
     cmd = [sys.executable, __file__, "--worker", method, a, b, "--out-dir", str(out_dir)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=out_dir, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{method} with {lib} failed")
+    from benchmarks.worker_process import measured  # the parent's import: a worker sees `lib` only
+
+    usage = measured(cmd, out_dir, env, f"{method} with {lib}")
     rec = json.loads(result.read_text())
     out.unlink()
     result.unlink()
-    rec.update(cpu=usage.ru_utime + usage.ru_stime, user=usage.ru_utime, sys=usage.ru_stime, wall=wall,
-               minflt=usage.ru_minflt, rss_gb=usage.ru_maxrss / 2**20, lib=str(lib), method=method)
+    rec.update(usage, lib=str(lib), method=method)
     return rec
 
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,17 +74,14 @@ def run_one(label: str, method: str, a: str, b: str, c: str | None, out_dir: Pat
         cmd += ["--base", c]
     if max_sweeps is not None:
         cmd += ["--max-sweeps", str(max_sweeps)]
+    from benchmarks.worker_process import measured
+
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=out_dir, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{label} {method} failed")
+    usage = measured(cmd, out_dir, env, f"{label} {method}")
+    wall = usage["wall"]
     rec = json.loads(result.read_text())
-    rec.update(label=label, method=method, cpu=usage.ru_utime + usage.ru_stime, user=usage.ru_utime,
-               sys=usage.ru_stime, wall=wall, rss_gb=usage.ru_maxrss / 2**20, load=(load0, os.getloadavg()[0]),
-               sha256=sha256(out), out_bytes=out.stat().st_size)
+    rec.update(usage, label=label, method=method, load=(load0, os.getloadavg()[0]), sha256=sha256(out),
+               out_bytes=out.stat().st_size)
     out.unlink()
     result.unlink()
     st = " ".join(f"{k} {v:.1f}" for k, v in rec["stages"].items())

@@ -1,23 +1,53 @@
 """Proving a group's current permutation optimal from part of its cost matrix's arithmetic.
 
-Fine-tunes of one base keep every unit in place: row-argmax of the cost matrix C = sum over slots of A_s B_s^T is
-the current permutation, and a visit only has to *prove* that. The full matrix costs n^2 m multiply-adds per slot;
-this proof computes the products over the first k of the m inner columns exactly and bounds the other m - k by
-norms. With a_i, b_j a unit's rows split into computed (S) and remaining (R) columns,
+Fine-tunes of one base keep every unit in place: the current permutation `cur` is the optimum of the assignment
+problem on the cost matrix C = sum over slots of A_s B_s^T, and a visit only has to *prove* that. The full matrix
+costs n^2 m multiply-adds per slot; this proof multiplies out only the first columns S of each slot. With a_i,
+b_j a unit's rows (every slot's columns side by side), split into S and the remaining columns R:
 
-    C[i, j] = <a_S,i, b_S,j> + <a_R,i, b_R,j>,   |<a_R,i, b_R,j>| <= |a_R,i| |b_R,j|   (Cauchy-Schwarz),
+Nearest partners. sum_i |a_i - b_sigma(i)|^2 = |A|^2 + |B|^2 - 2 sum_i C[i, sigma(i)] for every permutation
+sigma, so the assignment maximising C minimises the distances, and if every row's current partner is its
+strictly nearest unit of B, cur is the only optimum. (As LP duality: u_i + v_j >= C[i, j] with equality on the
+current pairs, v_j = 1/2 |b_j|^2; no norm of B enters the comparison, whereas a row-argmax bound has to beat the
+largest row norm of B.) A distance over S is a lower bound of the whole one, so row i is proven when
 
-and the current pair's value C[i, cur(i)] is one dot product per row over all columns (O(n m), not O(n^2 m)). If
-for every row that value's lower bound beats every other allowed column's upper bound, the current permutation is
-the exact row-argmax: optimal, and a visit finds nothing to change. The computed share grows (`SHARES`) until the
-proof holds or half the columns are in; each step computes only the chunk it adds.
+    |a_S,i - b_S,j|^2 = |a_S,i|^2 + |b_S,j|^2 - 2 P[i, j]  >  |a_i - b_cur(i)|^2     for all j != cur(i),
 
-The proof also covers the fp32 arithmetic of the full path: every bound is widened by a rigorous rounding-error
-bound of an fp32 inner product of the group's total length (gamma_N |a_i| |b_j|, N the inner size plus one
-accumulation per chunk), once for its own sums and once for the full fp32 matrix the visit would otherwise
-compute. So when it succeeds, that matrix's row-argmax is the current permutation too, and skipping it changes no
-result (weight matching then records the visit as certified, exactly as the full path would). On a GPU this
-holds as long as fp32 matmuls are not run in TF32 (PyTorch's default).
+P the products over S; equivalently, with D_i = |a_R,i - b_R,cur(i)|^2 the partner's distance over R,
+
+    max over j != cur(i) of (P[i, j] - 1/2 |b_S,j|^2)  <  P[i, cur(i)] - 1/2 |b_S,cur(i)|^2 - 1/2 D_i.
+
+The margin is the products of the partners over S against the fine-tune's own difference over R: a small share
+does. It grows (`SHARES`) for the rows still open until every row holds or half the columns are in. A row proven
+at one share stays proven: its inequality bounds the whole distances, which do not depend on the share.
+
+Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact
+value, and each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, or
+the columns multiplied out so far, plus one accumulation per chunk or slot added into the same entry, plus one,
+whatever the summation order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2
+(s~_j) and the squared norms and differences (sums of non-negative terms) are within gamma of theirs. With
+v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the proof's bound at its last share (so v is the same at every share),
+every error that depends on j joins v_j, the rest the row's side, and the proven inequality becomes
+
+    max_{j != cur(i)} (P~[i, j] - 1/2 s~_j)  <  P~[i, cur(i)] - 1/2 s~_cur(i) - 1/2 D_i - w_i,
+    w_i = ((g_C + g_S) / 2 + 8 u) (|a_i| + |b_cur(i)|)^2 + (g* + 2 u) |b_cur(i)|^2
+
+(s~ the computed |b_S,j|^2; D_i and the norms upper bounds, widened by their rounding bound; 8 u for the fp32 and
+float64 operations of the comparison). Then cur is the only optimum of the exact matrix and of the fp32 one, and
+skipping the visit changes nothing: the full path's row-argmax, if it is a legal permutation, has every row at
+least at cur's value, so it is cur; else its structured solve (whole-head and GroupNorm symmetries included: cur is
+optimal among all permutations, so among the legal ones) returns some sigma that it accepts only if its float64
+sum beats cur's by the relative tolerance 1e-7, which cannot happen: sigma's exact value is below cur's and each
+float64 sum of n entries is off by at most (n + 2) 2^-52 |A|_F |B|_F, which the proof checks is below that
+tolerance of a lower bound of cur's value. The bf16 screen certifies a row-argmax of the exact matrix, and only cur
+can be one. The -inf between attention halves never binds (no legal permutation goes there). Weight matching
+records the visit as certified; the full path would record a solve instead when its row-argmax is not a
+permutation though cur is optimal (then the proof saved that solve). On a GPU all this holds as long as fp32
+matmuls are not run in TF32 (PyTorch's default).
+
+Reading. The norms and differences over all columns come from one pass over each tensor that serves all its axes,
+kept for the run, as long as neither the tensor's other axes nor the group itself are permuted (same-base pairs:
+always); otherwise from the visit's own rows. A visit then reads only the columns S of its slots.
 """
 
 from __future__ import annotations
@@ -27,138 +57,228 @@ from collections.abc import Callable
 
 import torch
 
-from ..archspec import ArchSpec, Group
+from ..archspec import ArchSpec, Group, Slot
 from .cost import empty_cost, other_axes_permuted, unit_rows, window
-from .permute import Perms
+from .permute import Perms, axis_index
 
 TensorGetter = Callable[[str], torch.Tensor]
 
-# Shares of each slot's inner columns computed exactly, tried in turn until the proof holds (at least MIN_COLUMNS
-# columns, or all of a small slot). Units that keep their place in a fine-tune keep their rows nearly parallel, so
-# a small share usually separates the current pair from the rest; a group whose exactly computed small slots (norm
-# gains near 1 for every unit) take much of the margin needs a larger one.
-SHARES = (16, 4, 2)
-MIN_COLUMNS = 256
+# Shares of each slot's inner columns multiplied out, in turn for the rows still open (at least MIN_COLUMNS columns
+# over the group's slots). Other units' distances over S against the partner's whole distance: a small share
+# usually does; unrelated models fail at every share.
+SHARES = (64, 16, 4, 2)
+MIN_COLUMNS = 128
 # Attempts after which a proof that failed on most of them is switched off for the rest of the search (unrelated
 # models: the full matrix is needed anyway).
 PROBE = 16
 _U = 2.0 ** -24  # unit roundoff of fp32
+_BLOCK = 1 << 20  # elements widened to fp32 at a time by the row statistics
 _ROW_BLOCK = 256
 
 
+def _gamma(n: int) -> float:
+    return n * _U / (1 - n * _U)
+
+
+def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, float]]:
+    """For each of `axes`: the sums over all other dims of a^2 and (a - b)^2 (float64, shape (2, size)), and the
+    relative rounding bound e of those sums of non-negative terms (exact within factors 1 -+ e). B's norms follow
+    from them: |b_i| <= |a_i| + |a_i - b_i|."""
+    out = {x: torch.zeros(2, a.shape[x], dtype=torch.float64, device=a.device) for x in axes}
+    if a.dim() == 0 or a.numel() == 0:
+        return {x: (s, 0.0) for x, s in out.items()}
+    step = max(1, _BLOCK // max(1, a[0].numel()))
+    for r0 in range(0, a.shape[0], step):
+        # The difference in the stored dtype (within its eps of the exact one, relatively: a difference of two
+        # floats of one format never underflows; an overflow gives inf, which no proof survives), squared in fp32.
+        fa = a[r0:r0 + step].to(torch.float32, copy=True).square_()
+        d = (a[r0:r0 + step] - b[r0:r0 + step]).to(torch.float32, copy=True).square_()
+        for k, src in enumerate((fa, d)):
+            for x in axes:
+                t = src.flatten(x + 1).sum(dim=-1) if x + 1 < src.dim() else src  # trailing dims: contiguous
+                if x == 0:
+                    out[x][k, r0:r0 + step] = t.double()
+                else:
+                    out[x][k] += t.flatten(0, x - 1).sum(dim=0).double()
+    # The difference's rounding (squared: two eps), the square's, the sum's, the float64 additions.
+    eps = torch.finfo(a.dtype).eps if a.dtype.is_floating_point else 0.0
+    return {x: (s, _gamma(a.numel() // a.shape[x]) + 3 * eps + 4 * _U) for x, s in out.items()}
+
+
 class _Slot:
-    """One slot's rows of A and B (stored dtype), its column cuts, and the squared row norms of each chunk."""
+    """One slot of a visit: its rows of A and B as (units, d1, rest...) (stored dtype), where the current partner
+    of each row lies in the window, the column cuts of the shares, and its statistics over all columns."""
 
-    def __init__(self, lo: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        m = a.shape[1]
-        self.lo, self.hi, self.a, self.b = lo, lo + a.shape[0], a, b
-        self.cuts = [0] + [m if m <= MIN_COLUMNS else min(m, max(MIN_COLUMNS, math.ceil(m / s))) for s in SHARES]
-        self.cuts.append(m)
-        self.sq_a: list[torch.Tensor] = []
-        self.sq_b: list[torch.Tensor] = []
+    def __init__(self, slot: Slot, a: torch.Tensor, b: torch.Tensor, local: torch.Tensor | None,
+                 stats: tuple[torch.Tensor, float]) -> None:
+        self.slot, self.a, self.b, self.local = slot, a, b, local
+        self.lo, self.hi = slot.start, slot.start + slot.length
+        self.inner = a[0, 0].numel() if a.dim() > 1 else 1
+        cols = a.shape[1] if a.dim() > 1 else 1
+        self.m = cols * self.inner
+        self.cols = cols
+        self.cuts = [0]
+        self.sq_a, self.diff = stats[0]
+        self.e = stats[1]
+        self.d_s = torch.zeros(slot.length, dtype=torch.float64, device=a.device)
+        self.e_s = 0.0
 
-    def stacked(self, c: int) -> torch.Tensor:
-        """Chunk `c` of the columns in fp32, A's and B's rows side by side: (rows, 2, chunk length)."""
-        lo, hi = self.cuts[c], self.cuts[c + 1]
-        out = torch.empty(self.a.shape[0], 2, hi - lo, dtype=torch.float32, device=self.a.device)
-        out[:, 0].copy_(self.a[:, lo:hi])
-        out[:, 1].copy_(self.b[:, lo:hi])
-        return out
+    def add_chunk(self, stage: int, P: torch.Tensor, rows: torch.Tensor | None, col_sq: torch.Tensor) -> None:
+        """Multiply out the columns that `stage` adds for `rows` (local; None: all): P's window, each row's squared
+        difference from its partner over them, and every B unit's squared norm over them (`col_sq`)."""
+        c0, c1 = self.cuts[stage], self.cuts[stage + 1]
+        if c1 <= c0 or (rows is not None and not len(rows)):
+            return  # nothing new, or no row open in this window (its columns are read by its rows only)
+        n = self.slot.length
+        a_cols = self.a[:, c0:c1] if self.a.dim() > 1 else self.a[:, None]
+        b = _widened(self.b[:, c0:c1] if self.b.dim() > 1 else self.b[:, None], n)
+        partner = b if self.local is None else b.index_select(0, self.local)
+        col_sq[self.lo:self.hi] += b.square().sum(dim=1).double()
+        if rows is None:
+            a = _widened(a_cols, n)
+            window(P, self.slot).addmm_(a, b.T)
+            self.d_s += (a - partner).square_().sum(dim=1).double()
+        else:
+            a = _widened(a_cols.index_select(0, rows), len(rows))
+            window(P, self.slot).index_add_(0, rows, a @ b.T)
+            self.d_s.index_add_(0, rows, (a - partner.index_select(0, rows)).square_().sum(dim=1).double())
+        self.e_s = max(self.e_s, _gamma(a.shape[1]) + 6 * _U)
 
-    def chunk(self, c: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk `c` of the columns in fp32: A's rows (those of `rows` only, if given) and all of B's."""
-        lo, hi = self.cuts[c], self.cuts[c + 1]
-        a = self.a[:, lo:hi] if rows is None else self.a[rows, lo:hi]
-        return a.float(), self.b[:, lo:hi].float()
+    def cut(self, fractions: list[float]) -> None:
+        """The columns each stage multiplies out: `fractions` of them (at least one), whole slices of the first
+        dim after the units' so that a chunk is one slice of the view."""
+        self.cuts = [0] + [min(self.cols, math.ceil(math.ceil(f * self.m) / self.inner)) for f in fractions]
+
+    def columns(self, stage: int) -> int:
+        """Columns multiplied out once `stage` is done."""
+        return min(self.m, self.cuts[stage + 1] * self.inner)
+
+    def rest_difference(self, stage: int) -> torch.Tensor:
+        """Upper bound of each row's D over the columns not yet multiplied out."""
+        if self.cuts[stage + 1] * self.inner >= self.m:
+            return torch.zeros_like(self.d_s)
+        return (self.diff * (1 + 2 * self.e) - self.d_s * (1 - self.e_s)).clamp_(min=0)
+
+
+def _local(rows: torch.Tensor, sl: _Slot) -> torch.Tensor:
+    """The rows of `rows` inside the slot's window, as indices into it."""
+    return rows[(rows >= sl.lo) & (rows < sl.hi)] - sl.lo
+
+
+def _nearest(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """For each of `rows`: max over j != cur(i) of P[i, j] - 1/2 |b_S,j|^2 (float64), a block of rows at a time."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=P.device)
+    half = (col_sq / 2).float()
+    for lo in range(0, len(rows), _ROW_BLOCK):
+        idx = rows[lo:lo + _ROW_BLOCK]
+        q = P.index_select(0, idx).sub_(half)
+        q[torch.arange(len(idx), device=P.device), cur[idx]] = float("-inf")
+        out[lo:lo + len(idx)] = q.max(dim=1).values.double()
+    return out
+
+
+def _margin(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor, diff: torch.Tensor,
+            widening: torch.Tensor) -> torch.Tensor:
+    """For each of `rows`: P[i, cur(i)] - 1/2 |b_S,cur(i)|^2 - 1/2 D_i - widening_i (float64)."""
+    part = cur[rows]
+    return P[rows, part].double() - col_sq[part] / 2 - diff[rows] / 2 - widening[rows]
+
+
+def _widened(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` as an (n, columns) fp32 matrix: one copy, whatever its strides."""
+    return t.to(torch.float32, memory_format=torch.contiguous_format).reshape(n, -1)
+
+
+class CurrentProof:
+    """Proofs for one weight-matching run: keeps each key's row statistics (a few floats per unit) for later
+    visits."""
+
+    def __init__(self, spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, device: torch.device) -> None:
+        self.spec, self.get_a, self.get_b, self.device = spec, get_a, get_b, device
+        self.stats: dict[str, dict[int, tuple[torch.Tensor, float]]] = {}
+
+    def prove(self, group: Group, perms: Perms, current: torch.Tensor) -> bool:
+        """True when `current` is provably the only optimal assignment of the group's exact cost matrix and of
+        the fp32 matrix a visit would compute, so that the visit would keep it. False only means "not proven"."""
+        n = group.size
+        cur = current.to(self.device)
+        slots = []
+        for slot in group.slots:
+            sl = self._slot(slot, perms, cur)
+            if sl is None:
+                return False
+            slots.append(sl)
+        # Each stage multiplies out the same fraction of every slot's columns, at least MIN_COLUMNS in all.
+        total = sum(sl.m for sl in slots)
+        for sl in slots:
+            sl.cut([max(1 / s, MIN_COLUMNS / total) for s in SHARES])
+        # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage.
+        g_full = _gamma(max(sl.m for sl in slots) + len(slots) + 1)
+
+        def g_proof(stage: int) -> float:
+            return _gamma(max(sl.columns(stage) for sl in slots) + len(slots) * (stage + 1) + 1)
+
+        g_last = g_proof(len(SHARES) - 1)
+        # Each row's squared norm and partner distance over all columns, as lower and upper bounds.
+        low = torch.zeros(2, n, dtype=torch.float64, device=self.device)
+        up = torch.zeros(2, n, dtype=torch.float64, device=self.device)
+        for sl in slots:
+            stats = torch.stack([sl.sq_a, sl.diff])
+            low[:, sl.lo:sl.hi] += stats * (1 - sl.e)
+            up[:, sl.lo:sl.hi] += stats * (1 + 2 * sl.e)
+        na, nd = up.sqrt()
+        nb = na + nd  # |b_cur(i)| <= |a_i| + |a_i - b_cur(i)|
+        spread, b_sq = (na + nb) ** 2, nb ** 2
+        # cur's value, C[i, cur(i)] = 1/2 (|a_i|^2 + |b_cur(i)|^2 - |a_i - b_cur(i)|^2), at least `value` in
+        # either matrix; float64 sums of n entries, each at most (1 + g) |a_i| |b_j|, are off by at most `slip`.
+        a_low = low[0].sqrt()
+        b_low = (a_low - nd).clamp_(min=0)
+        value = float((low[0] + b_low ** 2 - up[1]).sum()) / 2 - g_full * float((na * nb).sum())
+        slip = (n + 2) * 2.0 ** -52 * (1 + g_full) * float(na.norm()) * float(nb.norm())
+        if value < (2e7 + 1) * slip:
+            return False  # the full path's acceptance test could not be shown to reject another permutation
+        P = empty_cost(group, self.device)  # -inf where no legal permutation goes (between attention halves)
+        col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
+        pending: torch.Tensor | None = None  # rows still open (None: all)
+        for stage in range(len(SHARES)):
+            for sl in slots:
+                sl.add_chunk(stage, P, None if pending is None else _local(pending, sl), col_sq)
+            if stage + 1 < len(SHARES) and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
+                continue  # the next share adds nothing: no need to check this one
+            diff = torch.zeros(n, dtype=torch.float64, device=self.device)
+            for sl in slots:
+                diff[sl.lo:sl.hi] += sl.rest_difference(stage)
+            rows = torch.arange(n, device=self.device) if pending is None else pending
+            widening = ((g_full + g_proof(stage)) / 2 + 8 * _U) * spread + (g_last + 2 * _U) * b_sq
+            proven = _nearest(P, col_sq, rows, cur) < _margin(P, col_sq, rows, cur, diff, widening)
+            pending = rows[~proven]
+            if not len(pending):
+                return True
+        return False
+
+    def _slot(self, slot: Slot, perms: Perms, cur: torch.Tensor) -> _Slot | None:
+        local = cur[slot.start:slot.start + slot.length] - slot.start
+        if not bool(((local >= 0) & (local < slot.length)).all()):
+            return None  # not a legal permutation of this window
+        same = torch.equal(local, torch.arange(slot.length, device=local.device))
+        ta, tb = self.get_a(slot.key), self.get_b(slot.key)
+        others = [x for x in self.spec.axes[slot.key] if x != slot.axis]
+        if same and all(axis_index(self.spec, slot.key, x, perms) is None for x in others):
+            # Neither the other axes nor this group moved: the key's statistics over all of it serve.
+            if slot.key not in self.stats:
+                self.stats[slot.key] = _row_stats(ta, tb, tuple(self.spec.axes[slot.key]))
+            s, e = self.stats[slot.key][slot.axis]
+            a = ta.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0)
+            b = tb.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0)
+            return _Slot(slot, a, b, None, (s[:, slot.offset:slot.offset + slot.length], e))
+        a = unit_rows(ta, slot.axis, slot.offset, slot.length, ta.dtype)
+        b = other_axes_permuted(self.spec, slot, tb, perms, tb.dtype)
+        partner = b if same else b.index_select(0, local)
+        s, e = _row_stats(a, partner, (0,))[0]
+        return _Slot(slot, a, b, None if same else local, (s, e))
 
 
 def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
                   current: torch.Tensor, device: torch.device) -> bool:
-    """True when `current` is provably the row-argmax of the group's exact cost matrix, with a margin larger than
-    the rounding error of computing that matrix in fp32. False only means "not proven"."""
-    n = group.size
-    P = empty_cost(group, device)  # -inf where no legal permutation goes (between attention halves)
-    diag = torch.zeros(n, dtype=torch.float64, device=device)  # C[i, cur(i)], all columns
-    cur = current.to(device)
-    slots: list[_Slot] = []
-    longest = additions = 0
-    for slot in group.slots:
-        ta, tb = get_a(slot.key), get_b(slot.key)
-        sl = _Slot(slot.start, unit_rows(ta, slot.axis, slot.offset, slot.length, ta.dtype),
-                   other_axes_permuted(spec, slot, tb, perms, tb.dtype))
-        slots.append(sl)
-        longest = max(longest, sl.a.shape[1])
-        additions += len(sl.cuts)
-        # The current partner of each row, where it lies inside this slot's window (else the slot adds nothing).
-        local = cur[sl.lo:sl.hi] - sl.lo
-        inside = (local >= 0) & (local < slot.length)
-        same = _is_range(local)
-        for c in range(len(sl.cuts) - 1):
-            # A's and B's rows side by side in fp32: one batched product gives both squared norms and the
-            # current pair's value of every row (three fp32 inner products each, no separate passes).
-            ab = sl.stacked(c)
-            a, b = ab[:, 0], ab[:, 1]
-            gram = torch.bmm(ab, ab.transpose(1, 2))
-            sl.sq_a.append(gram[:, 0, 0].double())
-            sl.sq_b.append(gram[:, 1, 1].double())
-            pair = gram[:, 0, 1] if same else torch.einsum(
-                "ij,ij->i", a, b.index_select(0, local.clamp(0, slot.length - 1)))
-            diag[sl.lo:sl.hi] += pair.double() * inside
-            if c == 0:
-                window(P, slot).addmm_(a, b.T)
-    # gamma_N bounds the error of an fp32 sum of products relative to sum |a_k b_k| <= |a_i| |b_j| when no product
-    # goes through more than N - 1 roundings (one multiplication, then additions): within one slot's product at
-    # most its length (any summation order), then one addition per chunk or slot added into the same entry. Four
-    # of them cover this proof's sums and norms and the full fp32 matrix's, on both sides of the comparison, and
-    # 32 u the few fp32 operations that form the upper bounds (each at most 3 |a_i| |b_j|).
-    inner = longest + additions + 1
-    gamma = inner * _U / (1 - inner * _U)
-    eps = 4 * gamma + 32 * _U
-    na, nb = _norms(slots, n, 0, device, eps)
-    lower = diag - eps * na * nb[cur]
-    # The proof is one inequality per row: a row proven at one share stays proven, and the next share's columns
-    # are multiplied out for the rows still open only.
-    pending = torch.arange(n, device=device)
-    for stage in range(1, len(SHARES) + 1):
-        if stage > 1:
-            for sl, slot in zip(slots, group.slots, strict=True):
-                open_rows = pending[(pending >= sl.lo) & (pending < sl.hi)] - sl.lo
-                if sl.cuts[stage] > sl.cuts[stage - 1] and len(open_rows):
-                    a, b = sl.chunk(stage - 1, open_rows)
-                    window(P, slot).index_add_(0, open_rows, a @ b.T)
-        ra, rb = _norms(slots, n, stage, device, eps)
-        proven = lower[pending] > _best_other(P, pending, cur, ra, rb, na, nb, eps)
-        pending = pending[~proven]
-        if not len(pending):
-            return True
-    return False
-
-
-def _best_other(P: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
-                na: torch.Tensor, nb: torch.Tensor, eps: float) -> torch.Tensor:
-    """For each of `rows`, the largest upper bound P[i, j] + |a_R,i| |b_R,j| + eps |a_i| |b_j| over columns
-    j != cur(i), a block of rows at a time (no second matrix of P's size)."""
-    out = torch.empty(len(rows), dtype=torch.float64, device=P.device)
-    rb, nb = rb.float(), nb.float()
-    for lo in range(0, len(rows), _ROW_BLOCK):
-        idx = rows[lo:lo + _ROW_BLOCK]
-        upper = P.index_select(0, idx).addr_(ra[idx].float(), rb).addr_(na[idx].float(), nb, alpha=eps)
-        upper[torch.arange(len(idx), device=P.device), cur[idx]] = float("-inf")
-        out[lo:lo + len(idx)] = upper.max(dim=1).values
-    return out
-
-
-def _norms(slots: list[_Slot], n: int, first: int, device: torch.device, eps: float
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row norms of A and B over the chunks from `first` on (all chunks: 0), widened by (1 + eps)."""
-    sq = torch.zeros(2, n, dtype=torch.float64, device=device)
-    for sl in slots:
-        for c in range(first, len(sl.sq_a)):
-            sq[0, sl.lo:sl.hi] += sl.sq_a[c]
-            sq[1, sl.lo:sl.hi] += sl.sq_b[c]
-    out = sq.sqrt_().mul_(1 + eps)
-    return out[0], out[1]
-
-
-def _is_range(idx: torch.Tensor) -> bool:
-    return bool(torch.equal(idx, torch.arange(len(idx), device=idx.device)))
+    """One proof on its own (`CurrentProof.prove`, without statistics kept for later visits)."""
+    return CurrentProof(spec, get_a, get_b, device).prove(group, perms, current)

@@ -24,7 +24,7 @@ from ..archspec import ArchSpec, Group, Structure
 from ..errors import Cancelled
 from .assignment import row_argmax_certificate, solve
 from .cost import cost_matrix, empty_cost, other_axes_permuted, unit_rows, window
-from .partial_certificate import PROBE, prove_current
+from .partial_certificate import PROBE, CurrentProof
 from .permute import Perms, is_identity, is_legal
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -222,6 +222,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     unscreenable: set[str] = set()
     screen_tries = screen_wins = 0
     use_partial = partial
+    proof = CurrentProof(spec, ta, tb, dev)
     partial_tries = partial_wins = 0
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
@@ -249,7 +250,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
             if certificate and use_partial:
                 # Most visits of same-base pairs find the current permutation optimal: prove that from a share of
                 # the cost matrix's arithmetic; the full path below would compute the same outcome.
-                proved = prove_current(spec, g, ta, tb, moved, current, dev)
+                proved = proof.prove(g, moved, current)
                 partial_tries += 1
                 partial_wins += proved
                 if not proved and partial_tries >= PROBE and partial_wins < partial_tries // 2:
