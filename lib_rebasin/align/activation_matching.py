@@ -52,40 +52,99 @@ class Correlation:
     of the group's units (`start`); each entry averages the sites that see it, and entries no site sees (across
     the two halves of an attention group, which no legal permutation uses) stay 0. Sums are taken around the
     first batch's means, so that fp32 sums (half the memory of fp64: full-size SD 1.5 has 5 GB of fp64 sums) do
-    not lose the covariance to cancellation."""
+    not lose the covariance to cancellation.
+
+    The cross sum (units x units) is the costly one. A site's rows are kept until they fill a batch (`_Site`):
+    the deep, narrow-image layers give few rows per input but thousands of units, and adding each input's few
+    rows to a units-by-units sum would rewrite the whole sum for little arithmetic. A site whose rows never
+    outnumber half its units keeps only its rows (less memory than the sum) and is multiplied out in `value`."""
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float64) -> None:
         self.n = n
         self.dtype = dtype
-        self.stats: dict[int, list] = {}
-        self.starts: dict[int, int] = {}
+        self.sites: dict[int, _Site] = {}
 
     def update(self, site: int, a: torch.Tensor, b: torch.Tensor, start: int = 0) -> None:
         """a, b: (samples, m) activations of the same inputs at site `site`, units [start, start + m)."""
         m = a.shape[-1]
-        assert start + m <= self.n and self.starts.setdefault(site, start) == start, (site, start, m)
-        a, b = a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype)
-        s = self.stats.get(site)
+        s = self.sites.get(site)
         if s is None:
-            s = self.stats[site] = [a.mean(0), b.mean(0), 0, 0, 0, 0, 0, 0]
-        a, b = a - s[0], b - s[1]
-        upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b, a.shape[0]]
-        s[2:] = [x + y for x, y in zip(s[2:], upd, strict=True)]
+            assert start + m <= self.n, (site, start, m)
+            s = self.sites[site] = _Site(start, m, self.dtype)
+        assert s.start == start and s.m == m, (site, start, m)
+        s.add(a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype))
+
+    def nonfinite(self) -> list[int]:
+        """The sites where an activation was NaN or infinite, or so large that its square overflowed: their
+        running sums (every row enters them) are then not finite."""
+        return [i for i, s in self.sites.items() if not all(bool(torch.isfinite(x).all()) for x in s.sums)]
 
     def value(self) -> torch.Tensor:
         total = torch.zeros(self.n, self.n, dtype=torch.float64)
         count = torch.zeros(self.n, self.n, dtype=torch.float64)
-        for site, stats in self.stats.items():
-            sa, sb, saa, sbb, sab = (x.double().cpu() for x in stats[2:7])
-            m = stats[7]
+        for s in self.sites.values():
+            sa, sb, saa, sbb = (x.double().cpu() for x in s.sums)
+            sab = s.cross().double().cpu()
+            m = s.rows
             ma, mb = sa / m, sb / m  # means of the shifted values: covariance and deviations ignore the shift
             cov = sab / m - torch.outer(ma, mb)
             std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
             std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
-            lo, hi = self.starts[site], self.starts[site] + len(sa)
+            lo, hi = s.start, s.start + s.m
             total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
             count[lo:hi, lo:hi] += m
         return total / count.clamp_min(1)
+
+
+class _Site:
+    """One site's sums around the first batch's means: per-unit sums and sums of squares of both models (added at
+    once), and the cross sum A^T B, whose rows wait in `pending` until there are enough to add them in one
+    multiplication (or, while fewer than half the units, all of them: `cross` then multiplies them out)."""
+
+    FLUSH_ROWS = 256  # rows per multiplication into an existing cross sum
+
+    def __init__(self, start: int, m: int, dtype: torch.dtype) -> None:
+        self.start, self.m, self.dtype = start, m, dtype
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sums: list[torch.Tensor] = []  # sa, sb, saa, sbb
+        self.sab: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.shift is None:
+            self.shift = (a.mean(0), b.mean(0))
+        a, b = a - self.shift[0], b - self.shift[1]
+        upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0)]
+        self.sums = upd if not self.sums else [x + y for x, y in zip(self.sums, upd, strict=True)]
+        self.rows += a.shape[0]
+        self.pending.append((a, b))
+        self.pending_rows += a.shape[0]
+        if self.pending_rows >= (self.m // 2 if self.sab is None else min(self.m // 2, self.FLUSH_ROWS)):
+            if self.sab is None:
+                self.sab = torch.zeros(self.m, self.m, dtype=self.dtype, device=a.device)
+            self._flush(self.sab)
+
+    def cross(self) -> torch.Tensor:
+        """The cross sum A^T B over every row (a site holding only rows multiplies them out each time: the object
+        stays small)."""
+        if self.sab is None:
+            a, b = self._pending()
+            return a.T @ b
+        if self.pending:
+            self._flush(self.sab)
+        return self.sab
+
+    def _pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.pending) == 1:
+            return self.pending[0]
+        return torch.cat([p[0] for p in self.pending]), torch.cat([p[1] for p in self.pending])
+
+    def _flush(self, into: torch.Tensor) -> None:
+        a, b = self._pending()
+        into.addmm_(a.T, b)
+        self.pending, self.pending_rows = [], 0
 
 
 def match(groups: Iterable[Group], correlations: dict[str, Correlation],
@@ -97,7 +156,7 @@ def match(groups: Iterable[Group], correlations: dict[str, Correlation],
         if on_group is not None:
             on_group(i, len(groups), g.name)
         corr = correlations.get(g.name)
-        if corr is None or not corr.stats:
+        if corr is None or not corr.sites:
             continue
         value = corr.value()
         # A legal row-argmax is the optimum (no solve needed): the rule for same-base and planted pairs.
@@ -204,9 +263,6 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
         if name not in wanted:
             return
         fa, fb = channels_last(held.pop(name)), channels_last(out)
-        if not (torch.isfinite(fa).all() and torch.isfinite(fb).all()):
-            raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
-                               "cannot be activation matched (use matching = weights).")
         for group, site, off, n, start in wanted[name]:
             corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
@@ -226,7 +282,19 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     if need_unet:
         _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
                  progress, steps + 1)
+    _check_finite(spec, groups, corr)
     return corr
+
+
+def _check_finite(spec: ArchSpec[Any], groups: list[Group], corr: dict[str, Correlation]) -> None:
+    """Refuse activations that were not finite anywhere they were observed (checked once, on the sums every
+    row entered, instead of on every layer output)."""
+    for g in groups:
+        bad = corr[g.name].nonfinite()
+        if bad:
+            name = layer_of(sites(spec, g)[min(bad)].key)
+            raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
+                               "cannot be activation matched (use matching = weights).")
 
 
 def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: tuple[Any, Any],
