@@ -240,9 +240,10 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the
     quality benchmark's `where` reads them to show how well units correspond).
 
-    Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one
-    micro-batch (one prompt with its empty prompt) are held until B's same layer has run; B's are folded into the
-    correlations as they appear, so memory is one micro-batch of A's activations plus the correlation sums."""
+    Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one batch
+    (`PROMPTS_PER_BATCH` prompts, each also with the empty prompt) are held until B's same layer has run; B's are
+    folded into the correlations as they appear, so memory is one batch of A's activations plus the correlation
+    sums."""
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
     fwd = forward_of(c)
@@ -273,7 +274,6 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)
     ids = fwd.prompts(c, samples, gen).to(device)
-    steps = len(inputs.TIMESTEPS) * samples if need_unet else 0
     if progress is not None:
         progress(0.0, "activation matching: text encoder")
     # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
@@ -281,7 +281,7 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     ctx_b = fwd.text_encoder(c, layers_b, ids)
     if need_unet:
         _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
-                 progress, steps + 1)
+                 progress)
     _check_finite(spec, groups, corr)
     return corr
 
@@ -297,25 +297,39 @@ def _check_finite(spec: ArchSpec[Any], groups: list[Group], corr: dict[str, Corr
                                "cannot be activation matched (use matching = weights).")
 
 
+# Prompts run through the UNets as one batch (each with its empty prompt): every layer's weights are read and
+# widened once per batch instead of once per prompt, and the deep layers' few positions make larger products.
+# Memory: a batch's activations of A are held until B's same layer has run.
+PROMPTS_PER_BATCH = 4
+
+
+def _batches(samples: int) -> list[range]:
+    return [range(lo, min(samples, lo + PROMPTS_PER_BATCH)) for lo in range(0, samples, PROMPTS_PER_BATCH)]
+
+
 def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: tuple[Any, Any],
-             x: torch.Tensor, progress: Progress | None, total: int) -> None:
+             x: torch.Tensor, progress: Progress | None) -> None:
     """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
-    one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
-    samples = x.shape[0]
+    `PROMPTS_PER_BATCH` prompts at a time."""
+    batches = _batches(x.shape[0])
     ts = inputs.TIMESTEPS
+    total = len(ts) * len(batches) + 1
     done = 1
 
     def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
         nonlocal done
         eps = torch.empty_like(x)
-        for i in range(samples):
+        for j, rows in enumerate(batches):
             if progress is not None:
                 progress((1 - _ASSIGN_SHARE) * done / total,
-                         f"activation matching: t={t} ({k + 1}/{len(ts)}), prompt {i + 1}/{samples}")
-            xi = x[i:i + 1].expand(2, -1, -1, -1)
-            tt = torch.full((2,), t, dtype=torch.long, device=x.device)
-            eps[i] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][[i, -1]]), 1)[0]  # the prompt, the empty one
-            fwd.unet(c, layers_b, xi, tt, ctx[1][[i, -1]])
+                         f"activation matching: t={t} ({k + 1}/{len(ts)})"
+                         + (f", prompts {j + 1}/{len(batches)}" if len(batches) > 1 else ""))
+            n = len(rows)
+            xi = x[rows.start:rows.stop].repeat(2, 1, 1, 1)  # [the prompts | the empty prompt], as `guided` takes
+            tt = torch.full((2 * n,), t, dtype=torch.long, device=x.device)
+            cond = list(rows) + [-1] * n
+            eps[rows.start:rows.stop] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][cond]), n)
+            fwd.unet(c, layers_b, xi, tt, ctx[1][cond])
             done += 1
         return eps
 
