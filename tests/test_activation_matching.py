@@ -3,12 +3,15 @@ activations, and only ever returns permutations the group's GroupNorm structure 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lib_rebasin.align import activation_matching as am
-from lib_rebasin.sd1.config import MINI
 from lib_rebasin.align.permute import inverse, is_legal, random_legal_perm
+from lib_rebasin.errors import RebasinError
+from lib_rebasin.sd1.config import MINI, TINY
 from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.synthetic_weights import random_tensor
 
 
 def _groups_of_every_structure():
@@ -64,3 +67,62 @@ def test_unrelated_activations_still_give_legal_permutations() -> None:
         assert is_legal(group.structure, perms[group.name]), group.name
     # Groups without collected activations are left out (the identity).
     assert am.match(picked.values(), {}) == {}
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = a.shape[1]
+    return torch.corrcoef(torch.cat([a, b], 1).T)[:n, n:]
+
+
+def test_correlation_is_the_same_however_its_rows_arrive() -> None:
+    """Rows are added to a site's cross sum in batches (and a site whose rows stay under half its units keeps only
+    its rows): any split of the same rows gives the Pearson correlation of all of them."""
+    g = torch.Generator().manual_seed(2)
+    for units, rows in ((40, 600), (400, 60)):  # many rows per unit (batched sums), few (rows only)
+        a = torch.randn(rows, units, generator=g, dtype=torch.float64) * 3 + 5
+        b = a[:, torch.randperm(units, generator=g)] + torch.randn(rows, units, generator=g, dtype=torch.float64)
+        whole, split = am.Correlation(units), am.Correlation(units)
+        whole.update(0, a, b)
+        for lo in range(0, rows, 7):
+            split.update(0, a[lo:lo + 7], b[lo:lo + 7])
+        assert (split.sites[0].sab is None) == (rows < units // 2)
+        assert torch.allclose(whole.value(), _pearson(a, b), atol=1e-10)
+        assert torch.allclose(split.value(), _pearson(a, b), atol=1e-10)
+        assert torch.equal(split.value(), split.value())  # reading it leaves it as it was
+
+
+def test_non_finite_activations_are_found_at_their_site() -> None:
+    c = am.Correlation(8, torch.float32)
+    for bad in (float("nan"), float("inf"), 1e30):  # the last: finite, but its square overflows the sums
+        a = torch.randn(5, 4)
+        a[2, 1] = bad
+        c.update(len(c.sites), torch.randn(5, 4), torch.randn(5, 4), 4)
+        c.update(len(c.sites), a, torch.randn(5, 4))
+    assert c.nonfinite() == [1, 3, 5]
+
+
+def _tiny_pair():
+    spec = build_spec(TINY)
+    return spec, *({k: random_tensor(k, s, seed) for k, s in spec.shapes.items()} for seed in (1, 2))
+
+
+def test_prompts_batched_or_one_at_a_time_give_the_same_permutations(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, a, b = _tiny_pair()
+    groups = spec.groups_in(("unet", "te"))
+
+    def run(per_batch: int):
+        monkeypatch.setattr(am, "PROMPTS_PER_BATCH", per_batch)
+        return am.activation_matching(spec, groups, a.__getitem__, b.__getitem__, samples=3, seed=0, latent_size=8)
+
+    one, two = run(1), run(2)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_activations_that_overflow_are_refused_naming_the_layer() -> None:
+    spec, a, b = _tiny_pair()
+    key = "model.diffusion_model.middle_block.0.in_layers.2.weight"
+    b[key] = b[key] * 1e30
+    with pytest.raises(RebasinError, match=r"^Activations at model\.diffusion_model\.middle_block\.0\.") as err:
+        am.activation_matching(spec, spec.groups_in(("unet",)), a.__getitem__, b.__getitem__, samples=1, seed=0,
+                               latent_size=8)
+    assert "\n" not in str(err.value)

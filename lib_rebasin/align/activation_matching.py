@@ -52,40 +52,99 @@ class Correlation:
     of the group's units (`start`); each entry averages the sites that see it, and entries no site sees (across
     the two halves of an attention group, which no legal permutation uses) stay 0. Sums are taken around the
     first batch's means, so that fp32 sums (half the memory of fp64: full-size SD 1.5 has 5 GB of fp64 sums) do
-    not lose the covariance to cancellation."""
+    not lose the covariance to cancellation.
+
+    The cross sum (units x units) is the costly one. A site's rows are kept until they fill a batch (`_Site`):
+    the deep, narrow-image layers give few rows per input but thousands of units, and adding each input's few
+    rows to a units-by-units sum would rewrite the whole sum for little arithmetic. A site whose rows never
+    outnumber half its units keeps only its rows (less memory than the sum) and is multiplied out in `value`."""
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float64) -> None:
         self.n = n
         self.dtype = dtype
-        self.stats: dict[int, list] = {}
-        self.starts: dict[int, int] = {}
+        self.sites: dict[int, _Site] = {}
 
     def update(self, site: int, a: torch.Tensor, b: torch.Tensor, start: int = 0) -> None:
         """a, b: (samples, m) activations of the same inputs at site `site`, units [start, start + m)."""
         m = a.shape[-1]
-        assert start + m <= self.n and self.starts.setdefault(site, start) == start, (site, start, m)
-        a, b = a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype)
-        s = self.stats.get(site)
+        s = self.sites.get(site)
         if s is None:
-            s = self.stats[site] = [a.mean(0), b.mean(0), 0, 0, 0, 0, 0, 0]
-        a, b = a - s[0], b - s[1]
-        upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b, a.shape[0]]
-        s[2:] = [x + y for x, y in zip(s[2:], upd, strict=True)]
+            assert start + m <= self.n, (site, start, m)
+            s = self.sites[site] = _Site(start, m, self.dtype)
+        assert s.start == start and s.m == m, (site, start, m)
+        s.add(a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype))
+
+    def nonfinite(self) -> list[int]:
+        """The sites where an activation was NaN or infinite, or so large that its square overflowed: their
+        running sums (every row enters them) are then not finite."""
+        return [i for i, s in self.sites.items() if not all(bool(torch.isfinite(x).all()) for x in s.sums)]
 
     def value(self) -> torch.Tensor:
         total = torch.zeros(self.n, self.n, dtype=torch.float64)
         count = torch.zeros(self.n, self.n, dtype=torch.float64)
-        for site, stats in self.stats.items():
-            sa, sb, saa, sbb, sab = (x.double().cpu() for x in stats[2:7])
-            m = stats[7]
+        for s in self.sites.values():
+            sa, sb, saa, sbb = (x.double().cpu() for x in s.sums)
+            sab = s.cross().double().cpu()
+            m = s.rows
             ma, mb = sa / m, sb / m  # means of the shifted values: covariance and deviations ignore the shift
             cov = sab / m - torch.outer(ma, mb)
             std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
             std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
-            lo, hi = self.starts[site], self.starts[site] + len(sa)
+            lo, hi = s.start, s.start + s.m
             total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
             count[lo:hi, lo:hi] += m
         return total / count.clamp_min(1)
+
+
+class _Site:
+    """One site's sums around the first batch's means: per-unit sums and sums of squares of both models (added at
+    once), and the cross sum A^T B, whose rows wait in `pending` until there are enough to add them in one
+    multiplication (or, while fewer than half the units, all of them: `cross` then multiplies them out)."""
+
+    FLUSH_ROWS = 256  # rows per multiplication into an existing cross sum
+
+    def __init__(self, start: int, m: int, dtype: torch.dtype) -> None:
+        self.start, self.m, self.dtype = start, m, dtype
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sums: list[torch.Tensor] = []  # sa, sb, saa, sbb
+        self.sab: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.shift is None:
+            self.shift = (a.mean(0), b.mean(0))
+        a, b = a - self.shift[0], b - self.shift[1]
+        upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0)]
+        self.sums = upd if not self.sums else [x + y for x, y in zip(self.sums, upd, strict=True)]
+        self.rows += a.shape[0]
+        self.pending.append((a, b))
+        self.pending_rows += a.shape[0]
+        if self.pending_rows >= (self.m // 2 if self.sab is None else min(self.m // 2, self.FLUSH_ROWS)):
+            if self.sab is None:
+                self.sab = torch.zeros(self.m, self.m, dtype=self.dtype, device=a.device)
+            self._flush(self.sab)
+
+    def cross(self) -> torch.Tensor:
+        """The cross sum A^T B over every row (a site holding only rows multiplies them out each time: the object
+        stays small)."""
+        if self.sab is None:
+            a, b = self._pending()
+            return a.T @ b
+        if self.pending:
+            self._flush(self.sab)
+        return self.sab
+
+    def _pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.pending) == 1:
+            return self.pending[0]
+        return torch.cat([p[0] for p in self.pending]), torch.cat([p[1] for p in self.pending])
+
+    def _flush(self, into: torch.Tensor) -> None:
+        a, b = self._pending()
+        into.addmm_(a.T, b)
+        self.pending, self.pending_rows = [], 0
 
 
 def match(groups: Iterable[Group], correlations: dict[str, Correlation],
@@ -97,7 +156,7 @@ def match(groups: Iterable[Group], correlations: dict[str, Correlation],
         if on_group is not None:
             on_group(i, len(groups), g.name)
         corr = correlations.get(g.name)
-        if corr is None or not corr.stats:
+        if corr is None or not corr.sites:
             continue
         value = corr.value()
         # A legal row-argmax is the optimum (no solve needed): the rule for same-base and planted pairs.
@@ -181,9 +240,10 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the
     quality benchmark's `where` reads them to show how well units correspond).
 
-    Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one
-    micro-batch (one prompt with its empty prompt) are held until B's same layer has run; B's are folded into the
-    correlations as they appear, so memory is one micro-batch of A's activations plus the correlation sums."""
+    Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one batch
+    (`PROMPTS_PER_BATCH` prompts, each also with the empty prompt) are held until B's same layer has run; B's are
+    folded into the correlations as they appear, so memory is one batch of A's activations plus the correlation
+    sums."""
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
     fwd = forward_of(c)
@@ -204,9 +264,6 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
         if name not in wanted:
             return
         fa, fb = channels_last(held.pop(name)), channels_last(out)
-        if not (torch.isfinite(fa).all() and torch.isfinite(fb).all()):
-            raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
-                               "cannot be activation matched (use matching = weights).")
         for group, site, off, n, start in wanted[name]:
             corr[group].update(site, fa[:, off:off + n], fb[:, off:off + n], start)
 
@@ -217,7 +274,6 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     layers_b = Layers(get_b, fold, device, streams=True)
     gen = torch.Generator().manual_seed(seed)
     ids = fwd.prompts(c, samples, gen).to(device)
-    steps = len(inputs.TIMESTEPS) * samples if need_unet else 0
     if progress is not None:
         progress(0.0, "activation matching: text encoder")
     # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
@@ -225,29 +281,55 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     ctx_b = fwd.text_encoder(c, layers_b, ids)
     if need_unet:
         _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
-                 progress, steps + 1)
+                 progress)
+    _check_finite(spec, groups, corr)
     return corr
 
 
+def _check_finite(spec: ArchSpec[Any], groups: list[Group], corr: dict[str, Correlation]) -> None:
+    """Refuse activations that were not finite anywhere they were observed (checked once, on the sums every
+    row entered, instead of on every layer output)."""
+    for g in groups:
+        bad = corr[g.name].nonfinite()
+        if bad:
+            name = layer_of(sites(spec, g)[min(bad)].key)
+            raise RebasinError(f"Activations at {name} became non-finite on the matching inputs; the models "
+                               "cannot be activation matched (use matching = weights).")
+
+
+# Prompts run through the UNets as one batch (each with its empty prompt): every layer's weights are read and
+# widened once per batch instead of once per prompt, and the deep layers' few positions make larger products.
+# Memory: a batch's activations of A are held until B's same layer has run.
+PROMPTS_PER_BATCH = 4
+
+
+def _batches(samples: int) -> list[range]:
+    return [range(lo, min(samples, lo + PROMPTS_PER_BATCH)) for lo in range(0, samples, PROMPTS_PER_BATCH)]
+
+
 def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: tuple[Any, Any],
-             x: torch.Tensor, progress: Progress | None, total: int) -> None:
+             x: torch.Tensor, progress: Progress | None) -> None:
     """Model A's DDIM trajectory from x; at every step both models see each x_t with its prompt and the empty one,
-    one prompt at a time (memory: one micro-batch of A's activations is held until B's same layer has run)."""
-    samples = x.shape[0]
+    `PROMPTS_PER_BATCH` prompts at a time."""
+    batches = _batches(x.shape[0])
     ts = inputs.TIMESTEPS
+    total = len(ts) * len(batches) + 1
     done = 1
 
     def guided_eps(k: int, t: int, x: torch.Tensor) -> torch.Tensor:
         nonlocal done
         eps = torch.empty_like(x)
-        for i in range(samples):
+        for j, rows in enumerate(batches):
             if progress is not None:
                 progress((1 - _ASSIGN_SHARE) * done / total,
-                         f"activation matching: t={t} ({k + 1}/{len(ts)}), prompt {i + 1}/{samples}")
-            xi = x[i:i + 1].expand(2, -1, -1, -1)
-            tt = torch.full((2,), t, dtype=torch.long, device=x.device)
-            eps[i] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][[i, -1]]), 1)[0]  # the prompt, the empty one
-            fwd.unet(c, layers_b, xi, tt, ctx[1][[i, -1]])
+                         f"activation matching: t={t} ({k + 1}/{len(ts)})"
+                         + (f", prompts {j + 1}/{len(batches)}" if len(batches) > 1 else ""))
+            n = len(rows)
+            xi = x[rows.start:rows.stop].repeat(2, 1, 1, 1)  # [the prompts | the empty prompt], as `guided` takes
+            tt = torch.full((2 * n,), t, dtype=torch.long, device=x.device)
+            cond = list(rows) + [-1] * n
+            eps[rows.start:rows.stop] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][cond]), n)
+            fwd.unet(c, layers_b, xi, tt, ctx[1][cond])
             done += 1
         return eps
 
