@@ -169,6 +169,20 @@ def test_compare_grid_in_the_webui_then_save_a_candidate(webui_page, webui_app, 
     with Image.open(grids[0]) as im:
         assert im.width == 2 * 64 and "a lighthouse" in im.info["parameters"]
     assert "alpha 0.7" in page.locator("#rebasin_compare_info").first.inner_text()
+    # nothing of the component's own is drawn over the picture's top band, where the cells' labels are (a real
+    # A1111 showed gradio's "Grid" badge over the first cell's label)
+    covering = page.evaluate("""() => {
+        const root = document.querySelector('#rebasin_compare_grid');
+        const img = root.querySelector('img').getBoundingClientRect();
+        const band = {top: img.top, bottom: img.top + Math.max(20, img.height * 0.15)};
+        return Array.from(root.querySelectorAll('label, [data-testid="block-label"], .label'))
+            .filter(e => e.offsetParent !== null)
+            .map(e => [e.innerText.trim(), e.getBoundingClientRect()])
+            .filter(([t, r]) => r.width > 0 && r.height > 0 && r.left < img.right && r.right > img.left
+                                && r.top < band.bottom && r.bottom > band.top)
+            .map(([t, r]) => t);
+    }""")
+    assert covering == []
     _shot(page, tmp_path, "rebasin_compare_grid.png")
     pick(page, "rebasin_compare_pick", "2: alpha 0.7")
     name = page.locator("#rebasin_compare_save_name input, #rebasin_compare_save_name textarea").first

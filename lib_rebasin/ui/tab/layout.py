@@ -147,7 +147,8 @@ def _compare_form(gr: Any, c: dict[str, Any], in_memory: bool) -> None:
     c["compare_error"] = gr.HTML("", elem_id="rebasin_compare_error")
     c["compare_progress_anchor"] = gr.HTML("", elem_id="rebasin_compare_progress_anchor")
     c["compare_status"] = gr.HTML("", elem_id="rebasin_compare_status")
-    c["compare_grid"] = gr.Image(value=None, label="Grid", type="pil", interactive=False,
+    # no label badge: gradio draws it over the picture's top-left corner, where the first cell's label is
+    c["compare_grid"] = gr.Image(value=None, label="Grid", show_label=False, type="pil", interactive=False,
                                  elem_id="rebasin_compare_grid", visible=in_memory)
     c["compare_info"] = gr.Markdown("", elem_id="rebasin_compare_info")
     with gr.Row(elem_id="rebasin_compare_pick_row", visible=in_memory):
