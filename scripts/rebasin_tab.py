@@ -514,6 +514,7 @@ def _forge_load(info):
     from modules_forge import main_entry
 
     _forge_reads_unsaved()
+    _forge_drops_unsaved_when_another_is_picked()
     shared.opts.data["sd_model_checkpoint"] = info.title  # not saved to config.json: no file stands behind it
     main_entry.refresh_model_loading_parameters()
     sd_models.forge_model_reload()  # now, in our job, so a failure is reported here and not at the next generation
@@ -534,6 +535,31 @@ def _forge_reads_unsaved():
 
     load_torch_file._rebasin_reads_unsaved = True
     loader.load_torch_file = load_torch_file
+
+
+def _forge_drops_unsaved_when_another_is_picked():
+    """Forge loads lazily: picking a checkpoint (its dropdown, /sdapi/v1/options) only refreshes the loading
+    parameters, and on_model_loaded comes at the next generation. Until then the unsaved merge would still count as
+    loaded: a compare would take it for the model before and put it back after Stop, undoing the user's pick. So
+    it is let go as soon as the loading parameters select anything else."""
+    from modules_forge import main_entry
+
+    original = main_entry.refresh_model_loading_parameters
+    if getattr(original, "_rebasin_drops_unsaved", False):
+        return
+
+    def refresh_model_loading_parameters(*args, **kwargs):
+        result = original(*args, **kwargs)
+        held = HOST._unsaved
+        params = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
+        if held is not None and params.get("checkpoint_info") is not held.info:
+            HOST._unsaved = None
+            _unregister(held.info)
+            held.forget()
+        return result
+
+    refresh_model_loading_parameters._rebasin_drops_unsaved = True
+    main_entry.refresh_model_loading_parameters = refresh_model_loading_parameters
 
 
 def _restore_after_failed_load(previous):

@@ -11,6 +11,7 @@ import pytest
 import test_webui_adapter as adapter_tests
 from test_webui_adapter import _become_forge, _build_ui, _calls, _fn_for
 
+from lib_rebasin.errors import RebasinError
 from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.ui.request import MergeRequest
 
@@ -144,14 +145,13 @@ def test_bad_input_is_refused_before_anything_runs(webui):
     assert not _calls("sd_models.load_model")
 
 
-def test_forge_loads_through_its_own_reader_and_keeps_it_at_the_next_generation(webui, monkeypatch):
-    """Forge: forge_model_reload loads what sd_model_checkpoint selects, reading it with backend.loader's
-    load_torch_file; the adapter's reader gives the unsaved dict for its name. Unchanged loading parameters at the
-    next generation mean no reload."""
+def _forge_with_reader(monkeypatch):
+    """The stand-in as Forge with backend.loader's reader and a forge_model_reload that loads what the loading
+    parameters select at the next generation (unchanged parameters: no reload). Returns (reload, files read)."""
     import sys
     import types
 
-    from modules import sd_models, shared
+    from modules import sd_models
 
     _become_forge(monkeypatch)
     loader = types.ModuleType("backend.loader")
@@ -180,6 +180,16 @@ def test_forge_loads_through_its_own_reader_and_keeps_it_at_the_next_generation(
         return model, True
 
     monkeypatch.setattr(sd_models, "forge_model_reload", forge_model_reload, raising=False)
+    return forge_model_reload, read
+
+
+def test_forge_loads_through_its_own_reader_and_keeps_it_at_the_next_generation(webui, monkeypatch):
+    """Forge: forge_model_reload loads what sd_model_checkpoint selects, reading it with backend.loader's
+    load_torch_file; the adapter's reader gives the unsaved dict for its name. Unchanged loading parameters at the
+    next generation mean no reload."""
+    from modules import sd_models, shared
+
+    forge_model_reload, read = _forge_with_reader(monkeypatch)
     job = _load(webui)
     assert job.status == "done", job.error
     model = sd_models.model_data.sd_model
@@ -191,6 +201,29 @@ def test_forge_loads_through_its_own_reader_and_keeps_it_at_the_next_generation(
     path, title = webui.SERVICE.save_unsaved("", False)
     assert title == path.name and sd_models.model_data.sd_model is model
     assert forge_model_reload() == (model, False)  # adopted: its loading parameters are the saved file's
+
+
+def test_forge_lets_the_unsaved_merge_go_when_another_checkpoint_is_picked(webui, monkeypatch):
+    """Forge loads a picked checkpoint only at the next generation (on_model_loaded comes then). The unsaved merge
+    is let go at the pick itself: else a compare would take it for the model before and load it back after Stop,
+    undoing the pick (seen in a real Forge)."""
+    from modules import sd_models, shared
+
+    forge_model_reload, read = _forge_with_reader(monkeypatch)
+    from modules_forge import main_entry
+    job = _load(webui)
+    assert job.status == "done", job.error
+    assert webui.HOST.loaded_checkpoint() is None  # the unsaved merge is what generates now
+    assert main_entry.checkpoint_change("alpha.safetensors")  # Forge's dropdown (and /sdapi/v1/options)
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.title == LABEL  # nothing reloaded yet
+    assert webui.HOST.loaded_checkpoint() == Path(sd_models.model_path) / "alpha.safetensors"
+    assert LABEL not in sd_models.checkpoints_list and LABEL not in sd_models.checkpoint_aliases
+    with pytest.raises(RebasinError, match="No unsaved merge"):
+        webui.SERVICE.save_unsaved("", False)
+    model, reloaded = forge_model_reload()  # the next generation loads the pick from its file
+    assert reloaded and model.sd_checkpoint_info.filename.endswith("alpha.safetensors")
+    assert read == [model.sd_checkpoint_info.filename]
+    assert shared.opts.data["sd_model_checkpoint"] == "alpha.safetensors"
 
 
 def test_the_standalone_host_has_no_generator():
