@@ -23,7 +23,9 @@ import torch
 from ..archspec import ArchSpec, Group, Structure
 from ..errors import Cancelled
 from .assignment import row_argmax_certificate, solve
-from .cost import cost_matrix, empty_cost, other_axes_permuted, unit_rows, window
+from .cost import cost_matrix as cost_matrix  # re-exported: benchmarks and tests import it from here
+from .cost import empty_cost, other_axes_permuted, unit_rows, window
+from .cost_cache import CacheStats, CostCache
 from .partial_certificate import PROBE, prove_current
 from .permute import Perms, is_identity, is_legal
 
@@ -50,6 +52,7 @@ class MatchResult:
     converged: bool
     groups: list[GroupReport]
     seconds: float = 0.0
+    cost: CacheStats = field(default_factory=CacheStats)  # how the cost matrices were computed
 
     @property
     def solves(self) -> int:
@@ -146,6 +149,9 @@ def certified_argmax(C: torch.Tensor, E: torch.Tensor, structure: Structure) -> 
     return best if is_legal(structure, best) else None
 
 
+# Bytes of cost matrices kept between visits (`align/cost_cache.py`).
+CACHE_BYTES = 1 << 30
+
 # Screened visits after which a screen that failed on most of them is switched off for the rest of the search.
 _SCREEN_PROBE = 16
 
@@ -190,7 +196,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,
                     skip_unchanged: bool = True, screen: bool | None = None,
                     tolerance: float = 0.0, after_visit: Callable[[], None] | None = None,
-                    keep: tuple[bool, bool] = (True, True), partial: bool = True) -> MatchResult:
+                    keep: tuple[bool, bool] = (True, True), partial: bool = True,
+                    cache_bytes: int = CACHE_BYTES) -> MatchResult:
     """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
 
     `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
@@ -207,6 +214,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
 
     `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
     `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `_Tensors`).
+    `cache_bytes` bounds the cost matrices kept between visits and updated by the columns that moved since
+    (`align/cost_cache.py`); 0 computes every matrix in full.
     """
     start = time.perf_counter()
     dev = torch.device(device)
@@ -226,6 +235,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
     dirty = {g.name for g in groups}
+    cache = CostCache(spec, cache_bytes)
     rng = random.Random(seed)
     sweeps, converged, first_gain = 0, False, 0.0
     while sweeps < max_sweeps:
@@ -287,7 +297,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
                         progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
                     continue
                 unscreenable.add(g.name)
-            C = cost_matrix(spec, g, ta, tb, moved, dev)
+            C = cache.cost(g, ta, tb, moved, dev)
             old = float(C[rows, current].double().sum())
             best = row_argmax_certificate(C, g.structure) if certificate else None
             if best is not None:
@@ -320,7 +330,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     for g in groups:
         p = perms[g.name]
         reports[g.name].moved = int((p != torch.arange(g.size)).sum())
-    return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start)
+    return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start, cache.stats)
 
 
 def _set_moved(moved: Perms, name: str, perm: torch.Tensor) -> None:
