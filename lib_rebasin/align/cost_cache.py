@@ -36,7 +36,7 @@ TensorGetter = Callable[[str], torch.Tensor]
 REFRESH = 8
 # An update whose products would cost more than this share of the full matrix's computes the full matrix instead
 # (the update also reads A's columns twice and subtracts them).
-FULL_SHARE = 0.6
+FULL_SHARE = 0.9
 
 Columns = dict[int, torch.Tensor | None]  # axis -> the index that re-indexed it (None: not re-indexed)
 
