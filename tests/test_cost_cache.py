@@ -42,7 +42,7 @@ def test_updated_matrices_equal_full_recomputation(models: dict[str, Path]) -> N
     groups = _small_groups(spec)
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(3)
-    cache = CostCache(spec, 1 << 30)
+    cache = CostCache(spec, spec.groups_in(["unet", "te", "vae"]), 1 << 30)
     perms: dict[str, torch.Tensor] = {}
     for g in groups:  # the first visit: computed in full, bit for bit the plain matrix
         assert torch.equal(cache.cost(g, a.__getitem__, b.__getitem__, perms, cpu),
@@ -66,7 +66,7 @@ def test_a_matrix_is_recomputed_in_full_when_most_columns_moved(models: dict[str
     a, b = _state(models["a"]), _state(models["independent"])
     g = spec.groups["te.layers.0.mlp"]
     neighbours = [h for h in spec.groups_in(["te"]) if h.name != g.name]
-    cache = CostCache(spec, 1 << 30)
+    cache = CostCache(spec, spec.groups_in(["unet", "te", "vae"]), 1 << 30)
     cpu = torch.device("cpu")
     cache.cost(g, a.__getitem__, b.__getitem__, {}, cpu)
     flipped = {h.name: torch.arange(h.size).flip(0) for h in neighbours}
@@ -80,7 +80,7 @@ def test_budget_bounds_the_kept_matrices(models: dict[str, Path]) -> None:
     a, b = _state(models["a"]), _state(models["independent"])
     groups = spec.groups_in(["te"])
     budget = 3 * max(g.size for g in groups) ** 2 * 4
-    cache = CostCache(spec, budget)
+    cache = CostCache(spec, groups, budget)
     for g in groups:
         cache.cost(g, a.__getitem__, b.__getitem__, {}, torch.device("cpu"))
     assert 0 < cache.used <= budget and 0 < len(cache.entries) < len(groups)

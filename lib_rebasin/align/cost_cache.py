@@ -14,14 +14,15 @@ follows `REFRESH` updates of it, computes the full matrix instead (so rounding e
 up). The updated matrix equals the full one up to fp32 rounding (summation order); the search then treats it as
 the cost matrix, exactly like the full one.
 
-Kept matrices cost memory (n^2 fp32 each); `budget` bytes bound them, and a group that does not fit is computed in
-full on every visit.
+Kept matrices cost memory (n^2 fp32 each); `budget` bytes bound them. The groups kept are chosen up front by the
+multiply-adds a full matrix costs per byte kept (the inner sizes of its slots), so a small budget keeps the matrices
+that are expensive to compute and cheap to hold; the others are computed in full on every visit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +60,16 @@ class CacheStats:
 class CostCache:
     """Each group's cost matrix from its last visit and the column indices it was computed with."""
 
-    def __init__(self, spec: ArchSpec, budget: int) -> None:
-        self.spec, self.budget, self.used = spec, budget, 0
+    def __init__(self, spec: ArchSpec, groups: Iterable[Group], budget: int) -> None:
+        self.spec, self.used = spec, 0
         self.entries: dict[str, _Entry] = {}
         self.stats = CacheStats()
+        self.kept: set[str] = set()
+        room = budget
+        for g in sorted(groups, key=lambda g: -self._work(g) / g.size ** 2):
+            if 4 * g.size ** 2 <= room:
+                self.kept.add(g.name)
+                room -= 4 * g.size ** 2
 
     def cost(self, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,
              device: torch.device) -> torch.Tensor:
@@ -80,7 +87,7 @@ class CostCache:
         self.stats.work += 1.0
         if entry is not None:
             entry.C, entry.columns, entry.updates = C, columns, 0
-        elif self.used + C.numel() * C.element_size() <= self.budget:
+        elif group.name in self.kept:
             self.entries[group.name] = _Entry(C, columns)
             self.used += C.numel() * C.element_size()
         return C
@@ -111,11 +118,16 @@ class CostCache:
             return None
         return moves  # type: ignore[return-value]
 
+    def _slot_work(self, slot: Slot) -> int:
+        """Multiply-adds of the slot's product: length^2 times the inner size."""
+        return slot.length * math.prod(self.spec.shapes[slot.key])
+
+    def _work(self, group: Group) -> int:
+        return sum(self._slot_work(s) for s in group.slots)
+
     def _share(self, group: Group, slot: Slot) -> float:
         """The slot's share of the multiply-adds of the group's full matrix."""
-        def size(s: Slot) -> int:
-            return s.length * math.prod(self.spec.shapes[s.key])
-        return size(slot) / sum(size(s) for s in group.slots)
+        return self._slot_work(slot) / self._work(group)
 
     def _update(self, group: Group, entry: _Entry, moves: list, get_a: TensorGetter, get_b: TensorGetter,
                 perms: Perms) -> None:

@@ -152,7 +152,7 @@ def certified_argmax(C: torch.Tensor, E: torch.Tensor, structure: Structure) -> 
 
 
 # Bytes of cost matrices kept between visits (`align/cost_cache.py`).
-CACHE_BYTES = 1 << 30
+CACHE_BYTES = 768 << 20
 
 # Screened visits after which a screen that failed on most of them is switched off for the rest of the search.
 _SCREEN_PROBE = 16
@@ -238,7 +238,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
     dirty = {g.name for g in groups}
-    cache = CostCache(spec, cache_bytes)
+    cache = CostCache(spec, groups, cache_bytes)
     rng = random.Random(seed)
     sweeps, converged, first_gain = 0, False, 0.0
     changed, sweep_gain = 0, 0.0
@@ -362,8 +362,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start, cache.stats)
 
 
-# Assignments solved on other threads at once, at most (each holds its cost matrix and a float64 copy).
-_IN_FLIGHT = 2
+# Assignments solved on another thread at once, at most (each holds its cost matrix and a float64 copy).
+_IN_FLIGHT = 1
 
 
 @dataclass
