@@ -97,3 +97,27 @@ def test_matching_with_kept_matrices_finds_the_same_permutations(models: dict[st
     assert runs[0].sweeps == runs[1].sweeps > 2
     assert all(torch.equal(runs[0].perms[k], runs[1].perms[k]) for k in runs[0].perms)
     assert runs[1].cost.updated > 0 and runs[1].cost.work < runs[0].cost.work
+
+
+def test_solving_on_another_thread_makes_the_sequential_steps(models: dict[str, Path]) -> None:
+    """Assignments solved while the next cost matrices are computed: the same permutations, gains, progress events
+    and visits as solving each on the spot, on an independent pair (every visit solves) and a shuffled fine-tune."""
+    spec = build_spec(MINI)
+    a = _state(models["a"])
+    groups = _small_groups(spec)
+    for pair in ("independent", "shuffled"):
+        b = _state(models[pair])
+        seen: list[list[tuple]] = []
+        runs = []
+        for overlap in (False, True):
+            events: list[tuple] = []
+            seen.append(events)
+            runs.append(weight_matching(
+                spec, groups, a.__getitem__, b.__getitem__, max_sweeps=4, seed=2, cache_bytes=0, overlap=overlap,
+                progress=lambda p, ev=events: ev.append((p.sweep, p.index, p.group, p.changed_this_sweep)),
+                after_visit=lambda ev=events: ev.append(("visit",))))
+        assert seen[0] == seen[1] and len(seen[0]) > len(groups)
+        assert runs[0].sweeps == runs[1].sweeps
+        assert all(torch.equal(runs[0].perms[k], runs[1].perms[k]) for k in runs[0].perms)
+        assert [(g.gain, g.solves, g.certified) for g in runs[0].groups] == \
+            [(g.gain, g.solves, g.certified) for g in runs[1].groups]
