@@ -25,6 +25,7 @@ can be judged by the tolerance rule (the same permutations, or the same objectiv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -116,14 +117,14 @@ def objective(a: str, b: str, perms_path: str) -> float:
 
     from lib_rebasin.align.permute import permute_tensor
     from lib_rebasin.io.checkpoint import open_checkpoint
-    from lib_rebasin.sd1.config import SD15
+    from lib_rebasin.sd1.config import detect
     from lib_rebasin.sd1.spec import build_spec
 
-    spec = build_spec(SD15)
     perms = torch.load(perms_path)
-    keys = sorted({s.key for g in spec.groups.values() if g.name in perms for s in g.slots})
     total = 0.0
     with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+        spec = build_spec(detect(ca.shapes()))
+        keys = sorted({s.key for g in spec.groups.values() if g.name in perms for s in g.slots})
         for k in keys:
             total += float((ca.get(k).double() * permute_tensor(spec, k, cb.get(k), perms).double()).sum())
     return total
@@ -159,11 +160,9 @@ def run_one(lib: Path, tag: str, a: str, b: str, out_dir: Path, extra: list[str]
 
 def machine() -> str:
     cpu = platform.processor() or "?"
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
@@ -219,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             rec["objective"] = float(out.stdout.strip())
     for lib in ns.lib:
         mine = [r for r in runs if r["lib"] == str(lib.resolve())]
-        mean = lambda k: sum(r[k] for r in mine) / len(mine)  # noqa: E731
+        def mean(k: str, mine: list[dict[str, Any]] = mine) -> float:
+            return sum(r[k] for r in mine) / len(mine)
         obj = {r.get("objective") for r in mine} - {None}
         print(f"{lib}: wall {mean('wall'):.1f} s, CPU {mean('cpu'):.1f} s, peak RSS "
               f"{max(r['rss_gb'] for r in mine):.2f} GB; same permutations as the first run: "
