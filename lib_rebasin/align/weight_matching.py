@@ -199,7 +199,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
                     skip_unchanged: bool = True, screen: bool | None = None,
                     tolerance: float = 0.0, after_visit: Callable[[], None] | None = None,
                     keep: tuple[bool, bool] = (True, True), partial: bool = True,
-                    cache_bytes: int = CACHE_BYTES, overlap: bool = True) -> MatchResult:
+                    cache_bytes: int | None = None, overlap: bool = True) -> MatchResult:
     """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
 
     `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
@@ -217,7 +217,9 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
     `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `_Tensors`).
     `cache_bytes` bounds the cost matrices kept between visits and updated by the columns that moved since
-    (`align/cost_cache.py`); 0 computes every matrix in full. `overlap` solves assignments on other threads while
+    (`align/cost_cache.py`); 0 computes every matrix in full. The default keeps `CACHE_BYTES` on the CPU and none
+    on other devices (there the matrices are cheap next to the assignments, and device memory is budgeted without
+    them, `device_budget.py`). `overlap` solves assignments on other threads while
     the next groups' cost matrices are computed; it never changes the sequence of steps.
     """
     start = time.perf_counter()
@@ -238,6 +240,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
     dirty = {g.name for g in groups}
+    if cache_bytes is None:
+        cache_bytes = CACHE_BYTES if dev.type == "cpu" else 0
     cache = CostCache(spec, groups, cache_bytes)
     rng = random.Random(seed)
     sweeps, converged, first_gain = 0, False, 0.0
