@@ -12,9 +12,13 @@ wrapping, from outside the library, the functions that do the work (process CPU 
 
     cost     computing cost matrices in full (`cost_matrix`)
     update   bringing kept cost matrices up to date (`CostCache._update`, versions that have it)
-    lap      the assignment solves (`solve`)
+    lap      the assignment solves (`solve`): the CPU time of the thread that ran each
     proof    the partial-certificate attempts (`prove_current`)
     other    the rest of the matching stage (reads of the inputs, bookkeeping)
+
+Where solves run on another thread while the main thread computes the next cost matrices, process CPU time cannot
+be split by phase: cost, update and proof then include what the solving thread spent meanwhile, and other is the
+matching stage minus cost, update, proof and the solves that ran on the main thread.
 
 and reports the stages of the merge (hashing, matching, writing) from its progress events. Each run saves B's
 permutations; the parent compares them across versions, and where they differ computes each version's objective
@@ -33,6 +37,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,21 +53,29 @@ def worker(a: str, b: str, out: str, result: str, perms_out: str, options: dict[
     from lib_rebasin.options import MergeOptions
 
     clock = time.process_time
-    spent = dict.fromkeys(PHASES, 0.0)
-    depth = [0]
+    spent = dict.fromkeys((*PHASES, "lap_inline"), 0.0)
+    local = threading.local()
+    main = threading.get_ident()
 
     def timed(phase: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kw: Any) -> Any:
-            # Only the outermost timed call counts (a full matrix computed inside an update is the update's).
-            if depth[0]:
+            # Only the outermost timed call of a thread counts (a full matrix computed inside an update is the
+            # update's).
+            if getattr(local, "depth", 0):
                 return fn(*args, **kw)
-            depth[0] += 1
-            t = clock()
+            local.depth = 1
+            t, tt = clock(), time.thread_time()
             try:
                 return fn(*args, **kw)
             finally:
-                spent[phase] += clock() - t
-                depth[0] -= 1
+                if phase == "lap":
+                    # A solve is single-threaded: its own thread's CPU time, wherever it ran.
+                    spent["lap"] += time.thread_time() - tt
+                    if threading.get_ident() == main:
+                        spent["lap_inline"] += clock() - t
+                else:
+                    spent[phase] += clock() - t
+                local.depth = 0
         return wrapper
 
     wm.solve = timed("lap", wm.solve)  # type: ignore[attr-defined]
@@ -103,7 +116,8 @@ def worker(a: str, b: str, out: str, result: str, perms_out: str, options: dict[
     perms = {k: v for r in found for k, v in r.perms.items()}
     torch.save(perms, perms_out)
     matching = stages.get("matching", 0.0)
-    phases = {**spent, "other": matching - sum(spent.values())}
+    inline = spent.pop("lap_inline")
+    phases = {**spent, "other": matching - inline - sum(v for k, v in spent.items() if k != "lap")}
     cost = [getattr(r, "cost", None) for r in found]
     Path(result).write_text(json.dumps({
         "cpu_in_merge": total, "wall_in_merge": wall, "stages": stages, "phases": phases,
