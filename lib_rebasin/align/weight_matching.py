@@ -152,7 +152,7 @@ def certified_argmax(C: torch.Tensor, E: torch.Tensor, structure: Structure) -> 
 
 
 # Bytes of cost matrices kept between visits (`align/cost_cache.py`).
-CACHE_BYTES = 768 << 20
+CACHE_BYTES = 512 << 20
 
 # Screened visits after which a screen that failed on most of them is switched off for the rest of the search.
 _SCREEN_PROBE = 16
