@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,9 @@ import torch
 from ..archspec import ArchSpec, Group, Structure
 from ..errors import Cancelled
 from .assignment import row_argmax_certificate, solve
-from .cost import cost_matrix, empty_cost, other_axes_permuted, unit_rows, window
+from .cost import cost_matrix as cost_matrix  # re-exported: benchmarks and tests import it from here
+from .cost import empty_cost, other_axes_permuted, unit_rows, window
+from .cost_cache import CacheStats, CostCache
 from .partial_certificate import PROBE, CurrentProof
 from .permute import Perms, is_identity, is_legal
 
@@ -50,6 +54,7 @@ class MatchResult:
     converged: bool
     groups: list[GroupReport]
     seconds: float = 0.0
+    cost: CacheStats = field(default_factory=CacheStats)  # how the cost matrices were computed
 
     @property
     def solves(self) -> int:
@@ -146,6 +151,9 @@ def certified_argmax(C: torch.Tensor, E: torch.Tensor, structure: Structure) -> 
     return best if is_legal(structure, best) else None
 
 
+# Bytes of cost matrices kept between visits (`align/cost_cache.py`).
+CACHE_BYTES = 512 << 20
+
 # Screened visits after which a screen that failed on most of them is switched off for the rest of the search.
 _SCREEN_PROBE = 16
 
@@ -190,7 +198,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
                     cancel: Callable[[], bool] | None = None, certificate: bool = True,
                     skip_unchanged: bool = True, screen: bool | None = None,
                     tolerance: float = 0.0, after_visit: Callable[[], None] | None = None,
-                    keep: tuple[bool, bool] = (True, True), partial: bool = True) -> MatchResult:
+                    keep: tuple[bool, bool] = (True, True), partial: bool = True,
+                    cache_bytes: int | None = None, overlap: bool = True) -> MatchResult:
     """Coordinate-ascent weight matching of B onto A over `groups`; returns permutations for B.
 
     `certificate` and `skip_unchanged` are the two exact shortcuts (row-argmax optimality certificate; no revisit
@@ -207,6 +216,11 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
 
     `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
     `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `_Tensors`).
+    `cache_bytes` bounds the cost matrices kept between visits and updated by the columns that moved since
+    (`align/cost_cache.py`); 0 computes every matrix in full. The default keeps `CACHE_BYTES` on the CPU and none
+    on other devices (there the matrices are cheap next to the assignments, and device memory is budgeted without
+    them, `device_budget.py`). `overlap` solves assignments on other threads while
+    the next groups' cost matrices are computed; it never changes the sequence of steps.
     """
     start = time.perf_counter()
     dev = torch.device(device)
@@ -227,17 +241,52 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
     dirty = {g.name for g in groups}
+    if cache_bytes is None:
+        cache_bytes = CACHE_BYTES if dev.type == "cpu" else 0
+    cache = CostCache(spec, groups, cache_bytes)
     rng = random.Random(seed)
     sweeps, converged, first_gain = 0, False, 0.0
+    changed, sweep_gain = 0, 0.0
+    # Visits whose assignment is solved on another thread while the next visits' cost matrices are computed (scipy
+    # releases the GIL). They are applied in visit order, and a visit that reads a queued group's permutation
+    # waits for it, so the search makes exactly the sequential steps.
+    queue: deque[_Visit] = deque()
+    solver = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="rebasin-lap") if overlap else _Inline()
+
+    def settle() -> None:
+        nonlocal changed, sweep_gain
+        v = queue.popleft()
+        g, rows = v.group, torch.arange(v.group.size, device=dev)
+        best = v.best if isinstance(v.best, torch.Tensor) else torch.from_numpy(v.best.result()).to(dev)
+        new = float(v.C[rows, best].double().sum())
+        # Accept only a real improvement: ties keep the current permutation, so the search cannot cycle.
+        if new > v.old + 1e-7 * max(abs(v.old), 1e-12) and not torch.equal(best, v.current):
+            perms[g.name] = best.cpu()
+            _set_moved(moved, g.name, perms[g.name])
+            reports[g.name].gain = new - float(v.C.diagonal().double().sum())
+            sweep_gain += new - v.old
+            changed += 1
+            dirty.update(affects[g.name])
+        if after_visit is not None:
+            after_visit()
+        if progress is not None:
+            progress(MatchProgress(sweeps + 1, v.index + 1, len(order), g.name, changed))
+
+    order: list[Group] = []
     while sweeps < max_sweeps:
         order = groups[:]
         rng.shuffle(order)
-        changed = 0
-        sweep_gain = 0.0
+        changed, sweep_gain = 0, 0.0
         for i, g in enumerate(order):
             if cancel is not None and cancel():
                 raise Cancelled()
-            if skip_unchanged and g.name not in dirty:
+            while any(g.name in affects[v.group.name] for v in queue):
+                settle()  # this visit reads a queued group's permutation (and whether it is dirty)
+            skip = skip_unchanged and g.name not in dirty
+            if skip or (certificate and (use_partial or (use_screen and g.name not in unscreenable))):
+                while queue:  # these paths report at once: the queued visits report first
+                    settle()
+            if skip:
                 # Nothing this group's cost matrix reads has changed since its last visit, so its current
                 # permutation is still optimal: skipping the visit is exact, not a heuristic.
                 if progress is not None:
@@ -288,27 +337,20 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
                         progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
                     continue
                 unscreenable.add(g.name)
-            C = cost_matrix(spec, g, ta, tb, moved, dev)
+            C = cache.cost(g, ta, tb, moved, dev)
             old = float(C[rows, current].double().sum())
             best = row_argmax_certificate(C, g.structure) if certificate else None
             if best is not None:
                 rep.certified += 1
+                queue.append(_Visit(g, i, C, old, current, best))
             else:
-                best = torch.from_numpy(solve(C.double().cpu().numpy(), g.structure)).to(dev)
                 rep.solves += 1
-            new = float(C[rows, best].double().sum())
-            # Accept only a real improvement: ties keep the current permutation, so the search cannot cycle.
-            if new > old + 1e-7 * max(abs(old), 1e-12) and not torch.equal(best, current):
-                perms[g.name] = best.cpu()
-                _set_moved(moved, g.name, perms[g.name])
-                rep.gain = new - float(C.diagonal().double().sum())
-                sweep_gain += new - old
-                changed += 1
-                dirty |= affects[g.name]
-            if after_visit is not None:
-                after_visit()
-            if progress is not None:
-                progress(MatchProgress(sweeps + 1, i + 1, len(order), g.name, changed))
+                queue.append(_Visit(g, i, C, old, current, solver.submit(solve, C.double().cpu().numpy(),
+                                                                         g.structure)))
+            while len(queue) > _IN_FLIGHT:
+                settle()
+        while queue:
+            settle()
         sweeps += 1
         if changed == 0:
             converged = True
@@ -318,10 +360,40 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
         elif tolerance > 0 and sweep_gain < tolerance * first_gain:
             converged = True  # within the requested tolerance (reported as such by the caller's options)
             break
+    solver.shutdown(wait=False)
     for g in groups:
         p = perms[g.name]
         reports[g.name].moved = int((p != torch.arange(g.size)).sum())
-    return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start)
+    return MatchResult(perms, sweeps, converged, list(reports.values()), time.perf_counter() - start, cache.stats)
+
+
+# Assignments solved on another thread at once, at most (each holds its cost matrix and a float64 copy).
+_IN_FLIGHT = 1
+
+
+@dataclass
+class _Visit:
+    """A visit whose outcome is applied in order: its cost matrix, the current permutation's value and the
+    optimum (or the solve computing it)."""
+
+    group: Group
+    index: int
+    C: torch.Tensor
+    old: float
+    current: torch.Tensor
+    best: torch.Tensor | Future[Any]
+
+
+class _Inline:
+    """`overlap=False`: each assignment is solved on the spot."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
 
 
 def _set_moved(moved: Perms, name: str, perm: torch.Tensor) -> None:
