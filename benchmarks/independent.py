@@ -79,7 +79,10 @@ def worker(a: str, b: str, out: str, result: str, perms_out: str, options: dict[
         return wrapper
 
     wm.solve = timed("lap", wm.solve)  # type: ignore[attr-defined]
-    wm.prove_current = timed("proof", wm.prove_current)  # type: ignore[attr-defined]
+    if hasattr(wm, "CurrentProof"):  # the nearest-partner certificate: one object per search
+        wm.CurrentProof.prove = timed("proof", wm.CurrentProof.prove)  # type: ignore[method-assign]
+    else:  # versions before it
+        wm.prove_current = timed("proof", wm.prove_current)  # type: ignore[attr-defined]
     try:
         import lib_rebasin.align.cost_cache as cc
         cc.cost_matrix = timed("cost", cc.cost_matrix)  # type: ignore[attr-defined]
@@ -156,17 +159,12 @@ def run_one(lib: Path, tag: str, a: str, b: str, out_dir: Path, extra: list[str]
     result, out, perms = out_dir / f"{tag}.json", out_dir / f"{tag}.safetensors", out_dir / f"{tag}.perms.pt"
     env = {**os.environ, "PYTHONPATH": str(lib)}
     cmd = [sys.executable, __file__, a, b, "--out-dir", str(out_dir), "--worker", tag, *extra]
+    from benchmarks.worker_process import measured  # the parent's import: a worker sees `lib` only
+
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=out_dir, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{tag} with {lib} failed")
+    usage = measured(cmd, out_dir, env, f"{tag} with {lib}")
     rec = json.loads(result.read_text())
-    rec.update(lib=str(lib), cpu=usage.ru_utime + usage.ru_stime, user=usage.ru_utime, sys=usage.ru_stime,
-               wall=wall, rss_gb=usage.ru_maxrss / 2**20, load=(load0, os.getloadavg()[0]), sha256=sha256(out),
-               perms=str(perms))
+    rec.update(lib=str(lib), **usage, load=(load0, os.getloadavg()[0]), sha256=sha256(out), perms=str(perms))
     out.unlink()
     result.unlink()
     return rec
