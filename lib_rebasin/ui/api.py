@@ -114,6 +114,14 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
             raise _Refused(403, "Refused: this request comes from another site's page. Allow its origin with the "
                                 "host's --cors-allow-origins if that is intended.")
 
+    def refusal(request: Request) -> Any:
+        """The answer refusing a request from another site's page, or None: the one check of the GET routes."""
+        try:
+            check_origin(request)
+        except _Refused as e:
+            return answer(e)
+        return None
+
     async def json_body(request: Request) -> Any:
         check_origin(request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -177,10 +185,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
     def grid(job_id: str, request: Request):
         from fastapi.responses import FileResponse
 
-        try:
-            check_origin(request)
-        except _Refused as e:
-            return answer(e)
+        if (refused := refusal(request)) is not None:
+            return refused
         job = service.jobs.get(job_id)
         path = getattr(job, "grid", None)
         if path is None or not Path(path).is_file():
@@ -188,10 +194,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         return FileResponse(str(path))
 
     def loaded(request: Request):
-        try:
-            check_origin(request)
-        except _Refused as e:
-            return answer(e)
+        if (refused := refusal(request)) is not None:
+            return refused
         cur = service.unsaved.current
         return JSONResponse({"unsaved": cur.to_dict() if cur is not None else None})
 
@@ -213,10 +217,8 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         return JSONResponse({"output_name": path.name, "loaded": title})
 
     def get_job(job_id: str, request: Request):
-        try:
-            check_origin(request)
-        except _Refused as e:
-            return answer(e)
+        if (refused := refusal(request)) is not None:
+            return refused
         job = service.jobs.get(job_id)
         if job is None:
             return JSONResponse({"detail": f"No merge job {shown(job_id, 60)}."}, status_code=404)
@@ -264,17 +266,13 @@ def register_api(app: Any, service: MergeService, policy: ApiPolicy | None = Non
         return JSONResponse({"loaded": title, "name": path.name})
 
     def checkpoints(request: Request):
-        try:
-            check_origin(request)
-        except _Refused as e:
-            return answer(e)
+        if (refused := refusal(request)) is not None:
+            return refused
         return JSONResponse([entry_dict(e) for e in service.checkpoints()])
 
     def methods(request: Request):
-        try:
-            check_origin(request)
-        except _Refused as e:
-            return answer(e)
+        if (refused := refusal(request)) is not None:
+            return refused
         return JSONResponse({"methods": method_listing()})
 
     for path, fn, method in ((f"{prefix}/merge", merge, "POST"), (f"{prefix}/sweep", sweep, "POST"),
