@@ -2,16 +2,21 @@
 same-base re-basin against the weighted sum alternated in one run, and an independent pair's weight matching.
 
     python -m benchmarks.sdxl X1.safetensors X2.safetensors --out-dir DIR [--pairs 1]
-        [--base C.safetensors --methods add_difference ties dare] [--independent X3.safetensors [--max-sweeps N]]
+        [--base C.safetensors --methods add_difference ties dare]
+        [--independent X3.safetensors [--independent-runs rebasin weighted_sum rebasin+activations
+                                       weighted_sum+repair] [--max-sweeps N]]
 
 Each merge runs `merge_checkpoints` with default options (UNet, both text encoders and the VAE; alpha 0.5; fp16
 output) in a fresh process; its user + system CPU time and peak RSS come from wait4() on that process, so the
 figures include start-up and imports. Order: `--pairs` times re-basin then weighted sum of A and B (alternated,
 so both see the same machine load), then each of `--methods` once with C = `--base` (the three-input methods),
-then re-basin of A and `--independent` once (with `--max-sweeps` as its option, if given: a bounded measurement
-where the default stopping rule would run longer). The worker also reports the CPU seconds of each stage of the merge
-(loading, hashing, matching, writing, from the progress events) and the matching's sweeps. The output's sha256 is
-taken by this parent process after the worker exits (not counted), then the output is deleted.
+then each of `--independent-runs` once on A and `--independent` (default: re-basin alone; `--max-sweeps`, if
+given, is the re-basins' option: a bounded measurement where the default stopping rule would run longer). A run is
+a method with `+`-joined options: `activations` (matching = activations), `repair` (REPAIR), e.g.
+`rebasin+activations`, or `weighted_sum+repair` (REPAIR's own cost, without a matching). The worker also reports
+the CPU seconds of each stage of the merge (loading, hashing, matching, repair, writing, from the progress events)
+and the matching's sweeps. The output's sha256 is taken by this parent process after the worker exits (not
+counted), then the output is deleted.
 """
 
 from __future__ import annotations
@@ -29,7 +34,24 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def worker(method: str, a: str, b: str, c: str | None, out: str, result: str, max_sweeps: int | None) -> None:
+FLAGS = {"activations": {"matching": "activations"}, "repair": {"repair": True}}
+
+
+def options_of(run: str, max_sweeps: int | None) -> dict[str, Any]:
+    """MergeOptions' fields for a run spec `method[+flag...]` (FLAGS); max_sweeps applies to re-basin only."""
+    method, *flags = run.split("+")
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise SystemExit(f"unknown run flag {unknown[0]!r} in {run!r} (known: {', '.join(FLAGS)})")
+    opts: dict[str, Any] = {"method": method, "alpha": 0.5, "precision": "fp16"}
+    for f in flags:
+        opts.update(FLAGS[f])
+    if max_sweeps is not None and method == "rebasin":
+        opts["max_sweeps"] = max_sweeps
+    return opts
+
+
+def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_sweeps: int | None) -> None:
     from lib_rebasin.merge.run import merge_checkpoints
     from lib_rebasin.options import MergeOptions
 
@@ -45,9 +67,8 @@ def worker(method: str, a: str, b: str, c: str | None, out: str, result: str, ma
             current[:] = [ev.stage, now]
 
     t0, w0 = clock(), time.perf_counter()
-    extra = {} if max_sweeps is None else {"max_sweeps": max_sweeps}
-    res = merge_checkpoints(a, b, out, MergeOptions(method=method, alpha=0.5, precision="fp16", **extra), c=c,
-                            overwrite=True, progress=progress)
+    res = merge_checkpoints(a, b, out, MergeOptions(**options_of(run, max_sweeps)), c=c, overwrite=True,
+                            progress=progress)
     total, wall = clock() - t0, time.perf_counter() - w0
     progress(type("End", (), {"stage": "end"})())
     d = res.diagnostics
@@ -99,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=1, help="re-basin / weighted-sum pairs on A, B")
     p.add_argument("--base", default=None, help="C for the three-input methods")
     p.add_argument("--methods", nargs="*", default=[], help="three-input methods to run once each with C = --base")
-    p.add_argument("--independent", default=None, help="a model of another base: re-basin A with it once")
-    p.add_argument("--max-sweeps", type=int, default=None, help="the independent re-basin's max_sweeps option")
+    p.add_argument("--independent", default=None, help="a model of another base: merge A with it")
+    p.add_argument("--independent-runs", nargs="*", default=["rebasin"],
+                   help="runs on A and --independent, each once, in order: method[+activations][+repair]")
+    p.add_argument("--max-sweeps", type=int, default=None, help="the re-basins' max_sweeps option")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     ns.out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_one(f"same-base {i + 1}", method, ns.a, ns.b, None, ns.out_dir))
     for method in ns.methods:
         runs.append(run_one("same-base, C", method, ns.a, ns.b, ns.base, ns.out_dir))
-    if ns.independent:
-        runs.append(run_one("independent", "rebasin", ns.a, ns.independent, None, ns.out_dir, ns.max_sweeps))
+    for run in ns.independent_runs if ns.independent else []:
+        options_of(run, None)  # an unknown flag stops here, before any run
+    for run in ns.independent_runs if ns.independent else []:
+        runs.append(run_one("independent", run, ns.a, ns.independent, None, ns.out_dir, ns.max_sweeps))
     pair = [r for r in runs if r["label"].startswith("same-base ")]
     if pair:
         def mean(m: str, k: str) -> float:
