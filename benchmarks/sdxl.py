@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -51,6 +52,11 @@ def options_of(run: str, max_sweeps: int | None) -> dict[str, Any]:
     return opts
 
 
+# Where a long merge is, from its progress messages: activation matching's passes, weight matching's sweeps,
+# REPAIR's runs of each model.
+PHASE = re.compile(r"\(pass \d+/\d+\)|sweep \d+|REPAIR: [^(,]*[a-zA-Z]")
+
+
 def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_sweeps: int | None) -> None:
     from lib_rebasin.merge.run import merge_checkpoints
     from lib_rebasin.options import MergeOptions
@@ -58,8 +64,12 @@ def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_s
     clock = time.process_time
     stages: dict[str, float] = {}
     current: list[Any] = []
+    marks: dict[str, tuple[float, float]] = {}  # phase -> (CPU s, wall s) since the merge began, at its start
 
     def progress(ev: Any) -> None:
+        phase = PHASE.search(ev.message or "")
+        if phase and phase[0] not in marks:
+            marks[phase[0]] = (clock() - t0, time.perf_counter() - w0)
         if not current or current[0] != ev.stage:
             now = clock()
             if current:
@@ -73,7 +83,7 @@ def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_s
     progress(type("End", (), {"stage": "end"})())
     d = res.diagnostics
     Path(result).write_text(json.dumps({"cpu_in_merge": total, "wall_in_merge": wall, "stages": stages,
-                                        "sweeps": sum(d.sweeps) if d.matched else None,
+                                        "sweeps": sum(d.sweeps) if d.matched else None, "phases": marks,
                                         "certified": d.certified, "solves": d.solves, "moved": d.moved}))
 
 
@@ -108,8 +118,13 @@ def run_one(label: str, method: str, a: str, b: str, c: str | None, out_dir: Pat
     st = " ".join(f"{k} {v:.1f}" for k, v in rec["stages"].items())
     print(f"{label:>16} {method:>14}: CPU {rec['cpu']:.1f} s (user {rec['user']:.1f}, sys {rec['sys']:.1f}; "
           f"in merge {rec['cpu_in_merge']:.1f}), wall {wall:.1f} s, peak RSS {rec['rss_gb']:.2f} GB | {st} | "
-          f"sweeps {rec['sweeps']} | load {load0:.1f}->{rec['load'][1]:.1f} | {rec['sha256'][:16]}", flush=True)
+          f"sweeps {rec['sweeps']} | {phases(rec)} | load {load0:.1f}->{rec['load'][1]:.1f} | "
+          f"{rec['sha256'][:16]}", flush=True)
     return rec
+
+
+def phases(rec: dict[str, Any]) -> str:
+    return ", ".join(f"{k} at CPU {c:.0f} s / wall {w:.0f} s" for k, (c, w) in rec.get("phases", {}).items())
 
 
 def main(argv: list[str] | None = None) -> int:
