@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shlex
 import sys
 import time
@@ -70,6 +71,9 @@ def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_s
         phase = PHASE.search(ev.message or "")
         if phase and phase[0] not in marks:
             marks[phase[0]] = (clock() - t0, time.perf_counter() - w0)
+            # Printed as it happens, so that a run stopped at a time limit still shows where its time went.
+            print(f"  {run}: {phase[0]} began at CPU {marks[phase[0]][0]:.1f} s, wall {marks[phase[0]][1]:.1f} s, "
+                  f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB", flush=True)
         if not current or current[0] != ev.stage:
             now = clock()
             if current:
