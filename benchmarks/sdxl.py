@@ -68,7 +68,7 @@ def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_s
     marks: dict[str, tuple[float, float]] = {}  # phase -> (CPU s, wall s) since the merge began, at its start
 
     def progress(ev: Any) -> None:
-        phase = PHASE.search(ev.message or "")
+        phase = PHASE.search(getattr(ev, "message", "") or "")
         if phase and phase[0] not in marks:
             marks[phase[0]] = (clock() - t0, time.perf_counter() - w0)
             # Printed as it happens, so that a run stopped at a time limit still shows where its time went.
