@@ -16,7 +16,7 @@ group's q/k sites carry its first half, its v sites the second). The permutation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -189,17 +189,30 @@ def check_supported(a: ModelConfig, b: ModelConfig) -> None:
 SUMS_PER_PASS = 4 << 30
 
 
-def sums_bytes(spec: ArchSpec[Any], group: Group) -> int:
-    """The memory of a group's correlation sums (`Correlation`, fp32): a units-by-units matrix per site."""
-    return sum((s.length * s.length + 4 * s.length) * 4 for s in sites(spec, group))
+def sums_bytes(spec: ArchSpec[Any], group: Group, rows: Mapping[str, int] | None = None) -> int:
+    """The memory of a group's correlation sums (`Correlation`, fp32). Without `rows`, a units-by-units matrix per
+    site (the most a site can hold); with each layer's rows over a pass (`layer_rows`), what each site holds: a
+    site whose rows stay under half its units keeps only its rows (`_Site`), and a layer the forward pass does not
+    report (a ResBlock's skip convolution, one term of the stream its block reports) holds nothing."""
+    total = 0
+    for s in sites(spec, group):
+        m = s.length
+        r = None if rows is None else rows.get(layer_of(s.key))
+        if rows is not None and r is None:
+            continue
+        held = 2 * r * m if r is not None and r < m // 2 else m * m
+        total += (held + 4 * m) * 4
+    return total
 
 
-def passes(spec: ArchSpec[Any], groups: Iterable[Group], budget: int = SUMS_PER_PASS) -> list[list[Group]]:
-    """`groups` in order, split into runs whose correlation sums fit `budget` (a larger group gets a pass alone)."""
+def passes(spec: ArchSpec[Any], groups: Iterable[Group], budget: int = SUMS_PER_PASS,
+           rows: Mapping[str, int] | None = None) -> list[list[Group]]:
+    """`groups` in order, split into runs whose correlation sums (`sums_bytes`) fit `budget` (a larger group gets a
+    pass alone)."""
     out: list[list[Group]] = [[]]
     used = 0
     for g in groups:
-        n = sums_bytes(spec, g)
+        n = sums_bytes(spec, g, rows)
         if out[-1] and used + n > budget:
             out.append([])
             used = 0
@@ -209,12 +222,43 @@ def passes(spec: ArchSpec[Any], groups: Iterable[Group], budget: int = SUMS_PER_
 
 
 @torch.no_grad()
+def layer_rows(spec: ArchSpec[Any], get_b: TensorGetter, *, samples: int, device: torch.device = torch.device("cpu"),
+               latent_size: int = inputs.LATENT_SIZE) -> dict[str, int]:
+    """Each layer's rows (positions times inputs) over one pass of `correlations`, from one run of B's text encoder
+    and one UNet call on a single input with its empty prompt: a pass runs the text encoder once on the prompts and
+    the UNet on every prompt and the empty one at each of the trajectory's timesteps."""
+    c = spec.config
+    fwd = forward_of(c)
+    rows: dict[str, int] = {}
+    scale = 1
+
+    def count(name: str, out: torch.Tensor) -> None:
+        rows[name] = rows.get(name, 0) + scale * (out.numel() // out.shape[1 if out.dim() == 4 else -1])
+
+    layers = Layers(get_b, count, device, streams=True)
+    gen = torch.Generator().manual_seed(0)  # the values do not matter, only the shapes
+    ctx = fwd.text_encoder(c, layers, fwd.prompts(c, samples, gen).to(device))
+    x = inputs.noise(c, 1, gen, latent_size).to(device).repeat(2, 1, 1, 1)
+    scale = samples * len(inputs.TIMESTEPS)
+    fwd.unet(c, layers, x, torch.full((2,), inputs.TIMESTEPS[0], dtype=torch.long, device=device), ctx[[0, -1]])
+    return rows
+
+
+@torch.no_grad()
 def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                         samples: int, seed: int, device: torch.device = torch.device("cpu"),
                         progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE,
                         sums_per_pass: int = SUMS_PER_PASS) -> Perms:
-    """Permutations of B onto A from their activations on the same inputs (`activation_inputs`)."""
-    runs = passes(spec, [g for g in groups if sites(spec, g)], sums_per_pass)
+    """Permutations of B onto A from their activations on the same inputs (`activation_inputs`).
+
+    Where the sums might not fit one pass, each layer's rows are counted first (`layer_rows`, the cost of one UNet
+    call) so that the passes are planned for what the sites will hold: the deep layers and the text encoders see
+    fewer rows than they have units and keep only their rows, which takes fewer passes than the bound."""
+    todo = [g for g in groups if sites(spec, g)]
+    runs = passes(spec, todo, sums_per_pass)
+    if len(runs) > 1:
+        rows = layer_rows(spec, get_b, samples=samples, device=device, latent_size=latent_size)
+        runs = passes(spec, todo, sums_per_pass, rows)
     perms: Perms = {}
     for k, run in enumerate(runs):
         def step(fraction: float, message: str, k: int = k) -> None:
