@@ -72,7 +72,8 @@ MIN_COLUMNS = 128
 # models: the full matrix is needed anyway).
 PROBE = 16
 _U = 2.0 ** -24  # unit roundoff of fp32
-_BLOCK = 1 << 20  # elements widened to fp32 at a time by the row statistics
+_BLOCK = 1 << 19  # elements widened to fp32 at a time by the row statistics (two reused buffers, cache-sized)
+_EXACT_IN_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # stored dtypes fp32 holds exactly
 _ROW_BLOCK = 256
 
 
@@ -87,20 +88,31 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[
     out = {x: torch.zeros(2, a.shape[x], dtype=torch.float64, device=a.device) for x in axes}
     if a.dim() == 0 or a.numel() == 0:
         return {x: (s, 0.0) for x, s in out.items()}
-    step = max(1, _BLOCK // max(1, a[0].numel()))
+    row = max(1, a[0].numel())
+    step = max(1, _BLOCK // row)
+    buf = torch.empty(2, min(step, a.shape[0]) * row, dtype=torch.float32, device=a.device)  # reused per block
     for r0 in range(0, a.shape[0], step):
-        # The difference in the stored dtype (within its eps of the exact one, relatively: a difference of two
-        # floats of one format never underflows; an overflow gives inf, which no proof survives), squared in fp32.
-        fa = a[r0:r0 + step].to(torch.float32, copy=True).square_()
-        d = (a[r0:r0 + step] - b[r0:r0 + step]).to(torch.float32, copy=True).square_()
-        for k, src in enumerate((fa, d)):
+        ab, bb = a[r0:r0 + step], b[r0:r0 + step]
+        sq, d = (t[:ab.numel()].view(ab.shape) for t in buf)
+        sq.copy_(ab)
+        if a.dtype in _EXACT_IN_FP32:
+            # Both widened exactly, the difference rounded once in fp32 (within fp32's eps, below the stored
+            # dtype's; a difference of two floats never underflows; an overflow gives inf, which no proof survives).
+            d.copy_(bb).sub_(sq)
+        else:
+            d.copy_(ab - bb)  # wider than fp32: the difference in the stored dtype, then rounded to fp32
+        sq.square_()
+        d.square_()
+        for k, src in enumerate((sq, d)):
             for x in axes:
-                t = src.flatten(x + 1).sum(dim=-1) if x + 1 < src.dim() else src  # trailing dims: contiguous
                 if x == 0:
-                    out[x][k, r0:r0 + step] = t.double()
+                    out[x][k, r0:r0 + step] = src.flatten(1).sum(dim=1) if src.dim() > 1 else src
                 else:
-                    out[x][k] += t.flatten(0, x - 1).sum(dim=0).double()
-    # The difference's rounding (squared: two eps), the square's, the sum's, the float64 additions.
+                    # The leading dims first (whole rows added at a time), then the trailing ones of each unit.
+                    t = src.flatten(0, x - 1).sum(dim=0)
+                    out[x][k] += t.flatten(1).sum(dim=1) if t.dim() > 1 else t
+    # The difference's rounding (squared: two eps), the square's, the sum's (any order: non-negative terms), the
+    # float64 additions.
     eps = torch.finfo(a.dtype).eps if a.dtype.is_floating_point else 0.0
     return {x: (s, _gamma(a.numel() // a.shape[x]) + 3 * eps + 4 * _U) for x, s in out.items()}
 
