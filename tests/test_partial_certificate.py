@@ -4,6 +4,7 @@ exact matrix and of the fp32 one a visit would compute."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,39 @@ def test_same_base_identity_is_proven_and_a_swapped_pair_is_not(models: dict[str
             for lo in (0, half):
                 swapped[lo:lo + 2 * h] = torch.cat([ident[lo + h:lo + 2 * h], ident[lo:lo + h]])
         assert not proof.prove(g, {}, swapped), g.name
+
+
+@pytest.mark.parametrize("shares", [None, (4096, 16, 2)])
+def test_the_columns_kept_from_the_first_read_prove_what_the_whole_rows_do(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, shares: tuple[int, ...] | None) -> None:
+    """A run's proof reads each key once for its statistics and keeps the columns the first share multiplies out,
+    for every group the key belongs to: the same outcome as a proof that reads the whole rows on each visit. With
+    a first share too small to prove most rows, the later shares read the whole rows again, with the same outcome."""
+    if shares is not None:
+        monkeypatch.setattr(pc, "SHARES", shares)
+        monkeypatch.setattr(pc, "MIN_COLUMNS", 1)
+    spec = build_spec(MINI)
+    a, fine = _state(models["a"]), _state(models["finetune"])
+    groups = spec.groups_in(["unet", "te", "vae"])
+    reads: dict[str, int] = {}
+
+    def counted(state: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+        def get(key: str) -> torch.Tensor:
+            reads[key] = reads.get(key, 0) + 1
+            return state[key]
+        return get
+
+    proof = CurrentProof(spec, counted(a), counted(fine), CPU, groups)
+    outcomes = [proof.prove(g, {}, torch.arange(g.size)) for g in groups]
+    alone = [prove_current(spec, g, a.__getitem__, fine.__getitem__, {}, torch.arange(g.size), CPU) for g in groups]
+    assert outcomes == alone and sum(outcomes) > len(groups) // 2
+    assert not proof.kept  # released after each key's last planned visit
+    matrices = {k for k in reads if a[k].dim() > 1}
+    if shares is None:
+        assert all(outcomes)
+        assert all(reads[k] == 2 for k in matrices)  # once from A, once from B
+    else:
+        assert any(reads[k] > 2 for k in matrices)  # the whole rows again for a later share
 
 
 def test_permuted_pair_is_proven_at_the_permutation_that_undoes_it(models: dict[str, Path]) -> None:

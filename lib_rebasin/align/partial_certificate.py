@@ -53,7 +53,7 @@ always); otherwise from the visit's own rows. A visit then reads only the column
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -119,14 +119,18 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[
 
 class _Slot:
     """One slot of a visit: its rows of A and B as (units, d1, rest...) (stored dtype), where the current partner
-    of each row lies in the window, the column cuts of the shares, and its statistics over all columns."""
+    of each row lies in the window, the column cuts of the shares, and its statistics over all columns.
+
+    `a` and `b` may hold only the first slices of d1 (`cols` is the whole count): `more()` then reads the whole
+    rows when a share needs columns beyond them."""
 
     def __init__(self, slot: Slot, a: torch.Tensor, b: torch.Tensor, local: torch.Tensor | None,
-                 stats: tuple[torch.Tensor, float]) -> None:
-        self.slot, self.a, self.b, self.local = slot, a, b, local
+                 stats: tuple[torch.Tensor, float], cols: int | None = None,
+                 more: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.slot, self.a, self.b, self.local, self.more = slot, a, b, local, more
         self.lo, self.hi = slot.start, slot.start + slot.length
         self.inner = a[0, 0].numel() if a.dim() > 1 else 1
-        cols = a.shape[1] if a.dim() > 1 else 1
+        cols = cols if cols is not None else a.shape[1] if a.dim() > 1 else 1
         self.m = cols * self.inner
         self.cols = cols
         self.cuts = [0]
@@ -142,6 +146,9 @@ class _Slot:
         if c1 <= c0 or (rows is not None and not len(rows)):
             return  # nothing new, or no row open in this window (its columns are read by its rows only)
         n = self.slot.length
+        if self.more is not None and c1 > self.a.shape[1]:
+            self.a, self.b = self.more()  # beyond the columns kept: the whole rows
+            self.more = None
         a_cols = self.a[:, c0:c1] if self.a.dim() > 1 else self.a[:, None]
         b = _widened(self.b[:, c0:c1] if self.b.dim() > 1 else self.b[:, None], n)
         partner = b if self.local is None else b.index_select(0, self.local)
@@ -203,11 +210,16 @@ def _widened(t: torch.Tensor, n: int) -> torch.Tensor:
 
 class CurrentProof:
     """Proofs for one weight-matching run: keeps each key's row statistics (a few floats per unit) for later
-    visits."""
+    visits, and, for the `groups` of the run, the columns each of its slots multiplies out at the first share, so
+    that the one read that gives a key's statistics also serves the first share of every group it belongs to."""
 
-    def __init__(self, spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, device: torch.device) -> None:
+    def __init__(self, spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, device: torch.device,
+                 groups: Iterable[Group] = ()) -> None:
         self.spec, self.get_a, self.get_b, self.device = spec, get_a, get_b, device
         self.stats: dict[str, dict[int, tuple[torch.Tensor, float]]] = {}
+        # (key, axis) -> [slices of its column dim to keep, visits left]; then the kept columns of A and B.
+        self.plan = _first_columns(spec, groups)
+        self.kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prove(self, group: Group, perms: Perms, current: torch.Tensor) -> bool:
         """True when `current` is provably the only optimal assignment of the group's exact cost matrix and of
@@ -273,21 +285,76 @@ class CurrentProof:
         if not bool(((local >= 0) & (local < slot.length)).all()):
             return None  # not a legal permutation of this window
         same = torch.equal(local, torch.arange(slot.length, device=local.device))
-        ta, tb = self.get_a(slot.key), self.get_b(slot.key)
         others = [x for x in self.spec.axes[slot.key] if x != slot.axis]
         if same and all(axis_index(self.spec, slot.key, x, perms) is None for x in others):
             # Neither the other axes nor this group moved: the key's statistics over all of it serve.
+            fetched = None
             if slot.key not in self.stats:
-                self.stats[slot.key] = _row_stats(ta, tb, tuple(self.spec.axes[slot.key]))
+                fetched = self.get_a(slot.key), self.get_b(slot.key)
+                self.stats[slot.key] = _row_stats(*fetched, tuple(self.spec.axes[slot.key]))
+                self._keep(slot.key, *fetched)
             s, e = self.stats[slot.key][slot.axis]
-            a = ta.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0)
-            b = tb.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0)
-            return _Slot(slot, a, b, None, (s[:, slot.offset:slot.offset + slot.length], e))
+            stats = (s[:, slot.offset:slot.offset + slot.length], e)
+
+            def rows(ta: torch.Tensor, tb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return (ta.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0),
+                        tb.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0))
+
+            kept = self._kept(slot)
+            if kept is None:
+                return _Slot(slot, *rows(*(fetched or (self.get_a(slot.key), self.get_b(slot.key)))), None, stats)
+            shape = self.spec.shapes[slot.key]
+            return _Slot(slot, *rows(*kept), None, stats, cols=shape[_column_dim(slot.axis)],
+                         more=lambda: rows(self.get_a(slot.key), self.get_b(slot.key)))
+        ta, tb = self.get_a(slot.key), self.get_b(slot.key)
         a = unit_rows(ta, slot.axis, slot.offset, slot.length, ta.dtype)
         b = other_axes_permuted(self.spec, slot, tb, perms, tb.dtype)
         partner = b if same else b.index_select(0, local)
         s, e = _row_stats(a, partner, (0,))[0]
         return _Slot(slot, a, b, None if same else local, (s, e))
+
+    def _keep(self, key: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
+        """Copies of the first columns of `key` that its planned slots multiply out at the first share."""
+        for x in self.spec.axes[key]:
+            planned = self.plan.get((key, x))
+            if planned is not None and ta.dim() > 1:
+                cut = (_column_dim(x), 0, planned[0])
+                self.kept[key, x] = (ta.narrow(*cut).clone(), tb.narrow(*cut).clone())
+
+    def _kept(self, slot: Slot) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept columns of the slot's key and axis; released after the last planned visit."""
+        planned = self.plan.get((slot.key, slot.axis))
+        kept = self.kept.get((slot.key, slot.axis))
+        if planned is None or kept is None:
+            return None
+        planned[1] -= 1
+        if planned[1] <= 0:
+            del self.kept[slot.key, slot.axis]
+        return kept
+
+
+def _column_dim(axis: int) -> int:
+    """The dim of a tensor whose slices are a slot's columns (the first dim after its units' axis)."""
+    return 1 if axis == 0 else 0
+
+
+def _first_columns(spec: ArchSpec, groups: Iterable[Group]) -> dict[tuple[str, int], list[int]]:
+    """(key, axis) -> [slices of its column dim the first share multiplies out (the most over the groups that use
+    it, as `_Slot.cut` computes them), the number of those slots]."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for g in groups:
+        dims = [(s, list(spec.shapes[s.key])) for s in g.slots]
+        ms = [math.prod(shape) // max(1, shape[s.axis]) if len(shape) > 1 else 1 for s, shape in dims]
+        f = max(1 / SHARES[0], MIN_COLUMNS / sum(ms))
+        for (s, shape), m in zip(dims, ms, strict=True):
+            if len(shape) < 2:
+                continue
+            cols = shape[_column_dim(s.axis)]
+            cut = min(cols, math.ceil(math.ceil(f * m) / (m // cols)))
+            planned = out.setdefault((s.key, s.axis), [0, 0])
+            planned[0] = max(planned[0], cut)
+            planned[1] += 1
+    return out
 
 
 def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,

@@ -236,7 +236,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     unscreenable: set[str] = set()
     screen_tries = screen_wins = 0
     use_partial = partial
-    proof = CurrentProof(spec, ta, tb, dev)
+    proof = CurrentProof(spec, ta, tb, dev, groups)
     partial_tries = partial_wins = 0
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)
