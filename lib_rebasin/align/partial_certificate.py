@@ -185,14 +185,21 @@ def _local(rows: torch.Tensor, sl: _Slot) -> torch.Tensor:
 
 
 def _nearest(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    """For each of `rows`: max over j != cur(i) of P[i, j] - 1/2 |b_S,j|^2 (float64), a block of rows at a time."""
+    """For each of `rows` (ascending): max over j != cur(i) of P[i, j] - 1/2 |b_S,j|^2 (float64), a block of rows
+    at a time into one reused buffer."""
     out = torch.empty(len(rows), dtype=torch.float64, device=P.device)
     half = (col_sq / 2).float()
+    every = len(rows) == P.shape[0]  # all rows, in order: blocks of P itself, no gather
+    buf = torch.empty(min(_ROW_BLOCK, len(rows)), P.shape[1], dtype=P.dtype, device=P.device)
     for lo in range(0, len(rows), _ROW_BLOCK):
         idx = rows[lo:lo + _ROW_BLOCK]
-        q = P.index_select(0, idx).sub_(half)
+        q = buf[:len(idx)]
+        if every:
+            torch.sub(P[lo:lo + len(idx)], half, out=q)
+        else:
+            torch.index_select(P, 0, idx, out=q).sub_(half)
         q[torch.arange(len(idx), device=P.device), cur[idx]] = float("-inf")
-        out[lo:lo + len(idx)] = q.max(dim=1).values.double()
+        out[lo:lo + len(idx)] = q.amax(dim=1).double()
     return out
 
 
