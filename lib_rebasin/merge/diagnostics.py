@@ -151,27 +151,27 @@ _CHUNK = 1 << 16
 
 def accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> None:
     """Add one key's dot products, in float64 (every product of two fp32 values exactly, the sums rounded in
-    float64), a chunk at a time. The order of the float64 additions changes only the last few of ~16 digits, far
-    below the STORED_DIGITS that reach the file."""
+    float64), a chunk at a time: the chunks of A, B (and pi(B)) side by side, and their Gram matrix, one product that
+    gives every dot product at once. The order of the float64 additions changes only the last few of ~16 digits,
+    far below the STORED_DIGITS that reach the file."""
     if a.shape != b.shape:
         return  # an inpainting A's wider conv_in has no counterpart in B
     unpermuted = pb is b
     srcs = [t.reshape(-1) for t in ((a, b) if unpermuted else (a, b, pb))]
     n = srcs[0].numel()
     buf = torch.empty(len(srcs), min(n, _CHUNK), dtype=torch.float64, device=a.device)
-    sums = torch.zeros(4, dtype=torch.float64, device=a.device)
+    gram = torch.zeros(len(srcs), len(srcs), dtype=torch.float64, device=a.device)
     for lo in range(0, n, _CHUNK):
         k = min(_CHUNK, n - lo)
-        x, y, *rest = (d[:k].copy_(s[lo:lo + k]) for d, s in zip(buf, srcs, strict=True))
-        sums[0] += torch.dot(x, y)
-        if not unpermuted:
-            sums[1] += torch.dot(x, rest[0])
-        sums[2] += torch.dot(x, x)
-        sums[3] += torch.dot(y, y)
-    if unpermuted:
-        sums[1] = sums[0]
-    for i, v in enumerate(sums.tolist()):
-        acc[i] += v
+        x = buf[:, :k]
+        for row, src in zip(x, srcs, strict=True):
+            row.copy_(src[lo:lo + k])
+        gram.addmm_(x, x.T)
+    g = gram.tolist()
+    acc[0] += g[0][1]
+    acc[1] += g[0][1] if unpermuted else g[0][2]
+    acc[2] += g[0][0]
+    acc[3] += g[1][1]
 
 
 # Significant digits of the measured floats stored in a file's metadata. A dot product's last bits depend on how
