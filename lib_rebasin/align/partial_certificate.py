@@ -47,7 +47,9 @@ matmuls are not run in TF32 (PyTorch's default).
 
 Reading. The norms and differences over all columns come from one pass over each tensor that serves all its axes,
 kept for the run, as long as neither the tensor's other axes nor the group itself are permuted (same-base pairs:
-always); otherwise from the visit's own rows. A visit then reads only the columns S of its slots.
+always); otherwise from the visit's own rows. A visit then needs only the columns S of its slots: where the run's
+groups are given (a model re-read on each visit), that pass also keeps the columns the first share of each of the
+key's groups multiplies out, until the key's last planned visit, so a visit proven at the first share reads nothing.
 """
 
 from __future__ import annotations
