@@ -219,3 +219,21 @@ def test_unrelated_models_are_not_proven() -> None:
     for _ in range(10):
         a, b = torch.randn(32, 1024, generator=gen), torch.randn(32, 1024, generator=gen)
         assert not prove_current(spec, g, {"w": a}.__getitem__, {"w": b}.__getitem__, {}, torch.arange(32), CPU)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float16), (torch.float16, torch.float64),
+                                    (torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float64)])
+def test_row_statistics_are_within_their_bound_of_the_exact_sums(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    """Sums of a^2 and (a - b)^2 over every axis, within the stated relative bound of the exact ones, also when B is
+    stored wider than fp32 and differs from A by far less than fp32 resolves (no rounding before the subtraction)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(70, 9, 3, 3, generator=gen, dtype=torch.float64).to(dtypes[0])
+    b = (a.double() + 1e-9 * torch.randn(a.shape, generator=gen, dtype=torch.float64)).to(dtypes[1])
+    stats = pc._row_stats(a, b, (0, 1))
+    sq, diff = a.double() ** 2, (a.double() - b.double()) ** 2
+    for x in (0, 1):
+        s, e = stats[x]
+        dims = [d for d in range(a.dim()) if d != x]
+        for got, exact in zip(s, (sq.sum(dim=dims), diff.sum(dim=dims)), strict=True):
+            assert bool(((got - exact).abs() <= e * exact + 1e-300).all()), (x, dtypes)

@@ -97,12 +97,12 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[
         ab, bb = a[r0:r0 + step], b[r0:r0 + step]
         sq, d = (t[:ab.numel()].view(ab.shape) for t in buf)
         sq.copy_(ab)
-        if a.dtype in _EXACT_IN_FP32:
+        if a.dtype in _EXACT_IN_FP32 and b.dtype in _EXACT_IN_FP32:
             # Both widened exactly, the difference rounded once in fp32 (within fp32's eps, below the stored
             # dtype's; a difference of two floats never underflows; an overflow gives inf, which no proof survives).
             d.copy_(bb).sub_(sq)
         else:
-            d.copy_(ab - bb)  # wider than fp32: the difference in the stored dtype, then rounded to fp32
+            d.copy_(ab - bb)  # either wider than fp32: the difference in the wider dtype, then rounded
         sq.square_()
         d.square_()
         for k, src in enumerate((sq, d)):
