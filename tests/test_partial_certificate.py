@@ -4,6 +4,7 @@ exact matrix and of the fp32 one a visit would compute."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,9 @@ def test_same_base_identity_is_proven_and_a_swapped_pair_is_not(models: dict[str
     spec = build_spec(MINI)
     a, fine = _state(models["a"]), _state(models["finetune"])
     groups = spec.groups_in(["unet", "te", "vae"])
-    runs = [weight_matching(spec, groups, a.__getitem__, fine.__getitem__, partial=p) for p in (True, False)]
+    # Re-read on each visit (a file on the CPU): the proof keeps the columns it needs from its first read.
+    runs = [weight_matching(spec, groups, a.__getitem__, fine.__getitem__, partial=p, keep=(not p, not p))
+            for p in (True, False)]
     assert all(torch.equal(runs[0].perms[g.name], runs[1].perms[g.name]) for g in groups)
     assert runs[0].certified == runs[1].certified == len(groups) and runs[0].solves == 0
     proof = CurrentProof(spec, a.__getitem__, fine.__getitem__, CPU)
@@ -83,6 +86,39 @@ def test_same_base_identity_is_proven_and_a_swapped_pair_is_not(models: dict[str
             for lo in (0, half):
                 swapped[lo:lo + 2 * h] = torch.cat([ident[lo + h:lo + 2 * h], ident[lo:lo + h]])
         assert not proof.prove(g, {}, swapped), g.name
+
+
+@pytest.mark.parametrize("shares", [None, (4096, 16, 2)])
+def test_the_columns_kept_from_the_first_read_prove_what_the_whole_rows_do(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, shares: tuple[int, ...] | None) -> None:
+    """A run's proof reads each key once for its statistics and keeps the columns the first share multiplies out,
+    for every group the key belongs to: the same outcome as a proof that reads the whole rows on each visit. With
+    a first share too small to prove most rows, the later shares read the whole rows again, with the same outcome."""
+    if shares is not None:
+        monkeypatch.setattr(pc, "SHARES", shares)
+        monkeypatch.setattr(pc, "MIN_COLUMNS", 1)
+    spec = build_spec(MINI)
+    a, fine = _state(models["a"]), _state(models["finetune"])
+    groups = spec.groups_in(["unet", "te", "vae"])
+    reads: dict[str, int] = {}
+
+    def counted(state: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+        def get(key: str) -> torch.Tensor:
+            reads[key] = reads.get(key, 0) + 1
+            return state[key]
+        return get
+
+    proof = CurrentProof(spec, counted(a), counted(fine), CPU, groups)
+    outcomes = [proof.prove(g, {}, torch.arange(g.size)) for g in groups]
+    alone = [prove_current(spec, g, a.__getitem__, fine.__getitem__, {}, torch.arange(g.size), CPU) for g in groups]
+    assert outcomes == alone and sum(outcomes) > len(groups) // 2
+    assert not proof.kept  # released after each key's last planned visit
+    matrices = {k for k in reads if a[k].dim() > 1}
+    if shares is None:
+        assert all(outcomes)
+        assert all(reads[k] == 2 for k in matrices)  # once from A, once from B
+    else:
+        assert any(reads[k] > 2 for k in matrices)  # the whole rows again for a later share
 
 
 def test_permuted_pair_is_proven_at_the_permutation_that_undoes_it(models: dict[str, Path]) -> None:
@@ -183,3 +219,21 @@ def test_unrelated_models_are_not_proven() -> None:
     for _ in range(10):
         a, b = torch.randn(32, 1024, generator=gen), torch.randn(32, 1024, generator=gen)
         assert not prove_current(spec, g, {"w": a}.__getitem__, {"w": b}.__getitem__, {}, torch.arange(32), CPU)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float16), (torch.float16, torch.float64),
+                                    (torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float64)])
+def test_row_statistics_are_within_their_bound_of_the_exact_sums(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    """Sums of a^2 and (a - b)^2 over every axis, within the stated relative bound of the exact ones, also when B is
+    stored wider than fp32 and differs from A by far less than fp32 resolves (no rounding before the subtraction)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(70, 9, 3, 3, generator=gen, dtype=torch.float64).to(dtypes[0])
+    b = (a.double() + 1e-9 * torch.randn(a.shape, generator=gen, dtype=torch.float64)).to(dtypes[1])
+    stats = pc._row_stats(a, b, (0, 1))
+    sq, diff = a.double() ** 2, (a.double() - b.double()) ** 2
+    for x in (0, 1):
+        s, e = stats[x]
+        dims = [d for d in range(a.dim()) if d != x]
+        for got, exact in zip(s, (sq.sum(dim=dims), diff.sum(dim=dims)), strict=True):
+            assert bool(((got - exact).abs() <= e * exact + 1e-300).all()), (x, dtypes)

@@ -47,13 +47,15 @@ matmuls are not run in TF32 (PyTorch's default).
 
 Reading. The norms and differences over all columns come from one pass over each tensor that serves all its axes,
 kept for the run, as long as neither the tensor's other axes nor the group itself are permuted (same-base pairs:
-always); otherwise from the visit's own rows. A visit then reads only the columns S of its slots.
+always); otherwise from the visit's own rows. A visit then needs only the columns S of its slots: where the run's
+groups are given (a model re-read on each visit), that pass also keeps the columns the first share of each of the
+key's groups multiplies out, until the key's last planned visit, so a visit proven at the first share reads nothing.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -72,7 +74,8 @@ MIN_COLUMNS = 128
 # models: the full matrix is needed anyway).
 PROBE = 16
 _U = 2.0 ** -24  # unit roundoff of fp32
-_BLOCK = 1 << 20  # elements widened to fp32 at a time by the row statistics
+_BLOCK = 1 << 19  # elements widened to fp32 at a time by the row statistics (two reused buffers, cache-sized)
+_EXACT_IN_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # stored dtypes fp32 holds exactly
 _ROW_BLOCK = 256
 
 
@@ -87,34 +90,49 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[
     out = {x: torch.zeros(2, a.shape[x], dtype=torch.float64, device=a.device) for x in axes}
     if a.dim() == 0 or a.numel() == 0:
         return {x: (s, 0.0) for x, s in out.items()}
-    step = max(1, _BLOCK // max(1, a[0].numel()))
+    row = max(1, a[0].numel())
+    step = max(1, _BLOCK // row)
+    buf = torch.empty(2, min(step, a.shape[0]) * row, dtype=torch.float32, device=a.device)  # reused per block
     for r0 in range(0, a.shape[0], step):
-        # The difference in the stored dtype (within its eps of the exact one, relatively: a difference of two
-        # floats of one format never underflows; an overflow gives inf, which no proof survives), squared in fp32.
-        fa = a[r0:r0 + step].to(torch.float32, copy=True).square_()
-        d = (a[r0:r0 + step] - b[r0:r0 + step]).to(torch.float32, copy=True).square_()
-        for k, src in enumerate((fa, d)):
+        ab, bb = a[r0:r0 + step], b[r0:r0 + step]
+        sq, d = (t[:ab.numel()].view(ab.shape) for t in buf)
+        sq.copy_(ab)
+        if a.dtype in _EXACT_IN_FP32 and b.dtype in _EXACT_IN_FP32:
+            # Both widened exactly, the difference rounded once in fp32 (within fp32's eps, below the stored
+            # dtype's; a difference of two floats never underflows; an overflow gives inf, which no proof survives).
+            d.copy_(bb).sub_(sq)
+        else:
+            d.copy_(ab - bb)  # either wider than fp32: the difference in the wider dtype, then rounded
+        sq.square_()
+        d.square_()
+        for k, src in enumerate((sq, d)):
             for x in axes:
-                t = src.flatten(x + 1).sum(dim=-1) if x + 1 < src.dim() else src  # trailing dims: contiguous
                 if x == 0:
-                    out[x][k, r0:r0 + step] = t.double()
+                    out[x][k, r0:r0 + step] = src.flatten(1).sum(dim=1) if src.dim() > 1 else src
                 else:
-                    out[x][k] += t.flatten(0, x - 1).sum(dim=0).double()
-    # The difference's rounding (squared: two eps), the square's, the sum's, the float64 additions.
+                    # The leading dims first (whole rows added at a time), then the trailing ones of each unit.
+                    t = src.flatten(0, x - 1).sum(dim=0)
+                    out[x][k] += t.flatten(1).sum(dim=1) if t.dim() > 1 else t
+    # The difference's rounding (squared: two eps), the square's, the sum's (any order: non-negative terms), the
+    # float64 additions.
     eps = torch.finfo(a.dtype).eps if a.dtype.is_floating_point else 0.0
     return {x: (s, _gamma(a.numel() // a.shape[x]) + 3 * eps + 4 * _U) for x, s in out.items()}
 
 
 class _Slot:
     """One slot of a visit: its rows of A and B as (units, d1, rest...) (stored dtype), where the current partner
-    of each row lies in the window, the column cuts of the shares, and its statistics over all columns."""
+    of each row lies in the window, the column cuts of the shares, and its statistics over all columns.
+
+    `a` and `b` may hold only the first slices of d1 (`cols` is the whole count): `more()` then reads the whole
+    rows when a share needs columns beyond them."""
 
     def __init__(self, slot: Slot, a: torch.Tensor, b: torch.Tensor, local: torch.Tensor | None,
-                 stats: tuple[torch.Tensor, float]) -> None:
-        self.slot, self.a, self.b, self.local = slot, a, b, local
+                 stats: tuple[torch.Tensor, float], cols: int | None = None,
+                 more: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.slot, self.a, self.b, self.local, self.more = slot, a, b, local, more
         self.lo, self.hi = slot.start, slot.start + slot.length
         self.inner = a[0, 0].numel() if a.dim() > 1 else 1
-        cols = a.shape[1] if a.dim() > 1 else 1
+        cols = cols if cols is not None else a.shape[1] if a.dim() > 1 else 1
         self.m = cols * self.inner
         self.cols = cols
         self.cuts = [0]
@@ -130,6 +148,9 @@ class _Slot:
         if c1 <= c0 or (rows is not None and not len(rows)):
             return  # nothing new, or no row open in this window (its columns are read by its rows only)
         n = self.slot.length
+        if self.more is not None and c1 > self.a.shape[1]:
+            self.a, self.b = self.more()  # beyond the columns kept: the whole rows
+            self.more = None
         a_cols = self.a[:, c0:c1] if self.a.dim() > 1 else self.a[:, None]
         b = _widened(self.b[:, c0:c1] if self.b.dim() > 1 else self.b[:, None], n)
         partner = b if self.local is None else b.index_select(0, self.local)
@@ -166,14 +187,21 @@ def _local(rows: torch.Tensor, sl: _Slot) -> torch.Tensor:
 
 
 def _nearest(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    """For each of `rows`: max over j != cur(i) of P[i, j] - 1/2 |b_S,j|^2 (float64), a block of rows at a time."""
+    """For each of `rows` (ascending): max over j != cur(i) of P[i, j] - 1/2 |b_S,j|^2 (float64), a block of rows
+    at a time into one reused buffer."""
     out = torch.empty(len(rows), dtype=torch.float64, device=P.device)
     half = (col_sq / 2).float()
+    every = len(rows) == P.shape[0]  # all rows, in order: blocks of P itself, no gather
+    buf = torch.empty(min(_ROW_BLOCK, len(rows)), P.shape[1], dtype=P.dtype, device=P.device)
     for lo in range(0, len(rows), _ROW_BLOCK):
         idx = rows[lo:lo + _ROW_BLOCK]
-        q = P.index_select(0, idx).sub_(half)
+        q = buf[:len(idx)]
+        if every:
+            torch.sub(P[lo:lo + len(idx)], half, out=q)
+        else:
+            torch.index_select(P, 0, idx, out=q).sub_(half)
         q[torch.arange(len(idx), device=P.device), cur[idx]] = float("-inf")
-        out[lo:lo + len(idx)] = q.max(dim=1).values.double()
+        out[lo:lo + len(idx)] = q.amax(dim=1).double()
     return out
 
 
@@ -191,11 +219,16 @@ def _widened(t: torch.Tensor, n: int) -> torch.Tensor:
 
 class CurrentProof:
     """Proofs for one weight-matching run: keeps each key's row statistics (a few floats per unit) for later
-    visits."""
+    visits, and, for the `groups` of the run, the columns each of its slots multiplies out at the first share, so
+    that the one read that gives a key's statistics also serves the first share of every group it belongs to."""
 
-    def __init__(self, spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, device: torch.device) -> None:
+    def __init__(self, spec: ArchSpec, get_a: TensorGetter, get_b: TensorGetter, device: torch.device,
+                 groups: Iterable[Group] = ()) -> None:
         self.spec, self.get_a, self.get_b, self.device = spec, get_a, get_b, device
         self.stats: dict[str, dict[int, tuple[torch.Tensor, float]]] = {}
+        # (key, axis) -> [slices of its column dim to keep, visits left]; then the kept columns of A and B.
+        self.plan = _first_columns(spec, groups)
+        self.kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prove(self, group: Group, perms: Perms, current: torch.Tensor) -> bool:
         """True when `current` is provably the only optimal assignment of the group's exact cost matrix and of
@@ -261,21 +294,76 @@ class CurrentProof:
         if not bool(((local >= 0) & (local < slot.length)).all()):
             return None  # not a legal permutation of this window
         same = torch.equal(local, torch.arange(slot.length, device=local.device))
-        ta, tb = self.get_a(slot.key), self.get_b(slot.key)
         others = [x for x in self.spec.axes[slot.key] if x != slot.axis]
         if same and all(axis_index(self.spec, slot.key, x, perms) is None for x in others):
             # Neither the other axes nor this group moved: the key's statistics over all of it serve.
+            fetched = None
             if slot.key not in self.stats:
-                self.stats[slot.key] = _row_stats(ta, tb, tuple(self.spec.axes[slot.key]))
+                fetched = self.get_a(slot.key), self.get_b(slot.key)
+                self.stats[slot.key] = _row_stats(*fetched, tuple(self.spec.axes[slot.key]))
+                self._keep(slot.key, *fetched)
             s, e = self.stats[slot.key][slot.axis]
-            a = ta.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0)
-            b = tb.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0)
-            return _Slot(slot, a, b, None, (s[:, slot.offset:slot.offset + slot.length], e))
+            stats = (s[:, slot.offset:slot.offset + slot.length], e)
+
+            def rows(ta: torch.Tensor, tb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return (ta.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0),
+                        tb.narrow(slot.axis, slot.offset, slot.length).movedim(slot.axis, 0))
+
+            kept = self._kept(slot)
+            if kept is None:
+                return _Slot(slot, *rows(*(fetched or (self.get_a(slot.key), self.get_b(slot.key)))), None, stats)
+            shape = self.spec.shapes[slot.key]
+            return _Slot(slot, *rows(*kept), None, stats, cols=shape[_column_dim(slot.axis)],
+                         more=lambda: rows(self.get_a(slot.key), self.get_b(slot.key)))
+        ta, tb = self.get_a(slot.key), self.get_b(slot.key)
         a = unit_rows(ta, slot.axis, slot.offset, slot.length, ta.dtype)
         b = other_axes_permuted(self.spec, slot, tb, perms, tb.dtype)
         partner = b if same else b.index_select(0, local)
         s, e = _row_stats(a, partner, (0,))[0]
         return _Slot(slot, a, b, None if same else local, (s, e))
+
+    def _keep(self, key: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
+        """Copies of the first columns of `key` that its planned slots multiply out at the first share."""
+        for x in self.spec.axes[key]:
+            planned = self.plan.get((key, x))
+            if planned is not None and ta.dim() > 1:
+                cut = (_column_dim(x), 0, planned[0])
+                self.kept[key, x] = (ta.narrow(*cut).clone(), tb.narrow(*cut).clone())
+
+    def _kept(self, slot: Slot) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept columns of the slot's key and axis; released after the last planned visit."""
+        planned = self.plan.get((slot.key, slot.axis))
+        kept = self.kept.get((slot.key, slot.axis))
+        if planned is None or kept is None:
+            return None
+        planned[1] -= 1
+        if planned[1] <= 0:
+            del self.kept[slot.key, slot.axis]
+        return kept
+
+
+def _column_dim(axis: int) -> int:
+    """The dim of a tensor whose slices are a slot's columns (the first dim after its units' axis)."""
+    return 1 if axis == 0 else 0
+
+
+def _first_columns(spec: ArchSpec, groups: Iterable[Group]) -> dict[tuple[str, int], list[int]]:
+    """(key, axis) -> [slices of its column dim the first share multiplies out (the most over the groups that use
+    it, as `_Slot.cut` computes them), the number of those slots]."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for g in groups:
+        dims = [(s, list(spec.shapes[s.key])) for s in g.slots]
+        ms = [math.prod(shape) // max(1, shape[s.axis]) if len(shape) > 1 else 1 for s, shape in dims]
+        f = max(1 / SHARES[0], MIN_COLUMNS / sum(ms))
+        for (s, shape), m in zip(dims, ms, strict=True):
+            if len(shape) < 2:
+                continue
+            cols = shape[_column_dim(s.axis)]
+            cut = min(cols, math.ceil(math.ceil(f * m) / (m // cols)))
+            planned = out.setdefault((s.key, s.axis), [0, 0])
+            planned[0] = max(planned[0], cut)
+            planned[1] += 1
+    return out
 
 
 def prove_current(spec: ArchSpec, group: Group, get_a: TensorGetter, get_b: TensorGetter, perms: Perms,

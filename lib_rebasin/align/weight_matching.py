@@ -236,7 +236,9 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     unscreenable: set[str] = set()
     screen_tries = screen_wins = 0
     use_partial = partial
-    proof = CurrentProof(spec, ta, tb, dev)
+    # Where a model is re-read on each visit, the proof keeps the few columns each visit needs from the read that
+    # gives its statistics; where both are kept, nothing needs keeping twice.
+    proof = CurrentProof(spec, ta, tb, dev, groups if not all(keep) else ())
     partial_tries = partial_wins = 0
     reports = {g.name: GroupReport(g.name, g.part, g.kind, g.size) for g in groups}
     affects = _dependents(spec, groups)

@@ -138,24 +138,40 @@ class Diagnostics:
 
 def accumulate_objective(acc: list[float], spec: ArchSpec[Any], key: str, get_a: TensorGetter, get_b: TensorGetter,
                           perms: Perms) -> None:
-    """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 of one key (fp32 dot products, float64 running sums)."""
+    """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 of one key (float64 dot products and running sums)."""
     a = get_a(key).float()
     b = get_b(key).float()
     accumulate(acc, a, b, permute_tensor(spec, key, b, perms))
 
 
+# Elements widened to float64 at a time: the widened chunks stay in the CPU's cache for their dot products, where
+# widening whole tensors would write and read back twice their fp32 size.
+_CHUNK = 1 << 16
+
+
 def accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> None:
-    """Add one key's dot products. float64: the order in which threads reduce then changes only the last few of
-    ~16 digits, far below the STORED_DIGITS that reach the file."""
+    """Add one key's dot products, in float64 (every product of two fp32 values exactly, the sums rounded in
+    float64), a chunk at a time: the chunks of A, B (and pi(B)) side by side, and their Gram matrix, one product that
+    gives every dot product at once. The order of the float64 additions changes only the last few of ~16 digits,
+    far below the STORED_DIGITS that reach the file."""
     if a.shape != b.shape:
         return  # an inpainting A's wider conv_in has no counterpart in B
     unpermuted = pb is b
-    a, b, pb = a.reshape(-1).double(), b.reshape(-1).double(), (b if unpermuted else pb.reshape(-1).double())
-    ab = float(torch.dot(a, b))
-    acc[0] += ab
-    acc[1] += ab if unpermuted else float(torch.dot(a, pb))
-    acc[2] += float(torch.dot(a, a))
-    acc[3] += float(torch.dot(b, b))
+    srcs = [t.reshape(-1) for t in ((a, b) if unpermuted else (a, b, pb))]
+    n = srcs[0].numel()
+    buf = torch.empty(len(srcs), min(n, _CHUNK), dtype=torch.float64, device=a.device)
+    gram = torch.zeros(len(srcs), len(srcs), dtype=torch.float64, device=a.device)
+    for lo in range(0, n, _CHUNK):
+        k = min(_CHUNK, n - lo)
+        x = buf[:, :k]
+        for row, src in zip(x, srcs, strict=True):
+            row.copy_(src[lo:lo + k])
+        gram.addmm_(x, x.T)
+    g = gram.tolist()
+    acc[0] += g[0][1]
+    acc[1] += g[0][1] if unpermuted else g[0][2]
+    acc[2] += g[0][0]
+    acc[3] += g[1][1]
 
 
 # Significant digits of the measured floats stored in a file's metadata. A dot product's last bits depend on how

@@ -1,0 +1,43 @@
+"""The alignment objective a merge stores (`merge/diagnostics.py`): float64 dot products, a chunk at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lib_rebasin.merge.diagnostics as diagnostics
+from lib_rebasin.merge.diagnostics import accumulate, stored_float
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, 3 * (1 << 16) + 5])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_chunked_dot_products_are_the_float64_ones(n: int, permuted: bool) -> None:
+    """<A,B>, <A,pi B>, |A|^2, |B|^2 as float64 dot products of the whole tensors give them, to the stored digits,
+    across chunk boundaries, added to what the list already holds."""
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=gen).half().float()
+    b = (a + 0.05 * torch.randn(n, generator=gen)).half().float()
+    pb = b.flip(0) if permuted else b
+    acc = [1.0, 2.0, 3.0, 4.0]
+    accumulate(acc, a, b, pb)
+    ad, bd, pd = a.double(), b.double(), pb.double()
+    want = [1 + float(ad @ bd), 2 + float(ad @ pd), 3 + float(ad @ ad), 4 + float(bd @ bd)]
+    assert [stored_float(x) for x in acc] == [stored_float(x) for x in want]
+    assert acc == pytest.approx(want, rel=1e-13, abs=1e-9)
+
+
+def test_small_chunks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 250, generator=gen), torch.randn(4, 250, generator=gen)
+    whole = [0.0] * 4
+    accumulate(whole, a, b, b)
+    monkeypatch.setattr(diagnostics, "_CHUNK", 7)
+    chunked = [0.0] * 4
+    accumulate(chunked, a, b, b)
+    assert chunked == pytest.approx(whole, rel=1e-13)
+
+
+def test_a_wider_a_adds_nothing() -> None:
+    acc = [0.0] * 4
+    accumulate(acc, torch.ones(9, 4), torch.ones(4, 4), torch.ones(4, 4))
+    assert acc == [0.0] * 4
