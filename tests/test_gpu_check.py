@@ -1,10 +1,12 @@
 """The GPU check (benchmarks/gpu_check) cannot rot between the rare runs on a GPU: its dry run on the CPU runs here,
 every case it would run is a valid merge, and its parity rule tells rounding from a different result.
 
-The dry run is `--device cpu --scale mini` over the cases that cover each kind of work the script drives (a merge
+The dry run is `--device cpu --scale tiny` over the cases that cover each kind of work the script drives (a merge
 with weight matching, a per-key method with block weights, a two-step recipe); the other cases differ from these
 only in their options, which are validated here, and their paths run on a simulated small GPU in
-test_device_budget.py. Two CPU runs must give the same bytes."""
+test_device_budget.py. Two CPU runs must give the same bytes. The tiny scale has SD 1.5's keys and every group the
+spec derives, so the script's paths (inputs, each kind of case, parity) run as at mini; the spec itself is tested in
+test_spec.py and test_merge.py."""
 
 from __future__ import annotations
 
@@ -27,19 +29,19 @@ from benchmarks.gpu_check.cases import CASES, MODELS, options_of
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The check's four mini inputs, from the test model cache (the check reuses files that say they are its
+    """The check's four tiny inputs, from the test model cache (the check reuses files that say they are its
     models)."""
     from model_cache import cached_checkpoint
 
     d = tmp_path_factory.mktemp("gpu_check_data")
     for name, kw in MODELS.items():
-        cached_checkpoint(d / "mini" / f"{name}.safetensors", "mini", precision="fp16", **kw)
+        cached_checkpoint(d / "tiny" / f"{name}.safetensors", "tiny", precision="fp16", **kw)
     return d
 
 
-def test_the_cpu_dry_run_at_mini_scale_is_bit_identical(data: Path, tmp_path: Path) -> None:
+def test_the_cpu_dry_run_at_tiny_scale_is_bit_identical(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "table.md"
-    rc = main(["--device", "cpu", "--scale", "mini", "--data", str(data), "--out", str(out),
+    rc = main(["--device", "cpu", "--scale", "tiny", "--data", str(data), "--out", str(out),
                "--cases", "wm_same_base", "dare_blocks", "recipe_2step"])
     assert rc == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
@@ -47,7 +49,7 @@ def test_the_cpu_dry_run_at_mini_scale_is_bit_identical(data: Path, tmp_path: Pa
     checked = {r["case"]: r["parity"]["status"] for r in rows[1:]}
     assert checked == dict.fromkeys(["wm_same_base", "dare_blocks", "recipe_2step"], "bit-identical")
     table = out.read_text()
-    assert "| wm_same_base | mini |" in table and "bit-identical" in table
+    assert "| wm_same_base | tiny |" in table and "bit-identical" in table
 
 
 @pytest.mark.parametrize("cheap", [False, True])
