@@ -23,11 +23,13 @@ pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
 GR4 = int(gr.__version__.split(".")[0]) >= 4
+ADAPTER_PACKAGES = ("modules", "modules_forge", "rebasin_webui")  # the stand-in host's, and the adapter's own
 
 
 def _drop_standin_modules():
+    """Forget the stand-in host and the adapter, its modules in scripts/rebasin_webui/ too (they import the host's)."""
     for name in list(sys.modules):
-        if name.split(".")[0] in ("modules", "modules_forge") or name in ("launch", "rebasin_tab.py"):
+        if name.split(".")[0] in ADAPTER_PACKAGES or name in ("launch", "rebasin_tab.py"):
             del sys.modules[name]
 
 
@@ -80,6 +82,11 @@ def webui(models_dir, tmp_path, monkeypatch):
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     _drop_standin_modules()
+
+
+def _dropdown():
+    """The adapter's module for the host's checkpoint dropdowns, as the loaded rebasin_tab.py imported it."""
+    return sys.modules["rebasin_webui.dropdown"]
 
 
 def _calls(prefix):
@@ -347,7 +354,7 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert shared.state.history and shared.state.history[-1][0] is not None
     # saved, then the host's lists refreshed (output lies outside the scanned folder: registered by hand)
     assert any(Path(info.filename) == out for info in sd_models.checkpoints_list.values())
-    upd = webui.refresh_checkpoint_dropdown(str(out))
+    upd = _dropdown().refresh_checkpoint_dropdown(str(out))
     assert merged_title in upd["choices"]
     fn_dd, dep_dd = _fn_for(demo, ui["result_path"], "change")
     assert dep_dd["outputs"] == [dd._id]
@@ -705,5 +712,5 @@ def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tm
     assert job.output == tmp_path / "webui_chain.safetensors" and job.output.is_file()
     assert ("progress.start_task", "task(recipe1)") in _calls("progress.start_task")
     assert [s.name for s in parse_recipe(rb.from_checkpoint(job.output)).steps] == ["step1", "step2"]
-    titles = webui.refresh_checkpoint_dropdown(str(job.output))["choices"]
+    titles = _dropdown().refresh_checkpoint_dropdown(str(job.output))["choices"]
     assert any(t.startswith("webui_chain.safetensors [") for t in titles)  # titled with its hash, like the host
