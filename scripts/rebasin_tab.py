@@ -22,13 +22,6 @@ for _path in (_SCRIPTS_DIR, _EXT_ROOT):  # the WebUI prefixes the root only whil
 
 import gradio as gr  # noqa: E402
 from modules import script_callbacks, shared  # noqa: E402
-from rebasin_webui.dropdown import (  # noqa: E402
-    in_layout,
-    is_checkpoint_dropdown,
-    wire_checkpoint_dropdown,
-)
-from rebasin_webui.host import WebUIHost  # noqa: E402
-from rebasin_webui.host_facts import opt  # noqa: E402
 
 from lib_rebasin.methods import METHODS  # noqa: E402
 from lib_rebasin.options import OPTIONS  # noqa: E402
@@ -38,6 +31,13 @@ from lib_rebasin.ui.generation import GENERATION_FIELDS  # noqa: E402
 from lib_rebasin.ui.host import HIRES_ELEM_IDS  # noqa: E402
 from lib_rebasin.ui.service import MergeService  # noqa: E402
 from lib_rebasin.ui.tab import build_tab  # noqa: E402
+from rebasin_webui.dropdown import (  # noqa: E402
+    in_layout,
+    is_checkpoint_dropdown,
+    wire_checkpoint_dropdown,
+)
+from rebasin_webui.host import WebUIHost  # noqa: E402
+from rebasin_webui.host_facts import opt  # noqa: E402
 
 TAB_TITLE = "Re-Basin"
 TAB_ID = "rebasin"

@@ -161,6 +161,26 @@ def test_registers_callbacks_without_name_kwarg(webui):
                                     "script_callbacks.on_model_loaded"])
 
 
+def test_the_host_loads_one_script_and_the_adapter_modules_once(webui):
+    """AUTOMATIC1111 and Forge load every *.py file directly in an extension's scripts/ folder as a script of its own,
+    by file path (modules/scripts.py list_scripts, extensions.list_files), and never a folder: the adapter's other
+    modules live in scripts/rebasin_webui/, imported by name. Loading rebasin_tab.py again (the host's UI reload)
+    reuses them, and the host's functions stay wrapped once."""
+    from modules import sd_models
+
+    assert sorted(p.name for p in (ROOT / "scripts").glob("*.py")) == ["rebasin_tab.py"]
+    unsaved = sys.modules["rebasin_webui.unsaved"]
+    unsaved.keep_unsaved_listed(webui.HOST)
+    wrapped = sd_models.list_models
+    assert wrapped._rebasin_wrapper
+    spec = importlib.util.spec_from_file_location("rebasin_tab.py", ROOT / "scripts" / "rebasin_tab.py")
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)
+    assert again.WebUIHost is webui.WebUIHost and sys.modules["rebasin_webui.unsaved"] is unsaved
+    unsaved.keep_unsaved_listed(again.HOST)
+    assert sd_models.list_models is wrapped  # not wrapped a second time
+
+
 def test_tab_registration_and_settings(webui):
     tabs, _comps, _dd, _demo = _build_ui(webui)
     assert len(tabs) == 1
