@@ -150,7 +150,7 @@ def test_the_check_reports_each_kind_of_mismatch():
 def test_every_host_class_is_checked():
     """A new host (a subclass of BaseHost in the package or the adapter) must be added to the checks below."""
     found = set()
-    for path in [*ROOT.joinpath("lib_rebasin").rglob("*.py"), *ROOT.joinpath("scripts").glob("*.py")]:
+    for path in [*ROOT.joinpath("lib_rebasin").rglob("*.py"), *ROOT.joinpath("scripts").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("BaseHost") for b in node.bases):
                 found.add(node.name)
@@ -164,7 +164,7 @@ def test_core_hosts_satisfy_the_protocol(cls):
 
 def _drop_standin_modules():
     for name in list(sys.modules):
-        if name.split(".")[0] in ("modules", "modules_forge") or name in ("launch", "rebasin_tab.py"):
+        if name.split(".")[0] in ("modules", "modules_forge", "rebasin_webui") or name in ("launch", "rebasin_tab.py"):
             del sys.modules[name]
 
 

@@ -372,7 +372,7 @@ def test_webui_adapter_lists_the_hosts_vaes(folder, tmp_path, monkeypatch):
 
     def drop():
         for name in list(sys.modules):
-            if name == "modules" or name.startswith("modules.") or name in ("launch", "rebasin_tab.py"):
+            if name.split(".")[0] in ("modules", "rebasin_webui") or name in ("launch", "rebasin_tab.py"):
                 del sys.modules[name]
 
     drop()

@@ -23,11 +23,13 @@ pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
 GR4 = int(gr.__version__.split(".")[0]) >= 4
+ADAPTER_PACKAGES = ("modules", "modules_forge", "rebasin_webui")  # the stand-in host's, and the adapter's own
 
 
 def _drop_standin_modules():
+    """Forget the stand-in host and the adapter, its modules in scripts/rebasin_webui/ too (they import the host's)."""
     for name in list(sys.modules):
-        if name.split(".")[0] in ("modules", "modules_forge") or name in ("launch", "rebasin_tab.py"):
+        if name.split(".")[0] in ADAPTER_PACKAGES or name in ("launch", "rebasin_tab.py"):
             del sys.modules[name]
 
 
@@ -80,6 +82,11 @@ def webui(models_dir, tmp_path, monkeypatch):
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     _drop_standin_modules()
+
+
+def _dropdown():
+    """The adapter's module for the host's checkpoint dropdowns, as the loaded rebasin_tab.py imported it."""
+    return sys.modules["rebasin_webui.dropdown"]
 
 
 def _calls(prefix):
@@ -152,6 +159,26 @@ def test_registers_callbacks_without_name_kwarg(webui):
     assert sorted(kinds) == sorted(["script_callbacks.on_ui_settings", "script_callbacks.on_after_component",
                                     "script_callbacks.on_ui_tabs", "script_callbacks.on_app_started",
                                     "script_callbacks.on_model_loaded"])
+
+
+def test_the_host_loads_one_script_and_the_adapter_modules_once(webui):
+    """AUTOMATIC1111 and Forge load every *.py file directly in an extension's scripts/ folder as a script of its own,
+    by file path (modules/scripts.py list_scripts, extensions.list_files), and never a folder: the adapter's other
+    modules live in scripts/rebasin_webui/, imported by name. Loading rebasin_tab.py again (the host's UI reload)
+    reuses them, and the host's functions stay wrapped once."""
+    from modules import sd_models
+
+    assert sorted(p.name for p in (ROOT / "scripts").glob("*.py")) == ["rebasin_tab.py"]
+    unsaved = sys.modules["rebasin_webui.unsaved"]
+    unsaved.keep_unsaved_listed(webui.HOST)
+    wrapped = sd_models.list_models
+    assert wrapped._rebasin_wrapper
+    spec = importlib.util.spec_from_file_location("rebasin_tab.py", ROOT / "scripts" / "rebasin_tab.py")
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)
+    assert again.WebUIHost is webui.WebUIHost and sys.modules["rebasin_webui.unsaved"] is unsaved
+    unsaved.keep_unsaved_listed(again.HOST)
+    assert sd_models.list_models is wrapped  # not wrapped a second time
 
 
 def test_tab_registration_and_settings(webui):
@@ -347,7 +374,7 @@ def test_merge_save_refresh_load(webui, tmp_path):
     assert shared.state.history and shared.state.history[-1][0] is not None
     # saved, then the host's lists refreshed (output lies outside the scanned folder: registered by hand)
     assert any(Path(info.filename) == out for info in sd_models.checkpoints_list.values())
-    upd = webui.refresh_checkpoint_dropdown(str(out))
+    upd = _dropdown().refresh_checkpoint_dropdown(str(out))
     assert merged_title in upd["choices"]
     fn_dd, dep_dd = _fn_for(demo, ui["result_path"], "change")
     assert dep_dd["outputs"] == [dd._id]
@@ -705,5 +732,5 @@ def test_recipe_runs_in_the_webui_queue_and_saves_to_the_output_folder(webui, tm
     assert job.output == tmp_path / "webui_chain.safetensors" and job.output.is_file()
     assert ("progress.start_task", "task(recipe1)") in _calls("progress.start_task")
     assert [s.name for s in parse_recipe(rb.from_checkpoint(job.output)).steps] == ["step1", "step2"]
-    titles = webui.refresh_checkpoint_dropdown(str(job.output))["choices"]
+    titles = _dropdown().refresh_checkpoint_dropdown(str(job.output))["choices"]
     assert any(t.startswith("webui_chain.safetensors [") for t in titles)  # titled with its hash, like the host

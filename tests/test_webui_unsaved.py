@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import test_webui_adapter as adapter_tests
-from test_webui_adapter import _become_forge, _build_ui, _calls, _fn_for
+from test_webui_adapter import _become_forge, _build_ui, _calls, _dropdown, _fn_for
 
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.merge.run import merge_checkpoints
@@ -248,7 +248,7 @@ def test_tab_buttons_load_and_save(webui, tmp_path):
     out = {name: last[ui[name]._id] for name in ("unsaved_status", "loaded_title", "page_checkpoint", "result")}
     assert LABEL in out["unsaved_status"] and out["loaded_title"] == LABEL
     assert out["page_checkpoint"] == ""  # the host's dropdown was captured: the adapter shows the label in it
-    shown = webui.select_in_checkpoint_dropdown(out["loaded_title"])
+    shown = _dropdown().select_in_checkpoint_dropdown(out["loaded_title"])
     assert shown["value"] == LABEL and LABEL in shown["choices"]
     assert "Loaded without saving" in out["result"]
     save_fn, save_dep = _fn_for(ui.blocks, ui["save_unsaved"])
