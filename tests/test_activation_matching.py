@@ -126,3 +126,22 @@ def test_activations_that_overflow_are_refused_naming_the_layer() -> None:
         am.activation_matching(spec, spec.groups_in(("unet",)), a.__getitem__, b.__getitem__, samples=1, seed=0,
                                latent_size=8)
     assert "\n" not in str(err.value)
+
+
+def test_passes_planned_from_counted_rows_give_one_passs_permutations() -> None:
+    """SD 1.x at a budget a third of its sums' bound: the rows are counted (the samples' batches need not fill
+    PROMPTS_PER_BATCH), the plan takes no more passes than the bound's, and the permutations are one pass's."""
+    spec, a, b = _tiny_pair()
+    groups = [g for g in spec.groups_in(("unet", "te")) if am.sites(spec, g)]
+    budget = sum(am.sums_bytes(spec, g) for g in groups) // 3 + 1
+    rows = am.layer_rows(spec, b.__getitem__, samples=3, latent_size=8)
+    assert 1 < len(am.passes(spec, groups, budget, rows)) <= len(am.passes(spec, groups, budget)) >= 3
+    seen: list[str] = []
+
+    def run(per_pass: int, progress=None):
+        return am.activation_matching(spec, groups, a.__getitem__, b.__getitem__, samples=3, seed=0, latent_size=8,
+                                      sums_per_pass=per_pass, progress=progress)
+
+    one, several = run(am.SUMS_PER_PASS), run(budget, lambda f, m: seen.append(m))
+    assert one.keys() == several.keys() and all(torch.equal(one[k], several[k]) for k in one)
+    assert seen[-1].endswith(f"/{len(am.passes(spec, groups, budget, rows))})")
