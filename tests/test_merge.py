@@ -301,3 +301,18 @@ def test_cli_repair_reaches_the_options_and_is_recorded(tiny_models: dict[str, P
         meta = ck.metadata
     for recipe in (json.loads(meta["lib_rebasin"])["recipe"], json.loads(meta["sd_merge_recipe"])):
         assert "repair" not in recipe and "activation_samples" not in recipe, recipe
+
+
+def test_the_summary_counts_copied_and_dropped_keys_in_the_right_number() -> None:
+    from lib_rebasin.merge.diagnostics import Diagnostics
+
+    def lines(copied: int, dropped: int) -> list[str]:
+        d = Diagnostics(method="weighted_sum", alpha=0.5, iterations=1, parts=["unet"], copied_from_a=copied,
+                        dropped_from_b=dropped)
+        return [x for x in d.summary_lines() if "copied from A" in x or "carried over" in x]
+
+    assert lines(1, 1) == ["1 key outside the merged parts or unknown to the spec was copied from A unchanged.",
+                           "1 key only present in B was not carried over."]
+    assert lines(3, 2) == ["3 keys outside the merged parts or unknown to the spec were copied from A unchanged.",
+                           "2 keys only present in B were not carried over."]
+    assert lines(0, 0) == []

@@ -120,10 +120,11 @@ class Diagnostics:
                          f"{self.iterations} iterations. It is not a function-preserving re-basin; use the "
                          "re-basin method for that.")
         if self.copied_from_a:
-            lines.append(f"{self.copied_from_a} keys outside the merged parts or unknown to the spec were copied "
-                         "from A unchanged.")
+            lines.append(f"{_keys(self.copied_from_a)} outside the merged parts or unknown to the spec "
+                         f"{'was' if self.copied_from_a == 1 else 'were'} copied from A unchanged.")
         if self.dropped_from_b:
-            lines.append(f"{self.dropped_from_b} keys only present in B were not carried over.")
+            lines.append(f"{_keys(self.dropped_from_b)} only present in B "
+                         f"{'was' if self.dropped_from_b == 1 else 'were'} not carried over.")
         if self.baked_vae:
             lines.append(f"VAE baked in from {self.baked_vae} (the VAE was not merged).")
         if self.kept_a_extra_channels:
@@ -192,3 +193,6 @@ def stored_diagnostics(d: Diagnostics) -> dict[str, object]:
     out["objective"] = {p: [stored_float(x) for x in o] for p, o in d.objective.items()}
     return out
 
+
+def _keys(n: int) -> str:
+    return f"{n} key" if n == 1 else f"{n} keys"
