@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,44 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "shuffled": cached_shuffled_finetune(d / "shuffled.safetensors", base_seed=1, seed=11, perm_seed=5,
                                              precision="fp32", config="tiny"),
     }
+
+
+# What each test module costs (opt-in, for docs/testing.md): LIB_REBASIN_TEST_COST=FILE appends one JSON line per
+# module and worker with the bytes its tests wrote (/proc/self/io write_bytes, reaped subprocesses included) and
+# their CPU time. Setup and teardown count with the test they belong to, so a module's fixtures count with it.
+_COST_FILE = os.environ.get("LIB_REBASIN_TEST_COST")
+
+
+def _io_written() -> int:
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+_module_cost: dict[str, list[float]] = {}
+
+
+if _COST_FILE:
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+        written, cpu, wall = _io_written(), _cpu_seconds(), time.monotonic()
+        yield
+        cost = _module_cost.setdefault(item.nodeid.split("::")[0], [0.0, 0.0, 0.0, 0])
+        cost[0] += _io_written() - written
+        cost[1] += _cpu_seconds() - cpu
+        cost[2] += time.monotonic() - wall
+        cost[3] += 1
+
+    def pytest_sessionfinish(session: pytest.Session) -> None:
+        with open(_COST_FILE, "a") as f:
+            for module, (written, cpu, wall, tests) in _module_cost.items():
+                f.write(json.dumps({"module": module, "written": int(written), "cpu_s": round(cpu, 2),
+                                    "wall_s": round(wall, 2), "tests": tests}) + "\n")
