@@ -74,6 +74,7 @@ def _cpu_seconds() -> float:
 
 
 _module_cost: dict[str, list[float]] = {}
+_test_written: dict[str, int] = {}
 
 
 if _COST_FILE:
@@ -83,7 +84,8 @@ if _COST_FILE:
         written, cpu, wall = _io_written(), _cpu_seconds(), time.monotonic()
         yield
         cost = _module_cost.setdefault(item.nodeid.split("::")[0], [0.0, 0.0, 0.0, 0])
-        cost[0] += _io_written() - written
+        _test_written[item.nodeid] = _io_written() - written
+        cost[0] += _test_written[item.nodeid]
         cost[1] += _cpu_seconds() - cpu
         cost[2] += time.monotonic() - wall
         cost[3] += 1
@@ -91,5 +93,8 @@ if _COST_FILE:
     def pytest_sessionfinish(session: pytest.Session) -> None:
         with open(_COST_FILE, "a") as f:
             for module, (written, cpu, wall, tests) in _module_cost.items():
+                mine = sorted((n for n in _test_written if n.split("::")[0] == module), key=_test_written.__getitem__)
                 f.write(json.dumps({"module": module, "written": int(written), "cpu_s": round(cpu, 2),
-                                    "wall_s": round(wall, 2), "tests": tests}) + "\n")
+                                    "wall_s": round(wall, 2), "tests": tests,
+                                    "most_written": {n.split("::", 1)[1]: _test_written[n] for n in mine[-3:]}})
+                        + "\n")
