@@ -20,7 +20,7 @@ from lib_rebasin.recipe.run import run_recipe
 RECIPE = """
 [recipe]
 name = "swept"
-precision = "fp32"
+precision = "fp16"
 
 [models]
 a = "a.safetensors"
@@ -70,7 +70,7 @@ def test_recipe_sweep_is_each_single_recipe(folder, monkeypatch, capsys):
 @pytest.mark.parametrize("text, words", [
     (RECIPE.replace("alpha = 0.4", "alpha = [0.4, 0.5]").replace("ALPHA", "0.5"), "line 16: step 'soup': alpha is "
      "a list (a sweep) only in the last step"),
-    (RECIPE.replace('precision = "fp32"', "alpha = [0.1, 0.2]").replace("alpha = 0.4\n", "").replace(
+    (RECIPE.replace('precision = "fp16"', "alpha = [0.1, 0.2]").replace("alpha = 0.4\n", "").replace(
         "alpha = ALPHA\n", ""), "only in the last step"),
     (RECIPE.replace("ALPHA", "[0.3, 1.5]"), "line 23: step 'final': alpha value 2 of 2: alpha must be in [0, 1]"),
     (RECIPE.replace("ALPHA", "[0.3, 0.3]"), "alpha 0.3 is listed twice"),
