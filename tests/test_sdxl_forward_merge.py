@@ -1,7 +1,7 @@
 """Activation matching and REPAIR on SDXL pairs (the SDXL forward pass of `sdxl/forward.py`, proven in
-test_sdxl_forward.py), end to end through `merge_checkpoints` and the CLI at the reduced MINI scale: a planted
-permutation is undone exactly, an activation-matched B computes what B computes in diffusers/transformers, the
-written REPAIR merge has the parents' interpolated statistics, and SDXL inpainting is refused in one line."""
+test_sdxl_forward.py), end to end through the merge at the reduced MINI scale (and the CLI at SDXL_SMALL): a
+planted permutation is undone exactly, an activation-matched B computes what B computes in diffusers/transformers,
+a REPAIR merge has the parents' interpolated statistics, and SDXL inpainting is refused in one line."""
 
 from __future__ import annotations
 
@@ -115,10 +115,14 @@ def test_repair_merge_has_the_parents_interpolated_statistics(xl: dict[str, Path
                                    atol=2e-4, msg=name)
 
 
-def test_cli_activation_matching_with_repair(xl: dict[str, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_activation_matching_with_repair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's plumbing and the written recipe, on SDXL_SMALL models (the merge itself is tested above)."""
+    from model_cache import SDXL_SMALL, cached_sdxl_checkpoint
+
+    a = cached_sdxl_checkpoint(tmp_path / "a.safetensors", SDXL_SMALL, seed=1, base_seed=0)
+    b = cached_sdxl_checkpoint(tmp_path / "b.safetensors", SDXL_SMALL, seed=7)
     out = tmp_path / "o.safetensors"
-    assert cli_main(["merge", str(xl["a"]), str(xl["independent"]), "-o", str(out), "--matching", "activations",
+    assert cli_main(["merge", str(a), str(b), "-o", str(out), "--matching", "activations",
                      "--activation-samples", "1", "--repair", "--seed", "3", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "Activation matching: " in printed and "REPAIR: " in printed
