@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -147,9 +148,10 @@ def _prune(folder: Path, generator_name: str, source: str) -> None:
             pass  # another run removed it first
 
 
-def _cached(generator: Callable[..., Path], kwargs: dict[str, Any]) -> Path:
-    """The cache's file for `generator(**kwargs)`, made first if missing or damaged."""
-    source = source_fingerprint(generator)[:16]
+def _cached(generator: Callable[..., Path], kwargs: dict[str, Any], source: str | None = None) -> Path:
+    """The cache's file for `generator(**kwargs)`, made first if missing or damaged. `source` (a hash) stands for
+    `source_fingerprint(generator)` where the generator is this module's, not lib_rebasin's."""
+    source = (source or source_fingerprint(generator))[:16]
     arguments = json.dumps(_argument_text(kwargs), sort_keys=True)
     folder = cache_dir()
     path = folder / f"{generator.__name__}-{source}-{hashlib.sha256(arguments.encode()).hexdigest()[:16]}.safetensors"
@@ -222,3 +224,51 @@ def cached_sdxl_checkpoint(path: str | os.PathLike[str], config: Any = "mini", s
     if precision != "fp16":
         kwargs["precision"] = precision
     return place(_cached(make_checkpoint, kwargs), path, writable)
+
+
+def _permuted_checkpoint(path: Path, family: str, config: Any, seed: int, base_seed: int | None, delta: float,
+                         precision: str, perm_seed: int) -> Path:
+    """`family`'s (sd1, sdxl) synthetic checkpoint with every permutation group shuffled by one random legal
+    permutation, `random_perms(spec.groups.values(), perm_seed)`: a planted permutation to be found again."""
+    from lib_rebasin.align.permute import permute_tensor, random_perms
+    from lib_rebasin.io.checkpoint import open_checkpoint
+    from lib_rebasin.io.output_file import save_state_dict
+
+    make, scales, build_spec = _family(family)
+    made = make(path.with_name(f"unpermuted-{path.name}"), config, seed=seed, base_seed=base_seed, delta=delta,
+                precision=precision)
+    spec = build_spec(scales[config] if isinstance(config, str) else config)
+    perms = random_perms(spec.groups.values(), perm_seed)
+    with open_checkpoint(made) as ck:  # written while the source is open: unpermuted tensors may be views of it
+        save_state_dict(path, {k: permute_tensor(spec, k, ck.get(k), perms) for k in ck},
+                        {**ck.metadata, "lib_rebasin_synthetic_perm_seed": str(perm_seed)})
+    made.unlink()
+    return path
+
+
+def _family(family: str) -> tuple[Callable[..., Path], dict[str, Any], Callable[[Any], Any]]:
+    if family == "sd1":
+        from lib_rebasin.sd1 import spec as sd1_spec
+        from lib_rebasin.sd1 import synthetic as sd1_synthetic
+        return sd1_synthetic.make_checkpoint, sd1_synthetic.SCALES, sd1_spec.build_spec
+    from lib_rebasin.sdxl import spec as sdxl_spec
+    from lib_rebasin.sdxl import synthetic as sdxl_synthetic
+    return sdxl_synthetic.make_checkpoint, sdxl_synthetic.SCALES, sdxl_spec.build_spec
+
+
+def cached_permuted_checkpoint(path: str | os.PathLike[str], family: str = "sd1", config: Any = "mini",
+                               seed: int = 0, base_seed: int | None = None, delta: float = 0.05,
+                               precision: str = "fp16", perm_seed: int = 0, writable: bool = False) -> Path:
+    """`cached_checkpoint(...)` (family "sd1") or `cached_sdxl_checkpoint(...)` (family "sdxl") with every
+    permutation group shuffled by `random_perms(spec.groups.values(), perm_seed)`, from the cache."""
+    from lib_rebasin.align.permute import permute_tensor
+    from lib_rebasin.io.output_file import save_state_dict
+
+    make, _, _ = _family(family)
+    # this module's generator: its own text, and the lib_rebasin code that makes the bytes
+    source = hashlib.sha256("".join([inspect.getsource(_permuted_checkpoint), inspect.getsource(_family),
+                                     source_fingerprint(make), source_fingerprint(permute_tensor),
+                                     source_fingerprint(save_state_dict)]).encode()).hexdigest()
+    kwargs = {"family": family, "config": config, "seed": seed, "base_seed": base_seed, "delta": delta,
+              "precision": precision, "perm_seed": perm_seed}
+    return place(_cached(_permuted_checkpoint, kwargs, source), path, writable)

@@ -17,7 +17,7 @@ from lib_rebasin.errors import RebasinError
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.merge.block_presets import ALIASES, PRESETS
 from lib_rebasin.merge.block_weights import BLOCK_IDS, MAPPING_VERSION, block_of, parse_blocks
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.parts import part_of
 from lib_rebasin.recipe.parse import parse_recipe
@@ -25,12 +25,19 @@ from lib_rebasin.recipe.run import run_recipe
 from lib_rebasin.sd1.config import SD15
 from lib_rebasin.sd1.spec import build_spec
 
-FP32 = dict(precision="fp32")
+FP32 = {"precision": "fp32"}
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as ck:
-        return {k: ck.get(k).clone() for k in ck.keys()}
+        return {k: ck.get(k).clone() for k in ck}
+
+
+def _merged(a: Path, b: Path, options: MergeOptions, c: Path | None = None):
+    """The merge held in memory (the tensors `merge_checkpoints` would write: the file is not under test here),
+    and its diagnostics."""
+    ckpt, diagnostics = merge_in_memory(a, b, options, c=c)
+    return {k: ckpt.get(k) for k in ckpt}, diagnostics
 
 
 def _expected_block(key: str) -> str:
@@ -128,12 +135,11 @@ def _distinct_blocks() -> tuple[float, ...]:
     return tuple(round(0.02 + i * 0.035, 4) for i in range(26))
 
 
-def test_each_key_gets_its_blocks_alpha(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_each_key_gets_its_blocks_alpha(tiny_models: dict[str, Path]) -> None:
     blocks = _distinct_blocks()
     a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
     for method in ("weighted_sum", "rebasin"):
-        out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / f"{method}.safetensors",
-                                      MergeOptions(method=method, blocks=blocks, **FP32)).output)
+        out, _ = _merged(tiny_models["a"], tiny_models["finetune"], MergeOptions(method=method, blocks=blocks, **FP32))
         for k in a:
             block = block_of(k)
             if block is None or not a[k].is_floating_point() or k.endswith("position_ids"):
@@ -143,41 +149,36 @@ def test_each_key_gets_its_blocks_alpha(tiny_models: dict[str, Path], tmp_path: 
             torch.testing.assert_close(out[k], (1 - w) * a[k] + w * b[k], rtol=0, atol=1e-6, msg=f"{method} {k}")
 
 
-def test_all_a_gives_a_and_all_b_gives_b(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_all_a_gives_a_and_all_b_gives_b(tiny_models: dict[str, Path]) -> None:
     a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
     for preset, want in (("ALL_A", a), ("ALL_B", b)):
         bw = parse_blocks(preset, 0.5)
         for method in ("weighted_sum", "rebasin"):
-            out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"],
-                                          tmp_path / f"{preset}{method}.safetensors",
-                                          MergeOptions(method=method, blocks=bw.values, blocks_preset=bw.preset,
-                                                       **FP32)).output)
+            out, _ = _merged(tiny_models["a"], tiny_models["finetune"],
+                             MergeOptions(method=method, blocks=bw.values, blocks_preset=bw.preset, **FP32))
             merged = [k for k in a if block_of(k) is not None and a[k].is_floating_point()
                       and not k.endswith("position_ids")]
             assert merged and all(torch.equal(out[k], want[k]) for k in merged), (preset, method)
 
 
-def test_uniform_blocks_equal_plain_alpha_bit_for_bit(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_uniform_blocks_equal_plain_alpha_bit_for_bit(tiny_models: dict[str, Path]) -> None:
     models = tiny_models
     for method, iterations in (("weighted_sum", 1), ("rebasin", 3)):
-        plain = merge_checkpoints(models["a"], models["shuffled"], tmp_path / f"p{method}.safetensors",
-                                  MergeOptions(method=method, alpha=0.3, iterations=iterations, **FP32))
-        flat = merge_checkpoints(models["a"], models["shuffled"], tmp_path / f"f{method}.safetensors",
-                                 MergeOptions(method=method, alpha=0.3, iterations=iterations,
-                                              blocks=(0.3,) * 26, **FP32))
-        p, f = _load(plain.output), _load(flat.output)
+        p, plain = _merged(models["a"], models["shuffled"],
+                           MergeOptions(method=method, alpha=0.3, iterations=iterations, **FP32))
+        f, flat = _merged(models["a"], models["shuffled"],
+                          MergeOptions(method=method, alpha=0.3, iterations=iterations, blocks=(0.3,) * 26, **FP32))
         assert all(torch.equal(p[k], f[k]) for k in p), method
-        assert flat.diagnostics.closed_form_steps == plain.diagnostics.closed_form_steps
+        assert flat.closed_form_steps == plain.closed_form_steps
 
 
-def test_iterated_rebasin_telescopes_per_block(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterated_rebasin_telescopes_per_block(tiny_models: dict[str, Path]) -> None:
     """A same-base pair: every permutation is the identity, so N iterations give each block exactly its weight."""
     blocks = _distinct_blocks()
     a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
-    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "it.safetensors",
-                            MergeOptions(method="rebasin", iterations=4, blocks=blocks, **FP32))
-    out = _load(res.output)
-    assert res.diagnostics.match_steps == 4 and res.diagnostics.closed_form_steps == 0  # non-uniform: no shortcut
+    out, diagnostics = _merged(tiny_models["a"], tiny_models["finetune"],
+                               MergeOptions(method="rebasin", iterations=4, blocks=blocks, **FP32))
+    assert diagnostics.match_steps == 4 and diagnostics.closed_form_steps == 0  # non-uniform: no shortcut
     for k in a:
         block = block_of(k)
         if block is None or not a[k].is_floating_point() or k.endswith("position_ids"):
@@ -186,12 +187,12 @@ def test_iterated_rebasin_telescopes_per_block(tiny_models: dict[str, Path], tmp
         torch.testing.assert_close(out[k], (1 - w) * a[k] + w * b[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_blocks_with_a_delta_method(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_blocks_with_a_delta_method(tiny_models: dict[str, Path]) -> None:
     c = tiny_models["independent"]
     a, b, cc = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(c)
     blocks = _distinct_blocks()
-    out = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ad.safetensors",
-                                  MergeOptions(method="train_difference", blocks=blocks, **FP32), c=c).output)
+    out, _ = _merged(tiny_models["a"], tiny_models["finetune"],
+                     MergeOptions(method="train_difference", blocks=blocks, **FP32), c=c)
     from lib_rebasin.methods import key_generator, train_difference
 
     for k in ("model.diffusion_model.middle_block.1.proj_in.weight",
@@ -230,7 +231,7 @@ def test_recipe_blocks_per_step_and_default(tiny_models: dict[str, Path], tmp_pa
     text = f"""
 [recipe]
 name = "blocks"
-precision = "fp32"
+precision = "fp16"
 blocks = "OUT12"
 
 [models]
@@ -273,20 +274,19 @@ def test_recipe_from_a_single_merge_keeps_blocks_and_params(tiny_models: dict[st
 
     out = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "t.safetensors",
                             MergeOptions(method="ties", ties_density=0.3, blocks=PRESETS["RING10_3"],
-                                         blocks_preset="RING10_3", parts=("te",), **FP32),
+                                         blocks_preset="RING10_3", parts=("te",), precision="fp16"),
                             c=tiny_models["independent"]).output
     step = parse_recipe(recipe_from_checkpoint(out)).steps[0]
     assert step.options.method == "ties" and step.options.ties_density == 0.3
     assert step.options.blocks == PRESETS["RING10_3"] and step.options.blocks_preset == "RING10_3"
 
 
-def test_iterated_rebasin_with_blocks_on_the_unet_only(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterated_rebasin_with_blocks_on_the_unet_only(tiny_models: dict[str, Path]) -> None:
     """BASE's weight differs from every UNet weight and the text encoder is not merged: still one value per key."""
     blocks = (0.9,) + (0.25,) * 25
     a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
-    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "u.safetensors",
-                            MergeOptions(method="rebasin", iterations=2, blocks=blocks, parts=("unet",), **FP32))
-    out = _load(res.output)
+    out, _ = _merged(tiny_models["a"], tiny_models["finetune"],
+                     MergeOptions(method="rebasin", iterations=2, blocks=blocks, parts=("unet",), **FP32))
     k = "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"
     torch.testing.assert_close(out[k], 0.75 * a[k] + 0.25 * b[k], rtol=0, atol=1e-5)
     te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"

@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import MINI, TINY
-from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
-from lib_rebasin.options import MergeOptions
+from lib_rebasin.io.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
+from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
-from lib_rebasin.methods import (METHODS, add_difference, dare, dare_drop, dare_ties, key_generator, ties,
-                                 train_difference, trim_top)
-from lib_rebasin.align.permute import permute_tensor, random_perms
-from lib_rebasin.sd1.spec import build_spec
+from lib_rebasin.methods import (
+    METHODS,
+    add_difference,
+    dare,
+    dare_drop,
+    dare_ties,
+    key_generator,
+    ties,
+    train_difference,
+    trim_top,
+)
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.sd1.config import TINY
 
-FP32 = dict(precision="fp32")
+FP32 = {"precision": "fp32"}
 UNET_KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as ck:
-        return {k: ck.get(k).clone() for k in ck.keys()}
+        return {k: ck.get(k).clone() for k in ck}
 
 
 def _triple(seed: int = 0, n: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,7 +96,7 @@ def test_dare_ties_with_p_zero_is_ties_at_full_density() -> None:
 
 
 def test_train_difference_formula_and_b_equals_c_returns_a() -> None:
-    a, b, c = _triple(9)
+    a, b, _c = _triple(9)
     rng = key_generator(0, "k")
     assert torch.equal(train_difference(a, b, b.clone(), 0.7, {}, rng), a)
     # by hand: a=0, b=1, c=0.5 -> 0 + 1.8 alpha * (1 / 1.5) * 0.5; a = b adds nothing
@@ -109,11 +115,11 @@ def test_registry_parameters_are_merge_options_with_the_same_defaults() -> None:
         MergeOptions(method="dare", dare_p=1.0).validate()
 
 
-def _merged(a: Path, b: Path, options: MergeOptions, c: Path | None = None):
+def _merged(a: Path, b: Path, options: MergeOptions, c: Path | Checkpoint | None = None):
     """The merge held in memory (its tensors are those `merge_checkpoints` would write) where the file itself is not
     under test, and its diagnostics."""
     ckpt, diagnostics = merge_in_memory(a, b, options, c=c)
-    return {k: ckpt.get(k) for k in ckpt.keys()}, diagnostics
+    return {k: ckpt.get(k) for k in ckpt}, diagnostics
 
 
 # -- through merge_checkpoints and the CLI ---------------------------------------------------------------------
@@ -138,11 +144,12 @@ def mini_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _base(tmp_path_factory, "mini")
 
 
-def test_train_difference_with_b_equal_c_returns_a_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    c = shutil.copy(tiny_models["finetune"], tmp_path / "c.safetensors")
-    out = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "td.safetensors",
-                            MergeOptions(method="train_difference", alpha=1.0, **FP32), c=c).output
-    a, m = _load(tiny_models["a"]), _load(out)
+def test_train_difference_with_b_equal_c_returns_a_file(tiny_models: dict[str, Path]) -> None:
+    # C: B's tensors held in memory (not B's file, which the merge refuses as C: B - C would be zero by mistake)
+    c = memory_checkpoint(_load(tiny_models["finetune"]), name="c")
+    m, _ = _merged(tiny_models["a"], tiny_models["finetune"],
+                   MergeOptions(method="train_difference", alpha=1.0, **FP32), c=c)
+    a = _load(tiny_models["a"])
     assert all(torch.equal(a[k], m[k]) for k in a)
 
 
@@ -169,10 +176,12 @@ def test_dare_same_seed_same_bytes_other_seed_differs(tiny_models: dict[str, Pat
     def digest(p: Path) -> str:
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
-    first, again, other = run("s0.safetensors", 0), run("s0b.safetensors", 0), run("s1.safetensors", 1)
+    first, again = run("s0.safetensors", 0), run("s0b.safetensors", 0)
     assert digest(first) == digest(again)
-    # not only the recorded seed: the drop masks, hence the weights, differ
-    w0, w1 = _load(first), _load(other)
+    # not only the recorded seed: the drop masks, hence the weights, differ (seed 1's merge held in memory)
+    w0 = _load(first)
+    w1, _ = _merged(tiny_models["a"], tiny_models["finetune"],
+                    MergeOptions(method="dare", alpha=0.5, dare_p=0.5, seed=1, **FP32), c=base)
     assert not torch.equal(w0[UNET_KEY], w1[UNET_KEY])
 
 
@@ -187,15 +196,13 @@ def test_dare_at_p_zero_equals_add_difference_file(tiny_models: dict[str, Path],
 
 def test_alignment_permutes_b_and_c_together(models: dict[str, Path], mini_base: Path, tmp_path: Path) -> None:
     """B and C shuffled by one permutation: aligned TIES / add difference equals the unshuffled merge."""
-    spec = build_spec(MINI)
-    perms = random_perms(spec.groups.values(), 5)
-    fine, plain_base = _load(models["finetune"]), _load(mini_base)
+    from model_cache import cached_permuted_checkpoint
 
-    def shuffled(sd: dict[str, torch.Tensor], name: str) -> Path:
-        return save_state_dict(tmp_path / name, {k: permute_tensor(spec, k, t, perms) if t.is_floating_point() and
-                                                 k in spec.shapes else t for k, t in sd.items()}, {})
-
-    sb, sc = shuffled(fine, "sb.safetensors"), shuffled(plain_base, "sc.safetensors")
+    # `models["finetune"]` and `mini_base` (conftest.py, _base) with every group shuffled by random_perms(seed 5)
+    sb = cached_permuted_checkpoint(tmp_path / "sb.safetensors", "sd1", "mini", seed=12, base_seed=1,
+                                    precision="fp32", perm_seed=5)
+    sc = cached_permuted_checkpoint(tmp_path / "sc.safetensors", "sd1", "mini", seed=0, base_seed=1, delta=0.0,
+                                    precision="fp32", perm_seed=5)
     for method in ("add_difference", "ties"):
         ref, _ = _merged(models["a"], models["finetune"], MergeOptions(method=method, alpha=0.5, **FP32), c=mini_base)
         out, diagnostics = _merged(models["a"], sb, MergeOptions(method=method, alpha=0.5, align=True, **FP32), c=sc)
@@ -268,8 +275,7 @@ def test_inpainting_a_with_a_delta_method_keeps_its_extra_channels(tiny_models: 
 
     inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(TINY, unet_in_channels=9), seed=11, base_seed=1,
                             precision="fp32")
-    out = _load(merge_checkpoints(inp, tiny_models["finetune"], tmp_path / "o.safetensors",
-                                  MergeOptions(method="train_difference", alpha=0.5, **FP32), c=base).output)
+    out, _ = _merged(inp, tiny_models["finetune"], MergeOptions(method="train_difference", alpha=0.5, **FP32), c=base)
     a, b, c = _load(inp), _load(tiny_models["finetune"]), _load(base)
     k = "model.diffusion_model.input_blocks.0.0.weight"
     assert out[k].shape[1] == 9 and torch.equal(out[k][:, 4:], a[k][:, 4:])

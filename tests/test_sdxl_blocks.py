@@ -16,7 +16,7 @@ from lib_rebasin.errors import FieldError
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.merge.block_presets import PRESETS
 from lib_rebasin.merge.block_weights import SD1, SDXL, BlockWeights, convention_for, for_architecture, parse_blocks
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.sdxl.config import SDXL_BASE
 from lib_rebasin.sdxl.spec import build_spec
@@ -70,11 +70,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             cached_sdxl_checkpoint(d / "b.safetensors", SDXL_SMALL, seed=2, base_seed=0))
 
 
-def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path]) -> None:
     a_path, b_path = pair
     opts = MergeOptions(method="weighted_sum", precision="fp32").with_blocks(VALUES, None)
-    res = merge_checkpoints(a_path, b_path, tmp_path / "o.safetensors", opts)
-    with open_checkpoint(a_path) as a, open_checkpoint(b_path) as b, open_checkpoint(res.output) as out:
+    out, diagnostics = merge_in_memory(a_path, b_path, opts)  # the tensors and metadata the file would hold
+    with open_checkpoint(a_path) as a, open_checkpoint(b_path) as b:
         seen = set()
         for key in a:
             block = SDXL.block_of(key)
@@ -88,7 +88,7 @@ def test_sdxl_merge_applies_each_blocks_weight(pair: tuple[Path, Path], tmp_path
         recipe = json.loads(out.metadata["sd_merge_recipe"])
     assert recipe["block_mapping"] == "sdxl-mbw-1" and recipe["blocks"] == list(VALUES)
     assert any(line.startswith("Block weights (BASE, IN00-IN08, M00, OUT00-OUT08): 0, 0.05, ")
-               for line in res.diagnostics.summary_lines())
+               for line in diagnostics.summary_lines())
 
 
 def test_sdxl_refuses_twenty_six_values(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -123,15 +123,15 @@ def test_explicit_values_are_never_converted() -> None:
     assert for_architecture("SDXL", VALUES, "GRAD_V") == VALUES  # 20 values recorded with their preset's name
 
 
-def test_sdxl_merge_with_a_preset(pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sdxl_merge_with_a_preset(pair: tuple[Path, Path]) -> None:
     """GRAD_V on an SDXL pair: every key gets the weight of its block's SD 1.x namesake, and the output records the
     preset, its 20 values, the key mapping and the preset's reading."""
     a_path, b_path = pair
     bw = parse_blocks("GRAD_V", 0.5)
     opts = MergeOptions(method="weighted_sum", precision="fp32").with_blocks(bw.values, bw.preset)
-    res = merge_checkpoints(a_path, b_path, tmp_path / "o.safetensors", opts)
+    out, _ = merge_in_memory(a_path, b_path, opts)  # the tensors and metadata the file would hold
     gradv = PRESETS["GRAD_V"]
-    with open_checkpoint(a_path) as a, open_checkpoint(b_path) as b, open_checkpoint(res.output) as out:
+    with open_checkpoint(a_path) as a, open_checkpoint(b_path) as b:
         for key in a:
             block = SDXL.block_of(key)
             if block is None or not a.get(key).is_floating_point():

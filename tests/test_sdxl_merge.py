@@ -1,29 +1,25 @@
-"""Merging SDXL at the test scale SDXL_SMALL (model_cache.py): weight matching (certified same-base pairs, planted permutations,
-iterations), every per-key method, `--align`, function preservation of a re-basin merge against diffusers and
-transformers, the architecture in the metadata, and the refusals (a pair of two architectures, legacy mode;
-activation matching and REPAIR run on SDXL: test_sdxl_forward_merge.py)."""
+"""Merging SDXL at the test scale SDXL_SMALL (model_cache.py): weight matching (certified same-base pairs, planted
+permutations, iterations), every per-key method, `--align`, function preservation of a re-basin merge against
+diffusers and transformers, the architecture in the metadata, and the refusals (a pair of two architectures, legacy
+mode; activation matching and REPAIR run on SDXL: test_sdxl_forward_merge.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from model_cache import SDXL_SMALL
 
-from lib_rebasin.align.permute import permute_tensor, random_perms
 from lib_rebasin.errors import IncompatibleModelsError, RebasinError
-from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.io.output_file import save_state_dict
+from lib_rebasin.io.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
 from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.methods import METHODS, key_generator
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.parts import part_of
-from lib_rebasin.sdxl.spec import build_spec
 
-FP32 = dict(precision="fp32")
+FP32 = {"precision": "fp32"}
 IDENTITY_PARAMS = {"ties_density": 1.0, "ties_scale": 1.0, "dare_p": 0.0, "della_eps": 0.0}
 # One key of each part, CLIP-G's fused in_proj and the UNet's cross-attention input (both encoders' columns).
 PROBES = ("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
@@ -35,14 +31,14 @@ PROBES = ("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as ck:
-        return {k: ck.get(k).clone() for k in ck.keys()}
+        return {k: ck.get(k).clone() for k in ck}
 
 
-def _merged(a: Path, b: Path, options: MergeOptions, c: Path | None = None):
+def _merged(a: Path, b: Path, options: MergeOptions, c: Path | Checkpoint | None = None):
     """The merge held in memory (its tensors are those `merge_checkpoints` would write) where the file itself is not
     under test, and its diagnostics."""
     ckpt, diagnostics = merge_in_memory(a, b, options, c=c)
-    return {k: ckpt.get(k) for k in ckpt.keys()}, diagnostics
+    return {k: ckpt.get(k) for k in ckpt}, diagnostics
 
 
 def _model_keys(sd: dict[str, torch.Tensor]) -> list[str]:
@@ -51,9 +47,9 @@ def _model_keys(sd: dict[str, torch.Tensor]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A, B and C fine-tunes of one base, a copy of B, an independent model, B and C with every group permuted by
-    one random legal permutation, and an SD 1.x model."""
-    from model_cache import cached_checkpoint, cached_sdxl_checkpoint
+    """A, B and C fine-tunes of one base, an independent model, B and C with every group permuted by one random
+    legal permutation, and an SD 1.x model."""
+    from model_cache import cached_checkpoint, cached_permuted_checkpoint, cached_sdxl_checkpoint
 
     def cached_xl(name: str, **kwargs) -> Path:  # read-only hard links into the test model cache
         return cached_sdxl_checkpoint(d / f"{name}.safetensors", SDXL_SMALL, **kwargs)
@@ -61,13 +57,9 @@ def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("sdxl_merge")
     paths = {"a": cached_xl("a", seed=1, base_seed=0), "b": cached_xl("b", seed=2, base_seed=0),
              "c": cached_xl("c", seed=3, base_seed=0), "independent": cached_xl("independent", seed=7)}
-    paths["b_copy"] = Path(shutil.copyfile(paths["b"], d / "b_copy.safetensors"))  # another file, not a link
-    spec = build_spec(SDXL_SMALL)
-    planted = random_perms(spec.groups.values(), seed=21)
-    for name in ("b", "c"):
-        sd = _load(paths[name])
-        paths[f"{name}_shuffled"] = save_state_dict(d / f"{name}_shuffled.safetensors",
-                                                    {k: permute_tensor(spec, k, v, planted) for k, v in sd.items()})
+    for name, seed in (("b", 2), ("c", 3)):  # one planted permutation for both
+        paths[f"{name}_shuffled"] = cached_permuted_checkpoint(d / f"{name}_shuffled.safetensors", "sdxl",
+                                                               SDXL_SMALL, seed=seed, base_seed=0, perm_seed=21)
     paths["sd1"] = cached_checkpoint(d / "sd1.safetensors", "tiny", seed=1)
     return paths
 
@@ -75,7 +67,13 @@ def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def loaded(xl: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
     """The inputs' tensors, each read once for the module (no test changes them)."""
-    return {name: _load(xl[name]) for name in ("a", "b", "c", "b_copy", "independent")}
+    return {name: _load(xl[name]) for name in ("a", "b", "c", "independent")}
+
+
+def _b_copy(loaded: dict[str, dict[str, torch.Tensor]]) -> Checkpoint:
+    """B's tensors as another model (held in memory: a model C equal to B that is not B's file, which the merge
+    refuses as C)."""
+    return memory_checkpoint(dict(loaded["b"]), name="b_copy")
 
 
 def test_same_base_rebasin_is_the_weighted_sum_certified(xl: dict[str, Path], loaded) -> None:
@@ -127,13 +125,13 @@ def test_every_per_key_method_on_sdxl(method: str, xl: dict[str, Path], loaded) 
     for the difference methods."""
     info = METHODS[method]
     difference = method in ("add_difference", "train_difference", "dare")
-    c = "b_copy" if difference else "c"
-    a, b, cc = loaded["a"], loaded["b"], loaded[c]
+    a, b, cc = loaded["a"], loaded["b"], loaded["b" if difference else "c"]
     # At alpha 0 the parameters that keep A whole: no trimming (TIES), no drops (DARE, DELLA).
     identity = {p.name: v for p in info.params for n, v in IDENTITY_PARAMS.items() if p.name == n}
     for alpha in (0.0, 0.4) if not difference else (0.6,):
         opts = MergeOptions(method=method, alpha=alpha, seed=3, **(identity if alpha == 0.0 else {}), **FP32)
-        out, _ = _merged(xl["a"], xl["b"], opts, c=xl[c] if info.needs_c else None)
+        c = (_b_copy(loaded) if difference else xl["c"]) if info.needs_c else None
+        out, _ = _merged(xl["a"], xl["b"], opts, c=c)
         keys = _model_keys(a)
         assert out.keys() == a.keys()
         for k in PROBES:
@@ -155,19 +153,19 @@ def test_align_before_a_method_undoes_a_planted_permutation(xl: dict[str, Path])
         torch.testing.assert_close(got[k], plain[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_metadata_names_the_architecture(xl: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(xl["a"], xl["b"], tmp_path / "o.safetensors", MergeOptions(method="weighted_sum"))
-    recipe = json.loads(res.metadata["sd_merge_recipe"])
-    own = json.loads(res.metadata["lib_rebasin"])
+def test_metadata_names_the_architecture(xl: dict[str, Path]) -> None:
+    merged, _ = merge_in_memory(xl["a"], xl["b"], MergeOptions(method="weighted_sum"))  # the file's metadata
+    recipe = json.loads(merged.metadata["sd_merge_recipe"])
+    own = json.loads(merged.metadata["lib_rebasin"])
     assert recipe["architecture"] == own["architecture"] == "SDXL"
     assert recipe["spec"] == own["spec"] == "sdxl-walk-1"
 
 
 @pytest.mark.parametrize("options, slots, message", [
-    (dict(), ("a", "sd1"), r"^Model A is SDXL but model B is SD 1\.x; models of different architectures cannot "
+    ({}, ("a", "sd1"), r"^Model A is SDXL but model B is SD 1\.x; models of different architectures cannot "
                            r"be merged\.$"),
-    (dict(), ("sd1", "a"), "^Model A is SD 1.x but model B is SDXL"),
-    (dict(method="legacy"), ("a", "b"), r"^Legacy mode reproduces an SD 1\.x-only tool and is not available for "
+    ({}, ("sd1", "a"), "^Model A is SD 1.x but model B is SDXL"),
+    ({"method": "legacy"}, ("a", "b"), r"^Legacy mode reproduces an SD 1\.x-only tool and is not available for "
                                         r"SDXL"),
 ])
 def test_refusals_in_one_line_before_any_work(options: dict, slots: tuple[str, str], message: str,

@@ -106,7 +106,7 @@ def test_tab_shows_sdxl_sliders_for_an_sdxl_model_a_and_merges(folder: Path) -> 
         GRAD_V_XL)
     run = _listener(ui.blocks, ui["merge"], "run_merge")
     merge = {"model_a": "xl_one.safetensors", "model_b": "xl_two.safetensors", "method": "Weighted sum",
-             "device": "cpu", "precision": "fp32", "parts": ["UNet", "Text encoder", "VAE"], "blocks_on": True}
+             "device": "cpu", "precision": "fp16", "parts": ["UNet", "Text encoder", "VAE"], "blocks_on": True}
     last = list(run(ui.values(task_id="task(x1)", **merge, output_name="xl_gradv", blocks_text=text)))[-1]
     assert last[0] == "" and "rebasin-done" in last[1] and ">OUT08<" in last[1], last[:3]
     recipe = _recipe(folder / "xl_gradv.safetensors")
@@ -124,7 +124,7 @@ def test_http_api_takes_twenty_values_and_presets_for_sdxl(folder: Path) -> None
     from api_client import finished, post, standalone_api
 
     pair = {"model_a": "xl_one.safetensors", "model_b": "xl_two.safetensors", "method": "weighted_sum",
-            "precision": "fp32"}
+            "precision": "fp16"}
     values = [round(0.05 * i, 2) for i in range(20)]
     with standalone_api(folder) as api:
         code, body = post(f"{api}/merge", {**pair, "blocks": [0.5] * 26, "output_name": "api_bad"})
