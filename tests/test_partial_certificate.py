@@ -268,33 +268,3 @@ def test_the_first_stage_proves_from_fewer_columns_and_the_later_shares_where_it
         monkeypatch.setattr(pc, "_margin", counted)
         assert proven and without  # the nearer pair at the first stage, the farther one at a later share
         assert _only_optimum(_exact(a, b), cur)
-
-
-@pytest.mark.parametrize("layout", ["free", "attention", "pieces"])
-def test_the_proofs_matrix_is_written_by_its_first_products_where_they_cover_it(layout: str) -> None:
-    """`_cost_buffer` leaves unset only the windows that the first products fill whole (the whole matrix, or an
-    attention group's halves, with -inf between them): written with beta 0, P is `empty_cost` plus the products.
-    Windows that do not tile the matrix get `empty_cost`'s zeros and nothing unset."""
-    from types import SimpleNamespace
-
-    from lib_rebasin.align.cost import empty_cost, window
-
-    n = 8
-    if layout == "pieces":  # a free group whose slots carry halves of it: entries between them stay 0
-        g = Group("g", n, "unet", "free", [Slot("w", 0, 0, 0, n // 2), Slot("v", 0, 0, n // 2, n // 2)])
-    elif layout == "attention":
-        g = _one_slot(n, head_dim=2)[1]
-    else:
-        g = _one_slot(n)[1]
-    slots = [SimpleNamespace(lo=s.start, hi=s.start + s.length) for s in g.slots]
-    P, unset = pc._cost_buffer(g, slots, CPU)
-    want = empty_cost(g, CPU)
-    gen = torch.Generator().manual_seed(0)
-    for s in g.slots:
-        x, y = torch.randn(s.length, 3, generator=gen), torch.randn(s.length, 3, generator=gen)
-        fresh = (s.start, s.start + s.length) in unset
-        unset.discard((s.start, s.start + s.length))
-        window(P, s).addmm_(x, y.T, beta=0 if fresh else 1)
-        window(want, s).addmm_(x, y.T)
-    assert not unset and torch.equal(P, want)
-    assert (layout == "pieces") == bool((want == 0).any())

@@ -72,10 +72,11 @@ TensorGetter = Callable[[str], torch.Tensor]
 SHARES = (64, 16, 4, 2)
 MIN_COLUMNS = 128
 # A first, smaller stage multiplies out a prefix of the first share's columns (which are the ones kept from the
-# statistics pass, so failing it reads nothing more): fine-tunes of one base usually hold there already (synthetic
-# SD 1.5 pair, delta 0.05: every row of most groups, all but a few rows of the rest), and the largest groups'
-# products, n^2 per column, cost half of the first share's. At 32 columns most rows of the largest groups failed.
-FIRST_SHARE, FIRST_COLUMNS = 256, 64
+# statistics pass, so failing it reads nothing more): half of them, at least FIRST_COLUMNS. Fine-tunes of one base
+# mostly hold there already (synthetic SD 1.5 pair, delta 0.05: most groups whole, some rows of the others left to
+# the first share), at half the products' cost (n^2 per column). A quarter of the columns (1/256) left 3x as many
+# rows to the first share, whose products then cost more than the stage saved.
+FIRST_SHARE, FIRST_COLUMNS = 128, 64
 # Attempts after which a proof that failed on most of them is switched off for the rest of the search (unrelated
 # models: the full matrix is needed anyway).
 PROBE = 16
@@ -147,11 +148,9 @@ class _Slot:
         self.d_s = torch.zeros(slot.length, dtype=torch.float64, device=a.device)
         self.e_s = 0.0
 
-    def add_chunk(self, stage: int, P: torch.Tensor, rows: torch.Tensor | None, col_sq: torch.Tensor,
-                  unset: set[tuple[int, int]]) -> None:
+    def add_chunk(self, stage: int, P: torch.Tensor, rows: torch.Tensor | None, col_sq: torch.Tensor) -> None:
         """Multiply out the columns that `stage` adds for `rows` (local; None: all): P's window, each row's squared
-        difference from its partner over them, and every B unit's squared norm over them (`col_sq`). A window in
-        `unset` holds no values yet: the product is written into it, not added (and it leaves the set)."""
+        difference from its partner over them, and every B unit's squared norm over them (`col_sq`)."""
         c0, c1 = self.cuts[stage], self.cuts[stage + 1]
         if c1 <= c0 or (rows is not None and not len(rows)):
             return  # nothing new, or no row open in this window (its columns are read by its rows only)
@@ -165,9 +164,7 @@ class _Slot:
         col_sq[self.lo:self.hi] += b.square().sum(dim=1).double()
         if rows is None:
             a = _widened(a_cols, n)
-            fresh = (self.lo, self.hi) in unset
-            unset.discard((self.lo, self.hi))
-            window(P, self.slot).addmm_(a, b.T, beta=0 if fresh else 1)  # beta 0: the old values are not read
+            window(P, self.slot).addmm_(a, b.T)
             self.d_s += (a - partner).square_().sum(dim=1).double()
         else:
             a = _widened(a_cols.index_select(0, rows), len(rows))
@@ -220,24 +217,6 @@ def _margin(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torc
     """For each of `rows`: P[i, cur(i)] - 1/2 |b_S,cur(i)|^2 - 1/2 D_i - widening_i (float64)."""
     part = cur[rows]
     return P[rows, part].double() - col_sq[part] / 2 - diff[rows] / 2 - widening[rows]
-
-
-def _cost_buffer(group: Group, slots: list[_Slot], device: torch.device) -> tuple[torch.Tensor, set[tuple[int, int]]]:
-    """The proof's matrix P as `empty_cost` gives it, and the windows of it left unset for the first stage's
-    products to write (not add) into: where the slots' windows tile the legal entries (the whole matrix, or an
-    attention group's two halves), no zeros are written that the first products would only replace."""
-    n = group.size
-    windows = {(sl.lo, sl.hi) for sl in slots}
-    if group.structure.shared_blocks:
-        if windows != {(0, n // 2), (n // 2, n)}:
-            return empty_cost(group, device), set()
-        P = torch.empty(n, n, dtype=torch.float32, device=device)
-        P[:n // 2, n // 2:] = float("-inf")
-        P[n // 2:, :n // 2] = float("-inf")
-        return P, windows
-    if windows != {(0, n)}:
-        return empty_cost(group, device), set()
-    return torch.empty(n, n, dtype=torch.float32, device=device), windows
 
 
 def _widened(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -301,15 +280,12 @@ class CurrentProof:
         slip = (n + 2) * 2.0 ** -52 * (1 + g_full) * float(na.norm()) * float(nb.norm())
         if value < (2e7 + 1) * slip:
             return False  # the full path's acceptance test could not be shown to reject another permutation
-        P, unset = _cost_buffer(group, slots, self.device)
+        P = empty_cost(group, self.device)  # -inf where no legal permutation goes (between attention halves)
         col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
         pending: torch.Tensor | None = None  # rows still open (None: all)
         for stage in range(stages):
             for sl in slots:
-                sl.add_chunk(stage, P, None if pending is None else _local(pending, sl), col_sq, unset)
-            for lo, hi in unset:  # a window no product reached (none so far): zero, as in `empty_cost`
-                P[lo:hi, lo:hi] = 0
-            unset.clear()
+                sl.add_chunk(stage, P, None if pending is None else _local(pending, sl), col_sq)
             if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)
