@@ -31,7 +31,7 @@ def test_small_chunks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> Non
     a, b = torch.randn(4, 250, generator=gen), torch.randn(4, 250, generator=gen)
     whole = [0.0] * 4
     accumulate(whole, a, b, b)
-    monkeypatch.setattr(diagnostics, "_CHUNK", 7)
+    monkeypatch.setattr(diagnostics, "OBJECTIVE_CHUNK", 7)
     chunked = [0.0] * 4
     accumulate(chunked, a, b, b)
     assert chunked == pytest.approx(whole, rel=1e-13)
@@ -41,3 +41,38 @@ def test_a_wider_a_adds_nothing() -> None:
     acc = [0.0] * 4
     accumulate(acc, torch.ones(9, 4), torch.ones(4, 4), torch.ones(4, 4))
     assert acc == [0.0] * 4
+
+
+@pytest.mark.parametrize("chunk", [7, None])
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_blend_in_chunks_is_the_whole_tensor_blend_bit_for_bit(monkeypatch: pytest.MonkeyPatch, chunk: int | None,
+                                                                    permuted: bool, dtype: torch.dtype) -> None:
+    """(1-a) A + a pi(B) with its objective a chunk at a time (the merge's path on the CPU) gives the bytes and the
+    float64 sums of the whole-tensor blend with `accumulate`: the same operations on the same values."""
+    from types import SimpleNamespace
+
+    from lib_rebasin.merge.blend import Blend, Term
+    from lib_rebasin.merge.output import _blended_in_chunks
+
+    if chunk is not None:
+        monkeypatch.setattr(diagnostics, "OBJECTIVE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(int(permuted) + 2 * (chunk or 0))
+    rows, cols = (37, 11) if chunk else (300, 700)  # 210,000 elements: three whole chunks and a partial one
+    a = torch.randn(rows, cols, generator=gen).to(dtype)
+    b = (a.float() + 0.05 * torch.randn(rows, cols, generator=gen)).to(dtype)
+    spec = SimpleNamespace(axes={"w": {0: [("g", rows, 0)]}})
+    perms = {"g": torch.randperm(rows, generator=gen)} if permuted else {}
+    blend = Blend(spec, [Term(0.3, {"w": a}.__getitem__, {}), Term(0.7, {"w": b}.__getitem__, perms)],
+                  torch.device("cpu"))
+    whole = [0.0] * 4
+
+    def observe(values: list[tuple[float, torch.Tensor]]) -> None:
+        pb = values[1][1]
+        accumulate(whole, values[0][1], b.float() if permuted else pb, pb)
+
+    want = blend("w", observe)
+    chunked = [0.0] * 4
+    got = _blended_in_chunks(blend, "w", torch.device("cpu"), permuted, chunked)
+    assert got is not None and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert chunked == whole and whole[2] > 0

@@ -237,3 +237,34 @@ def test_row_statistics_are_within_their_bound_of_the_exact_sums(dtypes: tuple[t
         dims = [d for d in range(a.dim()) if d != x]
         for got, exact in zip(s, (sq.sum(dim=dims), diff.sum(dim=dims)), strict=True):
             assert bool(((got - exact).abs() <= e * exact + 1e-300).all()), (x, dtypes)
+
+
+def test_the_first_stage_proves_from_fewer_columns_and_the_later_shares_where_it_does_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A same-base pair is proven at the first stage alone (a prefix of the first share's columns); a pair too far
+    apart for it gets the outcome the shares give without that stage, and what is proven is the only optimum."""
+    gen = torch.Generator().manual_seed(5)
+    n, m = 64, 2048  # stages of 64 and 128 columns: MIN_COLUMNS of the first share, FIRST_COLUMNS before it
+    base = torch.randn(n, m, generator=gen)
+    spec, g = _one_slot(n)
+    cur = torch.arange(n)
+    checks: list[int] = []
+    margin = pc._margin
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        checks.append(len(args[2]))
+        return margin(*args)
+
+    monkeypatch.setattr(pc, "_margin", counted)
+    for noise, first_alone in ((0.03, True), (0.15, False)):
+        a = base + noise * torch.randn(n, m, generator=gen)
+        b = base + noise * torch.randn(n, m, generator=gen)
+        checks.clear()
+        proven = prove_current(spec, g, {"w": a}.__getitem__, {"w": b}.__getitem__, {}, cur, CPU)
+        assert (checks == [n]) == first_alone  # one check, of every row: the first stage
+        monkeypatch.setattr(pc, "FIRST_COLUMNS", m)  # the first stage as large as the first share: skipped
+        without = prove_current(spec, g, {"w": a}.__getitem__, {"w": b}.__getitem__, {}, cur, CPU)
+        monkeypatch.undo()
+        monkeypatch.setattr(pc, "_margin", counted)
+        assert proven and without  # the nearer pair at the first stage, the farther one at a later share
+        assert _only_optimum(_exact(a, b), cur)

@@ -18,8 +18,9 @@ P the products over S; equivalently, with D_i = |a_R,i - b_R,cur(i)|^2 the partn
     max over j != cur(i) of (P[i, j] - 1/2 |b_S,j|^2)  <  P[i, cur(i)] - 1/2 |b_S,cur(i)|^2 - 1/2 D_i.
 
 The margin is the products of the partners over S against the fine-tune's own difference over R: a small share
-does. It grows (`SHARES`) for the rows still open until every row holds or half the columns are in. A row proven
-at one share stays proven: its inequality bounds the whole distances, which do not depend on the share.
+does. It grows (a first stage of `FIRST_COLUMNS`, then `SHARES`) for the rows still open until every row holds or
+half the columns are in. A row proven at one share stays proven: its inequality bounds the whole distances, which
+do not depend on the share.
 
 Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact
 value, and each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, or
@@ -70,6 +71,12 @@ TensorGetter = Callable[[str], torch.Tensor]
 # usually does; unrelated models fail at every share.
 SHARES = (64, 16, 4, 2)
 MIN_COLUMNS = 128
+# A first, smaller stage multiplies out a prefix of the first share's columns (which are the ones kept from the
+# statistics pass, so failing it reads nothing more): half of them, at least FIRST_COLUMNS. Fine-tunes of one base
+# mostly hold there already (synthetic SD 1.5 pair, delta 0.05: most groups whole, some rows of the others left to
+# the first share), at half the products' cost (n^2 per column). A quarter of the columns (1/256) left 3x as many
+# rows to the first share, whose products then cost more than the stage saved.
+FIRST_SHARE, FIRST_COLUMNS = 128, 64
 # Attempts after which a proof that failed on most of them is switched off for the rest of the search (unrelated
 # models: the full matrix is needed anyway).
 PROBE = 16
@@ -243,15 +250,18 @@ class CurrentProof:
             slots.append(sl)
         # Each stage multiplies out the same fraction of every slot's columns, at least MIN_COLUMNS in all.
         total = sum(sl.m for sl in slots)
+        fractions = [max(1 / s, MIN_COLUMNS / total) for s in SHARES]
+        fractions.insert(0, min(fractions[0], max(1 / FIRST_SHARE, FIRST_COLUMNS / total)))
+        stages = len(fractions)
         for sl in slots:
-            sl.cut([max(1 / s, MIN_COLUMNS / total) for s in SHARES])
+            sl.cut(fractions)
         # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage.
         g_full = _gamma(max(sl.m for sl in slots) + len(slots) + 1)
 
         def g_proof(stage: int) -> float:
             return _gamma(max(sl.columns(stage) for sl in slots) + len(slots) * (stage + 1) + 1)
 
-        g_last = g_proof(len(SHARES) - 1)
+        g_last = g_proof(stages - 1)
         # Each row's squared norm and partner distance over all columns, as lower and upper bounds.
         low = torch.zeros(2, n, dtype=torch.float64, device=self.device)
         up = torch.zeros(2, n, dtype=torch.float64, device=self.device)
@@ -273,10 +283,10 @@ class CurrentProof:
         P = empty_cost(group, self.device)  # -inf where no legal permutation goes (between attention halves)
         col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
         pending: torch.Tensor | None = None  # rows still open (None: all)
-        for stage in range(len(SHARES)):
+        for stage in range(stages):
             for sl in slots:
                 sl.add_chunk(stage, P, None if pending is None else _local(pending, sl), col_sq)
-            if stage + 1 < len(SHARES) and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
+            if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)
             for sl in slots:

@@ -147,7 +147,7 @@ def accumulate_objective(acc: list[float], spec: ArchSpec[Any], key: str, get_a:
 
 # Elements widened to float64 at a time: the widened chunks stay in the CPU's cache for their dot products, where
 # widening whole tensors would write and read back twice their fp32 size.
-_CHUNK = 1 << 16
+OBJECTIVE_CHUNK = 1 << 16
 
 
 def accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> None:
@@ -159,20 +159,38 @@ def accumulate(acc: list[float], a: torch.Tensor, b: torch.Tensor, pb: torch.Ten
         return  # an inpainting A's wider conv_in has no counterpart in B
     unpermuted = pb is b
     srcs = [t.reshape(-1) for t in ((a, b) if unpermuted else (a, b, pb))]
-    n = srcs[0].numel()
-    buf = torch.empty(len(srcs), min(n, _CHUNK), dtype=torch.float64, device=a.device)
-    gram = torch.zeros(len(srcs), len(srcs), dtype=torch.float64, device=a.device)
-    for lo in range(0, n, _CHUNK):
-        k = min(_CHUNK, n - lo)
-        x = buf[:, :k]
-        for row, src in zip(x, srcs, strict=True):
-            row.copy_(src[lo:lo + k])
-        gram.addmm_(x, x.T)
-    g = gram.tolist()
-    acc[0] += g[0][1]
-    acc[1] += g[0][1] if unpermuted else g[0][2]
-    acc[2] += g[0][0]
-    acc[3] += g[1][1]
+    gram = ChunkedGram(len(srcs), srcs[0].numel(), a.device)
+    for lo in range(0, gram.n, gram.chunk):
+        gram.add([src[lo:lo + gram.chunk] for src in srcs])
+    gram.add_to(acc)
+
+
+class ChunkedGram:
+    """`accumulate`'s Gram matrix of 2 (A, B) or 3 (A, B, pi(B)) flattened tensors of `n` elements, fed one chunk
+    of OBJECTIVE_CHUNK elements at a time, in order, by whoever holds them (the blend, while they are in the cache):
+    the same float64 operations on the same values as `accumulate` on the whole tensors, so the same bits."""
+
+    def __init__(self, rows: int, n: int, device: torch.device) -> None:
+        self.n, self.chunk = n, OBJECTIVE_CHUNK
+        self.buf = torch.empty(rows, min(n, self.chunk), dtype=torch.float64, device=device)
+        self.rows = list(self.buf.unbind(0))  # views made once: thousands of chunks per key
+        self.gram = torch.zeros(rows, rows, dtype=torch.float64, device=device)
+
+    def add(self, chunks: list[torch.Tensor]) -> None:
+        """The next chunk of each tensor (1-D, `chunk` elements but for the last, any float dtype)."""
+        k = chunks[0].numel()
+        x = self.buf if k == self.buf.shape[1] else self.buf[:, :k]
+        for row, chunk in zip(self.rows, chunks, strict=True):
+            (row[:k] if k < len(row) else row).copy_(chunk)
+        self.gram.addmm_(x, x.T)
+
+    def add_to(self, acc: list[float]) -> None:
+        """Add <A,B>, <A,pi(B)>, |A|^2, |B|^2 to `acc`."""
+        g = self.gram.tolist()
+        acc[0] += g[0][1]
+        acc[1] += g[0][1] if len(g) == 2 else g[0][2]
+        acc[2] += g[0][0]
+        acc[3] += g[1][1]
 
 
 # Significant digits of the measured floats stored in a file's metadata. A dot product's last bits depend on how
