@@ -31,7 +31,7 @@ def test_a_merge_runs_with_a_cpu_left_free_and_restores_the_hosts_threads(models
     def progress(ev: ProgressEvent) -> None:
         seen.append((torch.get_num_threads(), torch.is_grad_enabled()))
 
-    opts = MergeOptions(matching="activations", activation_samples=1, precision="fp32", parts=("te",), repair=False)
+    opts = MergeOptions(matching="activations", activation_samples=1, parts=("te",), repair=False)
     try:
         torch.set_num_threads(usable_cpus())  # what a WebUI runs with: torch's default, every CPU
         merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors", opts, progress=progress)
