@@ -272,3 +272,26 @@ def cached_permuted_checkpoint(path: str | os.PathLike[str], family: str = "sd1"
     kwargs = {"family": family, "config": config, "seed": seed, "base_seed": base_seed, "delta": delta,
               "precision": precision, "perm_seed": perm_seed}
     return place(_cached(_permuted_checkpoint, kwargs, source), path, writable)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], keys: list[str], metadata: dict[str, str] | None,
+                  writer: str) -> Path:
+    """`save_state_dict(path, tensors, metadata)` with the keys in the order `keys` gives (the file's order).
+    `writer`, the writer's source fingerprint, only keys the cache: this module's own fingerprint does not cover
+    lib_rebasin."""
+    from lib_rebasin.io.output_file import save_state_dict
+
+    return save_state_dict(path, {k: tensors[k] for k in keys}, metadata)
+
+
+def cached_state_dict(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None, writable: bool = False) -> Path:
+    """`save_state_dict(path, tensors, metadata)` (lib_rebasin.io.output_file) from the cache, keyed by the tensors'
+    bytes and order and the metadata: for an input a test derives from a cached model (a copy with a NaN, a model
+    without its VAE, one with odd metadata), made once per cache rather than once per run. The tensors must not
+    depend on unseeded randomness."""
+    from lib_rebasin.io.output_file import save_state_dict
+
+    kwargs = {"tensors": tensors, "keys": list(tensors), "metadata": metadata,
+              "writer": source_fingerprint(save_state_dict)}
+    return place(_cached(_save_tensors, kwargs), path, writable)

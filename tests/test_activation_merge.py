@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_rebasin.sd1.config import TINY
-from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled, RebasinError
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.options import MergeOptions
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.sd1.config import TINY
 
 ACT = MergeOptions(matching="activations", activation_samples=1, precision="fp32")
 
@@ -27,18 +27,19 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 def test_planted_permutation_is_undone_by_activation_matching(models: dict[str, Path], tmp_path: Path) -> None:
     """B is A's base fine-tune with every group shuffled; at alpha 1 re-basin by activations gives back the
-    unshuffled fine-tune bit for bit (UNet and text encoder by activations, the VAE by weights)."""
+    unshuffled fine-tune bit for bit (UNet and text encoder by activations, the VAE by weights). The merge is held
+    in memory: its tensors and metadata are those the file would hold."""
     from model_cache import cached_checkpoint
 
     plain = cached_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
-    res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors", replace(ACT, alpha=1.0))
-    out, ref = _load(res.output), _load(plain)
+    merged, d = merge_in_memory(plain, models["shuffled"], replace(ACT, alpha=1.0))
+    keys = merged.keys()
+    out, ref = {k: merged.get(k) for k in keys}, _load(plain)
     wrong = [k for k in ref if not torch.equal(out[k], ref[k])]
     assert not wrong, wrong[:5]
-    d = res.diagnostics
     assert d.matching == "activations" and all(m / n > 0.9 for m, n in d.moved.values()), d.moved
     assert any(line.startswith("Activation matching: ") for line in d.summary_lines())
-    stored = json.loads(_meta(res.output)["lib_rebasin"])
+    stored = json.loads(merged.metadata["lib_rebasin"])
     assert stored["recipe"]["matching"] == "activations" and stored["recipe"]["activation_samples"] == 1
 
 
@@ -47,18 +48,20 @@ def _meta(path: Path) -> dict[str, str]:
         return dict(ck.metadata)
 
 
-def test_same_seed_same_bytes_and_block_weights_compose(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_same_seed_same_bytes_and_block_weights_compose(tiny_models: dict[str, Path]) -> None:
+    from same_bytes import same_bytes
+
     opts = replace(ACT, parts=("unet", "te"), blocks=(0.5,) * 13 + (0.25,) * 13)
-    one = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "1.safetensors", opts)
-    two = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "2.safetensors", opts)
-    assert one.output.read_bytes() == two.output.read_bytes()
-    assert one.diagnostics.moved["unet"][0] > 0 and one.diagnostics.blocks == list(opts.blocks)
+    one, diagnostics = merge_in_memory(tiny_models["a"], tiny_models["independent"], opts)
+    two, _ = merge_in_memory(tiny_models["a"], tiny_models["independent"], opts)
+    assert same_bytes(one, two)
+    assert diagnostics.moved["unet"][0] > 0 and diagnostics.blocks == list(opts.blocks)
 
 
-def test_align_for_another_method(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
-                            replace(ACT, method="weighted_sum", align=True, parts=("te",)))
-    assert res.diagnostics.matching == "activations" and res.diagnostics.moved["te"][0] > 0
+def test_align_for_another_method(tiny_models: dict[str, Path]) -> None:
+    _, d = merge_in_memory(tiny_models["a"], tiny_models["independent"],
+                           replace(ACT, method="weighted_sum", align=True, parts=("te",)))
+    assert d.matching == "activations" and d.moved["te"][0] > 0
 
 
 @pytest.mark.parametrize("change, words", [
@@ -113,12 +116,11 @@ def test_cli_matching_activations(tiny_models: dict[str, Path], tmp_path: Path,
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_iterations_rematch_by_activations_at_every_step(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterations_rematch_by_activations_at_every_step(tiny_models: dict[str, Path]) -> None:
     """The closed form that skips iteration steps is a property of weight matching's fixed point; activations are
     not linear in the weights, so every step is matched against the running merge."""
-    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
-                            replace(ACT, iterations=3, parts=("te",)))
-    assert res.diagnostics.match_steps == 3 and res.diagnostics.closed_form_steps == 0
+    _, d = merge_in_memory(tiny_models["a"], tiny_models["independent"], replace(ACT, iterations=3, parts=("te",)))
+    assert d.match_steps == 3 and d.closed_form_steps == 0
 
 
 @pytest.mark.parametrize("matching, after, warned", [("activations", 0.66, True), ("activations", 0.97, False),

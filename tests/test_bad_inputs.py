@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cache import cached_checkpoint, cached_state_dict, place
 
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict
-from model_cache import cached_checkpoint, place
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -96,12 +96,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     nan[KEY].view(-1)[5] = float("nan")
     nan["model.diffusion_model.out.2.bias"] = sd["model.diffusion_model.out.2.bias"].clone()
     nan["model.diffusion_model.out.2.bias"][1] = float("inf")
-    save_state_dict(d / "b_nan.safetensors", nan)
+    cached_state_dict(d / "b_nan.safetensors", nan)
     ints = dict(sd)
     ints["model.diffusion_model.out.2.weight"] = sd["model.diffusion_model.out.2.weight"].to(torch.int32)
-    save_state_dict(d / "b_int.safetensors", ints)
+    cached_state_dict(d / "b_int.safetensors", ints)
     no_vae = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}
-    save_state_dict(d / "b_novae.safetensors", no_vae)
+    cached_state_dict(d / "b_novae.safetensors", no_vae)
     return {"dir": d, "a": a, "b": b, "nan": d / "b_nan.safetensors", "int": d / "b_int.safetensors",
             "novae": d / "b_novae.safetensors"}
 
@@ -145,7 +145,7 @@ def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, ou
         sd = {k: ck.get(k).clone() for k in ck.keys()}
     big = dict(sd)
     big[KEY] = sd[KEY] + 30000.0
-    save_state_dict(tmp_path / "big.safetensors", big)
+    cached_state_dict(tmp_path / "big.safetensors", big)
     before = listing(out)
     r = cli("add-difference", a, tmp_path / "big.safetensors", a, "-o", out / "m.safetensors", "--alpha", "3",
             "-q", cwd=out)
@@ -155,10 +155,12 @@ def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, ou
 VAE_KEY = "first_stage_model.decoder.conv_out.weight"
 
 
-def _nan_sources(pair: dict, where: Path) -> dict[str, tuple[Path, str]]:
+@pytest.fixture(scope="module")
+def nan_sources(pair: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """Sources of output bytes that are not blended, each with one NaN: a VAE file and a checkpoint to bake in,
     and a model A whose text encoder (copied: --parts unet) and extra key (copied: not a weight) hold NaN.
-    Returns {case: (file, the key as that file names it)}."""
+    Returns {case: (file, the key as that file names it)}; made once for the module's tests, which only read them."""
+    where = tmp_path_factory.mktemp("nan-sources")
     with open_checkpoint(pair["b"]) as ck:
         sd = {k: ck.get(k).clone() for k in ck.keys()}
     vae = {k[len("first_stage_model."):]: v.clone() for k, v in sd.items() if k.startswith("first_stage_model.")}
@@ -174,10 +176,10 @@ def _nan_sources(pair: dict, where: Path) -> dict[str, tuple[Path, str]]:
     te[te_key][0] = float("nan")
     extra = dict(a)
     extra["model_ema.decay"] = torch.tensor(float("nan"))
-    return {"vae_file": (save_state_dict(where / "nan.vae.safetensors", vae), "decoder.conv_out.weight"),
-            "vae_checkpoint": (save_state_dict(where / "nan_vae_donor.safetensors", ckpt), VAE_KEY),
-            "copied_part": (save_state_dict(where / "a_nan_te.safetensors", te), te_key),
-            "copied_key": (save_state_dict(where / "a_nan_extra.safetensors", extra), "model_ema.decay")}
+    return {"vae_file": (cached_state_dict(where / "nan.vae.safetensors", vae), "decoder.conv_out.weight"),
+            "vae_checkpoint": (cached_state_dict(where / "nan_vae_donor.safetensors", ckpt), VAE_KEY),
+            "copied_part": (cached_state_dict(where / "a_nan_te.safetensors", te), te_key),
+            "copied_key": (cached_state_dict(where / "a_nan_extra.safetensors", extra), "model_ema.decay")}
 
 
 def _merge_args(pair: dict, case: str, path: Path) -> list[str | Path]:
@@ -187,9 +189,9 @@ def _merge_args(pair: dict, case: str, path: Path) -> list[str | Path]:
 
 
 @pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
-def test_nan_that_is_baked_in_or_copied_is_refused_like_a_blended_one(pair: dict, tmp_path: Path, out: Path,
+def test_nan_that_is_baked_in_or_copied_is_refused_like_a_blended_one(pair: dict, nan_sources: dict, out: Path,
                                                                      case: str) -> None:
-    path, key = _nan_sources(pair, tmp_path)[case]
+    path, key = nan_sources[case]
     before = listing(out)
     r = cli("merge", *_merge_args(pair, case, path), "-o", out / "m.safetensors", "--method", "weighted_sum",
             "-q", cwd=out)
@@ -197,8 +199,8 @@ def test_nan_that_is_baked_in_or_copied_is_refused_like_a_blended_one(pair: dict
 
 
 @pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
-def test_allow_nonfinite_writes_baked_and_copied_nan(pair: dict, tmp_path: Path, out: Path, case: str) -> None:
-    path, key = _nan_sources(pair, tmp_path)[case]
+def test_allow_nonfinite_writes_baked_and_copied_nan(pair: dict, nan_sources: dict, out: Path, case: str) -> None:
+    path, key = nan_sources[case]
     r = cli("merge", *_merge_args(pair, case, path), "-o", out / "m.safetensors", "--method", "weighted_sum",
             "--allow-nonfinite", "-q", cwd=out)
     assert r.returncode == 0, r.stderr
@@ -296,8 +298,8 @@ def test_nul_byte_in_a_recipe_path(pair: dict, out: Path) -> None:
 
 
 def test_nul_byte_in_a_path_through_the_python_api(tmp_path: Path) -> None:
-    from lib_rebasin.io.output_file import check_output_path
     from lib_rebasin.errors import CheckpointReadError, OutputError
+    from lib_rebasin.io.output_file import check_output_path
 
     with pytest.raises(CheckpointReadError, match="NUL byte"):
         open_checkpoint(str(tmp_path / "a\0b.safetensors"))

@@ -9,15 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cache import cached_state_dict
 from safetensors.torch import load_file, save_file
 
-from lib_rebasin.sd1.config import TINY, detect
+from lib_rebasin.errors import (
+    CheckpointReadError,
+    IncompatibleModelsError,
+    OutputError,
+    RebasinError,
+    UnsupportedModelError,
+)
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict, write_safetensors
-from lib_rebasin.errors import (CheckpointReadError, IncompatibleModelsError, OutputError, RebasinError,
-                                UnsupportedModelError)
-from lib_rebasin.options import MergeOptions
 from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.sd1.config import TINY, detect
 from lib_rebasin.sd1.spec import build_spec
 from lib_rebasin.sd1.synthetic import synthetic_tensor
 
@@ -126,7 +132,7 @@ def test_unsupported_architectures_are_named(keys: dict, message: str) -> None:
 
 
 def test_sdxl_shaped_file_is_refused_by_merge(tmp_path: Path) -> None:
-    a = save_state_dict(tmp_path / "a.safetensors", _tiny_state(1))
+    a = cached_state_dict(tmp_path / "a.safetensors", _tiny_state(1))
     xl = save_state_dict(tmp_path / "xl.safetensors", {
         "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(8),
         "model.diffusion_model.label_emb.0.0.weight": torch.ones(8, 8)})
@@ -136,11 +142,11 @@ def test_sdxl_shaped_file_is_refused_by_merge(tmp_path: Path) -> None:
 
 
 def test_mismatched_shapes_are_refused(tmp_path: Path) -> None:
-    a = save_state_dict(tmp_path / "a.safetensors", _tiny_state(1))
+    a = cached_state_dict(tmp_path / "a.safetensors", _tiny_state(1))
     sd = _tiny_state(2)
     k = "model.diffusion_model.middle_block.1.proj_in.weight"
     sd[k] = torch.zeros(7, 7, 1, 1)
-    b = save_state_dict(tmp_path / "b.safetensors", sd)
+    b = cached_state_dict(tmp_path / "b.safetensors", sd)
     with pytest.raises(UnsupportedModelError, match="unexpected shapes"):
         merge_checkpoints(a, b, tmp_path / "out.safetensors", MergeOptions(method="weighted_sum"))
     # A different-width SD 1.x is readable but cannot be blended with A.

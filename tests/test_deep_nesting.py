@@ -12,11 +12,11 @@ import resource
 from pathlib import Path
 
 import pytest
+from model_cache import cached_state_dict
+from test_bad_inputs import STEP, assert_refused, cli, listing
 
 from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.io.parsing import MAX_DEPTH
-from test_bad_inputs import STEP, assert_refused, cli, listing
 
 DEEP = 100_000  # far past Python's recursion limit
 NEAR = 900      # parseable by json / tomllib, too deep to print or re-encode safely
@@ -98,7 +98,7 @@ def test_a_recipe_file_that_never_ends_is_not_read_whole(tmp_path: Path) -> None
 def _with_metadata(src: Path, dest: Path, metadata: dict[str, str]) -> Path:
     with open_checkpoint(src) as ck:
         tensors = {k: ck.get(k).clone() for k in ck.keys()}
-    return save_state_dict(dest, tensors, metadata)
+    return cached_state_dict(dest, tensors, metadata)  # an input: made once per model cache
 
 
 @pytest.mark.parametrize("depth", [NEAR, DEEP])

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cache import cached_state_dict
 
-from lib_rebasin.sd1.config import MINI, TINY
-from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.io.output_file import save_state_dict
+from lib_rebasin.align.permute import is_legal, permute_tensor
+from lib_rebasin.align.weight_matching import weight_matching
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
-from lib_rebasin.align.weight_matching import weight_matching
-from lib_rebasin.options import MergeOptions
-from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.merge.blend import telescoping_schedule
-from lib_rebasin.align.permute import is_legal, permute_tensor
+from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.sd1.config import MINI, TINY
 from lib_rebasin.sd1.spec import build_spec
 
 FP32 = dict(precision="fp32")
@@ -31,29 +31,27 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         return {k: ck.get(k).clone() for k in ck.keys()}
 
 
-def _merged(a: Path, b: Path, options: MergeOptions):
+def _merged(a: Path, b: Path, options: MergeOptions, c: Path | None = None):
     """The merge held in memory (its tensors are those `merge_checkpoints` would write) where the file itself is not
     under test, and its diagnostics."""
-    ckpt, diagnostics = merge_in_memory(a, b, options)
+    ckpt, diagnostics = merge_in_memory(a, b, options, c=c)
     return {k: ckpt.get(k) for k in ckpt.keys()}, diagnostics
 
 
-def test_alpha_zero_is_model_a(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_alpha_zero_is_model_a(tiny_models: dict[str, Path]) -> None:
     for method in ("weighted_sum", "rebasin"):
-        out = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / f"{method}.safetensors",
-                                MergeOptions(method=method, alpha=0.0, max_sweeps=1, parts=("te",), **FP32)).output
-        a, m = _load(tiny_models["a"]), _load(out)
+        m, _ = _merged(tiny_models["a"], tiny_models["independent"],
+                       MergeOptions(method=method, alpha=0.0, max_sweeps=1, parts=("te",), **FP32))
+        a = _load(tiny_models["a"])
         assert a.keys() == m.keys()
         assert all(torch.equal(a[k], m[k]) for k in a), method
 
 
-def test_weighted_sum_and_add_difference_formulas(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_weighted_sum_and_add_difference_formulas(tiny_models: dict[str, Path]) -> None:
     a, b, c = (_load(tiny_models[k]) for k in ("a", "finetune", "independent"))
-    ws = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ws.safetensors",
-                                 MergeOptions(method="weighted_sum", alpha=0.3, **FP32)).output)
-    ad = _load(merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "ad.safetensors",
-                                 MergeOptions(method="add_difference", alpha=0.2, **FP32),
-                                 c=tiny_models["independent"]).output)
+    ws, _ = _merged(tiny_models["a"], tiny_models["finetune"], MergeOptions(method="weighted_sum", alpha=0.3, **FP32))
+    ad, _ = _merged(tiny_models["a"], tiny_models["finetune"], MergeOptions(method="add_difference", alpha=0.2, **FP32),
+                    c=tiny_models["independent"])
     k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
     torch.testing.assert_close(ws[k], 0.7 * a[k] + 0.3 * b[k])
     torch.testing.assert_close(ad[k], a[k] + 0.2 * (b[k] - c[k]))
@@ -128,24 +126,23 @@ def test_independent_pair_moves_far_more_than_same_base(models: dict[str, Path])
     assert moved["finetune"] == 0.0 and moved["independent"] > 0.5, moved
 
 
-def test_same_base_pair_is_certified_without_solving(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "o.safetensors", MergeOptions(**FP32))
-    d = res.diagnostics
+def test_same_base_pair_is_certified_without_solving(tiny_models: dict[str, Path]) -> None:
+    _, d = _merged(tiny_models["a"], tiny_models["finetune"], MergeOptions(**FP32))
     assert d.solves == 0 and d.sweeps == [1] and all(m == 0 for m, _ in d.moved.values())
     assert any("share a basin" in line for line in d.summary_lines())
 
 
-def test_iterations_telescope_and_match_explicit_steps(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_iterations_telescope_and_match_explicit_steps(tiny_models: dict[str, Path]) -> None:
     alpha, n = 0.4, 6
     steps = telescoping_schedule(alpha, n)
     weight_b = 0.0
     for s in steps:
         weight_b = (1 - s) * weight_b + s
     assert weight_b == pytest.approx(alpha, abs=1e-12)
-    res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "o.safetensors",
-                            MergeOptions(alpha=alpha, iterations=n, **FP32))
-    assert res.diagnostics.closed_form_steps == n - 1
-    a, b, out = _load(tiny_models["a"]), _load(tiny_models["finetune"]), _load(res.output)
+    out, diagnostics = _merged(tiny_models["a"], tiny_models["finetune"],
+                               MergeOptions(alpha=alpha, iterations=n, **FP32))
+    assert diagnostics.closed_form_steps == n - 1
+    a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
     k = "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"
     explicit = a[k].double()
     for s in steps:  # what running every step would give (identity permutation throughout)
@@ -153,26 +150,23 @@ def test_iterations_telescope_and_match_explicit_steps(tiny_models: dict[str, Pa
     torch.testing.assert_close(out[k].double(), explicit, atol=1e-6, rtol=1e-6)
 
 
-def test_iterations_realign_and_warm_start(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
-                            MergeOptions(alpha=0.5, iterations=3, parts=("te",), max_sweeps=50, tolerance=0.0,
-                                         **FP32))
-    d = res.diagnostics
+def test_iterations_realign_and_warm_start(tiny_models: dict[str, Path]) -> None:
+    _, d = _merged(tiny_models["a"], tiny_models["independent"],
+                   MergeOptions(alpha=0.5, iterations=3, parts=("te",), max_sweeps=50, tolerance=0.0, **FP32))
     assert d.match_steps >= 2 and d.sweeps[0] > d.sweeps[-1]  # later steps start from the previous permutation
 
 
 def test_unknown_ema_and_extra_keys_are_copied_from_a(tmp_path: Path) -> None:
     from model_cache import cached_checkpoint
 
-    extra = {"model_ema.decay": torch.tensor(0.9999), "embedding_manager.embedder.x": torch.randn(3),
+    extra = {"model_ema.decay": torch.tensor(0.9999), "embedding_manager.embedder.x": torch.tensor([0.3, -1.2, 2.5]),
              "cond_stage_model.logit_scale": torch.tensor(4.6), "lora_te_text_model_x.alpha": torch.tensor(8.0)}
     a = cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, extra=extra, precision="fp32")
     b = cached_checkpoint(tmp_path / "b.safetensors", "tiny", seed=2, extra={"only_in_b": torch.ones(2)})
-    res = merge_checkpoints(a, b, tmp_path / "o.safetensors", MergeOptions(method="weighted_sum"))
-    out = _load(res.output)
+    out, diagnostics = _merged(a, b, MergeOptions(method="weighted_sum"))
     for k, v in extra.items():
         assert torch.equal(out[k], v), k
-    assert "only_in_b" not in out and res.diagnostics.dropped_from_b == 1
+    assert "only_in_b" not in out and diagnostics.dropped_from_b == 1
 
 
 def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
@@ -186,15 +180,14 @@ def test_float_position_ids_are_never_blended(tmp_path: Path) -> None:
         spec = build_spec(TINY)
         sd = {k: synthetic_tensor(k, s, seed, None, 0.0, 1000) for k, s in spec.shapes.items()}
         sd[pid] = sd[pid].float() + (0.3 if seed == 2 else 0.0)  # an old merge's float, slightly-off ids
-        states.append(save_state_dict(tmp_path / f"m{seed}.safetensors", sd))
-    out = _load(merge_checkpoints(states[0], states[1], tmp_path / "o.safetensors",
-                                  MergeOptions(method="weighted_sum", **FP32)).output)
+        states.append(cached_state_dict(tmp_path / f"m{seed}.safetensors", sd))
+    out, _ = _merged(states[0], states[1], MergeOptions(method="weighted_sum", **FP32))
     assert torch.equal(out[pid], _load(states[0])[pid])
 
 
-def test_parts_not_merged_keep_a(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    out = _load(merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
-                                  MergeOptions(method="weighted_sum", parts=("unet",), **FP32)).output)
+def test_parts_not_merged_keep_a(tiny_models: dict[str, Path]) -> None:
+    out, _ = _merged(tiny_models["a"], tiny_models["independent"],
+                     MergeOptions(method="weighted_sum", parts=("unet",), **FP32))
     a = _load(tiny_models["a"])
     assert all(torch.equal(out[k], a[k]) for k in a if not k.startswith("model.diffusion_model."))
     assert not torch.equal(out["model.diffusion_model.out.2.weight"], a["model.diffusion_model.out.2.weight"])
@@ -207,8 +200,8 @@ def test_inpainting_a_with_plain_b(tmp_path: Path, tiny_models: dict[str, Path])
 
     inp = cached_checkpoint(tmp_path / "inp.safetensors", replace(TINY, unet_in_channels=9), seed=11, base_seed=1,
                             precision="fp32")
-    res = merge_checkpoints(inp, tiny_models["finetune"], tmp_path / "o.safetensors", MergeOptions(alpha=0.5, **FP32))
-    out, a, b = _load(res.output), _load(inp), _load(tiny_models["finetune"])
+    out, _ = _merged(inp, tiny_models["finetune"], MergeOptions(alpha=0.5, **FP32))
+    a, b = _load(inp), _load(tiny_models["finetune"])
     k = "model.diffusion_model.input_blocks.0.0.weight"
     assert out[k].shape[1] == 9 and torch.equal(out[k][:, 4:], a[k][:, 4:])
     torch.testing.assert_close(out[k][:, :4], 0.5 * a[k][:, :4] + 0.5 * b[k])
@@ -266,18 +259,18 @@ def test_cli_merge_inspect_and_errors(tiny_models: dict[str, Path], tmp_path: Pa
                      str(tiny_models["independent"]), "-o", str(tmp_path / "ad.safetensors"), "-q"]) == 0
 
 
-def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(tiny_models: dict[str, Path]) -> None:
     from lib_rebasin.merge.legacy import SPECIAL_KEYS, legacy_special_tensors
 
-    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors",
-                            MergeOptions(method="legacy", alpha=0.3, iterations=20, **FP32))
-    out, a, b = _load(res.output), _load(tiny_models["a"]), _load(tiny_models["independent"])
+    out, diagnostics = _merged(tiny_models["a"], tiny_models["independent"],
+                               MergeOptions(method="legacy", alpha=0.3, iterations=20, **FP32))
+    a, b = _load(tiny_models["a"]), _load(tiny_models["independent"])
     special = legacy_special_tensors(a.__getitem__, b.__getitem__, 0.3, 20)
     for k in SPECIAL_KEYS:
         assert torch.equal(out[k], special[k]), k
     k = "model.diffusion_model.output_blocks.3.1.proj_out.weight"
     torch.testing.assert_close(out[k], 0.7 * a[k] + 0.3 * b[k])
-    assert any("not a function-preserving re-basin" in line for line in res.diagnostics.summary_lines())
+    assert any("not a function-preserving re-basin" in line for line in diagnostics.summary_lines())
 
 
 def test_cli_repair_reaches_the_options_and_is_recorded(tiny_models: dict[str, Path], tmp_path: Path,

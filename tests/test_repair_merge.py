@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lib_rebasin.align import repair
-from lib_rebasin.sd1.config import TINY
-from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, RebasinError
-from lib_rebasin.options import MergeOptions
+from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.options import MergeOptions
+from lib_rebasin.sd1.config import TINY
 from lib_rebasin.sd1.spec import build_spec
 
 REPAIR = MergeOptions(method="weighted_sum", repair=True, activation_samples=2, precision="fp32")
@@ -40,14 +40,14 @@ def test_written_merge_has_the_parents_interpolated_statistics(tiny_models: dict
     """Run A, aligned B and the *written file* on the calibration inputs: at every corrected layer the file's
     per-channel mean and std are the interpolation of the parents' (without REPAIR they have collapsed)."""
     res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors", opts)
-    plain = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "plain.safetensors",
-                              replace(opts, repair=False))
+    plain, _ = merge_in_memory(tiny_models["a"], tiny_models["independent"], replace(opts, repair=False))
     spec = build_spec(TINY)
     a = _load(tiny_models["a"])
     b_aligned = _aligned_b(tiny_models, opts, _load(tiny_models["independent"]))
     cal = repair.calibration(TINY, a.__getitem__, opts.activation_samples, opts.seed, torch.device("cpu"))
     sa, sb = _stats(a, cal), _stats(b_aligned, cal)
-    got, before = _stats(_load(res.output), cal), _stats(_load(plain.output), cal)
+    plain_keys = plain.keys()
+    got, before = _stats(_load(res.output), cal), _stats({k: plain.get(k) for k in plain_keys}, cal)
     names = repair.sites(spec)
     assert len(names) == res.diagnostics.repaired_layers == 124  # SD 1.x's residual writers (repair.SITE)
     collapsed = []
@@ -74,23 +74,25 @@ def _aligned_b(models: dict[str, Path], opts: MergeOptions, b: dict[str, torch.T
 
 def test_nothing_to_repair_leaves_the_merge_alone(models: dict[str, Path], tmp_path: Path) -> None:
     """B is a planted permutation of A's fine-tune: re-basin undoes it, the merge at alpha 1 *is* that fine-tune,
-    its statistics are already the target and REPAIR changes no weight: scales exactly 1, shifts exactly 0."""
+    its statistics are already the target and REPAIR changes no weight: scales exactly 1, shifts exactly 0. The
+    merge is held in memory: its tensors are those the file would hold."""
     from model_cache import cached_checkpoint
 
     plain = cached_checkpoint(tmp_path / "plain.safetensors", "mini", seed=11, base_seed=1, precision="fp32")
-    res = merge_checkpoints(plain, models["shuffled"], tmp_path / "o.safetensors",
-                            replace(REPAIR, method="rebasin", alpha=1.0, tolerance=0.0))
-    out, ref = _load(res.output), _load(plain)
-    wrong = [k for k in ref if not torch.equal(out[k], ref[k])]
+    merged, d = merge_in_memory(plain, models["shuffled"], replace(REPAIR, method="rebasin", alpha=1.0, tolerance=0.0))
+    ref = _load(plain)
+    wrong = [k for k in ref if not torch.equal(merged.get(k), ref[k])]
     assert not wrong, wrong[:5]
-    assert res.diagnostics.repaired_layers == 124 and res.diagnostics.repair_scale == [1.0, 1.0, 1.0]
+    assert d.repaired_layers == 124 and d.repair_scale == [1.0, 1.0, 1.0]
 
 
-def test_same_options_same_bytes(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_same_options_same_bytes(tiny_models: dict[str, Path]) -> None:
+    from same_bytes import same_bytes
+
     opts = replace(REPAIR, parts=("unet", "te"), precision="fp16")
-    one = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "1.safetensors", opts)
-    two = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "2.safetensors", opts)
-    assert one.output.read_bytes() == two.output.read_bytes()
+    one, _ = merge_in_memory(tiny_models["a"], tiny_models["independent"], opts)
+    two, _ = merge_in_memory(tiny_models["a"], tiny_models["independent"], opts)
+    assert same_bytes(one, two)
 
 
 @pytest.mark.parametrize("change, words", [
