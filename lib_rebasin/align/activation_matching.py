@@ -63,6 +63,16 @@ class Correlation:
         self.n = n
         self.dtype = dtype
         self.sites: dict[int, _Site] = {}
+        self._reserved: dict[int, _Site] = {}  # sites allocated before their first rows (`reserve`)
+
+    def reserve(self, site: int, start: int, m: int, rows: int, device: torch.device = torch.device("cpu")) -> None:
+        """Allocate site `site`'s storage before its first `update`, for `rows` rows over the run (`layer_rows`):
+        the sums, and the block its pending rows are written into (`_Site`). Everything the site keeps is then
+        allocated at once, before the forward passes' short-lived activations, instead of piece by piece between
+        them (where the allocator cannot give the freed space around it back). The values are the same as
+        without it; a site that gets more rows than reserved grows as an unreserved one does."""
+        assert start + m <= self.n and site not in self.sites, (site, start, m)
+        self._reserved[site] = _Site(start, m, self.dtype, rows, device)
 
     def update(self, site: int, a: torch.Tensor, b: torch.Tensor, start: int = 0) -> None:
         """a, b: (samples, m) activations of the same inputs at site `site`, units [start, start + m)."""
@@ -70,7 +80,9 @@ class Correlation:
         s = self.sites.get(site)
         if s is None:
             assert start + m <= self.n, (site, start, m)
-            s = self.sites[site] = _Site(start, m, self.dtype)
+            # Sites enter `sites` at their first rows, reserved or not: `value` adds them in that order.
+            reserved = self._reserved.pop(site, None)
+            s = self.sites[site] = reserved if reserved is not None else _Site(start, m, self.dtype)
         assert s.start == start and s.m == m, (site, start, m)
         s.add(a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype))
 
@@ -99,11 +111,19 @@ class Correlation:
 class _Site:
     """One site's sums around the first batch's means: per-unit sums and sums of squares of both models (added at
     once), and the cross sum A^T B, whose rows wait in `pending` until there are enough to add them in one
-    multiplication (or, while fewer than half the units, all of them: `cross` then multiplies them out)."""
+    multiplication (or, while fewer than half the units, all of them: `cross` then multiplies them out).
+
+    The site keeps its memory for the whole run while both models' activations come and go around it, so it is
+    allocated once where it can be: the sums are added in place, and a site reserved for a number of rows
+    (`Correlation.reserve`) writes its pending rows into one block of those rows (of at most half its units: the
+    most it holds before its cross sum exists), which it gives up once the cross sum exists. Rows that do not fit
+    the block (more than counted) wait as separate tensors, as they do without a block; the rows, and so the sums
+    and products, are the same either way."""
 
     FLUSH_ROWS = 256  # rows per multiplication into an existing cross sum
 
-    def __init__(self, start: int, m: int, dtype: torch.dtype) -> None:
+    def __init__(self, start: int, m: int, dtype: torch.dtype, rows: int | None = None,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.start, self.m, self.dtype = start, m, dtype
         self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sums: list[torch.Tensor] = []  # sa, sb, saa, sbb
@@ -111,20 +131,59 @@ class _Site:
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending_rows = 0
         self.rows = 0
+        self.block: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.in_block = False  # `pending` is the block's first `pending_rows` rows
+        if rows is not None:
+            self.sums = [torch.empty(m, dtype=dtype, device=device) for _ in range(4)]
+            held = min(rows, m // 2)
+            if held > 0:
+                self.block = (torch.empty(held, m, dtype=dtype, device=device),
+                              torch.empty(held, m, dtype=dtype, device=device))
+
+    def nbytes(self) -> int:
+        """The memory the site holds now."""
+        kept = [*self.sums, *([self.sab] if self.sab is not None else [])]
+        kept += self.block if self.block is not None else ()
+        block = {x.untyped_storage().data_ptr() for x in self.block or ()}
+        kept += [x for pair in self.pending for x in pair if x.untyped_storage().data_ptr() not in block]
+        return sum(x.numel() * x.element_size() for x in kept)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        first = self.shift is None
         if self.shift is None:
             self.shift = (a.mean(0), b.mean(0))
-        a, b = a - self.shift[0], b - self.shift[1]
+        a, b = self._keep(a, b)
         upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0)]
-        self.sums = upd if not self.sums else [x + y for x, y in zip(self.sums, upd, strict=True)]
+        if not self.sums:
+            self.sums = upd
+        else:
+            for x, y in zip(self.sums, upd, strict=True):
+                if first:
+                    x.copy_(y)
+                else:
+                    x.add_(y)
         self.rows += a.shape[0]
-        self.pending.append((a, b))
-        self.pending_rows += a.shape[0]
         if self.pending_rows >= (self.m // 2 if self.sab is None else min(self.m // 2, self.FLUSH_ROWS)):
             if self.sab is None:
                 self.sab = torch.zeros(self.m, self.m, dtype=self.dtype, device=a.device)
             self._flush(self.sab)
+            self.block = None  # the cross sum exists: later rows are flushed after a batch or two
+
+    def _keep(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a and b around the shift, added to the pending rows: written into the block while they fit it."""
+        assert self.shift is not None
+        n, p = a.shape[0], self.pending_rows
+        if self.block is not None and (self.in_block or not self.pending) and p + n <= self.block[0].shape[0]:
+            ka = torch.sub(a, self.shift[0], out=self.block[0][p:p + n])
+            kb = torch.sub(b, self.shift[1], out=self.block[1][p:p + n])
+            self.pending = [(self.block[0][:p + n], self.block[1][:p + n])]
+            self.in_block = True
+        else:
+            ka, kb = a - self.shift[0], b - self.shift[1]
+            self.pending.append((ka, kb))
+            self.in_block = False
+        self.pending_rows += n
+        return ka, kb
 
     def cross(self) -> torch.Tensor:
         """The cross sum A^T B over every row (a site holding only rows multiplies them out each time: the object
@@ -144,7 +203,7 @@ class _Site:
     def _flush(self, into: torch.Tensor) -> None:
         a, b = self._pending()
         into.addmm_(a.T, b)
-        self.pending, self.pending_rows = [], 0
+        self.pending, self.pending_rows, self.in_block = [], 0, False
 
 
 def match(groups: Iterable[Group], correlations: dict[str, Correlation],
@@ -256,6 +315,7 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
     fewer rows than they have units and keep only their rows, which takes fewer passes than the bound."""
     todo = [g for g in groups if sites(spec, g)]
     runs = passes(spec, todo, sums_per_pass)
+    rows = None
     if len(runs) > 1:
         rows = layer_rows(spec, get_b, samples=samples, device=device, latent_size=latent_size)
         runs = passes(spec, todo, sums_per_pass, rows)
@@ -267,7 +327,7 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
                                                                                   f"{len(runs)})")
 
         corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
-                            progress=step if progress is not None else None, latent_size=latent_size)
+                            progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
 
         def on_group(i: int, n: int, name: str) -> None:
             step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
@@ -280,14 +340,18 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
 @torch.no_grad()
 def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                  samples: int, seed: int, device: torch.device = torch.device("cpu"),
-                 progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> dict[str, Correlation]:
+                 progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE,
+                 rows: Mapping[str, int] | None = None) -> dict[str, Correlation]:
     """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the
     quality benchmark's `where` reads them to show how well units correspond).
 
     Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one batch
     (`PROMPTS_PER_BATCH` prompts, each also with the empty prompt) are held until B's same layer has run; B's are
     folded into the correlations as they appear, so memory is one batch of A's activations plus the correlation
-    sums."""
+    sums.
+
+    With each layer's rows over the pass (`layer_rows`), every site the pass observes is allocated before the
+    models run (`Correlation.reserve`); the correlations are the same with or without them."""
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
     fwd = forward_of(c)
@@ -298,6 +362,11 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
         for i, s in enumerate(sites(spec, g)):
             wanted.setdefault(layer_of(s.key), []).append((g.name, i, s.offset, s.length, s.start))
     corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
+    for name, entries in wanted.items():
+        r = None if rows is None else rows.get(name)
+        for group, site, _, n, start in entries:
+            if r is not None:
+                corr[group].reserve(site, start, n, r, device)
     held: dict[str, torch.Tensor] = {}
 
     def hold(name: str, out: torch.Tensor) -> None:
