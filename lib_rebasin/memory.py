@@ -56,6 +56,17 @@ def release_memory() -> bool:
     return True
 
 
+def trim_free_pages() -> bool:
+    """Return the heap's free pages to the system now (glibc's `malloc_trim`), thresholds unchanged: for a job
+    inside `reused_heap()` whose freed memory would otherwise stay resident between its steps. True when the
+    allocator was asked to trim."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 # glibc's mallopt parameters, and its initial thresholds, which a merge restores (fixed from then on: glibc lets
 # them rise on its own only until a program sets them). Keeping larger ones after a merge left freed memory that a
 # returning host counts as its own.

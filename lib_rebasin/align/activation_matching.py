@@ -25,6 +25,7 @@ from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
 from ..forward_layers import Layers, TensorGetter, channels_last
 from ..io.model_input import ModelConfig
+from ..memory import trim_free_pages
 from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
 from .assignment import row_argmax_certificate, solve
@@ -334,6 +335,7 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
 
         perms.update(match(run, corr, on_group))
         del corr
+        trim_free_pages()
     return perms
 
 
@@ -392,6 +394,7 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
     ctx_a = fwd.text_encoder(c, layers_a, ids)
     ctx_b = fwd.text_encoder(c, layers_b, ids)
+    trim_free_pages()
     if need_unet:
         _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
                  progress)
@@ -443,6 +446,10 @@ def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: 
             cond = list(rows) + [-1] * n
             eps[rows.start:rows.stop] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][cond]), n)
             fwd.unet(c, layers_b, xi, tt, ctx[1][cond])
+            # A merge keeps freed memory in the heap for reuse (`memory.reused_heap`), but here the sums stay
+            # allocated between the batches' activations: the holes the activations leave are given back after
+            # each batch (the next one faults them in again) instead of staying resident for the whole pass.
+            trim_free_pages()
             done += 1
         return eps
 
