@@ -33,3 +33,33 @@ def test_a_recipe_run_twice_returns_to_its_starting_memory(tmp_path):
     # must be far less than that (libraries initialised on first use, allocator bookkeeping).
     assert max(after) - start < size / 2, [f"{(r - start) / 1e6:+.0f} MB" for r in after]
     assert not list(tmp_path.glob("probe*"))
+
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim, /proc/self/statm")
+def test_free_heap_pages_below_live_memory_are_given_back_inside_a_reused_heap() -> None:
+    """Inside a merge's reused heap a freed block stays resident while anything allocated after it is alive (the
+    heap cannot shrink past it); `trim_free_pages` (activation matching's step between batches) gives its pages
+    back, and leaves the merge's thresholds in place."""
+    import torch
+
+    from lib_rebasin import memory
+
+    if memory._malloc_trim() is None or memory._user_tuned():
+        pytest.skip("not glibc, or the process's own malloc settings (the heap is not reused)")
+    size = 256 << 20
+    with memory.reused_heap():
+        hole = torch.ones(size // 4)  # from the heap (under the merge's mmap threshold), every page touched
+        after = torch.ones(1 << 16)  # allocated after it: keeps the heap's top above the hole
+        before = _rss()
+        del hole
+        kept = _rss()
+        assert memory.trim_free_pages()
+        trimmed = _rss()
+        assert memory._depth == 1 and after.sum() == 1 << 16
+    assert before - kept < size / 4  # freed, but still resident
+    assert kept - trimmed > size * 3 / 4, (before, kept, trimmed)
