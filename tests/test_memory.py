@@ -63,3 +63,32 @@ def test_free_heap_pages_below_live_memory_are_given_back_inside_a_reused_heap()
         assert memory._depth == 1 and after.sum() == 1 << 16
     assert before - kept < size / 4  # freed, but still resident
     assert kept - trimmed > size * 3 / 4, (before, kept, trimmed)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's thresholds, /proc/self/statm")
+def test_a_returned_heap_inside_a_reused_one_gives_freed_blocks_back_at_once() -> None:
+    """Activation matching's forward passes run in `returned_heap()` inside the merge's `reused_heap()`: a large
+    block freed there goes back to the system at once, and after it the merge's thresholds are back (a block freed
+    then stays resident for reuse)."""
+    import torch
+
+    from lib_rebasin import memory
+
+    if memory._malloc_trim() is None or memory._user_tuned():
+        pytest.skip("not glibc, or the process's own malloc settings (the heap is not reused)")
+    size = 256 << 20
+
+    def given_back() -> int:
+        block = torch.ones(size // 4)
+        after = torch.ones(1 << 16)  # allocated after it: keeps the heap's top above it if it is in the heap
+        before = _rss()
+        del block
+        assert after.sum() == 1 << 16
+        return before - _rss()
+
+    with memory.reused_heap():
+        with memory.returned_heap():
+            returned = given_back()
+        reused = given_back()
+    assert returned > size * 3 / 4 and reused < size / 4, (returned, reused)
+    memory.trim_free_pages()
