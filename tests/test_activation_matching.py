@@ -123,6 +123,47 @@ def test_reserved_sites_give_exactly_the_unreserved_correlation() -> None:
     assert reserved.sites[0].nbytes() == (2 * 20 * 64 + 4 * 64) * 4  # what `sums_bytes` plans for it
 
 
+def test_value_in_place_is_exactly_the_out_of_place_formula_and_release_frees_the_sums() -> None:
+    """`value` works in place on private copies (fp64 temporaries of 0.8 GB each for full-size SDXL's GEGLU groups):
+    bit for bit the out-of-place formula, for fp32 and fp64 sums (whose cross sum it must not change), with
+    overlapping windows; `match(release=True)` gives the same permutations and drops each group's sums."""
+    g = torch.Generator().manual_seed(4)
+
+    def reference(c: am.Correlation) -> torch.Tensor:
+        total = torch.zeros(c.n, c.n, dtype=torch.float64)
+        count = torch.zeros(c.n, c.n, dtype=torch.float64)
+        for s in c.sites.values():
+            sa, sb, saa, sbb = (x.double().cpu() for x in s.sums)
+            sab = s.cross().double().cpu()
+            m = s.rows
+            ma, mb = sa / m, sb / m
+            cov = sab / m - torch.outer(ma, mb)
+            std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
+            std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
+            lo, hi = s.start, s.start + s.m
+            total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
+            count[lo:hi, lo:hi] += m
+        return total / count.clamp_min(1)
+
+    group = _groups_of_every_structure()[1]["free"]
+    n = group.size
+    made = {}
+    for dtype in (torch.float32, torch.float64):
+        c = made[dtype] = am.Correlation(n, dtype)
+        layout = [(0, n, 7, 9), (0, n // 2, 5, 3), (n // 4, n // 2, 9, 8)]  # (start, units, rows, batches)
+        for site, (start, m, per_batch, batches) in enumerate(layout):
+            for _ in range(batches):
+                c.update(site, torch.randn(per_batch, m, generator=g) * 3 + 1, torch.randn(per_batch, m, generator=g),
+                         start)
+        expected = reference(c)
+        kept = [None if s.sab is None else s.sab.clone() for s in c.sites.values()]
+        assert torch.equal(c.value(), expected)
+        assert all(k is None or torch.equal(k, s.sab) for k, s in zip(kept, c.sites.values(), strict=True))
+    values = {group.name: made[torch.float32]}
+    kept_perm = am.match([group], dict(values))
+    assert torch.equal(am.match([group], values, release=True)[group.name], kept_perm[group.name]) and not values
+
+
 def test_correlations_with_counted_rows_are_exactly_those_without() -> None:
     """Every site reserved from `layer_rows`' count before the models run: the same correlations, bit for bit."""
     spec, a, b = _tiny_pair()
