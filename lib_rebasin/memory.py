@@ -56,6 +56,17 @@ def release_memory() -> bool:
     return True
 
 
+def trim_free_pages() -> bool:
+    """Return the heap's free pages to the system now (glibc's `malloc_trim`), thresholds unchanged: for a job
+    inside `reused_heap()` whose freed memory would otherwise stay resident between its steps. True when the
+    allocator was asked to trim."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 # glibc's mallopt parameters, and its initial thresholds, which a merge restores (fixed from then on: glibc lets
 # them rise on its own only until a program sets them). Keeping larger ones after a merge left freed memory that a
 # returning host counts as its own.
@@ -64,6 +75,7 @@ _INITIAL_MMAP, _INITIAL_TRIM = 128 << 10, 128 << 10
 # During a merge: blocks up to this size come from the heap, and freed heap memory is kept for reuse.
 _MERGE_MMAP, _MERGE_TRIM = 1 << 30, (1 << 31) - 1
 _depth = 0
+_merge_thresholds = False  # reused_heap() set the merge's thresholds (and restores glibc's initial ones after)
 
 
 def _user_tuned() -> bool:
@@ -81,7 +93,7 @@ def reused_heap() -> Iterator[None]:
     the next tensor's buffer reuses them. Afterwards the thresholds go back to glibc's initial ones and the free heap is
     returned to the system (`malloc_trim`). Nothing changes where the C library is not glibc, or where the
     process was started with its own malloc settings."""
-    global _depth
+    global _depth, _merge_thresholds
     trim = _malloc_trim()
     if _mallopt is None or trim is None or _user_tuned() or _depth:
         _depth += 1
@@ -93,13 +105,37 @@ def reused_heap() -> Iterator[None]:
     _depth += 1
     _mallopt(_M_MMAP_THRESHOLD, _MERGE_MMAP)
     _mallopt(_M_TRIM_THRESHOLD, _MERGE_TRIM)
+    _merge_thresholds = True
     try:
         yield
     finally:
         _depth -= 1
+        _merge_thresholds = False
         _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
         _mallopt(_M_TRIM_THRESHOLD, _INITIAL_TRIM)
         trim(0)
+
+
+@contextmanager
+def returned_heap() -> Iterator[None]:
+    """Within the block, inside a merge's `reused_heap()`, glibc's initial thresholds again: blocks over 128 KiB
+    are mapped on their own and given back when freed, and the heap's free top is trimmed; the merge's thresholds
+    come back afterwards. For a step that keeps memory allocated for long between large short-lived buffers
+    (activation matching: its correlation sums, written batch by batch, between both models' layer outputs): in
+    the reused heap each buffer freed below the long-lived memory stays resident, and the holes add up to
+    gigabytes at full-size SDXL. Outside a merge's thresholds (no merge, not glibc, or the process's own malloc
+    settings) nothing changes."""
+    if not _merge_thresholds or _mallopt is None:
+        yield
+        return
+    _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
+    _mallopt(_M_TRIM_THRESHOLD, _INITIAL_TRIM)
+    try:
+        yield
+    finally:
+        if _merge_thresholds:
+            _mallopt(_M_MMAP_THRESHOLD, _MERGE_MMAP)
+            _mallopt(_M_TRIM_THRESHOLD, _MERGE_TRIM)
 
 
 def with_reused_heap(fn: Callable[P, R]) -> Callable[P, R]:

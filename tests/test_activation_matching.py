@@ -91,6 +91,96 @@ def test_correlation_is_the_same_however_its_rows_arrive() -> None:
         assert torch.equal(split.value(), split.value())  # reading it leaves it as it was
 
 
+def test_reserved_sites_give_exactly_the_unreserved_correlation() -> None:
+    """A site allocated for its counted rows (`Correlation.reserve`: preallocated sums, pending rows written into one
+    block) gives bit for bit what a site growing batch by batch gives: rows-only sites with their exact count,
+    with more rows than counted (staying rows-only, or reaching half their units), cross-sum sites (whose rows fill
+    the block of half their units, or overflow it in one batch), and a site with no count, in one fp32 Correlation
+    fed channel windows of wider activations as the forward pass gives them."""
+    g = torch.Generator().manual_seed(3)
+    # site: (start, units, rows per batch, batches, counted rows or None)
+    layout = {0: (0, 64, 5, 4, 20), 1: (0, 64, 5, 4, 12), 2: (0, 64, 6, 3, None), 3: (32, 32, 7, 6, 42),
+              4: (0, 64, 8, 7, 56), 5: (0, 64, 8, 6, 10), 6: (16, 48, 3, 5, 15)}
+    plain, reserved = am.Correlation(64, torch.float32), am.Correlation(64, torch.float32)
+    for site, (start, m, _, _, counted) in layout.items():
+        if counted is not None:
+            reserved.reserve(site, start, m, counted)
+    for k in range(max(n for _, _, _, n, _ in layout.values())):
+        for site, (start, m, per_batch, batches, _) in reversed(layout.items()):  # first rows in another order
+            if k < batches:
+                wide_a = torch.randn(per_batch, m + 10, generator=g) * 2 + 3
+                wide_b = torch.randn(per_batch, m + 10, generator=g) - 1
+                for c in (plain, reserved):
+                    c.update(site, wide_a[:, 5:5 + m], wide_b[:, 5:5 + m], start)
+    assert list(plain.sites) == list(reserved.sites)
+    kinds = [(s.sab is None, s.block is not None) for s in reserved.sites.values()]
+    assert (True, True) in kinds and (False, False) in kinds and (True, False) in kinds  # rows only, cross sum
+    for site in plain.sites:
+        p, r = plain.sites[site], reserved.sites[site]
+        assert p.rows == r.rows and all(torch.equal(x, y) for x, y in zip(p.sums, r.sums, strict=True)), site
+        assert torch.equal(p.cross(), r.cross()), site
+    assert torch.equal(plain.value(), reserved.value())
+    assert reserved.sites[0].nbytes() == (2 * 20 * 64 + 4 * 64) * 4  # what `sums_bytes` plans for it
+
+
+def test_value_in_place_is_exactly_the_out_of_place_formula_and_release_frees_the_sums() -> None:
+    """`value` works in place on private copies (fp64 temporaries of 0.8 GB each for full-size SDXL's GEGLU groups):
+    bit for bit the out-of-place formula, for fp32 and fp64 sums (whose cross sum it must not change), with
+    overlapping windows; `match(release=True)` gives the same permutations and drops each group's sums."""
+    g = torch.Generator().manual_seed(4)
+
+    def reference(c: am.Correlation) -> torch.Tensor:
+        total = torch.zeros(c.n, c.n, dtype=torch.float64)
+        count = torch.zeros(c.n, c.n, dtype=torch.float64)
+        for s in c.sites.values():
+            sa, sb, saa, sbb = (x.double().cpu() for x in s.sums)
+            sab = s.cross().double().cpu()
+            m = s.rows
+            ma, mb = sa / m, sb / m
+            cov = sab / m - torch.outer(ma, mb)
+            std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
+            std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
+            lo, hi = s.start, s.start + s.m
+            total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
+            count[lo:hi, lo:hi] += m
+        return total / count.clamp_min(1)
+
+    group = _groups_of_every_structure()[1]["free"]
+    n = group.size
+    made = {}
+    for dtype in (torch.float32, torch.float64):
+        c = made[dtype] = am.Correlation(n, dtype)
+        layout = [(0, n, 7, 9), (0, n // 2, 5, 3), (n // 4, n // 2, 9, 8)]  # (start, units, rows, batches)
+        for site, (start, m, per_batch, batches) in enumerate(layout):
+            for _ in range(batches):
+                c.update(site, torch.randn(per_batch, m, generator=g) * 3 + 1, torch.randn(per_batch, m, generator=g),
+                         start)
+        expected = reference(c)
+        kept = [None if s.sab is None else s.sab.clone() for s in c.sites.values()]
+        assert torch.equal(c.value(), expected)
+        assert all(k is None or torch.equal(k, s.sab) for k, s in zip(kept, c.sites.values(), strict=True))
+    values = {group.name: made[torch.float32]}
+    kept_perm = am.match([group], dict(values))
+    assert torch.equal(am.match([group], values, release=True)[group.name], kept_perm[group.name]) and not values
+
+
+def test_correlations_with_counted_rows_are_exactly_those_without() -> None:
+    """Every site reserved from `layer_rows`' count before the models run: the same correlations, bit for bit."""
+    spec, a, b = _tiny_pair()
+    groups = [g for g in spec.groups_in(("unet", "te")) if am.sites(spec, g)]
+    rows = am.layer_rows(spec, b.__getitem__, samples=3, latent_size=8)
+    run = lambda rows: am.correlations(spec, groups, a.__getitem__, b.__getitem__, samples=3, seed=0,  # noqa: E731
+                                       latent_size=8, rows=rows)
+    plain, reserved = run(None), run(rows)
+    assert any(s.block is not None for c in reserved.values() for s in c.sites.values())
+    assert all(not c._reserved for c in reserved.values())  # the count named every site the forward pass reports
+    for g in groups:
+        assert list(plain[g.name].sites) == list(reserved[g.name].sites), g.name
+        assert torch.equal(plain[g.name].value(), reserved[g.name].value()), g.name
+    one, other = am.match(groups, plain), am.match(groups, reserved)
+    assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+
+
 def test_non_finite_activations_are_found_at_their_site() -> None:
     c = am.Correlation(8, torch.float32)
     for bad in (float("nan"), float("inf"), 1e30):  # the last: finite, but its square overflows the sums

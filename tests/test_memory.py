@@ -33,3 +33,65 @@ def test_a_recipe_run_twice_returns_to_its_starting_memory(tmp_path):
     # must be far less than that (libraries initialised on first use, allocator bookkeeping).
     assert max(after) - start < size / 2, [f"{(r - start) / 1e6:+.0f} MB" for r in after]
     assert not list(tmp_path.glob("probe*"))
+
+
+
+
+# Run in a fresh process: a free block left in this process's heap by an earlier test would serve the requests below
+# from the heap whatever the thresholds.
+_HEAP_PROBE = """
+import json, os, sys
+from pathlib import Path
+import torch
+from lib_rebasin import memory
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+if memory._malloc_trim() is None or memory._user_tuned():
+    print(json.dumps(None))
+    sys.exit()
+size = 256 << 20
+out = {}
+
+def freed(name, trim=False):
+    block = torch.ones(size // 4)  # every page touched
+    after = torch.ones(1 << 16)  # allocated after it: keeps the heap's top above it if it is in the heap
+    before = rss()
+    del block
+    out[name] = before - rss()
+    if trim:
+        assert memory.trim_free_pages()
+        out[name + " then trimmed"] = before - rss()
+    assert after.sum() == 1 << 16
+
+with memory.reused_heap():
+    with memory.returned_heap():
+        freed("returned")
+    freed("reused", trim=True)
+    out["depth"] = memory._depth
+print(json.dumps(out))
+"""
+
+
+def _heap_probe() -> dict[str, int]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env=env, check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if out is None:
+        pytest.skip("not glibc, or the process's own malloc settings (the heap is not reused)")
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, /proc/self/statm")
+def test_freed_heap_pages_are_given_back_by_trimming_or_at_once_in_a_returned_heap() -> None:
+    """Inside a merge's reused heap a freed block stays resident while anything allocated after it is alive, until
+    `trim_free_pages` gives its pages back (activation matching's step between batches); inside `returned_heap()`
+    (activation matching's forward passes) it goes back at once, and after it the merge's thresholds are back."""
+    size = 256 << 20
+    out = _heap_probe()
+    assert out["returned"] > size * 3 / 4, out
+    assert out["reused"] < size / 4 and out["reused then trimmed"] > size * 3 / 4, out
+    assert out["depth"] == 1, out

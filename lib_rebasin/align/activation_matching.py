@@ -25,6 +25,7 @@ from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
 from ..forward_layers import Layers, TensorGetter, channels_last
 from ..io.model_input import ModelConfig
+from ..memory import returned_heap, trim_free_pages
 from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
 from .assignment import row_argmax_certificate, solve
@@ -63,6 +64,16 @@ class Correlation:
         self.n = n
         self.dtype = dtype
         self.sites: dict[int, _Site] = {}
+        self._reserved: dict[int, _Site] = {}  # sites allocated before their first rows (`reserve`)
+
+    def reserve(self, site: int, start: int, m: int, rows: int, device: torch.device = torch.device("cpu")) -> None:
+        """Allocate site `site`'s storage before its first `update`, for `rows` rows over the run (`layer_rows`):
+        the sums, and the block its pending rows are written into (`_Site`). Everything the site keeps is then
+        allocated at once, before the forward passes' short-lived activations, instead of piece by piece between
+        them (where the allocator cannot give the freed space around it back). The values are the same as
+        without it; a site that gets more rows than reserved grows as an unreserved one does."""
+        assert start + m <= self.n and site not in self.sites, (site, start, m)
+        self._reserved[site] = _Site(start, m, self.dtype, rows, device)
 
     def update(self, site: int, a: torch.Tensor, b: torch.Tensor, start: int = 0) -> None:
         """a, b: (samples, m) activations of the same inputs at site `site`, units [start, start + m)."""
@@ -70,7 +81,9 @@ class Correlation:
         s = self.sites.get(site)
         if s is None:
             assert start + m <= self.n, (site, start, m)
-            s = self.sites[site] = _Site(start, m, self.dtype)
+            # Sites enter `sites` at their first rows, reserved or not: `value` adds them in that order.
+            reserved = self._reserved.pop(site, None)
+            s = self.sites[site] = reserved if reserved is not None else _Site(start, m, self.dtype)
         assert s.start == start and s.m == m, (site, start, m)
         s.add(a.reshape(-1, m).to(self.dtype), b.reshape(-1, m).to(self.dtype))
 
@@ -80,30 +93,40 @@ class Correlation:
         return [i for i, s in self.sites.items() if not all(bool(torch.isfinite(x).all()) for x in s.sums)]
 
     def value(self) -> torch.Tensor:
+        # In place on private fp64 copies (the same operations in the same order as out of place): a full-size SDXL
+        # GEGLU group is 10240 units, so each units-by-units fp64 temporary is 0.8 GB.
         total = torch.zeros(self.n, self.n, dtype=torch.float64)
         count = torch.zeros(self.n, self.n, dtype=torch.float64)
         for s in self.sites.values():
             sa, sb, saa, sbb = (x.double().cpu() for x in s.sums)
-            sab = s.cross().double().cpu()
             m = s.rows
             ma, mb = sa / m, sb / m  # means of the shifted values: covariance and deviations ignore the shift
-            cov = sab / m - torch.outer(ma, mb)
+            cov = s.cross().to(device="cpu", dtype=torch.float64, copy=True).div_(m).sub_(torch.outer(ma, mb))
             std_a = (saa / m - ma * ma).clamp_min(0).sqrt().clamp_min(1e-12)
             std_b = (sbb / m - mb * mb).clamp_min(0).sqrt().clamp_min(1e-12)
             lo, hi = s.start, s.start + s.m
-            total[lo:hi, lo:hi] += m * cov / torch.outer(std_a, std_b)
+            total[lo:hi, lo:hi] += cov.mul_(m).div_(torch.outer(std_a, std_b))
+            del cov
             count[lo:hi, lo:hi] += m
-        return total / count.clamp_min(1)
+        return total.div_(count.clamp_min_(1))
 
 
 class _Site:
     """One site's sums around the first batch's means: per-unit sums and sums of squares of both models (added at
     once), and the cross sum A^T B, whose rows wait in `pending` until there are enough to add them in one
-    multiplication (or, while fewer than half the units, all of them: `cross` then multiplies them out)."""
+    multiplication (or, while fewer than half the units, all of them: `cross` then multiplies them out).
+
+    The site keeps its memory for the whole run while both models' activations come and go around it, so it is
+    allocated once where it can be: the sums are added in place, and a site reserved for a number of rows
+    (`Correlation.reserve`) writes its pending rows into one block of those rows (of at most half its units: the
+    most it holds before its cross sum exists), which it gives up once the cross sum exists. Rows that do not fit
+    the block (more than counted) wait as separate tensors, as they do without a block; the rows, and so the sums
+    and products, are the same either way."""
 
     FLUSH_ROWS = 256  # rows per multiplication into an existing cross sum
 
-    def __init__(self, start: int, m: int, dtype: torch.dtype) -> None:
+    def __init__(self, start: int, m: int, dtype: torch.dtype, rows: int | None = None,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.start, self.m, self.dtype = start, m, dtype
         self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sums: list[torch.Tensor] = []  # sa, sb, saa, sbb
@@ -111,20 +134,59 @@ class _Site:
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending_rows = 0
         self.rows = 0
+        self.block: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.in_block = False  # `pending` is the block's first `pending_rows` rows
+        if rows is not None:
+            self.sums = [torch.empty(m, dtype=dtype, device=device) for _ in range(4)]
+            held = min(rows, m // 2)
+            if held > 0:
+                self.block = (torch.empty(held, m, dtype=dtype, device=device),
+                              torch.empty(held, m, dtype=dtype, device=device))
+
+    def nbytes(self) -> int:
+        """The memory the site holds now."""
+        kept = [*self.sums, *([self.sab] if self.sab is not None else [])]
+        kept += self.block if self.block is not None else ()
+        block = {x.untyped_storage().data_ptr() for x in self.block or ()}
+        kept += [x for pair in self.pending for x in pair if x.untyped_storage().data_ptr() not in block]
+        return sum(x.numel() * x.element_size() for x in kept)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        first = self.shift is None
         if self.shift is None:
             self.shift = (a.mean(0), b.mean(0))
-        a, b = a - self.shift[0], b - self.shift[1]
+        a, b = self._keep(a, b)
         upd = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0)]
-        self.sums = upd if not self.sums else [x + y for x, y in zip(self.sums, upd, strict=True)]
+        if not self.sums:
+            self.sums = upd
+        else:
+            for x, y in zip(self.sums, upd, strict=True):
+                if first:
+                    x.copy_(y)
+                else:
+                    x.add_(y)
         self.rows += a.shape[0]
-        self.pending.append((a, b))
-        self.pending_rows += a.shape[0]
         if self.pending_rows >= (self.m // 2 if self.sab is None else min(self.m // 2, self.FLUSH_ROWS)):
             if self.sab is None:
                 self.sab = torch.zeros(self.m, self.m, dtype=self.dtype, device=a.device)
             self._flush(self.sab)
+            self.block = None  # the cross sum exists: later rows are flushed after a batch or two
+
+    def _keep(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a and b around the shift, added to the pending rows: written into the block while they fit it."""
+        assert self.shift is not None
+        n, p = a.shape[0], self.pending_rows
+        if self.block is not None and (self.in_block or not self.pending) and p + n <= self.block[0].shape[0]:
+            ka = torch.sub(a, self.shift[0], out=self.block[0][p:p + n])
+            kb = torch.sub(b, self.shift[1], out=self.block[1][p:p + n])
+            self.pending = [(self.block[0][:p + n], self.block[1][:p + n])]
+            self.in_block = True
+        else:
+            ka, kb = a - self.shift[0], b - self.shift[1]
+            self.pending.append((ka, kb))
+            self.in_block = False
+        self.pending_rows += n
+        return ka, kb
 
     def cross(self) -> torch.Tensor:
         """The cross sum A^T B over every row (a site holding only rows multiplies them out each time: the object
@@ -144,21 +206,24 @@ class _Site:
     def _flush(self, into: torch.Tensor) -> None:
         a, b = self._pending()
         into.addmm_(a.T, b)
-        self.pending, self.pending_rows = [], 0
+        self.pending, self.pending_rows, self.in_block = [], 0, False
 
 
 def match(groups: Iterable[Group], correlations: dict[str, Correlation],
-          on_group: Callable[[int, int, str], None] | None = None) -> Perms:
-    """The legal permutation of each group (with collected activations) maximising the summed correlation."""
+          on_group: Callable[[int, int, str], None] | None = None, release: bool = False) -> Perms:
+    """The legal permutation of each group (with collected activations) maximising the summed correlation.
+    `release`: each group's correlation is taken out of `correlations` once its value is computed, so the sums
+    are freed group by group while the larger assignments run."""
     perms: Perms = {}
     groups = list(groups)
     for i, g in enumerate(groups):
         if on_group is not None:
             on_group(i, len(groups), g.name)
-        corr = correlations.get(g.name)
+        corr = correlations.pop(g.name, None) if release else correlations.get(g.name)
         if corr is None or not corr.sites:
             continue
         value = corr.value()
+        del corr
         # A legal row-argmax is the optimum (no solve needed): the rule for same-base and planted pairs.
         best = row_argmax_certificate(value, g.structure)
         perms[g.name] = best if best is not None else torch.from_numpy(solve(value.numpy(), g.structure))
@@ -256,6 +321,7 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
     fewer rows than they have units and keep only their rows, which takes fewer passes than the bound."""
     todo = [g for g in groups if sites(spec, g)]
     runs = passes(spec, todo, sums_per_pass)
+    rows = None
     if len(runs) > 1:
         rows = layer_rows(spec, get_b, samples=samples, device=device, latent_size=latent_size)
         runs = passes(spec, todo, sums_per_pass, rows)
@@ -266,28 +332,36 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
                 progress((k + fraction) / len(runs), message if len(runs) == 1 else f"{message} (pass {k + 1}/"
                                                                                   f"{len(runs)})")
 
-        corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
-                            progress=step if progress is not None else None, latent_size=latent_size)
+        # The sums stay allocated while both models' layer outputs come and go around them: a merge's reused heap
+        # would keep every hole those leave resident (`memory.returned_heap`).
+        with returned_heap():
+            corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
+                                progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
 
         def on_group(i: int, n: int, name: str) -> None:
             step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
 
-        perms.update(match(run, corr, on_group))
+        perms.update(match(run, corr, on_group, release=True))
         del corr
+        trim_free_pages()
     return perms
 
 
 @torch.no_grad()
 def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGetter, get_b: TensorGetter, *,
                  samples: int, seed: int, device: torch.device = torch.device("cpu"),
-                 progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE) -> dict[str, Correlation]:
+                 progress: Progress | None = None, latent_size: int = inputs.LATENT_SIZE,
+                 rows: Mapping[str, int] | None = None) -> dict[str, Correlation]:
     """Each group's correlation between A's and B's units on the matching inputs (what `match` assigns on; the
     quality benchmark's `where` reads them to show how well units correspond).
 
     Both models run layer for layer from their getters (nothing is loaded whole). A's layer outputs of one batch
     (`PROMPTS_PER_BATCH` prompts, each also with the empty prompt) are held until B's same layer has run; B's are
     folded into the correlations as they appear, so memory is one batch of A's activations plus the correlation
-    sums."""
+    sums.
+
+    With each layer's rows over the pass (`layer_rows`), every site the pass observes is allocated before the
+    models run (`Correlation.reserve`); the correlations are the same with or without them."""
     groups = [g for g in groups if sites(spec, g)]
     c = spec.config
     fwd = forward_of(c)
@@ -298,6 +372,11 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
         for i, s in enumerate(sites(spec, g)):
             wanted.setdefault(layer_of(s.key), []).append((g.name, i, s.offset, s.length, s.start))
     corr = {g.name: Correlation(g.size, torch.float32) for g in groups}
+    for name, entries in wanted.items():
+        r = None if rows is None else rows.get(name)
+        for group, site, _, n, start in entries:
+            if r is not None:
+                corr[group].reserve(site, start, n, r, device)
     held: dict[str, torch.Tensor] = {}
 
     def hold(name: str, out: torch.Tensor) -> None:
@@ -323,6 +402,7 @@ def correlations(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorGett
     # Each UNet is conditioned on its own text encoder's contexts (B's are in B's coordinates).
     ctx_a = fwd.text_encoder(c, layers_a, ids)
     ctx_b = fwd.text_encoder(c, layers_b, ids)
+    trim_free_pages()
     if need_unet:
         _denoise(fwd, c, layers_a, layers_b, (ctx_a, ctx_b), inputs.noise(c, samples, gen, latent_size).to(device),
                  progress)
@@ -374,6 +454,9 @@ def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: 
             cond = list(rows) + [-1] * n
             eps[rows.start:rows.stop] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][cond]), n)
             fwd.unet(c, layers_b, xi, tt, ctx[1][cond])
+            # The holes the batch's activations leave in the heap below the sums, given back now instead of staying
+            # resident for the whole pass (the next batch faults them in again).
+            trim_free_pages()
             done += 1
         return eps
 
