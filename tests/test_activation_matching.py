@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lib_rebasin.align import activation_matching as am
+from lib_rebasin.align.correlation import Correlation
 from lib_rebasin.align.permute import inverse, is_legal, random_legal_perm
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.sd1.config import MINI, TINY
@@ -39,7 +40,7 @@ def test_planted_permutation_is_recovered_under_each_structure() -> None:
         acts_a = [torch.randn(500, n, generator=g) * torch.rand(n, generator=g) + torch.randn(n, generator=g)
                   for _ in range(2)]
         pi = random_legal_perm(group.structure, g)
-        c = am.Correlation(n)
+        c = Correlation(n)
         for site, a in enumerate(acts_a):
             # B's unit j behaves like A's unit pi[j] (its own scale and offset: correlation ignores both).
             b = 3.0 * a[:, pi] - 1.0
@@ -59,7 +60,7 @@ def test_unrelated_activations_still_give_legal_permutations() -> None:
     g = torch.Generator().manual_seed(1)
     corr = {}
     for group in picked.values():
-        c = am.Correlation(group.size)
+        c = Correlation(group.size)
         c.update(0, torch.randn(64, group.size, generator=g), torch.randn(64, group.size, generator=g))
         corr[group.name] = c
     perms = am.match(picked.values(), corr)
@@ -81,7 +82,7 @@ def test_correlation_is_the_same_however_its_rows_arrive() -> None:
     for units, rows in ((40, 600), (400, 60)):  # many rows per unit (batched sums), few (rows only)
         a = torch.randn(rows, units, generator=g, dtype=torch.float64) * 3 + 5
         b = a[:, torch.randperm(units, generator=g)] + torch.randn(rows, units, generator=g, dtype=torch.float64)
-        whole, split = am.Correlation(units), am.Correlation(units)
+        whole, split = Correlation(units), Correlation(units)
         whole.update(0, a, b)
         for lo in range(0, rows, 7):
             split.update(0, a[lo:lo + 7], b[lo:lo + 7])
@@ -101,7 +102,7 @@ def test_reserved_sites_give_exactly_the_unreserved_correlation() -> None:
     # site: (start, units, rows per batch, batches, counted rows or None)
     layout = {0: (0, 64, 5, 4, 20), 1: (0, 64, 5, 4, 12), 2: (0, 64, 6, 3, None), 3: (32, 32, 7, 6, 42),
               4: (0, 64, 8, 7, 56), 5: (0, 64, 8, 6, 10), 6: (16, 48, 3, 5, 15)}
-    plain, reserved = am.Correlation(64, torch.float32), am.Correlation(64, torch.float32)
+    plain, reserved = Correlation(64, torch.float32), Correlation(64, torch.float32)
     for site, (start, m, _, _, counted) in layout.items():
         if counted is not None:
             reserved.reserve(site, start, m, counted)
@@ -129,7 +130,7 @@ def test_value_in_place_is_exactly_the_out_of_place_formula_and_release_frees_th
     overlapping windows; `match(release=True)` gives the same permutations and drops each group's sums."""
     g = torch.Generator().manual_seed(4)
 
-    def reference(c: am.Correlation) -> torch.Tensor:
+    def reference(c: Correlation) -> torch.Tensor:
         total = torch.zeros(c.n, c.n, dtype=torch.float64)
         count = torch.zeros(c.n, c.n, dtype=torch.float64)
         for s in c.sites.values():
@@ -149,7 +150,7 @@ def test_value_in_place_is_exactly_the_out_of_place_formula_and_release_frees_th
     n = group.size
     made = {}
     for dtype in (torch.float32, torch.float64):
-        c = made[dtype] = am.Correlation(n, dtype)
+        c = made[dtype] = Correlation(n, dtype)
         layout = [(0, n, 7, 9), (0, n // 2, 5, 3), (n // 4, n // 2, 9, 8)]  # (start, units, rows, batches)
         for site, (start, m, per_batch, batches) in enumerate(layout):
             for _ in range(batches):
@@ -182,7 +183,7 @@ def test_correlations_with_counted_rows_are_exactly_those_without() -> None:
 
 
 def test_non_finite_activations_are_found_at_their_site() -> None:
-    c = am.Correlation(8, torch.float32)
+    c = Correlation(8, torch.float32)
     for bad in (float("nan"), float("inf"), 1e30):  # the last: finite, but its square overflows the sums
         a = torch.randn(5, 4)
         a[2, 1] = bad

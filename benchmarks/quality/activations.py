@@ -12,6 +12,7 @@ from collections import defaultdict
 import torch
 
 from lib_rebasin.align import activation_matching as am
+from lib_rebasin.align.correlation import Correlation
 from lib_rebasin.align.permute import Perms
 from lib_rebasin.archspec import ArchSpec
 from lib_rebasin.sd1.forward import channels_last
@@ -63,7 +64,7 @@ def activation_perms(width: int, ldm_a: dict, ldm_b: dict, n_images: int = 64, b
             else:
                 where = ("te", ("text_model." if te_prefixed else "") + s.key.removeprefix(TE_PREFIX).rsplit(".", 1)[0])
             wanted[where].append((g.name, i, s.offset, s.length, s.start))
-    corr = {g.name: am.Correlation(g.size) for g in groups}
+    corr = {g.name: Correlation(g.size) for g in groups}
 
     def hook(model: torch.nn.Module, part: str, captured: dict) -> None:
         for name, module in model.named_modules():
