@@ -185,7 +185,7 @@ def test_the_cli_prints_a_notice_on_a_line_of_its_own() -> None:
 
 
 @pytest.mark.parametrize("free", [2**40, 1024], ids=["fits", "short"])
-def test_each_heavy_step_computes_on_the_device_its_budget_chose(tiny_models: dict[str, Path],
+def test_each_heavy_step_computes_on_the_device_its_budget_chose(tiny_models: dict[str, Path], tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch, free: int) -> None:
     """`cpu:0` stands for the GPU (a CPU device that compares unequal to the fallback `cpu`): every step must be
     handed the device its budget placed it on, never a device of its own."""
@@ -215,7 +215,8 @@ def test_each_heavy_step_computes_on_the_device_its_budget_chose(tiny_models: di
     monkeypatch.setattr(Blend, "__call__", blend_spy)
     opts = MergeOptions(precision="fp32", matching="activations", activation_samples=1, repair=True)
     with override_budget(lambda device, notify: DeviceBudget(stand_for_gpu, notify, free_bytes=lambda: free)):
-        merge_in_memory(tiny_models["a"], tiny_models["independent"], opts)
+        # written, not held: the keys a file receives are blended on the device the budget chose
+        merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors", opts)
     expected = stand_for_gpu if free > 2**30 else CPU
     assert seen == {"activations": {expected}, "weights": {expected}, "repair": {expected}}  # weights: the VAE
     # REPAIR reads the merge through the blend on the merge's own device; the written keys follow the budget
