@@ -1,15 +1,24 @@
 """The core's host-free SDXL forward pass (lib_rebasin.sdxl.forward) equals diffusers' UNet2DConditionModel
 (`text_time`) and transformers' CLIPTextModel / CLIPTextModelWithProjection (tests/sdxl_reference.py, loaded through
 diffusers' own single-file converters), at the reduced MINI scale, and reports every activation site activation
-matching and REPAIR read."""
+matching and REPAIR read.
+
+At full SDXL size (opt-in: `pytest -m full`) the same comparison runs one part at a time (the text encoders, then
+the UNet), and every layer output the pass reports (each activation-matching and REPAIR site among them) is
+compared with the reference layer holding the same weight, besides the final outputs. The full-size UNet is 10 GB
+of fp32, so the reference does not get its own copy: diffusers' converter only re-keys the single-file tensors, and
+the meta-built UNet is loaded with `assign=True`, so both passes read the very same tensors (checked). The MINI
+scale runs that path too, in CI."""
 
 from __future__ import annotations
 
+import resource
+import time
 from dataclasses import replace
 
 import pytest
 import torch
-from reference import rel_max_error
+from reference import _storage, rel_max_error
 from sdxl_reference import SDXLReference, make_inputs
 
 from lib_rebasin.align import activation_matching as am
@@ -18,7 +27,7 @@ from lib_rebasin.errors import RebasinError
 from lib_rebasin.forward_layers import Layers
 from lib_rebasin.parts import UNET
 from lib_rebasin.sdxl import forward
-from lib_rebasin.sdxl.config import CLIP_G, CLIP_L, MINI
+from lib_rebasin.sdxl.config import CLIP_G, CLIP_L, MINI, SDXL_BASE, SDXLConfig
 from lib_rebasin.sdxl.spec import build_spec
 from lib_rebasin.sdxl.synthetic import synthetic_tensor
 
@@ -210,3 +219,143 @@ def test_the_counted_rows_give_what_each_group_holds(mini) -> None:
                     rows_only += site.sab is None
                 assert held == am.sums_bytes(spec, g, rows) <= am.sums_bytes(spec, g), g.name
     assert rows_only > 0
+
+
+# -- one part at a time, every layer output compared (the full-size check's path) ------------------------------------
+def _signature(w: torch.Tensor) -> tuple:
+    """A weight told apart by its shape and first values (every synthetic tensor is drawn from its own seed)."""
+    return tuple(w.shape), tuple(w.reshape(-1)[:6].tolist())
+
+
+def reference_layers(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each of our layers -> the reference modules computing its output, found by the weight they hold: the same
+    tensor, a copy, or (CLIP-G's q, k and v) a third of the fused `in_proj` they were split from, in row order.
+    The reference's only other conv/linear layer is CLIP-G's `text_projection`, a matrix product in our pass."""
+    ours: dict[tuple, tuple[str, int]] = {}
+    for key, w in sd.items():
+        if w.dim() >= 2 and key.endswith("weight"):
+            chunks = w.chunk(3) if key.endswith("in_proj_weight") else (w,)
+            for i, chunk in enumerate(chunks):
+                ours[_signature(chunk)] = (am.layer_of(key), i)
+    found: dict[str, dict[int, str]] = {}
+    left = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            hit = ours.get(_signature(m.weight))
+            if hit is None:
+                left.append(name)
+            else:
+                assert hit[1] not in found.setdefault(hit[0], {}), (hit, name)
+                found[hit[0]][hit[1]] = name
+    assert all(n.endswith("text_projection") for n in left), left[:5]
+    return {layer: [by_row[i] for i in sorted(by_row)] for layer, by_row in found.items()}
+
+
+class SiteErrors:
+    """Hooks on the reference's layers keep their outputs; our pass's observer then takes each layer's relative
+    max error against them (the reference's copy is dropped once compared)."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], models: dict[str, torch.nn.Module]) -> None:
+        self.layers: dict[str, list[str]] = {}  # our layer -> its reference modules, as "model:module"
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, float] = {}
+        self.handles = []
+        for label, model in models.items():  # both CLIP models name their layers alike: labelled apart
+            modules = dict(model.named_modules())
+            for layer, names in reference_layers(sd, model).items():
+                assert layer not in self.layers, layer
+                self.layers[layer] = [f"{label}:{n}" for n in names]
+                for n in names:
+                    self.handles.append(modules[n].register_forward_hook(self._keep(f"{label}:{n}")))
+
+    def _keep(self, name: str):
+        def hook(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+            assert name not in self.outputs, f"{name} ran twice"
+            self.outputs[name] = out.detach().clone()
+        return hook
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def observe(self, name: str, out: torch.Tensor) -> None:
+        assert name not in self.errors, f"{name} reported twice"
+        want = torch.cat([self.outputs.pop(n) for n in self.layers[name]], dim=-1)
+        assert want.shape == out.shape, (name, want.shape, out.shape)
+        self.errors[name] = rel_max_error(want, out)
+
+    def check_all_compared(self, spec, part: str) -> None:
+        """Every reference layer's output was compared, every activation-matching and REPAIR site among them."""
+        assert not self.outputs, f"reference layers not reported by our pass: {list(self.outputs)[:5]}"
+        assert self.errors.keys() == self.layers.keys()
+        sites = {am.layer_of(s.key) for g in spec.groups.values() if g.part == part for s in am.sites(spec, g)}
+        if part == "unet":
+            sites |= set(repair.sites(spec))
+        assert sites and sites <= self.errors.keys(), sorted(sites - self.errors.keys())[:5]
+
+
+def _worst(errors: dict[str, float]) -> tuple[str, float]:
+    name = max(errors, key=errors.__getitem__)
+    return name, errors[name]
+
+
+def forward_errors(c: SDXLConfig, part: str, seed: int = 3, latent_size: int = 16) -> dict[str, float]:
+    """Relative max errors of our pass against the reference for one part ("te": context, pooled projection, both
+    final hidden states; "unet": the prediction under non-square size and crop values) and the worst of each
+    layer's output, with only that part's weights made."""
+    spec = build_spec(c)
+    sd = {k: synthetic_tensor(k, s, seed) for k, s in spec.shapes.items() if spec.part_of_key[k] == part}
+    ref = SDXLReference.build(c, (part,))
+    ref.load(sd, (part,))
+    x = make_inputs(c, latent_size=latent_size)
+    if part == "unet":
+        assert ref.unet is not None
+        params = list(ref.unet.parameters())
+        # The reference holds no weight of its own: every parameter is one of `sd`'s tensors (re-keyed), once.
+        assert {_storage(p) for p in params} == {_storage(v) for v in sd.values()} and len(params) == len(sd)
+        seen = SiteErrors(sd, {"unet": ref.unet})
+        time_ids = x.time_ids * torch.tensor([[1.0, 0.75, 1.0, 1.0, 1.0, 0.5]]) + torch.tensor([[0, 0, 32.0, 8.0, 0,
+                                                                                                 0]])
+        want = ref.eps(x.latent, x.t, x.context, x.pooled, time_ids)
+        seen.stop()
+        ours = forward.unet(c, Layers(sd.__getitem__, seen.observe), x.latent, x.t,
+                            forward.Conditioning(x.context, x.pooled, time_ids))
+        out = {"eps": rel_max_error(want, ours)}
+    else:
+        assert ref.clip_l is not None and ref.clip_g is not None
+        seen = SiteErrors(sd, {"clip_l": ref.clip_l, "clip_g": ref.clip_g})
+        want = ref.text(x.ids)
+        seen.stop()
+        cond = forward.text_encoder(c, Layers(sd.__getitem__, seen.observe), x.ids)
+        layers = Layers(sd.__getitem__)
+        last_l = layers.layer_norm(f"{CLIP_L}final_layer_norm", forward.clip_l(c, layers, x.ids)[1])
+        out = {"context": rel_max_error(want["context"], cond.context),
+               "pooled": rel_max_error(want["pooled"], cond.pooled),
+               "clip_l_last": rel_max_error(want["clip_l_last"], last_l),
+               "clip_g_last": rel_max_error(want["clip_g_last"], forward.clip_g(c, layers, x.ids)[1])}
+    seen.check_all_compared(spec, part)
+    name, worst = _worst(seen.errors)
+    return out | {f"worst of {len(seen.errors)} layers ({name})": worst}
+
+
+def check_forward(c: SDXLConfig, part: str) -> None:
+    start = time.perf_counter()
+    errors = forward_errors(c, part)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    label = "full" if c.is_full_size else "mini"
+    print(f"[{label}/{part}] {time.perf_counter() - start:.1f}s, peak RSS {rss:.2f} GiB, rel. max errors: "
+          + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    bad = {k: v for k, v in errors.items() if not v < TOL}
+    assert not bad, f"{label}/{part}: our forward pass differs from the reference (rel. max error > {TOL}): {bad}"
+
+
+@pytest.mark.parametrize("part", ["te", "unet"])
+def test_one_part_at_a_time_every_layer_at_small_scale(part: str) -> None:
+    """The full-size check's own path (one part's weights, shared with a meta-built UNet; every layer compared)."""
+    check_forward(MINI, part)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("part", ["te", "unet"])
+def test_full_size_forward_equals_reference(part: str) -> None:
+    check_forward(SDXL_BASE, part)
