@@ -295,3 +295,16 @@ def cached_state_dict(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
     kwargs = {"tensors": tensors, "keys": list(tensors), "metadata": metadata,
               "writer": source_fingerprint(save_state_dict)}
     return place(_cached(_save_tensors, kwargs), path, writable)
+
+
+def cached_without_parts(path: str | os.PathLike[str], source: str | os.PathLike[str],
+                         parts: tuple[str, ...] = ("vae",), writable: bool = False) -> Path:
+    """The checkpoint file `source` without the keys of `parts` (lib_rebasin.parts.part_of), metadata kept, from the
+    cache (`cached_state_dict`): a smaller input, still a checkpoint of its kind, for tests of what happens to a
+    merge's output file (its commit, a route that writes it) rather than of what it holds."""
+    from lib_rebasin.io.checkpoint import open_checkpoint
+    from lib_rebasin.parts import part_of
+
+    with open_checkpoint(source) as ck:
+        tensors = {k: ck.get(k) for k in ck if part_of(k) not in parts}
+        return cached_state_dict(path, tensors, dict(ck.metadata), writable)

@@ -3,9 +3,12 @@ is that two merges give the same bytes and neither file is otherwise under test.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from lib_rebasin.io.checkpoint import Checkpoint
+from lib_rebasin.io.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
+from lib_rebasin.merge.held import HeldMerge
 
 
 def same_bytes(x: Checkpoint, y: Checkpoint) -> bool:
@@ -22,3 +25,16 @@ def same_bytes(x: Checkpoint, y: Checkpoint) -> bool:
         if not torch.equal(s.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
             return False
     return True
+
+
+def file_holds(path: str | os.PathLike[str], expected: Checkpoint) -> bool:
+    """The file at `path` holds what `expected` (a merge held in memory) would write: `same_bytes`, and its keys in
+    the same order (the writer's order is that of the merge's entries, as the held tensors are)."""
+    with open_checkpoint(path) as written:
+        return same_bytes(written, expected) and written.keys() == expected.keys()
+
+
+def held_checkpoint(held: HeldMerge) -> Checkpoint:
+    """A `merge_held` merge (which takes the extra metadata a host adds, as `merge_checkpoints` does) as a Checkpoint
+    holding what its file would: the tensors in the file's order and the final metadata."""
+    return memory_checkpoint(held.tensors, held.metadata, "held")

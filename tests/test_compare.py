@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import test_webui_adapter as adapter_tests
+from same_bytes import file_holds, held_checkpoint
 from test_webui_adapter import _calls
 
 from lib_rebasin.errors import FieldError, RebasinError
-from lib_rebasin.merge.run import merge_checkpoints
+from lib_rebasin.merge.held import merge_held
 from lib_rebasin.ui.compare import submit_compare
 from lib_rebasin.ui.request import MergeRequest
 
@@ -52,17 +53,17 @@ def _run(webui, **kw):
     return job
 
 
-def _direct(tmp_path, alpha, name, **kw):
+def _is_direct(path, alpha, **kw) -> bool:
+    """The file at `path` holds what the direct merge at `alpha` writes with the WebUI's metadata (held in memory:
+    `merge_held` is the file `merge_checkpoints` writes, test_held_merge.py)."""
     from modules import sd_models
 
     a = Path(sd_models.model_path) / "alpha.safetensors"
     b = Path(sd_models.model_path) / "beta.safetensors"
     opts = MergeRequest(model_a="alpha.safetensors", model_b="beta.safetensors", method="rebasin", alpha=alpha,
                         device="cpu", **kw).options()
-    out = tmp_path / "direct" / name
-    out.parent.mkdir(exist_ok=True)
-    merge_checkpoints(a, b, out, opts, extra_metadata={"lib_rebasin_host": "webui"})
-    return out.read_bytes()
+    direct = merge_held(a, b, opts, extra_metadata={"lib_rebasin_host": "webui"})
+    return file_holds(path, held_checkpoint(direct))
 
 
 def test_grid_over_alphas_one_match_one_seed_labelled_and_saved_with_parameters(webui, tmp_path):
@@ -198,13 +199,13 @@ def test_load_and_save_a_candidate_reuse_the_match_and_write_the_direct_bytes(we
     cand = candidate_of(webui.SERVICE, job.id, 1)
     saved = save_candidate(webui.SERVICE, cand, "picked")
     assert saved.wait(120) and saved.status == "done", saved.error
-    assert Path(saved.output).read_bytes() == _direct(tmp_path, 0.5, "d.safetensors")
+    assert _is_direct(saved.output, 0.5)
     assert cand.prepared.first.runs == 1  # no second match
     loaded = load_candidate(webui.SERVICE, candidate_of(webui.SERVICE, None, 2))
     assert loaded.wait(120) and loaded.status == "done", loaded.error
     assert loaded.loaded == "alpha + beta, re-basin, alpha 0.8, unsaved"
     path, _ = webui.SERVICE.save_unsaved("picked_08", False)
-    assert path.read_bytes() == _direct(tmp_path, 0.8, "d8.safetensors")
+    assert _is_direct(path, 0.8)
     with pytest.raises(FieldError, match="index"):
         candidate_of(webui.SERVICE, job.id, 3)
 
@@ -226,7 +227,7 @@ def test_method_and_block_preset_axes(webui, tmp_path):
     assert [c.value for c in job.compare.candidates] == [f"blocks {p}" for p in presets]
     saved = save_candidate(webui.SERVICE, candidate_of(webui.SERVICE, job.id, 1), "blk")
     assert saved.wait(120) and saved.status == "done", saved.error
-    assert Path(saved.output).read_bytes() == _direct(tmp_path, 0.4, "b.safetensors", blocks=presets[1])
+    assert _is_direct(saved.output, 0.4, blocks=presets[1])
 
 
 @pytest.mark.parametrize("kw, field, needle", [
@@ -291,7 +292,7 @@ def test_the_tab_compares_with_txt2img_settings_then_loads_and_saves_a_candidate
     assert "alpha 0.75" in shown[ui["unsaved_status"]._id]
     save_fn, _save_dep = _fn_for(ui.blocks, ui["compare_save"])
     list(save_fn("1: alpha 0.25", "tab_pick", False))
-    assert (tmp_path / "tab_pick.safetensors").read_bytes() == _direct(tmp_path, 0.25, "t.safetensors")
+    assert _is_direct(tmp_path / "tab_pick.safetensors", 0.25)
     bad = dict(zip(dep["outputs"], list(fn({**values, ui["compare_values"]: "0.2, nope"}))[-1], strict=True))
     assert "is not a number" in bad[ui["compare_error"]._id]
 

@@ -127,6 +127,8 @@ def test_replay_from_metadata_is_bit_identical(folder: Path) -> None:
 
 
 def test_single_merge_metadata_gives_a_recipe(folder: Path) -> None:
+    # fp32, not the default, shows the precision is recorded and replayed; the other single merges here are written
+    # at fp16 (half the bytes), their precision not being what they test
     out = merge_checkpoints(folder / "a.safetensors", folder / "finetune.safetensors", folder / "o.safetensors",
                             MergeOptions(method="weighted_sum", alpha=0.3, precision="fp32")).output
     (folder / "r.toml").write_text(recipe_from_checkpoint(out))
@@ -258,7 +260,7 @@ def test_single_merge_with_a_baked_vae_gives_a_recipe_that_bakes_it(models: dict
 
     vae_path, donor = _vae_file(models, tmp_path / "VAE")
     out = tmp_path / "single.safetensors"
-    merge_checkpoints(models["a"], models["finetune"], out, MergeOptions(method="weighted_sum", precision="fp32"),
+    merge_checkpoints(models["a"], models["finetune"], out, MergeOptions(method="weighted_sum", precision="fp16"),
                       bake_vae=vae_path)
     text = recipe_from_checkpoint(out)
     recipe = parse_recipe(text)
@@ -275,7 +277,7 @@ def test_activation_matching_round_trips_through_a_recipe(folder: Path) -> None:
     assert "matching" not in text  # weight matching writes no new line: old recipes keep their text
     out = merge_checkpoints(folder / "a.safetensors", folder / "independent.safetensors", folder / "o.safetensors",
                             MergeOptions(matching="activations", activation_samples=2, parts=("te",),
-                                         precision="fp32")).output
+                                         precision="fp16")).output
     recorded = recipe_from_checkpoint(out)
     assert 'matching = "activations"' in recorded and "activation_samples = 2" in recorded
     (folder / "r.toml").write_text(recorded)
@@ -338,7 +340,7 @@ def test_repair_round_trips_through_a_recipe(folder: Path) -> None:
     replay equals the original bit for bit."""
     out = merge_checkpoints(folder / "a.safetensors", folder / "finetune.safetensors", folder / "o.safetensors",
                             MergeOptions(method="weighted_sum", repair=True, activation_samples=1, parts=("unet",),
-                                         precision="fp32")).output
+                                         precision="fp16")).output
     recorded = recipe_from_checkpoint(out)
     assert "repair = true" in recorded and "activation_samples = 1" in recorded
     (folder / "r.toml").write_text(recorded)

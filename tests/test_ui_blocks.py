@@ -144,7 +144,7 @@ def test_tab_records_the_preset_chosen_in_the_dropdown(folder):
     assert text[0].isdigit()  # the values, not the name, are what the merge button reads
     run = _fn_for(ui.blocks, ui["merge"])
     frames = list(run(ui.values(task_id="task(p1)", model_a="one.safetensors", model_b="two.safetensors",
-                                method="Weighted sum", parts=["Text encoder"], device="cpu", precision="fp32",
+                                method="Weighted sum", parts=["Text encoder"], device="cpu", precision="fp16",
                                 output_name="preset_named", blocks_on=True, blocks_text=text)))
     last = frames[-1]
     assert last[0] == "" and "rebasin-done" in last[1], last[:3]
@@ -208,8 +208,9 @@ def test_tab_bakes_a_vae_from_the_vae_folder(folder):
     assert "donor.safetensors" in ui["bake_vae"].choices or ("donor.safetensors", "donor.safetensors") in \
         ui["bake_vae"].choices
     run = _fn_for(ui.blocks, ui["merge"])
+    # fp16, the models' own precision: the baked VAE holds the donor's very bits
     merge = dict(model_a="one.safetensors", model_b="two.safetensors", method="Weighted sum", device="cpu",
-                 precision="fp32", blocks_on=False)
+                 precision="fp16", blocks_on=False)
     frames = list(run(ui.values(task_id="task(v1)", **merge, parts=["UNet", "Text encoder", "VAE"],
                                 output_name="baked", bake_vae="donor.safetensors")))
     last = frames[-1]
@@ -218,7 +219,7 @@ def test_tab_bakes_a_vae_from_the_vae_folder(folder):
         assert all(torch.equal(ck.get("first_stage_model." + k), v) for k, v in donor.items())
         assert json.loads(ck.metadata["sd_merge_recipe"])["bake_in_vae"] == "donor.safetensors"
     # a file that is no VAE is refused before anything runs
-    frames = list(run(ui.values(task_id="task(v2)", **{**merge, "precision": "fp16"}, parts=["UNet"],
+    frames = list(run(ui.values(task_id="task(v2)", **merge, parts=["UNet"],
                                 output_name="baked2", bake_vae="nowhere.safetensors")))
     assert len(frames) == 1 and "neither in the VAE list nor a checkpoint" in frames[0][0]
 
@@ -245,7 +246,7 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     # picked before any step: kept through adding the step
     text, overview, err = bake("", "donor.safetensors")
     assert err == "" and parse_recipe(text + '[[step]]\na = "donor"\nb = "donor"\n').bake_vae == "donor"
-    out = add(ui.values(recipe_text=text, recipe_name="vae chain", recipe_precision="fp32", recipe_device="cpu",
+    out = add(ui.values(recipe_text=text, recipe_name="vae chain", recipe_precision="fp16", recipe_device="cpu",
                         recipe_seed=0, recipe_step=None, recipe_a="one.safetensors", recipe_b="two.safetensors",
                         recipe_c=None, recipe_alpha=0.5, recipe_iterations=1,
                         recipe_parts=["UNet", "Text encoder", "VAE"], recipe_step_name=""))
@@ -253,7 +254,7 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     assert out[2] == "" and parse_recipe(text).bake_vae == "donor" and "baked in" in out[1]
     run = _fn_for(ui.blocks, ui["recipe_run"])
     frames = list(run(ui.values(task_id="task(rv)", recipe_text=text, recipe_name="vae chain",
-                                recipe_precision="fp32", recipe_device="cpu", recipe_seed=0, recipe_output_name="",
+                                recipe_precision="fp16", recipe_device="cpu", recipe_seed=0, recipe_output_name="",
                                 recipe_overwrite=False)))
     assert "rebasin-done" in frames[-1][1], frames[-1][:3]
     with open_checkpoint(folder / "vae_chain.safetensors") as ck:
@@ -278,7 +279,7 @@ def test_tab_merges_with_activation_matching(folder):
     assert {"rebasin_matching", "rebasin_activation_samples"} <= ids
     run = _fn_for(ui.blocks, ui["merge"])
     merge = dict(model_a="one.safetensors", model_b="two.safetensors", parts=["Text encoder"], device="cpu",
-                 precision="fp32", tolerance=1.0, blocks_on=False, align=False, bake_vae="None",
+                 precision="fp16", tolerance=1.0, blocks_on=False, align=False, bake_vae="None",
                  matching="activations", activation_samples=2)
     frames = list(run(ui.values(task_id="task(m1)", **merge, method="rebasin", output_name="by_activations",
                                 param_seed=3)))
@@ -308,7 +309,7 @@ def test_tab_merges_with_repair(folder):
     assert box["props"]["label"].startswith("REPAIR: restore the parents' activation statistics after blending")
     run = _fn_for(ui.blocks, ui["merge"])
     merge = dict(model_a="one.safetensors", model_b="two.safetensors", method="Weighted sum", device="cpu",
-                 precision="fp32", blocks_on=False, matching="weights", activation_samples=1, repair=True)
+                 precision="fp16", blocks_on=False, matching="weights", activation_samples=1, repair=True)
     frames = list(run(ui.values(task_id="task(r1)", **merge, parts=["UNet"], output_name="repaired",
                                 param_seed=3)))
     assert "rebasin-done" in frames[-1][1], frames[-1][:3]
@@ -354,7 +355,7 @@ def test_matching_and_repair_show_only_where_they_apply(folder):
     run = _fn_for(ui.blocks, ui["merge"])
     frames = list(run(ui.values(task_id="task(r3)", model_a="one.safetensors", model_b="two.safetensors",
                                 model_c="base.safetensors", method="Add difference", parts=["UNet"], device="cpu",
-                                precision="fp32", output_name="hidden_repair", blocks_on=False, matching="weights",
+                                precision="fp16", output_name="hidden_repair", blocks_on=False, matching="weights",
                                 activation_samples=1, repair=True)))
     assert frames[-1][0] == "" and "rebasin-done" in frames[-1][1], frames[-1][:3]
     assert "repair" not in json.loads(_meta(folder / "hidden_repair.safetensors")["lib_rebasin"])["recipe"]
