@@ -546,8 +546,10 @@ def test_add_difference_alpha_bounds() -> None:
 
 def test_a_pytorch_checkpoint_named_safetensors_is_read(pair: dict, tmp_path: Path, out: Path) -> None:
     """Legal data under the wrong extension gives a correct result, not an error."""
+    from model_cache import cached_torch_file
+
     with open_checkpoint(pair["b"]) as ck:
-        torch.save({"state_dict": {k: ck.get(k).clone() for k in ck.keys()}}, tmp_path / "b_torch.safetensors")
+        cached_torch_file(tmp_path / "b_torch.safetensors", {k: ck.get(k).clone() for k in ck})
     r = cli("merge", pair["a"], tmp_path / "b_torch.safetensors", "-o", out / "m.safetensors", "--method",
             "weighted_sum", "-q", cwd=out)
     assert r.returncode == 0, r.stderr
