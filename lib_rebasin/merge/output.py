@@ -53,6 +53,7 @@ class OutputSources:
         self.guard = OutputGuard(checked, opts.allow_nonfinite, opts.precision)
         self._spec, self._A, self._baked, self._checked = spec, A, baked, checked
         self._baked_model = [baked.checked()] if baked is not None else []
+        self.unblended_checked = False
 
     def is_baked(self, key: str) -> bool:
         return self._baked is not None and part_of(key) == "vae" and key in self._spec.shapes
@@ -75,6 +76,7 @@ class OutputSources:
             source = self.unblended(key)
             if source is not None:
                 self.guard(key, *source)
+        self.unblended_checked = True
 
 
 class OutputTensors:
@@ -107,22 +109,19 @@ class OutputTensors:
         self._objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
     def produce(self, key: str) -> torch.Tensor:
-        """Every output tensor, whatever its source, leaves through the one guard."""
+        """Every output tensor, whatever its source, leaves through the one guard (a copied or baked-in one
+        passed it before any work: every read of an input gets the bytes checked then, io/input_file.py)."""
         self._report("writing", self._done / self._total, f"writing {key}")
         self._done += self._sizes[key]
-        t, readers, read_as = self._source(key)
+        unblended = self._sources.unblended(key)
+        if unblended is not None and self._sources.unblended_checked:
+            return unblended[0]
+        t, readers, read_as = unblended if unblended is not None else (self._value(key), None, key)
         return self._guard(key, t, readers, read_as)
 
     def objective(self) -> dict[str, list[float]]:
         """The objective per part, once every key is produced (empty when the merge did not align)."""
         return {p: o for p, o in self._objective.items() if o[2] > 0} if self.measure else {}
-
-    def _source(self, key: str) -> tuple[torch.Tensor, list[Model] | None, str]:
-        """The value of `key` in the output's dtype, the models it was made from, and their name for it."""
-        unblended = self._sources.unblended(key)
-        if unblended is not None:
-            return unblended
-        return self._value(key), None, key
 
     def _finish(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """The merged value in the output's precision, with REPAIR's correction folded in (in fp64)."""
