@@ -308,3 +308,20 @@ def cached_without_parts(path: str | os.PathLike[str], source: str | os.PathLike
     with open_checkpoint(source) as ck:
         tensors = {k: ck.get(k) for k in ck if part_of(k) not in parts}
         return cached_state_dict(path, tensors, dict(ck.metadata), writable)
+
+
+def _torch_saved(path: Path, tensors: dict[str, torch.Tensor], keys: list[str], wrapper: str | None) -> Path:
+    """`torch.save` of the tensors, in the order `keys` gives, under `wrapper` ("state_dict", as a training
+    checkpoint holds them) or bare; written at `path` whatever its extension."""
+    state = {k: tensors[k] for k in keys}
+    torch.save({wrapper: state} if wrapper else state, path)
+    return path
+
+
+def cached_torch_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                      wrapper: str | None = "state_dict", writable: bool = False) -> Path:
+    """A PyTorch (pickle) checkpoint of `tensors` from the cache, keyed by the tensors' bytes and order: for a test
+    that reads a model in PyTorch's format (under any name, `.safetensors` included). The torch version, which
+    writes the bytes, is part of every cached file's key."""
+    kwargs = {"tensors": tensors, "keys": list(tensors), "wrapper": wrapper}
+    return place(_cached(_torch_saved, kwargs), path, writable)

@@ -113,13 +113,34 @@ def out(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture()
+def opened_outputs(out: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The outputs in `out` whose temporary file the CLI (run in this process) opened: a temporary file is
+    unnamed where the system allows, so listing the folder cannot tell that one was written and removed."""
+    from lib_rebasin.io import output_file
+
+    opened: list[Path] = []
+    real = output_file.open_temp_output
+
+    def recording(path: Path):  # type: ignore[no-untyped-def]
+        if Path(path).resolve().parent == out.resolve():  # not a test's input that the model cache makes
+            opened.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(output_file, "open_temp_output", recording)
+    return opened
+
+
 # -- non-finite weights --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["weighted_sum", "rebasin"])
-def test_nan_in_an_input_is_refused_with_its_keys_and_part(pair: dict, out: Path, method: str) -> None:
+def test_nan_in_an_input_is_refused_with_its_keys_and_part(pair: dict, out: Path, method: str,
+                                                           opened_outputs: list[Path]) -> None:
     before = listing(out)
     r = cli("merge", pair["a"], pair["nan"], "-o", out / "m.safetensors", "--method", method, "-q", cwd=out)
     assert_refused(r, out, before, "Model B", "UNet", KEY, "model.diffusion_model.out.2.bias", "--allow-nonfinite")
+    if method == "rebasin":  # weight matching reads the blended keys first: refused before the output is opened
+        assert opened_outputs == []
 
 
 def test_allow_nonfinite_keeps_exactly_the_inputs_nan(pair: dict, out: Path) -> None:
@@ -150,6 +171,23 @@ def test_blend_that_overflows_the_output_precision_is_refused(tmp_path: Path, ou
     r = cli("add-difference", a, tmp_path / "big.safetensors", a, "-o", out / "m.safetensors", "--alpha", "3",
             "-q", cwd=out)
     assert_refused(r, out, before, KEY, "overflows", "fp16")
+
+
+def test_copied_value_too_large_for_the_output_precision_is_refused_before_any_work(
+        tmp_path: Path, out: Path, opened_outputs: list[Path]) -> None:
+    """A finite fp32 value of A's text encoder beyond fp16's range, copied (--parts unet): the cast would make it
+    Inf. Known before any work, like a copied NaN: refused without opening the output."""
+    a = cached_checkpoint(tmp_path / "a.safetensors", "tiny", seed=1, precision="fp32")
+    te_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    with open_checkpoint(a) as ck:
+        sd = {k: ck.get(k).clone() for k in ck}
+    sd[te_key] = sd[te_key].clone()
+    sd[te_key][0] = 1e6
+    big = cached_state_dict(tmp_path / "big_te.safetensors", sd)
+    before = listing(out)
+    r = cli("merge", big, a, "-o", out / "m.safetensors", "--parts", "unet", "--method", "rebasin", "-q", cwd=out)
+    assert_refused(r, out, before, te_key, "model A (big_te.safetensors)", "too large for fp16", "fp32 or bf16")
+    assert opened_outputs == []
 
 
 VAE_KEY = "first_stage_model.decoder.conv_out.weight"
@@ -190,12 +228,15 @@ def _merge_args(pair: dict, case: str, path: Path) -> list[str | Path]:
 
 @pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
 def test_nan_that_is_baked_in_or_copied_is_refused_like_a_blended_one(pair: dict, nan_sources: dict, out: Path,
-                                                                     case: str) -> None:
+                                                                     case: str, opened_outputs: list[Path]) -> None:
+    """Refused before any work: the values that are not blended are known from the start, so no temporary
+    output is ever opened (not only removed again)."""
     path, key = nan_sources[case]
     before = listing(out)
     r = cli("merge", *_merge_args(pair, case, path), "-o", out / "m.safetensors", "--method", "weighted_sum",
             "-q", cwd=out)
     assert_refused(r, out, before, path.name, key, "NaN or Inf", "--allow-nonfinite")
+    assert opened_outputs == []
 
 
 @pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
@@ -505,8 +546,10 @@ def test_add_difference_alpha_bounds() -> None:
 
 def test_a_pytorch_checkpoint_named_safetensors_is_read(pair: dict, tmp_path: Path, out: Path) -> None:
     """Legal data under the wrong extension gives a correct result, not an error."""
+    from model_cache import cached_torch_file
+
     with open_checkpoint(pair["b"]) as ck:
-        torch.save({"state_dict": {k: ck.get(k).clone() for k in ck.keys()}}, tmp_path / "b_torch.safetensors")
+        cached_torch_file(tmp_path / "b_torch.safetensors", {k: ck.get(k).clone() for k in ck})
     r = cli("merge", pair["a"], tmp_path / "b_torch.safetensors", "-o", out / "m.safetensors", "--method",
             "weighted_sum", "-q", cwd=out)
     assert r.returncode == 0, r.stderr

@@ -32,9 +32,15 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inspects the wr
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
-    """Tiny models in place of the mini ones: what is tested is how a merge treats its files, not the spec."""
-    return tiny_models
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny fp16 models in place of the mini ones: what is tested is how a merge treats its files, not the spec or
+    the precision (a test that damages an input copies half the bytes of an fp32 one). The `tiny_models` seeds."""
+    from model_cache import cached_checkpoint
+
+    d = tmp_path_factory.mktemp("io_safety_models")
+    return {"a": cached_checkpoint(d / "a.safetensors", "tiny", seed=11, base_seed=1),
+            "finetune": cached_checkpoint(d / "finetune.safetensors", "tiny", seed=12, base_seed=1),
+            "independent": cached_checkpoint(d / "independent.safetensors", "tiny", seed=2)}
 
 
 def _default_sigint() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,7 @@ import torch
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.io.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
-from lib_rebasin.io.output_file import save_state_dict
-from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
+from lib_rebasin.merge.run import merge_in_memory
 from lib_rebasin.methods import (
     METHODS,
     add_difference,
@@ -167,22 +165,18 @@ def test_every_method_runs_by_name_with_params(tiny_models: dict[str, Path], bas
         torch.testing.assert_close(out[UNET_KEY], expected, rtol=0, atol=2e-6, msg=name)
 
 
-def test_dare_same_seed_same_bytes_other_seed_differs(tiny_models: dict[str, Path], base: Path, tmp_path: Path) -> None:
-    def run(name: str, seed: int) -> Path:
-        return merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / name,
-                                 MergeOptions(method="dare", alpha=0.5, dare_p=0.5, seed=seed, **FP32),
-                                 c=base).output
+def test_dare_same_seed_same_bytes_other_seed_differs(tiny_models: dict[str, Path], base: Path) -> None:
+    """Held in memory (the tensors and metadata the file would hold, compared as its sha256 would)."""
+    from same_bytes import same_bytes
 
-    def digest(p: Path) -> str:
-        return hashlib.sha256(p.read_bytes()).hexdigest()
+    def run(seed: int) -> Checkpoint:
+        return merge_in_memory(tiny_models["a"], tiny_models["finetune"],
+                               MergeOptions(method="dare", alpha=0.5, dare_p=0.5, seed=seed, **FP32), c=base)[0]
 
-    first, again = run("s0.safetensors", 0), run("s0b.safetensors", 0)
-    assert digest(first) == digest(again)
-    # not only the recorded seed: the drop masks, hence the weights, differ (seed 1's merge held in memory)
-    w0 = _load(first)
-    w1, _ = _merged(tiny_models["a"], tiny_models["finetune"],
-                    MergeOptions(method="dare", alpha=0.5, dare_p=0.5, seed=1, **FP32), c=base)
-    assert not torch.equal(w0[UNET_KEY], w1[UNET_KEY])
+    first, again = run(0), run(0)
+    assert same_bytes(first, again)
+    # not only the recorded seed: the drop masks, hence the weights, differ
+    assert not torch.equal(first.get(UNET_KEY), run(1).get(UNET_KEY))
 
 
 def test_dare_at_p_zero_equals_add_difference_file(tiny_models: dict[str, Path], base: Path) -> None:
@@ -239,27 +233,30 @@ def test_bake_vae_from_a_vae_file_or_a_checkpoint(tiny_models: dict[str, Path], 
                                                   capsys: pytest.CaptureFixture) -> None:
     import json
 
+    from model_cache import cached_state_dict
+
     donor = _load(tiny_models["independent"])
-    vae_file = save_state_dict(tmp_path / "donor.vae.safetensors",
-                               {k[len("first_stage_model."):]: v for k, v in donor.items()
-                                if k.startswith("first_stage_model.")}, {})
+    vae_file = cached_state_dict(tmp_path / "donor.vae.safetensors",
+                                 {k[len("first_stage_model."):]: v for k, v in donor.items()
+                                  if k.startswith("first_stage_model.")}, {})
     a, b = _load(tiny_models["a"]), _load(tiny_models["finetune"])
     for source in (vae_file, tiny_models["independent"]):
+        # fp16 output (the precision is not under test): every baked value is the donor's cast to fp16
         out = tmp_path / f"baked_{source.stem}.safetensors"
         assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--method", "weighted_sum",
-                         "--precision", "fp32", "--bake-vae", str(source), "-o", str(out), "-q"]) == 0
+                         "--bake-vae", str(source), "-o", str(out), "-q"]) == 0
         m = _load(out)
         vae = [k for k in m if k.startswith("first_stage_model.")]
-        assert vae and all(torch.equal(m[k], donor[k]) for k in vae)
-        torch.testing.assert_close(m[UNET_KEY], 0.5 * a[UNET_KEY] + 0.5 * b[UNET_KEY])
+        assert vae and all(torch.equal(m[k], donor[k].to(torch.float16)) for k in vae)
+        torch.testing.assert_close(m[UNET_KEY], (0.5 * a[UNET_KEY] + 0.5 * b[UNET_KEY]).to(torch.float16))
         with open_checkpoint(out) as ck:
             meta = ck.metadata
         assert json.loads(meta["sd_merge_recipe"])["bake_in_vae"] == source.name
         assert json.loads(meta["lib_rebasin"])["recipe"]["bake_vae"]["file"] == source.name
         assert f"VAE baked in from {source.name}" in capsys.readouterr().out
     # a file without the SD 1.x VAE: refused in one line before any work, no output
-    unet_only = save_state_dict(tmp_path / "unet_only.safetensors",
-                                {k: v for k, v in donor.items() if k.startswith("model.diffusion_model.")}, {})
+    unet_only = cached_state_dict(tmp_path / "unet_only.safetensors",
+                                  {k: v for k, v in donor.items() if k.startswith("model.diffusion_model.")}, {})
     bad = tmp_path / "bad.safetensors"
     assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "--bake-vae", str(unet_only),
                      "-o", str(bad), "-q"]) == 2

@@ -16,7 +16,6 @@ from lib_rebasin.align import repair
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import RebasinError
 from lib_rebasin.io.checkpoint import open_checkpoint
-from lib_rebasin.io.output_file import save_state_dict
 from lib_rebasin.merge.diagnostics import Diagnostics
 from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.options import MergeOptions
@@ -148,13 +147,13 @@ def test_a_file_without_the_pooled_projection_is_refused_in_one_line(xl: dict[st
     """`text_projection` is optional in SDXL files (weight matching merges without it); the forward pass needs it
     for the UNet's pooled conditioning, so activation matching stops in one line and writes nothing. (Pruned
     copies of the smaller SDXL_SMALL models at fp16: the refusal comes before any forward pass.)"""
-    from model_cache import SDXL_SMALL, cached_sdxl_checkpoint
+    from model_cache import SDXL_SMALL, cached_sdxl_checkpoint, cached_state_dict
 
     pruned = {}
     for name, seed, base_seed in (("a", 1, 0), ("independent", 7, None)):
         full = cached_sdxl_checkpoint(tmp_path / f"{name}.safetensors", SDXL_SMALL, seed=seed, base_seed=base_seed)
         sd = {k: v for k, v in _load(full).items() if not k.endswith("text_projection")}
-        pruned[name] = save_state_dict(tmp_path / f"{name}_pruned.safetensors", sd)
+        pruned[name] = cached_state_dict(tmp_path / f"{name}_pruned.safetensors", sd)
     out = tmp_path / "out" / "o.safetensors"
     out.parent.mkdir()
     with pytest.raises(RebasinError, match=r"^This SDXL model has no '.*text_projection' \(a pruned file\)") as err:

@@ -4,8 +4,8 @@
   the same function (checked on the held-out set), re-basin must recover the permutation, so its merge equals A
   and the barrier is exactly zero (with `tolerance 0`, the paper's stopping rule: the default 1 % tolerance is an
   early stop on the objective's gain and, with whole-head symmetries, measurably stops a sweep or two before the
-  last transformer block of a 16-step model lines up), while the weighted sum of A and B falls off a barrier. Activation matching
-  must recover it too (its alignment is then a weighted sum of A with itself);
+  last transformer block of a 16-step model lines up), while the weighted sum of A and B falls off a barrier.
+  Activation matching must recover it too (its alignment is then a weighted sum of A with itself);
 - same base: fine-tunes of one base line up already, so re-basin matches the identity and its merge equals the
   weighted sum bit for bit.
 """
@@ -16,16 +16,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lib_rebasin.align.permute import permute_tensor, random_perms
+from lib_rebasin.io.checkpoint import memory_checkpoint
 from lib_rebasin.sd1.spec import build_spec
 
 from .evaluate import EvalSet, Model, heldout_loss
+from .export import single_file
 from .layout import sd_config
 from .merging import merge
 from .method_lines import ACTIVATIONS, REBASIN, REBASIN_EXACT, WEIGHTED_SUM
-from .export import single_file
 from .train import Trained
 
 
@@ -37,18 +38,15 @@ def planted_permutation(width: int, a: Trained, es: EvalSet, work: Path, seed: i
     ldm_a = load_file(str(a_path))
     ldm_b = {k: permute_tensor(spec, k, v, perms) for k, v in ldm_a.items()}
     moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
-    work.mkdir(parents=True, exist_ok=True)
-    b_path = work / "planted.safetensors"
-    save_file(ldm_b, str(b_path))
-    try:
-        loss_a = heldout_loss(Model(width, ldm_a), es)["mean"]
-        loss_b = heldout_loss(Model(width, ldm_b), es)["mean"]
-        rb = merge(a_path, b_path, REBASIN_EXACT, 0.5, work)
-        ws = merge(a_path, b_path, WEIGHTED_SUM, 0.5, work)
-        activations = replace(ACTIVATIONS, options={**ACTIVATIONS.options, "activation_samples": activation_prompts})
-        am = merge(a_path, b_path, activations, 0.5, work, match_images=match_images)
-    finally:
-        b_path.unlink(missing_ok=True)
+    # B is merged from memory: the merges read it through the same API as a file (merge_in_memory takes either),
+    # and the control is about the permutation, not about reading B's file.
+    b = memory_checkpoint(ldm_b, name="planted")
+    loss_a = heldout_loss(Model(width, ldm_a), es)["mean"]
+    loss_b = heldout_loss(Model(width, ldm_b), es)["mean"]
+    rb = merge(a_path, b, REBASIN_EXACT, 0.5, work)
+    ws = merge(a_path, b, WEIGHTED_SUM, 0.5, work)
+    activations = replace(ACTIVATIONS, options={**ACTIVATIONS.options, "activation_samples": activation_prompts})
+    am = merge(a_path, b, activations, 0.5, work, match_images=match_images)
     loss_rb = heldout_loss(Model(width, rb.ldm), es)["mean"]
     loss_ws = heldout_loss(Model(width, ws.ldm), es)["mean"]
     max_diff = max(float((rb.ldm[k].float() - v.float()).abs().max()) for k, v in ldm_a.items())

@@ -31,6 +31,7 @@ class Profile:
     methods: tuple[str, ...] | None = None  # labels from method_lines.METHOD_LIST; None = every method
     ddim_steps: int = DDIM_STEPS            # DDIM steps of each skill sample
     control_prompts: int = 16               # the planted-permutation control's activation matching prompts
+    resumable: bool = True                  # keep the state a longer run trains on from (train.py)
 
 
 # Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured
@@ -53,8 +54,10 @@ QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milest
 # (the controls do not sample) and shorter training; its skills say nothing about the methods. Its planted
 # permutation control runs activation matching on the core's default number of prompts: the control asks for the
 # exact permutation back, which a permuted copy of A gives on any prompts.
+# Its models are never trained longer, so they keep no optimizer state (twice each model's size) to resume from:
+# resuming is tested on its own (tests/test_train.py).
 SMOKE = replace(QUICK, name="smoke", base_steps=8, finetune_steps=3, independent_steps={32: 8}, ddim_steps=3,
-                control_prompts=4)
+                control_prompts=4, resumable=False)
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
 # Activation matching's inputs: this many training images, each at 5 timesteps (16 already recover a planted
 # permutation exactly, and so do smoke's 4; quick mode only runs that control).

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lib_rebasin.io.checkpoint import Checkpoint, memory_checkpoint
 from lib_rebasin.merge.run import merge_in_memory
 from lib_rebasin.options import MergeOptions
 
@@ -32,32 +33,40 @@ class Merged:
 _ALIGNED: dict[tuple[Path, Path, str, int], tuple[Path, float]] = {}
 
 
-def aligned(a: Path, b: Path, how: str, work: Path, match_images: int = 64) -> tuple[Path, float]:
+def aligned(a: Path, b: Path | Checkpoint, how: str, work: Path,
+            match_images: int = 64) -> tuple[Path | Checkpoint, float]:
     """B permuted onto A by `how` ("activations", on `match_images` training images at every matching t),
-    written once per pair; also the seconds matching took."""
+    written once per pair (a B held in memory, the planted control's, is permuted in memory: it has no file to
+    name the result by, and nothing reuses it); also the seconds matching took."""
+    in_memory = isinstance(b, Checkpoint)
     key = (a, b, how, match_images)
-    if key not in _ALIGNED or not _ALIGNED[key][0].exists():
+    if in_memory or key not in _ALIGNED or not _ALIGNED[key][0].exists():
         from lib_rebasin.sd1.spec import build_spec
 
         from .activations import activation_perms, permuted_copy
         from .layout import UNET_PREFIX, sd_config
 
-        ldm_a, ldm_b = load_file(str(a)), load_file(str(b))
+        ldm_a = load_file(str(a))
+        ldm_b = {k: b.get(k) for k in b} if isinstance(b, Checkpoint) else load_file(str(b))
         width = ldm_a[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0]
         start = time.perf_counter()
         perms = activation_perms(width, ldm_a, ldm_b, n_images=match_images)
         seconds = time.perf_counter() - start
+        permuted = permuted_copy(build_spec(sd_config(width)), ldm_b, perms)
+        if isinstance(b, Checkpoint):
+            return memory_checkpoint(permuted, name=f"{b.path.name.strip('<>')}-aligned-to-{a.stem}-{how}"), seconds
         # Per process, and written atomically: several benchmark processes may share the work folder.
         out = work / f"{b.stem}-aligned-to-{a.stem}-{how}-{os.getpid()}.safetensors"
         tmp = out.with_suffix(".tmp")
-        save_file(permuted_copy(build_spec(sd_config(width)), ldm_b, perms), str(tmp))
+        save_file(permuted, str(tmp))
         os.replace(tmp, out)
         _ALIGNED[key] = (out, seconds)
     return _ALIGNED[key]
 
 
-def merge(a: Path, b: Path, method: Method, alpha: float, work: Path, base: Path | None = None,
+def merge(a: Path, b: Path | Checkpoint, method: Method, alpha: float, work: Path, base: Path | None = None,
           match_images: int = 64) -> Merged:
+    """`method`'s merge of A and B (a file, or a checkpoint held in memory) at `alpha`, held in memory."""
     if method.needs_base and base is None:
         raise ValueError(f"{method.label} needs the family's base as model C")
     work.mkdir(parents=True, exist_ok=True)

@@ -111,10 +111,11 @@ class NotTrained(Exception):
     pass
 
 
-def trained(root: Path, cfg, milestones: tuple[int, ...], may_train: bool, log) -> dict[int, Trained]:
+def trained(root: Path, cfg, milestones: tuple[int, ...], may_train: bool, log,
+            resumable: bool = True) -> dict[int, Trained]:
     """`train`, or with may_train=False only what the cache holds (NotTrained if the final state is missing)."""
     if may_train:
-        return train(root, cfg, milestones, log)
+        return train(root, cfg, milestones, log, resumable)
     out = {s: t for s in sorted(set(milestones) | {cfg.steps}) if s <= cfg.steps
            and (t := cached(root, replace(cfg, steps=s))) is not None}
     if cfg.steps not in out:
@@ -132,7 +133,7 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
         lengths = sweep_lengths(p, width)
         if may_train:
             for cfg in independent_pair(p, width, lengths[-1]):
-                train(root, cfg, lengths, log)
+                train(root, cfg, lengths, log, p.resumable)
         for steps in lengths:
             pair = [cached(root, cfg) for cfg in independent_pair(p, width, steps)]
             if None in pair:
@@ -183,7 +184,9 @@ class SectionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         # The families' sections depend on the skill width's models, not on the other widths' training lengths
         # (those only key the sweep's rows, which are also named by their models' keys).
-        profile = {k: v for k, v in asdict(p).items() if k not in ("widths", "independent_steps", "milestones")}
+        # Nor on whether training keeps the state to resume from (the same models either way).
+        profile = {k: v for k, v in asdict(p).items()
+                   if k not in ("widths", "independent_steps", "milestones", "resumable")}
         profile["skill_steps"] = p.independent_steps.get(p.skill_width)
         if p.ddim_steps == DDIM_STEPS:  # the keys of the profiles measured before it was a field stay valid
             del profile["ddim_steps"]
@@ -247,12 +250,13 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
 
     def independent() -> tuple[Trained, Trained]:
         a_cfg, b_cfg = independent_pair(p, w)
-        return (trained(root, a_cfg, p.milestones, may_train, log)[a_cfg.steps],
-                trained(root, b_cfg, p.milestones, may_train, log)[b_cfg.steps])
+        return (trained(root, a_cfg, p.milestones, may_train, log, p.resumable)[a_cfg.steps],
+                trained(root, b_cfg, p.milestones, may_train, log, p.resumable)[b_cfg.steps])
 
     def same_base() -> tuple[Trained, Trained, Trained]:
         cfgs = same_base_family(p, w)
-        return tuple(trained(root, cfg, (), may_train, log)[cfg.steps] for cfg in cfgs)  # type: ignore[return-value]
+        return tuple(trained(root, cfg, (), may_train, log, p.resumable)[cfg.steps]  # type: ignore[return-value]
+                     for cfg in cfgs)
 
     def controls() -> dict:
         a, _ = independent()

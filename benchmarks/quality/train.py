@@ -118,15 +118,17 @@ def _resume_point(root: Path, cfg: TrainConfig, missing: list[int]) -> tuple[int
     return None
 
 
-def train(root: Path, cfg: TrainConfig, milestones: tuple[int, ...] = (), log=print) -> dict[int, Trained]:
-    """Train `cfg` (and save every milestone <= cfg.steps); returns {steps: Trained}, reusing the cache."""
+def train(root: Path, cfg: TrainConfig, milestones: tuple[int, ...] = (), log=print,
+          resumable: bool = True) -> dict[int, Trained]:
+    """Train `cfg` (and save every milestone <= cfg.steps); returns {steps: Trained}, reusing the cache.
+    `resumable=False` keeps no state to train on from (a run that is never trained longer: the test suite's)."""
     wanted = sorted({s for s in milestones if s < cfg.steps} | {cfg.steps})
     out = {s: t for s in wanted if (t := cached(root, replace(cfg, steps=s))) is not None}
     if len(out) == len(wanted):
         return out
     c = sd_config(cfg.width)
     if cfg.parent is not None:
-        parent = train(root, cfg.parent, log=log)[cfg.parent.steps]
+        parent = train(root, cfg.parent, log=log, resumable=resumable)[cfg.parent.steps]
         unet = load_unet(c, load_file(str(parent.path))).requires_grad_(True).train()
         init_record = parent.record
     else:
@@ -194,9 +196,11 @@ def train(root: Path, cfg: TrainConfig, milestones: tuple[int, ...] = (), log=pr
             ldm.update(te_sd)
             here = replace(cfg, steps=step)
             out[step] = _save(root, here, ldm, record)
-            resume_file = _save_resume(root, here, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                    "generator": g.get_state(), "window": list(window)},
-                                       resume_file)
+            if resumable:
+                resume_file = _save_resume(root, here, {"optimizer": opt.state_dict(),
+                                                        "scheduler": sched.state_dict(),
+                                                        "generator": g.get_state(), "window": list(window)},
+                                           resume_file)
     return out
 
 

@@ -8,7 +8,10 @@ full read of each model, so the checks sit where the data passes anyway:
 - every output tensor, whatever its source (blended, copied from A, or taken from a VAE baked in), is checked
   after its cast to the output dtype (`OutputGuard`, applied once where the merge produces each key), which
   also catches a blend that overflows (a huge alpha, or fp32 values beyond fp16's range). The write is
-  atomic, so refusing there leaves no file.
+  atomic, so refusing there leaves no file;
+- the tensors that are not blended (copied from A, or baked in) are known before any work: the same guard
+  checks them first (`merge/output.py`, `OutputSources.check_unblended`), so a merge that must fail on them
+  neither matches nor opens its output.
 
 Only when a check fails are the inputs searched, to name the model, the part and the first few keys.
 """

@@ -31,15 +31,13 @@ def merged_keys(A: ModelInput, parts: tuple[str, ...]) -> set[str]:
             and not k.endswith("position_ids") and A.ckpt.infos[k].dtype.is_floating_point}
 
 
-class OutputTensors:
-    """`entries` (key, shape, dtype) in the file's order, and `produce(key)` for each, called once per key in
-    that order (it reports the writing progress)."""
+class OutputSources:
+    """Where each output key comes from (the baked VAE, A, or the merge), the output's entries (key, shape, dtype)
+    in the file's order, and the one guard every output tensor leaves through."""
 
-    def __init__(self, prep: Prepared, parts: tuple[str, ...], blend: Callable[[str], torch.Tensor],
-                 merged: set[str], perms: Perms, repaired: Corrections, baked: BakedVAE | None,
-                 checked: list[Model], get_b: TensorGetter, report: Reporter, diag: Diagnostics) -> None:
+    def __init__(self, prep: Prepared, merged: set[str], baked: BakedVAE | None, checked: list[Model]) -> None:
         opts = prep.options
-        A, B = prep.a, prep.b
+        A = prep.a
         spec = A.spec
         out_dtype = PRECISIONS[opts.precision]
         keys = A.ckpt.keys()
@@ -47,20 +45,61 @@ class OutputTensors:
             vae_keys = {k for k in spec.shapes if part_of(k) == "vae"}
             merged = merged - vae_keys
             keys = keys + [k for k in spec.shapes if k in vae_keys and k not in A.ckpt.infos]
-        diag.copied_from_a = sum(1 for k in keys if k not in merged
-                                 and not (baked is not None and k in spec.shapes and part_of(k) == "vae"))
-        diag.dropped_from_b = sum(1 for k in B.ckpt if k not in A.ckpt.infos)
-        diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels
-
+        self.keys, self.merged = keys, merged
         # A baked VAE's keys that A lacks come after A's own.
         self.entries = output_entries(A, out_dtype) + [(k, tuple(spec.shapes[k]), out_dtype) for k in keys
                                                        if k not in A.ckpt.infos]
+        self.dtypes = {k: d for k, _, d in self.entries}
+        self.guard = OutputGuard(checked, opts.allow_nonfinite, opts.precision)
+        self._spec, self._A, self._baked, self._checked = spec, A, baked, checked
+        self._baked_model = [baked.checked()] if baked is not None else []
+        self.unblended_checked = False
+
+    def is_baked(self, key: str) -> bool:
+        return self._baked is not None and part_of(key) == "vae" and key in self._spec.shapes
+
+    def unblended(self, key: str) -> tuple[torch.Tensor, list[Model], str] | None:
+        """A key that is not blended: its value in the output's dtype (from the baked VAE or copied from A), the
+        model it comes from and that model's name for it; None for a merged key."""
+        baked = self._baked
+        if baked is not None and self.is_baked(key):
+            return baked.get(key).to(self.dtypes[key]), self._baked_model, baked.source_key(key)
+        if key not in self.merged:
+            return self._A.ckpt.get(key).to(self.dtypes[key]), self._checked[:1], key
+        return None
+
+    def check_unblended(self) -> None:
+        """Refuse NaN or Inf (or a value too large for the output precision) in every key that is copied or baked
+        in, through the guard that refuses it when the key is produced, with the same message: these values are
+        known before any work, so a merge that must fail on them neither matches nor opens its output."""
+        for key, _, _ in self.entries:
+            source = self.unblended(key)
+            if source is not None:
+                self.guard(key, *source)
+        self.unblended_checked = True
+
+
+class OutputTensors:
+    """`entries` (key, shape, dtype) in the file's order, and `produce(key)` for each, called once per key in
+    that order (it reports the writing progress)."""
+
+    def __init__(self, prep: Prepared, parts: tuple[str, ...], blend: Callable[[str], torch.Tensor],
+                 sources: OutputSources, perms: Perms, repaired: Corrections, get_b: TensorGetter,
+                 report: Reporter, diag: Diagnostics) -> None:
+        opts = prep.options
+        A, B = prep.a, prep.b
+        spec = A.spec
+        diag.copied_from_a = sum(1 for k in sources.keys if k not in sources.merged and not sources.is_baked(k))
+        diag.dropped_from_b = sum(1 for k in B.ckpt if k not in A.ckpt.infos)
+        diag.kept_a_extra_channels = A.config.unet_in_channels != B.config.unet_in_channels
+
+        self.entries = sources.entries
         self._spec, self._A, self._get_b = spec, A, get_b
-        self._blend, self._merged, self._perms, self._repaired = blend, merged, perms, repaired
-        self._baked, self._checked, self._report = baked, checked, report
+        self._blend, self._merged, self._perms, self._repaired = blend, sources.merged, perms, repaired
+        self._sources, self._report = sources, report
         self._budget = budget_for(opts.device, report)
-        self._guard = OutputGuard(checked, opts.allow_nonfinite, opts.precision)
-        self._dtypes = {k: d for k, _, d in self.entries}
+        self._guard = sources.guard
+        self._dtypes = sources.dtypes
         self._sizes = {k: max(1, math.prod(s)) for k, s, _ in self.entries}
         self._total = sum(self._sizes.values())
         self._done = 0
@@ -68,27 +107,21 @@ class OutputTensors:
         # while the aligned keys are produced anyway.
         self.measure = opts.aligned
         self._objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
-        self._baked_model = [baked.checked()] if baked is not None else []
 
     def produce(self, key: str) -> torch.Tensor:
-        """Every output tensor, whatever its source, leaves through the one guard."""
+        """Every output tensor, whatever its source, leaves through the one guard (a copied or baked-in one
+        passed it before any work: every read of an input gets the bytes checked then, io/input_file.py)."""
         self._report("writing", self._done / self._total, f"writing {key}")
         self._done += self._sizes[key]
-        t, readers, read_as = self._source(key)
+        unblended = self._sources.unblended(key)
+        if unblended is not None and self._sources.unblended_checked:
+            return unblended[0]
+        t, readers, read_as = unblended if unblended is not None else (self._value(key), None, key)
         return self._guard(key, t, readers, read_as)
 
     def objective(self) -> dict[str, list[float]]:
         """The objective per part, once every key is produced (empty when the merge did not align)."""
         return {p: o for p, o in self._objective.items() if o[2] > 0} if self.measure else {}
-
-    def _source(self, key: str) -> tuple[torch.Tensor, list[Model] | None, str]:
-        """The value of `key` in the output's dtype, the models it was made from, and their name for it."""
-        baked = self._baked
-        if baked is not None and part_of(key) == "vae" and key in self._spec.shapes:
-            return baked.get(key).to(self._dtypes[key]), self._baked_model, baked.source_key(key)
-        if key not in self._merged:
-            return self._A.ckpt.get(key).to(self._dtypes[key]), self._checked[:1], key
-        return self._value(key), None, key
 
     def _finish(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """The merged value in the output's precision, with REPAIR's correction folded in (in fp64)."""

@@ -44,7 +44,7 @@ from .first_match import FirstMatch
 from .iterated_rebasin import iterated_rebasin
 from .metadata import MetadataHook, begin_diagnostics, hashed_provenance, output_metadata
 from .method_blend import legacy_blend, method_blend
-from .output import OutputTensors, merged_keys
+from .output import OutputSources, OutputTensors, merged_keys
 from .preflight import Prepared, preflight
 from .repair_step import Corrections, repair_corrections
 from .stages import HEADERS_READ, merge_bar
@@ -196,6 +196,9 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str], meta
     get_a, get_b = A.ckpt.get, B.ckpt.get
     checked = [Model(m.label, m.path.name, m.ckpt.get, m.ckpt.keys()) for m in (A, B, prep.c) if m is not None]
     bar = merge_bar(opts.aligned, opts.repair)
+    merged = merged_keys(A, parts)
+    sources = OutputSources(prep, merged, baked, checked)
+    sources.check_unblended()  # before any work, and before the output is opened
 
     report.stage(HEADERS_READ, bar.matched)
     blend: Callable[[str], torch.Tensor]
@@ -209,7 +212,6 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str], meta
                            first) if opts.align else {}
         blend = method_blend(spec, prep, opts, perms, device)
 
-    merged = merged_keys(A, parts)
     repaired: Corrections = {}
     if opts.repair:
         report.stage(bar.matched, bar.repaired)
@@ -220,7 +222,7 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str], meta
 
     report.stage(bar.hashed, 1.0)
     # get_b is the very getter the re-basin blend's terms hold: the output recognises (1-a) A + a pi(B) by it.
-    output = OutputTensors(prep, parts, blend, merged, perms, repaired, baked, checked, get_b, report, diag)
+    output = OutputTensors(prep, parts, blend, sources, perms, repaired, get_b, report, diag)
 
     def final_metadata() -> dict[str, str]:
         # The objective is measured while producing the keys; a file header is rewritten in place once known.
