@@ -365,8 +365,7 @@ class CurrentProof:
             # Neither the other axes nor this group moved: the key's statistics over all of it serve.
             fetched = None
             if slot.key not in self.stats:
-                fetched = self.get_a(slot.key), self.get_b(slot.key)
-                self.stats[slot.key] = _row_stats(*fetched, tuple(self.spec.axes[slot.key]))
+                fetched, self.stats[slot.key] = self._fetch(slot.key)
                 self._keep(slot.key, *fetched)
             s, e = self.stats[slot.key][slot.axis]
             stats = (s[:, slot.offset:slot.offset + slot.length], e)
@@ -387,6 +386,24 @@ class CurrentProof:
         partner = b if same else b.index_select(0, local)
         s, e = _row_stats(a, partner, (0,))[0]
         return _Slot(slot, a, b, None if same else local, (s, e))
+
+    def _fetch(self, key: str) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, tuple[torch.Tensor, float]]]:
+        """A key's tensors and their statistics. NaN and Inf survive the statistics (sums of squares of A and of
+        B - A over every element; an overflow in them only sends the key to the check), so where the getters check
+        each tensor for them (io/finite.GuardedGetter) finite statistics vouch for both and save that pass; where
+        not, the tensors are read through the check, which refuses them (or zeroes them), as any read would."""
+        axes = tuple(self.spec.axes[key])
+        ua, ub = (getattr(g, "unchecked", None) for g in (self.get_a, self.get_b))
+        if ua is not None and ub is not None:
+            ta, tb = ua(key), ub(key)
+            if ta is not None and tb is not None and ta.dim() > 0:
+                stats = _row_stats(ta, tb, axes)
+                if bool(torch.isfinite(stats[axes[0]][0]).all()):
+                    self.get_a.vouch(key, ta)  # type: ignore[attr-defined]
+                    self.get_b.vouch(key, tb)  # type: ignore[attr-defined]
+                    return (ta, tb), stats
+        fetched = self.get_a(key), self.get_b(key)
+        return fetched, _row_stats(*fetched, axes)
 
     def _keep(self, key: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
         """Copies of the first columns of `key` that its planned slots multiply out at the first share."""
