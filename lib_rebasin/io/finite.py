@@ -4,7 +4,8 @@ A weighted sum carries a NaN of an input straight into the output, and weight ma
 hold one (the assignment solver fails on a non-finite cost matrix). Scanning every input up front would cost a
 full read of each model, so the checks sit where the data passes anyway:
 
-- every tensor weight matching reads is checked when it is first fetched (`guard_getter`);
+- every tensor weight matching reads is checked when it is first fetched (`guard_getter`), or, where the partial
+  certificate's statistics read it, by those statistics (NaN and Inf pass through sums of squares);
 - every output tensor, whatever its source (blended, copied from A, or taken from a VAE baked in), is checked
   after its cast to the output dtype (`OutputGuard`, applied once where the merge produces each key), which
   also catches a blend that overflows (a huge alpha, or fp32 values beyond fp16's range). The write is
