@@ -22,15 +22,16 @@ does. It grows (a first stage of `FIRST_COLUMNS`, then `SHARES`) for the rows st
 half the columns are in. A row proven at one share stays proven: its inequality bounds the whole distances, which
 do not depend on the share.
 
-Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact value,
-and each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, plus one
-accumulation per slot added into the same entry, plus one; for this proof, which multiplies out the columns of all
-slots that fill the same units side by side, one product per stage, the columns of such a window multiplied out so
-far, plus one accumulation per stage, plus one; whatever the summation order; the error is relative to sum_k
-|a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2 (s~_j) and the squared norms and differences (sums of non-negative
-terms) are within gamma of theirs. With v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the proof's bound at its last share
-(so v is the same at every share), every error that depends on j joins v_j, the rest the row's side, and the proven
-inequality becomes
+Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact value, and
+each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, plus one
+accumulation per slot added into the same entry, plus one; for this proof, which multiplies out the columns of all slots
+that fill the same units side by side, one product per stage, the columns of such a window multiplied out so far, plus
+one accumulation per stage, plus one; or, for a window where that is the larger (`_side_by_side`), one product per slot
+as the full path, its longest slot's columns so far plus one accumulation per slot and stage; whatever the summation
+order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2 (s~_j) and the squared norms and
+differences (sums of non-negative terms) are within gamma of theirs. With v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the
+proof's bound at its last share (so v is the same at every share), every error that depends on j joins v_j, the rest the
+row's side, and the proven inequality becomes
 
     max_{j != cur(i)} (P~[i, j] - 1/2 s~_j)  <  P~[i, cur(i)] - 1/2 s~_cur(i) - 1/2 D_i - w_i,
     w_i = ((g_C + g_S) / 2 + 8 u) (|a_i| + |b_cur(i)|)^2 + (g* + 2 u) |b_cur(i)|^2
@@ -192,8 +193,28 @@ def _windows(slots: list[_Slot]) -> list[list[_Slot]]:
     return list(out.values())
 
 
+def _side_by_side(members: list[_Slot], stage: int) -> bool:
+    """Whether a window's slots are multiplied out side by side (one product per stage) rather than one product
+    per slot: whichever gives the smaller rounding bound at the last stage (see the module docstring). Side by side
+    the bound grows with all the window's columns; a window of many wide slots (the text encoder's residual, every
+    slot of the text encoder) proves less there, and would read all its slots' whole rows at a later share."""
+    together = sum(sl.columns(stage) for sl in members) + stage + 1
+    apart = max(sl.columns(stage) for sl in members) + len(members) * (stage + 1)
+    return together <= apart
+
+
 def _add_window(members: list[_Slot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
-                col_sq: torch.Tensor) -> None:
+                col_sq: torch.Tensor, together: bool = True) -> None:
+    """`_add_window_of` for the window's slots side by side (`together`), or for each slot in turn."""
+    if together:
+        _add_window_of(members, stage, P, pending, col_sq)
+    else:
+        for sl in members:
+            _add_window_of([sl], stage, P, pending, col_sq)
+
+
+def _add_window_of(members: list[_Slot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
+                   col_sq: torch.Tensor) -> None:
     """Multiply out the columns that `stage` adds to the slots of one window (same units) for the rows still open
     (`pending`, group indices; None: all), every slot's columns side by side: one product into P's window per stage
     instead of one per slot (a slot of one column, a bias, would otherwise cost a pass over the window for it).
@@ -307,8 +328,12 @@ class CurrentProof:
         g_full = _gamma(max(sl.m for sl in slots) + len(slots) + 1)
         windows = _windows(slots)
 
+        together = [_side_by_side(w, stages - 1) for w in windows]
+
         def g_proof(stage: int) -> float:
-            return _gamma(max(sum(sl.columns(stage) for sl in w) for w in windows) + (stage + 1) + 1)
+            return _gamma(max(sum(sl.columns(stage) for sl in w) + stage + 1 if t
+                              else max(sl.columns(stage) for sl in w) + len(w) * (stage + 1)
+                              for w, t in zip(windows, together, strict=True)) + 1)
 
         g_last = g_proof(stages - 1)
         # Each row's squared norm and partner distance over all columns, as lower and upper bounds.
@@ -333,8 +358,8 @@ class CurrentProof:
         col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
         pending: torch.Tensor | None = None  # rows still open (None: all)
         for stage in range(stages):
-            for w in windows:
-                _add_window(w, stage, P, pending, col_sq)
+            for w, t in zip(windows, together, strict=True):
+                _add_window(w, stage, P, pending, col_sq, t)
             if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)
