@@ -18,7 +18,6 @@ from lib_rebasin.cli import ProgressBar
 from lib_rebasin.device_budget import DeviceBudget, Notify, override_budget
 from lib_rebasin.io.checkpoint import Checkpoint, open_checkpoint
 from lib_rebasin.merge import alignment
-from lib_rebasin.merge import output as output_module
 from lib_rebasin.merge.blend import Blend, KeyFunctionBlend, Term
 from lib_rebasin.merge.run import merge_checkpoints, merge_in_memory
 from lib_rebasin.methods import METHODS
@@ -209,19 +208,13 @@ def test_each_heavy_step_computes_on_the_device_its_budget_chose(tiny_models: di
     blend_devices: set[torch.device] = set()
     real_blend = Blend.__call__
 
-    def blend_spy(self: Blend, key: str, observe: object = None, device: torch.device | None = None) -> torch.Tensor:
+    # the one blend of every linear merge, whole tensors or (on a CPU-type device) a chunk at a time
+    def blend_spy(self: Blend, key: str, device: torch.device | None = None, objective: list[float] | None = None,
+                  chunked: bool | None = None) -> torch.Tensor:
         blend_devices.add(torch.device(device or self.device))
-        return real_blend(self, key, observe, device)  # type: ignore[arg-type]
+        return real_blend(self, key, device, objective, chunked)
 
     monkeypatch.setattr(Blend, "__call__", blend_spy)
-    # a CPU-type device blends A + pi(B) a chunk at a time, outside Blend.__call__
-    real_chunks = output_module._blended_in_chunks
-
-    def chunks_spy(blend: Blend, key: str, dev: torch.device, *args: object) -> torch.Tensor | None:
-        blend_devices.add(torch.device(dev))
-        return real_chunks(blend, key, dev, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(output_module, "_blended_in_chunks", chunks_spy)
     opts = MergeOptions(precision="fp32", matching="activations", activation_samples=1, repair=True)
     with override_budget(lambda device, notify: DeviceBudget(stand_for_gpu, notify, free_bytes=lambda: free)):
         merge_in_memory(tiny_models["a"], tiny_models["independent"], opts)

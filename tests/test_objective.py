@@ -53,7 +53,6 @@ def test_the_blend_in_chunks_is_the_whole_tensor_blend_bit_for_bit(monkeypatch: 
     from types import SimpleNamespace
 
     from lib_rebasin.merge.blend import Blend, Term
-    from lib_rebasin.merge.output import _blended_in_chunks
 
     if chunk is not None:
         monkeypatch.setattr(diagnostics, "OBJECTIVE_CHUNK", chunk)
@@ -66,13 +65,33 @@ def test_the_blend_in_chunks_is_the_whole_tensor_blend_bit_for_bit(monkeypatch: 
     blend = Blend(spec, [Term(0.3, {"w": a}.__getitem__, {}), Term(0.7, {"w": b}.__getitem__, perms)],
                   torch.device("cpu"))
     whole = [0.0] * 4
-
-    def observe(values: list[tuple[float, torch.Tensor]]) -> None:
-        pb = values[1][1]
-        accumulate(whole, values[0][1], b.float() if permuted else pb, pb)
-
-    want = blend("w", observe)
+    want = blend("w", objective=whole, chunked=False)
+    alone = [0.0] * 4
+    accumulate(alone, a.float(), b.float(), b.float()[perms["g"]] if permuted else b.float())
+    assert alone == whole  # the whole-tensor path measures what `accumulate` does
     chunked = [0.0] * 4
-    got = _blended_in_chunks(blend, "w", torch.device("cpu"), permuted, chunked)
-    assert got is not None and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    got = blend("w", objective=chunked)  # on the CPU: a chunk at a time
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert chunked == whole and whole[2] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_blend_of_any_terms_in_chunks_is_the_whole_tensor_blend_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
+                                                                               dtype: torch.dtype) -> None:
+    """Every linear method's blend (here add difference's A + a (B - C), B permuted) on the CPU, a chunk at a
+    time, gives the bytes of the whole-tensor blend."""
+    from types import SimpleNamespace
+
+    from lib_rebasin.merge.blend import Blend, Term
+
+    monkeypatch.setattr(diagnostics, "OBJECTIVE_CHUNK", 64)
+    gen = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(37, 11, generator=gen).to(dtype) for _ in range(3))
+    spec = SimpleNamespace(axes={"w": {0: [("g", 37, 0)]}})
+    perms = {"g": torch.randperm(37, generator=gen)}
+    blend = Blend(spec, [Term(1.0, {"w": a}.__getitem__, {}), Term(0.3, {"w": b}.__getitem__, perms),
+                         Term(-0.3, {"w": c}.__getitem__, {})], torch.device("cpu"))
+    want = blend("w", chunked=False)
+    assert torch.equal(blend("w").view(torch.int32), want.view(torch.int32))
+    assert torch.allclose(want, a.float() + 0.3 * b.float()[perms["g"]] - 0.3 * c.float(), atol=1e-6)
+

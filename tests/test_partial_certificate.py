@@ -268,3 +268,38 @@ def test_the_first_stage_proves_from_fewer_columns_and_the_later_shares_where_it
         monkeypatch.setattr(pc, "_margin", counted)
         assert proven and without  # the nearer pair at the first stage, the farther one at a later share
         assert _only_optimum(_exact(a, b), cur)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_the_statistics_stand_in_for_the_finite_check_of_what_the_proof_reads(monkeypatch: pytest.MonkeyPatch,
+                                                                               allow: bool) -> None:
+    """A tensor pair the proof's statistics found finite is not checked again (sums of squares pass NaN and Inf
+    on); a pair they did not is read through the check, which refuses it (or, allowed, zeroes it) as before."""
+    from lib_rebasin.align.weight_matching import _Tensors
+    from lib_rebasin.errors import NonFiniteWeightsError
+    from lib_rebasin.io import finite
+
+    spec, g = _one_slot(16)
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 40, generator=gen).half()
+    b = (a.float() + 0.01 * torch.randn(16, 40, generator=gen)).half()
+    checked: list[torch.Tensor] = []
+    real = finite.all_finite
+    monkeypatch.setattr(finite, "all_finite", lambda t: checked.append(t) or real(t))
+
+    def proof(b: torch.Tensor) -> tuple[CurrentProof, finite.GuardedGetter]:
+        ga, gb = (finite.guard_getter({"w": t}.__getitem__, finite.Model(m, m, {"w": t}.__getitem__, ["w"]), allow)
+                  for m, t in (("A", a), ("B", b)))
+        return CurrentProof(spec, _Tensors(ga, CPU, False), _Tensors(gb, CPU, False), CPU), gb
+
+    proof_ok, guard = proof(b)
+    assert proof_ok.prove(g, {}, torch.arange(16)) and not checked and guard.finite == {"w"}
+    bad = b.clone()
+    bad[3, 7] = float("nan")
+    proof_bad, guard = proof(bad)
+    if allow:
+        proof_bad.prove(g, {}, torch.arange(16))
+        assert checked and "w" not in guard.finite  # read through the check: the zeroed copy, never vouched for
+    else:
+        with pytest.raises(NonFiniteWeightsError, match="Model B"):
+            proof_bad.prove(g, {}, torch.arange(16))

@@ -31,11 +31,12 @@ def other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, perms: Perm
     return w.movedim(slot.axis, 0).reshape(n, -1)
 
 
-def empty_cost(group: Group, device: torch.device) -> torch.Tensor:
+def empty_cost(group: Group, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
     """A zero cost matrix, except -inf where no legal permutation can go: between the two halves (q/k, v/o) of an
-    attention group, so that row-argmax and the certificates stay inside each half."""
+    attention group, so that row-argmax and the certificates stay inside each half. `out`: fp32 storage to reuse
+    (its first n^2 elements)."""
     n = group.size
-    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    C = torch.zeros(n, n, dtype=torch.float32, device=device) if out is None else out[:n * n].view(n, n).zero_()
     if group.structure.shared_blocks:
         C[:n // 2, n // 2:] = float("-inf")
         C[n // 2:, :n // 2] = float("-inf")

@@ -22,13 +22,16 @@ does. It grows (a first stage of `FIRST_COLUMNS`, then `SHARES`) for the rows st
 half the columns are in. A row proven at one share stays proven: its inequality bounds the whole distances, which
 do not depend on the share.
 
-Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact
-value, and each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, or
-the columns multiplied out so far, plus one accumulation per chunk or slot added into the same entry, plus one,
-whatever the summation order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2
-(s~_j) and the squared norms and differences (sums of non-negative terms) are within gamma of theirs. With
-v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the proof's bound at its last share (so v is the same at every share),
-every error that depends on j joins v_j, the rest the row's side, and the proven inequality becomes
+Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact value, and
+each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, plus one
+accumulation per slot added into the same entry, plus one; for this proof, which multiplies out the columns of all slots
+that fill the same units side by side, one product per stage, the columns of such a window multiplied out so far, plus
+one accumulation per stage, plus one; or, for a window where that is the larger (`_side_by_side`), one product per slot
+as the full path, its longest slot's columns so far plus one accumulation per slot and stage; whatever the summation
+order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2 (s~_j) and the squared norms and
+differences (sums of non-negative terms) are within gamma of theirs. With v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the
+proof's bound at its last share (so v is the same at every share), every error that depends on j joins v_j, the rest the
+row's side, and the proven inequality becomes
 
     max_{j != cur(i)} (P~[i, j] - 1/2 s~_j)  <  P~[i, cur(i)] - 1/2 s~_cur(i) - 1/2 D_i - w_i,
     w_i = ((g_C + g_S) / 2 + 8 u) (|a_i| + |b_cur(i)|)^2 + (g* + 2 u) |b_cur(i)|^2
@@ -148,29 +151,18 @@ class _Slot:
         self.d_s = torch.zeros(slot.length, dtype=torch.float64, device=a.device)
         self.e_s = 0.0
 
-    def add_chunk(self, stage: int, P: torch.Tensor, rows: torch.Tensor | None, col_sq: torch.Tensor) -> None:
-        """Multiply out the columns that `stage` adds for `rows` (local; None: all): P's window, each row's squared
-        difference from its partner over them, and every B unit's squared norm over them (`col_sq`)."""
+    def take(self, stage: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The columns that `stage` adds, of A's and B's rows (stored dtype, (units, columns, rest...)); None when it
+        adds none. Records their rounding bound for the partner distances over them."""
         c0, c1 = self.cuts[stage], self.cuts[stage + 1]
-        if c1 <= c0 or (rows is not None and not len(rows)):
-            return  # nothing new, or no row open in this window (its columns are read by its rows only)
-        n = self.slot.length
+        if c1 <= c0:
+            return None
         if self.more is not None and c1 > self.a.shape[1]:
             self.a, self.b = self.more()  # beyond the columns kept: the whole rows
             self.more = None
-        a_cols = self.a[:, c0:c1] if self.a.dim() > 1 else self.a[:, None]
-        b = _widened(self.b[:, c0:c1] if self.b.dim() > 1 else self.b[:, None], n)
-        partner = b if self.local is None else b.index_select(0, self.local)
-        col_sq[self.lo:self.hi] += b.square().sum(dim=1).double()
-        if rows is None:
-            a = _widened(a_cols, n)
-            window(P, self.slot).addmm_(a, b.T)
-            self.d_s += (a - partner).square_().sum(dim=1).double()
-        else:
-            a = _widened(a_cols.index_select(0, rows), len(rows))
-            window(P, self.slot).index_add_(0, rows, a @ b.T)
-            self.d_s.index_add_(0, rows, (a - partner.index_select(0, rows)).square_().sum(dim=1).double())
-        self.e_s = max(self.e_s, _gamma(a.shape[1]) + 6 * _U)
+        a, b = (t[:, c0:c1] if t.dim() > 1 else t[:, None] for t in (self.a, self.b))
+        self.e_s = max(self.e_s, _gamma(b[0].numel()) + 6 * _U)
+        return a, b
 
     def cut(self, fractions: list[float]) -> None:
         """The columns each stage multiplies out: `fractions` of them (at least one), whole slices of the first
@@ -191,6 +183,78 @@ class _Slot:
 def _local(rows: torch.Tensor, sl: _Slot) -> torch.Tensor:
     """The rows of `rows` inside the slot's window, as indices into it."""
     return rows[(rows >= sl.lo) & (rows < sl.hi)] - sl.lo
+
+
+def _windows(slots: list[_Slot]) -> list[list[_Slot]]:
+    """The slots by the units they fill: the whole group, or one attention half (disjoint windows)."""
+    out: dict[tuple[int, int], list[_Slot]] = {}
+    for sl in slots:
+        out.setdefault((sl.lo, sl.hi), []).append(sl)
+    return list(out.values())
+
+
+def _side_by_side(members: list[_Slot], stage: int) -> bool:
+    """Whether a window's slots are multiplied out side by side (one product per stage) rather than one product
+    per slot: whichever gives the smaller rounding bound at the last stage (see the module docstring). Side by side
+    the bound grows with all the window's columns; a window of many wide slots (the text encoder's residual, every
+    slot of the text encoder) proves less there, and would read all its slots' whole rows at a later share."""
+    together = sum(sl.columns(stage) for sl in members) + stage + 1
+    apart = max(sl.columns(stage) for sl in members) + len(members) * (stage + 1)
+    return together <= apart
+
+
+def _add_window(members: list[_Slot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
+                col_sq: torch.Tensor, together: bool = True) -> None:
+    """`_add_window_of` for the window's slots side by side (`together`), or for each slot in turn."""
+    if together:
+        _add_window_of(members, stage, P, pending, col_sq)
+    else:
+        for sl in members:
+            _add_window_of([sl], stage, P, pending, col_sq)
+
+
+def _add_window_of(members: list[_Slot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
+                   col_sq: torch.Tensor) -> None:
+    """Multiply out the columns that `stage` adds to the slots of one window (same units) for the rows still open
+    (`pending`, group indices; None: all), every slot's columns side by side: one product into P's window per stage
+    instead of one per slot (a slot of one column, a bias, would otherwise cost a pass over the window for it).
+    Also each row's squared difference from its partner over them (per slot) and every B unit's squared norm over
+    them (`col_sq`)."""
+    first = members[0]
+    rows = None if pending is None else _local(pending, first)
+    if rows is not None and not len(rows):
+        return  # no row open in this window (its columns are read by its rows only)
+    taken = [(sl, t) for sl in members if (t := sl.take(stage)) is not None]
+    if not taken:
+        return
+    n = first.slot.length
+    widths = [t[1][0].numel() for _, t in taken]
+    # The window's columns side by side, widened to fp32 (exactly, for 16-bit and fp32 inputs) in one copy each.
+    r = n if rows is None else len(rows)
+    a = torch.empty(r, sum(widths), dtype=torch.float32, device=P.device)
+    b = torch.empty(n, sum(widths), dtype=torch.float32, device=P.device)
+    lo = 0
+    for (_, (ta, tb)), k in zip(taken, widths, strict=True):
+        b[:, lo:lo + k].unflatten(1, tb.shape[1:]).copy_(tb)
+        a[:, lo:lo + k].unflatten(1, ta.shape[1:]).copy_(ta if rows is None else ta.index_select(0, rows))
+        lo += k
+    local = first.local  # the same for every slot of the window (cur's window)
+    partner = b if local is None else b.index_select(0, local)
+    col_sq[first.lo:first.hi] += b.square().sum(dim=1).double()
+    if rows is None:
+        window(P, first.slot).addmm_(a, b.T)
+        d = (a - partner).square_()
+    else:
+        window(P, first.slot).index_add_(0, rows, a @ b.T)
+        d = (a - partner.index_select(0, rows)).square_()
+    lo = 0
+    for (sl, _), k in zip(taken, widths, strict=True):
+        part = d[:, lo:lo + k].sum(dim=1).double()
+        if rows is None:
+            sl.d_s += part
+        else:
+            sl.d_s.index_add_(0, rows, part)
+        lo += k
 
 
 def _nearest(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
@@ -219,11 +283,6 @@ def _margin(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torc
     return P[rows, part].double() - col_sq[part] / 2 - diff[rows] / 2 - widening[rows]
 
 
-def _widened(t: torch.Tensor, n: int) -> torch.Tensor:
-    """`t` as an (n, columns) fp32 matrix: one copy, whatever its strides."""
-    return t.to(torch.float32, memory_format=torch.contiguous_format).reshape(n, -1)
-
-
 class CurrentProof:
     """Proofs for one weight-matching run: keeps each key's row statistics (a few floats per unit) for later
     visits, and, for the `groups` of the run, the columns each of its slots multiplies out at the first share, so
@@ -236,10 +295,19 @@ class CurrentProof:
         # (key, axis) -> [slices of its column dim to keep, visits left]; then the kept columns of A and B.
         self.plan = _first_columns(spec, groups)
         self.kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # The proof's matrix, reused from visit to visit: a fresh one of SD 1.5's largest groups (100 MB) costs
+        # its page faults and the kernel's zeroing on every visit, several times the pass that zeroes it here.
+        self.matrix: torch.Tensor | None = None
 
     def prove(self, group: Group, perms: Perms, current: torch.Tensor) -> bool:
         """True when `current` is provably the only optimal assignment of the group's exact cost matrix and of
         the fp32 matrix a visit would compute, so that the visit would keep it. False only means "not proven"."""
+        proven = self._prove(group, perms, current)
+        if not proven:
+            self.matrix = None  # the visit computes its full matrix next: not both at once
+        return proven
+
+    def _prove(self, group: Group, perms: Perms, current: torch.Tensor) -> bool:
         n = group.size
         cur = current.to(self.device)
         slots = []
@@ -255,11 +323,17 @@ class CurrentProof:
         stages = len(fractions)
         for sl in slots:
             sl.cut(fractions)
-        # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage.
+        # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage
+        # (each window's columns so far in one sum, one product per window and stage added into the entry).
         g_full = _gamma(max(sl.m for sl in slots) + len(slots) + 1)
+        windows = _windows(slots)
+
+        together = [_side_by_side(w, stages - 1) for w in windows]
 
         def g_proof(stage: int) -> float:
-            return _gamma(max(sl.columns(stage) for sl in slots) + len(slots) * (stage + 1) + 1)
+            return _gamma(max(sum(sl.columns(stage) for sl in w) + stage + 1 if t
+                              else max(sl.columns(stage) for sl in w) + len(w) * (stage + 1)
+                              for w, t in zip(windows, together, strict=True)) + 1)
 
         g_last = g_proof(stages - 1)
         # Each row's squared norm and partner distance over all columns, as lower and upper bounds.
@@ -280,12 +354,12 @@ class CurrentProof:
         slip = (n + 2) * 2.0 ** -52 * (1 + g_full) * float(na.norm()) * float(nb.norm())
         if value < (2e7 + 1) * slip:
             return False  # the full path's acceptance test could not be shown to reject another permutation
-        P = empty_cost(group, self.device)  # -inf where no legal permutation goes (between attention halves)
+        P = empty_cost(group, self.device, self._storage(n * n))  # -inf between attention halves
         col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
         pending: torch.Tensor | None = None  # rows still open (None: all)
         for stage in range(stages):
-            for sl in slots:
-                sl.add_chunk(stage, P, None if pending is None else _local(pending, sl), col_sq)
+            for w, t in zip(windows, together, strict=True):
+                _add_window(w, stage, P, pending, col_sq, t)
             if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)
@@ -299,6 +373,13 @@ class CurrentProof:
                 return True
         return False
 
+    def _storage(self, size: int) -> torch.Tensor:
+        """fp32 storage of at least `size` elements for the proof's matrix (the largest one asked so far)."""
+        if self.matrix is None or self.matrix.numel() < size:
+            self.matrix = None  # the smaller one goes before the larger one is made
+            self.matrix = torch.empty(size, dtype=torch.float32, device=self.device)
+        return self.matrix
+
     def _slot(self, slot: Slot, perms: Perms, cur: torch.Tensor) -> _Slot | None:
         local = cur[slot.start:slot.start + slot.length] - slot.start
         if not bool(((local >= 0) & (local < slot.length)).all()):
@@ -309,8 +390,7 @@ class CurrentProof:
             # Neither the other axes nor this group moved: the key's statistics over all of it serve.
             fetched = None
             if slot.key not in self.stats:
-                fetched = self.get_a(slot.key), self.get_b(slot.key)
-                self.stats[slot.key] = _row_stats(*fetched, tuple(self.spec.axes[slot.key]))
+                fetched, self.stats[slot.key] = self._fetch(slot.key)
                 self._keep(slot.key, *fetched)
             s, e = self.stats[slot.key][slot.axis]
             stats = (s[:, slot.offset:slot.offset + slot.length], e)
@@ -331,6 +411,24 @@ class CurrentProof:
         partner = b if same else b.index_select(0, local)
         s, e = _row_stats(a, partner, (0,))[0]
         return _Slot(slot, a, b, None if same else local, (s, e))
+
+    def _fetch(self, key: str) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, tuple[torch.Tensor, float]]]:
+        """A key's tensors and their statistics. NaN and Inf survive the statistics (sums of squares of A and of
+        B - A over every element; an overflow in them only sends the key to the check), so where the getters check
+        each tensor for them (io/finite.GuardedGetter) finite statistics vouch for both and save that pass; where
+        not, the tensors are read through the check, which refuses them (or zeroes them), as any read would."""
+        axes = tuple(self.spec.axes[key])
+        ua, ub = (getattr(g, "unchecked", None) for g in (self.get_a, self.get_b))
+        if ua is not None and ub is not None:
+            ta, tb = ua(key), ub(key)
+            if ta is not None and tb is not None and ta.dim() > 0:
+                stats = _row_stats(ta, tb, axes)
+                if bool(torch.isfinite(stats[axes[0]][0]).all()):
+                    self.get_a.vouch(key, ta)  # type: ignore[attr-defined]
+                    self.get_b.vouch(key, tb)  # type: ignore[attr-defined]
+                    return (ta, tb), stats
+        fetched = self.get_a(key), self.get_b(key)
+        return fetched, _row_stats(*fetched, axes)
 
     def _keep(self, key: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
         """Copies of the first columns of `key` that its planned slots multiply out at the first share."""

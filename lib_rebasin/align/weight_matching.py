@@ -105,6 +105,23 @@ class _Tensors:
                 self.cache[key] = t
         return t
 
+    def unchecked(self, key: str) -> torch.Tensor | None:
+        """The key without the getter's finite check (io/finite.GuardedGetter), for a caller that checks it itself
+        and then `vouch`es for it; None where the getter has no such check to skip."""
+        t = self.cache.get(key)
+        if t is not None:
+            return t  # fetched (and checked) before
+        unchecked = getattr(self.get, "unchecked", None)
+        return None if unchecked is None else unchecked(key).to(self.device)
+
+    def vouch(self, key: str, t: torch.Tensor) -> None:
+        """`t`, read `unchecked`, was found finite."""
+        vouch = getattr(self.get, "vouch", None)
+        if vouch is not None:
+            vouch(key, t)
+        if self.keep:
+            self.cache[key] = t
+
 
 # Rounding-error bound of a bf16 GEMM with fp32 accumulation and a bf16 result, per slot s with inner size m:
 #   |out_s - exact_s| <= u |out_s| / (1 - u) + (2u + u^2 + m * 2^-24 (1 + u)^2) * sum_k |a_k b_k|,   u = 2^-8,

@@ -4,7 +4,8 @@ A weighted sum carries a NaN of an input straight into the output, and weight ma
 hold one (the assignment solver fails on a non-finite cost matrix). Scanning every input up front would cost a
 full read of each model, so the checks sit where the data passes anyway:
 
-- every tensor weight matching reads is checked when it is first fetched (`guard_getter`);
+- every tensor weight matching reads is checked when it is first fetched (`guard_getter`), or, where the partial
+  certificate's statistics read it, by those statistics (NaN and Inf pass through sums of squares);
 - every output tensor, whatever its source (blended, copied from A, or taken from a VAE baked in), is checked
   after its cast to the output dtype (`OutputGuard`, applied once where the merge produces each key), which
   also catches a blend that overflows (a huge alpha, or fp32 values beyond fp16's range). The write is
@@ -78,24 +79,41 @@ class Model:
         return input_error(f"Model {self.label} ({self.name})", f" in its {PART_WORDS[part]}", keys)
 
 
-def guard_getter(get: TensorGetter, model: Model, allow: bool) -> TensorGetter:
+def guard_getter(get: TensorGetter, model: Model, allow: bool) -> GuardedGetter:
     """`get` for weight matching: a non-finite tensor is refused, or with `allow` matched as if it were 0 there
     (the output still gets the real values: matching only decides the permutation).
 
     A key found finite is not checked again when a later visit fetches it: every read checks that the file is
     still the version opened (io/input_file.py), so it gets the same bytes."""
-    finite: set[str] = set()
+    return GuardedGetter(get, model, allow)
 
-    def checked(key: str) -> torch.Tensor:
-        t = get(key)
-        if key in finite or all_finite(t):
-            finite.add(key)
+
+class GuardedGetter:
+    """`guard_getter`'s getter. A reader that passes every value of a tensor through a computation that NaN and
+    Inf survive (the partial certificate's row statistics: sums of squares) may read it `unchecked` and `vouch`
+    for it when the result is finite, instead of the separate pass of the check; where the result is not finite
+    it reads the key through the guard, which then refuses it (or gives the zeroed copy) as always."""
+
+    def __init__(self, get: TensorGetter, model: Model, allow: bool) -> None:
+        self.get, self.model, self.allow = get, model, allow
+        self.finite: set[str] = set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        t = self.get(key)
+        if key in self.finite or all_finite(t):
+            self.finite.add(key)
             return t
-        if not allow:
-            raise model.error_at(key)
+        if not self.allow:
+            raise self.model.error_at(key)
         return torch.nan_to_num(t.float(), nan=0.0, posinf=0.0, neginf=0.0)
 
-    return checked
+    def unchecked(self, key: str) -> torch.Tensor:
+        """The stored value, not checked: the caller checks it and vouches for it, or reads it through the guard."""
+        return self.get(key)
+
+    def vouch(self, key: str, t: torch.Tensor | None = None) -> None:
+        """`key` (its value `t`, read `unchecked`) was found finite by the caller's own pass over it."""
+        self.finite.add(key)
 
 
 class OutputGuard:

@@ -13,6 +13,8 @@ from ..align.weight_matching import TensorGetter
 from ..archspec import ArchSpec
 from ..arguments import check_arguments
 from ..io.model_input import ModelInput
+from . import diagnostics
+from .diagnostics import ChunkedGram, accumulate
 
 
 @dataclass
@@ -23,33 +25,85 @@ class Term:
 
 
 class Blend:
-    """A lazily evaluated linear combination sum_i w_i * perm_i(model_i), in fp32, key by key."""
+    """A lazily evaluated linear combination sum_i w_i * perm_i(model_i), in fp32, key by key: zeros plus each
+    weighted term in turn, per element (the same operations whichever way the elements are visited, so the same
+    bits).
+
+    On a CPU device the terms are blended a chunk (`diagnostics.OBJECTIVE_CHUNK` elements) at a time: each term's
+    chunk is widened to fp32 into one cache-sized buffer and added there, instead of a whole fp32 copy per term
+    written to memory and read back. Elsewhere (a GPU), and where A is wider than the other terms, whole tensors."""
 
     def __init__(self, spec: ArchSpec[Any], terms: list[Term], device: torch.device) -> None:
         self.spec, self.terms, self.device = spec, terms, device
 
-    def __call__(self, key: str, observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
-        """The blended fp32 value of `key`; `observe` sees the (weight, permuted fp32 source) terms first.
-        `device` overrides the blend's own for this key (device_budget.py's fallback)."""
+    def __call__(self, key: str, device: torch.device | None = None, objective: list[float] | None = None,
+                 chunked: bool | None = None) -> torch.Tensor:
+        """The blended fp32 value of `key`. `device` overrides the blend's own for this key (device_budget.py's
+        fallback). `objective` (two terms, A and pi(B)): <A,B>, <A,pi(B)>, |A|^2, |B|^2 of the key are added to it
+        (`diagnostics.accumulate`), from the fp32 values the blend uses. `chunked`: a chunk at a time (default: on
+        a CPU device) or whole tensors; the same bits either way."""
         device = device or self.device
-        values = [(t.weight, permute_tensor(self.spec, key, t.get(key).to(device, torch.float32), t.perms))
-                  for t in self.terms]
-        if observe is not None:
-            observe(values)
-        shape = values[0][1].shape
-        if all(v.shape == shape for _, v in values):
-            out = torch.zeros(shape, dtype=torch.float32, device=device)
-            for w, v in values:
-                out.add_(v, alpha=w)
+        if objective is not None and len(self.terms) != 2:
+            raise ValueError("the objective is measured on a blend of two terms, A and pi(B)")
+        stored = [t.get(key).to(device) for t in self.terms]
+        # Re-indexing only: the stored values, widened below. permute_tensor returns its input when nothing moved.
+        values = [permute_tensor(self.spec, key, s, t.perms) for s, t in zip(stored, self.terms, strict=True)]
+        # The objective compares A with B as stored as well as with pi(B) (one of them when B is not moved).
+        b = stored[1] if objective is not None and values[1] is not stored[1] else None
+        weights = [t.weight for t in self.terms]
+        shape = values[0].shape
+        if any(v.shape != shape for v in values):
+            # A wider first model (inpainting A, plain B): blend the shared window, keep A's extra channels. The
+            # objective has no counterpart of A's extra channels: it adds nothing (`accumulate`).
+            wide = [v.to(torch.float32) for v in values]
+            common = tuple(slice(0, min(v.shape[d] for v in wide)) for d in range(len(shape)))
+            out = wide[0].clone()
+            out[common] = 0
+            for w, v in zip(weights, wide, strict=True):
+                out[common] += w * v[common]
             return out
-        # A wider first model (inpainting A, plain B): blend the shared window, keep A's extra channels.
-        common = tuple(slice(0, min(v.shape[d] for _, v in values)) for d in range(len(shape)))
-        out = values[0][1].clone()
-        out[common] = 0
-        for w, v in values:
-            out[common] += w * v[common]
+        if chunked if chunked is not None else device.type == "cpu":
+            return _in_chunks(weights, values, b, objective)
+        wide = [v.to(torch.float32) for v in values]
+        if objective is not None:
+            accumulate(objective, wide[0], wide[1] if b is None else b.to(torch.float32), wide[1])
+        out = torch.zeros(shape, dtype=torch.float32, device=device)
+        for w, v in zip(weights, wide, strict=True):
+            out.add_(v, alpha=w)
         return out
+
+
+def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor | None,
+               objective: list[float] | None) -> torch.Tensor:
+    """`Blend.__call__` a chunk at a time (same-shaped terms): each chunk of every term is widened to fp32 once
+    (fp32 terms are read in place) into a cache-sized buffer, where it serves the blend and, with `objective`, the
+    objective's Gram matrix (`ChunkedGram`: the chunks `accumulate` takes, so the same float64 sums)."""
+    srcs = [v.reshape(-1) for v in values] + ([] if b is None else [b.reshape(-1)])
+    n, device = srcs[0].numel(), srcs[0].device
+    out = torch.empty(values[0].shape, dtype=torch.float32, device=device)
+    flat = out.view(-1)
+    gram = None
+    if objective is not None:
+        gram = ChunkedGram(len(srcs), n, device)  # rows A, pi(B), or A, B, pi(B) below
+    step = diagnostics.OBJECTIVE_CHUNK
+    width = min(n, step)
+    narrow = [i for i, s in enumerate(srcs) if s.dtype != torch.float32]
+    buf = list(torch.empty(len(narrow), width, dtype=torch.float32, device=device).unbind(0))  # views made once
+    terms = len(values)
+    for lo in range(0, n, step):
+        k = min(step, n - lo)
+        x = [s[lo:lo + k] for s in srcs]
+        for i, row in zip(narrow, buf, strict=True):
+            x[i] = (row if k == width else row[:k]).copy_(x[i])
+        chunk = flat[lo:lo + k]
+        chunk.zero_()
+        for w, v in zip(weights, x[:terms], strict=True):
+            chunk.add_(v, alpha=w)
+        if gram is not None:
+            gram.add(x if b is None else [x[0], x[2], x[1]])  # `accumulate`'s rows: A, B, pi(B)
+    if gram is not None and objective is not None:
+        gram.add_to(objective)
+    return out
 
 
 def telescoping_schedule(alpha: float, steps: int) -> list[float]:
@@ -110,9 +164,8 @@ class BlockBlend:
             self.blends[alpha] = self.blend_for(alpha)
         return self.blends[alpha]
 
-    def __call__(self, key: str, observe: Callable[[list[tuple[float, torch.Tensor]]], None] | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
-        return self.for_key(key)(key, observe, device)
+    def __call__(self, key: str, device: torch.device | None = None) -> torch.Tensor:
+        return self.for_key(key)(key, device)
 
 
 class KeyFunctionBlend:
@@ -126,7 +179,7 @@ class KeyFunctionBlend:
         self.gets = (get_a, get_b, get_c)
         self.alpha_of, self.params, self.seed = alpha_of, params, seed
 
-    def __call__(self, key: str, observe: object = None, device: torch.device | None = None) -> torch.Tensor:
+    def __call__(self, key: str, device: torch.device | None = None) -> torch.Tensor:
         from ..methods import key_generator
 
         device = device or self.device

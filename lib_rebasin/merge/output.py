@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..align.permute import Perms, axis_index, permute_tensor
+from ..align.permute import Perms
 from ..align.weight_matching import TensorGetter
 from ..device_budget import blend_need, budget_for
 from ..io.finite import Model, OutputGuard
@@ -18,7 +18,7 @@ from ..io.precisions import PRECISIONS
 from ..parts import part_of
 from ..progress import Reporter
 from .blend import Blend, BlockBlend, KeyFunctionBlend
-from .diagnostics import ChunkedGram, Diagnostics, accumulate, accumulate_objective
+from .diagnostics import Diagnostics, accumulate_objective
 from .preflight import Prepared, output_entries
 from .repair_step import Corrections, corrected
 from .vae_bake import BakedVAE
@@ -154,56 +154,11 @@ class OutputTensors:
 
     def _blended(self, key: str, key_blend: Blend | KeyFunctionBlend, dev: torch.device,
                  acc: list[float]) -> torch.Tensor:
-        spec, get_b, perms = self._spec, self._get_b, self._perms
+        spec, get_b = self._spec, self._get_b
         if not (self.measure and spec.axes.get(key)):
             return key_blend(key, device=dev)
         if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
-            moved = any(axis_index(spec, key, ax, perms) is not None for ax in spec.axes[key])
-            if dev.type == "cpu":
-                t = _blended_in_chunks(key_blend, key, dev, moved, acc)
-                if t is not None:
-                    return t
-
-            # (1-a) A + a pi(B): reuse the fp32 A and pi(B) the blend computes anyway.
-            def observe(values: list[tuple[float, torch.Tensor]]) -> None:
-                a, pb = values[0][1], values[1][1]
-                b = get_b(key).to(pb.device, torch.float32) if moved else pb
-                accumulate(acc, a, b, pb)
-
-            return key_blend(key, observe, dev)
-        accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, perms)
+            # (1-a) A + a pi(B): the objective from the values the blend widens anyway.
+            return key_blend(key, device=dev, objective=acc)
+        accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, self._perms)
         return key_blend(key, device=dev)
-
-
-def _blended_in_chunks(blend: Blend, key: str, dev: torch.device, moved: bool,
-                       acc: list[float]) -> torch.Tensor | None:
-    """(1-a) A + a pi(B) and its objective, a chunk (`ChunkedGram.chunk` elements) at a time: each chunk of A and
-    pi(B) is widened to fp32 into the cache and serves both the blend and the objective's Gram matrix there, instead
-    of whole fp32 copies that the blend writes and the objective reads back from memory. The same operations on the
-    same values as the whole-tensor path (`Blend.__call__` with `accumulate`): a sum of zeros and the two weighted
-    terms per element, the same chunks of the Gram matrix. None where A and B differ in shape (that path then)."""
-    (wa, ta), (wb, tb) = ((t.weight, t) for t in blend.terms)
-    a = permute_tensor(blend.spec, key, ta.get(key).to(dev), ta.perms)
-    b = tb.get(key).to(dev)
-    pb = permute_tensor(blend.spec, key, b, tb.perms)  # re-indexing only: the stored values, widened below
-    if a.shape != pb.shape:
-        return None
-    n = a.numel()
-    out = torch.empty(a.shape, dtype=torch.float32, device=dev)
-    flat = out.view(-1)
-    srcs = [t.reshape(-1) for t in ((a, pb, b) if moved else (a, pb))]
-    gram = ChunkedGram(len(srcs), n, dev)
-    width = min(n, gram.chunk)
-    wide = list(torch.empty(len(srcs), width, dtype=torch.float32, device=dev).unbind(0))
-    for lo in range(0, n, gram.chunk):
-        k = min(gram.chunk, n - lo)
-        x = wide if k == width else [row[:k] for row in wide]
-        for row, src in zip(x, srcs, strict=True):
-            row.copy_(src[lo:lo + k])
-        chunk = flat[lo:lo + k]
-        chunk.zero_()
-        chunk.add_(x[0], alpha=wa)
-        chunk.add_(x[1], alpha=wb)
-        gram.add([x[0], x[2], x[1]] if moved else x)  # A, B, pi(B): `accumulate`'s rows
-    gram.add_to(acc)
-    return out
