@@ -303,3 +303,19 @@ def test_the_statistics_stand_in_for_the_finite_check_of_what_the_proof_reads(mo
     else:
         with pytest.raises(NonFiniteWeightsError, match="Model B"):
             proof_bad.prove(g, {}, torch.arange(16))
+
+
+def test_a_window_of_many_wide_slots_is_multiplied_slot_by_slot() -> None:
+    """Side by side, a window's rounding bound grows with all its slots' columns; one product per slot, with its
+    longest slot's columns plus an accumulation per slot and stage. Each window takes the smaller: a weight with its
+    bias side by side (one pass over the window instead of two), a window of a hundred 768-column slots (the text
+    encoder's residual stream) slot by slot, where side by side its bound would be about seventy times larger."""
+    from types import SimpleNamespace
+
+    from lib_rebasin.align.partial_certificate import _side_by_side
+
+    def slots(*widths: int) -> list:
+        return [SimpleNamespace(columns=lambda stage, w=w: w * (stage + 1)) for w in widths]
+
+    assert _side_by_side(slots(768, 1), 0) and _side_by_side(slots(768, 1), 3)
+    assert not _side_by_side(slots(*[768] * 106), 0) and not _side_by_side(slots(*[768] * 106), 3)
