@@ -312,10 +312,10 @@ def test_a_window_of_many_wide_slots_is_multiplied_slot_by_slot() -> None:
     encoder's residual stream) slot by slot, where side by side its bound would be about seventy times larger."""
     from types import SimpleNamespace
 
-    from lib_rebasin.align.partial_certificate import _side_by_side
+    from lib_rebasin.align.partial_certificate import side_by_side
 
     def slots(*widths: int) -> list:
         return [SimpleNamespace(columns=lambda stage, w=w: w * (stage + 1)) for w in widths]
 
-    assert _side_by_side(slots(768, 1), 0) and _side_by_side(slots(768, 1), 3)
-    assert not _side_by_side(slots(*[768] * 106), 0) and not _side_by_side(slots(*[768] * 106), 3)
+    assert side_by_side(slots(768, 1), 0) and side_by_side(slots(768, 1), 3)
+    assert not side_by_side(slots(*[768] * 106), 0) and not side_by_side(slots(*[768] * 106), 3)

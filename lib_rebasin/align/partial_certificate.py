@@ -26,7 +26,7 @@ Rounding. Each entry of the fp32 matrix the full path would compute lies within 
 each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, plus one
 accumulation per slot added into the same entry, plus one; for this proof, which multiplies out the columns of all slots
 that fill the same units side by side, one product per stage, the columns of such a window multiplied out so far, plus
-one accumulation per stage, plus one; or, for a window where that is the larger (`_side_by_side`), one product per slot
+one accumulation per stage, plus one; or, for a window where that is the larger (`side_by_side`), one product per slot
 as the full path, its longest slot's columns so far plus one accumulation per slot and stage; whatever the summation
 order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2 (s~_j) and the squared norms and
 differences (sums of non-negative terms) are within gamma of theirs. With v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the
@@ -64,8 +64,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..archspec import ArchSpec, Group, Slot
-from .cost import empty_cost, other_axes_permuted, unit_rows, window
+from .cost import empty_cost, other_axes_permuted, unit_rows
 from .permute import Perms, axis_index
+from .proof_windows import U_FP32, ProofSlot, add_window, gamma, side_by_side, windows_of
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -83,14 +84,9 @@ FIRST_SHARE, FIRST_COLUMNS = 128, 64
 # Attempts after which a proof that failed on most of them is switched off for the rest of the search (unrelated
 # models: the full matrix is needed anyway).
 PROBE = 16
-_U = 2.0 ** -24  # unit roundoff of fp32
 _BLOCK = 1 << 19  # elements widened to fp32 at a time by the row statistics (two reused buffers, cache-sized)
 _EXACT_IN_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # stored dtypes fp32 holds exactly
 _ROW_BLOCK = 256
-
-
-def _gamma(n: int) -> float:
-    return n * _U / (1 - n * _U)
 
 
 def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, float]]:
@@ -126,135 +122,7 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, axes: tuple[int, ...]) -> dict[
     # The difference's rounding (squared: two eps), the square's, the sum's (any order: non-negative terms), the
     # float64 additions.
     eps = torch.finfo(a.dtype).eps if a.dtype.is_floating_point else 0.0
-    return {x: (s, _gamma(a.numel() // a.shape[x]) + 3 * eps + 4 * _U) for x, s in out.items()}
-
-
-class _Slot:
-    """One slot of a visit: its rows of A and B as (units, d1, rest...) (stored dtype), where the current partner
-    of each row lies in the window, the column cuts of the shares, and its statistics over all columns.
-
-    `a` and `b` may hold only the first slices of d1 (`cols` is the whole count): `more()` then reads the whole
-    rows when a share needs columns beyond them."""
-
-    def __init__(self, slot: Slot, a: torch.Tensor, b: torch.Tensor, local: torch.Tensor | None,
-                 stats: tuple[torch.Tensor, float], cols: int | None = None,
-                 more: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        self.slot, self.a, self.b, self.local, self.more = slot, a, b, local, more
-        self.lo, self.hi = slot.start, slot.start + slot.length
-        self.inner = a[0, 0].numel() if a.dim() > 1 else 1
-        cols = cols if cols is not None else a.shape[1] if a.dim() > 1 else 1
-        self.m = cols * self.inner
-        self.cols = cols
-        self.cuts = [0]
-        self.sq_a, self.diff = stats[0]
-        self.e = stats[1]
-        self.d_s = torch.zeros(slot.length, dtype=torch.float64, device=a.device)
-        self.e_s = 0.0
-
-    def take(self, stage: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The columns that `stage` adds, of A's and B's rows (stored dtype, (units, columns, rest...)); None when it
-        adds none. Records their rounding bound for the partner distances over them."""
-        c0, c1 = self.cuts[stage], self.cuts[stage + 1]
-        if c1 <= c0:
-            return None
-        if self.more is not None and c1 > self.a.shape[1]:
-            self.a, self.b = self.more()  # beyond the columns kept: the whole rows
-            self.more = None
-        a, b = (t[:, c0:c1] if t.dim() > 1 else t[:, None] for t in (self.a, self.b))
-        self.e_s = max(self.e_s, _gamma(b[0].numel()) + 6 * _U)
-        return a, b
-
-    def cut(self, fractions: list[float]) -> None:
-        """The columns each stage multiplies out: `fractions` of them (at least one), whole slices of the first
-        dim after the units' so that a chunk is one slice of the view."""
-        self.cuts = [0] + [min(self.cols, math.ceil(math.ceil(f * self.m) / self.inner)) for f in fractions]
-
-    def columns(self, stage: int) -> int:
-        """Columns multiplied out once `stage` is done."""
-        return min(self.m, self.cuts[stage + 1] * self.inner)
-
-    def rest_difference(self, stage: int) -> torch.Tensor:
-        """Upper bound of each row's D over the columns not yet multiplied out."""
-        if self.cuts[stage + 1] * self.inner >= self.m:
-            return torch.zeros_like(self.d_s)
-        return (self.diff * (1 + 2 * self.e) - self.d_s * (1 - self.e_s)).clamp_(min=0)
-
-
-def _local(rows: torch.Tensor, sl: _Slot) -> torch.Tensor:
-    """The rows of `rows` inside the slot's window, as indices into it."""
-    return rows[(rows >= sl.lo) & (rows < sl.hi)] - sl.lo
-
-
-def _windows(slots: list[_Slot]) -> list[list[_Slot]]:
-    """The slots by the units they fill: the whole group, or one attention half (disjoint windows)."""
-    out: dict[tuple[int, int], list[_Slot]] = {}
-    for sl in slots:
-        out.setdefault((sl.lo, sl.hi), []).append(sl)
-    return list(out.values())
-
-
-def _side_by_side(members: list[_Slot], stage: int) -> bool:
-    """Whether a window's slots are multiplied out side by side (one product per stage) rather than one product
-    per slot: whichever gives the smaller rounding bound at the last stage (see the module docstring). Side by side
-    the bound grows with all the window's columns; a window of many wide slots (the text encoder's residual, every
-    slot of the text encoder) proves less there, and would read all its slots' whole rows at a later share."""
-    together = sum(sl.columns(stage) for sl in members) + stage + 1
-    apart = max(sl.columns(stage) for sl in members) + len(members) * (stage + 1)
-    return together <= apart
-
-
-def _add_window(members: list[_Slot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
-                col_sq: torch.Tensor, together: bool = True) -> None:
-    """`_add_window_of` for the window's slots side by side (`together`), or for each slot in turn."""
-    if together:
-        _add_window_of(members, stage, P, pending, col_sq)
-    else:
-        for sl in members:
-            _add_window_of([sl], stage, P, pending, col_sq)
-
-
-def _add_window_of(members: list[_Slot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
-                   col_sq: torch.Tensor) -> None:
-    """Multiply out the columns that `stage` adds to the slots of one window (same units) for the rows still open
-    (`pending`, group indices; None: all), every slot's columns side by side: one product into P's window per stage
-    instead of one per slot (a slot of one column, a bias, would otherwise cost a pass over the window for it).
-    Also each row's squared difference from its partner over them (per slot) and every B unit's squared norm over
-    them (`col_sq`)."""
-    first = members[0]
-    rows = None if pending is None else _local(pending, first)
-    if rows is not None and not len(rows):
-        return  # no row open in this window (its columns are read by its rows only)
-    taken = [(sl, t) for sl in members if (t := sl.take(stage)) is not None]
-    if not taken:
-        return
-    n = first.slot.length
-    widths = [t[1][0].numel() for _, t in taken]
-    # The window's columns side by side, widened to fp32 (exactly, for 16-bit and fp32 inputs) in one copy each.
-    r = n if rows is None else len(rows)
-    a = torch.empty(r, sum(widths), dtype=torch.float32, device=P.device)
-    b = torch.empty(n, sum(widths), dtype=torch.float32, device=P.device)
-    lo = 0
-    for (_, (ta, tb)), k in zip(taken, widths, strict=True):
-        b[:, lo:lo + k].unflatten(1, tb.shape[1:]).copy_(tb)
-        a[:, lo:lo + k].unflatten(1, ta.shape[1:]).copy_(ta if rows is None else ta.index_select(0, rows))
-        lo += k
-    local = first.local  # the same for every slot of the window (cur's window)
-    partner = b if local is None else b.index_select(0, local)
-    col_sq[first.lo:first.hi] += b.square().sum(dim=1).double()
-    if rows is None:
-        window(P, first.slot).addmm_(a, b.T)
-        d = (a - partner).square_()
-    else:
-        window(P, first.slot).index_add_(0, rows, a @ b.T)
-        d = (a - partner.index_select(0, rows)).square_()
-    lo = 0
-    for (sl, _), k in zip(taken, widths, strict=True):
-        part = d[:, lo:lo + k].sum(dim=1).double()
-        if rows is None:
-            sl.d_s += part
-        else:
-            sl.d_s.index_add_(0, rows, part)
-        lo += k
+    return {x: (s, gamma(a.numel() // a.shape[x]) + 3 * eps + 4 * U_FP32) for x, s in out.items()}
 
 
 def _nearest(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
@@ -325,13 +193,13 @@ class CurrentProof:
             sl.cut(fractions)
         # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage
         # (each window's columns so far in one sum, one product per window and stage added into the entry).
-        g_full = _gamma(max(sl.m for sl in slots) + len(slots) + 1)
-        windows = _windows(slots)
+        g_full = gamma(max(sl.m for sl in slots) + len(slots) + 1)
+        windows = windows_of(slots)
 
-        together = [_side_by_side(w, stages - 1) for w in windows]
+        together = [side_by_side(w, stages - 1) for w in windows]
 
         def g_proof(stage: int) -> float:
-            return _gamma(max(sum(sl.columns(stage) for sl in w) + stage + 1 if t
+            return gamma(max(sum(sl.columns(stage) for sl in w) + stage + 1 if t
                               else max(sl.columns(stage) for sl in w) + len(w) * (stage + 1)
                               for w, t in zip(windows, together, strict=True)) + 1)
 
@@ -359,14 +227,14 @@ class CurrentProof:
         pending: torch.Tensor | None = None  # rows still open (None: all)
         for stage in range(stages):
             for w, t in zip(windows, together, strict=True):
-                _add_window(w, stage, P, pending, col_sq, t)
+                add_window(w, stage, P, pending, col_sq, t)
             if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)
             for sl in slots:
                 diff[sl.lo:sl.hi] += sl.rest_difference(stage)
             rows = torch.arange(n, device=self.device) if pending is None else pending
-            widening = ((g_full + g_proof(stage)) / 2 + 8 * _U) * spread + (g_last + 2 * _U) * b_sq
+            widening = ((g_full + g_proof(stage)) / 2 + 8 * U_FP32) * spread + (g_last + 2 * U_FP32) * b_sq
             proven = _nearest(P, col_sq, rows, cur) < _margin(P, col_sq, rows, cur, diff, widening)
             pending = rows[~proven]
             if not len(pending):
@@ -380,7 +248,7 @@ class CurrentProof:
             self.matrix = torch.empty(size, dtype=torch.float32, device=self.device)
         return self.matrix
 
-    def _slot(self, slot: Slot, perms: Perms, cur: torch.Tensor) -> _Slot | None:
+    def _slot(self, slot: Slot, perms: Perms, cur: torch.Tensor) -> ProofSlot | None:
         local = cur[slot.start:slot.start + slot.length] - slot.start
         if not bool(((local >= 0) & (local < slot.length)).all()):
             return None  # not a legal permutation of this window
@@ -401,16 +269,16 @@ class CurrentProof:
 
             kept = self._kept(slot)
             if kept is None:
-                return _Slot(slot, *rows(*(fetched or (self.get_a(slot.key), self.get_b(slot.key)))), None, stats)
+                return ProofSlot(slot, *rows(*(fetched or (self.get_a(slot.key), self.get_b(slot.key)))), None, stats)
             shape = self.spec.shapes[slot.key]
-            return _Slot(slot, *rows(*kept), None, stats, cols=shape[_column_dim(slot.axis)],
+            return ProofSlot(slot, *rows(*kept), None, stats, cols=shape[_column_dim(slot.axis)],
                          more=lambda: rows(self.get_a(slot.key), self.get_b(slot.key)))
         ta, tb = self.get_a(slot.key), self.get_b(slot.key)
         a = unit_rows(ta, slot.axis, slot.offset, slot.length, ta.dtype)
         b = other_axes_permuted(self.spec, slot, tb, perms, tb.dtype)
         partner = b if same else b.index_select(0, local)
         s, e = _row_stats(a, partner, (0,))[0]
-        return _Slot(slot, a, b, None if same else local, (s, e))
+        return ProofSlot(slot, a, b, None if same else local, (s, e))
 
     def _fetch(self, key: str) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, tuple[torch.Tensor, float]]]:
         """A key's tensors and their statistics. NaN and Inf survive the statistics (sums of squares of A and of
@@ -457,7 +325,7 @@ def _column_dim(axis: int) -> int:
 
 def _first_columns(spec: ArchSpec, groups: Iterable[Group]) -> dict[tuple[str, int], list[int]]:
     """(key, axis) -> [slices of its column dim the first share multiplies out (the most over the groups that use
-    it, as `_Slot.cut` computes them), the number of those slots]."""
+    it, as `ProofSlot.cut` computes them), the number of those slots]."""
     out: dict[tuple[str, int], list[int]] = {}
     for g in groups:
         dims = [(s, list(spec.shapes[s.key])) for s in g.slots]
