@@ -118,7 +118,7 @@ class _Tensors:
         """`t`, read `unchecked`, was found finite."""
         vouch = getattr(self.get, "vouch", None)
         if vouch is not None:
-            vouch(key, t)
+            vouch(key)
         if self.keep:
             self.cache[key] = t
 

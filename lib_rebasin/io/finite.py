@@ -111,8 +111,8 @@ class GuardedGetter:
         """The stored value, not checked: the caller checks it and vouches for it, or reads it through the guard."""
         return self.get(key)
 
-    def vouch(self, key: str, t: torch.Tensor | None = None) -> None:
-        """`key` (its value `t`, read `unchecked`) was found finite by the caller's own pass over it."""
+    def vouch(self, key: str) -> None:
+        """`key`, read `unchecked`, was found finite by the caller's own pass over it."""
         self.finite.add(key)
 
 
