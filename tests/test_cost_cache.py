@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from lib_rebasin.align.cost import cost_matrix
@@ -99,9 +100,14 @@ def test_matching_with_kept_matrices_finds_the_same_permutations(models: dict[st
     assert runs[1].cost.updated > 0 and runs[1].cost.work < runs[0].cost.work
 
 
-def test_solving_on_another_thread_makes_the_sequential_steps(models: dict[str, Path]) -> None:
+def test_solving_on_another_thread_makes_the_sequential_steps(models: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Assignments solved while the next cost matrices are computed: the same permutations, gains, progress events
-    and visits as solving each on the spot, on an independent pair (every visit solves) and a shuffled fine-tune."""
+    and visits as solving each on the spot, on an independent pair (every visit solves) and a shuffled fine-tune;
+    with every later visit computed ahead of a running solve (these matrices are small) and with the bytes held
+    ahead bounded below some of them."""
+    import lib_rebasin.align.weight_matching as wm
+
     spec = build_spec(MINI)
     a = _state(models["a"])
     groups = _small_groups(spec)
@@ -109,15 +115,17 @@ def test_solving_on_another_thread_makes_the_sequential_steps(models: dict[str, 
         b = _state(models[pair])
         seen: list[list[tuple]] = []
         runs = []
-        for overlap in (False, True):
+        for overlap, ahead in ((False, wm._AHEAD_BYTES), (True, wm._AHEAD_BYTES), (True, 1 << 16)):
+            monkeypatch.setattr(wm, "_AHEAD_BYTES", ahead)
             events: list[tuple] = []
             seen.append(events)
             runs.append(weight_matching(
                 spec, groups, a.__getitem__, b.__getitem__, max_sweeps=4, seed=2, cache_bytes=0, overlap=overlap,
                 progress=lambda p, ev=events: ev.append((p.sweep, p.index, p.group, p.changed_this_sweep)),
                 after_visit=lambda ev=events: ev.append(("visit",))))
-        assert seen[0] == seen[1] and len(seen[0]) > len(groups)
-        assert runs[0].sweeps == runs[1].sweeps
-        assert all(torch.equal(runs[0].perms[k], runs[1].perms[k]) for k in runs[0].perms)
-        assert [(g.gain, g.solves, g.certified) for g in runs[0].groups] == \
-            [(g.gain, g.solves, g.certified) for g in runs[1].groups]
+        assert seen[0] == seen[1] == seen[2] and len(seen[0]) > len(groups)
+        for run in runs[1:]:
+            assert runs[0].sweeps == run.sweeps
+            assert all(torch.equal(runs[0].perms[k], run.perms[k]) for k in runs[0].perms)
+            assert [(g.gain, g.solves, g.certified) for g in runs[0].groups] == \
+                [(g.gain, g.solves, g.certified) for g in run.groups]

@@ -28,7 +28,7 @@ from .assignment import row_argmax_certificate, solve
 from .cost import cost_matrix as cost_matrix  # re-exported: benchmarks and tests import it from here
 from .cost import empty_cost, other_axes_permuted, unit_rows, window
 from .cost_cache import CacheStats, CostCache
-from .partial_certificate import PROBE, CurrentProof
+from .partial_certificate import PROBE, PROBE_NONE, CurrentProof
 from .permute import Perms, is_identity, is_legal
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -268,13 +268,18 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     changed, sweep_gain = 0, 0.0
     # Visits whose assignment is solved on another thread while the next visits' cost matrices are computed (scipy
     # releases the GIL). They are applied in visit order, and a visit that reads a queued group's permutation
-    # waits for it, so the search makes exactly the sequential steps.
+    # waits for it, so the search makes exactly the sequential steps. While one long solve runs, the visits after
+    # it that do not read its group go on computing their matrices (up to `_AHEAD_BYTES` of them held) instead of
+    # leaving a core idle until it ends.
     queue: deque[_Visit] = deque()
     solver = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="rebasin-lap") if overlap else _Inline()
+    ahead = 0  # bytes of the queued visits' matrices behind the first
 
     def settle() -> None:
-        nonlocal changed, sweep_gain
+        nonlocal changed, sweep_gain, ahead
         v = queue.popleft()
+        if queue:
+            ahead -= queue[0].C.numel() * queue[0].C.element_size()
         g, rows = v.group, torch.arange(v.group.size, device=dev)
         best = v.best if isinstance(v.best, torch.Tensor) else torch.from_numpy(v.best.result()).to(dev)
         new = float(v.C[rows, best].double().sum())
@@ -321,7 +326,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
                 proved = proof.prove(g, moved, current)
                 partial_tries += 1
                 partial_wins += proved
-                if not proved and partial_tries >= PROBE and partial_wins < partial_tries // 2:
+                if not proved and ((partial_tries >= PROBE and partial_wins < partial_tries // 2)
+                                   or (partial_tries >= PROBE_NONE and partial_wins == 0)):
                     use_partial = False  # mostly failing (unrelated models): only speed depends on this
                 if proved:
                     rep.certified += 1
@@ -359,14 +365,15 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
             C = cache.cost(g, ta, tb, moved, dev)
             old = float(C[rows, current].double().sum())
             best = row_argmax_certificate(C, g.structure) if certificate else None
+            if queue:
+                ahead += C.numel() * C.element_size()
             if best is not None:
                 rep.certified += 1
                 queue.append(_Visit(g, i, C, old, current, best))
             else:
                 rep.solves += 1
-                queue.append(_Visit(g, i, C, old, current, solver.submit(solve, C.double().cpu().numpy(),
-                                                                         g.structure)))
-            while len(queue) > _IN_FLIGHT:
+                queue.append(_Visit(g, i, C, old, current, solver.submit(_solve, C, g.structure)))
+            while len(queue) > 1 and (ahead > _AHEAD_BYTES or not overlap):
                 settle()
         while queue:
             settle()
@@ -388,6 +395,15 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
 
 # Assignments solved on another thread at once, at most (each holds its cost matrix and a float64 copy).
 _IN_FLIGHT = 1
+# Bytes of cost matrices computed ahead of a running solve, at most (queued visits behind the first; fp32 matrices,
+# the float64 copy is made when its solve starts). The largest group's matrix (SD 1.5's 5120-unit feed-forward
+# groups, 100 MiB) still goes ahead alone.
+_AHEAD_BYTES = 128 << 20
+
+
+def _solve(C: torch.Tensor, structure: Structure) -> Any:
+    """`solve` on a float64 copy of C made on the solving thread, so that visits waiting for it hold no copy."""
+    return solve(C.double().cpu().numpy(), structure)
 
 
 @dataclass
