@@ -85,7 +85,7 @@ FIRST_SHARE, FIRST_COLUMNS = 128, 64
 # models: the full matrix is needed anyway).
 PROBE = 16
 # ... and attempts after which a proof that won none of them is switched off: unrelated models fail from the first
-# visit on (about half a second of products each at full size), fine-tunes of one base win nearly every one.
+# visit on (each failure costs products a full matrix then repeats), fine-tunes of one base win nearly every one.
 PROBE_NONE = 8
 _BLOCK = 1 << 19  # elements widened to fp32 at a time by the row statistics (two reused buffers, cache-sized)
 _EXACT_IN_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # stored dtypes fp32 holds exactly
