@@ -160,10 +160,10 @@ def override_budget(factory: Callable[[torch.device, Notify | None], DeviceBudge
 # --- what each step needs at once ------------------------------------------------------------------------------
 
 def matching_keep(device: torch.device, ref_is_file: bool, fits_on_device: bool) -> tuple[bool, bool]:
-    """Whether weight matching keeps the tensors it fetched, for the reference and B (see weight_matching's
-    `_Tensors`). On the CPU a checkpoint file is re-read on each visit rather than held (both models' size in
-    memory), while a running merge is computed, so it is kept. On a GPU everything is kept there if it fits,
-    else everything is re-read."""
+    """Whether weight matching keeps the tensors it fetched, for the reference and B (see
+    `align/match_tensors.py`). On the CPU a checkpoint file is re-read on each visit rather than held (both
+    models' size in memory), while a running merge is computed, so it is kept. On a GPU everything is kept there
+    if it fits, else everything is re-read."""
     if device.type == "cpu":
         return (not ref_is_file, False)
     return (True, True) if fits_on_device else (False, False)

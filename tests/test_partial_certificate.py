@@ -275,7 +275,7 @@ def test_the_statistics_stand_in_for_the_finite_check_of_what_the_proof_reads(mo
                                                                                allow: bool) -> None:
     """A tensor pair the proof's statistics found finite is not checked again (sums of squares pass NaN and Inf
     on); a pair they did not is read through the check, which refuses it (or, allowed, zeroes it) as before."""
-    from lib_rebasin.align.weight_matching import _Tensors
+    from lib_rebasin.align.match_tensors import MatchTensors
     from lib_rebasin.errors import NonFiniteWeightsError
     from lib_rebasin.io import finite
 
@@ -290,7 +290,7 @@ def test_the_statistics_stand_in_for_the_finite_check_of_what_the_proof_reads(mo
     def proof(b: torch.Tensor) -> tuple[CurrentProof, finite.GuardedGetter]:
         ga, gb = (finite.guard_getter({"w": t}.__getitem__, finite.Model(m, m, {"w": t}.__getitem__, ["w"]), allow)
                   for m, t in (("A", a), ("B", b)))
-        return CurrentProof(spec, _Tensors(ga, CPU, False), _Tensors(gb, CPU, False), CPU), gb
+        return CurrentProof(spec, MatchTensors(ga, CPU, False), MatchTensors(gb, CPU, False), CPU), gb
 
     proof_ok, guard = proof(b)
     assert proof_ok.prove(g, {}, torch.arange(16)) and not checked and guard.finite == {"w"}

@@ -65,6 +65,7 @@ import torch
 
 from ..archspec import ArchSpec, Group, Slot
 from .cost import empty_cost, other_axes_permuted, unit_rows
+from .match_tensors import MatchTensors
 from .permute import Perms, axis_index
 from .proof_windows import U_FP32, ProofSlot, add_window, gamma, side_by_side, windows_of
 
@@ -289,14 +290,14 @@ class CurrentProof:
         each tensor for them (io/finite.GuardedGetter) finite statistics vouch for both and save that pass; where
         not, the tensors are read through the check, which refuses them (or zeroes them), as any read would."""
         axes = tuple(self.spec.axes[key])
-        ua, ub = (getattr(g, "unchecked", None) for g in (self.get_a, self.get_b))
-        if ua is not None and ub is not None:
-            ta, tb = ua(key), ub(key)
+        ga, gb = self.get_a, self.get_b
+        if isinstance(ga, MatchTensors) and isinstance(gb, MatchTensors):
+            ta, tb = ga.unchecked(key), gb.unchecked(key)
             if ta is not None and tb is not None and ta.dim() > 0:
                 stats = _row_stats(ta, tb, axes)
                 if bool(torch.isfinite(stats[axes[0]][0]).all()):
-                    self.get_a.vouch(key, ta)  # type: ignore[attr-defined]
-                    self.get_b.vouch(key, tb)  # type: ignore[attr-defined]
+                    ga.vouch(key, ta)
+                    gb.vouch(key, tb)
                     return (ta, tb), stats
         fetched = self.get_a(key), self.get_b(key)
         return fetched, _row_stats(*fetched, axes)

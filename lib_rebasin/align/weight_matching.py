@@ -28,6 +28,7 @@ from .assignment import row_argmax_certificate, solve
 from .cost import cost_matrix as cost_matrix  # re-exported: benchmarks and tests import it from here
 from .cost import empty_cost, other_axes_permuted, unit_rows, window
 from .cost_cache import CacheStats, CostCache
+from .match_tensors import MatchTensors
 from .partial_certificate import PROBE, PROBE_NONE, CurrentProof
 from .permute import Perms, is_identity, is_legal
 
@@ -80,47 +81,6 @@ class MatchProgress:
     total: int              # groups per sweep
     group: str
     changed_this_sweep: int
-
-
-@dataclass
-class _Tensors:
-    """The tensors matching reads, on the compute device in their stored dtype, fetched once (`keep`) or on
-    every visit.
-
-    Slices are widened to fp32 only when a cost matrix needs them, so no fp32 copy of a whole model is held. A
-    checkpoint file on the CPU is better re-read than kept: a read is a copy from the page cache, small next to
-    the cost matrix it feeds, while keeping both models would hold their whole size in memory.
-    """
-
-    get: TensorGetter
-    device: torch.device
-    keep: bool = True
-    cache: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __call__(self, key: str) -> torch.Tensor:
-        t = self.cache.get(key)
-        if t is None:
-            t = self.get(key).to(self.device)
-            if self.keep:
-                self.cache[key] = t
-        return t
-
-    def unchecked(self, key: str) -> torch.Tensor | None:
-        """The key without the getter's finite check (io/finite.GuardedGetter), for a caller that checks it itself
-        and then `vouch`es for it; None where the getter has no such check to skip."""
-        t = self.cache.get(key)
-        if t is not None:
-            return t  # fetched (and checked) before
-        unchecked = getattr(self.get, "unchecked", None)
-        return None if unchecked is None else unchecked(key).to(self.device)
-
-    def vouch(self, key: str, t: torch.Tensor) -> None:
-        """`t`, read `unchecked`, was found finite."""
-        vouch = getattr(self.get, "vouch", None)
-        if vouch is not None:
-            vouch(key)
-        if self.keep:
-            self.cache[key] = t
 
 
 # Rounding-error bound of a bf16 GEMM with fp32 accumulation and a bf16 result, per slot s with inner size m:
@@ -232,7 +192,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     sweep improves nothing. Independent models gain most of the objective in 2-3 sweeps and then crawl for tens.
 
     `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
-    `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `_Tensors`).
+    `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `align/match_tensors.py`).
     `cache_bytes` bounds the cost matrices kept between visits and updated by the columns that moved since
     (`align/cost_cache.py`); 0 computes every matrix in full. The default keeps `CACHE_BYTES` on the CPU and none
     on other devices (there the matrices are cheap next to the assignments, and device memory is budgeted without
@@ -242,7 +202,7 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     start = time.perf_counter()
     dev = torch.device(device)
     groups = list(groups)
-    ta, tb = _Tensors(get_a, dev, keep[0]), _Tensors(get_b, dev, keep[1])
+    ta, tb = MatchTensors(get_a, dev, keep[0]), MatchTensors(get_b, dev, keep[1])
     perms: Perms = {g.name: torch.arange(g.size) for g in groups}
     for name, p in (init or {}).items():
         if name in perms:
