@@ -1,4 +1,5 @@
-"""Running a recipe: every step in one process, only the last one written (atomically).
+"""Running a recipe: every step in one process, only the last one written (atomically), or, `recipe_in_memory`,
+the last one kept in memory too (what its file would hold, for a replay compared with an earlier result).
 
 Intermediate results stay in memory (only while a later step still needs them), and each is exactly the tensors
 that saving that step to a file would give, so a chain equals running the steps one by one with intermediate files,
@@ -194,6 +195,7 @@ class _Chain:
 
 def _run_earlier_steps(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint],
                        progress: ProgressCallback | None, cancel: CancelCheck | None) -> _Chain:
+    """Every step but the last, each in memory (freed once no later step needs it), with the chain's progress."""
     canonical = _canonical(recipe, paths, opened, Reporter(progress, cancel))
     last_use = {}
     for i, step in enumerate(recipe.steps):
