@@ -54,6 +54,20 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_models_without_vae(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                            ) -> dict[str, Path]:
+    """Three of `tiny_models` (a, finetune, independent) without their VAE (a UNet and a text encoder: SD 1.x
+    checkpoints still, merged as one), for tests of what happens to a merge's output (its commit, a sweep's
+    candidates, a replay) where the VAE is not what is tested: every output, partial file and reference is then
+    half the bytes. From the model cache (`cached_without_parts`), hard links like `tiny_models`."""
+    from model_cache import cached_without_parts
+
+    d = tmp_path_factory.mktemp("tiny_models_without_vae")
+    return {name: cached_without_parts(d / f"{name}.safetensors", tiny_models[name], ("vae",))
+            for name in ("a", "finetune", "independent")}
+
+
 # What each test module costs (opt-in, for docs/testing.md): LIB_REBASIN_TEST_COST=FILE appends one JSON line per
 # module and worker with the bytes its tests wrote (/proc/self/io write_bytes, reaped subprocesses included) and
 # their CPU time. Setup and teardown count with the test they belong to, so a module's fixtures count with it.

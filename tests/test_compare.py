@@ -21,7 +21,21 @@ from lib_rebasin.ui.request import MergeRequest
 
 pytestmark = pytest.mark.ui
 
-models_dir, webui = adapter_tests.models_dir, adapter_tests.webui  # the adapter's fixtures
+webui = adapter_tests.webui  # the adapter's fixture, over the folder below
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """The adapter's two models (test_webui_adapter.models_dir) without their VAE, from the model cache: what is
+    tested is the grid, the stops, and that a saved candidate is the direct merge, and every candidate saved is
+    then half the bytes. The stand-in's pictures take their colour from the text encoder's first keys, as before."""
+    from model_cache import cached_checkpoint, cached_without_parts
+
+    full, d = tmp_path_factory.mktemp("with_vae"), tmp_path_factory.mktemp("Stable-diffusion")
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        cached_without_parts(d / f"{name}.safetensors",
+                             cached_checkpoint(full / f"{name}.safetensors", "tiny", seed=seed, base_seed=0), ("vae",))
+    return d
 
 GEN = {"prompt": "a castle", "negative_prompt": "blurry", "seed": 1234, "width": 64, "height": 64, "steps": 3,
        "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5}

@@ -224,9 +224,10 @@ def test_cancel_leaves_no_file(tiny_models: dict[str, Path], tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_metadata_is_in_the_webui_shape(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_metadata_is_in_the_webui_shape(tiny_models_without_vae: dict[str, Path], tmp_path: Path) -> None:
     from lib_rebasin.io.input_file import file_sha256
 
+    tiny_models = tiny_models_without_vae  # what is tested is the header's metadata: the file is half the bytes
     res = merge_checkpoints(tiny_models["a"], tiny_models["finetune"], tmp_path / "o.safetensors", MergeOptions())
     with open_checkpoint(res.output) as ck:
         meta = ck.metadata
@@ -239,8 +240,9 @@ def test_metadata_is_in_the_webui_shape(tiny_models: dict[str, Path], tmp_path: 
     assert ours["diagnostics"]["objective"]["unet"][0] > 0  # measured while writing, stored in the header
 
 
-def test_cli_merge_inspect_and_errors(tiny_models: dict[str, Path], tmp_path: Path,
+def test_cli_merge_inspect_and_errors(tiny_models_without_vae: dict[str, Path], tmp_path: Path,
                                      capsys: pytest.CaptureFixture) -> None:
+    tiny_models = tiny_models_without_vae  # the CLI's files and errors: without a VAE, half the bytes
     out = tmp_path / "o.safetensors"
     assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "-o", str(out), "--alpha", "0.25",
                      "-q"]) == 0
@@ -273,10 +275,12 @@ def test_legacy_method_is_a_weighted_sum_except_six_norm_vectors(tiny_models: di
     assert any("not a function-preserving re-basin" in line for line in diagnostics.summary_lines())
 
 
-def test_cli_repair_reaches_the_options_and_is_recorded(tiny_models: dict[str, Path], tmp_path: Path,
+def test_cli_repair_reaches_the_options_and_is_recorded(tiny_models_without_vae: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     """--repair travels into MergeOptions and both recipes in the metadata, with the prompt count it runs on;
-    a merge without it records neither key (its metadata keeps the bytes it always had)."""
+    a merge without it records neither key (its metadata keeps the bytes it always had). The UNet's REPAIR: the
+    models without their VAE, and files of half the bytes."""
+    tiny_models = tiny_models_without_vae
     out = tmp_path / "r.safetensors"
     assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), "-o", str(out), "--method",
                      "weighted_sum", "--parts", "unet", "--repair", "--activation-samples", "1", "--seed", "3",

@@ -205,8 +205,13 @@ def test_alignment_permutes_b_and_c_together(models: dict[str, Path], mini_base:
             torch.testing.assert_close(out[k], ref[k], rtol=0, atol=1e-5, msg=f"{method} {k}")
 
 
-def test_cli_runs_a_method_with_c_and_params(tiny_models: dict[str, Path], base: Path, tmp_path: Path,
+def test_cli_runs_a_method_with_c_and_params(tiny_models_without_vae: dict[str, Path], base: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
+    from model_cache import cached_without_parts
+
+    # the CLI's method, C and parameters, checked on a UNet key: A, B and C without their VAE (half the bytes)
+    tiny_models = tiny_models_without_vae
+    base = cached_without_parts(tmp_path / "base.safetensors", base, ("vae",))
     out = tmp_path / "cli_ties.safetensors"
     assert cli_main(["merge", str(tiny_models["a"]), str(tiny_models["finetune"]), str(base), "--method", "ties",
                      "--ties-density", "0.5", "--ties-scale", "0.8", "--precision", "fp32", "-o", str(out),

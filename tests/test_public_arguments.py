@@ -20,7 +20,7 @@ from lib_rebasin.recipe.format import step_options
 from lib_rebasin.recipe.from_output import recipe_from_checkpoint
 from lib_rebasin.recipe.parse import load_recipe, parse_recipe
 from lib_rebasin.recipe.resolve import resolve_models
-from lib_rebasin.recipe.run import run_recipe
+from lib_rebasin.recipe.run import recipe_in_memory, run_recipe
 from lib_rebasin.sd1 import synthetic
 from lib_rebasin.merge.blend import telescoping_schedule
 from lib_rebasin.merge.block_weights import parse_blocks
@@ -116,6 +116,9 @@ CASES: dict[str, tuple[Call, str]] = {
     "run_recipe overwrite str": (lambda f: run_recipe(f.recipe, f.models, f.out, overwrite="yes"),
                                  "overwrite"),
     "run_recipe progress int": (lambda f: run_recipe(f.recipe, f.models, f.out, progress=1), "progress"),
+    "recipe_in_memory recipe text": (lambda f: recipe_in_memory(STEP, f.models), "recipe"),
+    "recipe_in_memory models_dir None": (lambda f: recipe_in_memory(f.recipe, None), "models_dir"),
+    "recipe_in_memory cancel int": (lambda f: recipe_in_memory(f.recipe, f.models, cancel=1), "cancel"),
     "resolve_models models_dir int": (lambda f: resolve_models(f.recipe, 5), "models_dir"),
     "recipe_from_checkpoint None": (lambda f: recipe_from_checkpoint(None), "path"),
     "recipe_from_checkpoint missing": (lambda f: recipe_from_checkpoint(f.models / "nope.safetensors"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_cache import place
+from same_bytes import file_holds, held_checkpoint
 
 from lib_rebasin.cli import main as cli_main
 from lib_rebasin.errors import Cancelled
@@ -18,7 +19,7 @@ from lib_rebasin.options import MergeOptions
 from lib_rebasin.recipe.format import RecipeError
 from lib_rebasin.recipe.from_output import recipe_from_checkpoint
 from lib_rebasin.recipe.parse import load_recipe, parse_recipe
-from lib_rebasin.recipe.run import run_recipe
+from lib_rebasin.recipe.run import recipe_in_memory, run_recipe
 
 CHAIN = """
 [recipe]
@@ -69,6 +70,15 @@ def folder(models: dict[str, Path], tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture()
+def folder_without_vae(tiny_models_without_vae: dict[str, Path], tmp_path: Path) -> Path:
+    """The same folder, of the models without their VAE: for a merge that leaves the VAE alone (it is copied from
+    A), whose files are then half the bytes."""
+    for name in ("a", "finetune", "independent"):
+        place(tiny_models_without_vae[name], tmp_path / f"{name}.safetensors")
+    return tmp_path
+
+
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as ck:
         return {k: ck.get(k).clone() for k in ck.keys()}
@@ -113,6 +123,8 @@ def test_chain_equals_steps_with_intermediate_files(folder: Path) -> None:
     x, y = _tensors(chained), {k: final.get(k) for k in final_keys}
     assert x.keys() == y.keys()
     assert all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+    # the chain run into memory holds what its file holds: the tensors in order and the metadata (the recipe's)
+    assert file_holds(chained, held_checkpoint(recipe_in_memory(recipe, folder)))
 
 
 def test_replay_from_metadata_is_bit_identical(folder: Path) -> None:
@@ -126,14 +138,16 @@ def test_replay_from_metadata_is_bit_identical(folder: Path) -> None:
     assert load_recipe(folder / "replay.toml").to_toml() == text  # canonical text round-trips
 
 
-def test_single_merge_metadata_gives_a_recipe(folder: Path) -> None:
+def test_single_merge_metadata_gives_a_recipe(folder_without_vae: Path) -> None:
     # fp32, not the default, shows the precision is recorded and replayed; the other single merges here are written
-    # at fp16 (half the bytes), their precision not being what they test
+    # at fp16 (half the bytes), their precision not being what they test. The replay, compared with the file, is
+    # held in memory (recipe_in_memory holds what run_recipe writes: test_chain_equals_steps_with_intermediate_files).
+    folder = folder_without_vae
     out = merge_checkpoints(folder / "a.safetensors", folder / "finetune.safetensors", folder / "o.safetensors",
                             MergeOptions(method="weighted_sum", alpha=0.3, precision="fp32")).output
     (folder / "r.toml").write_text(recipe_from_checkpoint(out))
-    again = run_recipe(load_recipe(folder / "r.toml"), folder, folder / "o2.safetensors").output
-    x, y = _tensors(out), _tensors(again)
+    again = recipe_in_memory(load_recipe(folder / "r.toml"), folder)
+    x, y = _tensors(out), again.tensors
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -227,9 +241,8 @@ def test_recipe_bakes_a_vae_from_the_vae_folder_and_replays_it(models: dict[str,
     assert 'bake_vae = "mse"' in replay and sha in replay
     again = tmp_path / "replay.toml"
     again.write_text(replay)
-    out2 = tmp_path / "out" / "replayed.safetensors"
-    assert cli_main(["recipe", str(again), "-o", str(out2), "--models-dir", str(folder), "-q"]) == 0
-    replayed = load_file(str(out2))
+    # the replay (the CLI's recipe command was run above) held in memory: what its file would hold
+    replayed = recipe_in_memory(load_recipe(again), folder).tensors
     assert replayed.keys() == merged.keys()
     assert all(torch.equal(replayed[k], merged[k]) for k in merged)
 
@@ -265,14 +278,14 @@ def test_single_merge_with_a_baked_vae_gives_a_recipe_that_bakes_it(models: dict
     text = recipe_from_checkpoint(out)
     recipe = parse_recipe(text)
     assert recipe.bake_vae == "vae" and recipe.models["vae"].folder == str(vae_path.parent.resolve())
-    out2 = tmp_path / "again.safetensors"
-    run_recipe(recipe, models["a"].parent, out2)
-    a, b = load_file(str(out)), load_file(str(out2))
+    a, b = load_file(str(out)), recipe_in_memory(recipe, models["a"].parent).tensors  # the replay, held in memory
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_activation_matching_round_trips_through_a_recipe(folder: Path) -> None:
-    """matching / activation_samples are recipe keys, recorded in the metadata, replayed bit for bit."""
+def test_activation_matching_round_trips_through_a_recipe(folder_without_vae: Path) -> None:
+    """matching / activation_samples are recipe keys, recorded in the metadata, replayed bit for bit (the text
+    encoder's matching: the models without their VAE; the replay held in memory)."""
+    folder = folder_without_vae
     text = parse_recipe(CHAIN).to_toml()
     assert "matching" not in text  # weight matching writes no new line: old recipes keep their text
     out = merge_checkpoints(folder / "a.safetensors", folder / "independent.safetensors", folder / "o.safetensors",
@@ -281,8 +294,7 @@ def test_activation_matching_round_trips_through_a_recipe(folder: Path) -> None:
     recorded = recipe_from_checkpoint(out)
     assert 'matching = "activations"' in recorded and "activation_samples = 2" in recorded
     (folder / "r.toml").write_text(recorded)
-    again = run_recipe(load_recipe(folder / "r.toml"), folder, folder / "o2.safetensors").output
-    x, y = _tensors(out), _tensors(again)
+    x, y = _tensors(out), recipe_in_memory(load_recipe(folder / "r.toml"), folder).tensors
     assert all(torch.equal(x[k], y[k]) for k in x)
     with pytest.raises(RecipeError, match="matching must be one of weights, activations"):
         parse_recipe(recorded.replace('matching = "activations"', 'matching = "activation"'))
@@ -335,9 +347,10 @@ def test_repair_errors_name_the_step_and_the_repair_line(change: tuple[str, str]
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_repair_round_trips_through_a_recipe(folder: Path) -> None:
+def test_repair_round_trips_through_a_recipe(folder_without_vae: Path) -> None:
     """A single merge made with REPAIR records it (and its prompt count); `recipe --from` gives it back and the
-    replay equals the original bit for bit."""
+    replay equals the original bit for bit (REPAIR corrects the UNet: the models without their VAE)."""
+    folder = folder_without_vae
     out = merge_checkpoints(folder / "a.safetensors", folder / "finetune.safetensors", folder / "o.safetensors",
                             MergeOptions(method="weighted_sum", repair=True, activation_samples=1, parts=("unet",),
                                          precision="fp16")).output

@@ -35,15 +35,17 @@ def _stats(sd: dict[str, torch.Tensor], cal: repair.Calibration) -> dict[str, re
     # block weights: each block's own alpha is its target's; re-basin: B's statistics after its permutation
     replace(REPAIR, method="rebasin", blocks=(0.5,) * 13 + (0.2,) * 13),
 ], ids=["weighted_sum", "rebasin_blocks"])
-def test_written_merge_has_the_parents_interpolated_statistics(tiny_models: dict[str, Path], tmp_path: Path,
-                                                              opts: MergeOptions) -> None:
+def test_written_merge_has_the_parents_interpolated_statistics(tiny_models_without_vae: dict[str, Path],
+                                                              tmp_path: Path, opts: MergeOptions) -> None:
     """Run A, aligned B and the *written file* on the calibration inputs: at every corrected layer the file's
-    per-channel mean and std are the interpolation of the parents' (without REPAIR they have collapsed)."""
-    res = merge_checkpoints(tiny_models["a"], tiny_models["independent"], tmp_path / "o.safetensors", opts)
-    plain, _ = merge_in_memory(tiny_models["a"], tiny_models["independent"], replace(opts, repair=False))
+    per-channel mean and std are the interpolation of the parents' (without REPAIR they have collapsed). REPAIR
+    corrects UNet layers: the inputs are the tiny models without their VAE, and the file is half the bytes."""
+    models = tiny_models_without_vae
+    res = merge_checkpoints(models["a"], models["independent"], tmp_path / "o.safetensors", opts)
+    plain, _ = merge_in_memory(models["a"], models["independent"], replace(opts, repair=False))
     spec = build_spec(TINY)
-    a = _load(tiny_models["a"])
-    b_aligned = _aligned_b(tiny_models, opts, _load(tiny_models["independent"]))
+    a = _load(models["a"])
+    b_aligned = _aligned_b(models, opts, _load(models["independent"]))
     cal = repair.calibration(TINY, a.__getitem__, opts.activation_samples, opts.seed, torch.device("cpu"))
     sa, sb = _stats(a, cal), _stats(b_aligned, cal)
     plain_keys = plain.keys()

@@ -22,8 +22,10 @@ ALPHAS = [0.25, 0.5, 0.75]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
-    return tiny_models
+def models(tiny_models_without_vae: dict[str, Path]) -> dict[str, Path]:
+    """The tiny models without their VAE: what is tested is how a sweep makes, names, commits and refuses its
+    files (each the single merge at its alpha, whatever keys it holds), and every candidate is half the bytes."""
+    return tiny_models_without_vae
 
 
 def _counting(patch: pytest.MonkeyPatch) -> list[int]:

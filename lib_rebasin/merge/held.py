@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from ..compute import with_merge_compute
+from ..io.checkpoint import Checkpoint
 from ..io.model_input import Source
 from ..io.output_file import FULL_DISK_ERRNOS, write_safetensors
 from ..options import MergeOptions
 from ..progress import Reporter
 from .diagnostics import Diagnostics
 from .first_match import FirstMatch
+from .metadata import MetadataHook
 from .preflight import preflight
 from .run import _full_disk, _plan, opened_inputs
 from .stages import HEADERS_READ
@@ -51,16 +53,18 @@ class HeldMerge:
 @with_merge_compute
 def merge_held(a: Source, b: Source, options: MergeOptions, c: Source | None = None,
                report: Reporter | None = None, extra_metadata: dict[str, str] | None = None,
-               bake_vae: str | os.PathLike[str] | None = None, first: FirstMatch | None = None) -> HeldMerge:
-    """The merge `merge_checkpoints(a, b, <file>, options, c, extra_metadata=..., bake_vae=...)` writes, in memory.
-    `first` shares the match of B onto A between merges of the pair (a compare grid's candidates). Raises
-    RebasinError (incl. Cancelled from `report`'s cancel check)."""
+               bake_vae: str | os.PathLike[str] | Checkpoint | None = None, first: FirstMatch | None = None,
+               metadata_hook: MetadataHook | None = None) -> HeldMerge:
+    """The merge `merge_checkpoints(a, b, <file>, options, c, extra_metadata=..., bake_vae=..., metadata_hook=...)`
+    writes, in memory. `first` shares the match of B onto A between merges of the pair (a compare grid's
+    candidates); `metadata_hook` is a recipe's (`recipe_in_memory`). Raises RebasinError (incl. Cancelled from
+    `report`'s cancel check)."""
     report = report or Reporter(None, None)
     report.stage(0.0, HEADERS_READ)
     report("loading", 0.0, "reading checkpoint headers")
     prep = preflight(a, b, None, options, c)
     with opened_inputs(prep, bake_vae) as baked:
-        plan = _plan(prep, report, dict(extra_metadata or {}), None, baked, first)
+        plan = _plan(prep, report, dict(extra_metadata or {}), metadata_hook, baked, first)
         header = plan.metadata()  # at the point merge_checkpoints asks for it, before any tensor
         tensors = {key: plan.produce(key) for key, _, _ in plan.entries}
         prep.verify_unchanged()

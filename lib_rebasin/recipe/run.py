@@ -1,4 +1,5 @@
-"""Running a recipe: every step in one process, only the last one written (atomically).
+"""Running a recipe: every step in one process, only the last one written (atomically), or, `recipe_in_memory`,
+the last one kept in memory too (what its file would hold, for a replay compared with an earlier result).
 
 Intermediate results stay in memory (only while a later step still needs them), and each is exactly the tensors
 that saving that step to a file would give, so a chain equals running the steps one by one with intermediate files,
@@ -25,12 +26,13 @@ from ..io.output_file import check_output_path, output_bytes
 from ..io.parsing import json_or_none
 from ..io.precisions import PRECISIONS
 from ..merge.diagnostics import Diagnostics, stored_diagnostics
+from ..merge.held import HeldMerge, merge_held
 from ..merge.preflight import output_entries
 from ..merge.run import MergeResult, merge_checkpoints, merge_in_memory
 from ..merge.sweep import check_room, is_sweep, sweep_checkpoints, sweep_outputs
 from ..parts import part_of
 from ..progress import CancelCheck, ProgressCallback, Reporter
-from .format import ModelRef, Recipe, Step
+from .format import ModelRef, Recipe, RecipeError, Step
 from .provenance import hash_progress
 from .resolve import resolve_models
 
@@ -104,7 +106,50 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
                 overwrite: bool, progress: ProgressCallback | None, cancel: CancelCheck | None,
                 extra_metadata: dict[str, str] | None, on_commit: Callable[[Path], None] | None,
                 on_written: Callable[[MergeResult], None] | None) -> RecipeResult:
-    # Check every step's inputs from the headers before any work (architectures, shapes, parts).
+    check_room(outputs, _checked_output_bytes(recipe, opened))
+    chain = _run_earlier_steps(recipe, paths, opened, progress, cancel)
+    step = recipe.steps[-1]
+    if step.alphas is not None:
+        return _sweep_step(chain.canonical, step, chain.a, chain.b, chain.c, outputs, overwrite, chain.progress,
+                           cancel, extra_metadata, on_commit, on_written, paths, opened, chain.inputs, chain.done)
+    res: MergeResult = merge_checkpoints(chain.a, chain.b, outputs[0], step.options, c=chain.c,
+                                         overwrite=overwrite, progress=chain.progress, cancel=cancel,
+                                         extra_metadata=extra_metadata,
+                                         metadata_hook=chain.metadata_hook(step, paths, opened),
+                                         bake_vae=opened[recipe.bake_vae] if recipe.bake_vae is not None else None,
+                                         on_commit=on_commit)
+    return RecipeResult(res.output, [*chain.done, (step.name, res.diagnostics)], res.metadata)
+
+
+def recipe_in_memory(recipe: Recipe, models_dir: Path, progress: ProgressCallback | None = None,
+                     cancel: CancelCheck | None = None, extra_metadata: dict[str, str] | None = None,
+                     confine: bool = True, vae_dir: Path | None = None) -> HeldMerge:
+    """What `run_recipe(recipe, models_dir, <file>, ...)` writes, kept in memory and nothing written: the last
+    step's tensors in the file's order and the metadata the file would end with, the recipe's record included
+    (`merge/held.py`'s `HeldMerge`, which `save_held` writes as that very file). The same checks before any work,
+    the same steps; a last step whose alpha is a list (a sweep, several files) is refused."""
+    check_arguments("recipe_in_memory", ("vae_dir",), recipe=recipe, models_dir=models_dir, progress=progress,
+                    cancel=cancel, extra_metadata=extra_metadata, confine=confine, vae_dir=vae_dir)
+    step = recipe.steps[-1]
+    if step.alphas is not None:
+        raise RecipeError(f"recipe_in_memory: step {step.name!r}'s alpha is a list (a sweep, one file per value); "
+                          "run it with run_recipe.")
+    paths = resolve_models(recipe, models_dir, confine, vae_dir, Reporter(progress, cancel))
+    opened = _open_inputs(paths)
+    try:
+        _checked_output_bytes(recipe, opened)
+        chain = _run_earlier_steps(recipe, paths, opened, progress, cancel)
+        return merge_held(chain.a, chain.b, step.options, c=chain.c, report=Reporter(chain.progress, cancel),
+                          extra_metadata=extra_metadata, metadata_hook=chain.metadata_hook(step, paths, opened),
+                          bake_vae=opened[recipe.bake_vae] if recipe.bake_vae is not None else None)
+    finally:
+        for ck in set(opened.values()):
+            ck.close()
+
+
+def _checked_output_bytes(recipe: Recipe, opened: dict[str, Checkpoint]) -> int:
+    """Every step's inputs checked from the headers before any work (architectures, shapes, parts), and the VAE to
+    bake against the output's architecture; the bytes of the output file."""
     for step in recipe.steps:
         for slot in ("a", "b", "c"):
             ref = getattr(step, slot)
@@ -122,10 +167,35 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
             # A baked VAE's keys that A lacks are added to the output, in the output's precision.
             baked_extra = sum(out_dtype.itemsize * math.prod(s) for k, s in first.spec.shapes.items()
                               if part_of(k) == "vae" and k not in first.ckpt.infos)
-        check_room(outputs, baked_extra + output_bytes(output_entries(first, out_dtype)))
+        return baked_extra + output_bytes(output_entries(first, out_dtype))
     finally:
         first.close()
 
+
+@dataclass
+class _Chain:
+    """A recipe with its earlier steps run (held in memory): what its last step merges, and what it records."""
+
+    canonical: Recipe
+    inputs: dict[str, dict[str, str | None]]
+    done: list[tuple[str, Diagnostics]]
+    a: Checkpoint
+    b: Checkpoint
+    c: Checkpoint | None
+    progress: ProgressCallback  # the last step's share of the chain's bar
+
+    def metadata_hook(self, step: Step, paths: dict[str, Path], opened: dict[str, Checkpoint]
+                      ) -> Callable[[Diagnostics], dict[str, str]]:
+        """The last step's metadata: the whole chain's recipe and provenance."""
+        def hook(diag: Diagnostics) -> dict[str, str]:
+            return _recipe_metadata(self.canonical, paths, opened, self.inputs, [*self.done, (step.name, diag)])
+
+        return hook
+
+
+def _run_earlier_steps(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkpoint],
+                       progress: ProgressCallback | None, cancel: CancelCheck | None) -> _Chain:
+    """Every step but the last, each in memory (freed once no later step needs it), with the chain's progress."""
     canonical = _canonical(recipe, paths, opened, Reporter(progress, cancel))
     last_use = {}
     for i, step in enumerate(recipe.steps):
@@ -144,25 +214,12 @@ def _run_opened(recipe: Recipe, paths: dict[str, Path], opened: dict[str, Checkp
         step_progress = chain.relay(i / n, (i + 1) / n, f"step {i + 1}/{n} ({step.name})")
         a_src, b_src = (results.get(r) or opened[r] for r in (step.a, step.b))
         c_src = results.get(step.c) or opened[step.c] if step.c is not None else None
-        if i < n - 1:
-            ckpt, diag = merge_in_memory(a_src, b_src, step.options, c=c_src,
-                                         report=Reporter(step_progress, cancel), name=step.name)
-            results[step.name] = ckpt
-            done.append((step.name, diag))
-        elif step.alphas is not None:
-            return _sweep_step(canonical, step, a_src, b_src, c_src, outputs, overwrite, step_progress, cancel,
-                               extra_metadata, on_commit, on_written, paths, opened, inputs, done)
-        else:
-            def metadata_hook(diag: Diagnostics, name: str = step.name) -> dict[str, str]:
-                return _recipe_metadata(canonical, paths, opened, inputs, [*done, (name, diag)])
-
-            res: MergeResult = merge_checkpoints(a_src, b_src, outputs[0], step.options, c=c_src,
-                                                 overwrite=overwrite, progress=step_progress, cancel=cancel,
-                                                 extra_metadata=extra_metadata, metadata_hook=metadata_hook,
-                                                 bake_vae=(opened[recipe.bake_vae] if recipe.bake_vae is not None
-                                                           else None), on_commit=on_commit)
-            done.append((step.name, res.diagnostics))
-            return RecipeResult(res.output, done, res.metadata)
+        if i == n - 1:
+            return _Chain(canonical, inputs, done, a_src, b_src, c_src, step_progress)
+        ckpt, diag = merge_in_memory(a_src, b_src, step.options, c=c_src, report=Reporter(step_progress, cancel),
+                                     name=step.name)
+        results[step.name] = ckpt
+        done.append((step.name, diag))
         for name in [r for r, last in last_use.items() if last <= i and r in results]:
             results.pop(name).close()  # no later step needs it: free the memory now
     raise AssertionError("unreachable")
