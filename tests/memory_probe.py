@@ -1,5 +1,6 @@
 """Run a two-step recipe twice through the tab's service in this (fresh) process and print, as JSON, the live
-torch tensor bytes and the RSS before and after each run (test_memory.py reads it).
+torch tensor bytes and the RSS before and after each run (test_memory.py reads it). MODELS_DIR holds one, two and
+three.safetensors, SD 1.x models without a VAE.
 
     python tests/memory_probe.py MODELS_DIR
 """
@@ -41,8 +42,12 @@ def main(folder: Path) -> None:
     host = StandaloneHost(folder, devices=["cpu"])
     svc = MergeService(host)
     e = host.list_checkpoints()
-    text = rb.add_step("", rb.StepForm("rebasin", "one.safetensors", "two.safetensors", alpha=0.3, iterations=2), e)
-    text = rb.add_step(text, rb.StepForm("weighted_sum", "[step] step1", "three.safetensors", alpha=0.5), e)
+    # The models have no VAE (test_memory.py): both steps merge the UNet and the text encoder.
+    parts = ("unet", "te")
+    text = rb.add_step("", rb.StepForm("rebasin", "one.safetensors", "two.safetensors", alpha=0.3, iterations=2,
+                                       parts=parts), e)
+    text = rb.add_step(text, rb.StepForm("weighted_sum", "[step] step1", "three.safetensors", alpha=0.5, parts=parts),
+                       e)
     svc.prepare_recipe(RecipeRequest(text, output_name="probe0"))  # imports and header reads: not the run's cost
     report = {"tensors": [live_tensor_bytes()], "rss": [rss()]}
     for run in range(2):

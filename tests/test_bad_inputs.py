@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_cache import cached_checkpoint, cached_state_dict, place
+from model_cache import cached_checkpoint, cached_state_dict, cached_without_parts, place
 
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict
@@ -85,7 +85,9 @@ def assert_refused(r: subprocess.CompletedProcess, folder: Path, before: list[st
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two fp16 mini fine-tunes of one base, and defective copies of B."""
+    """Two fp16 tiny fine-tunes of one base, defective copies of B, and both without their VAE (`a_novae`,
+    `novae`): a test whose output file is not about the VAE merges those (--parts unet,te) and writes half the
+    bytes."""
     d = tmp_path_factory.mktemp("bad-inputs")
     a = cached_checkpoint(d / "a.safetensors", "tiny", seed=11, base_seed=1)
     b = cached_checkpoint(d / "b.safetensors", "tiny", seed=12, base_seed=1)
@@ -102,8 +104,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cached_state_dict(d / "b_int.safetensors", ints)
     no_vae = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}
     cached_state_dict(d / "b_novae.safetensors", no_vae)
+    cached_state_dict(d / "b_nan_novae.safetensors", {k: v for k, v in nan.items() if k in no_vae})
     return {"dir": d, "a": a, "b": b, "nan": d / "b_nan.safetensors", "int": d / "b_int.safetensors",
-            "novae": d / "b_novae.safetensors"}
+            "novae": d / "b_novae.safetensors", "nan_novae": d / "b_nan_novae.safetensors",
+            "a_novae": cached_without_parts(d / "a_novae.safetensors", a)}
 
 
 @pytest.fixture()
@@ -144,8 +148,8 @@ def test_nan_in_an_input_is_refused_with_its_keys_and_part(pair: dict, out: Path
 
 
 def test_allow_nonfinite_keeps_exactly_the_inputs_nan(pair: dict, out: Path) -> None:
-    r = cli("merge", pair["a"], pair["nan"], "-o", out / "m.safetensors", "--method", "rebasin",
-            "--allow-nonfinite", "-q", cwd=out)
+    r = cli("merge", pair["a_novae"], pair["nan_novae"], "-o", out / "m.safetensors", "--method", "rebasin",
+            "--parts", "unet,te", "--allow-nonfinite", "-q", cwd=out)
     assert r.returncode == 0, r.stderr
     with open_checkpoint(out / "m.safetensors") as ck:
         bad = [k for k in ck.keys() if ck.infos[k].dtype.is_floating_point and not torch.isfinite(ck.get(k)).all()]
@@ -196,7 +200,8 @@ VAE_KEY = "first_stage_model.decoder.conv_out.weight"
 @pytest.fixture(scope="module")
 def nan_sources(pair: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """Sources of output bytes that are not blended, each with one NaN: a VAE file and a checkpoint to bake in,
-    and a model A whose text encoder (copied: --parts unet) and extra key (copied: not a weight) hold NaN.
+    and a model A without a VAE whose text encoder (copied: --parts unet) and extra key (copied: not a weight) hold
+    NaN (merged with B without a VAE).
     Returns {case: (file, the key as that file names it)}; made once for the module's tests, which only read them."""
     where = tmp_path_factory.mktemp("nan-sources")
     with open_checkpoint(pair["b"]) as ck:
@@ -207,7 +212,7 @@ def nan_sources(pair: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     ckpt[VAE_KEY] = sd[VAE_KEY].clone()
     ckpt[VAE_KEY].view(-1)[0] = float("inf")
     te_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
-    with open_checkpoint(pair["a"]) as ck:
+    with open_checkpoint(pair["a_novae"]) as ck:
         a = {k: ck.get(k).clone() for k in ck.keys()}
     te = dict(a)
     te[te_key] = a[te_key].clone()
@@ -223,7 +228,7 @@ def nan_sources(pair: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def _merge_args(pair: dict, case: str, path: Path) -> list[str | Path]:
     if case.startswith("vae"):
         return [pair["a"], pair["b"], "--bake-vae", path]
-    return [path, pair["b"], *(["--parts", "unet"] if case == "copied_part" else [])]
+    return [path, pair["novae"], "--parts", "unet" if case == "copied_part" else "unet,te"]
 
 
 @pytest.mark.parametrize("case", ["vae_file", "vae_checkpoint", "copied_part", "copied_key"])
@@ -468,8 +473,8 @@ def test_recipe_from_an_output_finds_its_inputs_by_hash(pair: dict, tmp_path: Pa
     the folders they were read from; a missing one names --models-dir."""
     made = tmp_path / "made"
     made.mkdir()
-    r = cli("merge", pair["a"], pair["b"], "-o", made / "m.safetensors", "--method", "weighted_sum", "-q",
-            cwd=tmp_path)
+    r = cli("merge", pair["a_novae"], pair["novae"], "-o", made / "m.safetensors", "--method", "weighted_sum",
+            "--parts", "unet,te", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -497,7 +502,8 @@ def test_same_merge_same_bytes_whatever_the_thread_count(pair: dict, tmp_path: P
     outputs = []
     for threads in (1, 2):
         o = tmp_path / f"t{threads}.safetensors"
-        r = cli("merge", pair["a"], pair["b"], "-o", o, "--parts", "unet,te", "-q", cwd=tmp_path, threads=threads)
+        r = cli("merge", pair["a_novae"], pair["novae"], "-o", o, "--parts", "unet,te", "-q", cwd=tmp_path,
+                threads=threads)
         assert r.returncode == 0, r.stderr
         outputs.append(o.read_bytes())
     assert outputs[0] == outputs[1]
@@ -548,10 +554,10 @@ def test_a_pytorch_checkpoint_named_safetensors_is_read(pair: dict, tmp_path: Pa
     """Legal data under the wrong extension gives a correct result, not an error."""
     from model_cache import cached_torch_file
 
-    with open_checkpoint(pair["b"]) as ck:
+    with open_checkpoint(pair["novae"]) as ck:
         cached_torch_file(tmp_path / "b_torch.safetensors", {k: ck.get(k).clone() for k in ck})
-    r = cli("merge", pair["a"], tmp_path / "b_torch.safetensors", "-o", out / "m.safetensors", "--method",
-            "weighted_sum", "-q", cwd=out)
+    r = cli("merge", pair["a_novae"], tmp_path / "b_torch.safetensors", "-o", out / "m.safetensors", "--method",
+            "weighted_sum", "--parts", "unet,te", "-q", cwd=out)
     assert r.returncode == 0, r.stderr
 
 

@@ -68,11 +68,17 @@ _fn_for = fn_for
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from model_cache import cached_checkpoint
+    from model_cache import cached_checkpoint, cached_without_parts, place
 
     d = tmp_path_factory.mktemp("ckpts")
-    cached_checkpoint(d / "one.safetensors", "tiny", seed=1, base_seed=1)
-    cached_checkpoint(d / "two.safetensors", "tiny", seed=2, base_seed=1)
+    full = tmp_path_factory.mktemp("with_vae")
+    # A and B without their VAE where a merge takes the UNet and the text encoder (or less): each output is half
+    # the bytes. The tests that bake a VAE in merge them with theirs (one_vae, two_vae); the base keeps its VAE, the
+    # donor.
+    for seed, name in ((1, "one"), (2, "two")):
+        place(cached_checkpoint(full / f"{name}.safetensors", "tiny", seed=seed, base_seed=1),
+              d / f"{name}_vae.safetensors")
+        cached_without_parts(d / f"{name}.safetensors", full / f"{name}.safetensors")
     cached_checkpoint(d / "base.safetensors", "tiny", seed=0, base_seed=1, delta=0.0)
     return d
 
@@ -110,7 +116,7 @@ def test_tab_merges_with_a_preset_and_method_params(folder):
     run = _fn_for(ui.blocks, ui["merge"])
     frames = list(run(ui.values(task_id="task(b1)", model_a="one.safetensors", model_b="two.safetensors",
                                 model_c="base.safetensors", method="TIES", alpha=0.5, iterations=1,
-                                parts=["UNet", "Text encoder", "VAE"], device="cpu", precision="fp16",
+                                parts=["UNet", "Text encoder"], device="cpu", precision="fp16",
                                 output_name="", overwrite=False, tolerance=1.0, blocks_on=True, blocks_text="WRAP08",
                                 param_ties_density=0.5, param_ties_scale=0.8, param_dare_p=0.9, param_seed=0,
                                 align=False)))
@@ -170,7 +176,7 @@ def test_http_api_takes_blocks_and_method_params(folder):
         assert code == 422 and body["field"] == "dare_p" and "dare_p must be in" in body["detail"]
         code, body = post(f"{api}/merge", {"model_a": "one.safetensors", "model_b": "two.safetensors",
                                            "model_c": "base.safetensors", "method": "dare", "dare_p": 0.5,
-                                           "seed": 4, "blocks": [0.5] * 25, "alpha": 0.25,
+                                           "seed": 4, "blocks": [0.5] * 25, "alpha": 0.25, "parts": ["unet", "te"],
                                            "output_name": "via_api_dare"})
         assert code == 202, body
         job = finished(api, body["job_id"])
@@ -209,7 +215,7 @@ def test_tab_bakes_a_vae_from_the_vae_folder(folder):
         ui["bake_vae"].choices
     run = _fn_for(ui.blocks, ui["merge"])
     # fp16, the models' own precision: the baked VAE holds the donor's very bits
-    merge = dict(model_a="one.safetensors", model_b="two.safetensors", method="Weighted sum", device="cpu",
+    merge = dict(model_a="one_vae.safetensors", model_b="two_vae.safetensors", method="Weighted sum", device="cpu",
                  precision="fp16", blocks_on=False)
     frames = list(run(ui.values(task_id="task(v1)", **merge, parts=["UNet", "Text encoder", "VAE"],
                                 output_name="baked", bake_vae="donor.safetensors")))
@@ -247,8 +253,8 @@ def test_recipe_section_bakes_a_vae_picked_from_the_vae_list(folder):
     text, overview, err = bake("", "donor.safetensors")
     assert err == "" and parse_recipe(text + '[[step]]\na = "donor"\nb = "donor"\n').bake_vae == "donor"
     out = add(ui.values(recipe_text=text, recipe_name="vae chain", recipe_precision="fp16", recipe_device="cpu",
-                        recipe_seed=0, recipe_step=None, recipe_a="one.safetensors", recipe_b="two.safetensors",
-                        recipe_c=None, recipe_alpha=0.5, recipe_iterations=1,
+                        recipe_seed=0, recipe_step=None, recipe_a="one_vae.safetensors",
+                        recipe_b="two_vae.safetensors", recipe_c=None, recipe_alpha=0.5, recipe_iterations=1,
                         recipe_parts=["UNet", "Text encoder", "VAE"], recipe_step_name=""))
     text = out[0]
     assert out[2] == "" and parse_recipe(text).bake_vae == "donor" and "baked in" in out[1]

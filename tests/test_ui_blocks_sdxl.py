@@ -56,11 +56,15 @@ def test_switching_architecture_switches_the_controls() -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model_cache import SDXL_SMALL, cached_checkpoint, cached_sdxl_checkpoint
+    from model_cache import SDXL_SMALL, cached_checkpoint, cached_sdxl_checkpoint, cached_without_parts
 
     d = tmp_path_factory.mktemp("xl_ckpts")
-    cached_sdxl_checkpoint(d / "xl_one.safetensors", SDXL_SMALL, seed=1, base_seed=0)  # read-only hard links
-    cached_sdxl_checkpoint(d / "xl_two.safetensors", SDXL_SMALL, seed=2, base_seed=0)
+    full = tmp_path_factory.mktemp("xl_with_vae")
+    # The SDXL pair without its VAE (block weights weigh the UNet; the merges take the UNet and the text encoders):
+    # each merge writes three quarters of the bytes. Read-only hard links into the model cache.
+    for seed, name in ((1, "xl_one"), (2, "xl_two")):
+        cached_without_parts(d / f"{name}.safetensors",
+                             cached_sdxl_checkpoint(full / f"{name}.safetensors", SDXL_SMALL, seed=seed, base_seed=0))
     cached_checkpoint(d / "sd_one.safetensors", "tiny", seed=1, base_seed=1)
     return d
 
@@ -106,7 +110,7 @@ def test_tab_shows_sdxl_sliders_for_an_sdxl_model_a_and_merges(folder: Path) -> 
         GRAD_V_XL)
     run = _listener(ui.blocks, ui["merge"], "run_merge")
     merge = {"model_a": "xl_one.safetensors", "model_b": "xl_two.safetensors", "method": "Weighted sum",
-             "device": "cpu", "precision": "fp16", "parts": ["UNet", "Text encoder", "VAE"], "blocks_on": True}
+             "device": "cpu", "precision": "fp16", "parts": ["UNet", "Text encoder"], "blocks_on": True}
     last = list(run(ui.values(task_id="task(x1)", **merge, output_name="xl_gradv", blocks_text=text)))[-1]
     assert last[0] == "" and "rebasin-done" in last[1] and ">OUT08<" in last[1], last[:3]
     recipe = _recipe(folder / "xl_gradv.safetensors")
@@ -124,13 +128,13 @@ def test_http_api_takes_twenty_values_and_presets_for_sdxl(folder: Path) -> None
     from api_client import finished, post, standalone_api
 
     pair = {"model_a": "xl_one.safetensors", "model_b": "xl_two.safetensors", "method": "weighted_sum",
-            "precision": "fp16"}
+            "precision": "fp16", "parts": ["unet", "te"]}
     values = [round(0.05 * i, 2) for i in range(20)]
     with standalone_api(folder) as api:
         code, body = post(f"{api}/merge", {**pair, "blocks": [0.5] * 26, "output_name": "api_bad"})
         assert code == 422 and body["field"] == "blocks" and "need 20 values" in body["detail"], body
         code, body = post(f"{api}/merge", {"model_a": "sd_one.safetensors", "model_b": "xl_two.safetensors",
-                                           "blocks": values})
+                                           "parts": ["unet", "te"], "blocks": values})
         assert code == 400 and body["detail"] == ("Model A is SD 1.x but model B is SDXL; models of different "
                                                   "architectures cannot be merged."), body
         code, body = post(f"{api}/merge", {**pair, "blocks": values, "output_name": "api_values"})

@@ -31,10 +31,10 @@ from .train import Trained
 
 
 def planted_permutation(width: int, a: Trained, es: EvalSet, work: Path, seed: int = 7,
-                        match_images: int = 64, activation_prompts: int = 16) -> dict:
+                        match_images: int = 64, activation_prompts: int = 16, export: bool = True) -> dict:
     spec = build_spec(sd_config(width))
     perms = random_perms(spec.groups_in(("unet", "te")), seed)
-    a_path = single_file(a)
+    a_path = single_file(a, export)
     ldm_a = load_file(str(a_path))
     ldm_b = {k: permute_tensor(spec, k, v, perms) for k, v in ldm_a.items()}
     moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
@@ -57,9 +57,9 @@ def planted_permutation(width: int, a: Trained, es: EvalSet, work: Path, seed: i
             "rebasin_merge_max_abs_diff_from_a": max_diff, "activation_matching_max_abs_diff_from_a": am_diff}
 
 
-def same_base_identity(a: Trained, b: Trained, work: Path) -> dict:
-    rb = merge(single_file(a), single_file(b), REBASIN, 0.5, work)
-    ws = merge(single_file(a), single_file(b), WEIGHTED_SUM, 0.5, work)
+def same_base_identity(a: Trained, b: Trained, work: Path, export: bool = True) -> dict:
+    rb = merge(single_file(a, export), single_file(b, export), REBASIN, 0.5, work)
+    ws = merge(single_file(a, export), single_file(b, export), WEIGHTED_SUM, 0.5, work)
     differing = [k for k in ws.ldm if not torch.equal(ws.ldm[k], rb.ldm[k])]
     return {"units_moved": sum(m for m, _ in rb.moved.values()), "keys": len(ws.ldm),
             "keys_differing": len(differing), "bit_identical": not differing and set(ws.ldm) == set(rb.ldm)}

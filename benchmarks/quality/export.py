@@ -12,7 +12,11 @@ from .layout import sd_config, vae_ldm
 from .train import Trained
 
 
-def single_file(t: Trained) -> Path:
+def single_file(t: Trained, export: bool = True) -> Path:
+    """The model's single-file checkpoint, written the first time; `export=False`: the trained file itself (its UNet
+    and text encoder, all that a merge of the benchmark's parts reads; a profile that never needs the VAE)."""
+    if not export:
+        return t.path
     out = t.path.with_name(t.path.stem + "-sd15layout.safetensors")
     if not out.exists():
         ldm = load_file(str(t.path))

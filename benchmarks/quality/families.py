@@ -32,6 +32,8 @@ class Profile:
     ddim_steps: int = DDIM_STEPS            # DDIM steps of each skill sample
     control_prompts: int = 16               # the planted-permutation control's activation matching prompts
     resumable: bool = True                  # keep the state a longer run trains on from (train.py)
+    exports: bool = True                    # merge each model's single-file export (export.py, with the VAE);
+                                            # False: its trained file (UNet and text encoder, all a merge reads)
 
 
 # Sized for the 2-core machine at one thread per model (0.65-0.8 s a step at width 32, batch 32; measured
@@ -55,9 +57,11 @@ QUICK = Profile("quick", batch=16, widths=(), independent_steps={32: 16}, milest
 # permutation control runs activation matching on the core's default number of prompts: the control asks for the
 # exact permutation back, which a permuted copy of A gives on any prompts.
 # Its models are never trained longer, so they keep no optimizer state (twice each model's size) to resume from:
-# resuming is tested on its own (tests/test_train.py).
+# resuming is tested on its own (tests/test_train.py). Its merges read the trained files, not their exports with
+# the VAE (1.6 times a trained file), which only legacy mode would read: the smoke profile's methods merge the
+# UNet and the text encoder, from the same tensors either way.
 SMOKE = replace(QUICK, name="smoke", base_steps=8, finetune_steps=3, independent_steps={32: 8}, ddim_steps=3,
-                control_prompts=4, resumable=False)
+                control_prompts=4, resumable=False, exports=False)
 PROFILES = {p.name: p for p in (FULL, QUICK, SMOKE)}
 # Activation matching's inputs: this many training images, each at 5 timesteps (16 already recover a planted
 # permutation exactly, and so do smoke's 4; quick mode only runs that control).

@@ -57,7 +57,7 @@ def grid(images: torch.Tensor, labels: torch.Tensor) -> list[list[list[float]]]:
 def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, methods: list[Method],
                    alphas: tuple[float, ...], es: EvalSet, per_class: int, work: Path, log,
                    match_images: int = 64, cache: "SectionCache | None" = None, part: str = "",
-                   ddim_steps: int = DDIM_STEPS) -> dict:
+                   ddim_steps: int = DDIM_STEPS, export: bool = True) -> dict:
     """The parents, then each method's curve over alpha (and skills at 0.5), a method's result reused from
     `cache` (under `part`, the section's name) when that method was measured before."""
     family = {"parents": {"A": _parent(width, a, es, per_class, ddim_steps),
@@ -73,8 +73,8 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
             continue
         row = {"curve": {}, "merge_seconds": {}}
         for alpha in alphas:
-            merged = merge(single_file(a), single_file(b), m, alpha, work, single_file(base) if base else None,
-                           match_images)
+            merged = merge(single_file(a, export), single_file(b, export), m, alpha, work,
+                           single_file(base, export) if base else None, match_images)
             model = Model(width, merged.ldm)
             loss = heldout_loss(model, es)
             row["curve"][str(alpha)] = loss["mean"]
@@ -96,10 +96,10 @@ def measure_family(width: int, a: Trained, b: Trained, base: Trained | None, met
 
 
 def at_half(width: int, a: Trained, b: Trained, m: Method, parents_mean: float, es: EvalSet, work: Path,
-            match_images: int) -> dict:
+            match_images: int, export: bool = True) -> dict:
     """One method's merge of an independent pair at alpha 0.5: held-out loss, barrier over the parents' mean
     loss, merge time, and (for an aligning method) how much it moved."""
-    merged = merge(single_file(a), single_file(b), m, 0.5, work, match_images=match_images)
+    merged = merge(single_file(a, export), single_file(b, export), m, 0.5, work, match_images=match_images)
     loss = heldout_loss(Model(width, merged.ldm), es)["mean"]
     one = {"loss": loss, "barrier": loss - parents_mean, "merge_seconds": merged.seconds}
     if merged.moved:
@@ -153,7 +153,7 @@ def sweep(p: Profile, root: Path, es: EvalSet, work: Path, log, cache: "SectionC
                    "loss": {}, "merge_seconds": {}}
             for m in have:
                 if (one := cache.method_get(row_name, m)) is None:
-                    one = at_half(width, a, b, m, (la + lb) / 2, es, work, MATCH_IMAGES[p.name])
+                    one = at_half(width, a, b, m, (la + lb) / 2, es, work, MATCH_IMAGES[p.name], p.exports)
                     cache.method_put(row_name, m, one)
                 for field in ("loss", "barrier", "merge_seconds", "units_moved", "similarity"):
                     if field in one:
@@ -192,6 +192,8 @@ class SectionCache:
             del profile["ddim_steps"]
         if p.control_prompts == FULL.control_prompts:  # likewise
             del profile["control_prompts"]
+        if p.exports:  # likewise (merges of the trained files, without the VAE, count fewer keys)
+            del profile["exports"]
         self.base = {"profile": profile, "version": RESULTS_VERSION}
         ident = {**self.base, "methods": [m.ident for m in methods], "sweep_methods": [m.ident for m in SWEEP_METHODS]}
         self.key = _digest(ident)
@@ -262,18 +264,19 @@ def run(p: Profile, root: Path, sections: tuple[str, ...] = SECTIONS, may_train:
         a, _ = independent()
         _, low, high = same_base()
         return {"planted_permutation": planted_permutation(w, a, es, work, match_images=MATCH_IMAGES[p.name],
-                                                           activation_prompts=p.control_prompts),
-                "same_base_identity": same_base_identity(low, high, work)}
+                                                           activation_prompts=p.control_prompts, export=p.exports),
+                "same_base_identity": same_base_identity(low, high, work, p.exports)}
 
     def independent_family() -> dict:
         a, b = independent()
         return {"width": w, **measure_family(w, a, b, None, methods, p.alphas, es, p.samples_per_class, work, log,
-                                            MATCH_IMAGES[p.name], cache, "independent", p.ddim_steps)}
+                                            MATCH_IMAGES[p.name], cache, "independent", p.ddim_steps, p.exports)}
 
     def same_base_family_() -> dict:
         base, low, high = same_base()
         return {"width": w, **measure_family(w, low, high, base, methods, p.alphas, es, p.samples_per_class,
-                                             work, log, MATCH_IMAGES[p.name], cache, "same_base", p.ddim_steps)}
+                                             work, log, MATCH_IMAGES[p.name], cache, "same_base", p.ddim_steps,
+                                             p.exports)}
 
     compute = {"controls": controls, "independent": independent_family, "same_base": same_base_family_,
                "sweep": lambda: {"rows": sweep(p, root, es, work, log, cache, may_train),
