@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from benchmarks.quality import export as export_module
 from benchmarks.quality import layout
 from benchmarks.quality import train as train_module
+from benchmarks.quality.export import single_file
 from benchmarks.quality.train import TrainConfig, load_ldm, train
 
 # Resuming is the same code at any width: a width-8 UNet (8 GroupNorm groups of one channel; the benchmark's models
@@ -50,3 +54,26 @@ def test_training_longer_resumes_the_shorter_run(tmp_path: Path, monkeypatch: py
     models = tmp_path / "resumed" / "models"
     assert [p.name for p in models.glob("*.resume.pt")] == [f"{resumed[4].config.key()}.resume.pt"]
     assert not list(models.glob("*.tmp"))
+
+
+def test_the_single_file_export_is_the_trained_model_plus_the_shared_vae_written_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's full profiles merge these exports (the smoke run merges the trained files): every trained
+    tensor unchanged, the shared VAE added, written the first time it is asked for and atomically."""
+    torch.set_num_threads(1)
+    for module in (train_module, export_module):
+        monkeypatch.setattr(module, "sd_config", lambda width: replace(layout.sd_config(width), gn_groups=WIDTH))
+    t = train(tmp_path, TrainConfig(WIDTH, init_seed=1, data_seed=101, steps=2, batch=2), log=_quiet,
+              resumable=False)[2]
+    assert single_file(t, export=False) == t.path
+    out = single_file(t)
+    trained, exported = load_file(str(t.path)), load_file(str(out))
+    vae = {k for k in exported if k.startswith("first_stage_model.")}
+    assert vae and set(exported) == set(trained) | vae
+    assert all(torch.equal(exported[k], v) for k, v in trained.items())
+    assert all(torch.equal(exported[k], v) for k, v in layout.vae_ldm(export_module.sd_config(WIDTH)).items())
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["benchmark"] == "quality"
+    stamp = out.stat().st_mtime_ns
+    assert single_file(t) == out and out.stat().st_mtime_ns == stamp
+    assert not list(out.parent.glob("*.tmp"))
