@@ -20,7 +20,7 @@ from ..progress import Reporter
 from .blend import Blend, BlockBlend, KeyFunctionBlend
 from .diagnostics import Diagnostics, accumulate_objective
 from .preflight import Prepared, output_entries
-from .repair_step import Corrections, corrected
+from .repair_step import Corrections, corrected, has_correction
 from .vae_bake import BakedVAE
 
 
@@ -140,10 +140,12 @@ class OutputTensors:
         key_blend = blend.for_key(key) if isinstance(blend, BlockBlend) else blend
         terms = len(key_blend.terms) if isinstance(key_blend, Blend) else 3
         found: list[float] = []
+        # A Blend casts to the output's dtype as it goes, unless REPAIR's correction is still to be folded in (fp64).
+        dtype = None if has_correction(self._repaired, key) else self._dtypes[key]
 
         def attempt(dev: torch.device) -> torch.Tensor:
             found[:] = [0.0, 0.0, 0.0, 0.0]
-            return self._blended(key, key_blend, dev, found)
+            return self._blended(key, key_blend, dev, found, dtype)
 
         t = self._budget.run("blend", blend_need(self._spec.shapes.get(key, ()), terms), attempt)
         if self.measure and self._spec.axes.get(key):
@@ -153,12 +155,17 @@ class OutputTensors:
         return self._finish(key, t)
 
     def _blended(self, key: str, key_blend: Blend | KeyFunctionBlend, dev: torch.device,
-                 acc: list[float]) -> torch.Tensor:
+                 acc: list[float], dtype: torch.dtype | None) -> torch.Tensor:
         spec, get_b = self._spec, self._get_b
-        if not (self.measure and spec.axes.get(key)):
+        measured = self.measure and spec.axes.get(key)
+        if not isinstance(key_blend, Blend):
+            if measured:
+                accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, self._perms)
             return key_blend(key, device=dev)
-        if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
+        if not measured:
+            return key_blend(key, device=dev, dtype=dtype)
+        if len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
             # (1-a) A + a pi(B): the objective from the values the blend widens anyway.
-            return key_blend(key, device=dev, objective=acc)
+            return key_blend(key, device=dev, objective=acc, dtype=dtype)
         accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, self._perms)
-        return key_blend(key, device=dev)
+        return key_blend(key, device=dev, dtype=dtype)
