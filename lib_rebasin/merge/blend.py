@@ -16,6 +16,11 @@ from ..io.model_input import ModelInput
 from . import diagnostics
 from .diagnostics import ChunkedGram, accumulate
 
+# Takes the next piece of a tensor's value, in order (the streamed write: `io/output_file.write_safetensors`).
+Sink = Callable[[torch.Tensor], None]
+# Bytes of output handed to a sink at a time: small enough to be still in the CPU's cache when written.
+SINK_BYTES = 4 << 20
+
 
 @dataclass
 class Term:
@@ -39,13 +44,16 @@ class Blend:
         self.spec, self.terms, self.device = spec, terms, device
 
     def __call__(self, key: str, device: torch.device | None = None, objective: list[float] | None = None,
-                 chunked: bool | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                 chunked: bool | None = None, dtype: torch.dtype | None = None,
+                 sink: Sink | None = None) -> torch.Tensor:
         """The blended fp32 value of `key`, or with `dtype` that value cast to it (the same bits as casting the
         returned fp32 tensor: each element is rounded once, whichever way they are visited). `device` overrides
         the blend's own for this key (device_budget.py's fallback). `objective` (two terms, A and pi(B)): <A,B>,
         <A,pi(B)>, |A|^2, |B|^2 of the key are added to it (`diagnostics.accumulate`), from the fp32 values the
         blend uses. `chunked`: a chunk at a time (default: on a CPU device) or whole tensors; the same bits either
-        way."""
+        way. `sink` (with `dtype`): a value made a chunk at a time is handed to it as well, piece by piece in order
+        (`SINK_BYTES` at a time), while the pieces are in the cache; a value made whole is not (the caller writes
+        the returned tensor then)."""
         device = device or self.device
         if objective is not None and len(self.terms) != 2:
             raise ValueError("the objective is measured on a blend of two terms, A and pi(B)")
@@ -67,7 +75,7 @@ class Blend:
                 out[common] += w * v[common]
             return out if dtype is None else out.to(dtype)
         if chunked if chunked is not None else device.type == "cpu":
-            return _in_chunks(weights, values, b, objective, dtype)
+            return _in_chunks(weights, values, b, objective, dtype, sink if dtype is not None else None)
         wide = [v.to(torch.float32) for v in values]
         if objective is not None:
             accumulate(objective, wide[0], wide[1] if b is None else b.to(torch.float32), wide[1])
@@ -78,7 +86,7 @@ class Blend:
 
 
 def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor | None,
-               objective: list[float] | None, dtype: torch.dtype | None) -> torch.Tensor:
+               objective: list[float] | None, dtype: torch.dtype | None, sink: Sink | None) -> torch.Tensor:
     """`Blend.__call__` a chunk at a time (same-shaped terms): each chunk of every term is widened to fp32 once
     (fp32 terms are read in place) into a cache-sized buffer, where it serves the blend and, with `objective`, the
     objective's Gram matrix (`ChunkedGram`: the chunks `accumulate` takes, so the same float64 sums). With a
@@ -99,6 +107,8 @@ def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor
     # the chunks of every source and of the output, split in one call each.
     rows = list(torch.empty(len(narrow) + cast, width, dtype=torch.float32, device=device).unbind(0))
     terms = len(values)
+    piece = max(step, SINK_BYTES // out.element_size() // step * step)  # whole chunks
+    lo = done = 0
     for dst, *x in zip(flat.split(step), *(s.split(step) for s in srcs), strict=True):
         if len(dst) < width:  # the last chunk
             rows = [row[:len(dst)] for row in rows]
@@ -112,6 +122,10 @@ def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor
             dst.copy_(chunk)
         if gram is not None:
             gram.add(x if b is None else [x[0], x[2], x[1]])  # `accumulate`'s rows: A, B, pi(B)
+        done += len(dst)
+        if sink is not None and (done - lo >= piece or done == n):
+            sink(flat[lo:done])
+            lo = done
     if gram is not None and objective is not None:
         gram.add_to(objective)
     return out
