@@ -110,8 +110,9 @@ def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor
     piece = max(step, SINK_BYTES // out.element_size() // step * step)  # whole chunks
     lo = done = 0
     for dst, *x in zip(flat.split(step), *(s.split(step) for s in srcs), strict=True):
-        if len(dst) < width:  # the last chunk
-            rows = [row[:len(dst)] for row in rows]
+        k = min(step, n - done)  # counted, not asked of the tensor (Tensor.__len__ is Python, thousands of calls)
+        if k < width:  # the last chunk
+            rows = [row[:k] for row in rows]
         for i, row in zip(narrow, rows, strict=False):
             x[i] = row.copy_(x[i])
         chunk = rows[-1] if cast else dst
@@ -122,7 +123,7 @@ def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor
             dst.copy_(chunk)
         if gram is not None:
             gram.add(x if b is None else [x[0], x[2], x[1]])  # `accumulate`'s rows: A, B, pi(B)
-        done += len(dst)
+        done += k
         if sink is not None and (done - lo >= piece or done == n):
             sink(flat[lo:done])
             lo = done
