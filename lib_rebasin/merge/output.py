@@ -148,7 +148,10 @@ class OutputTensors:
 
         def attempt(dev: torch.device) -> torch.Tensor:
             found[:] = [0.0, 0.0, 0.0, 0.0]
-            return self._blended(key, key_blend, dev, found, dtype, sink if dtype is not None else None)
+            # What the sink takes is written at once: only an attempt that is not repeated elsewhere after running
+            # out of memory hands its pieces out (a GPU's blend is whole tensors anyway).
+            final = dev == self._budget.fallback or not self._budget.limited
+            return self._blended(key, key_blend, dev, found, dtype, sink if dtype is not None and final else None)
 
         t = self._budget.run("blend", blend_need(self._spec.shapes.get(key, ()), terms), attempt)
         if self.measure and self._spec.axes.get(key):
