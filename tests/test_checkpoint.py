@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -185,6 +186,32 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
         write_safetensors(tmp_path / "o.safetensors", [("a", (2,), torch.float32), ("b", (2,), torch.float32)],
                           produce)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_streamed_write_is_the_whole_tensors_write(tmp_path: Path) -> None:
+    """`streamed`: the data produce hands to the sink, piece by piece, is written in place of the tensor it
+    returns (byte for byte the file of the plain write); a tensor handed to the sink only in part is an error,
+    and then nothing is left."""
+    values = {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(6, dtype=torch.float16)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in values.items()]
+    plain = write_safetensors(tmp_path / "plain.safetensors", entries, values.__getitem__)
+
+    def in_pieces(key: str, sink: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        if key == "a":  # "b" is returned whole, without the sink
+            for lo in range(0, 10, 4):
+                sink(values[key][lo:lo + 4])
+        return values[key]
+
+    streamed = write_safetensors(tmp_path / "streamed.safetensors", entries, in_pieces, streamed=True)
+    assert streamed.read_bytes() == plain.read_bytes()
+
+    def partly(key: str, sink: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        sink(values[key][:3])
+        return values[key]
+
+    with pytest.raises(AssertionError, match="handed to the sink"):
+        write_safetensors(tmp_path / "partly.safetensors", entries, partly, streamed=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "streamed.safetensors"]
 
 
 def test_same_model_twice_is_refused(models: dict[str, Path], tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import io
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -212,10 +213,9 @@ def test_each_heavy_step_computes_on_the_device_its_budget_chose(tiny_models: di
     real_blend = Blend.__call__
 
     # the one blend of every linear merge, whole tensors or (on a CPU-type device) a chunk at a time
-    def blend_spy(self: Blend, key: str, device: torch.device | None = None, objective: list[float] | None = None,
-                  chunked: bool | None = None) -> torch.Tensor:
+    def blend_spy(self: Blend, key: str, device: torch.device | None = None, **kw: Any) -> torch.Tensor:
         blend_devices.add(torch.device(device or self.device))
-        return real_blend(self, key, device, objective, chunked)
+        return real_blend(self, key, device, **kw)
 
     monkeypatch.setattr(Blend, "__call__", blend_spy)
     opts = MergeOptions(precision="fp32", matching="activations", activation_samples=1, repair=True)

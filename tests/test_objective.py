@@ -75,6 +75,42 @@ def test_the_blend_in_chunks_is_the_whole_tensor_blend_bit_for_bit(monkeypatch: 
     assert chunked == whole and whole[2] > 0
 
 
+@pytest.mark.parametrize("out", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_blend_cast_a_chunk_at_a_time_is_the_whole_blend_cast(monkeypatch: pytest.MonkeyPatch,
+                                                                   out: torch.dtype) -> None:
+    """With the output's dtype, each chunk is summed in a cache-sized fp32 buffer and cast from there, and with a
+    sink handed out in order, whole chunks at a time: the bytes of the whole fp32 blend cast after, the same
+    objective, and the pieces make up the returned tensor."""
+    from types import SimpleNamespace
+
+    from lib_rebasin.merge import blend as blend_module
+    from lib_rebasin.merge.blend import Blend, Term
+
+    monkeypatch.setattr(diagnostics, "OBJECTIVE_CHUNK", 64)
+    monkeypatch.setattr(blend_module, "SINK_BYTES", 300)  # two fp16 chunks a piece, one fp32 chunk
+    gen = torch.Generator().manual_seed(9)
+    a = (100 * torch.randn(37, 11, generator=gen)).half()  # 407 elements: six whole chunks and a partial one
+    b = (a.float() + 5 * torch.randn(37, 11, generator=gen)).half()
+    spec = SimpleNamespace(axes={"w": {0: [("g", 37, 0)]}})
+    perms = {"g": torch.randperm(37, generator=gen)}
+    blend = Blend(spec, [Term(0.3, {"w": a}.__getitem__, {}), Term(0.7, {"w": b}.__getitem__, perms)],
+                  torch.device("cpu"))
+    whole = [0.0] * 4
+    want = blend("w", objective=whole, chunked=False).to(out)
+    pieces: list[torch.Tensor] = []
+    chunked = [0.0] * 4
+    got = blend("w", objective=chunked, dtype=out, sink=lambda t: pieces.append(t.clone()))
+    assert got.dtype == out and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert chunked == whole
+    per_piece = 128 if out != torch.float32 else 64
+    assert [len(p) for p in pieces] == [per_piece] * (407 // per_piece) + [407 % per_piece]
+    assert torch.equal(torch.cat(pieces).view(torch.uint8), got.reshape(-1).view(torch.uint8))
+    # made whole (here: not on a CPU device's chunked path), the value is cast and nothing is handed out
+    pieces.clear()
+    alone = blend("w", dtype=out, chunked=False, sink=pieces.append)
+    assert pieces == [] and torch.equal(alone.view(torch.uint8), want.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_a_blend_of_any_terms_in_chunks_is_the_whole_tensor_blend_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
                                                                                dtype: torch.dtype) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..archspec import Structure
 from .permute import is_legal
@@ -37,6 +36,10 @@ def row_argmax_certificate(C: torch.Tensor, structure: Structure) -> torch.Tenso
 
 
 def lap(C: np.ndarray) -> tuple[np.ndarray, float]:
+    # Imported at the first solve: a merge that solves nothing (a weighted sum, or a re-basin of fine-tunes of one
+    # base whose every visit is certified) does not pay for importing scipy.optimize (about 0.8 s of CPU).
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(C, maximize=True)
     return cols, float(C[rows, cols].sum())
 

@@ -103,9 +103,10 @@ def output_bytes(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]], me
 
 
 def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                      produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      produce: Callable[..., torch.Tensor], metadata: Mapping[str, str] | None = None,
                       overwrite: bool = False,
-                      finalize_metadata: Callable[[], Mapping[str, str]] | None = None) -> Path:
+                      finalize_metadata: Callable[[], Mapping[str, str]] | None = None,
+                      streamed: bool = False) -> Path:
     """Stream tensors into `path` atomically.
 
     `entries` fixes the order, shapes and dtypes up front so the header can be written first; `produce(key)` is
@@ -133,10 +134,21 @@ def write_safetensors(path: str | os.PathLike[str], entries: Iterable[tuple[str,
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
+            sunk = [0]
+
+            def sink(piece: torch.Tensor) -> None:
+                f.write(piece.reshape(-1).view(torch.uint8).numpy().data)
+                sunk[0] += piece.numel() * piece.element_size()
+
             for key, shape, dtype in entries:
-                t = produce(key)
+                sunk[0] = 0
+                t = produce(key, sink) if streamed else produce(key)
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                     raise AssertionError(f"{key}: produced {tuple(t.shape)} {t.dtype}, declared {shape} {dtype}")
+                if sunk[0]:
+                    if sunk[0] != t.numel() * t.element_size():
+                        raise AssertionError(f"{key}: {sunk[0]} bytes handed to the sink, {t.nbytes} produced")
+                    continue
                 t = t.detach().to("cpu").contiguous()
                 if t.numel():
                     f.write(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -16,6 +16,11 @@ from ..io.model_input import ModelInput
 from . import diagnostics
 from .diagnostics import ChunkedGram, accumulate
 
+# Takes the next piece of a tensor's value, in order (the streamed write: `io/output_file.write_safetensors`).
+Sink = Callable[[torch.Tensor], None]
+# Bytes of output handed to a sink at a time: small enough to be still in the CPU's cache when written.
+SINK_BYTES = 4 << 20
+
 
 @dataclass
 class Term:
@@ -31,17 +36,24 @@ class Blend:
 
     On a CPU device the terms are blended a chunk (`diagnostics.OBJECTIVE_CHUNK` elements) at a time: each term's
     chunk is widened to fp32 into one cache-sized buffer and added there, instead of a whole fp32 copy per term
-    written to memory and read back. Elsewhere (a GPU), and where A is wider than the other terms, whole tensors."""
+    written to memory and read back; given the output's dtype, each chunk is cast to it there as well, so no fp32
+    copy of the whole tensor is made. Elsewhere (a GPU), and where A is wider than the other terms, whole
+    tensors."""
 
     def __init__(self, spec: ArchSpec[Any], terms: list[Term], device: torch.device) -> None:
         self.spec, self.terms, self.device = spec, terms, device
 
     def __call__(self, key: str, device: torch.device | None = None, objective: list[float] | None = None,
-                 chunked: bool | None = None) -> torch.Tensor:
-        """The blended fp32 value of `key`. `device` overrides the blend's own for this key (device_budget.py's
-        fallback). `objective` (two terms, A and pi(B)): <A,B>, <A,pi(B)>, |A|^2, |B|^2 of the key are added to it
-        (`diagnostics.accumulate`), from the fp32 values the blend uses. `chunked`: a chunk at a time (default: on
-        a CPU device) or whole tensors; the same bits either way."""
+                 chunked: bool | None = None, dtype: torch.dtype | None = None,
+                 sink: Sink | None = None) -> torch.Tensor:
+        """The blended fp32 value of `key`, or with `dtype` that value cast to it (the same bits as casting the
+        returned fp32 tensor: each element is rounded once, whichever way they are visited). `device` overrides
+        the blend's own for this key (device_budget.py's fallback). `objective` (two terms, A and pi(B)): <A,B>,
+        <A,pi(B)>, |A|^2, |B|^2 of the key are added to it (`diagnostics.accumulate`), from the fp32 values the
+        blend uses. `chunked`: a chunk at a time (default: on a CPU device) or whole tensors; the same bits either
+        way. `sink` (with `dtype`): a value made a chunk at a time is handed to it as well, piece by piece in order
+        (`SINK_BYTES` at a time), while the pieces are in the cache; a value made whole is not (the caller writes
+        the returned tensor then)."""
         device = device or self.device
         if objective is not None and len(self.terms) != 2:
             raise ValueError("the objective is measured on a blend of two terms, A and pi(B)")
@@ -61,26 +73,29 @@ class Blend:
             out[common] = 0
             for w, v in zip(weights, wide, strict=True):
                 out[common] += w * v[common]
-            return out
+            return out if dtype is None else out.to(dtype)
         if chunked if chunked is not None else device.type == "cpu":
-            return _in_chunks(weights, values, b, objective)
+            return _in_chunks(weights, values, b, objective, dtype, sink if dtype is not None else None)
         wide = [v.to(torch.float32) for v in values]
         if objective is not None:
             accumulate(objective, wide[0], wide[1] if b is None else b.to(torch.float32), wide[1])
         out = torch.zeros(shape, dtype=torch.float32, device=device)
         for w, v in zip(weights, wide, strict=True):
             out.add_(v, alpha=w)
-        return out
+        return out if dtype is None else out.to(dtype)
 
 
 def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor | None,
-               objective: list[float] | None) -> torch.Tensor:
+               objective: list[float] | None, dtype: torch.dtype | None, sink: Sink | None) -> torch.Tensor:
     """`Blend.__call__` a chunk at a time (same-shaped terms): each chunk of every term is widened to fp32 once
     (fp32 terms are read in place) into a cache-sized buffer, where it serves the blend and, with `objective`, the
-    objective's Gram matrix (`ChunkedGram`: the chunks `accumulate` takes, so the same float64 sums)."""
+    objective's Gram matrix (`ChunkedGram`: the chunks `accumulate` takes, so the same float64 sums). With a
+    narrower `dtype` each blended chunk is summed in a cache-sized fp32 buffer and cast from there: the output is
+    written once, in its own precision, instead of as fp32 that the cast then reads back."""
     srcs = [v.reshape(-1) for v in values] + ([] if b is None else [b.reshape(-1)])
     n, device = srcs[0].numel(), srcs[0].device
-    out = torch.empty(values[0].shape, dtype=torch.float32, device=device)
+    cast = dtype is not None and dtype != torch.float32
+    out = torch.empty(values[0].shape, dtype=dtype if cast else torch.float32, device=device)
     flat = out.view(-1)
     gram = None
     if objective is not None:
@@ -88,19 +103,30 @@ def _in_chunks(weights: list[float], values: list[torch.Tensor], b: torch.Tensor
     step = diagnostics.OBJECTIVE_CHUNK
     width = min(n, step)
     narrow = [i for i, s in enumerate(srcs) if s.dtype != torch.float32]
-    buf = list(torch.empty(len(narrow), width, dtype=torch.float32, device=device).unbind(0))  # views made once
+    # Views made once per key (thousands of chunks each): the widened terms' rows, then (casting) the fp32 sum's;
+    # the chunks of every source and of the output, split in one call each.
+    rows = list(torch.empty(len(narrow) + cast, width, dtype=torch.float32, device=device).unbind(0))
     terms = len(values)
-    for lo in range(0, n, step):
-        k = min(step, n - lo)
-        x = [s[lo:lo + k] for s in srcs]
-        for i, row in zip(narrow, buf, strict=True):
-            x[i] = (row if k == width else row[:k]).copy_(x[i])
-        chunk = flat[lo:lo + k]
+    piece = max(step, SINK_BYTES // out.element_size() // step * step)  # whole chunks
+    lo = done = 0
+    for dst, *x in zip(flat.split(step), *(s.split(step) for s in srcs), strict=True):
+        k = min(step, n - done)  # counted, not asked of the tensor (Tensor.__len__ is Python, thousands of calls)
+        if k < width:  # the last chunk
+            rows = [row[:k] for row in rows]
+        for i, row in zip(narrow, rows, strict=False):
+            x[i] = row.copy_(x[i])
+        chunk = rows[-1] if cast else dst
         chunk.zero_()
         for w, v in zip(weights, x[:terms], strict=True):
             chunk.add_(v, alpha=w)
+        if cast:
+            dst.copy_(chunk)
         if gram is not None:
             gram.add(x if b is None else [x[0], x[2], x[1]])  # `accumulate`'s rows: A, B, pi(B)
+        done += k
+        if sink is not None and (done - lo >= piece or done == n):
+            sink(flat[lo:done])
+            lo = done
     if gram is not None and objective is not None:
         gram.add_to(objective)
     return out

@@ -172,16 +172,20 @@ class ChunkedGram:
 
     def __init__(self, rows: int, n: int, device: torch.device) -> None:
         self.n, self.chunk = n, OBJECTIVE_CHUNK
-        self.buf = torch.empty(rows, min(n, self.chunk), dtype=torch.float64, device=device)
+        self.width = min(n, self.chunk)
+        self.buf = torch.empty(rows, self.width, dtype=torch.float64, device=device)
         self.rows = list(self.buf.unbind(0))  # views made once: thousands of chunks per key
         self.gram = torch.zeros(rows, rows, dtype=torch.float64, device=device)
 
     def add(self, chunks: list[torch.Tensor]) -> None:
         """The next chunk of each tensor (1-D, `chunk` elements but for the last, any float dtype)."""
         k = chunks[0].numel()
-        x = self.buf if k == self.buf.shape[1] else self.buf[:, :k]
-        for row, chunk in zip(self.rows, chunks, strict=True):
-            (row[:k] if k < len(row) else row).copy_(chunk)
+        if k == self.width:
+            x, rows = self.buf, self.rows
+        else:  # the last chunk
+            x, rows = self.buf[:, :k], [row[:k] for row in self.rows]
+        for row, chunk in zip(rows, chunks, strict=True):
+            row.copy_(chunk)
         self.gram.addmm_(x, x.T)
 
     def add_to(self, acc: list[float]) -> None:

@@ -59,7 +59,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from ..arguments import check_arguments
 from ..errors import IncompatibleModelsError, RebasinError
@@ -124,6 +123,8 @@ def _match(ref: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, torc
     n = ref[0].numel()
     cost = np.outer(ref[0].numpy(), cur[0].numpy())
     cost += np.outer(ref[1].numpy(), cur[1].numpy())
+    from scipy.optimize import linear_sum_assignment  # at the first solve, as in align/assignment.py
+
     _, cols = linear_sum_assignment(cost, maximize=True)
     perm = torch.from_numpy(cols).long()
     if tool_dot:

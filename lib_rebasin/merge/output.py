@@ -17,10 +17,10 @@ from ..io.model_input import ModelInput
 from ..io.precisions import PRECISIONS
 from ..parts import part_of
 from ..progress import Reporter
-from .blend import Blend, BlockBlend, KeyFunctionBlend
+from .blend import Blend, BlockBlend, KeyFunctionBlend, Sink
 from .diagnostics import Diagnostics, accumulate_objective
 from .preflight import Prepared, output_entries
-from .repair_step import Corrections, corrected
+from .repair_step import Corrections, corrected, has_correction
 from .vae_bake import BakedVAE
 
 
@@ -108,15 +108,17 @@ class OutputTensors:
         self.measure = opts.aligned
         self._objective = {p: [0.0, 0.0, 0.0, 0.0] for p in parts}
 
-    def produce(self, key: str) -> torch.Tensor:
+    def produce(self, key: str, sink: Sink | None = None) -> torch.Tensor:
         """Every output tensor, whatever its source, leaves through the one guard (a copied or baked-in one
-        passed it before any work: every read of an input gets the bytes checked then, io/input_file.py)."""
+        passed it before any work: every read of an input gets the bytes checked then, io/input_file.py). A
+        blend made a chunk at a time hands its value to `sink` as it goes (`write_safetensors`' streamed write);
+        the guard then refuses it before the file is committed, as it refuses a tensor written whole."""
         self._report("writing", self._done / self._total, f"writing {key}")
         self._done += self._sizes[key]
         unblended = self._sources.unblended(key)
         if unblended is not None and self._sources.unblended_checked:
             return unblended[0]
-        t, readers, read_as = unblended if unblended is not None else (self._value(key), None, key)
+        t, readers, read_as = unblended if unblended is not None else (self._value(key, sink), None, key)
         return self._guard(key, t, readers, read_as)
 
     def objective(self) -> dict[str, list[float]]:
@@ -127,7 +129,7 @@ class OutputTensors:
         """The merged value in the output's precision, with REPAIR's correction folded in (in fp64)."""
         return corrected(self._repaired, key, t.to("cpu")).to(self._dtypes[key])
 
-    def _value(self, key: str) -> torch.Tensor:
+    def _value(self, key: str, sink: Sink | None = None) -> torch.Tensor:
         """The merged value, computed on the merge's device or, where that has too little free memory for this
         key, on the CPU (device_budget.py); the objective is counted once, from the attempt that succeeded."""
         blend = self._blend
@@ -140,10 +142,16 @@ class OutputTensors:
         key_blend = blend.for_key(key) if isinstance(blend, BlockBlend) else blend
         terms = len(key_blend.terms) if isinstance(key_blend, Blend) else 3
         found: list[float] = []
+        # A Blend casts to the output's dtype as it goes (and may hand its chunks to the sink: the value is then
+        # final), unless REPAIR's correction is still to be folded in (fp64).
+        dtype = None if has_correction(self._repaired, key) else self._dtypes[key]
 
         def attempt(dev: torch.device) -> torch.Tensor:
             found[:] = [0.0, 0.0, 0.0, 0.0]
-            return self._blended(key, key_blend, dev, found)
+            # What the sink takes is written at once: only an attempt that is not repeated elsewhere after running
+            # out of memory hands its pieces out (a GPU's blend is whole tensors anyway).
+            final = dev == self._budget.fallback or not self._budget.limited
+            return self._blended(key, key_blend, dev, found, dtype, sink if dtype is not None and final else None)
 
         t = self._budget.run("blend", blend_need(self._spec.shapes.get(key, ()), terms), attempt)
         if self.measure and self._spec.axes.get(key):
@@ -153,12 +161,17 @@ class OutputTensors:
         return self._finish(key, t)
 
     def _blended(self, key: str, key_blend: Blend | KeyFunctionBlend, dev: torch.device,
-                 acc: list[float]) -> torch.Tensor:
+                 acc: list[float], dtype: torch.dtype | None, sink: Sink | None) -> torch.Tensor:
         spec, get_b = self._spec, self._get_b
-        if not (self.measure and spec.axes.get(key)):
+        measured = self.measure and spec.axes.get(key)
+        if not isinstance(key_blend, Blend):
+            if measured:
+                accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, self._perms)
             return key_blend(key, device=dev)
-        if isinstance(key_blend, Blend) and len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
+        if not measured:
+            return key_blend(key, device=dev, dtype=dtype, sink=sink)
+        if len(key_blend.terms) == 2 and key_blend.terms[1].get is get_b:
             # (1-a) A + a pi(B): the objective from the values the blend widens anyway.
-            return key_blend(key, device=dev, objective=acc)
+            return key_blend(key, device=dev, objective=acc, dtype=dtype, sink=sink)
         accumulate_objective(acc, spec, key, self._A.ckpt.get, get_b, self._perms)
-        return key_blend(key, device=dev)
+        return key_blend(key, device=dev, dtype=dtype, sink=sink)

@@ -46,6 +46,11 @@ def repair_corrections(spec: ArchSpec[Any], A: ModelInput, B: ModelInput, opts: 
     return out
 
 
+def has_correction(repaired: Corrections, key: str) -> bool:
+    """Whether `corrected` changes `key`'s merged value."""
+    return key.rpartition(".")[0] in repaired
+
+
 def corrected(repaired: Corrections, key: str, t: torch.Tensor) -> torch.Tensor:
     """`t`, the merged value of `key`, with its layer's correction folded in (in fp64), if it has one."""
     layer, _, kind = key.rpartition(".")

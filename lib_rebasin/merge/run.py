@@ -130,7 +130,7 @@ def write_plan(prep: Prepared, plan: _Plan, report: Reporter,
 
     try:
         out = write_safetensors(output, plan.entries, plan.produce, plan.metadata(),
-                                overwrite=prep.overwrite, finalize_metadata=final_metadata)
+                                overwrite=prep.overwrite, finalize_metadata=final_metadata, streamed=True)
     except OSError as e:
         if e.errno not in FULL_DISK_ERRNOS:
             raise
@@ -177,7 +177,7 @@ def _full_disk(output: Path, e: OSError) -> OutputError:
 @dataclass
 class _Plan:
     entries: list[tuple[str, tuple[int, ...], torch.dtype]]
-    produce: Callable[[str], torch.Tensor]
+    produce: Callable[..., torch.Tensor]  # (key), or (key, sink): `OutputTensors.produce`
     metadata: Callable[[], dict[str, str]]
     diagnostics: Diagnostics
 
