@@ -37,7 +37,7 @@ def row_argmax_certificate(C: torch.Tensor, structure: Structure) -> torch.Tenso
 
 def lap(C: np.ndarray) -> tuple[np.ndarray, float]:
     # Imported at the first solve: a merge that solves nothing (a weighted sum, or a re-basin of fine-tunes of one
-    # base whose every visit is certified) does not pay for importing scipy.optimize (about 0.8 s of CPU).
+    # base whose every visit is certified) does not pay for importing scipy.optimize.
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(C, maximize=True)

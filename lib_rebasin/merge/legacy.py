@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..align.assignment import lap
 from ..arguments import check_arguments
 from ..errors import IncompatibleModelsError, RebasinError
 from ..io.model_input import ModelConfig, architecture_of
@@ -123,9 +124,7 @@ def _match(ref: tuple[torch.Tensor, torch.Tensor], cur: tuple[torch.Tensor, torc
     n = ref[0].numel()
     cost = np.outer(ref[0].numpy(), cur[0].numpy())
     cost += np.outer(ref[1].numpy(), cur[1].numpy())
-    from scipy.optimize import linear_sum_assignment  # at the first solve, as in align/assignment.py
-
-    _, cols = linear_sum_assignment(cost, maximize=True)
+    cols, _ = lap(cost)
     perm = torch.from_numpy(cols).long()
     if tool_dot:
         eye, flat = torch.eye(n), torch.from_numpy(cost).flatten()
