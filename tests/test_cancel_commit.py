@@ -54,17 +54,10 @@ alpha = 0.4
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny models without their VAE (a UNet and a text encoder: an SD 1.x checkpoint still, merged as one):
-    what is tested is when a job's output is committed, not the spec nor what the output holds, and every output
-    and reference merge is then half the bytes. From the model cache."""
-    from model_cache import cached_without_parts
-
-    d = tmp_path_factory.mktemp("no_vae")
-    out = {}
-    for name in ("a", "finetune", "independent"):
-        out[name] = cached_without_parts(d / f"{name}.safetensors", tiny_models[name], ("vae",))
-    return out
+def models(tiny_models_without_vae: dict[str, Path]) -> dict[str, Path]:
+    """The tiny models without their VAE: what is tested is when a job's output is committed, not the spec nor
+    what the output holds, and every output and reference merge is then half the bytes."""
+    return tiny_models_without_vae
 
 
 @pytest.fixture

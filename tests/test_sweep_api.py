@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from model_cache import cached_without_parts, place  # noqa: E402
+from model_cache import place  # noqa: E402
 
 from lib_rebasin.ui.api import register_api  # noqa: E402
 from lib_rebasin.ui.service import MergeService  # noqa: E402
@@ -30,12 +30,10 @@ class _Host(StandaloneHost):
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny models without their VAE (a UNet and a text encoder: an SD 1.x checkpoint still, merged as one): what
-    is tested is the route, not what the files hold, and each file is then half the bytes. From the model cache."""
-    d = tmp_path_factory.mktemp("no_vae")
-    return {name: cached_without_parts(d / f"{name}.safetensors", tiny_models[name], ("vae",))
-            for name in ("a", "independent")}
+def inputs(tiny_models_without_vae: dict[str, Path]) -> dict[str, Path]:
+    """The tiny models without their VAE: what is tested is the route, not what the files hold, and each file is
+    then half the bytes."""
+    return {name: tiny_models_without_vae[name] for name in ("a", "independent")}
 
 
 @pytest.fixture
