@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from model_cache import cached_checkpoint, place
 
+import lib_rebasin.io.input_file as input_file
 import lib_rebasin.recipe.resolve as resolve_mod
 from lib_rebasin.io.safetensors_format import DTYPE_NAMES
 from lib_rebasin.io.checkpoint import open_checkpoint
@@ -112,3 +114,95 @@ def test_recipe_search_by_hash_never_hashes_a_file_that_is_no_checkpoint(models:
     found = resolve_models(recipe, folder)
     assert found["b"].name == "b.safetensors"
     assert "0_holes.safetensors" not in hashed and "b.safetensors" in hashed
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of every read of an input file from now on."""
+    read: list[int] = []
+    real = input_file.FileSource.read_into
+
+    def counted(self: input_file.FileSource, offset: int, buf: memoryview) -> None:
+        read.append(len(buf))
+        real(self, offset, buf)
+
+    monkeypatch.setattr(input_file.FileSource, "read_into", counted)
+    return read
+
+
+def _hash_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "lib_rebasin-hash"]
+
+
+def test_inputs_hashed_at_once_give_each_file_its_own_sha256(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several files hashed together: each remembers the sha256 of its own bytes (one file given twice is read
+    once), progress comes on the calling thread only, in order, up to the total, and no thread is left."""
+    monkeypatch.setattr(input_file, "_usable_cpus", lambda: 2)  # threads even on a one-CPU runner
+    monkeypatch.setattr(input_file, "HASH_REPORT_BYTES", 1 << 20)
+    paths = []
+    for i, size in enumerate((5 << 20, 3 << 20, 7 << 20)):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(i),
+                                    dtype=torch.uint8).numpy().tobytes())
+        paths.append(p)
+    sources = [input_file.FileSource(p) for p in paths]
+    sources.append(input_file.FileSource(paths[0]))  # the same file again
+    read = _count_reads(monkeypatch)
+    calls: list[tuple[int, int, int]] = []
+    try:
+        input_file.hash_sources(sources, lambda done, total: calls.append((threading.get_ident(), done, total)))
+        total = sum(p.stat().st_size for p in paths)
+        assert sum(read) == total  # every byte once, the repeated file not again
+        assert {t for t, _, _ in calls} == {threading.get_ident()}
+        assert [d for _, d, _ in calls] == sorted(d for _, d, _ in calls) and calls[-1][1:] == (total, total)
+        assert not _hash_threads()
+        read.clear()
+        for src, p in zip(sources, [*paths, paths[0]], strict=True):
+            assert src.sha256() == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert not read  # remembered
+    finally:
+        for src in sources:
+            src.close()
+
+
+def test_a_cancel_or_an_unreadable_file_stops_every_hashing_thread(models: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel on the calling thread stops the others at their next chunk (the 32 GB input is not read through),
+    and an error of a file hashed on another thread is raised on the calling one; no thread is left."""
+    monkeypatch.setattr(input_file, "_usable_cpus", lambda: 2)
+    read = _count_reads(monkeypatch)
+    a, huge = input_file.FileSource(models["a"]), input_file.FileSource(models["huge"])
+    seen: list[int] = []
+
+    def cancel_at_second(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) >= 2:
+            raise Cancelled("stopped")
+
+    try:
+        with pytest.raises(Cancelled):
+            input_file.hash_sources([a, huge], cancel_at_second)
+        assert not _hash_threads() and sum(read) < HOLES // 8
+    finally:
+        a.close()
+        huge.close()
+
+    real = input_file.FileSource.read_into
+
+    def unreadable(self: input_file.FileSource, offset: int, buf: memoryview) -> None:
+        if self.path.name == "b_copy.safetensors":
+            raise CheckpointReadError("b_copy.safetensors: read error (Input/output error).")
+        real(self, offset, buf)
+
+    monkeypatch.setattr(input_file.FileSource, "read_into", unreadable)
+    copies = []
+    for name in ("a", "b"):  # new files (another inode): not hashed before in this process
+        copies.append(tmp_path / f"{name}_copy.safetensors")
+        copies[-1].write_bytes(models[name].read_bytes())
+    a, b = (input_file.FileSource(p) for p in copies)
+    try:
+        with pytest.raises(CheckpointReadError, match=r"b_copy\.safetensors"):
+            input_file.hash_sources([a, b])
+        assert not _hash_threads() and b._sha256 is None
+    finally:
+        a.close()
+        b.close()

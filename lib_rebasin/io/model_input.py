@@ -23,7 +23,7 @@ from ..sdxl import config as sdxl
 from ..sdxl import spec as sdxl_spec
 from ..sdxl.config import SDXLConfig
 from .checkpoint import Checkpoint, open_checkpoint
-from .input_file import HashProgress
+from .input_file import HashProgress, hash_sources
 from .parsing import json_or_none
 
 # The config of any architecture a merge takes; its type is the architecture (`architecture_of`).
@@ -166,6 +166,12 @@ def check_compatible(first: ModelInput, other: ModelInput, parts: tuple[str, ...
         names = {"unet": "UNet", "te": "text encoder", "vae": "VAE"}
         raise IncompatibleModelsError(
             f"Model {other.label} has no {names[missing[0]]}; untick that part or pick a full checkpoint.")
+
+
+def hash_models(models: list[ModelInput], progress: HashProgress | None = None) -> None:
+    """Hash the files of `models` at once (`io.input_file.hash_sources`; in-memory ones have nothing to hash);
+    each `sha256()` then answers without reading. `progress(done, total)` over all of them."""
+    hash_sources([m.ckpt.source for m in models if m.ckpt.source is not None], progress)
 
 
 def legacy_hash(source: str | os.PathLike[str] | Checkpoint) -> str:

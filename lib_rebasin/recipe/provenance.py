@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..io.model_input import legacy_hash, merge_history
+from ..io.model_input import hash_models, legacy_hash, merge_history
 from ..io.parsing import json_or_none
 from ..merge.block_weights import convention_for, preset_reading
 from ..options import OPTIONS, MergeOptions
@@ -79,11 +79,12 @@ def hash_progress(report: Reporter, what: str, lo: float, hi: float) -> Callable
 def provenance_metadata(prep: Prepared, parts: tuple[str, ...], extra: dict[str, str],
                         report: Reporter) -> dict[str, str]:
     models = [m for m in (prep.a, prep.b, prep.c) if m is not None]
-    hashes: dict[str, str | None] = {}
-    for i, m in enumerate(models):
-        report("hashing", i / len(models), f"hashing model {m.label} ({m.path.name})")
-        hashes[m.label] = m.sha256(hash_progress(report, f"model {m.label} ({m.path.name})", i / len(models),
-                                                 (i + 1) / len(models)))
+    files = [m for m in models if not m.in_memory]
+    if files:
+        what = " and ".join(f"model {m.label} ({m.path.name})" for m in files)
+        report("hashing", 0.0, f"hashing {what}")
+        hash_models(files, hash_progress(report, what, 0.0, 1.0))  # at once, on as many threads as files
+    hashes = {m.label: m.sha256() for m in models}
     o = prep.options
     # A1111's recipe: the same options under its names where it has them (OPTIONS' webui_name).
     webui = {(OPTIONS[k].webui_name if k in OPTIONS else "") or k: v for k, v in recorded_options(o).items()}
