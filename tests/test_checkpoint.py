@@ -20,6 +20,7 @@ from lib_rebasin.errors import (
     RebasinError,
     UnsupportedModelError,
 )
+from lib_rebasin.io import output_file
 from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.io.output_file import save_state_dict, write_safetensors
 from lib_rebasin.merge.run import merge_checkpoints
@@ -212,6 +213,34 @@ def test_a_streamed_write_is_the_whole_tensors_write(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="handed to the sink"):
         write_safetensors(tmp_path / "partly.safetensors", entries, partly, streamed=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "streamed.safetensors"]
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_output_goes_to_disk_while_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      refused: bool) -> None:
+    """Every WRITEBACK_BYTES written, the range just written is handed to the kernel's write-back (so the final
+    fsync waits for the last piece only): consecutive ranges from the first byte on, each already in the file when
+    advised. The bytes are the same with the advice taken, refused by the file system, or absent."""
+    monkeypatch.setattr(output_file, "WRITEBACK_BYTES", 1000)
+    values = {f"t{i}": torch.arange(100 * (i + 1), dtype=torch.float32) for i in range(6)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in values.items()]
+    advised: list[tuple[int, int, int]] = []
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED and os.fstat(fd).st_size >= offset + length  # flushed first
+        advised.append((offset, length, advice))
+        if refused:
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", advise, raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_DONTNEED", 4, raising=False)
+    out = write_safetensors(tmp_path / "advised.safetensors", entries, values.__getitem__)
+    size = out.stat().st_size
+    assert advised[0][0] == 0 and all(o + n == advised[i + 1][0] for i, (o, n, _) in enumerate(advised[:-1]))
+    assert size - 1000 - 4 * 600 < advised[-1][0] + advised[-1][1] <= size  # up to the last piece (<= 600 floats)
+    monkeypatch.delattr(os, "posix_fadvise")  # a system without it
+    plain = write_safetensors(tmp_path / "plain.safetensors", entries, values.__getitem__)
+    assert out.read_bytes() == plain.read_bytes()
 
 
 def test_same_model_twice_is_refused(models: dict[str, Path], tmp_path: Path) -> None:

@@ -19,12 +19,12 @@ from model_cache import cached_checkpoint, place
 
 import lib_rebasin.io.input_file as input_file
 import lib_rebasin.recipe.resolve as resolve_mod
-from lib_rebasin.io.safetensors_format import DTYPE_NAMES
-from lib_rebasin.io.checkpoint import open_checkpoint
 from lib_rebasin.errors import Cancelled, CheckpointReadError
+from lib_rebasin.io.checkpoint import open_checkpoint
+from lib_rebasin.io.safetensors_format import DTYPE_NAMES
+from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.options import MergeOptions
 from lib_rebasin.progress import ProgressEvent
-from lib_rebasin.merge.run import merge_checkpoints
 from lib_rebasin.recipe.parse import parse_recipe
 from lib_rebasin.recipe.resolve import resolve_models
 
