@@ -165,17 +165,25 @@ def hash_sources(sources: Sequence[FileSource], progress: HashProgress | None = 
     stop = threading.Event()
     errors: list[BaseException] = []
 
-    def counted(i: int) -> HashProgress:
+    reported = 0
+
+    def counted(i: int, reporting: bool) -> HashProgress:
+        """File i's progress: its bytes done, a stop seen, and (`reporting`: on the calling thread) the total
+        reported every HASH_REPORT_BYTES."""
         def on_chunk(n: int, _size: int) -> None:
+            nonlocal reported
             done[i] = n
             if stop.is_set():
                 raise _Stopped
+            if reporting and progress is not None and sum(done) - reported >= HASH_REPORT_BYTES:
+                reported = sum(done)
+                progress(reported, total)
         return on_chunk
 
     def work(group: list[int]) -> None:
         try:
             for i in group:
-                files[i].sha256(counted(i))
+                files[i].sha256(counted(i, False))
         except _Stopped:
             pass
         except BaseException as e:  # handed to the calling thread, which raises it
@@ -189,17 +197,8 @@ def hash_sources(sources: Sequence[FileSource], progress: HashProgress | None = 
     try:
         if progress is not None:
             progress(0, total)
-        reported = 0
         for i in groups[0]:
-            def mine(n: int, _size: int, i: int = i) -> None:
-                nonlocal reported
-                done[i] = n
-                if stop.is_set():
-                    raise _Stopped
-                if progress is not None and sum(done) - reported >= HASH_REPORT_BYTES:
-                    reported = sum(done)
-                    progress(reported, total)
-            files[i].sha256(mine)
+            files[i].sha256(counted(i, True))
         while any(t.is_alive() for t in workers):
             for t in workers:
                 t.join(_WAIT_REPORT_SECONDS)
