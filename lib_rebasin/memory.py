@@ -117,25 +117,24 @@ def reused_heap() -> Iterator[None]:
 
 
 @contextmanager
-def returned_heap() -> Iterator[None]:
-    """Within the block, inside a merge's `reused_heap()`, glibc's initial thresholds again: blocks over 128 KiB
-    are mapped on their own and given back when freed, and the heap's free top is trimmed; the merge's thresholds
-    come back afterwards. For a step that keeps memory allocated for long between large short-lived buffers
-    (activation matching: its correlation sums, written batch by batch, between both models' layer outputs): in
-    the reused heap each buffer freed below the long-lived memory stays resident, and the holes add up to
-    gigabytes at full-size SDXL. Outside a merge's thresholds (no merge, not glibc, or the process's own malloc
-    settings) nothing changes."""
+def own_mappings() -> Iterator[None]:
+    """Within the block, inside a merge's `reused_heap()`, glibc's initial mmap threshold again: blocks over
+    128 KiB allocated in it are mapped on their own, outside the heap, and given back when freed; the merge's
+    threshold comes back afterwards. For the memory a step keeps for long while large short-lived buffers come
+    and go around it (activation matching's correlation sums, written batch by batch between both models' layer
+    outputs): kept in the reused heap, it would hold every buffer freed below it resident (the holes added up to
+    gigabytes at full-size SDXL), while the short-lived buffers, left in the heap, reuse the pages the previous
+    batch freed instead of each being a fresh mapping faulted in page by page. Outside a merge's thresholds (no
+    merge, not glibc, or the process's own malloc settings) nothing changes."""
     if not _merge_thresholds or _mallopt is None:
         yield
         return
     _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
-    _mallopt(_M_TRIM_THRESHOLD, _INITIAL_TRIM)
     try:
         yield
     finally:
         if _merge_thresholds:
             _mallopt(_M_MMAP_THRESHOLD, _MERGE_MMAP)
-            _mallopt(_M_TRIM_THRESHOLD, _MERGE_TRIM)
 
 
 def with_reused_heap(fn: Callable[P, R]) -> Callable[P, R]:

@@ -70,10 +70,11 @@ def freed(name, trim=False):
     assert after.sum() == 1 << 16
 
 with memory.reused_heap():
-    with memory.returned_heap():
-        freed("returned")
+    with memory.own_mappings():
+        freed("own mapping")
     freed("reused", trim=True)
     out["depth"] = memory._depth
+    out["threshold back"] = memory._merge_thresholds
 print(json.dumps(out))
 """
 
@@ -90,12 +91,13 @@ def _heap_probe() -> dict[str, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, /proc/self/statm")
-def test_freed_heap_pages_are_given_back_by_trimming_or_at_once_in_a_returned_heap() -> None:
+def test_freed_heap_pages_are_given_back_by_trimming_or_at_once_from_an_own_mapping() -> None:
     """Inside a merge's reused heap a freed block stays resident while anything allocated after it is alive, until
-    `trim_free_pages` gives its pages back (activation matching's step between batches); inside `returned_heap()`
-    (activation matching's forward passes) it goes back at once, and after it the merge's thresholds are back."""
+    `trim_free_pages` gives its pages back (activation matching's step after its passes); a block allocated inside
+    `own_mappings()` (activation matching's correlation sums) is mapped on its own and goes back at once, and after
+    the block the merge's thresholds are back (the next block is reused, not given back)."""
     size = 256 << 20
     out = _heap_probe()
-    assert out["returned"] > size * 3 / 4, out
+    assert out["own mapping"] > size * 3 / 4, out
     assert out["reused"] < size / 4 and out["reused then trimmed"] > size * 3 / 4, out
-    assert out["depth"] == 1, out
+    assert out["depth"] == 1 and out["threshold back"], out
