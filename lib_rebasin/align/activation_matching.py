@@ -174,6 +174,8 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
         # resident, and the layer outputs reuse the heap's pages from batch to batch.
         corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
                             progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
+        # The heap the forward passes reused, given back before the assignments' own temporaries.
+        trim_free_pages()
 
         def on_group(i: int, n: int, name: str) -> None:
             step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
