@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from ..memory import own_mappings
-
 
 class Correlation:
     """Running Pearson correlation between A's and B's units at one group, averaged over its sites.
@@ -85,11 +83,7 @@ class _Site:
     (`Correlation.reserve`) writes its pending rows into one block of those rows (of at most half its units: the
     most it holds before its cross sum exists), which it gives up once the cross sum exists. Rows that do not fit
     the block (more than counted) wait as separate tensors, as they do without a block; the rows, and so the sums
-    and products, are the same either way.
-
-    What the site keeps (its sums, block, cross sum and waiting rows) is allocated in `memory.own_mappings()`:
-    mapped on its own, outside a merge's reused heap, where it would hold the layer outputs freed below it
-    resident; the forward passes' short-lived buffers stay in the heap and reuse its pages from batch to batch."""
+    and products, are the same either way."""
 
     FLUSH_ROWS = 256  # rows per multiplication into an existing cross sum
 
@@ -105,12 +99,11 @@ class _Site:
         self.block: tuple[torch.Tensor, torch.Tensor] | None = None
         self.in_block = False  # `pending` is the block's first `pending_rows` rows
         if rows is not None:
-            with own_mappings():
-                self.sums = [torch.empty(m, dtype=dtype, device=device) for _ in range(4)]
-                held = min(rows, m // 2)
-                if held > 0:
-                    self.block = (torch.empty(held, m, dtype=dtype, device=device),
-                                  torch.empty(held, m, dtype=dtype, device=device))
+            self.sums = [torch.empty(m, dtype=dtype, device=device) for _ in range(4)]
+            held = min(rows, m // 2)
+            if held > 0:
+                self.block = (torch.empty(held, m, dtype=dtype, device=device),
+                              torch.empty(held, m, dtype=dtype, device=device))
 
     def nbytes(self) -> int:
         """The memory the site holds now."""
@@ -137,8 +130,7 @@ class _Site:
         self.rows += a.shape[0]
         if self.pending_rows >= (self.m // 2 if self.sab is None else min(self.m // 2, self.FLUSH_ROWS)):
             if self.sab is None:
-                with own_mappings():
-                    self.sab = torch.zeros(self.m, self.m, dtype=self.dtype, device=a.device)
+                self.sab = torch.zeros(self.m, self.m, dtype=self.dtype, device=a.device)
             self._flush(self.sab)
             self.block = None  # the cross sum exists: later rows are flushed after a batch or two
 
@@ -152,8 +144,7 @@ class _Site:
             self.pending = [(self.block[0][:p + n], self.block[1][:p + n])]
             self.in_block = True
         else:
-            with own_mappings():
-                ka, kb = a - self.shift[0], b - self.shift[1]
+            ka, kb = a - self.shift[0], b - self.shift[1]
             self.pending.append((ka, kb))
             self.in_block = False
         self.pending_rows += n
