@@ -169,17 +169,17 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
                 progress((k + fraction) / len(runs), message if len(runs) == 1 else f"{message} (pass {k + 1}/"
                                                                                   f"{len(runs)})")
 
-        # The sums stay allocated while both models' layer outputs come and go around them: in a merge's reused heap
-        # they would keep every hole those leave resident, so the forward passes allocate outside it
-        # (`memory.own_mappings`), except the layers' weights, read, used and freed at once (`Layers.w`).
-        with own_mappings():
-            corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
-                                progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
-
         def on_group(i: int, n: int, name: str) -> None:
             step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
 
-        perms.update(match(run, corr, on_group, release=True))
+        # The sums stay allocated while both models' layer outputs, then the assignments' units-by-units
+        # temporaries, come and go around them: in a merge's reused heap they would keep every hole those leave
+        # resident, so the pass allocates outside it (`memory.own_mappings`), except the layers' weights, read, used
+        # and freed at once (`Layers.w`).
+        with own_mappings():
+            corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
+                                progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
+            perms.update(match(run, corr, on_group, release=True))
         del corr
         trim_free_pages()
     return perms
