@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .memory import heap_blocks
 from .parts import UNET
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -38,7 +39,10 @@ class Layers:
         self.streams = streams
 
     def w(self, key: str) -> torch.Tensor:
-        return self.get(key).to(self.device, torch.float32)
+        # Read, widened and freed once the layer has run, at every call: from the heap even inside activation
+        # matching's own mappings (`memory.heap_blocks`).
+        with heap_blocks():
+            return self.get(key).to(self.device, torch.float32)
 
     def _seen(self, name: str, out: torch.Tensor) -> torch.Tensor:
         if self.observe is not None:

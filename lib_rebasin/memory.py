@@ -116,26 +116,48 @@ def reused_heap() -> Iterator[None]:
         trim(0)
 
 
+_own_depth = 0  # nesting of `own_mappings()` blocks that set glibc's initial mmap threshold
+
+
 @contextmanager
-def returned_heap() -> Iterator[None]:
-    """Within the block, inside a merge's `reused_heap()`, glibc's initial thresholds again: blocks over 128 KiB
-    are mapped on their own and given back when freed, and the heap's free top is trimmed; the merge's thresholds
-    come back afterwards. For a step that keeps memory allocated for long between large short-lived buffers
-    (activation matching: its correlation sums, written batch by batch, between both models' layer outputs): in
-    the reused heap each buffer freed below the long-lived memory stays resident, and the holes add up to
-    gigabytes at full-size SDXL. Outside a merge's thresholds (no merge, not glibc, or the process's own malloc
-    settings) nothing changes."""
+def own_mappings() -> Iterator[None]:
+    """Within the block, inside a merge's `reused_heap()`, glibc's initial mmap threshold again: blocks over
+    128 KiB allocated in it are mapped on their own, outside the heap, and given back when freed (the heap's free
+    top is still kept: the merge's trim threshold stays); the merge's threshold comes back after the outermost
+    block. For a step that keeps memory allocated for long between large short-lived buffers (activation
+    matching: its correlation sums, written batch by batch between both models' layer outputs): in the reused heap
+    each buffer freed below the long-lived memory stays resident, and the holes added up to gigabytes at full-size
+    SDXL. Outside a merge's thresholds (no merge, not glibc, or the process's own malloc settings) nothing
+    changes."""
+    global _own_depth
     if not _merge_thresholds or _mallopt is None:
         yield
         return
+    _own_depth += 1
     _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
-    _mallopt(_M_TRIM_THRESHOLD, _INITIAL_TRIM)
     try:
         yield
     finally:
-        if _merge_thresholds:
+        _own_depth -= 1
+        if not _own_depth:
             _mallopt(_M_MMAP_THRESHOLD, _MERGE_MMAP)
-            _mallopt(_M_TRIM_THRESHOLD, _MERGE_TRIM)
+
+
+@contextmanager
+def heap_blocks() -> Iterator[None]:
+    """Within an `own_mappings()` block, the merge's thresholds again for the block: for buffers that are freed
+    as soon as they are used and made again at every step (a forward pass reading and widening each layer's
+    weights), which then reuse the heap's pages instead of each being a fresh mapping faulted in page by page.
+    Nothing long-lived may be allocated in it (it would pin the heap's holes). Elsewhere nothing changes."""
+    if not _own_depth or _mallopt is None:
+        yield
+        return
+    _mallopt(_M_MMAP_THRESHOLD, _MERGE_MMAP)
+    try:
+        yield
+    finally:
+        if _own_depth:
+            _mallopt(_M_MMAP_THRESHOLD, _INITIAL_MMAP)
 
 
 def with_reused_heap(fn: Callable[P, R]) -> Callable[P, R]:

@@ -149,17 +149,21 @@ def test_value_in_place_is_exactly_the_out_of_place_formula_and_release_frees_th
     group = _groups_of_every_structure()[1]["free"]
     n = group.size
     made = {}
-    for dtype in (torch.float32, torch.float64):
-        c = made[dtype] = Correlation(n, dtype)
-        layout = [(0, n, 7, 9), (0, n // 2, 5, 3), (n // 4, n // 2, 9, 8)]  # (start, units, rows, batches)
-        for site, (start, m, per_batch, batches) in enumerate(layout):
-            for _ in range(batches):
-                c.update(site, torch.randn(per_batch, m, generator=g) * 3 + 1, torch.randn(per_batch, m, generator=g),
-                         start)
-        expected = reference(c)
-        kept = [None if s.sab is None else s.sab.clone() for s in c.sites.values()]
-        assert torch.equal(c.value(), expected)
-        assert all(k is None or torch.equal(k, s.sab) for k, s in zip(kept, c.sites.values(), strict=True))
+    # (start, units, rows, batches) per site: overlapping windows (counted entry by entry), one shared window, and
+    # two disjoint halves, one seen by two sites (each window's block divided by its rows)
+    layouts = ([(0, n, 7, 9), (0, n // 2, 5, 3), (n // 4, n // 2, 9, 8)], [(0, n, 7, 9), (0, n, 5, 3)],
+               [(0, n // 2, 7, 9), (n // 2, n // 2, 5, 3), (n // 2, n // 2, 9, 8)])
+    for layout in layouts:
+        for dtype in (torch.float32, torch.float64):
+            c = made[dtype] = Correlation(n, dtype)
+            for site, (start, m, per_batch, batches) in enumerate(layout):
+                for _ in range(batches):
+                    c.update(site, torch.randn(per_batch, m, generator=g) * 3 + 1,
+                             torch.randn(per_batch, m, generator=g), start)
+            expected = reference(c)
+            kept = [None if s.sab is None else s.sab.clone() for s in c.sites.values()]
+            assert torch.equal(c.value(), expected), (layout, dtype)
+            assert all(k is None or torch.equal(k, s.sab) for k, s in zip(kept, c.sites.values(), strict=True))
     values = {group.name: made[torch.float32]}
     kept_perm = am.match([group], dict(values))
     assert torch.equal(am.match([group], values, release=True)[group.name], kept_perm[group.name]) and not values

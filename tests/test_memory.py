@@ -58,7 +58,7 @@ if memory._malloc_trim() is None or memory._user_tuned():
 size = 256 << 20
 out = {}
 
-def freed(name, trim=False):
+def freed(name, trim=False, size=size):
     block = torch.ones(size // 4)  # every page touched
     after = torch.ones(1 << 16)  # allocated after it: keeps the heap's top above it if it is in the heap
     before = rss()
@@ -70,10 +70,17 @@ def freed(name, trim=False):
     assert after.sum() == 1 << 16
 
 with memory.reused_heap():
-    with memory.returned_heap():
-        freed("returned")
+    with memory.own_mappings():
+        with memory.own_mappings():
+            freed("own mapping")
+        freed("own mapping, nested")
+        with memory.heap_blocks():
+            freed("heap block")
+        # larger than the heap block's freed pages (which would serve it whatever the thresholds)
+        freed("own mapping after a heap block", size=2 * size)
     freed("reused", trim=True)
     out["depth"] = memory._depth
+    out["own depth"] = memory._own_depth
 print(json.dumps(out))
 """
 
@@ -90,12 +97,15 @@ def _heap_probe() -> dict[str, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, /proc/self/statm")
-def test_freed_heap_pages_are_given_back_by_trimming_or_at_once_in_a_returned_heap() -> None:
+def test_freed_heap_pages_are_given_back_by_trimming_or_at_once_from_an_own_mapping() -> None:
     """Inside a merge's reused heap a freed block stays resident while anything allocated after it is alive, until
-    `trim_free_pages` gives its pages back (activation matching's step between batches); inside `returned_heap()`
-    (activation matching's forward passes) it goes back at once, and after it the merge's thresholds are back."""
+    `trim_free_pages` gives its pages back (activation matching's step between batches); a block allocated inside
+    `own_mappings()` (activation matching's forward passes) is mapped on its own and goes back at once, also in a
+    nested block and after a `heap_blocks()` block (the layers' weights), whose own blocks are kept in the heap;
+    after the outermost block the merge's thresholds are back (the next block is reused, not given back)."""
     size = 256 << 20
     out = _heap_probe()
-    assert out["returned"] > size * 3 / 4, out
+    assert out["own mapping"] > size * 3 / 4 and out["own mapping, nested"] > size * 3 / 4, out
+    assert out["heap block"] < size / 4 and out["own mapping after a heap block"] > size * 3 / 2, out
     assert out["reused"] < size / 4 and out["reused then trimmed"] > size * 3 / 4, out
-    assert out["depth"] == 1, out
+    assert out["depth"] == 1 and out["own depth"] == 0, out

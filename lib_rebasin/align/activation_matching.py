@@ -25,7 +25,7 @@ from ..archspec import ArchSpec, Group, Slot
 from ..errors import RebasinError
 from ..forward_layers import Layers, TensorGetter, channels_last
 from ..io.model_input import ModelConfig
-from ..memory import returned_heap, trim_free_pages
+from ..memory import own_mappings, trim_free_pages
 from ..parts import part_of
 from ..sd1 import activation_inputs as inputs
 from .assignment import row_argmax_certificate, solve
@@ -169,16 +169,17 @@ def activation_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: Ten
                 progress((k + fraction) / len(runs), message if len(runs) == 1 else f"{message} (pass {k + 1}/"
                                                                                   f"{len(runs)})")
 
-        # The sums stay allocated while both models' layer outputs come and go around them: a merge's reused heap
-        # would keep every hole those leave resident (`memory.returned_heap`).
-        with returned_heap():
-            corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
-                                progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
-
         def on_group(i: int, n: int, name: str) -> None:
             step(1 - _ASSIGN_SHARE + _ASSIGN_SHARE * i / n, f"activation matching: assignment {i + 1}/{n} {name}")
 
-        perms.update(match(run, corr, on_group, release=True))
+        # The sums stay allocated while both models' layer outputs, then the assignments' units-by-units
+        # temporaries, come and go around them: in a merge's reused heap they would keep every hole those leave
+        # resident, so the pass allocates outside it (`memory.own_mappings`), except the layers' weights, read, used
+        # and freed at once (`Layers.w`).
+        with own_mappings():
+            corr = correlations(spec, run, get_a, get_b, samples=samples, seed=seed, device=device,
+                                progress=step if progress is not None else None, latent_size=latent_size, rows=rows)
+            perms.update(match(run, corr, on_group, release=True))
         del corr
         trim_free_pages()
     return perms
@@ -291,8 +292,8 @@ def _denoise(fwd: ArchForward, c: Any, layers_a: Layers, layers_b: Layers, ctx: 
             cond = list(rows) + [-1] * n
             eps[rows.start:rows.stop] = inputs.guided(fwd.unet(c, layers_a, xi, tt, ctx[0][cond]), n)
             fwd.unet(c, layers_b, xi, tt, ctx[1][cond])
-            # The holes the batch's activations leave in the heap below the sums, given back now instead of staying
-            # resident for the whole pass (the next batch faults them in again).
+            # What the batch left free in the heap (its weights' buffers, small blocks) given back now instead of
+            # staying resident for the whole pass.
             trim_free_pages()
             done += 1
         return eps

@@ -4,6 +4,8 @@ allow, and allocated once where the rows are counted beforehand."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 
@@ -58,7 +60,7 @@ class Correlation:
         # In place on private fp64 copies (the same operations in the same order as out of place): a full-size SDXL
         # GEGLU group is 10240 units, so each units-by-units fp64 temporary is 0.8 GB.
         total = torch.zeros(self.n, self.n, dtype=torch.float64)
-        count = torch.zeros(self.n, self.n, dtype=torch.float64)
+        rows: dict[tuple[int, int], int] = {}  # each window's rows over its sites
         for s in self.sites.values():
             sa, sb, saa, sbb = (x.double().cpu() for x in s.sums)
             m = s.rows
@@ -69,8 +71,24 @@ class Correlation:
             lo, hi = s.start, s.start + s.m
             total[lo:hi, lo:hi] += cov.mul_(m).div_(torch.outer(std_a, std_b))
             del cov
+            rows[lo, hi] = rows.get((lo, hi), 0) + m
+        return _averaged(total, rows)
+
+
+def _averaged(total: torch.Tensor, rows: dict[tuple[int, int], int]) -> torch.Tensor:
+    """`total` divided, entry by entry, by the rows of the sites that see the entry (1 where none does), in place.
+    The sites of a group share one window or have windows that do not overlap (an attention group's two halves):
+    then each window's block is divided by its rows, without a units-by-units count (0.8 GB of fp64 for a
+    full-size SDXL GEGLU group); overlapping windows are counted entry by entry. Either way each entry is divided
+    by the same whole number, so the values are the same."""
+    if any(a[1] > b[0] for a, b in pairwise(sorted(rows))):
+        count = torch.zeros_like(total)
+        for (lo, hi), m in rows.items():
             count[lo:hi, lo:hi] += m
         return total.div_(count.clamp_min_(1))
+    for (lo, hi), m in rows.items():
+        total[lo:hi, lo:hi].div_(max(m, 1))
+    return total
 
 
 class _Site:
