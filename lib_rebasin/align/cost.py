@@ -31,12 +31,19 @@ def other_axes_permuted(spec: ArchSpec, slot: Slot, t: torch.Tensor, perms: Perm
     return w.movedim(slot.axis, 0).reshape(n, -1)
 
 
-def empty_cost(group: Group, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+def empty_cost(group: Group, device: torch.device, out: torch.Tensor | None = None,
+               zeroed: bool = True) -> torch.Tensor:
     """A zero cost matrix, except -inf where no legal permutation can go: between the two halves (q/k, v/o) of an
     attention group, so that row-argmax and the certificates stay inside each half. `out`: fp32 storage to reuse
-    (its first n^2 elements)."""
+    (its first n^2 elements); `zeroed=False` leaves the windows the slots fill (`window`) as the storage holds
+    them, for a caller that writes each one before reading it."""
     n = group.size
-    C = torch.zeros(n, n, dtype=torch.float32, device=device) if out is None else out[:n * n].view(n, n).zero_()
+    if out is None:
+        C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    else:
+        C = out[:n * n].view(n, n)
+        if zeroed:
+            C.zero_()
     if group.structure.shared_blocks:
         C[:n // 2, n // 2:] = float("-inf")
         C[n // 2:, :n // 2] = float("-inf")

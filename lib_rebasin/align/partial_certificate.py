@@ -67,7 +67,7 @@ from ..archspec import ArchSpec, Group, Slot
 from .cost import empty_cost, other_axes_permuted, unit_rows
 from .match_tensors import MatchTensors
 from .permute import Perms, axis_index
-from .proof_windows import U_FP32, ProofSlot, add_window, gamma, side_by_side, windows_of
+from .proof_windows import U_FP32, ProofSlot, add_window, fills, gamma, side_by_side, windows_of
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -226,12 +226,14 @@ class CurrentProof:
         slip = (n + 2) * 2.0 ** -52 * (1 + g_full) * float(na.norm()) * float(nb.norm())
         if value < (2e7 + 1) * slip:
             return False  # the full path's acceptance test could not be shown to reject another permutation
-        P = empty_cost(group, self.device, self._storage(n * n))  # -inf between attention halves
+        # -inf between attention halves; the windows are written over by the first stage's products (every row is
+        # open then and every slot adds columns), so they are not zeroed first.
+        P = empty_cost(group, self.device, self._storage(n * n), zeroed=not fills(windows, group))
         col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
         pending: torch.Tensor | None = None  # rows still open (None: all)
         for stage in range(stages):
             for w, t in zip(windows, together, strict=True):
-                add_window(w, stage, P, pending, col_sq, t)
+                add_window(w, stage, P, pending, col_sq, t, fresh=stage == 0)
             if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..archspec import Slot
+from ..archspec import Group, Slot
 from .cost import window
 
 U_FP32 = 2.0 ** -24  # unit roundoff of fp32
@@ -84,6 +84,14 @@ def windows_of(slots: list[ProofSlot]) -> list[list[ProofSlot]]:
     return list(out.values())
 
 
+def fills(windows: list[list[ProofSlot]], group: Group) -> bool:
+    """Whether the windows cover every entry of the group's matrix that is not -inf (`cost.empty_cost`): the whole
+    matrix, or each attention half (every spec's groups; a matrix they did not cover would have to be zeroed)."""
+    n = group.size
+    spans = {(w[0].lo, w[0].hi) for w in windows}
+    return spans == ({(0, n // 2), (n // 2, n)} if group.structure.shared_blocks else {(0, n)})
+
+
 def side_by_side(members: list[ProofSlot], stage: int) -> bool:
     """Whether a window's slots are multiplied out side by side (one product per stage) rather than one product
     per slot: whichever gives the smaller rounding bound at the last stage (see the module docstring). Side by side
@@ -95,28 +103,31 @@ def side_by_side(members: list[ProofSlot], stage: int) -> bool:
 
 
 def add_window(members: list[ProofSlot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
-                col_sq: torch.Tensor, together: bool = True) -> None:
-    """`_add_window_of` for the window's slots side by side (`together`), or for each slot in turn."""
+               col_sq: torch.Tensor, together: bool = True, fresh: bool = False) -> None:
+    """`_add_window_of` for the window's slots side by side (`together`), or for each slot in turn. `fresh`: P's
+    window holds nothing yet (not even zeros) and is written over by the first product."""
     if together:
-        _add_window_of(members, stage, P, pending, col_sq)
+        _add_window_of(members, stage, P, pending, col_sq, fresh)
     else:
-        for sl in members:
-            _add_window_of([sl], stage, P, pending, col_sq)
+        for i, sl in enumerate(members):
+            _add_window_of([sl], stage, P, pending, col_sq, fresh and i == 0)
 
 
 def _add_window_of(members: list[ProofSlot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
-                   col_sq: torch.Tensor) -> None:
+                   col_sq: torch.Tensor, fresh: bool = False) -> None:
     """Multiply out the columns that `stage` adds to the slots of one window (same units) for the rows still open
     (`pending`, group indices; None: all), every slot's columns side by side: one product into P's window per stage
     instead of one per slot (a slot of one column, a bias, would otherwise cost a pass over the window for it).
     Also each row's squared difference from its partner over them (per slot) and every B unit's squared norm over
-    them (`col_sq`)."""
+    them (`col_sq`). `fresh` (all rows open): the product is written over the window instead of added to it."""
     first = members[0]
     rows = None if pending is None else local_rows(pending, first)
     if rows is not None and not len(rows):
         return  # no row open in this window (its columns are read by its rows only)
     taken = [(sl, t) for sl in members if (t := sl.take(stage)) is not None]
     if not taken:
+        if fresh:
+            window(P, first.slot).zero_()
         return
     n = first.slot.length
     widths = [t[1][0].numel() for _, t in taken]
@@ -131,13 +142,19 @@ def _add_window_of(members: list[ProofSlot], stage: int, P: torch.Tensor, pendin
         lo += k
     local = first.local  # the same for every slot of the window (cur's window)
     partner = b if local is None else b.index_select(0, local)
-    col_sq[first.lo:first.hi] += b.square().sum(dim=1).double()
+    # The products first; then a and b, fresh copies, are squared in place (no further matrices of their size).
     if rows is None:
-        window(P, first.slot).addmm_(a, b.T)
-        d = (a - partner).square_()
+        if fresh:
+            window(P, first.slot).addmm_(a, b.T, beta=0)  # beta 0: the window's old contents are not read
+        else:
+            window(P, first.slot).addmm_(a, b.T)
+        d = a.sub_(partner).square_()
     else:
+        if fresh:
+            raise ValueError("a fresh window needs every row open")
         window(P, first.slot).index_add_(0, rows, a @ b.T)
-        d = (a - partner.index_select(0, rows)).square_()
+        d = a.sub_(partner.index_select(0, rows)).square_()
+    col_sq[first.lo:first.hi] += b.square_().sum(dim=1).double()
     lo = 0
     for (sl, _), k in zip(taken, widths, strict=True):
         part = d[:, lo:lo + k].sum(dim=1).double()
