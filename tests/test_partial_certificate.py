@@ -88,6 +88,34 @@ def test_same_base_identity_is_proven_and_a_swapped_pair_is_not(models: dict[str
         assert not proof.prove(g, {}, swapped), g.name
 
 
+def test_the_reused_matrix_is_written_over_not_read(models: dict[str, Path]) -> None:
+    """The proof's matrix is reused from visit to visit without being zeroed: the first stage's products are written
+    over every window. Storage that holds NaN from before (which any read of it would spread into the margins) gives
+    the outcomes of fresh storage, for every group of the spec (attention halves included) and for a current
+    permutation that is not optimal."""
+    spec = build_spec(MINI)
+    a, fine = _state(models["a"]), _state(models["finetune"])
+    groups = spec.groups_in(["unet", "te", "vae"])
+    assert any(g.kind == "attention" for g in groups)
+    largest = max(g.size for g in groups) ** 2
+
+    def outcomes(dirty: bool) -> list[bool]:
+        proof = CurrentProof(spec, a.__getitem__, fine.__getitem__, CPU)
+        out = []
+        for g in groups:
+            if dirty:
+                proof.matrix = torch.full((largest,), float("nan"))
+            swapped = torch.arange(g.size)
+            if g.kind != "attention":
+                swapped[[0, 1]] = swapped[[1, 0]]
+            out += [proof.prove(g, {}, torch.arange(g.size)), proof.prove(g, {}, swapped)]
+        return out
+
+    clean = outcomes(False)
+    assert outcomes(True) == clean
+    assert all(clean[0::2]) and not any(clean[1::2][i] for i, g in enumerate(groups) if g.kind != "attention")
+
+
 @pytest.mark.parametrize("shares", [None, (4096, 16, 2)])
 def test_the_columns_kept_from_the_first_read_prove_what_the_whole_rows_do(
         models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, shares: tuple[int, ...] | None) -> None:
