@@ -35,7 +35,7 @@ from ..io.checkpoint import Checkpoint, memory_checkpoint
 from ..io.finite import Model
 from ..io.model_input import Source
 from ..io.output_file import FULL_DISK_ERRNOS, format_bytes, write_safetensors
-from ..memory import with_reused_heap
+from ..memory import trim_free_pages, with_reused_heap
 from ..options import MergeOptions
 from ..progress import CancelCheck, ProgressCallback, Reporter
 from .alignment import align_once
@@ -217,6 +217,10 @@ def _plan(prep: Prepared, report: Reporter, extra_metadata: dict[str, str], meta
         report.stage(bar.matched, bar.repaired)
         repaired = repair_corrections(spec, A, B, opts, blend, merged, perms, device, report, diag)
 
+    # What matching and REPAIR freed (a proof's matrices, cost matrices, forward passes' buffers) stays resident in
+    # the merge's reused heap; the output's first keys (a text encoder's 76 MB token embedding, A's, B's and the
+    # output's copies) did not always fit in its free blocks, and the heap then grew by them on top of it all.
+    trim_free_pages()
     report.stage(bar.repaired, bar.hashed)
     provenance, baked_record = hashed_provenance(prep, parts, extra_metadata, baked, report, diag)
 
