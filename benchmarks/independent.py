@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -147,24 +146,16 @@ def objective(a: str, b: str, perms_path: str) -> float:
     return total
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_one(lib: Path, tag: str, a: str, b: str, out_dir: Path, extra: list[str]) -> dict[str, Any]:
     result, out, perms = out_dir / f"{tag}.json", out_dir / f"{tag}.safetensors", out_dir / f"{tag}.perms.pt"
     env = {**os.environ, "PYTHONPATH": str(lib)}
     cmd = [sys.executable, __file__, a, b, "--out-dir", str(out_dir), "--worker", tag, *extra]
-    from benchmarks.worker_process import measured  # the parent's import: a worker sees `lib` only
+    from benchmarks.worker_process import measured, output_sha256  # the parent's import: a worker sees `lib` only
 
     load0 = os.getloadavg()[0]
     usage = measured(cmd, out_dir, env, f"{tag} with {lib}")
     rec = json.loads(result.read_text())
-    rec.update(lib=str(lib), **usage, load=(load0, os.getloadavg()[0]), sha256=sha256(out), perms=str(perms))
+    rec.update(lib=str(lib), **usage, load=(load0, os.getloadavg()[0]), sha256=output_sha256(out), perms=str(perms))
     out.unlink()
     result.unlink()
     return rec

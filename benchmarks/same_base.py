@@ -20,7 +20,6 @@ The output's sha256 is printed per run, so versions can be compared bit for bit.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -118,19 +117,13 @@ def run_one(lib: Path, method: str, a: str, b: str, out_dir: Path) -> dict[str, 
     # Run as a script from outside any tree, so that `lib` alone decides which lib_rebasin is imported.
     env = {**os.environ, "PYTHONPATH": str(lib)}
     cmd = [sys.executable, __file__, "--worker", method, a, b, "--out-dir", str(out_dir)]
-    from benchmarks.worker_process import measured  # the parent's import: a worker sees `lib` only
+    from benchmarks.worker_process import measured, output_sha256  # the parent's import: a worker sees `lib` only
 
     usage = measured(cmd, out_dir, env, f"{method} with {lib}")
     rec = json.loads(result.read_text())
-    # The output's hash, here and not in the worker, whose CPU time and peak RSS are then those of the merge
-    # command alone (hashing the 2.1 GB output there added about 3 CPU s, half of it system time, to both methods
-    # and flattered their ratio).
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(1 << 24))
-    with open(out, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    rec["sha256"] = h.hexdigest()
+    # Hashed here, not in the worker, whose CPU time and peak RSS are then those of the merge command alone (hashing
+    # the 2.1 GB output there added about 3 CPU s, half of it system time, to both methods and flattered their ratio).
+    rec["sha256"] = output_sha256(out)
     out.unlink()
     result.unlink()
     rec.update(usage, lib=str(lib), method=method)

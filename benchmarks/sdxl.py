@@ -22,7 +22,6 @@ counted), then the output is deleted.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -91,14 +90,6 @@ def worker(run: str, a: str, b: str, c: str | None, out: str, result: str, max_s
                                         "certified": d.certified, "solves": d.solves, "moved": d.moved}))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_one(label: str, method: str, a: str, b: str, c: str | None, out_dir: Path,
             max_sweeps: int | None = None) -> dict[str, Any]:
     result = out_dir / f"{method}.json"
@@ -109,13 +100,13 @@ def run_one(label: str, method: str, a: str, b: str, c: str | None, out_dir: Pat
         cmd += ["--base", c]
     if max_sweeps is not None:
         cmd += ["--max-sweeps", str(max_sweeps)]
-    from benchmarks.worker_process import measured
+    from benchmarks.worker_process import measured, output_sha256
 
     load0 = os.getloadavg()[0]
     usage = measured(cmd, out_dir, env, f"{label} {method}")
     wall = usage["wall"]
     rec = json.loads(result.read_text())
-    rec.update(usage, label=label, method=method, load=(load0, os.getloadavg()[0]), sha256=sha256(out),
+    rec.update(usage, label=label, method=method, load=(load0, os.getloadavg()[0]), sha256=output_sha256(out),
                out_bytes=out.stat().st_size)
     out.unlink()
     result.unlink()
