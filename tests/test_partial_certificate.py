@@ -4,6 +4,7 @@ exact matrix and of the fp32 one a visit would compute."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -333,17 +334,76 @@ def test_the_statistics_stand_in_for_the_finite_check_of_what_the_proof_reads(mo
             proof_bad.prove(g, {}, torch.arange(16))
 
 
-def test_a_window_of_many_wide_slots_is_multiplied_slot_by_slot() -> None:
+def test_each_window_multiplies_side_by_side_where_that_bounds_its_rounding_best() -> None:
     """Side by side, a window's rounding bound grows with all its slots' columns; one product per slot, with its
-    longest slot's columns plus an accumulation per slot and stage. Each window takes the smaller: a weight with its
-    bias side by side (one pass over the window instead of two), a window of a hundred 768-column slots (the text
-    encoder's residual stream) slot by slot, where side by side its bound would be about seventy times larger."""
+    longest slot's columns plus an accumulation per slot and stage. Each window takes the smallest bound at the last
+    stage: a weight with its bias side by side at every stage (one pass over the window instead of two); three wide
+    slots and two biases (a GEGLU group) side by side at the first stage only, which is one pass over the window
+    instead of five and a smaller bound than slot by slot; a hundred 768-column slots (the text encoder's residual
+    stream) slot by slot throughout, where side by side its bound would be over forty times larger."""
     from types import SimpleNamespace
 
-    from lib_rebasin.align.partial_certificate import side_by_side
+    from lib_rebasin.align.proof_windows import joined_stages, rounding_depth
+
+    shares = (1 / 128, 1 / 64, 1 / 16, 1 / 4, 1 / 2)
 
     def slots(*widths: int) -> list:
-        return [SimpleNamespace(columns=lambda stage, w=w: w * (stage + 1)) for w in widths]
+        return [SimpleNamespace(columns=lambda stage, w=w: min(w, math.ceil(w * shares[stage]))) for w in widths]
 
-    assert side_by_side(slots(768, 1), 0) and side_by_side(slots(768, 1), 3)
-    assert not side_by_side(slots(*[768] * 106), 0) and not side_by_side(slots(*[768] * 106), 3)
+    stages = len(shares)
+    assert joined_stages(slots(768, 1), stages) == stages
+    geglu = slots(1280, 1280, 1280, 1, 1)
+    assert joined_stages(geglu, stages) == 1
+    assert rounding_depth(geglu, 0, 1) == 3 * 10 + 2 + 1  # one product of every slot's first columns
+    assert rounding_depth(geglu, 4, 1) == 640 + 1 + 5 * 4 < rounding_depth(geglu, 4, 0) == 640 + 5 * 5
+    residual = slots(*[768] * 106)
+    assert joined_stages(residual, stages) == 0
+    assert rounding_depth(residual, 4, stages) > 40 * rounding_depth(residual, 4, 0)
+
+
+def test_a_window_joined_at_the_first_stage_only_holds_the_products_of_every_column_so_far(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three wide slots and a bias on the same units, side by side at the first stage and slot by slot after it:
+    at every check the proof's matrix holds, for the rows it checks, the products of exactly the columns its stages
+    took so far (float64 reference, well within the rounding bound), the pair needs the later stages, and what is
+    proven is the only optimum."""
+    from lib_rebasin.align.proof_windows import ProofSlot
+
+    gen = torch.Generator().manual_seed(8)
+    n, m = 32, 400
+    keys = ("w1", "w2", "w3")
+    g = Group("g", n, "unet", "free", [Slot(k, 0, 0, 0, n) for k in (*keys, "bias")])
+    spec = type("Spec", (), {"axes": {k: {0: [("g", n, 0)]} for k in (*keys, "bias")}})()
+    base = {k: torch.randn(n, m, generator=gen) for k in keys} | {"bias": torch.randn(n, generator=gen)}
+    a = {k: (t + 0.3 * torch.randn(t.shape, generator=gen)).half() for k, t in base.items()}
+    b = {k: (t + 0.3 * torch.randn(t.shape, generator=gen)).half() for k, t in base.items()}
+    cut: list[ProofSlot] = []
+    real_cut, real_nearest = ProofSlot.cut, pc._nearest
+    seen: list[tuple[int, float]] = []
+
+    def cutting(self: ProofSlot, fractions: list[float]) -> None:
+        real_cut(self, fractions)
+        cut.append(self)
+
+    def nearest(P: torch.Tensor, col_sq: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        stage = seen[-1][0] + 1 if seen else 0
+        while stage + 1 < len(cut[0].cuts) - 1 and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in cut):
+            stage += 1  # a stage whose next share adds nothing is not checked
+        exact = sum((a[sl.slot.key].double().reshape(n, -1)[:, :sl.cuts[stage + 1]]
+                     @ b[sl.slot.key].double().reshape(n, -1)[:, :sl.cuts[stage + 1]].T) for sl in cut)
+        err = float(((P[rows].double() - exact[rows]).abs()).max() / exact.abs().max())
+        seen.append((stage, err))
+        return real_nearest(P, col_sq, rows, cur)
+
+    joined: list[int] = []
+    real_joined = pc.joined_stages
+    monkeypatch.setattr(ProofSlot, "cut", cutting)
+    monkeypatch.setattr(pc, "_nearest", nearest)
+    monkeypatch.setattr(pc, "joined_stages", lambda w, stages: joined.append(real_joined(w, stages)) or joined[-1])
+    cur = torch.arange(n)
+    assert prove_current(spec, g, a.__getitem__, b.__getitem__, {}, cur, CPU)
+    assert joined == [1]
+    assert len(seen) >= 2 and seen[0][0] == 0  # the first stage left rows to a later one
+    assert all(err < 1e-5 for _, err in seen), seen
+    whole = {k: t.float().reshape(n, -1) for k, t in a.items()}, {k: t.float().reshape(n, -1) for k, t in b.items()}
+    assert _only_optimum(_exact(torch.cat(list(whole[0].values()), 1), torch.cat(list(whole[1].values()), 1)), cur)

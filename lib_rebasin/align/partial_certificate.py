@@ -22,16 +22,17 @@ does. It grows (a first stage of `FIRST_COLUMNS`, then `SHARES`) for the rows st
 half the columns are in. A row proven at one share stays proven: its inequality bounds the whole distances, which
 do not depend on the share.
 
-Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact value, and
-each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, plus one
-accumulation per slot added into the same entry, plus one; for this proof, which multiplies out the columns of all slots
-that fill the same units side by side, one product per stage, the columns of such a window multiplied out so far, plus
-one accumulation per stage, plus one; or, for a window where that is the larger (`side_by_side`), one product per slot
-as the full path, its longest slot's columns so far plus one accumulation per slot and stage; whatever the summation
-order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the computed |b_S,j|^2 (s~_j) and the squared norms and
-differences (sums of non-negative terms) are within gamma of theirs. With v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the
-proof's bound at its last share (so v is the same at every share), every error that depends on j joins v_j, the rest the
-row's side, and the proven inequality becomes
+Rounding. Each entry of the fp32 matrix the full path would compute lies within g_C |a_i| |b_j| of the exact value,
+and each of this proof's fp32 products over S within g_S |a_i| |b_j| (g = gamma_N, N: the longest slot, plus one
+accumulation per slot added into the same entry, plus one; for this proof, which multiplies out the columns of all
+slots that fill the same units side by side, one product per stage, the columns of such a window multiplied out so
+far, plus one accumulation per stage, plus one; or, for a window where that is the larger (`joined_stages`), one
+product per slot as the full path, its longest slot's columns so far plus one accumulation per slot and stage, or
+the first stage side by side and the later ones slot by slot, its longest product's columns plus its products
+(`rounding_depth`); whatever the summation order; the error is relative to sum_k |a_k b_k| <= |a_i| |b_j|); the
+computed |b_S,j|^2 (s~_j) and the squared norms and differences (sums of non-negative terms) are within gamma of
+theirs. With v_j = (1/2 + g_C / 2 + g*) |b_j|^2, g* the proof's bound at its last share (so v is the same at every
+share), every error that depends on j joins v_j, the rest the row's side, and the proven inequality becomes
 
     max_{j != cur(i)} (P~[i, j] - 1/2 s~_j)  <  P~[i, cur(i)] - 1/2 s~_cur(i) - 1/2 D_i - w_i,
     w_i = ((g_C + g_S) / 2 + 8 u) (|a_i| + |b_cur(i)|)^2 + (g* + 2 u) |b_cur(i)|^2
@@ -67,7 +68,7 @@ from ..archspec import ArchSpec, Group, Slot
 from .cost import empty_cost, other_axes_permuted, unit_rows
 from .match_tensors import MatchTensors
 from .permute import Perms, axis_index
-from .proof_windows import U_FP32, ProofSlot, add_window, fills, gamma, side_by_side, windows_of
+from .proof_windows import U_FP32, ProofSlot, add_window, fills, gamma, joined_stages, rounding_depth, windows_of
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -196,16 +197,14 @@ class CurrentProof:
         for sl in slots:
             sl.cut(fractions)
         # Rounding bounds (see the docstring): of the full path's fp32 matrix, and of this proof's sums at a stage
-        # (each window's columns so far in one sum, one product per window and stage added into the entry).
+        # (each window's longest product so far, plus the products added into an entry).
         g_full = gamma(max(sl.m for sl in slots) + len(slots) + 1)
         windows = windows_of(slots)
 
-        together = [side_by_side(w, stages - 1) for w in windows]
+        joined = [joined_stages(w, stages) for w in windows]
 
         def g_proof(stage: int) -> float:
-            return gamma(max(sum(sl.columns(stage) for sl in w) + stage + 1 if t
-                              else max(sl.columns(stage) for sl in w) + len(w) * (stage + 1)
-                              for w, t in zip(windows, together, strict=True)) + 1)
+            return gamma(max(rounding_depth(w, stage, j) for w, j in zip(windows, joined, strict=True)) + 1)
 
         g_last = g_proof(stages - 1)
         # Each row's squared norm and partner distance over all columns, as lower and upper bounds.
@@ -232,8 +231,8 @@ class CurrentProof:
         col_sq = torch.zeros(n, dtype=torch.float64, device=self.device)  # |b_S,j|^2
         pending: torch.Tensor | None = None  # rows still open (None: all)
         for stage in range(stages):
-            for w, t in zip(windows, together, strict=True):
-                add_window(w, stage, P, pending, col_sq, t, fresh=stage == 0)
+            for w, j in zip(windows, joined, strict=True):
+                add_window(w, stage, P, pending, col_sq, stage < j, fresh=stage == 0)
             if stage + 1 < stages and all(sl.cuts[stage + 2] <= sl.cuts[stage + 1] for sl in slots):
                 continue  # the next share adds nothing: no need to check this one
             diff = torch.zeros(n, dtype=torch.float64, device=self.device)

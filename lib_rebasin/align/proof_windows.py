@@ -92,14 +92,28 @@ def fills(windows: list[list[ProofSlot]], group: Group) -> bool:
     return spans == ({(0, n // 2), (n // 2, n)} if group.structure.shared_blocks else {(0, n)})
 
 
-def side_by_side(members: list[ProofSlot], stage: int) -> bool:
-    """Whether a window's slots are multiplied out side by side (one product per stage) rather than one product
-    per slot: whichever gives the smaller rounding bound at the last stage (see the module docstring). Side by side
-    the bound grows with all the window's columns; a window of many wide slots (the text encoder's residual, every
-    slot of the text encoder) proves less there, and would read all its slots' whole rows at a later share."""
-    together = sum(sl.columns(stage) for sl in members) + stage + 1
-    apart = max(sl.columns(stage) for sl in members) + len(members) * (stage + 1)
-    return together <= apart
+def joined_stages(members: list[ProofSlot], stages: int) -> int:
+    """How many leading stages multiply a window's slots out side by side (one product per stage), the later ones
+    one product per slot: all of them, the first only, or none, whichever gives the smallest rounding bound at the
+    last stage (`rounding_depth`; a tie goes to fewer products). Side by side the bound grows with all the window's
+    columns, one product per slot with its longest slot's plus an accumulation per slot and stage. The first stage
+    side by side is one pass over the window instead of one per slot (a bias alone is a pass over it for one
+    column), and its columns are few, so it seldom raises the bound; a window of many wide slots (the text
+    encoder's residual) still goes slot by slot throughout, and side by side would read all its slots' whole rows
+    at a later share."""
+    return min((stages, 1, 0), key=lambda joined: rounding_depth(members, stages - 1, joined))
+
+
+def rounding_depth(members: list[ProofSlot], stage: int, joined: int) -> int:
+    """The N of the rounding bound gamma_(N + 1) (see `align.partial_certificate`) of a window's entries once
+    `stage` is done, its first `joined` stages multiplied out side by side: the columns of its longest product
+    (each counted with the columns of the earlier stages) plus the products added into an entry. A product's term
+    is rounded at most once per other term of its product and once per product added into the entry."""
+    longest = sum(sl.columns(min(stage, joined - 1)) for sl in members) if joined else 0
+    if stage >= joined:
+        longest = max(longest, max(sl.columns(stage) for sl in members))
+    products = min(stage + 1, joined) + len(members) * max(0, stage + 1 - joined)
+    return longest + products
 
 
 def add_window(members: list[ProofSlot], stage: int, P: torch.Tensor, pending: torch.Tensor | None,
