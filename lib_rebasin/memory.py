@@ -67,6 +67,61 @@ def trim_free_pages() -> bool:
     return True
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+_mallinfo2: Callable[[], _MallInfo2] | None = None
+
+
+def _resident_idle_bytes() -> int | None:
+    """The process's resident anonymous memory that the C allocator has not handed out (its heaps' free pages that
+    are still resident, plus whatever else is anonymous: thread stacks, Python's own arenas): `RssAnon` less
+    glibc's bytes in use (`mallinfo2`, glibc 2.33 and later). None where either is not available."""
+    global _mallinfo2
+    if _mallinfo2 is None:
+        if _malloc_trim() is None:
+            return None
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes, fn.restype = [], _MallInfo2
+        _mallinfo2 = fn
+    try:
+        with open("/proc/self/status", "rb") as f:
+            anon = next(int(line.split()[1]) << 10 for line in f if line.startswith(b"RssAnon:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    info = _mallinfo2()
+    return anon - info.uordblks - info.hblkhd
+
+
+# How much the resident free heap may grow while a merge visits group after group before it is returned.
+IDLE_GROWTH_LIMIT = 512 << 20
+
+
+def idle_heap_trimmer(limit: int = IDLE_GROWTH_LIMIT) -> Callable[[], None]:
+    """A check for a step that allocates and frees buffers of many sizes in turn (weight matching: call it after
+    each visit): it returns the heap's free pages (`trim_free_pages`) once the resident memory the allocator is not
+    using has grown by more than `limit` since the check was made. Such a step normally reuses its freed blocks; in
+    some runs the order of its allocations left them too small for the next buffers, and the heap grew by each
+    buffer, all of it resident. Measured against the start, so a host's own memory never counts. Does nothing
+    where the memory in use cannot be read."""
+    start = _resident_idle_bytes()
+    if start is None:
+        return lambda: None
+
+    def check() -> None:
+        idle = _resident_idle_bytes()
+        if idle is not None and idle - start > limit:
+            trim_free_pages()
+
+    return check
+
+
 # glibc's mallopt parameters, and its initial thresholds, which a merge restores (fixed from then on: glibc lets
 # them rise on its own only until a program sets them). Keeping larger ones after a merge left freed memory that a
 # returning host counts as its own.

@@ -79,6 +79,16 @@ with memory.reused_heap():
         # larger than the heap block's freed pages (which would serve it whatever the thresholds)
         freed("own mapping after a heap block", size=2 * size)
     freed("reused", trim=True)
+    if memory._resident_idle_bytes() is not None:  # glibc 2.33 and later
+        check = memory.idle_heap_trimmer(limit=size // 2)
+        for name, n in (("idle growth below the limit", size // 4), ("idle growth above the limit", size)):
+            block = torch.ones(n // 4)
+            after = torch.ones(1 << 16)
+            before = rss()
+            del block
+            check()
+            out[name] = before - rss()
+            assert after.sum() == 1 << 16
     out["depth"] = memory._depth
     out["own depth"] = memory._own_depth
 print(json.dumps(out))
@@ -109,3 +119,16 @@ def test_freed_heap_pages_are_given_back_by_trimming_or_at_once_from_an_own_mapp
     assert out["heap block"] < size / 4 and out["own mapping after a heap block"] > size * 3 / 2, out
     assert out["reused"] < size / 4 and out["reused then trimmed"] > size * 3 / 4, out
     assert out["depth"] == 1 and out["own depth"] == 0, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, /proc/self/status")
+def test_a_heap_grown_by_its_free_blocks_is_trimmed_between_visits() -> None:
+    """Weight matching's check after each visit (`idle_heap_trimmer`): freed blocks stay resident for reuse while
+    the resident memory not in use has grown by less than its limit since the check was made, and are given back
+    once it grew by more (a run whose holes no longer fit its next buffers)."""
+    size = 256 << 20
+    out = _heap_probe()
+    if "idle growth below the limit" not in out:
+        pytest.skip("glibc before 2.33: no mallinfo2, nothing is checked")
+    assert out["idle growth below the limit"] < size / 16, out
+    assert out["idle growth above the limit"] > size * 3 / 4, out

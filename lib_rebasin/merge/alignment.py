@@ -15,6 +15,7 @@ from ..archspec import ArchSpec
 from ..device_budget import activations_need, budget_for, matching_keep, matching_need
 from ..io.finite import Model, guard_getter
 from ..io.model_input import ModelInput
+from ..memory import idle_heap_trimmer
 from ..options import MergeOptions
 from ..progress import Reporter
 from ..sd1.activation_inputs import LATENT_SIZE
@@ -43,7 +44,8 @@ def match(spec: ArchSpec[Any], parts: tuple[str, ...], get_ref: TensorGetter, ge
     def run(dev: torch.device) -> MatchResult:
         return weight_matching(spec, groups, get_ref, get_b, seed=opts.seed, max_sweeps=opts.max_sweeps, device=dev,
                                init=init, progress=on_progress, tolerance=opts.tolerance,
-                               keep=matching_keep(dev, ref_is_file, fits))
+                               keep=matching_keep(dev, ref_is_file, fits),
+                               after_visit=idle_heap_trimmer())
 
     return budget.run("weight matching", visit_need, run)
 
