@@ -191,7 +191,8 @@ def weight_matching(spec: ArchSpec[Any], groups: Iterable[Group], get_a: TensorG
     objective changes by exactly the accepted groups' gains). 0, the default, is the paper's rule: stop only when a
     sweep improves nothing. Independent models gain most of the objective in 2-3 sweeps and then crawl for tens.
 
-    `after_visit` is called after each group whose cost matrix was built (the caller can release memory there).
+    `after_visit` is called after each visit that read the models (a proof, a screen or a cost matrix; not a skipped
+    one): the caller can release memory there.
     `keep` says, for A and B, whether a tensor fetched once is kept for later visits (see `align/match_tensors.py`).
     `cache_bytes` bounds the cost matrices kept between visits and updated by the columns that moved since
     (`align/cost_cache.py`); 0 computes every matrix in full. The default keeps `CACHE_BYTES` on the CPU and none
