@@ -73,29 +73,32 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-_mallinfo2: Callable[[], _MallInfo2] | None = None
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's `mallinfo2` (2.33 and later); None elsewhere."""
+    if _malloc_trim() is None:
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [], _MallInfo2
+    return fn
 
 
 def _resident_idle_bytes() -> int | None:
     """The process's resident anonymous memory that the C allocator has not handed out (its heaps' free pages that
     are still resident, plus whatever else is anonymous: thread stacks, Python's own arenas): `RssAnon` less
-    glibc's bytes in use (`mallinfo2`, glibc 2.33 and later). None where either is not available."""
-    global _mallinfo2
-    if _mallinfo2 is None:
-        if _malloc_trim() is None:
-            return None
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-        except (OSError, AttributeError):
-            return None
-        fn.argtypes, fn.restype = [], _MallInfo2
-        _mallinfo2 = fn
+    glibc's bytes in use (`mallinfo2`). None where either is not available."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
     try:
         with open("/proc/self/status", "rb") as f:
             anon = next(int(line.split()[1]) << 10 for line in f if line.startswith(b"RssAnon:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    info = _mallinfo2()
+    info = mallinfo2()
     return anon - info.uordblks - info.hblkhd
 
 
