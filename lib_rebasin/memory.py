@@ -28,19 +28,30 @@ _mallopt: Callable[[int, int], int] | None = None
 _looked_up = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, on Linux; None elsewhere or where it cannot be loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     global _trim, _mallopt, _looked_up
     if not _looked_up:
         _looked_up = True
-        if sys.platform.startswith("linux"):
+        libc = _libc()
+        if libc is not None:
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
                 fn = libc.malloc_trim  # glibc only (musl has none): AttributeError below
                 fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
                 opt = libc.mallopt
                 opt.argtypes, opt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
                 _trim, _mallopt = fn, opt
-            except (OSError, AttributeError):
+            except AttributeError:
                 _trim = _mallopt = None
     return _trim
 
@@ -49,11 +60,7 @@ def release_memory() -> bool:
     """Collect garbage (frames of a failed job can hold tensors in cycles), then return the allocator's free
     pages to the system. True when the allocator was asked to trim."""
     gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    return trim_free_pages()
 
 
 def trim_free_pages() -> bool:
@@ -76,11 +83,12 @@ class _MallInfo2(ctypes.Structure):
 @functools.cache
 def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     """glibc's `mallinfo2` (2.33 and later); None elsewhere."""
-    if _malloc_trim() is None:
+    libc = _libc()
+    if libc is None or _malloc_trim() is None:
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+        fn = libc.mallinfo2
+    except AttributeError:  # glibc before 2.33
         return None
     fn.argtypes, fn.restype = [], _MallInfo2
     return fn
